@@ -1,0 +1,59 @@
+"""celery_dbsched: a database-backed, leaderless replacement for Celery beat.
+
+Jobs are registered with `@job(app, ...)` or `register_job(app, Job())`; any number of
+`celery beat -S celery_dbsched.Scheduler` processes claim due runs from the database and send them to
+workers, where the wrapper task runs the job, records its progress and schedules its next run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    DatabaseError,
+    DatabaseUnavailable,
+    DbschedError,
+    InvalidRunState,
+    JobInterrupted,
+    JobNotFound,
+    RunNotFound,
+    SchemaMismatch,
+)
+from .job import Job, JobContext, JobStatus
+from .registry import job, register_job, update_job_next_run_in_at_least
+from .repository import JobRecord, JobRepository, RunRecord
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DatabaseError",
+    "DatabaseUnavailable",
+    "DbschedError",
+    "InvalidRunState",
+    "Job",
+    "JobContext",
+    "JobInterrupted",
+    "JobNotFound",
+    "JobRecord",
+    "JobRepository",
+    "JobStatus",
+    "RunNotFound",
+    "RunRecord",
+    "Scheduler",
+    "SchemaMismatch",
+    "job",
+    "register_job",
+    "update_job_next_run_in_at_least",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The beat scheduler imports celery.beat; load it only when asked for.
+    if name == "Scheduler":
+        from .scheduler import Scheduler
+
+        return Scheduler
+    raise AttributeError(f"module 'celery_dbsched' has no attribute {name!r}")

@@ -1,0 +1,128 @@
+"""`celery -A proj dbsched ...`: migrate the schema and look at jobs and runs without writing SQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from .errors import DbschedError
+from .migrate import current_revision, head_revision, migrate
+from .repository import JobRepository, repository_for
+from .schema import RUN_STATES
+from .settings import Settings
+
+
+def _repository(ctx: click.Context) -> JobRepository:
+    app = ctx.obj.app
+    try:
+        return repository_for(app, Settings.from_mapping(app.conf))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _when(value: dt.datetime | None) -> str:
+    return "-" if value is None else value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _seconds(value: dt.timedelta | None) -> str:
+    return "-" if value is None else f"{value.total_seconds():g}s"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+@click.group(name="dbsched")
+def dbsched() -> None:
+    """celery_dbsched: the database-backed scheduler (times in UTC)."""
+
+
+@dbsched.command()
+@click.pass_context
+def migrate_command(ctx: click.Context) -> None:
+    """Create or upgrade the scheduler's tables."""
+    repository = _repository(ctx)
+    url = repository.engine.url.render_as_string(hide_password=True)
+    try:
+        before = migrate(repository.engine)
+    except DbschedError as exc:
+        raise click.ClickException(str(exc)) from exc
+    except Exception as exc:
+        raise click.ClickException(f"could not migrate {url}: {exc}") from exc
+    after = current_revision(repository.engine)
+    if before == after:
+        click.echo(f"{url}: schema already at revision {after}")
+    else:
+        click.echo(f"{url}: schema migrated from {before or 'nothing'} to {after} (head {head_revision()})")
+
+
+migrate_command.name = "migrate"
+
+
+@dbsched.command()
+@click.pass_context
+def jobs(ctx: click.Context) -> None:
+    """List the registered jobs and when each runs next."""
+    repository = _repository(ctx)
+    try:
+        records = repository.list_jobs()
+        now = repository.database_now()
+    except DbschedError as exc:
+        raise click.ClickException(str(exc)) from exc
+    rows = []
+    for job in records:
+        due = (job.next_scheduled_run - now).total_seconds()
+        rows.append(
+            [
+                job.name,
+                "yes" if job.enabled else "no",
+                _when(job.next_scheduled_run),
+                "due" if due <= 0 else f"in {due:.0f}s",
+                _seconds(job.default_next_run_in),
+                job.queue or "-",
+                job.failure_count,
+                job.description,
+            ]
+        )
+    headers = ["name", "enabled", "next run", "", "every", "queue", "failures", "description"]
+    click.echo(_table(headers, rows) if rows else "no jobs registered")
+
+
+@dbsched.command()
+@click.option("--job", "job_name", default=None, help="only this job's runs")
+@click.option("--status", type=click.Choice(RUN_STATES), default=None, help="only runs in this state")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
+@click.pass_context
+def runs(ctx: click.Context, job_name: str | None, status: str | None, limit: int) -> None:
+    """List runs, newest first: state, progress, who claimed and ran them, errors."""
+    repository = _repository(ctx)
+    try:
+        if job_name is not None:
+            repository.lookup_job(job_name)
+        records = repository.list_runs(job_name=job_name, status=status, limit=limit)
+    except DbschedError as exc:
+        raise click.ClickException(str(exc)) from exc
+    rows = [
+        [
+            run.id,
+            run.job_name,
+            run.status,
+            f"{run.completed}/{run.total}",
+            _when(run.create_time),
+            _when(run.start_time),
+            _when(run.end_time),
+            run.claimed_by,
+            run.worker or "-",
+            (run.error or "").strip().splitlines()[-1][:80] if run.error else "",
+        ]
+        for run in records
+    ]
+    headers = ["id", "job", "status", "progress", "claimed", "started", "ended", "claimed by", "worker", "error"]
+    click.echo(_table(headers, rows) if rows else "no runs")

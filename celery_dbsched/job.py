@@ -1,0 +1,182 @@
+"""The job model: what a user writes (a `Job` subclass or a decorated function) and what a run receives."""
+
+from __future__ import annotations
+
+import abc
+import datetime as dt
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import JobInterrupted
+from .schema import NAME_MAX_LENGTH
+from .settings import parse_duration
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A run's progress: `completed` of `total` units of work."""
+
+    completed: int
+    total: int
+
+    def __post_init__(self) -> None:
+        for field_name in ("completed", "total"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"JobStatus.{field_name} must be an int, got {value!r}")
+            if value < 0:
+                raise ValueError(f"JobStatus.{field_name} must not be negative, got {value}")
+            if value > 2**31 - 1:
+                raise ValueError(f"JobStatus.{field_name} is too large: {value}")
+        if self.completed > self.total:
+            raise ValueError(f"JobStatus.completed ({self.completed}) is larger than total ({self.total})")
+
+
+class JobContext:
+    """What `Job.run()` receives: the run's identity, its cancellation and a way to report progress.
+
+    Cancellation is cooperative (revoke cannot stop a thread): a job checks `cancelled`, calls
+    `check_cancelled()`, or sleeps with `wait()`, which returns early once the run is interrupted.
+    """
+
+    def __init__(self, run_id: int, job_name: str) -> None:
+        self.run_id = run_id
+        self.job_name = job_name
+        self.cancel_reason: str | None = None
+        self._cancelled = threading.Event()
+        self._progress: JobStatus | None = None
+        self.next_run_in: dt.timedelta | None = None  # set by function jobs from their return value
+
+    def __repr__(self) -> str:
+        return f"<JobContext run={self.run_id} job={self.job_name!r} cancelled={self.cancelled}>"
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def check_cancelled(self) -> None:
+        """Raise `JobInterrupted` if the run was interrupted."""
+        if self._cancelled.is_set():
+            raise JobInterrupted(
+                f"run {self.run_id} of job {self.job_name!r} was interrupted: {self.cancel_reason or 'cancelled'}"
+            )
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; return True (early) when the run is cancelled."""
+        return self._cancelled.wait(max(0.0, seconds))
+
+    def progress(self, completed: int, total: int) -> None:
+        """Report progress (the monitor writes it to the database every monitor interval)."""
+        self._progress = JobStatus(completed, total)
+
+    @property
+    def reported_progress(self) -> JobStatus | None:
+        return self._progress
+
+    def cancel(self, reason: str) -> None:
+        """Interrupt the run (called by the worker's monitor and shutdown paths, not by jobs)."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        self._cancelled.set()
+
+
+class Job(abc.ABC):
+    """A recurring job, as in Boundary's scheduler `Job` interface.
+
+    Subclasses provide `name` and `description` (attributes or properties) and the three methods.
+    `status()` is called from the worker's monitor thread while `run()` executes. Optional class
+    attributes: `every` (the next run delay used when `next_run_in()` raises), `queue`,
+    `interrupt_threshold`.
+    """
+
+    name: str
+    description: str
+    every: dt.timedelta | None = None
+    queue: str | None = None
+    interrupt_threshold: dt.timedelta | None = None
+
+    @abc.abstractmethod
+    def status(self) -> JobStatus:
+        """The current progress of the running job."""
+
+    @abc.abstractmethod
+    def run(self, ctx: JobContext) -> None:
+        """Do the work; return normally on success, raise on failure; honour `ctx` cancellation."""
+
+    @abc.abstractmethod
+    def next_run_in(self) -> dt.timedelta:
+        """After a successful run: how long until the next one (zero: at once)."""
+
+
+class FunctionJob(Job):
+    """A job made by the `@job` decorator from `f(ctx) -> timedelta | None`."""
+
+    def __init__(
+        self,
+        func: Callable[[JobContext], Any],
+        *,
+        name: str,
+        description: str,
+        every: dt.timedelta | None,
+        queue: str | None,
+        interrupt_threshold: dt.timedelta | None,
+    ) -> None:
+        self.func = func
+        self.name = name
+        self.description = description
+        self.every = every
+        self.queue = queue
+        self.interrupt_threshold = interrupt_threshold
+        self.__doc__ = func.__doc__
+        self.__wrapped__ = func
+
+    def __repr__(self) -> str:
+        return f"<FunctionJob {self.name!r}>"
+
+    def __call__(self, ctx: JobContext) -> Any:
+        return self.func(ctx)
+
+    def status(self) -> JobStatus:
+        # Function jobs report through ctx.progress(); the runner reads that first.
+        return JobStatus(0, 0)
+
+    def run(self, ctx: JobContext) -> None:
+        result = self.func(ctx)
+        if result is not None:
+            ctx.next_run_in = coerce_next_run_in(self.name, result)
+
+    def next_run_in(self) -> dt.timedelta:
+        if self.every is None:
+            raise ValueError(f"job {self.name!r} returned no next run delay and has no `every`")
+        return self.every
+
+
+def coerce_next_run_in(job_name: str, value: object) -> dt.timedelta:
+    """A next-run delay from a job: a timedelta or seconds, zero or more."""
+    if isinstance(value, bool) or not isinstance(value, (dt.timedelta, int, float)):
+        raise ValueError(f"job {job_name!r}: next run delay must be a timedelta, got {value!r}")
+    parsed = parse_duration(f"job {job_name!r} next run delay", value, dt.timedelta(0))
+    assert parsed is not None
+    return parsed
+
+
+def validate_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"job name must be a string, got {type(name).__name__}")
+    if not name.strip():
+        raise ValueError(f"job name must not be empty or blank, got {name!r}")
+    if len(name) > NAME_MAX_LENGTH:
+        raise ValueError(f"job name is {len(name)} characters long; at most {NAME_MAX_LENGTH} are allowed")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise ValueError(f"job name must not contain control characters: {name!r}")
+    return name
+
+
+def validate_description(name: str, description: object) -> str:
+    if not isinstance(description, str) or not description.strip():
+        raise ValueError(f"job {name!r}: description must be a non-empty string, got {description!r}")
+    if "\x00" in description:
+        raise ValueError(f"job {name!r}: description must not contain NUL characters")
+    return description

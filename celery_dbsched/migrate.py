@@ -1,0 +1,85 @@
+"""Schema migrations: Alembic revisions shipped in the package, applied under a lock so that several beats
+and workers starting at once migrate exactly once."""
+
+from __future__ import annotations
+
+import zlib
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from .errors import DatabaseUnavailable, SchemaMismatch
+
+VERSION_TABLE = "dbsched_alembic_version"
+_LOCK_KEY = zlib.crc32(b"celery_dbsched.migrate")
+
+
+def _config(connection: Connection | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", "celery_dbsched:migrations")
+    if connection is not None:
+        config.attributes["connection"] = connection
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+        return context.get_current_revision()
+
+
+def migrate(engine: Engine) -> str | None:
+    """Upgrade to the newest revision; returns the revision found before (None: fresh database)."""
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
+        # SQLite: the engine's BEGIN IMMEDIATE already holds the database's write lock.
+        before = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+        _refuse_unknown(before)
+        if before != head_revision():
+            command.upgrade(_config(conn), "head")
+    return before
+
+
+def _refuse_unknown(revision: str | None) -> None:
+    if revision is None:
+        return
+    script = ScriptDirectory.from_config(_config())
+    if not any(rev.revision == revision for rev in script.walk_revisions()):
+        raise SchemaMismatch(
+            f"the database schema is at revision {revision!r}, newer than this celery_dbsched knows "
+            f"(head {head_revision()!r}): upgrade celery_dbsched on this host"
+        )
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise SchemaMismatch unless the database is at this code's revision."""
+    revision = current_revision(engine)
+    _refuse_unknown(revision)
+    if revision != head_revision():
+        found = "no celery_dbsched tables" if revision is None else f"schema revision {revision!r}"
+        raise SchemaMismatch(
+            f"the database has {found}, this celery_dbsched needs {head_revision()!r}: "
+            "run `celery -A proj dbsched migrate` (or set dbsched_auto_migrate = True)"
+        )
+
+
+def prepare_schema(engine: Engine, auto_migrate: bool) -> None:
+    """At beat/worker start: migrate (`dbsched_auto_migrate`, the default) or insist the schema is current."""
+    try:
+        if auto_migrate:
+            migrate(engine)
+        else:
+            check_schema(engine)
+    except (OperationalError, InterfaceError) as exc:
+        raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc

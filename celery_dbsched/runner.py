@@ -1,0 +1,233 @@
+"""One run's life on a worker: start it (queued -> running, the at-most-once gate), run the job while a
+monitor thread writes its progress and watches for interruption, then finish it.
+
+Knows nothing of Celery: the worker task and `testing.TestScheduler` both drive it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import TypeVar
+
+from .errors import DatabaseError, InvalidRunState, JobInterrupted, RunNotFound
+from .job import Job, JobContext, JobStatus
+from .repository import CANCELLED, SHUTDOWN, JobRepository, RunRecord
+from .schema import RUNNING
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Contexts of the runs executing in this process, so that shutdown can cancel them.
+_active: set[JobContext] = set()
+_active_lock = threading.Lock()
+
+
+class _Process:
+    shutting_down = False
+
+
+def shutting_down() -> bool:
+    """True once this process began a warm shutdown: it must not start new runs."""
+    return _Process.shutting_down
+
+
+def cancel_active_runs(reason: str) -> int:
+    """Cancel every run executing in this process. Safe to call from a signal handler (sets events only)."""
+    if reason == SHUTDOWN:
+        _Process.shutting_down = True
+    contexts = list(_active)
+    for ctx in contexts:
+        ctx.cancel(reason)
+    return len(contexts)
+
+
+def active_run_ids() -> list[int]:
+    return sorted(ctx.run_id for ctx in list(_active))
+
+
+def status_of(job: Job, ctx: JobContext) -> JobStatus | None:
+    """What the run reports: `ctx.progress()` if used, else `job.status()`; None when that misbehaves."""
+    reported = ctx.reported_progress
+    if reported is not None:
+        return reported
+    try:
+        status: object = job.status()
+    except Exception:
+        logger.exception("job %r: status() raised; progress not written", job.name)
+        return None
+    if not isinstance(status, JobStatus):
+        logger.error("job %r: status() returned %r, not a JobStatus", job.name, status)
+        return None
+    return status
+
+
+def _retrying(what: str, action: Callable[[], T], attempts: int = 6) -> T:
+    """Finishing writes survive a short database outage instead of leaving a run to the threshold."""
+    delay = 0.5
+    for attempt in range(attempts):
+        try:
+            return action()
+        except DatabaseError as exc:
+            if attempt == attempts - 1:
+                raise
+            logger.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+    raise AssertionError("unreachable")
+
+
+class ProgressMonitor(threading.Thread):
+    """Every monitor interval: write the job's progress if it changed, and cancel the job's context once
+    its run is no longer `running` (interrupted by a beat's monitor, cancelled, or shut down)."""
+
+    def __init__(self, repository: JobRepository, job: Job, ctx: JobContext, interval: float) -> None:
+        super().__init__(name=f"dbsched-monitor-{ctx.run_id}", daemon=True)
+        self.repository = repository
+        self.job = job
+        self.ctx = ctx
+        self.interval = interval
+        self.written = JobStatus(0, 0)
+        self._stopped = threading.Event()
+        self._db_error_logged = False
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.interval):
+            self.check()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=30)
+
+    def check(self) -> None:
+        status = status_of(self.job, self.ctx)
+        try:
+            if status is not None and status != self.written:
+                self.repository.update_progress(self.ctx.run_id, status.completed, status.total)
+                self.written = status
+            elif self.repository.run_status(self.ctx.run_id) != RUNNING:
+                self._cancel()
+            self._db_error_logged = False
+        except InvalidRunState:
+            self._cancel()
+        except RunNotFound:
+            self.ctx.cancel("the run no longer exists")
+        except DatabaseError as exc:
+            # Not the job's fault: keep running, try again next interval, say so once.
+            if not self._db_error_logged:
+                logger.warning("run %s: progress not written (%s); retrying", self.ctx.run_id, exc)
+                self._db_error_logged = True
+
+    def _cancel(self) -> None:
+        try:
+            run = self.repository.lookup_run(self.ctx.run_id)
+            reason = f"run is {run.status}" + (f" ({run.error})" if run.error else "")
+        except Exception:
+            reason = "run is no longer running"
+        logger.warning("run %s of job %r: %s; cancelling the job", self.ctx.run_id, self.ctx.job_name, reason)
+        self.ctx.cancel(reason)
+
+
+def next_delay(job: Job, ctx: JobContext, fallback: dt.timedelta) -> dt.timedelta:
+    """DESIGN 6: the job's own delay; if asking raises, log it and use the configured default."""
+    if ctx.next_run_in is not None:
+        return ctx.next_run_in
+    try:
+        delay: object = job.next_run_in()
+        if not isinstance(delay, dt.timedelta):
+            raise TypeError(f"next_run_in() returned {delay!r}, not a timedelta")
+        if delay < dt.timedelta(0):
+            raise ValueError(f"next_run_in() returned a negative delay {delay}")
+        return delay
+    except Exception:
+        default = job.every if job.every is not None else fallback
+        logger.exception("job %r: next_run_in() failed; next run in %s (its default)", job.name, default)
+        return default
+
+
+def execute_run(
+    repository: JobRepository,
+    jobs: Callable[[str], Job | None],
+    run_id: int,
+    worker: str,
+    *,
+    task_id: str | None = None,
+    monitor_interval: float = 30.0,
+    fallback_delay: dt.timedelta = dt.timedelta(hours=1),
+) -> RunRecord | None:
+    """Start, run and finish one run. Returns the final run, or None when the message was dropped because
+    the run was not `queued` (a duplicate delivery, an expired or unknown run: DESIGN 3)."""
+    try:
+        run = repository.start_run(run_id, worker, task_id)
+    except (RunNotFound, InvalidRunState) as exc:
+        logger.warning("dropping the message for run %s: %s", run_id, exc)
+        return None
+    job = jobs(run.job_name)
+    if job is None:
+        message = f"job {run.job_name!r} is not registered on worker {worker!r}"
+        logger.error("run %s: %s", run_id, message)
+        return _retrying("failing the run", lambda: repository.fail_run(run_id, message))
+
+    ctx = JobContext(run.id, run.job_name)
+    monitor = ProgressMonitor(repository, job, ctx, monitor_interval)
+    with _active_lock:
+        _active.add(ctx)
+    monitor.start()
+    logger.info("run %s of job %r started on %s", run.id, run.job_name, worker)
+    try:
+        try:
+            job.run(ctx)
+        except BaseException as exc:
+            monitor.stop()
+            if ctx.cancelled or isinstance(exc, JobInterrupted):
+                return _finish_interrupted(repository, job, ctx)
+            if not isinstance(exc, Exception):
+                raise
+            error = "".join(traceback.format_exception(exc)).strip()
+            logger.error("run %s of job %r failed: %s", run.id, job.name, exc)
+            return _finish(
+                "failing the run",
+                ctx,
+                lambda: repository.fail_run(run.id, error, progress=status_of(job, ctx)),
+            )
+        monitor.stop()
+        if ctx.cancelled:
+            return _finish_interrupted(repository, job, ctx)
+        delay = next_delay(job, ctx, fallback_delay)
+        return _finish(
+            "completing the run",
+            ctx,
+            lambda: repository.complete_run(run.id, delay, progress=status_of(job, ctx)),
+        )
+    finally:
+        monitor.stop()
+        with _active_lock:
+            _active.discard(ctx)
+
+
+def _finish(what: str, ctx: JobContext, action: Callable[[], RunRecord]) -> RunRecord | None:
+    try:
+        return _retrying(what, action)
+    except InvalidRunState as exc:
+        # Interrupted while the job was finishing: the interruption stands, the result is discarded.
+        logger.warning("run %s of job %r ended before the job did: %s", ctx.run_id, ctx.job_name, exc)
+        return None
+
+
+def _finish_interrupted(repository: JobRepository, job: Job, ctx: JobContext) -> RunRecord | None:
+    """The job stopped because its run was cancelled. If the run is still ours (shutdown, or the job raised
+    JobInterrupted on its own), end it `interrupted`; otherwise whoever interrupted it already did."""
+    reason = ctx.cancel_reason or CANCELLED
+    kind = SHUTDOWN if reason.startswith(SHUTDOWN) else CANCELLED
+    detail = "" if reason == kind else reason
+    logger.warning("run %s of job %r stopped: %s", ctx.run_id, job.name, reason)
+    try:
+        return _retrying("interrupting the run", lambda: repository.interrupt_run(ctx.run_id, kind, detail))
+    except InvalidRunState:
+        return repository.lookup_run(ctx.run_id)

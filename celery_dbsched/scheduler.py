@@ -1,0 +1,196 @@
+"""The beat side: `celery beat -S celery_dbsched.Scheduler` (or `-S dbsched`).
+
+Each tick asks the database when the next job is due (one indexed query when idle), claims what is due in
+batches and publishes one message per claimed run. Every monitor interval it interrupts stalled runs and
+prunes old history. It never imports or runs job code; several beats can run at once without a leader.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from typing import Any
+
+from celery import beat
+
+from .errors import DatabaseError, DatabaseUnavailable
+from .migrate import prepare_schema
+from .registry import existing_registry
+from .repository import JobRepository, RunRecord, repository_for
+from .settings import Settings
+from .worker import RUN_TASK_NAME
+
+logger = logging.getLogger(__name__)
+
+PRUNE_EVERY = dt.timedelta(minutes=10)
+MIN_SLEEP = 0.01  # never return 0 from tick unless a full batch says more is due at once
+
+
+class Scheduler(beat.Scheduler):  # type: ignore[misc]
+    """A Celery beat scheduler whose schedule lives in the database."""
+
+    def __init__(self, app: Any, *args: Any, lazy: bool = False, **kwargs: Any) -> None:
+        # Celery also builds a lazy instance just for the banner: parse settings (no I/O), open nothing.
+        self.settings = Settings.from_mapping(app.conf)
+        self.server_id = self.settings.beat_server_id()
+        self._repository: JobRepository | None = None
+        self._next_monitor = 0.0
+        self._next_prune = 0.0
+        self._db_failing_since: float | None = None
+        self._db_backoff = 0.0
+        self._declared_queues: set[str] = set()
+        self._closed = False
+        super().__init__(app, *args, lazy=lazy, **kwargs)
+
+    # -- Celery's scheduler interface -------------------------------------------------------------------
+
+    def setup_schedule(self) -> None:
+        """At start: prepare the schema, register the jobs this app knows, end the runs a previous life of
+        this server id left queued. A database that is down is waited for; a wrong schema is fatal."""
+        try:
+            self._prepare()
+        except DatabaseUnavailable as exc:
+            logger.error("celery_dbsched: database unavailable at start, will keep trying: %s", exc)
+        ignored = sorted(name for name in self.app.conf.beat_schedule or {})
+        if ignored:
+            logger.warning(
+                "celery_dbsched: beat_schedule entries are not dispatched by this scheduler yet: %s",
+                ", ".join(ignored),
+            )
+
+    def _prepare(self) -> JobRepository:
+        repository = repository_for(self.app, self.settings)
+        prepare_schema(repository.engine, self.settings.auto_migrate)
+        registry = existing_registry(self.app)
+        if registry is not None:
+            registry.sync(repository)
+        left = repository.interrupt_runs(server_id=self.server_id)
+        if left:
+            logger.warning("ended %d run(s) that %s claimed but left queued", len(left), self.server_id)
+        self._repository = repository
+        return repository
+
+    @property
+    def repository(self) -> JobRepository:
+        return self._repository if self._repository is not None else self._prepare()
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        """Claim and publish what is due; return the seconds to sleep (at most the run-jobs interval)."""
+        interval = min(self.settings.run_jobs_interval.total_seconds(), float(self.max_interval))
+        try:
+            self._maybe_monitor()
+            sleep = self._dispatch_due(interval)
+        except DatabaseError as exc:
+            return self._database_down(exc, interval)
+        if self._db_failing_since is not None:
+            logger.warning("celery_dbsched: database back after %.1fs", time.monotonic() - self._db_failing_since)
+            self._db_failing_since = None
+            self._db_backoff = 0.0
+        return sleep
+
+    def sync(self) -> None:
+        """Nothing to save: every change is written when it happens."""
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        super().close()
+
+    @property
+    def info(self) -> str:
+        url = self._masked_url()
+        return (
+            f"    . db -> {url}\n"
+            f"    . server id -> {self.server_id}\n"
+            f"    . run-jobs interval -> {self.settings.run_jobs_interval.total_seconds():g}s, "
+            f"monitor -> {self.settings.monitor_interval.total_seconds():g}s, "
+            f"interrupt threshold -> {self.settings.interrupt_threshold.total_seconds():g}s"
+        )
+
+    def get_schedule(self) -> dict[str, Any]:
+        return {}
+
+    def set_schedule(self, schedule: Any) -> None:
+        """The schedule lives in the database; Celery's in-memory one is not used."""
+
+    schedule = property(get_schedule, set_schedule)
+
+    # -- the work --------------------------------------------------------------------------------------
+
+    def _masked_url(self) -> str:
+        from sqlalchemy.engine import make_url
+
+        try:
+            return make_url(self.settings.database_url).render_as_string(hide_password=True)
+        except Exception:
+            return "<unparseable database url>"
+
+    def _dispatch_due(self, interval: float) -> float:
+        repository = self.repository
+        limit = self.settings.run_jobs_limit
+        due_in = repository.next_due_in()
+        if due_in is not None and due_in <= 0:
+            claimed = repository.run_jobs(self.server_id, limit)
+            self._publish(claimed)
+            if len(claimed) >= limit:
+                return 0.0  # a full batch: more may be due, claim again at once
+            due_in = repository.next_due_in()
+        sleep = interval if due_in is None else min(max(due_in, MIN_SLEEP), interval)
+        return min(sleep, max(self._next_monitor - time.monotonic(), MIN_SLEEP))
+
+    def _publish(self, runs: list[RunRecord]) -> None:
+        broker_error: Exception | None = None
+        for run in runs:
+            if broker_error is None:
+                try:
+                    self._send(run)
+                    continue
+                except Exception as exc:
+                    broker_error = exc
+                    logger.error("celery_dbsched: could not publish run %s of job %r: %s", run.id, run.job_name, exc)
+            try:
+                self.repository.fail_run(run.id, f"not published: {broker_error!r}")
+            except DatabaseError as exc:
+                logger.error("could not end unpublished run %s (%s); the monitor will", run.id, exc)
+
+    def _send(self, run: RunRecord) -> None:
+        options: dict[str, Any] = {}
+        if run.queue:
+            options["queue"] = run.queue
+            if run.queue not in self._declared_queues:
+                queue = self.app.amqp.queues[run.queue]
+                options["declare"] = [queue]
+        self.app.send_task(
+            RUN_TASK_NAME,
+            args=[run.id, run.job_name],
+            producer=self.producer,
+            serializer="json",
+            **options,
+        )
+        if run.queue:
+            self._declared_queues.add(run.queue)
+
+    def _maybe_monitor(self) -> None:
+        now = time.monotonic()
+        if now < self._next_monitor:
+            return
+        repository = self.repository
+        for run in repository.interrupt_runs():
+            logger.warning("run %s of job %r interrupted: %s", run.id, run.job_name, run.error)
+        if now >= self._next_prune:
+            pruned = repository.prune_runs(self.settings.run_retention)
+            if pruned:
+                logger.info("celery_dbsched: pruned %d finished run(s)", pruned)
+            self._next_prune = now + PRUNE_EVERY.total_seconds()
+        self._next_monitor = now + self.settings.monitor_interval.total_seconds()
+
+    def _database_down(self, exc: Exception, interval: float) -> float:
+        if self._db_failing_since is None:
+            self._db_failing_since = time.monotonic()
+            logger.error("celery_dbsched: database unavailable, backing off: %s", exc)
+        else:
+            logger.debug("celery_dbsched: database still unavailable: %s", exc)
+        self._db_backoff = min(max(self._db_backoff * 2, 0.5), interval)
+        return self._db_backoff

@@ -1,0 +1,186 @@
+"""Table definitions and the two SQL constructs that keep PostgreSQL and SQLite in step.
+
+Every persisted time comes from the database clock (DESIGN 1), so time arithmetic is done in SQL through
+`db_now(offset)`; SQLite has no timestamp type, so times are stored there as fixed-width UTC text that sorts
+like the time it names.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    true,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
+
+QUEUED = "queued"
+RUNNING = "running"
+COMPLETED = "completed"
+FAILED = "failed"
+INTERRUPTED = "interrupted"
+DISPATCHED = "dispatched"
+ACTIVE_STATES = (QUEUED, RUNNING)
+FINAL_STATES = (COMPLETED, FAILED, INTERRUPTED, DISPATCHED)
+RUN_STATES = ACTIVE_STATES + FINAL_STATES
+
+NAME_MAX_LENGTH = 128
+
+UTC = dt.timezone.utc
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """An aware UTC datetime: `timestamptz` on PostgreSQL, sortable naive-UTC text on SQLite."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; pass an aware datetime")
+        if dialect.name == "sqlite":
+            return value.astimezone(UTC).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # a time computed in SQL on SQLite
+            value = dt.datetime.fromisoformat(value)
+        assert isinstance(value, dt.datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class db_now(FunctionElement[dt.datetime]):
+    """The database's current time, optionally plus an offset in seconds (a number or an SQL expression)."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "db_now"
+
+
+@compiles(db_now, "postgresql")
+def _db_now_postgresql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    clauses = list(element.clauses)
+    if not clauses:
+        return "now()"
+    return f"(now() + make_interval(secs => {compiler.process(clauses[0], **kw)}))"
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    # Six fractional digits, the same text SQLAlchemy writes for a bound datetime, so strings compare as times.
+    clauses = list(element.clauses)
+    if not clauses:
+        return "strftime('%Y-%m-%d %H:%M:%f000', 'now')"
+    offset = compiler.process(clauses[0], **kw)
+    return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', printf('%+.3f seconds', {offset}))"
+
+
+class least(FunctionElement[dt.datetime]):
+    """The earlier of two times (`least` on PostgreSQL, scalar `min` on SQLite)."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "least"
+
+
+@compiles(least, "postgresql")
+def _least_postgresql(element: least, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"least({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(least, "sqlite")
+def _least_sqlite(element: least, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"min({compiler.process(element.clauses, **kw)})"
+
+
+metadata = MetaData()
+
+job_table = Table(
+    "dbsched_job",
+    metadata,
+    Column("name", String(NAME_MAX_LENGTH), primary_key=True),
+    Column("description", Text, nullable=False),
+    Column("next_scheduled_run", UTCDateTime, nullable=False),
+    # Seconds; the delay used when the job gives none (decorator `every`, class attribute `every`).
+    Column("default_next_run_in", Float, nullable=True),
+    Column("queue", String(255), nullable=True),
+    Column("interrupt_threshold", Float, nullable=True),  # seconds; NULL: the global setting
+    Column("failure_count", Integer, nullable=False, server_default="0"),
+    Column("enabled", Boolean, nullable=False, server_default=true()),
+    Column("create_time", UTCDateTime, nullable=False),
+    Column("update_time", UTCDateTime, nullable=False),
+    CheckConstraint("length(name) > 0", name="dbsched_job_name_not_empty"),
+)
+Index("dbsched_job_due", job_table.c.next_scheduled_run)
+
+run_table = Table(
+    "dbsched_job_run",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column(
+        "job_name",
+        String(NAME_MAX_LENGTH),
+        ForeignKey("dbsched_job.name", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("status", String(16), nullable=False),
+    Column("queue", String(255), nullable=True),
+    Column("claimed_by", String(255), nullable=False),
+    Column("worker", String(255), nullable=True),
+    Column("task_id", String(255), nullable=True),
+    Column("completed", Integer, nullable=False, server_default="0"),
+    Column("total", Integer, nullable=False, server_default="0"),
+    Column("error", Text, nullable=True),
+    # A pull-in asked for while the run was active; honoured when the run ends (DESIGN 6).
+    Column("requested_next_run", UTCDateTime, nullable=True),
+    Column("create_time", UTCDateTime, nullable=False),
+    Column("start_time", UTCDateTime, nullable=True),
+    Column("update_time", UTCDateTime, nullable=False),
+    Column("end_time", UTCDateTime, nullable=True),
+    CheckConstraint(
+        "status in ('queued', 'running', 'completed', 'failed', 'interrupted', 'dispatched')",
+        name="dbsched_job_run_status_valid",
+    ),
+    CheckConstraint("completed >= 0 and total >= 0 and completed <= total", name="dbsched_job_run_progress_valid"),
+)
+_active = run_table.c.status.in_(ACTIVE_STATES)
+# DESIGN 2: the database, not a process, guarantees one active run per job.
+Index(
+    "dbsched_job_run_one_active",
+    run_table.c.job_name,
+    unique=True,
+    postgresql_where=_active,
+    sqlite_where=_active,
+)
+Index(
+    "dbsched_job_run_active_update",
+    run_table.c.update_time,
+    postgresql_where=_active,
+    sqlite_where=_active,
+)
+Index("dbsched_job_run_job", run_table.c.job_name, run_table.c.id)
+Index("dbsched_job_run_end", run_table.c.end_time)

@@ -1,0 +1,206 @@
+"""The `dbsched_*` Celery settings: defaults in one place, parsed and validated when beat or a worker starts.
+
+`0` or unset means the default; a negative, malformed or absurd value is a `ValueError` naming the setting
+(DESIGN 10).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_DATABASE_FILE = "celery_dbsched.sqlite3"
+DEFAULT_RUN_JOBS_INTERVAL = dt.timedelta(seconds=5)
+DEFAULT_RUN_JOBS_LIMIT = 1000
+DEFAULT_MONITOR_INTERVAL = dt.timedelta(seconds=30)
+DEFAULT_INTERRUPT_THRESHOLD = dt.timedelta(minutes=5)
+DEFAULT_RETRY_BACKOFF = (dt.timedelta(seconds=10), dt.timedelta(hours=1))
+DEFAULT_RUN_RETENTION = dt.timedelta(days=7)
+
+MAX_DURATION = dt.timedelta(days=36500)
+MAX_RUN_JOBS_LIMIT = 100_000
+
+
+def parse_duration(
+    key: str, value: object, default: dt.timedelta | None, *, zero_is_default: bool = True
+) -> dt.timedelta | None:
+    """Seconds (int, float, numeric string) or a timedelta; None (and 0 unless told otherwise) -> default."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        raise ValueError(f"{key}: expected seconds or a timedelta, got {value!r}")
+    if isinstance(value, dt.timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = float(value.strip())
+        except ValueError:
+            raise ValueError(f"{key}: expected seconds or a timedelta, got {value!r}") from None
+    else:
+        raise ValueError(f"{key}: expected seconds or a timedelta, got {type(value).__name__} {value!r}")
+    if math.isnan(seconds) or math.isinf(seconds):
+        raise ValueError(f"{key}: expected a finite duration, got {value!r}")
+    if seconds < 0:
+        raise ValueError(f"{key}: must not be negative, got {value!r}")
+    if seconds == 0 and zero_is_default:
+        return default
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"{key}: at most {MAX_DURATION.days} days, got {value!r}")
+    return dt.timedelta(seconds=seconds)
+
+
+def _required_duration(key: str, value: object, default: dt.timedelta) -> dt.timedelta:
+    parsed = parse_duration(key, value, default)
+    assert parsed is not None
+    return parsed
+
+
+def parse_positive_int(key: str, value: object, default: int, maximum: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{key}: expected a whole number, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{key}: expected a whole number, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"{key}: must not be negative, got {value!r}")
+    if number == 0:
+        return default
+    if number > maximum:
+        raise ValueError(f"{key}: at most {maximum}, got {value!r}")
+    return number
+
+
+def parse_backoff(key: str, value: object) -> tuple[dt.timedelta, dt.timedelta]:
+    """`(base, cap)` or a lone base; unlike other durations a base of 0 is kept: it retries at once."""
+    if value is None:
+        return DEFAULT_RETRY_BACKOFF
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{key}: expected (base, cap), got {value!r}")
+        base_value, cap_value = value
+    else:
+        base_value, cap_value = value, None
+    base = parse_duration(f"{key} base", base_value, dt.timedelta(0), zero_is_default=False)
+    cap = parse_duration(f"{key} cap", cap_value, DEFAULT_RETRY_BACKOFF[1])
+    assert base is not None and cap is not None
+    if base > cap:
+        raise ValueError(f"{key}: base {base} is larger than cap {cap}")
+    return base, cap
+
+
+def parse_bool(key: str, value: object, default: bool) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in {
+        "1",
+        "true",
+        "yes",
+        "on",
+        "0",
+        "false",
+        "no",
+        "off",
+    }:
+        return value.strip().lower() in {"1", "true", "yes", "on"}
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{key}: expected true or false, got {value!r}")
+
+
+def default_database_url() -> str:
+    return "sqlite:///" + os.path.abspath(DEFAULT_DATABASE_FILE)
+
+
+def default_server_id() -> str:
+    """Host and process: unique among beats on a machine. Workers use their node name instead."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = field(default_factory=default_database_url)
+    engine_options: Mapping[str, Any] = field(default_factory=dict)
+    server_id: str | None = None
+    run_jobs_interval: dt.timedelta = DEFAULT_RUN_JOBS_INTERVAL
+    run_jobs_limit: int = DEFAULT_RUN_JOBS_LIMIT
+    monitor_interval: dt.timedelta = DEFAULT_MONITOR_INTERVAL
+    interrupt_threshold: dt.timedelta = DEFAULT_INTERRUPT_THRESHOLD
+    retry_backoff: tuple[dt.timedelta, dt.timedelta] = DEFAULT_RETRY_BACKOFF
+    run_retention: dt.timedelta = DEFAULT_RUN_RETENTION
+    auto_migrate: bool = True
+
+    @classmethod
+    def from_mapping(cls, conf: Mapping[str, Any]) -> Settings:
+        """Read `dbsched_*` keys (e.g. `app.conf`); raises ValueError naming the first bad key."""
+
+        def get(key: str) -> Any:
+            return conf.get(key)
+
+        url = get("dbsched_database_url")
+        if url is not None and not isinstance(url, str):
+            url = str(url)  # sqlalchemy.URL objects
+        if url is not None and not url.strip():
+            raise ValueError("dbsched_database_url: must not be empty")
+        engine_options = get("dbsched_engine_options")
+        if engine_options is None:
+            engine_options = {}
+        if not isinstance(engine_options, Mapping):
+            raise ValueError(f"dbsched_engine_options: expected a dict, got {engine_options!r}")
+        server_id = get("dbsched_server_id")
+        if server_id is not None and (not isinstance(server_id, str) or not server_id.strip()):
+            raise ValueError(f"dbsched_server_id: expected a non-empty string, got {server_id!r}")
+        if server_id is not None and len(server_id) > 255:
+            raise ValueError("dbsched_server_id: at most 255 characters")
+        return cls(
+            database_url=url or default_database_url(),
+            engine_options=dict(engine_options),
+            server_id=server_id,
+            run_jobs_interval=_required_duration(
+                "dbsched_run_jobs_interval", get("dbsched_run_jobs_interval"), DEFAULT_RUN_JOBS_INTERVAL
+            ),
+            run_jobs_limit=parse_positive_int(
+                "dbsched_run_jobs_limit",
+                get("dbsched_run_jobs_limit"),
+                DEFAULT_RUN_JOBS_LIMIT,
+                MAX_RUN_JOBS_LIMIT,
+            ),
+            monitor_interval=_required_duration(
+                "dbsched_monitor_interval", get("dbsched_monitor_interval"), DEFAULT_MONITOR_INTERVAL
+            ),
+            interrupt_threshold=_required_duration(
+                "dbsched_interrupt_threshold", get("dbsched_interrupt_threshold"), DEFAULT_INTERRUPT_THRESHOLD
+            ),
+            retry_backoff=parse_backoff("dbsched_retry_backoff", get("dbsched_retry_backoff")),
+            run_retention=_required_duration(
+                "dbsched_run_retention", get("dbsched_run_retention"), DEFAULT_RUN_RETENTION
+            ),
+            auto_migrate=parse_bool("dbsched_auto_migrate", get("dbsched_auto_migrate"), True),
+        )
+
+    def beat_server_id(self) -> str:
+        return self.server_id or default_server_id()
+
+
+def backoff_delay(
+    failure_count: int, backoff: tuple[dt.timedelta, dt.timedelta], ceiling: dt.timedelta | None
+) -> dt.timedelta:
+    """Delay before retry number `failure_count` (1 = first retry): base * 2^(n-1), capped; never later
+    than the job's own interval, so a failing job is retried no later than it would have run anyway."""
+    base, cap = backoff
+    exponent = min(max(failure_count - 1, 0), 62)
+    delay = dt.timedelta(seconds=min(base.total_seconds() * 2.0**exponent, cap.total_seconds()))
+    if ceiling is not None:
+        delay = min(delay, ceiling)
+    return delay

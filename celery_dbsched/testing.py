@@ -1,0 +1,167 @@
+"""Test helpers for users' own tests: an in-process scheduler and worker, plus pytest fixtures.
+
+    pytest_plugins = ["celery_dbsched.testing"]
+
+    def test_cleanup_runs(dbsched_scheduler_factory):
+        scheduler = dbsched_scheduler_factory(app)
+        [run] = scheduler.tick()
+        assert run.status == "completed"
+        scheduler.advance(timedelta(hours=1))   # move the database clock, no sleeping
+        assert [r.job_name for r in scheduler.tick()] == ["myproj.cleanup"]
+
+`TestScheduler.tick()` claims the due jobs exactly as a beat does and runs each run at once in this
+process, through the same code as the worker's task, without a broker or a worker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .migrate import migrate
+from .registry import registry_for
+from .repository import JobRecord, JobRepository, RunRecord, bind_repository
+from .runner import execute_run
+from .settings import Settings
+
+
+class TestScheduler:
+    """A beat and a worker in one object, bound to a database (a temporary SQLite file by default).
+
+    `options` are the `dbsched_*` settings without the prefix (`interrupt_threshold=10`, ...); the app's
+    own settings fill the rest. While it is open, the app's API (`update_job_next_run_in_at_least(app, ...)`)
+    talks to the same database and clock.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, app: Any, database_url: str | None = None, **options: Any) -> None:
+        self.app = app
+        self._tmpdir: str | None = None
+        if database_url is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="dbsched-test-")
+            database_url = f"sqlite:///{Path(self._tmpdir) / 'dbsched.sqlite3'}"
+        conf = {key: app.conf.get(key) for key in app.conf if str(key).startswith("dbsched_")}
+        for key, value in options.items():
+            conf[key if key.startswith("dbsched_") else f"dbsched_{key}"] = value
+        conf["dbsched_database_url"] = database_url
+        self.settings = Settings.from_mapping(conf)
+        self.server_id = self.settings.server_id or "test-beat"
+        self.worker_id = "test-worker"
+        self.repository = JobRepository(
+            database_url,
+            engine_options=self.settings.engine_options,
+            interrupt_threshold=self.settings.interrupt_threshold,
+            retry_backoff=self.settings.retry_backoff,
+        )
+        migrate(self.repository.engine)
+        self.registry = registry_for(app)
+        self.registry.sync(self.repository)
+        self._previous = bind_repository(app, self.repository)
+        self._closed = False
+
+    def __enter__(self) -> TestScheduler:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Detach from the app and delete the temporary database."""
+        if self._closed:
+            return
+        self._closed = True
+        bind_repository(self.app, self._previous)
+        self.registry.detach()
+        self.repository.close()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def tick(self) -> list[RunRecord]:
+        """Claim every due job and run each in this process; returns the finished runs (by run id)."""
+        finished: list[RunRecord] = []
+        while True:
+            claimed = self.repository.run_jobs(self.server_id, self.settings.run_jobs_limit)
+            for run in claimed:
+                result = execute_run(
+                    self.repository,
+                    self.registry.get,
+                    run.id,
+                    self.worker_id,
+                    monitor_interval=self.settings.monitor_interval.total_seconds(),
+                    fallback_delay=self.settings.retry_backoff[1],
+                )
+                finished.append(result if result is not None else self.repository.lookup_run(run.id))
+            if len(claimed) < self.settings.run_jobs_limit:
+                return finished
+
+    def claim(self) -> list[RunRecord]:
+        """Claim the due jobs as a beat does, without running them (they stay `queued`)."""
+        return self.repository.run_jobs(self.server_id, self.settings.run_jobs_limit)
+
+    def run(self, run: RunRecord | int) -> RunRecord | None:
+        """Run one claimed run in this process, as a worker would."""
+        run_id = run if isinstance(run, int) else run.id
+        return execute_run(
+            self.repository,
+            self.registry.get,
+            run_id,
+            self.worker_id,
+            monitor_interval=self.settings.monitor_interval.total_seconds(),
+            fallback_delay=self.settings.retry_backoff[1],
+        )
+
+    def advance(self, delta: dt.timedelta | float) -> None:
+        """Move the database clock forward (for this scheduler and the app's API while it is open)."""
+        seconds = delta.total_seconds() if isinstance(delta, dt.timedelta) else float(delta)
+        if seconds < 0:
+            raise ValueError("the clock only moves forward")
+        self.repository.clock_shift += dt.timedelta(seconds=seconds)
+
+    def monitor(self) -> list[RunRecord]:
+        """One pass of the beat's monitor: interrupt stalled runs."""
+        return self.repository.interrupt_runs()
+
+    def job(self, name: str) -> JobRecord:
+        return self.repository.lookup_job(name)
+
+    def runs(self, job_name: str | None = None, status: str | None = None) -> list[RunRecord]:
+        """Runs, oldest first."""
+        return list(reversed(self.repository.list_runs(job_name=job_name, status=status, limit=100_000)))
+
+    def now(self) -> dt.datetime:
+        return self.repository.database_now()
+
+
+@pytest.fixture
+def dbsched_scheduler_factory() -> Iterator[Callable[..., TestScheduler]]:
+    """`factory(app, database_url=None, **options) -> TestScheduler`; closed after the test."""
+    created: list[TestScheduler] = []
+
+    def factory(app: Any, database_url: str | None = None, **options: Any) -> TestScheduler:
+        scheduler = TestScheduler(app, database_url, **options)
+        created.append(scheduler)
+        return scheduler
+
+    yield factory
+    for scheduler in reversed(created):
+        scheduler.close()
+
+
+@pytest.fixture
+def dbsched_app() -> Any:
+    """Override in your conftest.py to return your Celery app; `dbsched_scheduler` uses it."""
+    raise pytest.UsageError("define a `dbsched_app` fixture returning your Celery app to use `dbsched_scheduler`")
+
+
+@pytest.fixture
+def dbsched_scheduler(dbsched_app: Any, dbsched_scheduler_factory: Callable[..., TestScheduler]) -> TestScheduler:
+    """A `TestScheduler` for the app returned by your `dbsched_app` fixture, on a temporary SQLite file."""
+    return dbsched_scheduler_factory(dbsched_app)

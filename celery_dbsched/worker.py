@@ -1,0 +1,161 @@
+"""The worker side in Celery: the wrapper task that carries a run, and a worker bootstep that prepares the
+database at start, ends the runs this node left behind, and interrupts running runs on shutdown.
+
+Cancellation is cooperative (revoke(terminate=True) does nothing on the threads and solo pools): shutdown
+cancels the runs' contexts in this process, and in prefork children through SIGUSR2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from typing import Any
+
+from celery import bootsteps, signals
+from celery.exceptions import Reject
+
+from .migrate import prepare_schema
+from .repository import RESTART, SHUTDOWN, JobRepository, repository_for
+from .runner import cancel_active_runs, execute_run, shutting_down
+from .settings import Settings, default_server_id
+
+logger = logging.getLogger(__name__)
+
+RUN_TASK_NAME = "celery_dbsched.run_job"
+_CHILD_CANCEL_SIGNAL = signal.SIGUSR2
+_pools: list[Any] = []  # the worker's pool, to find prefork children at shutdown
+
+
+def _settings(app: Any) -> Settings:
+    cached: Settings | None = app.__dict__.get("_dbsched_settings")
+    if cached is None:
+        cached = Settings.from_mapping(app.conf)
+        app._dbsched_settings = cached
+    return cached
+
+
+def _run_job(task: Any, run_id: object, job_name: object = None) -> str | None:
+    """The task body. `job_name` in the message is informational: the job that runs is the one the
+    database says the run belongs to, looked up in this worker's registry (never code named by a message)."""
+    from .registry import registry_for
+
+    if isinstance(run_id, bool) or not isinstance(run_id, int) or run_id < 1:
+        logger.error("dropping a run message with a malformed run id %r (job %r)", run_id, job_name)
+        return None
+    if shutting_down():
+        # Leave the run queued and give the message back: another worker (or this one, restarted) starts it.
+        raise Reject(f"worker shutting down; run {run_id} left for another worker", requeue=True)
+    app = task.app
+    settings = _settings(app)
+    registry = registry_for(app)
+    worker = task.request.hostname or default_server_id()
+    result = execute_run(
+        repository_for(app, settings),
+        registry.get,
+        run_id,
+        worker,
+        task_id=task.request.id,
+        monitor_interval=settings.monitor_interval.total_seconds(),
+        fallback_delay=settings.retry_backoff[1],
+    )
+    return None if result is None else result.status
+
+
+class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Starts after the pool, stops before it: at stop the pool is still waiting for our runs."""
+
+    requires = {"celery.worker.components:Pool"}
+    label = "celery_dbsched"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        # Bad settings stop the worker here, at start, naming the key.
+        self.settings = _settings(worker.app)
+        self.repository: JobRepository | None = None
+
+    def start(self, worker: Any) -> None:
+        from .registry import registry_for
+
+        app = worker.app
+        repository = repository_for(app, self.settings)
+        prepare_schema(repository.engine, self.settings.auto_migrate)
+        registry_for(app).sync(repository)
+        self.repository = repository
+        left = repository.interrupt_runs(server_id=worker.hostname, reason=RESTART)
+        if left:
+            logger.warning(
+                "ended %d run(s) that %s left running: %s",
+                len(left),
+                worker.hostname,
+                ", ".join(str(run.id) for run in left),
+            )
+        _pools[:] = [worker.pool] if getattr(worker, "pool", None) is not None else []
+        logger.info("celery_dbsched: %d job(s) registered on %s", len(registry_for(app)), worker.hostname)
+
+    def stop(self, worker: Any) -> None:
+        """Warm shutdown: the runs still running on this node end `interrupted` (shutdown) so that another
+        worker takes their jobs at once (DESIGN 9)."""
+        _signal_runs_to_stop()
+        if self.repository is None:
+            return
+        try:
+            ended = self.repository.interrupt_runs(server_id=worker.hostname, reason=SHUTDOWN)
+        except Exception as exc:
+            logger.warning("could not end this worker's runs at shutdown (%s); the monitor will", exc)
+            return
+        for run in ended:
+            logger.warning("run %s of job %r interrupted: worker shutdown", run.id, run.job_name)
+
+    def shutdown(self, worker: Any) -> None:
+        self.stop(worker)
+
+
+def _signal_runs_to_stop() -> None:
+    cancel_active_runs(SHUTDOWN)
+    for pid in _child_pids():
+        with contextlib.suppress(OSError):
+            os.kill(pid, _CHILD_CANCEL_SIGNAL)
+
+
+def _child_pids() -> list[int]:
+    """The prefork pool's current children (they come and go: read them when needed)."""
+    pids: list[int] = []
+    for pool in _pools:
+        processes = getattr(getattr(pool, "_pool", None), "_pool", None) or []
+        pids.extend(pid for pid in (getattr(p, "pid", None) for p in processes) if pid and pid != os.getpid())
+    return pids
+
+
+def _on_shutting_down(sender: Any = None, **kwargs: Any) -> None:
+    # Runs inside the worker's signal handler: only set events and send signals here, no database I/O.
+    _signal_runs_to_stop()
+
+
+def _on_child_cancel(signum: int, frame: Any) -> None:
+    cancel_active_runs(SHUTDOWN)
+
+
+def _on_pool_process_init(**kwargs: Any) -> None:
+    signal.signal(_CHILD_CANCEL_SIGNAL, _on_child_cancel)
+
+
+_signals_connected = False
+
+
+def install_worker(app: Any) -> None:
+    """Put the wrapper task and the bootstep on `app` (once)."""
+    global _signals_connected
+    app.task(
+        name=RUN_TASK_NAME,
+        bind=True,
+        acks_late=True,
+        ignore_result=True,
+        serializer="json",
+        shared=False,
+    )(_run_job)
+    app.steps["worker"].add(DbschedWorkerStep)
+    if not _signals_connected:
+        signals.worker_shutting_down.connect(_on_shutting_down, weak=False)
+        signals.worker_process_init.connect(_on_pool_process_init, weak=False)
+        _signals_connected = True

@@ -1,0 +1,79 @@
+"""`python -m example_proj`: start a worker with an embedded beat and watch the jobs run.
+
+Prints, every two seconds, each job's active run with its progress and its latest finished runs. Stops
+(warm shutdown) after `--seconds` (default 60; 0 runs until Ctrl-C). The worker's log goes to
+.example_data/worker.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from celery_dbsched.migrate import prepare_schema
+from celery_dbsched.registry import registry_for
+from celery_dbsched.repository import repository_for
+
+from .celery_app import DATA_DIR, app
+
+
+def bar(completed: int, total: int, width: int = 20) -> str:
+    if total <= 0:
+        return "[" + " " * width + "]"
+    filled = round(width * completed / total)
+    return "[" + "#" * filled + "." * (width - filled) + f"] {completed}/{total}"
+
+
+def show(started: float) -> None:
+    repository = repository_for(app)
+    lines = [f"--- {time.monotonic() - started:5.1f}s ---"]
+    for job in repository.list_jobs():
+        runs = repository.list_runs(job_name=job.name, limit=6)
+        active = next((run for run in runs if run.status in ("queued", "running")), None)
+        history = " ".join(run.status[:4] for run in runs if run is not active)
+        now = f"run {active.id} {active.status:<8} {bar(active.completed, active.total)}" if active else "idle"
+        lines.append(f"{job.name:<26} {now:<48} last: {history}")
+    print("\n".join(lines), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m example_proj", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=60, help="how long to run (0: until Ctrl-C)")
+    args = parser.parse_args()
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    prepare_schema(repository_for(app).engine, auto_migrate=True)
+    registry_for(app)  # importing the jobs module registered them; the worker writes them to the database
+    log = open(DATA_DIR / "worker.log", "ab")  # noqa: SIM115 - kept open for the worker's lifetime
+    command = [
+        sys.executable, "-m", "celery", "-A", "example_proj", "worker", "-B",
+        "--scheduler", "celery_dbsched.Scheduler", "--pool", "threads", "--concurrency", "4",
+        "--loglevel", "info",
+    ]  # fmt: skip
+    print("starting:", " ".join(command[2:]), f"(log: {DATA_DIR / 'worker.log'})", flush=True)
+    worker = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    started = time.monotonic()
+    try:
+        while worker.poll() is None and (args.seconds <= 0 or time.monotonic() - started < args.seconds):
+            time.sleep(2)
+            show(started)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)  # warm shutdown: running jobs are interrupted (shutdown)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        log.close()
+    show(started)
+    print(f"worker exited with {worker.returncode}; see `celery -A example_proj dbsched runs`", flush=True)
+    return 0 if worker.returncode in (0, -signal.SIGTERM) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
