@@ -178,6 +178,7 @@ def test_settings_select_this_transport_in_celery(tmp_path: Path) -> None:
         "data_folder_out": str(tmp_path / "queue"),
         "processed_folder": str(tmp_path / "processed"),
         "control_folder": str(tmp_path / "control"),
+        "polling_interval": 0.1,
     }
     app = Celery("t", set_as_current=False)
     app.conf.update(settings)
