@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import JobInterrupted
-from .schema import NAME_MAX_LENGTH
+from .schema import NAME_MAX_LENGTH, QUEUE_MAX_LENGTH
 from .settings import parse_duration
 
 
@@ -180,3 +180,13 @@ def validate_description(name: str, description: object) -> str:
     if "\x00" in description:
         raise ValueError(f"job {name!r}: description must not contain NUL characters")
     return description
+
+
+def validate_queue(name: str, queue: object) -> str | None:
+    if queue is None:
+        return None
+    if not isinstance(queue, str) or not queue.strip():
+        raise ValueError(f"job {name!r}: queue must be a non-empty string, got {queue!r}")
+    if len(queue) > QUEUE_MAX_LENGTH:
+        raise ValueError(f"job {name!r}: queue name is {len(queue)} characters long; at most {QUEUE_MAX_LENGTH}")
+    return queue

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .job import FunctionJob, Job, JobContext, validate_description, validate_name
+from .job import FunctionJob, Job, JobContext, validate_description, validate_name, validate_queue
 from .repository import JobRecord, JobRepository, repository_for
 from .settings import parse_duration
 
@@ -101,9 +101,7 @@ def _check_job(job: object) -> Job:
         value = getattr(job, attribute, None)
         if value is not None and (not isinstance(value, dt.timedelta) or value < dt.timedelta(0)):
             raise ValueError(f"job {job.name!r}: {attribute} must be a non-negative timedelta, got {value!r}")
-    queue = getattr(job, "queue", None)
-    if queue is not None and (not isinstance(queue, str) or not queue.strip()):
-        raise ValueError(f"job {job.name!r}: queue must be a non-empty string, got {queue!r}")
+    validate_queue(job.name, getattr(job, "queue", None))
     return job
 
 

@@ -46,7 +46,7 @@ from .errors import (
     RunNotFound,
     SchemaMismatch,
 )
-from .job import JobStatus, validate_description, validate_name
+from .job import JobStatus, validate_description, validate_name, validate_queue
 from .schema import (
     ACTIVE_STATES,
     COMPLETED,
@@ -283,6 +283,7 @@ class JobRepository:
         settings without touching its next scheduled run (DESIGN 8)."""
         validate_name(name)
         validate_description(name, description)
+        validate_queue(name, queue)
         first = (next_run_in or dt.timedelta(0)).total_seconds()
         if first < 0:
             raise ValueError(f"job {name!r}: next_run_in must not be negative")
@@ -464,7 +465,8 @@ class JobRepository:
         r = run_table
         values: dict[str, Any] = {"status": status, "end_time": self._now()}
         if error is not None:
-            values["error"] = error[:ERROR_TEXT_LIMIT]
+            # PostgreSQL text cannot hold NUL, and an exception message may: the run must still end.
+            values["error"] = error.replace("\x00", "\\x00")[:ERROR_TEXT_LIMIT]
         if progress is not None:
             values["completed"] = progress.completed
             values["total"] = progress.total

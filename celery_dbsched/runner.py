@@ -6,15 +6,17 @@ Knows nothing of Celery: the worker task and `testing.TestScheduler` both drive 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
+import os
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
-from .errors import DatabaseError, InvalidRunState, JobInterrupted, RunNotFound
+from .errors import DatabaseError, DatabaseUnavailable, InvalidRunState, JobInterrupted, RunNotFound
 from .job import Job, JobContext, JobStatus
 from .repository import CANCELLED, SHUTDOWN, JobRepository, RunRecord
 from .schema import RUNNING
@@ -38,13 +40,46 @@ def shutting_down() -> bool:
 
 
 def cancel_active_runs(reason: str) -> int:
-    """Cancel every run executing in this process. Safe to call from a signal handler (sets events only)."""
+    """Cancel every run executing in this process (not from a signal handler: see `request_shutdown`)."""
     if reason == SHUTDOWN:
         _Process.shutting_down = True
     contexts = list(_active)
     for ctx in contexts:
         ctx.cancel(reason)
     return len(contexts)
+
+
+class _ShutdownWaker:
+    """Cancels this process's runs on behalf of a signal handler. A handler runs on the main thread, which
+    may be inside the job's own `ctx.wait()` holding the event's lock, so the handler only writes a byte to a
+    pipe and a thread started beforehand does the cancelling."""
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._write_fd = -1
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            read_fd, self._write_fd = os.pipe()
+            self._pid = os.getpid()
+        threading.Thread(target=self._wait, args=(read_fd,), name="dbsched-shutdown", daemon=True).start()
+
+    def _wait(self, read_fd: int) -> None:
+        while os.read(read_fd, 1):
+            cancel_active_runs(SHUTDOWN)
+
+    def request(self) -> None:
+        """Signal-safe: mark the process shutting down and wake the cancelling thread."""
+        _Process.shutting_down = True
+        if self._pid == os.getpid():
+            with contextlib.suppress(OSError):
+                os.write(self._write_fd, b"\0")
+
+
+shutdown_waker = _ShutdownWaker()
 
 
 def active_run_ids() -> list[int]:
@@ -73,7 +108,7 @@ def _retrying(what: str, action: Callable[[], T], attempts: int = 6) -> T:
     for attempt in range(attempts):
         try:
             return action()
-        except DatabaseError as exc:
+        except DatabaseUnavailable as exc:  # only an outage is worth waiting for; other errors stay errors
             if attempt == attempts - 1:
                 raise
             logger.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
@@ -214,8 +249,8 @@ def execute_run(
 def _finish(what: str, ctx: JobContext, action: Callable[[], RunRecord]) -> RunRecord | None:
     try:
         return _retrying(what, action)
-    except InvalidRunState as exc:
-        # Interrupted while the job was finishing: the interruption stands, the result is discarded.
+    except (InvalidRunState, RunNotFound) as exc:
+        # Interrupted (or its job deleted) while the job was finishing: that stands, the result is discarded.
         logger.warning("run %s of job %r ended before the job did: %s", ctx.run_id, ctx.job_name, exc)
         return None
 
@@ -231,3 +266,5 @@ def _finish_interrupted(repository: JobRepository, job: Job, ctx: JobContext) ->
         return _retrying("interrupting the run", lambda: repository.interrupt_run(ctx.run_id, kind, detail))
     except InvalidRunState:
         return repository.lookup_run(ctx.run_id)
+    except RunNotFound:  # its job was deleted meanwhile (the runs go with it): nothing left to end
+        return None

@@ -43,6 +43,7 @@ FINAL_STATES = (COMPLETED, FAILED, INTERRUPTED, DISPATCHED)
 RUN_STATES = ACTIVE_STATES + FINAL_STATES
 
 NAME_MAX_LENGTH = 128
+QUEUE_MAX_LENGTH = 255
 
 UTC = dt.timezone.utc
 
@@ -127,7 +128,7 @@ job_table = Table(
     Column("next_scheduled_run", UTCDateTime, nullable=False),
     # Seconds; the delay used when the job gives none (decorator `every`, class attribute `every`).
     Column("default_next_run_in", Float, nullable=True),
-    Column("queue", String(255), nullable=True),
+    Column("queue", String(QUEUE_MAX_LENGTH), nullable=True),
     Column("interrupt_threshold", Float, nullable=True),  # seconds; NULL: the global setting
     Column("failure_count", Integer, nullable=False, server_default="0"),
     Column("enabled", Boolean, nullable=False, server_default=true()),
@@ -148,7 +149,7 @@ run_table = Table(
         nullable=False,
     ),
     Column("status", String(16), nullable=False),
-    Column("queue", String(255), nullable=True),
+    Column("queue", String(QUEUE_MAX_LENGTH), nullable=True),
     Column("claimed_by", String(255), nullable=False),
     Column("worker", String(255), nullable=True),
     Column("task_id", String(255), nullable=True),
@@ -166,6 +167,7 @@ run_table = Table(
         name="dbsched_job_run_status_valid",
     ),
     CheckConstraint("completed >= 0 and total >= 0 and completed <= total", name="dbsched_job_run_progress_valid"),
+    sqlite_autoincrement=True,  # run ids are never reused after pruning: a late message never names a newer run
 )
 _active = run_table.c.status.in_(ACTIVE_STATES)
 # DESIGN 2: the database, not a process, guarantees one active run per job.

@@ -37,7 +37,14 @@ def parse_duration(
     if isinstance(value, dt.timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond any float: a ValueError naming the key, like any absurd value
+            raise ValueError(
+                f"{key}: "
+                + ("must not be negative" if value < 0 else f"at most {MAX_DURATION.days} days")
+                + ", got a number too large for a duration"
+            ) from None
     elif isinstance(value, str):
         try:
             seconds = float(value.strip())
@@ -91,8 +98,10 @@ def parse_backoff(key: str, value: object) -> tuple[dt.timedelta, dt.timedelta]:
     else:
         base_value, cap_value = value, None
     base = parse_duration(f"{key} base", base_value, dt.timedelta(0), zero_is_default=False)
-    cap = parse_duration(f"{key} cap", cap_value, DEFAULT_RETRY_BACKOFF[1])
-    assert base is not None and cap is not None
+    assert base is not None
+    # A lone base above the default cap raises the cap to it rather than being an error.
+    cap = parse_duration(f"{key} cap", cap_value, max(DEFAULT_RETRY_BACKOFF[1], base))
+    assert cap is not None
     if base > cap:
         raise ValueError(f"{key}: base {base} is larger than cap {cap}")
     return base, cap

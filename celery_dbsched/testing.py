@@ -15,6 +15,7 @@ process, through the same code as the worker's task, without a broker or a worke
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import shutil
 import tempfile
@@ -44,25 +45,36 @@ class TestScheduler:
     def __init__(self, app: Any, database_url: str | None = None, **options: Any) -> None:
         self.app = app
         self._tmpdir: str | None = None
-        if database_url is None:
-            self._tmpdir = tempfile.mkdtemp(prefix="dbsched-test-")
-            database_url = f"sqlite:///{Path(self._tmpdir) / 'dbsched.sqlite3'}"
         conf = {key: app.conf.get(key) for key in app.conf if str(key).startswith("dbsched_")}
         for key, value in options.items():
             conf[key if key.startswith("dbsched_") else f"dbsched_{key}"] = value
-        conf["dbsched_database_url"] = database_url
-        self.settings = Settings.from_mapping(conf)
+        # Validate before creating anything: a bad option must not leave a temporary database behind.
+        conf["dbsched_database_url"] = "sqlite:///unused.sqlite3" if database_url is None else database_url
+        settings = Settings.from_mapping(conf)
+        if database_url is None:
+            self._tmpdir = tempfile.mkdtemp(prefix="dbsched-test-")
+            database_url = f"sqlite:///{Path(self._tmpdir) / 'dbsched.sqlite3'}"
+            settings = dataclasses.replace(settings, database_url=database_url)
+        self.settings = settings
         self.server_id = self.settings.server_id or "test-beat"
         self.worker_id = "test-worker"
-        self.repository = JobRepository(
-            database_url,
-            engine_options=self.settings.engine_options,
-            interrupt_threshold=self.settings.interrupt_threshold,
-            retry_backoff=self.settings.retry_backoff,
-        )
-        migrate(self.repository.engine)
-        self.registry = registry_for(app)
-        self.registry.sync(self.repository)
+        try:
+            self.repository = JobRepository(
+                database_url,
+                engine_options=self.settings.engine_options,
+                interrupt_threshold=self.settings.interrupt_threshold,
+                retry_backoff=self.settings.retry_backoff,
+            )
+            try:
+                migrate(self.repository.engine)
+                self.registry = registry_for(app)
+                self.registry.sync(self.repository)
+            except BaseException:
+                self.repository.close()
+                raise
+        except BaseException:
+            self._remove_tmpdir()
+            raise
         self._previous = bind_repository(app, self.repository)
         self._closed = False
 
@@ -80,6 +92,9 @@ class TestScheduler:
         bind_repository(self.app, self._previous)
         self.registry.detach()
         self.repository.close()
+        self._remove_tmpdir()
+
+    def _remove_tmpdir(self) -> None:
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None

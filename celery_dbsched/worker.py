@@ -2,7 +2,7 @@
 database at start, ends the runs this node left behind, and interrupts running runs on shutdown.
 
 Cancellation is cooperative (revoke(terminate=True) does nothing on the threads and solo pools): shutdown
-cancels the runs' contexts in this process, and in prefork children through SIGUSR2.
+cancels the runs' contexts in this process, and in prefork children through SIGURG.
 """
 
 from __future__ import annotations
@@ -18,13 +18,16 @@ from celery.exceptions import Reject
 
 from .migrate import prepare_schema
 from .repository import RESTART, SHUTDOWN, JobRepository, repository_for
-from .runner import cancel_active_runs, execute_run, shutting_down
+from .runner import execute_run, shutdown_waker, shutting_down
 from .settings import Settings, default_server_id
 
 logger = logging.getLogger(__name__)
 
 RUN_TASK_NAME = "celery_dbsched.run_job"
-_CHILD_CANCEL_SIGNAL = signal.SIGUSR2
+# Not SIGUSR1/SIGUSR2: billiard resets those (and the other terminating signals) to its own exit handler in
+# each pool child after worker_process_init, so a child would die instead of cancelling its run. SIGURG is
+# left alone and ignored by default, so a child that has not installed our handler yet is not hurt by it.
+_CHILD_CANCEL_SIGNAL = signal.SIGURG
 _pools: list[Any] = []  # the worker's pool, to find prefork children at shutdown
 
 
@@ -45,8 +48,8 @@ def _run_job(task: Any, run_id: object, job_name: object = None) -> str | None:
         logger.error("dropping a run message with a malformed run id %r (job %r)", run_id, job_name)
         return None
     if shutting_down():
-        # Leave the run queued and give the message back: another worker (or this one, restarted) starts it.
-        raise Reject(f"worker shutting down; run {run_id} left for another worker", requeue=True)
+        _hand_back(task, run_id, job_name)
+        return None
     app = task.app
     settings = _settings(app)
     registry = registry_for(app)
@@ -61,6 +64,17 @@ def _run_job(task: Any, run_id: object, job_name: object = None) -> str | None:
         fallback_delay=settings.retry_backoff[1],
     )
     return None if result is None else result.status
+
+
+def _hand_back(task: Any, run_id: int, job_name: object) -> None:
+    """A run message that reached a worker in warm shutdown: leave the run queued and send the message again
+    for another worker (or this one, restarted). Reject(requeue) would do the same with a traceback each."""
+    queue = (task.request.delivery_info or {}).get("routing_key")
+    try:
+        task.apply_async(args=[run_id, job_name], queue=queue or None, serializer="json")
+    except Exception as exc:
+        raise Reject(f"worker shutting down; run {run_id} left for another worker ({exc})", requeue=True) from exc
+    logger.info("worker shutting down: run %s handed back to the queue", run_id)
 
 
 class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -78,6 +92,7 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
         from .registry import registry_for
 
         app = worker.app
+        shutdown_waker.start()
         repository = repository_for(app, self.settings)
         prepare_schema(repository.engine, self.settings.auto_migrate)
         registry_for(app).sync(repository)
@@ -112,7 +127,8 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
 
 def _signal_runs_to_stop() -> None:
-    cancel_active_runs(SHUTDOWN)
+    """Signal-safe: cancel this process's runs (through the waker thread) and tell the pool children."""
+    shutdown_waker.request()
     for pid in _child_pids():
         with contextlib.suppress(OSError):
             os.kill(pid, _CHILD_CANCEL_SIGNAL)
@@ -133,10 +149,11 @@ def _on_shutting_down(sender: Any = None, **kwargs: Any) -> None:
 
 
 def _on_child_cancel(signum: int, frame: Any) -> None:
-    cancel_active_runs(SHUTDOWN)
+    shutdown_waker.request()
 
 
 def _on_pool_process_init(**kwargs: Any) -> None:
+    shutdown_waker.start()
     signal.signal(_CHILD_CANCEL_SIGNAL, _on_child_cancel)
 
 

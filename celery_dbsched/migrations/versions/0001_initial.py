@@ -64,6 +64,8 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "completed >= 0 and total >= 0 and completed <= total", name="dbsched_job_run_progress_valid"
         ),
+        # Run ids are never reused after pruning (a late message must never name a newer run).
+        sqlite_autoincrement=True,
     )
     op.create_index(
         "dbsched_job_run_one_active",
