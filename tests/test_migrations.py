@@ -1,0 +1,142 @@
+"""Schema migrations: `migrate`, `check_schema` and `prepare_schema`, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any
+
+import pytest
+from sqlalchemy import inspect, text
+
+from celery_dbsched import DatabaseUnavailable, SchemaMismatch
+from celery_dbsched.migrate import (
+    VERSION_TABLE,
+    check_schema,
+    current_revision,
+    head_revision,
+    migrate,
+    prepare_schema,
+)
+from celery_dbsched.repository import JobRepository, make_engine
+
+TABLES = {"dbsched_job", "dbsched_job_run", VERSION_TABLE}
+
+
+def _versions(repository: JobRepository) -> list[str]:
+    with repository.engine.connect() as conn:
+        return [row[0] for row in conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}"))]
+
+
+def _tables(repository: JobRepository) -> set[str]:
+    return set(inspect(repository.engine).get_table_names()) & TABLES
+
+
+def test_migrate_a_fresh_database_then_again(database: Any) -> None:
+    repository = database.repository()
+    assert _tables(repository) == set()
+    assert current_revision(repository.engine) is None
+    assert migrate(repository.engine) is None  # nothing there before
+    assert _tables(repository) == TABLES
+    assert current_revision(repository.engine) == head_revision()
+    assert migrate(repository.engine) == head_revision()  # idempotent: already at head
+    assert _versions(repository) == [head_revision()]
+    check_schema(repository.engine)  # does not raise
+    prepare_schema(repository.engine, auto_migrate=False)
+    prepare_schema(repository.engine, auto_migrate=True)
+    assert _versions(repository) == [head_revision()]
+
+
+def test_the_migrated_schema_works(database: Any) -> None:
+    repository = database.repository()
+    prepare_schema(repository.engine, auto_migrate=True)
+    repository.upsert_job("j", "a job")
+    [run] = repository.run_jobs("beat", 10)
+    assert repository.start_run(run.id, "w").status == "running"
+
+
+def test_the_schema_enforces_one_active_run_per_job(database: Any) -> None:
+    """The unique partial index, not the repository's query, is what guarantees it (DESIGN 2)."""
+    repository = database.migrated_repository()
+    repository.upsert_job("j", "a job")
+    now = repository.database_now().isoformat()
+    insert = text(
+        "INSERT INTO dbsched_job_run (job_name, status, claimed_by, create_time, update_time) "
+        "VALUES ('j', :status, 'b', :now, :now)"
+    )
+    with repository.engine.begin() as conn:
+        conn.execute(insert, {"status": "queued", "now": now})
+        conn.execute(insert, {"status": "completed", "now": now})  # final runs do not count
+    with pytest.raises(Exception, match=r"(?i)unique"), repository.engine.begin() as conn:
+        conn.execute(insert, {"status": "running", "now": now})
+
+
+def _migrate_in_a_process(url: str, start: Any, results: Any) -> None:
+    engine = make_engine(url)
+    try:
+        start.wait(60)  # everyone imported and ready: migrate at the same instant
+        results.put(("ok", migrate(engine)))
+    except BaseException as exc:
+        results.put(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        engine.dispose()
+
+
+def test_several_processes_migrating_at_once_migrate_once(database: Any) -> None:
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    start = context.Barrier(4)
+    processes = [context.Process(target=_migrate_in_a_process, args=(database.url, start, results)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    assert all(kind == "ok" for kind, _ in outcomes), outcomes
+    # Exactly one found the database fresh; the others found it at head, already migrated.
+    assert sorted(outcomes, key=lambda outcome: str(outcome[1])) == [("ok", head_revision())] * 3 + [("ok", None)]
+    repository = database.repository()
+    assert _versions(repository) == [head_revision()]
+    assert _tables(repository) == TABLES
+
+
+def test_a_fresh_database_needs_the_migrate_command(database: Any) -> None:
+    repository = database.repository()
+    for check in (lambda: check_schema(repository.engine), lambda: prepare_schema(repository.engine, False)):
+        with pytest.raises(SchemaMismatch, match="no celery_dbsched tables") as excinfo:
+            check()
+        assert "celery -A proj dbsched migrate" in str(excinfo.value)
+        assert head_revision() in str(excinfo.value)
+    assert _tables(repository) == set()  # checking created nothing
+
+
+def _set_revision(repository: JobRepository, revision: str) -> None:
+    with repository.engine.begin() as conn:
+        conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = :revision"), {"revision": revision})
+
+
+def test_a_schema_newer_than_this_code_is_refused_clearly(database: Any) -> None:
+    repository = database.migrated_repository()
+    _set_revision(repository, "9999_from_the_future")
+    checks = [
+        lambda: check_schema(repository.engine),
+        lambda: prepare_schema(repository.engine, auto_migrate=False),
+        lambda: prepare_schema(repository.engine, auto_migrate=True),
+        lambda: migrate(repository.engine),
+    ]
+    for check in checks:
+        with pytest.raises(SchemaMismatch, match="newer than this celery_dbsched") as excinfo:
+            check()
+        assert "'9999_from_the_future'" in str(excinfo.value)
+        assert "upgrade celery_dbsched" in str(excinfo.value)
+    assert _versions(repository) == ["9999_from_the_future"]  # left alone
+
+
+def test_an_unreachable_database_is_database_unavailable() -> None:
+    engine = make_engine("postgresql+psycopg://postgres@127.0.0.1:1/test", {"connect_args": {"connect_timeout": 5}})
+    try:
+        for auto_migrate in (True, False):
+            with pytest.raises(DatabaseUnavailable):
+                prepare_schema(engine, auto_migrate=auto_migrate)
+    finally:
+        engine.dispose()

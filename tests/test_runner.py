@@ -1,0 +1,615 @@
+"""`runner.execute_run`: one run's life on a worker, driven directly against a repository (no Celery)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import delete
+
+from celery_dbsched import (
+    DatabaseUnavailable,
+    Job,
+    JobContext,
+    JobInterrupted,
+    JobRepository,
+    JobStatus,
+    RunRecord,
+    runner,
+)
+from celery_dbsched.job import FunctionJob
+from celery_dbsched.runner import ProgressMonitor, active_run_ids, cancel_active_runs, execute_run
+from celery_dbsched.schema import job_table
+
+HOUR = dt.timedelta(hours=1)
+MINUTE = dt.timedelta(minutes=1)
+FAST = 0.05  # monitor interval for the threaded tests
+DEADLINE = 15.0
+
+
+@pytest.fixture(autouse=True)
+def _reset_shutdown() -> Iterator[None]:
+    yield
+    runner._Process.shutting_down = False
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
+    """Poll until `predicate()` is truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+class Background:
+    """`execute_run` in a thread, as a worker's pool would run it."""
+
+    def __init__(self, target: Callable[[], RunRecord | None]) -> None:
+        self.result: RunRecord | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, args=(target,), daemon=True)
+        self._thread.start()
+
+    def _main(self, target: Callable[[], RunRecord | None]) -> None:
+        try:
+            self.result = target()
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self) -> RunRecord | None:
+        self._thread.join(timeout=DEADLINE)
+        assert not self._thread.is_alive(), "execute_run did not return"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class Recorder(Job):
+    """A class-based job that records its calls; behaviour set per test."""
+
+    def __init__(
+        self,
+        name: str = "recorder",
+        *,
+        every: dt.timedelta | None = None,
+        next_run: dt.timedelta | Exception | object = HOUR,
+        body: Callable[[Recorder, JobContext], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.description = f"the {name} job"
+        self.every = every
+        self._next_run = next_run
+        self._body = body
+        self.runs: list[JobContext] = []
+        self.progress = JobStatus(0, 0)
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def status(self) -> JobStatus:
+        return self.progress
+
+    def run(self, ctx: JobContext) -> None:
+        self.runs.append(ctx)
+        self.started.set()
+        if self._body is not None:
+            self._body(self, ctx)
+
+    def next_run_in(self) -> dt.timedelta:
+        if isinstance(self._next_run, Exception):
+            raise self._next_run
+        return self._next_run  # type: ignore[return-value]
+
+
+def claim(repository: JobRepository, job: Job, **kwargs: Any) -> RunRecord:
+    """Register `job` (due now) and claim its run as a beat would."""
+    repository.upsert_job(job.name, job.description, default_next_run_in=job.every, **kwargs)
+    runs = [run for run in repository.run_jobs("beat-1", 100) if run.job_name == job.name]
+    assert len(runs) == 1
+    return runs[0]
+
+
+def execute(
+    repository: JobRepository, jobs: dict[str, Job], run_id: int, *, monitor_interval: float = FAST, **kwargs: Any
+) -> RunRecord | None:
+    return execute_run(repository, jobs.get, run_id, "worker-1", monitor_interval=monitor_interval, **kwargs)
+
+
+def delay_of(repository: JobRepository, run: RunRecord) -> dt.timedelta:
+    assert run.end_time is not None
+    return repository.lookup_job(run.job_name).next_scheduled_run - run.end_time
+
+
+def assert_delay(repository: JobRepository, run: RunRecord, expected: dt.timedelta) -> None:
+    assert abs(delay_of(repository, run) - expected) <= dt.timedelta(seconds=1), delay_of(repository, run)
+
+
+# -- the happy path -------------------------------------------------------------------------------------------
+
+
+def test_a_run_completes_and_schedules_the_next(repository: JobRepository) -> None:
+    def body(job: Recorder, ctx: JobContext) -> None:
+        job.progress = JobStatus(3, 3)
+
+    job = Recorder(body=body, next_run=dt.timedelta(minutes=10))
+    run = claim(repository, job)
+    done = execute_run(repository, {job.name: job}.get, run.id, "worker-7", task_id="task-1", monitor_interval=FAST)
+    assert done is not None
+    assert done.status == "completed"
+    assert (done.worker, done.task_id) == ("worker-7", "task-1")
+    assert done.progress == JobStatus(3, 3)
+    assert done.start_time is not None and done.end_time is not None
+    assert len(job.runs) == 1
+    assert (job.runs[0].run_id, job.runs[0].job_name) == (run.id, job.name)
+    assert_delay(repository, done, dt.timedelta(minutes=10))
+    assert repository.lookup_run(run.id) == done
+    assert run.id not in active_run_ids()
+
+
+def test_a_next_run_of_zero_makes_the_job_due_at_once(repository: JobRepository) -> None:
+    job = Recorder(next_run=dt.timedelta(0))
+    run = claim(repository, job)
+    execute(repository, {job.name: job}, run.id)
+    [again] = repository.run_jobs("beat-1", 10)
+    assert again.job_name == job.name and again.id > run.id
+
+
+def test_a_function_job_reports_progress_through_its_context(repository: JobRepository) -> None:
+    def work(ctx: JobContext) -> None:
+        ctx.progress(4, 7)
+
+    job = FunctionJob(work, name="f", description="f", every=HOUR, queue=None, interrupt_threshold=None)
+    run = claim(repository, job)
+    done = execute(repository, {job.name: job}, run.id)
+    assert done is not None and done.status == "completed"
+    assert done.progress == JobStatus(4, 7)
+    assert_delay(repository, done, HOUR)
+
+
+def test_a_function_jobs_returned_delay_wins_over_every(repository: JobRepository) -> None:
+    job = FunctionJob(
+        lambda ctx: dt.timedelta(minutes=3), name="f", description="f", every=HOUR, queue=None, interrupt_threshold=None
+    )
+    run = claim(repository, job)
+    done = execute(repository, {job.name: job}, run.id)
+    assert done is not None and done.status == "completed"
+    assert_delay(repository, done, dt.timedelta(minutes=3))
+
+
+def test_a_function_job_returning_none_runs_again_after_every(repository: JobRepository) -> None:
+    job = FunctionJob(lambda ctx: None, name="f", description="f", every=MINUTE, queue=None, interrupt_threshold=None)
+    run = claim(repository, job)
+    done = execute(repository, {job.name: job}, run.id)
+    assert done is not None
+    assert_delay(repository, done, MINUTE)
+
+
+# -- next_run_in() failing (DESIGN 6) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "next_run",
+    [
+        pytest.param(RuntimeError("no idea"), id="raises"),
+        pytest.param("in an hour", id="not-a-timedelta"),
+        pytest.param(dt.timedelta(seconds=-5), id="negative"),
+    ],
+)
+def test_a_failing_next_run_in_falls_back_to_every(repository: JobRepository, next_run: Any) -> None:
+    job = Recorder(every=dt.timedelta(minutes=7), next_run=next_run)
+    run = claim(repository, job)
+    done = execute(repository, {job.name: job}, run.id)
+    assert done is not None and done.status == "completed"
+    assert_delay(repository, done, dt.timedelta(minutes=7))
+
+
+def test_a_failing_next_run_in_without_every_uses_the_fallback(repository: JobRepository) -> None:
+    job = Recorder(next_run=RuntimeError("no idea"))
+    run = claim(repository, job)
+    done = execute(repository, {job.name: job}, run.id, fallback_delay=dt.timedelta(minutes=11))
+    assert done is not None and done.status == "completed"
+    assert_delay(repository, done, dt.timedelta(minutes=11))
+
+
+def test_a_function_job_without_every_returning_none_uses_the_fallback(repository: JobRepository) -> None:
+    job = FunctionJob(lambda ctx: None, name="f", description="f", every=None, queue=None, interrupt_threshold=None)
+    run = claim(repository, job)
+    done = execute(repository, {job.name: job}, run.id, fallback_delay=dt.timedelta(minutes=13))
+    assert done is not None and done.status == "completed"
+    assert_delay(repository, done, dt.timedelta(minutes=13))
+
+
+# -- failures (DESIGN 7) --------------------------------------------------------------------------------------
+
+
+def test_a_job_the_worker_does_not_know_fails_the_run_saying_so(repository: JobRepository) -> None:
+    job = Recorder(name="elsewhere")
+    run = claim(repository, job)
+    done = execute(repository, {}, run.id)
+    assert done is not None
+    assert done.status == "failed"
+    assert done.error is not None
+    assert "'elsewhere'" in done.error and "'worker-1'" in done.error and "not registered" in done.error
+    assert repository.lookup_job("elsewhere").failure_count == 1
+
+
+def test_a_failing_job_ends_failed_with_its_traceback_and_final_progress(repository: JobRepository) -> None:
+    repository.retry_backoff = (dt.timedelta(seconds=20), HOUR)
+
+    def explode_halfway(job: Recorder, ctx: JobContext) -> None:
+        job.progress = JobStatus(2, 5)
+        raise RuntimeError("boom at item 3")
+
+    job = Recorder(body=explode_halfway)
+    run = claim(repository, job)
+    done = execute(repository, {job.name: job}, run.id)
+    assert done is not None
+    assert done.status == "failed"
+    assert done.error is not None
+    assert done.error.startswith("Traceback (most recent call last):")
+    assert "explode_halfway" in done.error
+    assert done.error.endswith("RuntimeError: boom at item 3")
+    assert done.progress == JobStatus(2, 5)
+    assert repository.lookup_run(run.id).progress == JobStatus(2, 5)
+    assert repository.lookup_job(job.name).failure_count == 1
+    assert_delay(repository, done, dt.timedelta(seconds=20))
+
+
+def test_a_job_failing_with_a_nul_in_its_message_ends_failed(repository: JobRepository) -> None:
+    def binary_garbage(job: Recorder, ctx: JobContext) -> None:
+        raise ValueError("cannot parse b'\\x00' -> \x00")
+
+    job = Recorder(body=binary_garbage)
+    run = claim(repository, job)
+    done = execute(repository, {job.name: job}, run.id)
+    assert done is not None and done.status == "failed"
+    assert done.error is not None and "ValueError: cannot parse" in done.error
+
+
+def test_a_failing_function_job_keeps_its_reported_progress(repository: JobRepository) -> None:
+    def work(ctx: JobContext) -> None:
+        ctx.progress(1, 4)
+        raise ValueError("bad row")
+
+    job = FunctionJob(work, name="f", description="f", every=None, queue=None, interrupt_threshold=None)
+    run = claim(repository, job)
+    done = execute(repository, {job.name: job}, run.id)
+    assert done is not None and done.status == "failed"
+    assert done.progress == JobStatus(1, 4)
+    assert done.error is not None and "ValueError: bad row" in done.error
+
+
+def test_a_status_that_misbehaves_does_not_fail_the_run(repository: JobRepository) -> None:
+    class BrokenStatus(Recorder):
+        def status(self) -> JobStatus:
+            raise RuntimeError("status broke")
+
+    class WrongStatus(Recorder):
+        def status(self) -> JobStatus:
+            return (1, 2)  # type: ignore[return-value]
+
+    for job in (BrokenStatus(name="broken"), WrongStatus(name="wrong")):
+        run = claim(repository, job)
+        done = execute(repository, {job.name: job}, run.id)
+        assert done is not None and done.status == "completed", job.name
+        assert done.progress == JobStatus(0, 0)
+
+
+def test_finishing_survives_a_short_database_outage(repository: JobRepository, monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setattr(runner.time, "sleep", sleeps.append)  # type: ignore[attr-defined]
+    real_complete = repository.complete_run
+    failures = iter([DatabaseUnavailable("down"), DatabaseUnavailable("still down")])
+
+    def flaky_complete(*args: Any, **kwargs: Any) -> RunRecord:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real_complete(*args, **kwargs)
+
+    monkeypatch.setattr(repository, "complete_run", flaky_complete)
+    job = Recorder()
+    run = claim(repository, job)
+    done = execute(repository, {job.name: job}, run.id, monitor_interval=60)
+    assert done is not None and done.status == "completed"
+    assert sleeps == [0.5, 1.0]
+
+
+# -- at most once (DESIGN 3) ---------------------------------------------------------------------------------
+
+
+def test_a_second_delivery_of_a_run_is_dropped(repository: JobRepository) -> None:
+    job = Recorder()
+    run = claim(repository, job)
+    first = execute(repository, {job.name: job}, run.id)
+    assert first is not None and first.status == "completed"
+    assert execute(repository, {job.name: job}, run.id) is None
+    assert len(job.runs) == 1
+    assert repository.lookup_run(run.id) == first
+
+
+def test_a_delivery_while_the_run_is_running_is_dropped(repository: JobRepository) -> None:
+    def hold(job: Recorder, ctx: JobContext) -> None:
+        assert job.release.wait(DEADLINE)
+
+    job = Recorder(body=hold)
+    run = claim(repository, job)
+    first = Background(lambda: execute(repository, {job.name: job}, run.id))
+    assert job.started.wait(DEADLINE)
+    assert execute_run(repository, {job.name: job}.get, run.id, "worker-2", monitor_interval=FAST) is None
+    job.release.set()
+    done = first.join()
+    assert done is not None and done.status == "completed" and done.worker == "worker-1"
+    assert len(job.runs) == 1
+
+
+def test_a_message_for_an_unknown_or_ended_run_is_dropped(repository: JobRepository) -> None:
+    job = Recorder()
+    assert execute(repository, {job.name: job}, 987654) is None
+    run = claim(repository, job)
+    repository.interrupt_run(run.id, "stalled", "no worker started it")
+    assert execute(repository, {job.name: job}, run.id) is None
+    assert job.runs == []
+
+
+# -- the progress monitor (DESIGN 5) -------------------------------------------------------------------------
+
+
+def test_the_monitor_writes_progress_while_the_job_runs(repository: JobRepository) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def steps(job: Recorder, ctx: JobContext) -> None:
+        for done in range(1, 4):
+            job.progress = JobStatus(done, 3)
+            stored = wait_for(
+                lambda: (run := repository.lookup_run(ctx.run_id)).progress == job.progress and run,
+                f"progress {done}/3 in the database",
+            )
+            seen.append((stored.completed, stored.total))
+
+    job = Recorder(body=steps)
+    run = claim(repository, job)
+    done = execute(repository, {job.name: job}, run.id)
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert done is not None and done.status == "completed"
+
+
+def test_the_monitor_cancels_the_job_when_its_run_is_interrupted(database: Any) -> None:
+    worker_repository = database.migrated_repository()
+    beat_repository = database.repository()  # another process's view: its own engine
+
+    def wait_to_be_cancelled(job: Recorder, ctx: JobContext) -> None:
+        if ctx.wait(DEADLINE):
+            ctx.check_cancelled()
+
+    job = Recorder(body=wait_to_be_cancelled)
+    run = claim(worker_repository, job)
+    background = Background(lambda: execute(worker_repository, {job.name: job}, run.id))
+    assert job.started.wait(DEADLINE)
+    # A beat's monitor finds the run stalled (its clock is past the threshold) and interrupts it.
+    beat_repository.clock_shift = dt.timedelta(minutes=6)
+    [stalled] = beat_repository.interrupt_runs()
+    assert stalled.id == run.id
+    done = background.join()
+    ctx = job.runs[0]
+    assert ctx.cancelled
+    assert ctx.cancel_reason is not None and "interrupted" in ctx.cancel_reason
+    assert done is not None and done.status == "interrupted"
+    assert done.error == stalled.error  # the interruption's reason stands
+    assert worker_repository.lookup_run(run.id).status == "interrupted"
+
+
+def test_a_job_that_ignores_cancellation_cannot_complete_an_interrupted_run(repository: JobRepository) -> None:
+    def ignore_and_return(job: Recorder, ctx: JobContext) -> None:
+        ctx.wait(DEADLINE)  # returns early; the job then returns as if it had finished
+
+    job = Recorder(body=ignore_and_return, next_run=dt.timedelta(0))
+    run = claim(repository, job)
+    scheduled = repository.lookup_job(job.name).next_scheduled_run
+    background = Background(lambda: execute(repository, {job.name: job}, run.id))
+    assert job.started.wait(DEADLINE)
+    repository.interrupt_run(run.id, "cancelled", "by an operator")
+    done = background.join()
+    assert done is not None and done.status == "interrupted"
+    assert done.error == "cancelled: by an operator"
+    assert repository.lookup_job(job.name).next_scheduled_run == scheduled  # not rescheduled by a completion
+
+
+def test_a_run_interrupted_between_monitor_checks_keeps_its_interruption(repository: JobRepository) -> None:
+    """The job finishes before the monitor noticed: the completion is refused and the run stays interrupted."""
+
+    def interrupted_meanwhile(job: Recorder, ctx: JobContext) -> None:
+        repository.interrupt_run(ctx.run_id, "stalled", "no progress")
+
+    job = Recorder(body=interrupted_meanwhile)
+    run = claim(repository, job)
+    execute(repository, {job.name: job}, run.id, monitor_interval=600)
+    stored = repository.lookup_run(run.id)
+    assert stored.status == "interrupted"
+    assert stored.error == "stalled: no progress"
+
+
+def test_interrupting_one_run_cancels_only_that_job(repository: JobRepository) -> None:
+    def wait_for_cancel_or_release(job: Recorder, ctx: JobContext) -> None:
+        deadline = time.monotonic() + DEADLINE
+        while not job.release.is_set() and time.monotonic() < deadline:
+            if ctx.wait(0.01):
+                ctx.check_cancelled()
+        job.progress = JobStatus(1, 1)
+
+    doomed = Recorder("doomed", body=wait_for_cancel_or_release)
+    survivor = Recorder("survivor", body=wait_for_cancel_or_release)
+    jobs: dict[str, Job] = {"doomed": doomed, "survivor": survivor}
+    doomed_run = claim(repository, doomed)
+    survivor_run = claim(repository, survivor)
+    runs = {
+        name: Background(lambda run_id=run.id: execute(repository, jobs, run_id))
+        for name, run in (("doomed", doomed_run), ("survivor", survivor_run))
+    }
+    assert doomed.started.wait(DEADLINE) and survivor.started.wait(DEADLINE)
+    repository.interrupt_run(doomed_run.id, "cancelled", "only this one")
+    doomed_done = runs["doomed"].join()
+    assert doomed_done is not None and doomed_done.status == "interrupted"
+    # Several monitor intervals later the other job is still running, uncancelled.
+    wait_for(lambda: repository.run_status(survivor_run.id) == "running", "the survivor to keep running")
+    assert not survivor.runs[0].cancelled
+    survivor.release.set()
+    survivor_done = runs["survivor"].join()
+    assert survivor_done is not None and survivor_done.status == "completed"
+    assert survivor_done.progress == JobStatus(1, 1)
+    assert not survivor.runs[0].cancelled
+
+
+def test_a_job_raising_job_interrupted_by_itself_ends_interrupted(repository: JobRepository) -> None:
+    def give_up(job: Recorder, ctx: JobContext) -> None:
+        raise JobInterrupted("gave up")
+
+    job = Recorder(body=give_up)
+    run = claim(repository, job)
+    done = execute(repository, {job.name: job}, run.id)
+    assert done is not None and done.status == "interrupted"
+    assert done.error == "cancelled"
+    assert repository.lookup_job(job.name).failure_count == 0
+
+
+def test_a_job_whose_run_disappears_ends_quietly(repository: JobRepository) -> None:
+    """The job (and with it, by cascade, its runs) is deleted while a run executes."""
+
+    def wait_to_be_cancelled(job: Recorder, ctx: JobContext) -> None:
+        if ctx.wait(DEADLINE):
+            ctx.check_cancelled()
+
+    job = Recorder(body=wait_to_be_cancelled)
+    run = claim(repository, job)
+    background = Background(lambda: execute(repository, {job.name: job}, run.id))
+    assert job.started.wait(DEADLINE)
+    with repository.engine.begin() as conn:
+        conn.execute(delete(job_table).where(job_table.c.name == job.name))
+    assert background.join() is None
+    assert job.runs[0].cancel_reason == "the run no longer exists"
+
+
+# -- ProgressMonitor.check(), one pass at a time --------------------------------------------------------------
+
+
+def running(repository: JobRepository, job: Job) -> RunRecord:
+    return repository.start_run(claim(repository, job).id, "worker-1")
+
+
+def test_monitor_check_writes_changed_progress_only(repository: JobRepository) -> None:
+    job = Recorder()
+    run = running(repository, job)
+    ctx = JobContext(run.id, job.name)
+    monitor = ProgressMonitor(repository, job, ctx, 60)
+    monitor.check()
+    assert repository.lookup_run(run.id).update_time == run.update_time
+    repository.clock_shift = dt.timedelta(seconds=30)
+    job.progress = JobStatus(1, 2)
+    monitor.check()
+    stored = repository.lookup_run(run.id)
+    assert stored.progress == JobStatus(1, 2)
+    assert stored.update_time > run.update_time
+    assert not ctx.cancelled
+
+
+def test_monitor_check_prefers_the_contexts_progress(repository: JobRepository) -> None:
+    job = Recorder()
+    job.progress = JobStatus(1, 9)
+    run = running(repository, job)
+    ctx = JobContext(run.id, job.name)
+    ctx.progress(5, 6)
+    ProgressMonitor(repository, job, ctx, 60).check()
+    assert repository.lookup_run(run.id).progress == JobStatus(5, 6)
+
+
+@pytest.mark.parametrize("changed_progress", [False, True])
+def test_monitor_check_cancels_an_interrupted_run(repository: JobRepository, changed_progress: bool) -> None:
+    job = Recorder()
+    run = running(repository, job)
+    ctx = JobContext(run.id, job.name)
+    monitor = ProgressMonitor(repository, job, ctx, 60)
+    repository.interrupt_run(run.id, "stalled", "no progress")
+    if changed_progress:
+        job.progress = JobStatus(1, 2)  # the write is refused: the run is no longer running
+    monitor.check()
+    assert ctx.cancelled
+    assert ctx.cancel_reason == "run is interrupted (stalled: no progress)"
+    assert repository.lookup_run(run.id).progress == JobStatus(0, 0)
+
+
+def test_monitor_check_keeps_going_when_the_database_is_down(
+    repository: JobRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = Recorder()
+    run = running(repository, job)
+    ctx = JobContext(run.id, job.name)
+    monitor = ProgressMonitor(repository, job, ctx, 60)
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise DatabaseUnavailable("database unavailable: connection refused")
+
+    monkeypatch.setattr(repository, "run_status", down)
+    monkeypatch.setattr(repository, "update_progress", down)
+    monitor.check()
+    job.progress = JobStatus(1, 2)
+    monitor.check()
+    assert not ctx.cancelled
+    monkeypatch.undo()
+    monitor.check()  # back: the pending progress is written
+    assert repository.lookup_run(run.id).progress == JobStatus(1, 2)
+
+
+# -- shutdown (DESIGN 9) ---------------------------------------------------------------------------------------
+
+
+def test_cancel_active_runs_at_shutdown_ends_the_run_interrupted(repository: JobRepository) -> None:
+    def wait_to_be_cancelled(job: Recorder, ctx: JobContext) -> None:
+        job.progress = JobStatus(1, 10)
+        if ctx.wait(DEADLINE):
+            ctx.check_cancelled()
+
+    job = Recorder(body=wait_to_be_cancelled)
+    run = claim(repository, job)
+    assert not runner.shutting_down()
+    background = Background(lambda: execute(repository, {job.name: job}, run.id))
+    wait_for(lambda: run.id in active_run_ids(), "the run to be active")
+    wait_for(lambda: repository.lookup_run(run.id).progress == JobStatus(1, 10), "the progress to be written")
+    assert cancel_active_runs("shutdown") >= 1
+    assert runner.shutting_down()
+    done = background.join()
+    assert done is not None
+    assert done.status == "interrupted"
+    assert done.error == "shutdown"
+    assert done.progress == JobStatus(1, 10)  # the last progress written is kept
+    assert job.runs[0].cancel_reason == "shutdown"
+    assert run.id not in active_run_ids()
+    # Due again at once for another worker: no failure, no backoff.
+    assert repository.lookup_job(job.name).failure_count == 0
+    assert [r.job_name for r in repository.run_jobs("beat-1", 10)] == [job.name]
+
+
+def test_cancel_active_runs_for_another_reason_is_not_a_shutdown(repository: JobRepository) -> None:
+    def wait_to_be_cancelled(job: Recorder, ctx: JobContext) -> None:
+        ctx.wait(DEADLINE)
+
+    job = Recorder(body=wait_to_be_cancelled)
+    run = claim(repository, job)
+    background = Background(lambda: execute(repository, {job.name: job}, run.id))
+    wait_for(lambda: run.id in active_run_ids(), "the run to be active")
+    assert cancel_active_runs("operator asked") >= 1
+    assert not runner.shutting_down()
+    done = background.join()
+    assert done is not None and done.status == "interrupted"
+    assert done.error == "cancelled: operator asked"
+
+
+def test_cancel_active_runs_without_runs() -> None:
+    assert cancel_active_runs("shutdown") == 0
+    assert runner.shutting_down()
