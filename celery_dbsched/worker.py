@@ -24,6 +24,7 @@ from .settings import Settings, default_server_id
 logger = logging.getLogger(__name__)
 
 RUN_TASK_NAME = "celery_dbsched.run_job"
+RUN_ID_HEADER = "dbsched_run_id"  # on plain tasks sent for beat_schedule entries
 _CHILD_CANCEL_SIGNAL = signal.SIGUSR2
 _pools: list[Any] = []  # the worker's pool, to find prefork children at shutdown
 
@@ -58,7 +59,6 @@ def _run_job(task: Any, run_id: object, job_name: object = None) -> str | None:
         worker,
         task_id=task.request.id,
         monitor_interval=settings.monitor_interval.total_seconds(),
-        fallback_delay=settings.retry_backoff[1],
     )
     return None if result is None else result.status
 
