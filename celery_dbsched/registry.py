@@ -33,7 +33,8 @@ class JobRegistry:
         self._first_run_in: dict[str, dt.timedelta | None] = {}
         self._lock = threading.Lock()
         self._repository: JobRepository | None = None
-        self.timezone = "UTC"  # the app's, for crontabs without their own
+        self.app: Any = None  # its `conf.timezone` is read when a job is stored, not when it is declared
+        self.timezone = "UTC"  # for crontabs without their own zone, when there is no app
 
     def __contains__(self, name: object) -> bool:
         return name in self._jobs
@@ -59,7 +60,7 @@ class JobRegistry:
         return repository.define_job(self.definition(job), next_run_in=self._first_run_in.get(job.name))
 
     def definition(self, job: Job) -> JobDefinition:
-        return definition_of(job, self.timezone)
+        return definition_of(job, self.timezone if self.app is None else app_timezone(self.app))
 
     def sync(self, repository: JobRepository) -> None:
         """Upsert every registered job; from now on `add` writes through."""
@@ -78,7 +79,7 @@ def registry_for(app: Any) -> JobRegistry:
     registry: JobRegistry | None = app.__dict__.get(_REGISTRY_ATTRIBUTE)
     if registry is None:
         registry = JobRegistry()
-        registry.timezone = app_timezone(app)
+        registry.app = app
         setattr(app, _REGISTRY_ATTRIBUTE, registry)
         from .worker import install_worker
 
@@ -110,9 +111,8 @@ def definition_of(job: Job, timezone: str = "UTC") -> JobDefinition:
         raise ValueError(f"{label}: give `every` or `schedule`, not both")
     zone = getattr(job, "timezone", None) or timezone
     try:
-        schedule = (
-            schedule_from(schedule_value, timezone=parse_timezone(zone).key) if schedule_value is not None else None
-        )
+        zone_name = parse_timezone(zone).key  # validated even when no crontab uses it yet
+        schedule = schedule_from(schedule_value, timezone=zone_name) if schedule_value is not None else None
     except ValueError as exc:
         raise ValueError(f"{label}: {exc}") from None
     if every is not None:

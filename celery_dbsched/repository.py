@@ -412,7 +412,7 @@ class JobRepository:
                 if definition.schedule != current.schedule and definition.schedule is not None:
                     nsr = definition.schedule.next_after(now)
                 elif definition.enabled and not current.enabled and nsr < now:
-                    nsr = current.next_slot(now, None) or nsr
+                    nsr = current.next_slot(now, nsr) or nsr  # on its cadence, anchored at the missed slot
                 if nsr != current.next_scheduled_run:
                     updates["next_scheduled_run"] = nsr
                 changed = {k: v for k, v in updates.items() if row._mapping[k] != v}
@@ -618,6 +618,7 @@ class JobRepository:
             r.c.scheduled_for.is_(None),
             r.c.scheduled_for >= self._now(-expires),
         )
+        expired = None
         with self._tx() as conn:
             row = conn.execute(
                 update(r)
@@ -632,9 +633,13 @@ class JobRepository:
                     .values(status=INTERRUPTED, end_time=now, error=f"{EXPIRED}: not started before its slot + expires")
                     .returning(*r.c)
                 ).first()
-                if expired is not None:
-                    raise InvalidRunState(run_id, INTERRUPTED, QUEUED)
-                self._run_or_raise(conn, run_id, QUEUED)
+                if expired is None:
+                    self._run_or_raise(conn, run_id, QUEUED)
+                else:
+                    self._skip_slot(conn, RunRecord.from_row(expired))
+        if expired is not None:
+            # Raised after the commit: raising inside the transaction would roll the expiry back.
+            raise InvalidRunState(run_id, INTERRUPTED, QUEUED)
         assert row is not None
         return RunRecord.from_row(row)
 
@@ -832,29 +837,54 @@ class JobRepository:
                 )
                 .returning(*r.c)
             ).all()
-        return [RunRecord.from_row(row) for row in rows]
+            runs = [RunRecord.from_row(row) for row in rows]
+            for run in runs:
+                self._skip_slot(conn, run)
+        return runs
+
+    def _skip_slot(self, conn: Connection, run: RunRecord) -> None:
+        """The run of this slot will not happen (expired, cancelled): a job rescheduled when its run ends (not at
+        claim) moves to its next slot; left due at that slot it would be claimed again at once for it."""
+        job = self._job(conn, run.job_name)
+        if job is None or job.advances_at_claim:
+            return
+        now = self._db_now(conn)
+        when = job.next_slot(now, run.scheduled_for or now) or now
+        if run.requested_next_run is not None:
+            when = min(when, run.requested_next_run)
+        conn.execute(update(job_table).where(job_table.c.name == job.name).values(next_scheduled_run=when))
 
     def dispatch_run(self, run_id: int, task_id: str | None = None) -> RunRecord:
         """`queued -> dispatched`: a plain task was sent; its outcome is unknown unless a worker with the
-        tracking signals reports it (final; never blocks the job's next slot)."""
+        tracking signals reports it (final; never blocks the job's next slot). A tracking worker may have
+        started (or even finished) the task before the beat gets here: then the run is left as it is."""
         r = run_table
+        values: dict[str, Any] = {"status": DISPATCHED, "end_time": self._now()}
+        if task_id is not None:
+            values["task_id"] = task_id
         with self._tx() as conn:
-            run = self._end_run(conn, run_id, DISPATCHED, (QUEUED,))
-            if task_id is not None:
-                conn.execute(update(r).where(r.c.id == run_id).values(task_id=task_id))
-        return run
+            row = conn.execute(
+                update(r).where(r.c.id == run_id, r.c.status == QUEUED).values(**values).returning(*r.c)
+            ).first()
+            if row is None:
+                row = conn.execute(select(r).where(r.c.id == run_id)).first()
+                if row is None or row.kind != KIND_TASK or row.status not in (RUNNING, COMPLETED, FAILED):
+                    self._run_or_raise(conn, run_id, QUEUED)
+        assert row is not None
+        return RunRecord.from_row(row)
 
     # -- plain tasks tracked on workers ---------------------------------------------------------------
 
     def track_start(self, run_id: int, worker: str, task_id: str | None) -> RunRecord:
-        """A worker with the tracking signals started a dispatched plain task: `dispatched -> running`.
+        """A worker with the tracking signals started a dispatched plain task: `dispatched -> running` (or
+        `queued -> running` when the message beat the beat's own `dispatched` mark to the worker).
         It takes no slot (slot = -id), so it never blocks the entry's next slot, as under stock beat."""
         r = run_table
         now = self._now()
         with self._tx() as conn:
             row = conn.execute(
                 update(r)
-                .where(r.c.id == run_id, r.c.status == DISPATCHED, r.c.kind == KIND_TASK)
+                .where(r.c.id == run_id, r.c.status.in_((QUEUED, DISPATCHED)), r.c.kind == KIND_TASK)
                 .values(
                     status=RUNNING,
                     worker=worker,
@@ -918,7 +948,7 @@ class JobRepository:
             values: dict[str, Any] = {"paused": paused}
             now = self._db_now(conn)
             if not paused and job.paused and job.next_scheduled_run < now:
-                slot = job.next_slot(now, None)
+                slot = job.next_slot(now, job.next_scheduled_run)  # on its cadence, not now + interval
                 if slot is not None:
                     values["next_scheduled_run"] = slot
             row = conn.execute(update(j).where(j.c.name == name).values(**values).returning(*j.c)).one()
@@ -936,7 +966,10 @@ class JobRepository:
                 .values(status=INTERRUPTED, end_time=self._now(), error=f"{CANCELLED}: by an operator")
                 .returning(*r.c)
             ).all()
-        return [RunRecord.from_row(row) for row in rows]
+            runs = [RunRecord.from_row(row) for row in rows]
+            for run in runs:
+                self._skip_slot(conn, run)  # cancelled means not now: not claimed again at once
+        return runs
 
     def disable_jobs_not_in(self, kind: str, names: Sequence[str]) -> list[str]:
         """Disable the jobs of `kind` that are not in `names` (entries removed from beat_schedule); their

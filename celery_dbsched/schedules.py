@@ -208,13 +208,17 @@ class SolarSchedule(Schedule):
         observer.lat = str(self.latitude)
         observer.lon = str(self.longitude)
         observer.elevation = 0
+        # As Celery's solar: the horizons already include refraction, so ephem must not add its own.
+        observer.pressure = 0
         observer.horizon = solar._horizons[self.event]
         method = getattr(observer, solar._methods[self.event])
         use_center = solar._use_center_l[self.event]
         # Step just past `after` so an event exactly at `after` is not returned again.
         observer.date = ephem.Date((after + dt.timedelta(seconds=1)).astimezone(UTC).replace(tzinfo=None))
         try:
-            found = method(ephem.Sun(), start=observer.date, use_center=use_center)
+            # As Celery: only rising/setting take use_center, and only when it is set (transits do not).
+            kwargs = {"use_center": True} if use_center else {}
+            found = method(ephem.Sun(), start=observer.date, **kwargs)
         except (ephem.AlwaysUpError, ephem.NeverUpError):
             # Polar day or night: look again a day later, like Celery's solar schedule.
             return self.next_after(after + dt.timedelta(days=1), anchor)
