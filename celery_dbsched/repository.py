@@ -615,8 +615,9 @@ class JobRepository:
         expires = select(j.c.expires).where(j.c.name == r.c.job_name).scalar_subquery()
         not_expired = or_(
             expires.is_(None),
-            r.c.scheduled_for.is_(None),
-            r.c.scheduled_for >= self._now(-expires),
+            # Counted from the claim, which is the slot itself or, for a catch-up run after downtime, the moment
+            # the slot was taken up: a catch-up run must not expire before it could start.
+            r.c.create_time >= self._now(-expires),
         )
         expired = None
         with self._tx() as conn:
@@ -828,9 +829,8 @@ class JobRepository:
                 update(r)
                 .where(
                     r.c.status == QUEUED,
-                    r.c.scheduled_for.is_not(None),
                     expires.is_not(None),
-                    r.c.scheduled_for < self._now(-expires),
+                    r.c.create_time < self._now(-expires),
                 )
                 .values(
                     status=INTERRUPTED, end_time=self._now(), error=f"{EXPIRED}: not started before its slot + expires"

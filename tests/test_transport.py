@@ -96,9 +96,7 @@ def test_put_never_exposes_a_partial_message(tmp_path: Path, monkeypatch: pytest
         assert os.listdir(folder) == []
 
 
-def test_put_failure_cleans_up_and_raises_channel_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_put_failure_cleans_up_and_raises_channel_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kombu.exceptions import ChannelError
 
     settings = filesystem_broker_settings(tmp_path)
