@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .controls import cancel_job, pause_job, resume_job, trigger_job
 from .errors import (
     DatabaseError,
     DatabaseUnavailable,
@@ -16,6 +17,7 @@ from .errors import (
     InvalidRunState,
     JobInterrupted,
     JobNotFound,
+    JobPaused,
     RunNotFound,
     SchemaMismatch,
 )
@@ -37,6 +39,7 @@ __all__ = [
     "JobContext",
     "JobInterrupted",
     "JobNotFound",
+    "JobPaused",
     "JobRecord",
     "JobRepository",
     "JobStatus",
@@ -44,8 +47,13 @@ __all__ = [
     "RunRecord",
     "Scheduler",
     "SchemaMismatch",
+    "cancel_job",
     "job",
+    "pause_job",
+    "progress",
     "register_job",
+    "resume_job",
+    "trigger_job",
     "update_job_next_run_in_at_least",
 ]
 
@@ -56,4 +64,8 @@ def __getattr__(name: str) -> Any:
         from .scheduler import Scheduler
 
         return Scheduler
+    if name == "progress":
+        from .tracking import progress
+
+        return progress
     raise AttributeError(f"module 'celery_dbsched' has no attribute {name!r}")

@@ -8,9 +8,10 @@ from typing import Any
 
 import click
 
+from .controls import cancel_job, pause_job, resume_job, trigger_job
 from .errors import DbschedError
 from .migrate import current_revision, head_revision, migrate
-from .repository import JobRepository, repository_for
+from .repository import JobRecord, JobRepository, repository_for
 from .schema import RUN_STATES
 from .settings import Settings
 
@@ -29,6 +30,18 @@ def _when(value: dt.datetime | None) -> str:
 
 def _seconds(value: dt.timedelta | None) -> str:
     return "-" if value is None else f"{value.total_seconds():g}s"
+
+
+def _schedule(job: JobRecord) -> str:
+    if job.schedule is None:
+        return "-" if job.default_next_run_in is None else f"every {_seconds(job.default_next_run_in)}"
+    spec = job.schedule.spec()
+    if spec["type"] == "interval":
+        return f"every {spec['seconds']:g}s"
+    if spec["type"] == "crontab":
+        fields = " ".join(spec[k] for k in ("minute", "hour", "day_of_month", "month_of_year", "day_of_week"))
+        return f"cron {fields} {spec['timezone']}"
+    return f"{spec['event']} at {spec['lat']:g},{spec['lon']:g}"
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -82,16 +95,16 @@ def jobs(ctx: click.Context) -> None:
         rows.append(
             [
                 job.name,
-                "yes" if job.enabled else "no",
+                "paused" if job.paused else ("enabled" if job.enabled else "disabled"),
                 _when(job.next_scheduled_run),
                 "due" if due <= 0 else f"in {due:.0f}s",
-                _seconds(job.default_next_run_in),
+                _schedule(job),
                 job.queue or "-",
                 job.failure_count,
                 job.description,
             ]
         )
-    headers = ["name", "enabled", "next run", "", "every", "queue", "failures", "description"]
+    headers = ["name", "state", "next run", "", "schedule", "queue", "failures", "description"]
     click.echo(_table(headers, rows) if rows else "no jobs registered")
 
 
@@ -126,3 +139,50 @@ def runs(ctx: click.Context, job_name: str | None, status: str | None, limit: in
     ]
     headers = ["id", "job", "status", "progress", "claimed", "started", "ended", "claimed by", "worker", "error"]
     click.echo(_table(headers, rows) if rows else "no runs")
+
+
+def _control(ctx: click.Context, action: Any, name: str) -> Any:
+    _repository(ctx)  # validates the settings first, with a clear message
+    try:
+        return action(ctx.obj.app, name)
+    except (DbschedError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@dbsched.command()
+@click.argument("name")
+@click.pass_context
+def pause(ctx: click.Context, name: str) -> None:
+    """Stop claiming job NAME (its running run goes on)."""
+    _control(ctx, pause_job, name)
+    click.echo(f"paused {name}")
+
+
+@dbsched.command()
+@click.argument("name")
+@click.pass_context
+def resume(ctx: click.Context, name: str) -> None:
+    """Claim job NAME again, from its next slot."""
+    job = _control(ctx, resume_job, name)
+    click.echo(f"resumed {name}; next run {_when(job.next_scheduled_run)} UTC")
+
+
+@dbsched.command()
+@click.argument("name")
+@click.pass_context
+def trigger(ctx: click.Context, name: str) -> None:
+    """Run job NAME now."""
+    _control(ctx, trigger_job, name)
+    click.echo(f"triggered {name}")
+
+
+@dbsched.command()
+@click.argument("name")
+@click.pass_context
+def cancel(ctx: click.Context, name: str) -> None:
+    """Interrupt the active run(s) of job NAME."""
+    runs = _control(ctx, cancel_job, name)
+    if runs:
+        click.echo(f"cancelled run(s) {', '.join(str(run.id) for run in runs)} of {name}")
+    else:
+        click.echo(f"{name} has no active run")

@@ -47,3 +47,7 @@ class DatabaseError(DbschedError):
 
 class DatabaseUnavailable(DatabaseError):
     """The database could not be reached (down, restarting, network); the caller may retry later."""
+
+
+class JobPaused(DbschedError):
+    """The job is paused or disabled, so it cannot be triggered."""

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
+import json
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import JobInterrupted
-from .schema import NAME_MAX_LENGTH, QUEUE_MAX_LENGTH
+from .schedules import Schedule
+from .schema import KIND_JOB, KIND_TASK, MISFIRE_POLICIES, MISFIRE_RUN_ONCE, NAME_MAX_LENGTH, QUEUE_MAX_LENGTH
 from .settings import parse_duration
 
 
@@ -87,15 +89,25 @@ class Job(abc.ABC):
 
     Subclasses provide `name` and `description` (attributes or properties) and the three methods.
     `status()` is called from the worker's monitor thread while `run()` executes. Optional class
-    attributes: `every` (the next run delay used when `next_run_in()` raises), `queue`,
-    `interrupt_threshold`.
+    attributes: `every` or `schedule` (seconds, a timedelta, or Celery's crontab/solar/schedule: the
+    cadence used when `next_run_in()` returns None or raises), `timezone` (for crontabs; default the app's),
+    `queue`, `interrupt_threshold`, and the policies `enabled`, `misfire`, `misfire_grace`, `max_active`,
+    `retry_backoff`, `expires`.
     """
 
     name: str
     description: str
     every: dt.timedelta | None = None
+    schedule: Any = None
+    timezone: str | None = None
     queue: str | None = None
     interrupt_threshold: dt.timedelta | None = None
+    enabled: bool = True
+    misfire: str = MISFIRE_RUN_ONCE
+    misfire_grace: dt.timedelta | None = None
+    max_active: int = 1
+    retry_backoff: tuple[dt.timedelta, dt.timedelta] | None = None
+    expires: dt.timedelta | None = None
 
     @abc.abstractmethod
     def status(self) -> JobStatus:
@@ -106,8 +118,9 @@ class Job(abc.ABC):
         """Do the work; return normally on success, raise on failure; honour `ctx` cancellation."""
 
     @abc.abstractmethod
-    def next_run_in(self) -> dt.timedelta:
-        """After a successful run: how long until the next one (zero: at once)."""
+    def next_run_in(self) -> dt.timedelta | None:
+        """After a successful run: how long until the next one (zero: at once), counted from now; None:
+        the next slot of `schedule`/`every` (a fixed cadence)."""
 
 
 class FunctionJob(Job):
@@ -122,6 +135,7 @@ class FunctionJob(Job):
         every: dt.timedelta | None,
         queue: str | None,
         interrupt_threshold: dt.timedelta | None,
+        **policies: Any,
     ) -> None:
         self.func = func
         self.name = name
@@ -129,6 +143,10 @@ class FunctionJob(Job):
         self.every = every
         self.queue = queue
         self.interrupt_threshold = interrupt_threshold
+        for attribute, value in policies.items():
+            if not hasattr(Job, attribute):
+                raise TypeError(f"unknown job option {attribute!r}")
+            setattr(self, attribute, value)
         self.__doc__ = func.__doc__
         self.__wrapped__ = func
 
@@ -147,10 +165,8 @@ class FunctionJob(Job):
         if result is not None:
             ctx.next_run_in = coerce_next_run_in(self.name, result)
 
-    def next_run_in(self) -> dt.timedelta:
-        if self.every is None:
-            raise ValueError(f"job {self.name!r} returned no next run delay and has no `every`")
-        return self.every
+    def next_run_in(self) -> dt.timedelta | None:
+        return None  # the function's return value (ctx.next_run_in), else the schedule or `every`
 
 
 def coerce_next_run_in(job_name: str, value: object) -> dt.timedelta:
@@ -190,3 +206,66 @@ def validate_queue(name: str, queue: object) -> str | None:
     if len(queue) > QUEUE_MAX_LENGTH:
         raise ValueError(f"job {name!r}: queue name is {len(queue)} characters long; at most {QUEUE_MAX_LENGTH}")
     return queue
+
+
+@dataclass(frozen=True)
+class JobDefinition:
+    """Everything stored about a job except its state: what registration (code or beat_schedule) says."""
+
+    name: str
+    description: str
+    kind: str = KIND_JOB
+    schedule: Schedule | None = None
+    default_next_run_in: dt.timedelta | None = None
+    queue: str | None = None
+    interrupt_threshold: dt.timedelta | None = None
+    enabled: bool = True
+    misfire: str = MISFIRE_RUN_ONCE
+    misfire_grace: dt.timedelta | None = None
+    max_active: int = 1
+    retry_backoff: tuple[dt.timedelta, dt.timedelta] | None = None
+    expires: dt.timedelta | None = None
+    task: str | None = None
+    task_args: tuple[Any, ...] = ()
+    task_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    task_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        validate_description(self.name, self.description)
+        label = f"job {self.name!r}"
+        if self.kind not in (KIND_JOB, KIND_TASK):
+            raise ValueError(f"{label}: kind must be {KIND_JOB!r} or {KIND_TASK!r}, got {self.kind!r}")
+        if self.kind == KIND_TASK and (not isinstance(self.task, str) or not self.task.strip()):
+            raise ValueError(f"{label}: a beat_schedule entry needs a task name, got {self.task!r}")
+        if self.schedule is not None and not isinstance(self.schedule, Schedule):
+            raise ValueError(f"{label}: schedule must be a Schedule, got {self.schedule!r}")
+        if self.misfire not in MISFIRE_POLICIES:
+            raise ValueError(f"{label}: misfire must be one of {', '.join(MISFIRE_POLICIES)}, got {self.misfire!r}")
+        if (
+            isinstance(self.max_active, bool)
+            or not isinstance(self.max_active, int)
+            or not 1 <= self.max_active <= 1000
+        ):
+            raise ValueError(f"{label}: max_active must be a whole number from 1 to 1000, got {self.max_active!r}")
+        if self.max_active > 1 and self.schedule is None and self.default_next_run_in is None:
+            raise ValueError(f"{label}: max_active > 1 needs a schedule or `every`")
+        for attribute in ("default_next_run_in", "interrupt_threshold", "misfire_grace", "expires"):
+            value = getattr(self, attribute)
+            if value is not None and (not isinstance(value, dt.timedelta) or value < dt.timedelta(0)):
+                raise ValueError(f"{label}: {attribute} must be a non-negative timedelta, got {value!r}")
+        validate_queue(self.name, self.queue)
+        for attribute, kind in (("task_args", (tuple, list)), ("task_kwargs", Mapping), ("task_options", Mapping)):
+            value = getattr(self, attribute)
+            if not isinstance(value, kind):
+                raise ValueError(f"{label}: {attribute} has the wrong type: {value!r}")
+            try:
+                json.dumps(list(value) if attribute == "task_args" else dict(value))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{label}: {attribute} must be JSON-serialisable ({exc})") from None
+
+    @property
+    def advances_at_claim(self) -> bool:
+        """Runs that nobody waits for (plain tasks) or that may overlap move the schedule when claimed;
+        other jobs are rescheduled when their run ends."""
+        return self.kind == KIND_TASK or self.max_active > 1

@@ -14,9 +14,11 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .job import FunctionJob, Job, JobContext, validate_description, validate_name, validate_queue
+from .job import FunctionJob, Job, JobContext, JobDefinition, validate_description, validate_name
 from .repository import JobRecord, JobRepository, repository_for
-from .settings import parse_duration
+from .schedules import IntervalSchedule, parse_timezone, schedule_from
+from .schema import MISFIRE_RUN_ONCE
+from .settings import parse_backoff, parse_bool, parse_duration
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ class JobRegistry:
         self._first_run_in: dict[str, dt.timedelta | None] = {}
         self._lock = threading.Lock()
         self._repository: JobRepository | None = None
+        self.app: Any = None  # its `conf.timezone` is read when a job is stored, not when it is declared
+        self.timezone = "UTC"  # for crontabs without their own zone, when there is no app
 
     def __contains__(self, name: object) -> bool:
         return name in self._jobs
@@ -53,14 +57,10 @@ class JobRegistry:
             self._upsert(repository, job)
 
     def _upsert(self, repository: JobRepository, job: Job) -> JobRecord:
-        return repository.upsert_job(
-            job.name,
-            job.description,
-            next_run_in=self._first_run_in.get(job.name),
-            default_next_run_in=job.every,
-            queue=job.queue,
-            interrupt_threshold=job.interrupt_threshold,
-        )
+        return repository.define_job(self.definition(job), next_run_in=self._first_run_in.get(job.name))
+
+    def definition(self, job: Job) -> JobDefinition:
+        return definition_of(job, self.timezone if self.app is None else app_timezone(self.app))
 
     def sync(self, repository: JobRepository) -> None:
         """Upsert every registered job; from now on `add` writes through."""
@@ -79,6 +79,7 @@ def registry_for(app: Any) -> JobRegistry:
     registry: JobRegistry | None = app.__dict__.get(_REGISTRY_ATTRIBUTE)
     if registry is None:
         registry = JobRegistry()
+        registry.app = app
         setattr(app, _REGISTRY_ATTRIBUTE, registry)
         from .worker import install_worker
 
@@ -92,23 +93,64 @@ def existing_registry(app: Any) -> JobRegistry | None:
     return registry
 
 
+def app_timezone(app: Any) -> str:
+    """The zone crontabs follow by default: `app.conf.timezone`, else UTC."""
+    configured = app.conf.timezone
+    if not configured:
+        return "UTC"
+    return parse_timezone(configured).key
+
+
+def definition_of(job: Job, timezone: str = "UTC") -> JobDefinition:
+    """What is stored for a `Job`: its attributes, validated (ValueError naming the job and attribute)."""
+    name = validate_name(getattr(job, "name", None))
+    label = f"job {name!r}"
+    schedule_value = getattr(job, "schedule", None)
+    every = getattr(job, "every", None)
+    if schedule_value is not None and every is not None:
+        raise ValueError(f"{label}: give `every` or `schedule`, not both")
+    zone = getattr(job, "timezone", None) or timezone
+    try:
+        zone_name = parse_timezone(zone).key  # validated even when no crontab uses it yet
+        schedule = schedule_from(schedule_value, timezone=zone_name) if schedule_value is not None else None
+    except ValueError as exc:
+        raise ValueError(f"{label}: {exc}") from None
+    if every is not None:
+        every = parse_duration(f"{label} every", every, None)
+    if isinstance(schedule, IntervalSchedule) and every is None:
+        every = dt.timedelta(seconds=schedule.seconds)
+    backoff = getattr(job, "retry_backoff", None)
+    return JobDefinition(
+        name=name,
+        description=getattr(job, "description", None),  # type: ignore[arg-type]  # validated there
+        schedule=schedule if schedule is not None else (IntervalSchedule(every.total_seconds()) if every else None),
+        default_next_run_in=every,
+        queue=getattr(job, "queue", None),
+        interrupt_threshold=parse_duration(
+            f"{label} interrupt_threshold", getattr(job, "interrupt_threshold", None), None
+        ),
+        enabled=parse_bool(f"{label} enabled", getattr(job, "enabled", True), True),
+        misfire=getattr(job, "misfire", MISFIRE_RUN_ONCE),
+        misfire_grace=parse_duration(f"{label} misfire_grace", getattr(job, "misfire_grace", None), None),
+        max_active=getattr(job, "max_active", 1),
+        retry_backoff=None if backoff is None else parse_backoff(f"{label} retry_backoff", backoff),
+        expires=parse_duration(f"{label} expires", getattr(job, "expires", None), None),
+    )
+
+
 def _check_job(job: object) -> Job:
     if not isinstance(job, Job):
         raise TypeError(f"expected a celery_dbsched.Job instance, got {job!r}")
-    validate_name(getattr(job, "name", None))
-    validate_description(job.name, getattr(job, "description", None))
-    for attribute in ("every", "interrupt_threshold"):
-        value = getattr(job, attribute, None)
-        if value is not None and (not isinstance(value, dt.timedelta) or value < dt.timedelta(0)):
-            raise ValueError(f"job {job.name!r}: {attribute} must be a non-negative timedelta, got {value!r}")
-    validate_queue(job.name, getattr(job, "queue", None))
+    definition_of(job)
     return job
 
 
 def register_job(app: Any, job: Job, *, next_run_in: dt.timedelta | float | None = None) -> Job:
     """Register a `Job` instance; its first run is due `next_run_in` after it is first stored (now if None).
     Registering again updates its description and settings, never its next run."""
-    _check_job(job)
+    if not isinstance(job, Job):
+        raise TypeError(f"expected a celery_dbsched.Job instance, got {job!r}")
+    definition_of(job, app_timezone(app))  # validates now, at registration, not when a worker starts
     first = parse_duration(f"job {job.name!r} next_run_in", next_run_in, None, zero_is_default=False)
     registry_for(app).add(job, first)
     return job
@@ -120,15 +162,24 @@ def job(
     name: str | None = None,
     description: str | None = None,
     every: dt.timedelta | float | None = None,
+    schedule: Any = None,
+    timezone: str | None = None,
     next_run_in: dt.timedelta | float | None = None,
     queue: str | None = None,
     interrupt_threshold: dt.timedelta | float | None = None,
+    enabled: bool = True,
+    misfire: str = MISFIRE_RUN_ONCE,
+    misfire_grace: dt.timedelta | float | None = None,
+    max_active: int = 1,
+    retry_backoff: Any = None,
+    expires: dt.timedelta | float | None = None,
 ) -> Callable[[Callable[[JobContext], Any]], FunctionJob]:
     """Decorator: `f(ctx) -> timedelta | None` becomes a registered job.
 
     The name defaults to the function's dotted path, the description to its docstring's first line. The
-    returned delay, when not None, is the next run in; otherwise `every`. `next_run_in` is the delay before
-    the very first run.
+    returned delay, when not None, is the next run in (counted from completion); otherwise the next slot of
+    `every` or `schedule` (a fixed cadence: a job due at T is next due at T + every). `next_run_in` is the
+    delay before the very first run. Policies: see README.
     """
     every_delta = parse_duration("every", every, None)
     threshold = parse_duration("interrupt_threshold", interrupt_threshold, None)
@@ -149,6 +200,14 @@ def job(
             every=every_delta,
             queue=queue,
             interrupt_threshold=threshold,
+            schedule=schedule,
+            timezone=timezone,
+            enabled=enabled,
+            misfire=misfire,
+            misfire_grace=misfire_grace,
+            max_active=max_active,
+            retry_backoff=retry_backoff,
+            expires=expires,
         )
         register_job(app, function_job, next_run_in=first)
         return function_job

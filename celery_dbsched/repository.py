@@ -6,11 +6,14 @@ Times are computed by the database (`db_now`), never by this host. Each method i
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import sqlite3
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
@@ -46,7 +49,8 @@ from .errors import (
     RunNotFound,
     SchemaMismatch,
 )
-from .job import JobStatus, validate_description, validate_name, validate_queue
+from .job import JobDefinition, JobStatus
+from .schedules import IntervalSchedule, Schedule, schedule_from_spec
 from .schema import (
     ACTIVE_STATES,
     COMPLETED,
@@ -54,15 +58,22 @@ from .schema import (
     FAILED,
     FINAL_STATES,
     INTERRUPTED,
+    KIND_JOB,
+    KIND_TASK,
+    MISFIRE_RUN_ONCE,
+    MISFIRE_SKIP,
     QUEUED,
     RUN_STATES,
     RUNNING,
+    UTCDateTime,
     db_now,
+    db_time_at,
     job_table,
     least,
     run_table,
+    server_table,
 )
-from .settings import DEFAULT_INTERRUPT_THRESHOLD, DEFAULT_RETRY_BACKOFF, backoff_delay
+from .settings import DEFAULT_INTERRUPT_THRESHOLD, DEFAULT_MISFIRE_GRACE, DEFAULT_RETRY_BACKOFF, backoff_delay
 
 ERROR_TEXT_LIMIT = 10_000
 WAKEUP_CHANNEL = "dbsched_wakeup"
@@ -72,6 +83,7 @@ STALLED = "stalled"
 SHUTDOWN = "shutdown"
 RESTART = "restart"
 CANCELLED = "cancelled"
+EXPIRED = "expired"
 
 
 def _seconds(value: dt.timedelta | None) -> float | None:
@@ -94,10 +106,23 @@ class JobRecord:
     enabled: bool
     create_time: dt.datetime
     update_time: dt.datetime
+    kind: str = KIND_JOB
+    schedule: Schedule | None = None
+    task: str | None = None
+    task_args: tuple[Any, ...] = ()
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)
+    misfire: str = MISFIRE_RUN_ONCE
+    misfire_grace: dt.timedelta | None = None
+    max_active: int = 1
+    retry_backoff: tuple[dt.timedelta, dt.timedelta] | None = None
+    expires: dt.timedelta | None = None
+    paused: bool = False
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> JobRecord:
         m = row._mapping
+        base, cap = m["retry_backoff_base"], m["retry_backoff_cap"]
         return cls(
             name=m["name"],
             description=m["description"],
@@ -109,7 +134,54 @@ class JobRecord:
             enabled=bool(m["enabled"]),
             create_time=m["create_time"],
             update_time=m["update_time"],
+            kind=m["kind"],
+            schedule=schedule_from_spec(m["schedule"]) if m["schedule"] else None,
+            task=m["task"],
+            task_args=tuple(json.loads(m["task_args"])) if m["task_args"] else (),
+            task_kwargs=json.loads(m["task_kwargs"]) if m["task_kwargs"] else {},
+            task_options=json.loads(m["task_options"]) if m["task_options"] else {},
+            misfire=m["misfire"],
+            misfire_grace=_delta(m["misfire_grace"]),
+            max_active=m["max_active"],
+            retry_backoff=None if base is None else (dt.timedelta(seconds=base), dt.timedelta(seconds=cap)),
+            expires=_delta(m["expires"]),
+            paused=bool(m["paused"]),
         )
+
+    @property
+    def advances_at_claim(self) -> bool:
+        return self.kind == KIND_TASK or self.max_active > 1
+
+    def next_slot(self, now: dt.datetime, anchor: dt.datetime | None) -> dt.datetime | None:
+        """The job's next slot after `now` on its cadence (None when it has no schedule)."""
+        if self.schedule is not None:
+            return self.schedule.next_after(now, anchor)
+        if self.default_next_run_in is not None and self.default_next_run_in > dt.timedelta(0):
+            return IntervalSchedule(self.default_next_run_in.total_seconds()).next_after(now, anchor)
+        return None
+
+
+def _definition_values(definition: JobDefinition) -> dict[str, Any]:
+    backoff = definition.retry_backoff
+    return {
+        "description": definition.description,
+        "kind": definition.kind,
+        "schedule": definition.schedule.to_json() if definition.schedule is not None else None,
+        "default_next_run_in": _seconds(definition.default_next_run_in),
+        "queue": definition.queue,
+        "interrupt_threshold": _seconds(definition.interrupt_threshold),
+        "enabled": definition.enabled,
+        "misfire": definition.misfire,
+        "misfire_grace": _seconds(definition.misfire_grace),
+        "max_active": definition.max_active,
+        "retry_backoff_base": None if backoff is None else backoff[0].total_seconds(),
+        "retry_backoff_cap": None if backoff is None else backoff[1].total_seconds(),
+        "expires": _seconds(definition.expires),
+        "task": definition.task,
+        "task_args": json.dumps(list(definition.task_args)) if definition.kind == KIND_TASK else None,
+        "task_kwargs": json.dumps(dict(definition.task_kwargs)) if definition.kind == KIND_TASK else None,
+        "task_options": json.dumps(dict(definition.task_options)) if definition.kind == KIND_TASK else None,
+    }
 
 
 @dataclass(frozen=True)
@@ -129,6 +201,9 @@ class RunRecord:
     start_time: dt.datetime | None
     update_time: dt.datetime
     end_time: dt.datetime | None
+    kind: str = KIND_JOB
+    slot: int = 0
+    scheduled_for: dt.datetime | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> RunRecord:
@@ -144,11 +219,29 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     # one file: WAL lets readers run beside the writer, the busy timeout makes writers queue, not fail.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+    try:
+        cursor.execute("PRAGMA busy_timeout=30000")
+        _switch_to_wal(cursor)
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _switch_to_wal(cursor: Any, deadline_seconds: float = 30.0) -> None:
+    """Switching a fresh file to WAL needs an exclusive lock and does not wait on the busy timeout: when
+    several processes open a new database at once, the losers get "database is locked" at once. Retry."""
+    deadline = time.monotonic() + deadline_seconds
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _sqlite_on_begin(connection: Connection) -> None:
@@ -212,8 +305,10 @@ class JobRepository:
             self._owns_engine = True
         self.interrupt_threshold = interrupt_threshold
         self.retry_backoff = retry_backoff
-        # Added to the database clock: lets tests move time forward without sleeping. Never set in production.
+        # Test hooks, never set in production: `clock_shift` is added to the database clock (time moves on
+        # without sleeping); `frozen_now` replaces it with a fixed time (schedule math at exact instants).
         self.clock_shift = dt.timedelta(0)
+        self.frozen_now: dt.datetime | None = None
         self._is_postgres = self.engine.dialect.name == "postgresql"
 
     def __repr__(self) -> str:
@@ -249,8 +344,13 @@ class JobRepository:
                 raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc
             raise DatabaseError(f"database error: {exc.orig}") from exc
 
-    def _now(self, offset: float | ColumnElement[Any] | None = None) -> db_now:
+    def _now(self, offset: float | ColumnElement[Any] | None = None) -> ColumnElement[dt.datetime]:
+        """The database's clock (plus `offset` seconds): every persisted time is computed from it."""
         shift = self.clock_shift.total_seconds()
+        if self.frozen_now is not None:
+            base = literal(self.frozen_now, UTCDateTime())
+            total: Any = shift if offset is None else (offset + shift if shift else offset)
+            return db_time_at(base, literal(float(total), Float) if isinstance(total, (int, float)) else total)
         if offset is None:
             return db_now(literal(shift, Float)) if shift else db_now()
         if isinstance(offset, (int, float)):
@@ -278,38 +378,76 @@ class JobRepository:
         default_next_run_in: dt.timedelta | None = None,
         queue: str | None = None,
         interrupt_threshold: dt.timedelta | None = None,
+        **policies: Any,
     ) -> JobRecord:
-        """Insert a job due in `next_run_in` (now when None), or update an existing one's description and
-        settings without touching its next scheduled run (DESIGN 8)."""
-        validate_name(name)
-        validate_description(name, description)
-        validate_queue(name, queue)
-        first = (next_run_in or dt.timedelta(0)).total_seconds()
-        if first < 0:
-            raise ValueError(f"job {name!r}: next_run_in must not be negative")
-        j = job_table
-        stmt = self._insert(j).values(
+        """Insert a job, or update an existing one's description and settings without touching its next
+        scheduled run (DESIGN 8). `policies` are the other `JobDefinition` fields (schedule, misfire, ...)."""
+        definition = JobDefinition(
             name=name,
             description=description,
-            next_scheduled_run=self._now(first) if first else self._now(),
-            default_next_run_in=_seconds(default_next_run_in),
+            default_next_run_in=default_next_run_in,
             queue=queue,
-            interrupt_threshold=_seconds(interrupt_threshold),
-            create_time=self._now(),
-            update_time=self._now(),
+            interrupt_threshold=interrupt_threshold,
+            **policies,
         )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[j.c.name],
-            set_={
-                "description": stmt.excluded.description,
-                "default_next_run_in": stmt.excluded.default_next_run_in,
-                "queue": stmt.excluded.queue,
-                "interrupt_threshold": stmt.excluded.interrupt_threshold,
-                "update_time": stmt.excluded.update_time,
-            },
-        ).returning(*j.c)
-        with self._tx() as conn:
-            return JobRecord.from_row(conn.execute(stmt).one())
+        return self.define_job(definition, next_run_in=next_run_in)
+
+    def define_job(self, definition: JobDefinition, *, next_run_in: dt.timedelta | None = None) -> JobRecord:
+        """The upsert behind registration. A new job is first due at now + `next_run_in`, else at its
+        schedule's first slot (now for intervals), else now. An existing job keeps its next run unless its
+        schedule changed (then: the new schedule's next slot) or it is enabled again after being disabled
+        (then: its next slot after now, so it does not fire at once for the time it was off)."""
+        if next_run_in is not None and next_run_in < dt.timedelta(0):
+            raise ValueError(f"job {definition.name!r}: next_run_in must not be negative")
+        j = job_table
+        values = _definition_values(definition)
+        while True:
+            with self._tx() as conn:
+                now = self._db_now(conn)
+                query = select(j).where(j.c.name == definition.name)
+                if self._is_postgres:
+                    query = query.with_for_update()
+                row = conn.execute(query).first()
+                if row is None:
+                    if next_run_in is not None:
+                        first = now + next_run_in
+                    elif definition.schedule is not None:
+                        first = definition.schedule.first_slot(now)
+                    else:
+                        first = now
+                    inserted = conn.execute(
+                        self._insert(j)
+                        .values(
+                            name=definition.name, next_scheduled_run=first, create_time=now, update_time=now, **values
+                        )
+                        .on_conflict_do_nothing()
+                        .returning(*j.c)
+                    ).first()
+                    if inserted is None:
+                        continue  # registered concurrently by another process: update it instead
+                    return JobRecord.from_row(inserted)
+                current = JobRecord.from_row(row)
+                updates = dict(values)
+                nsr = current.next_scheduled_run
+                if definition.schedule != current.schedule and definition.schedule is not None:
+                    nsr = definition.schedule.next_after(now)
+                elif definition.enabled and not current.enabled and nsr < now:
+                    nsr = current.next_slot(now, nsr) or nsr  # on its cadence, anchored at the missed slot
+                if nsr != current.next_scheduled_run:
+                    updates["next_scheduled_run"] = nsr
+                changed = {k: v for k, v in updates.items() if row._mapping[k] != v}
+                if not changed:
+                    return current
+                changed["update_time"] = now
+                updated = conn.execute(
+                    update(j).where(j.c.name == definition.name).values(**changed).returning(*j.c)
+                ).one()
+                return JobRecord.from_row(updated)
+
+    def _db_now(self, conn: Connection) -> dt.datetime:
+        value = conn.execute(select(self._now())).scalar_one()
+        assert isinstance(value, dt.datetime)
+        return value
 
     def lookup_job(self, name: str) -> JobRecord:
         with self._tx() as conn:
@@ -317,6 +455,14 @@ class JobRepository:
         if row is None:
             raise JobNotFound(name)
         return JobRecord.from_row(row)
+
+    def lookup_jobs(self, names: Sequence[str]) -> dict[str, JobRecord]:
+        """The named jobs that exist, by name (one query)."""
+        if not names:
+            return {}
+        with self._tx() as conn:
+            rows = conn.execute(select(job_table).where(job_table.c.name.in_(list(set(names))))).all()
+        return {row.name: JobRecord.from_row(row) for row in rows}
 
     def list_jobs(self) -> list[JobRecord]:
         with self._tx() as conn:
@@ -351,14 +497,24 @@ class JobRepository:
                 conn.execute(select(func.pg_notify(WAKEUP_CHANNEL, name)))
         return JobRecord.from_row(row)
 
-    def next_due_in(self) -> float | None:
-        """Seconds until the earliest enabled job without an active run is due (<= 0: due now); None when
-        there is none. One indexed query: this is what an idle beat tick costs."""
+    def _claimable(self) -> ColumnElement[bool]:
+        """An enabled, unpaused job with a free slot (at most `max_active` queued or running runs)."""
         j, r = job_table, run_table
-        active = exists().where(r.c.job_name == j.c.name, r.c.status.in_(ACTIVE_STATES))
+        active_count = (
+            select(func.count())
+            .where(r.c.job_name == j.c.name, r.c.status.in_(ACTIVE_STATES), r.c.slot >= 0)
+            .correlate(j)
+            .scalar_subquery()
+        )
+        return and_(j.c.enabled, ~j.c.paused, active_count < j.c.max_active)
+
+    def next_due_in(self) -> float | None:
+        """Seconds until the earliest claimable job is due (<= 0: due now); None when there is none. One
+        indexed query: this is what an idle beat tick costs."""
+        j = job_table
         stmt = (
             select(j.c.next_scheduled_run, self._now().label("now"))
-            .where(j.c.enabled, ~active)
+            .where(self._claimable())
             .order_by(j.c.next_scheduled_run)
             .limit(1)
         )
@@ -374,51 +530,137 @@ class JobRepository:
 
     def run_jobs(self, server_id: str, limit: int) -> list[RunRecord]:
         """Claim up to `limit` due jobs in one statement: a `queued` run for each, earliest due first, then by
-        name. Jobs with an active run are skipped; the unique partial index plus ON CONFLICT DO NOTHING makes
-        concurrent claims by several beats safe (DESIGN 2)."""
+        name. Jobs without a free slot are skipped; the unique partial index on (job, slot) plus ON CONFLICT
+        DO NOTHING makes concurrent claims by several beats safe (DESIGN 2).
+
+        In the same transaction: jobs with the `skip` misfire policy that are later than their grace are
+        moved to their next slot instead of running, and jobs that advance when claimed (plain tasks,
+        `max_active` > 1) get their next slot."""
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         j, r = job_table, run_table
         now = self._now()
-        active = exists().where(r.c.job_name == j.c.name, r.c.status.in_(ACTIVE_STATES))
-        due = (
-            select(
-                j.c.name,
-                literal(QUEUED, String),
-                j.c.queue,
-                literal(server_id, String),
-                now,
-                now,
-            )
-            .where(j.c.enabled, j.c.next_scheduled_run <= now, ~active)
-            .order_by(j.c.next_scheduled_run, j.c.name)
-            .limit(limit)
-        )
-        stmt = (
-            self._insert(r)
-            .from_select(["job_name", "status", "queue", "claimed_by", "create_time", "update_time"], due)
-            .on_conflict_do_nothing()
-            .returning(*r.c)
-        )
         with self._tx() as conn:
-            rows = conn.execute(stmt).all()
-        return sorted((RunRecord.from_row(row) for row in rows), key=lambda run: run.id)
+            self._skip_misfired(conn, limit)
+            slot_taken = exists().where(r.c.job_name == j.c.name, r.c.status.in_(ACTIVE_STATES), r.c.slot == 0)
+            r2 = run_table.alias("r2")
+            next_free = (
+                select(func.min(r.c.slot + 1))
+                .where(
+                    r.c.job_name == j.c.name,
+                    r.c.status.in_(ACTIVE_STATES),
+                    ~exists().where(
+                        r2.c.job_name == j.c.name, r2.c.status.in_(ACTIVE_STATES), r2.c.slot == r.c.slot + 1
+                    ),
+                )
+                .correlate(j)
+                .scalar_subquery()
+            )
+            slot = case((j.c.max_active == 1, 0), (~slot_taken, 0), else_=next_free)
+            due = (
+                select(
+                    j.c.name,
+                    literal(QUEUED, String),
+                    j.c.queue,
+                    literal(server_id, String),
+                    now,
+                    now,
+                    j.c.kind,
+                    slot,
+                    func.coalesce(j.c.retry_slot, j.c.next_scheduled_run),
+                )
+                .where(j.c.next_scheduled_run <= now, self._claimable())
+                .order_by(j.c.next_scheduled_run, j.c.name)
+                .limit(limit)
+            )
+            columns = [
+                "job_name", "status", "queue", "claimed_by", "create_time", "update_time", "kind", "slot",
+                "scheduled_for",
+            ]  # fmt: skip
+            rows = conn.execute(
+                self._insert(r).from_select(columns, due).on_conflict_do_nothing().returning(*r.c)
+            ).all()
+            runs = sorted((RunRecord.from_row(row) for row in rows), key=lambda run: run.id)
+            self._advance_claimed(conn, runs)
+        return runs
+
+    def _skip_misfired(self, conn: Connection, limit: int) -> None:
+        j = job_table
+        grace = func.coalesce(j.c.misfire_grace, DEFAULT_MISFIRE_GRACE.total_seconds())
+        rows = conn.execute(
+            select(j)
+            .where(
+                j.c.misfire == MISFIRE_SKIP,
+                j.c.next_scheduled_run < self._now(-grace),
+                self._claimable(),
+            )
+            .limit(limit)
+        ).all()
+        if not rows:
+            return
+        now = self._db_now(conn)
+        for row in rows:
+            job = JobRecord.from_row(row)
+            slot = job.next_slot(now, job.next_scheduled_run)
+            if slot is not None:
+                conn.execute(update(j).where(j.c.name == job.name).values(next_scheduled_run=slot))
+
+    def _advance_claimed(self, conn: Connection, runs: Sequence[RunRecord]) -> None:
+        """Plain tasks and overlapping jobs: the claim itself moves the job to its next slot (fixed cadence;
+        one catch-up at most, never a burst of missed slots)."""
+        j = job_table
+        candidates = {run.job_name: run for run in runs}
+        if not candidates:
+            return
+        rows = conn.execute(
+            select(j).where(j.c.name.in_(list(candidates)), or_(j.c.kind == KIND_TASK, j.c.max_active > 1))
+        ).all()
+        if not rows:
+            return
+        now = self._db_now(conn)
+        for row in rows:
+            job = JobRecord.from_row(row)
+            run = candidates[job.name]
+            slot = job.next_slot(now, run.scheduled_for)
+            if slot is not None:
+                conn.execute(update(j).where(j.c.name == job.name).values(next_scheduled_run=slot))
 
     # -- runs: transitions ----------------------------------------------------------------------------
 
     def start_run(self, run_id: int, worker: str, task_id: str | None = None) -> RunRecord:
-        """`queued -> running`, or InvalidRunState: the one gate that makes a run start at most once."""
-        r = run_table
+        """`queued -> running`, or InvalidRunState: the one gate that makes a run start at most once. A run
+        whose job `expires` and whose slot + expires has passed ends `interrupted` (expired) instead."""
+        r, j = run_table, job_table
         now = self._now()
+        expires = select(j.c.expires).where(j.c.name == r.c.job_name).scalar_subquery()
+        not_expired = or_(
+            expires.is_(None),
+            # Counted from the claim, which is the slot itself or, for a catch-up run after downtime, the moment
+            # the slot was taken up: a catch-up run must not expire before it could start.
+            r.c.create_time >= self._now(-expires),
+        )
+        expired = None
         with self._tx() as conn:
             row = conn.execute(
                 update(r)
-                .where(r.c.id == run_id, r.c.status == QUEUED)
+                .where(r.c.id == run_id, r.c.status == QUEUED, not_expired)
                 .values(status=RUNNING, worker=worker, task_id=task_id, start_time=now, update_time=now)
                 .returning(*r.c)
             ).first()
             if row is None:
-                self._run_or_raise(conn, run_id, QUEUED)
+                expired = conn.execute(
+                    update(r)
+                    .where(r.c.id == run_id, r.c.status == QUEUED)
+                    .values(status=INTERRUPTED, end_time=now, error=f"{EXPIRED}: not started before its slot + expires")
+                    .returning(*r.c)
+                ).first()
+                if expired is None:
+                    self._run_or_raise(conn, run_id, QUEUED)
+                else:
+                    self._skip_slot(conn, RunRecord.from_row(expired))
+        if expired is not None:
+            # Raised after the commit: raising inside the transaction would roll the expiry back.
+            raise InvalidRunState(run_id, INTERRUPTED, QUEUED)
         assert row is not None
         return RunRecord.from_row(row)
 
@@ -478,44 +720,69 @@ class JobRepository:
         assert row is not None
         return RunRecord.from_row(row)
 
-    def _schedule_next(self, conn: Connection, run: RunRecord, delay: dt.timedelta, *, failed: bool) -> None:
+    def _job(self, conn: Connection, name: str) -> JobRecord | None:
+        query = select(job_table).where(job_table.c.name == name)
+        if self._is_postgres:
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        return None if row is None else JobRecord.from_row(row)
+
+    def _schedule_next(self, conn: Connection, run: RunRecord, when: dt.datetime, *, failed: bool) -> None:
         j = job_table
-        when: ColumnElement[Any] = self._now(delay.total_seconds())
         if run.requested_next_run is not None:
-            when = least(when, literal(run.requested_next_run, j.c.next_scheduled_run.type))
+            when = min(when, run.requested_next_run)
         conn.execute(
             update(j)
             .where(j.c.name == run.job_name)
             .values(
                 next_scheduled_run=when,
                 failure_count=j.c.failure_count + 1 if failed else 0,
+                retry_slot=func.coalesce(j.c.retry_slot, literal(run.scheduled_for, UTCDateTime())) if failed else None,
             )
         )
 
-    def complete_run(self, run_id: int, next_run_in: dt.timedelta, *, progress: JobStatus | None = None) -> RunRecord:
-        """`running -> completed`; the job is next due at now + next_run_in (or a pull-in made meanwhile)."""
-        if next_run_in < dt.timedelta(0):
+    def complete_run(
+        self, run_id: int, next_run_in: dt.timedelta | None = None, *, progress: JobStatus | None = None
+    ) -> RunRecord:
+        """`running -> completed`. The job is next due at now + `next_run_in` when the job gave a delay
+        (relative to completion, as in Boundary); with None, at its next slot after now on its fixed cadence
+        (counted from the slot this run was for). A pull-in made meanwhile wins if earlier."""
+        if next_run_in is not None and next_run_in < dt.timedelta(0):
             raise ValueError(f"next_run_in must not be negative, got {next_run_in}")
         with self._tx() as conn:
             run = self._end_run(conn, run_id, COMPLETED, (RUNNING,), progress=progress)
-            self._schedule_next(conn, run, next_run_in, failed=False)
+            job = self._job(conn, run.job_name)
+            if job is None:
+                return run
+            now = self._db_now(conn)
+            if next_run_in is not None:
+                when = now + next_run_in
+            elif job.advances_at_claim:
+                when = job.next_scheduled_run  # moved when the run was claimed
+            else:
+                when = job.next_slot(now, run.scheduled_for or now) or now + self.retry_backoff[1]
+            self._schedule_next(conn, run, when, failed=False)
         return run
 
-    def _retry_delay(self, conn: Connection, job_name: str) -> dt.timedelta:
-        j = job_table
-        query = select(j.c.failure_count, j.c.default_next_run_in).where(j.c.name == job_name)
-        if self._is_postgres:
-            query = query.with_for_update()
-        row = conn.execute(query).first()
-        if row is None:
-            return dt.timedelta(0)
-        return backoff_delay(row.failure_count + 1, self.retry_backoff, _delta(row.default_next_run_in))
+    def _retry_at(self, conn: Connection, run: RunRecord) -> dt.datetime:
+        """Exponential backoff (the job's own, else the global), never later than the job's next slot."""
+        job = self._job(conn, run.job_name)
+        now = self._db_now(conn)
+        if job is None:
+            return now
+        slot = job.next_slot(now, run.scheduled_for or now)
+        ceiling = None if slot is None else slot - now
+        delay = backoff_delay(job.failure_count + 1, job.retry_backoff or self.retry_backoff, ceiling)
+        when = now + delay
+        if job.advances_at_claim:
+            when = min(when, job.next_scheduled_run)
+        return when
 
     def fail_run(self, run_id: int, error: str, *, progress: JobStatus | None = None) -> RunRecord:
         """`queued|running -> failed` with the error text; the job is retried after the backoff (DESIGN 7)."""
         with self._tx() as conn:
             run = self._end_run(conn, run_id, FAILED, ACTIVE_STATES, error=error or "failed", progress=progress)
-            self._schedule_next(conn, run, self._retry_delay(conn, run.job_name), failed=True)
+            self._schedule_next(conn, run, self._retry_at(conn, run), failed=True)
         return run
 
     def interrupt_run(self, run_id: int, reason: str = CANCELLED, detail: str = "") -> RunRecord:
@@ -525,7 +792,7 @@ class JobRepository:
                 conn, run_id, INTERRUPTED, ACTIVE_STATES, error=f"{reason}: {detail}" if detail else reason
             )
             if reason == STALLED:
-                self._schedule_next(conn, run, self._retry_delay(conn, run.job_name), failed=True)
+                self._schedule_next(conn, run, self._retry_at(conn, run), failed=True)
         return run
 
     def interrupt_runs(
@@ -549,6 +816,8 @@ class JobRepository:
             per_job = select(j.c.interrupt_threshold).where(j.c.name == r.c.job_name).scalar_subquery()
             condition = and_(
                 r.c.status.in_(ACTIVE_STATES),
+                # A tracked plain task reports no progress: its liveness is its worker's (interrupt_orphaned).
+                or_(r.c.kind != KIND_TASK, r.c.status == QUEUED),
                 r.c.update_time < self._now(-func.coalesce(per_job, default)),
             )
             reason = reason or STALLED
@@ -572,13 +841,176 @@ class JobRepository:
             runs = [RunRecord.from_row(row) for row in rows]
             if reason == STALLED:
                 for run in runs:
-                    self._schedule_next(conn, run, self._retry_delay(conn, run.job_name), failed=True)
+                    self._schedule_next(conn, run, self._retry_at(conn, run), failed=True)
         return runs
 
-    def dispatch_run(self, run_id: int) -> RunRecord:
-        """`queued -> dispatched`: sent to a worker that will not report back (final)."""
+    def expire_runs(self) -> list[RunRecord]:
+        """End `interrupted` (expired) the queued runs whose job sets `expires` and whose slot + expires has
+        passed: better not at all than late."""
+        r, j = run_table, job_table
+        expires = select(j.c.expires).where(j.c.name == r.c.job_name).scalar_subquery()
         with self._tx() as conn:
-            return self._end_run(conn, run_id, DISPATCHED, (QUEUED,))
+            rows = conn.execute(
+                update(r)
+                .where(
+                    r.c.status == QUEUED,
+                    expires.is_not(None),
+                    r.c.create_time < self._now(-expires),
+                )
+                .values(
+                    status=INTERRUPTED, end_time=self._now(), error=f"{EXPIRED}: not started before its slot + expires"
+                )
+                .returning(*r.c)
+            ).all()
+            runs = [RunRecord.from_row(row) for row in rows]
+            for run in runs:
+                self._skip_slot(conn, run)
+        return runs
+
+    def _skip_slot(self, conn: Connection, run: RunRecord) -> None:
+        """The run of this slot will not happen (expired, cancelled): a job rescheduled when its run ends (not at
+        claim) moves to its next slot; left due at that slot it would be claimed again at once for it."""
+        job = self._job(conn, run.job_name)
+        if job is None or job.advances_at_claim:
+            return
+        now = self._db_now(conn)
+        when = job.next_slot(now, run.scheduled_for or now) or now
+        if run.requested_next_run is not None:
+            when = min(when, run.requested_next_run)
+        conn.execute(update(job_table).where(job_table.c.name == job.name).values(next_scheduled_run=when))
+
+    def dispatch_run(self, run_id: int, task_id: str | None = None) -> RunRecord:
+        """`queued -> dispatched`: a plain task was sent; its outcome is unknown unless a worker with the
+        tracking signals reports it (final; never blocks the job's next slot). A tracking worker may have
+        started (or even finished) the task before the beat gets here: then the run is left as it is."""
+        r = run_table
+        values: dict[str, Any] = {"status": DISPATCHED, "end_time": self._now()}
+        if task_id is not None:
+            values["task_id"] = task_id
+        j = job_table
+        with self._tx() as conn:
+            row = conn.execute(
+                update(r).where(r.c.id == run_id, r.c.status == QUEUED).values(**values).returning(*r.c)
+            ).first()
+            if row is None:
+                row = conn.execute(select(r).where(r.c.id == run_id)).first()
+                if row is None or row.kind != KIND_TASK or row.status not in (RUNNING, COMPLETED, FAILED):
+                    self._run_or_raise(conn, run_id, QUEUED)
+            assert row is not None
+            # Sent: whatever failed to publish before is behind it.
+            conn.execute(update(j).where(j.c.name == row.job_name).values(failure_count=0, retry_slot=None))
+        return RunRecord.from_row(row)
+
+    # -- plain tasks tracked on workers ---------------------------------------------------------------
+
+    def track_start(self, run_id: int, worker: str, task_id: str | None) -> RunRecord:
+        """A worker with the tracking signals started a dispatched plain task: `dispatched -> running` (or
+        `queued -> running` when the message beat the beat's own `dispatched` mark to the worker).
+        It takes no slot (slot = -id), so it never blocks the entry's next slot, as under stock beat."""
+        r = run_table
+        now = self._now()
+        with self._tx() as conn:
+            row = conn.execute(
+                update(r)
+                .where(r.c.id == run_id, r.c.status.in_((QUEUED, DISPATCHED)), r.c.kind == KIND_TASK)
+                .values(
+                    status=RUNNING,
+                    worker=worker,
+                    task_id=task_id,
+                    start_time=now,
+                    update_time=now,
+                    end_time=None,
+                    slot=-r.c.id,
+                )
+                .returning(*r.c)
+            ).first()
+            if row is None:
+                self._run_or_raise(conn, run_id, DISPATCHED)
+        assert row is not None
+        return RunRecord.from_row(row)
+
+    def track_end(self, run_id: int, error: str | None = None) -> RunRecord:
+        """The tracked plain task ended: `running -> completed`, or `failed` with its error."""
+        with self._tx() as conn:
+            if error is None:
+                return self._end_run(conn, run_id, COMPLETED, (RUNNING,))
+            return self._end_run(conn, run_id, FAILED, (RUNNING,), error=error)
+
+    def heartbeat(self, server_id: str, kind: str, hostname: str, pid: int) -> None:
+        """Record that a worker (or beat) is alive now."""
+        s = server_table
+        now = self._now()
+        stmt = self._insert(s).values(
+            id=server_id, kind=kind, hostname=hostname, pid=pid, start_time=now, last_seen=now
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[s.c.id], set_={"last_seen": stmt.excluded.last_seen, "pid": stmt.excluded.pid}
+        )
+        with self._tx() as conn:
+            conn.execute(stmt)
+
+    def interrupt_orphaned(self, threshold: dt.timedelta | None = None) -> list[RunRecord]:
+        """Tracked plain tasks whose worker has not been seen for the threshold end `interrupted`."""
+        r, s = run_table, server_table
+        limit = (threshold or self.interrupt_threshold).total_seconds()
+        alive = exists().where(s.c.id == r.c.worker, s.c.last_seen >= self._now(-limit))
+        with self._tx() as conn:
+            rows = conn.execute(
+                update(r)
+                .where(r.c.kind == KIND_TASK, r.c.status == RUNNING, ~alive, r.c.start_time < self._now(-limit))
+                .values(status=INTERRUPTED, end_time=self._now(), error=f"{STALLED}: its worker stopped answering")
+                .returning(*r.c)
+            ).all()
+        return [RunRecord.from_row(row) for row in rows]
+
+    # -- operator controls ----------------------------------------------------------------------------
+
+    def set_paused(self, name: str, paused: bool) -> JobRecord:
+        """Pause (never claimed) or resume a job. Resuming moves a job whose slot passed while it was paused
+        to its next slot after now: it does not fire at once for the time it was off."""
+        j = job_table
+        with self._tx() as conn:
+            job = self._job(conn, name)
+            if job is None:
+                raise JobNotFound(name)
+            values: dict[str, Any] = {"paused": paused}
+            now = self._db_now(conn)
+            if not paused and job.paused and job.next_scheduled_run < now:
+                slot = job.next_slot(now, job.next_scheduled_run)  # on its cadence, not now + interval
+                if slot is not None:
+                    values["next_scheduled_run"] = slot
+            row = conn.execute(update(j).where(j.c.name == name).values(**values).returning(*j.c)).one()
+        return JobRecord.from_row(row)
+
+    def cancel_active_runs(self, name: str) -> list[RunRecord]:
+        """Interrupt (cancelled) the job's queued and running runs; the worker cancels the job's context."""
+        r = run_table
+        with self._tx() as conn:
+            if self._job(conn, name) is None:
+                raise JobNotFound(name)
+            rows = conn.execute(
+                update(r)
+                .where(r.c.job_name == name, r.c.status.in_(ACTIVE_STATES))
+                .values(status=INTERRUPTED, end_time=self._now(), error=f"{CANCELLED}: by an operator")
+                .returning(*r.c)
+            ).all()
+            runs = [RunRecord.from_row(row) for row in rows]
+            for run in runs:
+                self._skip_slot(conn, run)  # cancelled means not now: not claimed again at once
+        return runs
+
+    def disable_jobs_not_in(self, kind: str, names: Sequence[str]) -> list[str]:
+        """Disable the jobs of `kind` that are not in `names` (entries removed from beat_schedule); their
+        history stays."""
+        j = job_table
+        with self._tx() as conn:
+            rows = conn.execute(
+                update(j)
+                .where(j.c.kind == kind, j.c.enabled, j.c.name.not_in(list(names)))
+                .values(enabled=False, update_time=self._now())
+                .returning(j.c.name)
+            ).all()
+        return sorted(row[0] for row in rows)
 
     # -- history ----------------------------------------------------------------------------------------
 

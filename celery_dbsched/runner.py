@@ -169,21 +169,23 @@ class ProgressMonitor(threading.Thread):
         self.ctx.cancel(reason)
 
 
-def next_delay(job: Job, ctx: JobContext, fallback: dt.timedelta) -> dt.timedelta:
-    """DESIGN 6: the job's own delay; if asking raises, log it and use the configured default."""
+def next_delay(job: Job, ctx: JobContext) -> dt.timedelta | None:
+    """DESIGN 6: the job's own delay (relative to now); None means its schedule's next slot. If asking
+    raises, the error is logged and the job's configured cadence is used."""
     if ctx.next_run_in is not None:
         return ctx.next_run_in
     try:
         delay: object = job.next_run_in()
+        if delay is None:
+            return None
         if not isinstance(delay, dt.timedelta):
             raise TypeError(f"next_run_in() returned {delay!r}, not a timedelta")
         if delay < dt.timedelta(0):
             raise ValueError(f"next_run_in() returned a negative delay {delay}")
         return delay
     except Exception:
-        default = job.every if job.every is not None else fallback
-        logger.exception("job %r: next_run_in() failed; next run in %s (its default)", job.name, default)
-        return default
+        logger.exception("job %r: next_run_in() failed; using its schedule or `every`", job.name)
+        return None
 
 
 def execute_run(
@@ -194,7 +196,6 @@ def execute_run(
     *,
     task_id: str | None = None,
     monitor_interval: float = 30.0,
-    fallback_delay: dt.timedelta = dt.timedelta(hours=1),
 ) -> RunRecord | None:
     """Start, run and finish one run. Returns the final run, or None when the message was dropped because
     the run was not `queued` (a duplicate delivery, an expired or unknown run: DESIGN 3)."""
@@ -234,7 +235,7 @@ def execute_run(
         monitor.stop()
         if ctx.cancelled:
             return _finish_interrupted(repository, job, ctx)
-        delay = next_delay(job, ctx, fallback_delay)
+        delay = next_delay(job, ctx)
         return _finish(
             "completing the run",
             ctx,

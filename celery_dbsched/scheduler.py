@@ -14,12 +14,14 @@ from typing import Any
 
 from celery import beat
 
+from .beat_schedule import sync_beat_schedule
 from .errors import DatabaseError, DatabaseUnavailable
 from .migrate import prepare_schema
 from .registry import existing_registry
-from .repository import JobRepository, RunRecord, repository_for
+from .repository import JobRecord, JobRepository, RunRecord, repository_for
+from .schema import KIND_TASK
 from .settings import Settings
-from .worker import RUN_TASK_NAME
+from .worker import RUN_ID_HEADER, RUN_TASK_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +48,13 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
     # -- Celery's scheduler interface -------------------------------------------------------------------
 
     def setup_schedule(self) -> None:
-        """At start: prepare the schema, register the jobs this app knows, end the runs a previous life of
-        this server id left queued. A database that is down is waited for; a wrong schema is fatal."""
+        """At start: prepare the schema, register the jobs this app knows and its `beat_schedule` entries,
+        end the runs a previous life of this server id left queued. A database that is down is waited for;
+        a wrong schema or a bad entry is fatal."""
         try:
             self._prepare()
         except DatabaseUnavailable as exc:
             logger.error("celery_dbsched: database unavailable at start, will keep trying: %s", exc)
-        ignored = sorted(name for name in self.app.conf.beat_schedule or {})
-        if ignored:
-            logger.warning(
-                "celery_dbsched: beat_schedule entries are not dispatched by this scheduler yet: %s",
-                ", ".join(ignored),
-            )
 
     def _prepare(self) -> JobRepository:
         repository = repository_for(self.app, self.settings)
@@ -65,6 +62,9 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         registry = existing_registry(self.app)
         if registry is not None:
             registry.sync(repository)
+        entries = sync_beat_schedule(self.app, repository)
+        if entries:
+            logger.info("celery_dbsched: %d beat_schedule entries: %s", len(entries), ", ".join(entries))
         left = repository.interrupt_runs(server_id=self.server_id)
         if left:
             logger.warning("ended %d run(s) that %s claimed but left queued", len(left), self.server_id)
@@ -141,43 +141,72 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         return min(sleep, max(self._next_monitor - time.monotonic(), MIN_SLEEP))
 
     def _publish(self, runs: list[RunRecord]) -> None:
+        tasks = self.repository.lookup_jobs([run.job_name for run in runs if run.kind == KIND_TASK])
         broker_error: Exception | None = None
         for run in runs:
             if broker_error is None:
                 try:
-                    self._send(run)
+                    if run.kind == KIND_TASK:
+                        self._send_task(run, tasks.get(run.job_name))
+                    else:
+                        self._send(run)
                     continue
                 except Exception as exc:
                     broker_error = exc
-                    logger.error("celery_dbsched: could not publish run %s of job %r: %s", run.id, run.job_name, exc)
+                    logger.error("celery_dbsched: could not publish run %s of %r: %s", run.id, run.job_name, exc)
             try:
                 self.repository.fail_run(run.id, f"not published: {broker_error!r}")
             except DatabaseError as exc:
                 logger.error("could not end unpublished run %s (%s); the monitor will", run.id, exc)
 
+    def _queue_options(self, queue: str | None) -> dict[str, Any]:
+        if not queue:
+            return {}
+        options: dict[str, Any] = {"queue": queue}
+        if queue not in self._declared_queues:
+            options["declare"] = [self.app.amqp.queues[queue]]
+        return options
+
     def _send(self, run: RunRecord) -> None:
-        options: dict[str, Any] = {}
-        if run.queue:
-            options["queue"] = run.queue
-            if run.queue not in self._declared_queues:
-                queue = self.app.amqp.queues[run.queue]
-                options["declare"] = [queue]
         self.app.send_task(
             RUN_TASK_NAME,
             args=[run.id, run.job_name],
             producer=self.producer,
             serializer="json",
-            **options,
+            **self._queue_options(run.queue),
         )
         if run.queue:
             self._declared_queues.add(run.queue)
+
+    def _send_task(self, run: RunRecord, job: JobRecord | None) -> None:
+        """A beat_schedule entry: its own task, args, kwargs and options, as stock beat sends it, plus a
+        header naming the run (for workers that track runs). The run is then `dispatched`."""
+        if job is None or not job.task:
+            self.repository.fail_run(run.id, f"{run.job_name!r} has no task to send")
+            return
+        options = dict(job.task_options)
+        queue = options.pop("queue", None)
+        headers = dict(options.pop("headers", None) or {})
+        headers[RUN_ID_HEADER] = run.id
+        result = self.app.send_task(
+            job.task,
+            args=list(job.task_args),
+            kwargs=dict(job.task_kwargs),
+            producer=self.producer,
+            headers=headers,
+            **options,
+            **self._queue_options(queue),
+        )
+        if queue:
+            self._declared_queues.add(queue)
+        self.repository.dispatch_run(run.id, getattr(result, "id", None))
 
     def _maybe_monitor(self) -> None:
         now = time.monotonic()
         if now < self._next_monitor:
             return
         repository = self.repository
-        for run in repository.interrupt_runs():
+        for run in repository.interrupt_runs() + repository.expire_runs() + repository.interrupt_orphaned():
             logger.warning("run %s of job %r interrupted: %s", run.id, run.job_name, run.error)
         if now >= self._next_prune:
             pruned = repository.prune_runs(self.settings.run_retention)

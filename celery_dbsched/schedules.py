@@ -1,9 +1,9 @@
 """When a job runs: intervals, crontabs and solar events, stored with the job as a small JSON spec.
 
 The beat and the workers compute the next slot from the stored spec (never from job code), on the database
-clock. Crontabs run on wall-clock time in their zone, each matching wall time once: one that a spring
-transition skips runs shifted by the gap (02:30 -> 03:30), one that an autumn transition repeats runs at its
-first occurrence only.
+clock. Crontabs run on wall-clock time in their zone: a wall time that a spring transition skips runs
+shifted by the gap (02:30 -> 03:30); one that an autumn transition repeats runs once, at its first
+occurrence, unless the crontab runs every hour (then each real hour runs, as cron does).
 """
 
 from __future__ import annotations
@@ -167,14 +167,24 @@ class CrontabSchedule(Schedule):
     def next_after(self, after: dt.datetime, anchor: dt.datetime | None = None) -> dt.datetime:
         zone = parse_timezone(self.timezone)
         local_after = after.astimezone(zone).replace(tzinfo=None)
+        every_hour = len(self._sets()[1]) == 24
+        best: dt.datetime | None = None
+        best_wall: dt.datetime | None = None
         for wall in self._wall_times(local_after.date() - dt.timedelta(days=1)):
             if wall < local_after - dt.timedelta(hours=3):
                 continue
-            # fold=0: a repeated (autumn) wall time maps to its first occurrence, a skipped (spring) one to
-            # the instant after the gap; each wall time yields one slot, so nothing doubles or vanishes.
-            slot = wall.replace(tzinfo=zone, fold=0).astimezone(UTC)
-            if slot > after:
-                return slot
+            if best_wall is not None and wall > best_wall + dt.timedelta(hours=3):
+                return best  # type: ignore[return-value]
+            # fold=0: a wall time the spring jump skips maps past the gap, a repeated autumn one to its first
+            # occurrence. A crontab that runs every hour also runs in the repeated hour (each real hour once,
+            # as cron does for wildcard hours); one at fixed hours runs once.
+            folds = (0, 1) if every_hour else (0,)
+            for fold in folds:
+                slot = wall.replace(tzinfo=zone, fold=fold).astimezone(UTC)
+                if slot > after and (best is None or slot < best):
+                    best, best_wall = slot, wall
+        if best is not None:
+            return best
         raise ValueError(f"crontab {self.expression!r} has no slot within {_MAX_SEARCH_DAYS} days")
 
 
@@ -208,13 +218,17 @@ class SolarSchedule(Schedule):
         observer.lat = str(self.latitude)
         observer.lon = str(self.longitude)
         observer.elevation = 0
+        # As Celery's solar: the horizons already include refraction, so ephem must not add its own.
+        observer.pressure = 0
         observer.horizon = solar._horizons[self.event]
         method = getattr(observer, solar._methods[self.event])
         use_center = solar._use_center_l[self.event]
         # Step just past `after` so an event exactly at `after` is not returned again.
         observer.date = ephem.Date((after + dt.timedelta(seconds=1)).astimezone(UTC).replace(tzinfo=None))
         try:
-            found = method(ephem.Sun(), start=observer.date, use_center=use_center)
+            # As Celery: only rising/setting take use_center, and only when it is set (transits do not).
+            kwargs = {"use_center": True} if use_center else {}
+            found = method(ephem.Sun(), start=observer.date, **kwargs)
         except (ephem.AlwaysUpError, ephem.NeverUpError):
             # Polar day or night: look again a day later, like Celery's solar schedule.
             return self.next_after(after + dt.timedelta(days=1), anchor)

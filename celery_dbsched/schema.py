@@ -25,6 +25,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    false,
     true,
 )
 from sqlalchemy.engine import Dialect
@@ -44,6 +45,15 @@ RUN_STATES = ACTIVE_STATES + FINAL_STATES
 
 NAME_MAX_LENGTH = 128
 QUEUE_MAX_LENGTH = 255
+
+# What a job is: code registered with @job/register_job that runs in our wrapper task ("job"), or a plain
+# Celery task from beat_schedule that the beat sends as it is ("task").
+KIND_JOB = "job"
+KIND_TASK = "task"
+
+MISFIRE_RUN_ONCE = "run_once"
+MISFIRE_SKIP = "skip"
+MISFIRE_POLICIES = (MISFIRE_RUN_ONCE, MISFIRE_SKIP)
 
 UTC = dt.timezone.utc
 
@@ -100,6 +110,26 @@ def _db_now_sqlite(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
     return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', printf('%+.3f seconds', {offset}))"
 
 
+class db_time_at(FunctionElement[dt.datetime]):
+    """A given time plus an offset in seconds, computed like `db_now` (used when a test freezes the clock)."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+    name = "db_time_at"
+
+
+@compiles(db_time_at, "postgresql")
+def _db_time_at_postgresql(element: db_time_at, compiler: SQLCompiler, **kw: Any) -> str:
+    base, offset = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"(CAST({base} AS timestamptz) + make_interval(secs => {offset}))"
+
+
+@compiles(db_time_at, "sqlite")
+def _db_time_at_sqlite(element: db_time_at, compiler: SQLCompiler, **kw: Any) -> str:
+    base, offset = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"strftime('%Y-%m-%d %H:%M:%f000', {base}, printf('%+.3f seconds', {offset}))"
+
+
 class least(FunctionElement[dt.datetime]):
     """The earlier of two times (`least` on PostgreSQL, scalar `min` on SQLite)."""
 
@@ -134,6 +164,23 @@ job_table = Table(
     Column("enabled", Boolean, nullable=False, server_default=true()),
     Column("create_time", UTCDateTime, nullable=False),
     Column("update_time", UTCDateTime, nullable=False),
+    # Added by revision 0002 (schedules, beat_schedule entries, per-job policies):
+    Column("kind", String(16), nullable=False, server_default=KIND_JOB),
+    Column("schedule", Text, nullable=True),  # JSON spec (celery_dbsched.schedules); NULL: delay-driven
+    Column("task", String(255), nullable=True),  # kind "task": the Celery task to send
+    Column("task_args", Text, nullable=True),  # JSON
+    Column("task_kwargs", Text, nullable=True),  # JSON
+    Column("task_options", Text, nullable=True),  # JSON: queue, routing_key, priority, expires, headers
+    Column("misfire", String(16), nullable=False, server_default=MISFIRE_RUN_ONCE),
+    Column("misfire_grace", Float, nullable=True),  # seconds
+    Column("max_active", Integer, nullable=False, server_default="1"),
+    Column("retry_backoff_base", Float, nullable=True),  # seconds; NULL: the global setting
+    Column("retry_backoff_cap", Float, nullable=True),
+    Column("expires", Float, nullable=True),  # seconds after its slot a queued run may still start
+    Column("paused", Boolean, nullable=False, server_default=false()),
+    # The slot a failed run was for, while it is retried: retries are late runs of that slot, so the job's
+    # cadence stays on its grid (NULL when not retrying).
+    Column("retry_slot", UTCDateTime, nullable=True),
     CheckConstraint("length(name) > 0", name="dbsched_job_name_not_empty"),
 )
 Index("dbsched_job_due", job_table.c.next_scheduled_run)
@@ -162,6 +209,10 @@ run_table = Table(
     Column("start_time", UTCDateTime, nullable=True),
     Column("update_time", UTCDateTime, nullable=False),
     Column("end_time", UTCDateTime, nullable=True),
+    # Added by revision 0002:
+    Column("kind", String(16), nullable=False, server_default=KIND_JOB),
+    Column("slot", Integer, nullable=False, server_default="0"),  # 0..max_active-1 while active
+    Column("scheduled_for", UTCDateTime, nullable=True),  # the job's due time this run was claimed for
     CheckConstraint(
         "status in ('queued', 'running', 'completed', 'failed', 'interrupted', 'dispatched')",
         name="dbsched_job_run_status_valid",
@@ -170,10 +221,12 @@ run_table = Table(
     sqlite_autoincrement=True,  # run ids are never reused after pruning: a late message never names a newer run
 )
 _active = run_table.c.status.in_(ACTIVE_STATES)
-# DESIGN 2: the database, not a process, guarantees one active run per job.
+# DESIGN 2: the database, not a process, guarantees one active run per job (per slot, for jobs that opt
+# into max_active > 1).
 Index(
-    "dbsched_job_run_one_active",
+    "dbsched_job_run_active_slot",
     run_table.c.job_name,
+    run_table.c.slot,
     unique=True,
     postgresql_where=_active,
     sqlite_where=_active,
@@ -186,3 +239,14 @@ Index(
 )
 Index("dbsched_job_run_job", run_table.c.job_name, run_table.c.id)
 Index("dbsched_job_run_end", run_table.c.end_time)
+
+server_table = Table(
+    "dbsched_server",
+    metadata,
+    Column("id", String(255), primary_key=True),
+    Column("kind", String(16), nullable=False),  # "worker" or "beat"
+    Column("hostname", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("start_time", UTCDateTime, nullable=False),
+    Column("last_seen", UTCDateTime, nullable=False),
+)

@@ -21,6 +21,8 @@ DEFAULT_MONITOR_INTERVAL = dt.timedelta(seconds=30)
 DEFAULT_INTERRUPT_THRESHOLD = dt.timedelta(minutes=5)
 DEFAULT_RETRY_BACKOFF = (dt.timedelta(seconds=10), dt.timedelta(hours=1))
 DEFAULT_RUN_RETENTION = dt.timedelta(days=7)
+# A slot that is later than this counts as missed for the `skip` misfire policy (per job: misfire_grace).
+DEFAULT_MISFIRE_GRACE = dt.timedelta(minutes=1)
 
 MAX_DURATION = dt.timedelta(days=36500)
 MAX_RUN_JOBS_LIMIT = 100_000

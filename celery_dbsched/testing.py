@@ -42,7 +42,10 @@ class TestScheduler:
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, app: Any, database_url: str | None = None, **options: Any) -> None:
+    def __init__(
+        self, app: Any, database_url: str | None = None, *, now: dt.datetime | None = None, **options: Any
+    ) -> None:
+        """`now` freezes the database clock from the start (see `freeze`)."""
         self.app = app
         self._tmpdir: str | None = None
         conf = {key: app.conf.get(key) for key in app.conf if str(key).startswith("dbsched_")}
@@ -67,6 +70,8 @@ class TestScheduler:
             )
             try:
                 migrate(self.repository.engine)
+                if now is not None:
+                    self.freeze(now)
                 self.registry = registry_for(app)
                 self.registry.sync(self.repository)
             except BaseException:
@@ -111,7 +116,6 @@ class TestScheduler:
                     run.id,
                     self.worker_id,
                     monitor_interval=self.settings.monitor_interval.total_seconds(),
-                    fallback_delay=self.settings.retry_backoff[1],
                 )
                 finished.append(result if result is not None else self.repository.lookup_run(run.id))
             if len(claimed) < self.settings.run_jobs_limit:
@@ -130,7 +134,6 @@ class TestScheduler:
             run_id,
             self.worker_id,
             monitor_interval=self.settings.monitor_interval.total_seconds(),
-            fallback_delay=self.settings.retry_backoff[1],
         )
 
     def advance(self, delta: dt.timedelta | float) -> None:
@@ -139,6 +142,13 @@ class TestScheduler:
         if seconds < 0:
             raise ValueError("the clock only moves forward")
         self.repository.clock_shift += dt.timedelta(seconds=seconds)
+
+    def freeze(self, at: dt.datetime) -> None:
+        """Stop the database clock at `at` (aware); `advance` then moves it. For schedule math at exact times."""
+        if at.tzinfo is None:
+            raise ValueError("freeze() needs an aware datetime")
+        self.repository.clock_shift = dt.timedelta(0)
+        self.repository.frozen_now = at
 
     def monitor(self) -> list[RunRecord]:
         """One pass of the beat's monitor: interrupt stalled runs."""

@@ -24,6 +24,7 @@ from .settings import Settings, default_server_id
 logger = logging.getLogger(__name__)
 
 RUN_TASK_NAME = "celery_dbsched.run_job"
+RUN_ID_HEADER = "dbsched_run_id"  # on plain tasks sent for beat_schedule entries
 # Not SIGUSR1/SIGUSR2: billiard resets those (and the other terminating signals) to its own exit handler in
 # each pool child after worker_process_init, so a child would die instead of cancelling its run. SIGURG is
 # left alone and ignored by default, so a child that has not installed our handler yet is not hurt by it.
@@ -61,7 +62,6 @@ def _run_job(task: Any, run_id: object, job_name: object = None) -> str | None:
         worker,
         task_id=task.request.id,
         monitor_interval=settings.monitor_interval.total_seconds(),
-        fallback_delay=settings.retry_backoff[1],
     )
     return None if result is None else result.status
 

@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 
 from celery import Celery
+from celery.schedules import crontab
 
 from celery_dbsched.transport import filesystem_broker_settings
 
 DATA_DIR = Path(os.environ.get("EXAMPLE_DATA_DIR", ".example_data")).resolve()
 
-app = Celery("example_proj", include=["example_proj.jobs"])
+app = Celery("example_proj", include=["example_proj.jobs", "example_proj.tasks"])
 
 broker_url = os.environ.get("EXAMPLE_BROKER_URL")
 if broker_url:
@@ -34,6 +35,19 @@ app.conf.update(
     dbsched_interrupt_threshold=60,
     dbsched_retry_backoff=(2, 30),
     beat_scheduler="celery_dbsched.Scheduler",
+    # A stock beat_schedule keeps working: each entry becomes a database job of its own.
+    beat_schedule={
+        "example.rotate_logs": {"task": "example_proj.tasks.rotate_logs", "schedule": 5.0, "args": (3,)},
+        "example.nightly_report": {
+            "task": "example_proj.tasks.rotate_logs",
+            "schedule": crontab(minute=0, hour=2),
+            "args": (30,),
+            "options": {"dbsched": {"misfire": "skip"}},
+        },
+    },
+    # The one line that lets workers report how beat_schedule runs end (else they stay "dispatched").
+    imports=["celery_dbsched.tracking"],
+    timezone="Europe/Berlin",
     task_serializer="json",
     accept_content=["json"],
     worker_hijack_root_logger=True,

@@ -6,6 +6,8 @@ import datetime as dt
 import itertools
 import logging
 
+from celery.schedules import crontab
+
 from celery_dbsched import Job, JobContext, JobStatus, job, register_job
 
 from .celery_app import app
@@ -53,6 +55,12 @@ def stuck_export(ctx: JobContext) -> None:
         pass
     logger.warning("stuck_export cancelled: %s", ctx.cancel_reason)
     ctx.check_cancelled()
+
+
+@job(app, name="example.minutely_digest", schedule=crontab())
+def minutely_digest(ctx: JobContext) -> None:
+    """Sends a digest at the start of every minute (a crontab in the app's timezone)."""
+    ctx.progress(1, 1)
 
 
 class DatabaseVacuum(Job):

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import pytest
+from procs import processes  # noqa: F401 - the fixture of real celery worker/beat subprocesses, for every module
 from sqlalchemy import create_engine, text
 
 from celery_dbsched.migrate import migrate

@@ -108,7 +108,7 @@ def test_jobs_lists_names_next_runs_and_descriptions(database: Database) -> None
     repository.upsert_job("cleanup", "Deletes old files", default_next_run_in=dt.timedelta(seconds=60))
     result = ok(dbsched(database.url, "jobs"))
     lines = result.stdout.strip().splitlines()
-    assert lines[0].split() == ["NAME", "ENABLED", "NEXT", "RUN", "EVERY", "QUEUE", "FAILURES", "DESCRIPTION"]
+    assert lines[0].split() == ["NAME", "STATE", "NEXT", "RUN", "SCHEDULE", "QUEUE", "FAILURES", "DESCRIPTION"]
     assert [line.split()[0] for line in lines[1:]] == ["cleanup", "reports.daily"]  # by name
 
     def next_run(name: str) -> str:
@@ -117,10 +117,11 @@ def test_jobs_lists_names_next_runs_and_descriptions(database: Database) -> None
 
     cleanup, daily = lines[1], lines[2]
     assert next_run("cleanup") in cleanup and " due " in cleanup
-    assert re.search(r"\b60s\s+-\s+0\s+Deletes old files$", cleanup), cleanup
+    assert re.search(r"\benabled\b", cleanup), cleanup
+    assert re.search(r"\bevery 60s\s+-\s+0\s+Deletes old files$", cleanup), cleanup
     assert next_run("reports.daily") in daily
     assert re.search(r"in 3[56]\d\ds", daily), daily
-    assert re.search(r"\b86400s\s+reports\s+0\s+Builds the daily report$", daily), daily
+    assert re.search(r"\bevery 86400s\s+reports\s+0\s+Builds the daily report$", daily), daily
 
 
 # --- runs ---------------------------------------------------------------------------------------------------

@@ -287,16 +287,24 @@ def seconds(a: dt.datetime, b: dt.datetime) -> float:
 
 
 def assert_runs_spaced(runs: Sequence[RunRecord], every: float, *, lateness: float = LATENESS) -> None:
-    """Each run was claimed when its job was next due: no earlier than `every` after the previous run ended
-    (never twice per due time), and not much later either (never skipped)."""
+    """Each run was claimed when its job was due, once per due time: its slot (`scheduled_for`) is at least
+    `every` after the previous run's slot (a fixed cadence for `every`; for a job that returns its delay the
+    slot is counted from the previous end, which is later still), it was never claimed before its slot, and
+    not much after its slot or the previous run's end, whichever is later (never skipped)."""
     for previous, run in itertools.pairwise(runs):
         assert previous.end_time is not None, f"run {previous.id} is {previous.status} but a later run exists"
-        gap = seconds(previous.end_time, run.create_time)
-        assert gap >= every - CLOCK_TOLERANCE, f"run {run.id} claimed {gap:.3f}s after run {previous.id} ended"
-        assert gap <= every + lateness, f"run {run.id} claimed {gap:.3f}s after run {previous.id} ended"
+        assert run.scheduled_for is not None and previous.scheduled_for is not None
+        step = seconds(previous.scheduled_for, run.scheduled_for)
+        assert step >= every - CLOCK_TOLERANCE, f"run {run.id} is for a slot {step:.3f}s after run {previous.id}'s"
+        early = seconds(run.create_time, run.scheduled_for)
+        assert early <= CLOCK_TOLERANCE, f"run {run.id} claimed {early:.3f}s before its slot"
+        due = max(run.scheduled_for, previous.end_time)
+        late = seconds(due, run.create_time)
+        assert late <= lateness, f"run {run.id} claimed {late:.3f}s after it was due"
     if len(runs) > 1:
-        elapsed = seconds(runs[0].create_time, runs[-1].create_time)
-        assert len(runs) <= elapsed / every + 1, f"{len(runs)} runs in {elapsed:.2f}s with an interval of {every}s"
+        assert runs[0].scheduled_for is not None and runs[-1].scheduled_for is not None
+        elapsed = seconds(runs[0].scheduled_for, runs[-1].scheduled_for)
+        assert len(runs) <= elapsed / every + 1 + CLOCK_TOLERANCE, f"{len(runs)} runs for slots {elapsed:.2f}s apart"
 
 
 def quick(name: str, every: float, **spec: Any) -> dict[str, Any]:
@@ -421,8 +429,9 @@ def test_a_pull_in_runs_a_job_again_promptly(cluster: Cluster) -> None:
     # Pulled in after its run: due again at once instead of in 300 s.
     first = cluster.wait_run("e2e.idle", lambda run: run.status == "completed")
     job = cluster.repo.lookup_job("e2e.idle")
-    assert first.end_time is not None
-    assert seconds(first.end_time, job.next_scheduled_run) == pytest.approx(300, abs=CLOCK_TOLERANCE)
+    assert first.end_time is not None and first.scheduled_for is not None
+    # A fixed cadence: its slot + 300 s.
+    assert seconds(first.scheduled_for, job.next_scheduled_run) == pytest.approx(300, abs=CLOCK_TOLERANCE)
     before = cluster.repo.database_now()
     update_job_next_run_in_at_least(app, "e2e.idle", 0)
     second = cluster.wait_run("e2e.idle", lambda run: run.id > first.id and run.status == "completed", timeout=30)

@@ -820,11 +820,24 @@ def test_fail_run_backs_off_exponentially_up_to_the_cap(repository: JobRepositor
     assert repository.lookup_job("j").failure_count == 5
 
 
-def test_fail_run_retries_no_later_than_the_jobs_own_interval(repository: JobRepository) -> None:
+def test_fail_run_retries_no_later_than_the_jobs_next_slot(repository: JobRepository) -> None:
+    """Backoff 10, 20, 40 s for a job every 30 s: never later than its next slot on its grid, which retries
+    of the same slot do not move."""
     repository.retry_backoff = (dt.timedelta(seconds=10), HOUR)
+    repository.frozen_now = repository.database_now()
+    start = repository.frozen_now
     add_job(repository, "j", default_next_run_in=dt.timedelta(seconds=30))
-    delays = [_fail_once(repository, "j") for _ in range(4)]
-    _assert_delays(delays, [10, 20, 30, 30])
+    slots = []
+    for _ in range(3):
+        run = repository.start_run(claim_one(repository, "j").id, "w")
+        assert run.scheduled_for == start  # every retry is a late run of the first slot
+        repository.fail_run(run.id, "boom")
+        slots.append(repository.lookup_job("j").next_scheduled_run - start)
+        repository.frozen_now = repository.lookup_job("j").next_scheduled_run
+    assert slots == [dt.timedelta(seconds=10), dt.timedelta(seconds=30), dt.timedelta(seconds=60)]
+    run = repository.start_run(claim_one(repository, "j").id, "w")
+    repository.complete_run(run.id)
+    assert repository.lookup_job("j").next_scheduled_run == start + dt.timedelta(seconds=90)  # back on the grid
 
 
 def test_fail_run_with_a_zero_base_retries_at_once(repository: JobRepository) -> None:

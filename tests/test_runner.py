@@ -210,18 +210,20 @@ def test_a_failing_next_run_in_falls_back_to_every(repository: JobRepository, ne
     assert_delay(repository, done, dt.timedelta(minutes=7))
 
 
-def test_a_failing_next_run_in_without_every_uses_the_fallback(repository: JobRepository) -> None:
+def test_a_failing_next_run_in_without_every_uses_the_backoff_cap(repository: JobRepository) -> None:
+    repository.retry_backoff = (dt.timedelta(seconds=5), dt.timedelta(minutes=11))
     job = Recorder(next_run=RuntimeError("no idea"))
     run = claim(repository, job)
-    done = execute(repository, {job.name: job}, run.id, fallback_delay=dt.timedelta(minutes=11))
+    done = execute(repository, {job.name: job}, run.id)
     assert done is not None and done.status == "completed"
     assert_delay(repository, done, dt.timedelta(minutes=11))
 
 
-def test_a_function_job_without_every_returning_none_uses_the_fallback(repository: JobRepository) -> None:
+def test_a_function_job_without_every_returning_none_uses_the_backoff_cap(repository: JobRepository) -> None:
+    repository.retry_backoff = (dt.timedelta(seconds=5), dt.timedelta(minutes=13))
     job = FunctionJob(lambda ctx: None, name="f", description="f", every=None, queue=None, interrupt_threshold=None)
     run = claim(repository, job)
-    done = execute(repository, {job.name: job}, run.id, fallback_delay=dt.timedelta(minutes=13))
+    done = execute(repository, {job.name: job}, run.id)
     assert done is not None and done.status == "completed"
     assert_delay(repository, done, dt.timedelta(minutes=13))
 

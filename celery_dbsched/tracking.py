@@ -1,0 +1,127 @@
+"""Run tracking for plain tasks sent for `beat_schedule` entries, on workers that opt in with one line:
+
+    app.conf.imports = [..., "celery_dbsched.tracking"]      # or: import celery_dbsched.tracking
+
+Workers without it run the tasks as they always did; their runs stay `dispatched`. With it, Celery's task
+signals move the run `running` when the task starts and `completed`/`failed` when it ends, and the worker
+writes a heartbeat: a run whose worker stops answering for the interrupt threshold ends `interrupted`.
+Tasks may report progress with `celery_dbsched.progress(completed, total)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import traceback
+from typing import Any
+
+from celery import current_task, signals
+
+from .errors import DbschedError
+from .job import JobStatus
+from .repository import repository_for
+from .worker import RUN_ID_HEADER, _settings
+
+logger = logging.getLogger(__name__)
+
+
+def _run_id(task: Any) -> int | None:
+    request = getattr(task, "request", None)
+    value = getattr(request, RUN_ID_HEADER, None)
+    if value is None:
+        headers = getattr(request, "headers", None) or {}
+        value = headers.get(RUN_ID_HEADER)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    return value
+
+
+def _on_task_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
+    run_id = _run_id(task)
+    if run_id is None:
+        return
+    try:
+        repository_for(task.app, _settings(task.app)).track_start(
+            run_id, task.request.hostname or socket.gethostname(), task_id
+        )
+    except DbschedError as exc:
+        logger.warning("run %s of %s not tracked: %s", run_id, task.name, exc)
+
+
+def _on_task_success(sender: Any = None, **kwargs: Any) -> None:
+    _end(sender, None)
+
+
+def _on_task_failure(sender: Any = None, exception: BaseException | None = None, **kwargs: Any) -> None:
+    text = "".join(traceback.format_exception(exception)).strip() if exception is not None else "failed"
+    _end(sender, text)
+
+
+def _end(task: Any, error: str | None) -> None:
+    run_id = _run_id(task)
+    if run_id is None:
+        return
+    try:
+        repository_for(task.app, _settings(task.app)).track_end(run_id, error)
+    except DbschedError as exc:
+        logger.warning("run %s of %s: end not recorded: %s", run_id, getattr(task, "name", "?"), exc)
+
+
+def progress(completed: int, total: int) -> None:
+    """From inside a tracked plain task: record its progress now (a no-op outside such a task)."""
+    status = JobStatus(completed, total)
+    task = current_task
+    run_id = _run_id(task) if task else None
+    if run_id is None:
+        return
+    try:
+        repository_for(task.app, _settings(task.app)).update_progress(run_id, status.completed, status.total)
+    except DbschedError as exc:
+        logger.warning("run %s: progress not recorded: %s", run_id, exc)
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, app: Any, hostname: str, interval: float) -> None:
+        super().__init__(name="dbsched-heartbeat", daemon=True)
+        self.app, self.hostname, self.interval = app, hostname, interval
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        failing = False
+        while True:
+            try:
+                repository_for(self.app, _settings(self.app)).heartbeat(
+                    self.hostname, "worker", socket.gethostname(), os.getpid()
+                )
+                failing = False
+            except DbschedError as exc:
+                if not failing:
+                    logger.warning("celery_dbsched heartbeat not written (%s); retrying", exc)
+                failing = True
+            if self.stopped.wait(self.interval):
+                return
+
+
+_heartbeats: list[_Heartbeat] = []
+
+
+def _on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
+    app, hostname = sender.app, sender.hostname
+    interval = min(_settings(app).monitor_interval, _settings(app).interrupt_threshold / 3).total_seconds()
+    heartbeat = _Heartbeat(app, hostname, interval)
+    heartbeat.start()
+    _heartbeats.append(heartbeat)
+
+
+def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
+    for heartbeat in _heartbeats:
+        heartbeat.stopped.set()
+
+
+signals.task_prerun.connect(_on_task_prerun, weak=False)
+signals.task_success.connect(_on_task_success, weak=False)
+signals.task_failure.connect(_on_task_failure, weak=False)
+signals.worker_ready.connect(_on_worker_ready, weak=False)
+signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)
