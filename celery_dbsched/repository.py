@@ -842,6 +842,16 @@ class JobRepository:
             if reason == STALLED:
                 for run in runs:
                     self._schedule_next(conn, run, self._retry_at(conn, run), failed=True)
+            elif runs:
+                # Due again at once. Other jobs still are (their next run moves when a run ends); a job whose
+                # schedule moved on when the run was claimed (plain tasks, max_active > 1) is brought back, so
+                # the slot a dead beat claimed but never sent is not lost (DESIGN 4).
+                j = job_table
+                conn.execute(
+                    update(j)
+                    .where(j.c.name.in_({run.job_name for run in runs}), or_(j.c.kind == KIND_TASK, j.c.max_active > 1))
+                    .values(next_scheduled_run=least(j.c.next_scheduled_run, self._now()))
+                )
         return runs
 
     def expire_runs(self) -> list[RunRecord]:

@@ -492,3 +492,18 @@ def test_worker_that_starts_the_task_before_the_beat_marks_it_dispatched_still_t
     assert repository.lookup_run(run_id).status == "completed"
     [message] = drain(beats.queue)  # type: ignore[attr-defined]
     assert message.run_id == run_id
+
+
+def test_a_slot_claimed_by_a_beat_that_died_before_sending_it_is_not_lost(database: Database) -> None:
+    """A plain task's schedule moves on when it is claimed; if its beat dies before publishing and restarts
+    with the same server id, the run it left queued is ended and the entry is due again at once."""
+    repository = database.migrated_repository()
+    repository.upsert_job("entry", "beat_schedule: t", kind="task", task="t", schedule=IntervalSchedule(3600))
+    [claimed] = repository.run_jobs("beat-1", 10)
+    assert repository.lookup_job("entry").next_scheduled_run > repository.database_now()  # moved on at claim
+    [ended] = repository.interrupt_runs(server_id="beat-1")  # the beat's restart
+    assert ended.id == claimed.id and ended.status == "interrupted"
+    due_in = repository.next_due_in()
+    assert due_in is not None and due_in <= 0
+    [again] = repository.run_jobs("beat-1", 10)
+    assert again.job_name == "entry" and again.id > claimed.id
