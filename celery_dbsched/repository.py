@@ -309,6 +309,9 @@ class JobRepository:
         # without sleeping); `frozen_now` replaces it with a fixed time (schedule math at exact instants).
         self.clock_shift = dt.timedelta(0)
         self.frozen_now: dt.datetime | None = None
+        # PostgreSQL: a job whose next run is set within this many seconds of now wakes the sleeping beats
+        # (NOTIFY); beats sleep at most their run-jobs interval anyway, so later ones need no wake-up.
+        self.wake_within: float | None = None
         self._is_postgres = self.engine.dialect.name == "postgresql"
 
     def __repr__(self) -> str:
@@ -425,6 +428,7 @@ class JobRepository:
                     ).first()
                     if inserted is None:
                         continue  # registered concurrently by another process: update it instead
+                    self._wake_if_soon(conn, definition.name, first, now)
                     return JobRecord.from_row(inserted)
                 current = JobRecord.from_row(row)
                 updates = dict(values)
@@ -727,7 +731,9 @@ class JobRepository:
         row = conn.execute(query).first()
         return None if row is None else JobRecord.from_row(row)
 
-    def _schedule_next(self, conn: Connection, run: RunRecord, when: dt.datetime, *, failed: bool) -> None:
+    def _schedule_next(
+        self, conn: Connection, run: RunRecord, when: dt.datetime, *, failed: bool, now: dt.datetime | None = None
+    ) -> None:
         j = job_table
         if run.requested_next_run is not None:
             when = min(when, run.requested_next_run)
@@ -740,6 +746,12 @@ class JobRepository:
                 retry_slot=func.coalesce(j.c.retry_slot, literal(run.scheduled_for, UTCDateTime())) if failed else None,
             )
         )
+        if now is not None:
+            self._wake_if_soon(conn, run.job_name, when, now)
+
+    def _wake_if_soon(self, conn: Connection, name: str, when: dt.datetime, now: dt.datetime) -> None:
+        if self._is_postgres and self.wake_within is not None and (when - now).total_seconds() < self.wake_within:
+            conn.execute(select(func.pg_notify(WAKEUP_CHANNEL, name)))
 
     def complete_run(
         self, run_id: int, next_run_in: dt.timedelta | None = None, *, progress: JobStatus | None = None
@@ -761,13 +773,17 @@ class JobRepository:
                 when = job.next_scheduled_run  # moved when the run was claimed
             else:
                 when = job.next_slot(now, run.scheduled_for or now) or now + self.retry_backoff[1]
-            self._schedule_next(conn, run, when, failed=False)
+            self._schedule_next(conn, run, when, failed=False, now=now)
         return run
 
-    def _retry_at(self, conn: Connection, run: RunRecord) -> dt.datetime:
+    def _retry(self, conn: Connection, run: RunRecord) -> None:
+        """Schedule the retry of a failed or stalled run (and wake the beats if it is soon)."""
+        now = self._db_now(conn)
+        self._schedule_next(conn, run, self._retry_at(conn, run, now), failed=True, now=now)
+
+    def _retry_at(self, conn: Connection, run: RunRecord, now: dt.datetime) -> dt.datetime:
         """Exponential backoff (the job's own, else the global), never later than the job's next slot."""
         job = self._job(conn, run.job_name)
-        now = self._db_now(conn)
         if job is None:
             return now
         slot = job.next_slot(now, run.scheduled_for or now)
@@ -782,7 +798,7 @@ class JobRepository:
         """`queued|running -> failed` with the error text; the job is retried after the backoff (DESIGN 7)."""
         with self._tx() as conn:
             run = self._end_run(conn, run_id, FAILED, ACTIVE_STATES, error=error or "failed", progress=progress)
-            self._schedule_next(conn, run, self._retry_at(conn, run), failed=True)
+            self._retry(conn, run)
         return run
 
     def interrupt_run(self, run_id: int, reason: str = CANCELLED, detail: str = "") -> RunRecord:
@@ -792,7 +808,7 @@ class JobRepository:
                 conn, run_id, INTERRUPTED, ACTIVE_STATES, error=f"{reason}: {detail}" if detail else reason
             )
             if reason == STALLED:
-                self._schedule_next(conn, run, self._retry_at(conn, run), failed=True)
+                self._retry(conn, run)
         return run
 
     def interrupt_runs(
@@ -841,7 +857,7 @@ class JobRepository:
             runs = [RunRecord.from_row(row) for row in rows]
             if reason == STALLED:
                 for run in runs:
-                    self._schedule_next(conn, run, self._retry_at(conn, run), failed=True)
+                    self._retry(conn, run)
             elif runs:
                 # Due again at once. Other jobs still are (their next run moves when a run ends); a job whose
                 # schedule moved on when the run was claimed (plain tasks, max_active > 1) is brought back, so
@@ -1083,6 +1099,8 @@ def repository_for(app: Any, settings: Any = None) -> JobRepository:
                 interrupt_threshold=resolved.interrupt_threshold,
                 retry_backoff=resolved.retry_backoff,
             )
+            if resolved.listen:
+                repository.wake_within = resolved.run_jobs_interval.total_seconds()
             _repositories[key] = repository
         return repository
 

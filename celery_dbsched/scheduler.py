@@ -18,9 +18,10 @@ from .beat_schedule import sync_beat_schedule
 from .errors import DatabaseError, DatabaseUnavailable
 from .migrate import prepare_schema
 from .registry import existing_registry
-from .repository import JobRecord, JobRepository, RunRecord, repository_for
+from .repository import WAKEUP_CHANNEL, JobRecord, JobRepository, RunRecord, repository_for
 from .schema import KIND_TASK
 from .settings import Settings
+from .wakeup import Wakeup
 from .worker import RUN_ID_HEADER, RUN_TASK_NAME
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         self._db_failing_since: float | None = None
         self._db_backoff = 0.0
         self._declared_queues: set[str] = set()
+        self._wakeup: Wakeup | None = None
         self._closed = False
         super().__init__(app, *args, lazy=lazy, **kwargs)
 
@@ -69,6 +71,8 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         if left:
             logger.warning("ended %d run(s) that %s claimed but left queued", len(left), self.server_id)
         self._repository = repository
+        if self.settings.listen and self._wakeup is None:
+            self._wakeup = Wakeup(repository.engine)
         return repository
 
     @property
@@ -87,7 +91,20 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             logger.warning("celery_dbsched: database back after %.1fs", time.monotonic() - self._db_failing_since)
             self._db_failing_since = None
             self._db_backoff = 0.0
-        return sleep
+        return self._sleep(sleep)
+
+    def _sleep(self, seconds: float) -> float:
+        """On PostgreSQL, do the sleeping here, on LISTEN, so that a NOTIFY ends it at once; Celery's loop
+        then only sleeps MIN_SLEEP. Elsewhere return the time for Celery's loop to sleep."""
+        if self._wakeup is None or seconds <= MIN_SLEEP:
+            return seconds
+        logger.debug("celery_dbsched: sleeping up to %.2fs on LISTEN %s", seconds, WAKEUP_CHANNEL)
+        woken = self._wakeup.wait(seconds)
+        if woken is None:
+            return seconds
+        if woken:
+            logger.debug("celery_dbsched: woken by a notification")
+        return MIN_SLEEP
 
     def sync(self) -> None:
         """Nothing to save: every change is written when it happens."""
@@ -96,6 +113,8 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         if self._closed:
             return
         self._closed = True
+        if self._wakeup is not None:
+            self._wakeup.close()
         super().close()
 
     @property

@@ -151,6 +151,7 @@ class Settings:
     retry_backoff: tuple[dt.timedelta, dt.timedelta] = DEFAULT_RETRY_BACKOFF
     run_retention: dt.timedelta = DEFAULT_RUN_RETENTION
     auto_migrate: bool = True
+    listen: bool = True
 
     @classmethod
     def from_mapping(cls, conf: Mapping[str, Any]) -> Settings:
@@ -198,6 +199,7 @@ class Settings:
                 "dbsched_run_retention", get("dbsched_run_retention"), DEFAULT_RUN_RETENTION
             ),
             auto_migrate=parse_bool("dbsched_auto_migrate", get("dbsched_auto_migrate"), True),
+            listen=parse_bool("dbsched_listen", get("dbsched_listen"), True),
         )
 
     def beat_server_id(self) -> str:

@@ -374,7 +374,8 @@ def test_tick_sleeps_the_run_jobs_interval_when_nothing_is_due(
     database: Database, make_scheduler: SchedulerFactory
 ) -> None:
     repository = database.migrated_repository()
-    scheduler = make_scheduler(database.url, dbsched_run_jobs_interval=3)
+    # dbsched_listen off: this is about the sleep tick() computes, not about sleeping on LISTEN (below).
+    scheduler = make_scheduler(database.url, dbsched_run_jobs_interval=3, dbsched_listen=False)
     # An empty database, then jobs that are not due, then a due job whose run is still active: never 0.
     returns = [scheduler.tick() for _ in range(5)]
     repository.upsert_job("later", "not due", next_run_in=HOUR)
@@ -613,7 +614,9 @@ def test_database_outage_backs_off_and_logs_once(
     proxy = TcpProxy(_host_port(POSTGRES_URL, 5432))
     try:
         caplog.set_level(logging.DEBUG, logger="celery_dbsched")
-        scheduler = make_scheduler(_proxied_postgres(postgres_database, proxy), dbsched_run_jobs_interval=3)
+        scheduler = make_scheduler(
+            _proxied_postgres(postgres_database, proxy), dbsched_run_jobs_interval=3, dbsched_listen=False
+        )
         assert scheduler.tick() == pytest.approx(3)
 
         proxy.down()
@@ -789,11 +792,6 @@ def test_celery_beat_with_bad_settings_exits_naming_the_key(
 
 @pytest.mark.e2e
 @pytest.mark.postgres
-@pytest.mark.xfail(
-    strict=True,
-    reason="run_now=True sends pg_notify('dbsched_wakeup') but no beat LISTENs on that channel: a sleeping beat "
-    "dispatches the pulled-in job only when its run-jobs interval ends",
-)
 def test_run_now_wakes_a_sleeping_beat(postgres_database: Database, tmp_path: Path, processes: Processes) -> None:  # noqa: F811
     repository = postgres_database.migrated_repository()
     repository.upsert_job("later", "due in an hour", next_run_in=HOUR)
@@ -803,7 +801,41 @@ def test_run_now_wakes_a_sleeping_beat(postgres_database: Database, tmp_path: Pa
         postgres_database.url, broker_dir, queue, dbsched_run_jobs_interval=120, dbsched_monitor_interval=120
     )
     beat = processes.start_beat("cli_app", env=env, scheduler="dbsched", loglevel="DEBUG")
-    beat.wait_for_log("beat: Waking up in", timeout=120)  # it has ticked and sleeps two minutes
+    beat.wait_for_log("sleeping up to 1", timeout=120)  # it has ticked and sleeps up to two minutes, on LISTEN
+    woken = time.monotonic()
     repository.update_job_next_run_in_at_least("later", dt.timedelta(0), run_now=True)
     messages = drain(_reader(broker_dir, queue), queue, 1, timeout=20, quiet=0.1)
     assert [m.args[1] for m in messages] == ["later"]
+    assert time.monotonic() - woken < 10  # not the two minutes of its interval
+
+
+@pytest.mark.postgres
+def test_on_postgres_tick_sleeps_on_listen_and_a_notify_ends_it(
+    postgres_database: Database, make_scheduler: SchedulerFactory
+) -> None:
+    scheduler = make_scheduler(postgres_database.url, dbsched_run_jobs_interval=5)
+    repository = postgres_database.migrated_repository()
+    repository.upsert_job("later", "due in an hour", next_run_in=HOUR)
+    began = time.monotonic()
+    assert scheduler.tick() == pytest.approx(0.01)  # it slept the interval itself, on LISTEN
+    assert time.monotonic() - began >= 4.5
+
+    done: list[float] = []
+    thread = threading.Thread(target=lambda: done.append(scheduler.tick()))
+    thread.start()
+    wait_for(lambda: scheduler._wakeup is not None and scheduler._wakeup._connection is not None, 10)
+    # Listening from here on: a NOTIFY that comes before the wait is queued on the connection and ends it too.
+    notified = time.monotonic()
+    repository.update_job_next_run_in_at_least("later", dt.timedelta(0), run_now=True)
+    thread.join(10)
+    assert done and time.monotonic() - notified < 1.0  # woken, not after the 5 s interval
+
+
+def test_on_sqlite_tick_returns_the_sleep_for_celery(
+    sqlite_database: Database, make_scheduler: SchedulerFactory
+) -> None:
+    scheduler = make_scheduler(sqlite_database.url, dbsched_run_jobs_interval=3)
+    sqlite_database.migrated_repository().upsert_job("later", "due in an hour", next_run_in=HOUR)
+    began = time.monotonic()
+    assert scheduler.tick() == pytest.approx(3, abs=0.1)
+    assert time.monotonic() - began < 2  # nothing to listen on: Celery's loop sleeps
