@@ -301,3 +301,11 @@ def test_settings_read_a_celery_app_conf() -> None:
 def test_a_lone_backoff_base_above_the_default_cap_raises_the_cap() -> None:
     settings = Settings.from_mapping({"dbsched_retry_backoff": 7200})
     assert settings.retry_backoff == (dt.timedelta(hours=2), dt.timedelta(hours=2))
+
+
+def test_listen_defaults_on_and_takes_booleans() -> None:
+    assert Settings.from_mapping({}).listen is True
+    assert Settings.from_mapping({"dbsched_listen": False}).listen is False
+    assert Settings.from_mapping({"dbsched_listen": "off"}).listen is False
+    with pytest.raises(ValueError, match="dbsched_listen"):
+        Settings.from_mapping({"dbsched_listen": "sometimes"})
