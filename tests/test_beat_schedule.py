@@ -315,6 +315,8 @@ def beats(database: Database) -> Iterator[BeatFactory]:
             dbsched_server_id=server_id,
             task_default_queue=queue,
             result_expires=None,
+            # Ticked in a loop on a frozen clock: tick() must return, not sleep on LISTEN until notified.
+            dbsched_listen=False,
             **conf,
         )
         repository = frozen_repository(database)

@@ -181,6 +181,8 @@ def make_scheduler() -> Iterator[SchedulerFactory]:
             broker_url="memory://",
             task_default_queue=f"q-{uuid.uuid4().hex[:12]}",
             dbsched_database_url=database_url,
+            # tick() returns its sleep instead of sleeping on LISTEN (PostgreSQL); the tests of that opt in.
+            dbsched_listen=False,
         )
         app.conf.update(conf)
         apps.append(app)
@@ -374,8 +376,7 @@ def test_tick_sleeps_the_run_jobs_interval_when_nothing_is_due(
     database: Database, make_scheduler: SchedulerFactory
 ) -> None:
     repository = database.migrated_repository()
-    # dbsched_listen off: this is about the sleep tick() computes, not about sleeping on LISTEN (below).
-    scheduler = make_scheduler(database.url, dbsched_run_jobs_interval=3, dbsched_listen=False)
+    scheduler = make_scheduler(database.url, dbsched_run_jobs_interval=3)
     # An empty database, then jobs that are not due, then a due job whose run is still active: never 0.
     returns = [scheduler.tick() for _ in range(5)]
     repository.upsert_job("later", "not due", next_run_in=HOUR)
@@ -813,7 +814,7 @@ def test_run_now_wakes_a_sleeping_beat(postgres_database: Database, tmp_path: Pa
 def test_on_postgres_tick_sleeps_on_listen_and_a_notify_ends_it(
     postgres_database: Database, make_scheduler: SchedulerFactory
 ) -> None:
-    scheduler = make_scheduler(postgres_database.url, dbsched_run_jobs_interval=5)
+    scheduler = make_scheduler(postgres_database.url, dbsched_run_jobs_interval=5, dbsched_listen=True)
     repository = postgres_database.migrated_repository()
     repository.upsert_job("later", "due in an hour", next_run_in=HOUR)
     began = time.monotonic()
@@ -834,7 +835,7 @@ def test_on_postgres_tick_sleeps_on_listen_and_a_notify_ends_it(
 def test_on_sqlite_tick_returns_the_sleep_for_celery(
     sqlite_database: Database, make_scheduler: SchedulerFactory
 ) -> None:
-    scheduler = make_scheduler(sqlite_database.url, dbsched_run_jobs_interval=3)
+    scheduler = make_scheduler(sqlite_database.url, dbsched_run_jobs_interval=3, dbsched_listen=True)
     sqlite_database.migrated_repository().upsert_job("later", "due in an hour", next_run_in=HOUR)
     began = time.monotonic()
     assert scheduler.tick() == pytest.approx(3, abs=0.1)
