@@ -256,14 +256,18 @@ class Cluster:
         return found
 
     def assert_started_once(self, runs: Sequence[RunRecord]) -> None:
-        """Every run that a worker started ran the job exactly once; no run that was never started did."""
+        """Every run that a worker started ran the job exactly once; no run that was never started did.
+
+        The runs may be a snapshot taken a moment ago, and the database says `running` a moment before the
+        job's first line writes its event: read the events first, then the run as it is now."""
         for run in runs:
-            if run.start_time is not None:
-                # The run turns `running` in the database a moment before the job's first line writes its event.
-                self.event(run.id, "start")
             starts = [e for e in self.events(run.id) if e["event"] == "start"]
-            expected = 0 if run.start_time is None else 1
-            assert len(starts) == expected, f"run {run.id} ({run.status}) started {len(starts)} times: {starts}"
+            now = self.repo.lookup_run(run.id)
+            if now.start_time is not None and not starts:
+                self.event(run.id, "start")
+                starts = [e for e in self.events(run.id) if e["event"] == "start"]
+            expected = 0 if now.start_time is None else 1
+            assert len(starts) == expected, f"run {run.id} ({now.status}) started {len(starts)} times: {starts}"
 
 
 @pytest.fixture
