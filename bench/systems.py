@@ -1,0 +1,558 @@
+"""One adapter per measured system: how to empty its store, fill it with N interval schedules, make them all
+due, build its beat scheduler, and add one due schedule while the beat runs.
+
+Schedules are named `bench.e<i>` everywhere. celery_dbsched is driven only through its public surface
+(`Scheduler(app=...)`, `JobRepository`, `dbsched_*` settings); the bulk setup of N jobs (not timed) clones a
+job stored by `JobRepository.upsert_job` with one INSERT ... SELECT so that whatever columns that row has
+are kept, and "make all due" is one UPDATE of `next_scheduled_run`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import os
+import types
+import uuid
+from typing import Any
+
+from .common import IDLE_AHEAD, INTERVAL, MAX_INTERVAL, TASK, Config, ensure_database
+
+UTC = dt.timezone.utc
+BATCH = 2000
+
+
+def entry_name(i: int) -> str:
+    return f"bench.e{i}"
+
+
+def base_app(name: str, broker: str, max_interval: float = MAX_INTERVAL, **conf: Any) -> Any:
+    from celery import Celery
+
+    app = Celery(name, set_as_current=True)
+    app.conf.update(
+        broker_url=broker,
+        timezone="UTC",
+        enable_utc=True,
+        task_default_queue="bench",
+        result_expires=None,  # no celery.backend_cleanup entry in the peers' schedules
+        beat_max_loop_interval=max_interval,
+        broker_connection_retry_on_startup=True,
+    )
+    app.conf.update(conf)
+    return app
+
+
+class System:
+    key = ""
+    label = ""
+    store = ""
+    modules: tuple[str, ...] = ()
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def missing(self) -> str | None:
+        """Why this system cannot be measured here (a module not installed), or None."""
+        for module in self.modules:
+            if importlib.util.find_spec(module) is None:
+                return f"{module} is not installed (pip install -e '.[bench]')"
+        return None
+
+    # in the parent, once per run
+    def prepare_store(self) -> None: ...
+
+    # in a subprocess
+    def reset(self) -> None: ...
+    def populate(self, n: int, due: bool) -> None: ...
+    def make_due(self) -> None: ...
+    def app(self, broker: str = "memory://", **conf: Any) -> Any: ...
+    def build(self, app: Any) -> Any: ...
+    def insert_due(self, app: Any, name: str) -> None: ...
+
+    # Settings for a scheduler whose tick() is timed: its work, not its wait (see Dbsched.tick_only).
+    tick_only: dict[str, Any] = {}
+
+    def start(self, scheduler: Any) -> None:
+        """What `celery beat` does after building the scheduler, before the first tick (beat_init)."""
+
+    def cleanup(self) -> None:
+        """Drop what the run created (the smoke test)."""
+
+
+# -- celery_dbsched --------------------------------------------------------------------------------------
+
+
+class Dbsched(System):
+    key = "dbsched"
+    label = "celery_dbsched"
+    store = "PostgreSQL"
+    modules = ("celery_dbsched", "psycopg")
+    # On PostgreSQL the scheduler sleeps inside tick(), on LISTEN, until the next job is due or a NOTIFY; the
+    # start-up, idle-tick and backlog-tick figures time the tick's work with listening off. Pickup, dispatch
+    # and wake-up run with the default (listening).
+    tick_only = {"dbsched_listen": False}
+
+    @property
+    def url(self) -> str:
+        return self.cfg.dbsched_url or self.cfg.pg_url("dbsched")
+
+    def prepare_store(self) -> None:
+        if not self.cfg.dbsched_url:
+            ensure_database(self.cfg, "dbsched")
+
+    def reset(self) -> None:
+        """Drop whatever tables the database has (so a schema change on a branch needs no edit here) and
+        migrate to the package's head."""
+        from sqlalchemy import MetaData
+
+        from celery_dbsched.migrate import migrate
+        from celery_dbsched.repository import make_engine
+
+        self.prepare_store()
+        engine = make_engine(self.url)
+        try:
+            existing = MetaData()
+            existing.reflect(engine)
+            existing.drop_all(engine)
+            migrate(engine)
+        finally:
+            engine.dispose()
+
+    def populate(self, n: int, due: bool) -> None:
+        from sqlalchemy import MetaData, Table, text
+
+        from celery_dbsched import JobRepository
+
+        repository = JobRepository(self.url)
+        try:
+            template = "bench.template"
+            repository.upsert_job(template, "benchmark job", default_next_run_in=dt.timedelta(seconds=INTERVAL))
+            job = Table("dbsched_job", MetaData(), autoload_with=repository.engine)
+            columns = [c.name for c in job.columns if c.name != "name"]
+            quoted = ", ".join(f'"{c}"' for c in columns)
+            picked = ", ".join(f't."{c}"' for c in columns)
+            offset = -1.0 if due else IDLE_AHEAD
+            with repository.engine.begin() as conn:
+                conn.execute(
+                    text(
+                        f"INSERT INTO dbsched_job (name, {quoted}) SELECT :prefix || g, {picked} "
+                        f"FROM dbsched_job t, generate_series(0, :n - 1) g WHERE t.name = :template"
+                    ),
+                    {"prefix": "bench.e", "n": n, "template": template},
+                )
+                conn.execute(text("DELETE FROM dbsched_job WHERE name = :t"), {"t": template})
+                conn.execute(
+                    text("UPDATE dbsched_job SET next_scheduled_run = now() + make_interval(secs => :s)"),
+                    {"s": offset},
+                )
+            with repository.engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE dbsched_job"))
+        finally:
+            repository.close()
+
+    def make_due(self) -> None:
+        from sqlalchemy import text
+
+        from celery_dbsched.repository import make_engine
+
+        engine = make_engine(self.url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "UPDATE dbsched_job SET next_scheduled_run = now() - interval '1 second' WHERE name LIKE 'bench.e%'"
+                    )
+                )
+            with engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE dbsched_job"))
+        finally:
+            engine.dispose()
+
+    def app(self, broker: str = "memory://", **conf: Any) -> Any:
+        return base_app(
+            f"bench-dbsched-{uuid.uuid4().hex[:6]}",
+            broker,
+            dbsched_database_url=self.url,
+            dbsched_server_id=f"bench-beat-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+            dbsched_run_jobs_interval=self.cfg.max_interval,
+            max_interval=self.cfg.max_interval,
+            **conf,
+        )
+
+    def build(self, app: Any) -> Any:
+        from celery_dbsched.scheduler import Scheduler
+
+        return Scheduler(app=app)
+
+    def insert_due(self, app: Any, name: str) -> None:
+        # The repository a worker registering its jobs at start uses (another app, so another engine and
+        # connection): on PostgreSQL it notifies the beats when the new job is due within their interval.
+        from celery_dbsched.repository import repository_for
+
+        if not hasattr(self, "_writer"):
+            self._writer = repository_for(self.app())
+        self._writer.upsert_job(name, "added while the beat runs", default_next_run_in=dt.timedelta(seconds=INTERVAL))
+
+    def cleanup(self) -> None:
+        if not self.cfg.dbsched_url:
+            from .common import drop_database
+
+            drop_database(self.cfg, "dbsched")
+
+
+# -- django-celery-beat ----------------------------------------------------------------------------------
+
+
+class DjangoBeat(System):
+    key = "django"
+    label = "django-celery-beat"
+    store = "PostgreSQL"
+    modules = ("django_celery_beat", "django", "psycopg")
+    _ready = False
+
+    def prepare_store(self) -> None:
+        ensure_database(self.cfg, "django", recreate=True)
+
+    def _setup(self) -> None:
+        if DjangoBeat._ready:
+            return
+        import django
+        from django.conf import settings
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.cfg.pg_url("django"))
+        settings.configure(
+            DATABASES={
+                "default": {
+                    "ENGINE": "django.db.backends.postgresql",
+                    "NAME": url.database,
+                    "USER": url.username or "postgres",
+                    "PASSWORD": url.password or "",
+                    "HOST": url.host or "127.0.0.1",
+                    "PORT": str(url.port or 5432),
+                }
+            },
+            INSTALLED_APPS=["django_celery_beat"],
+            USE_TZ=True,
+            TIME_ZONE="UTC",
+            DEFAULT_AUTO_FIELD="django.db.models.AutoField",
+        )
+        django.setup()
+        DjangoBeat._ready = True
+
+    def reset(self) -> None:
+        self._setup()
+        from django.core.management import call_command
+        from django.db import connection
+
+        call_command("migrate", "django_celery_beat", verbosity=0)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "TRUNCATE django_celery_beat_periodictask, django_celery_beat_intervalschedule, "
+                "django_celery_beat_periodictasks RESTART IDENTITY CASCADE"
+            )
+
+    def _interval(self) -> Any:
+        from django_celery_beat.models import IntervalSchedule
+
+        schedule, _ = IntervalSchedule.objects.get_or_create(every=int(INTERVAL), period=IntervalSchedule.SECONDS)
+        return schedule
+
+    def _last_run(self, due: bool) -> dt.datetime:
+        now = dt.datetime.now(UTC)
+        return now - dt.timedelta(seconds=2 * INTERVAL) if due else now + dt.timedelta(seconds=IDLE_AHEAD - INTERVAL)
+
+    def populate(self, n: int, due: bool) -> None:
+        self._setup()
+        from django.db import connection
+        from django_celery_beat.models import PeriodicTask, PeriodicTasks
+
+        interval = self._interval()
+        last = self._last_run(due)
+        for start in range(0, n, BATCH):
+            PeriodicTask.objects.bulk_create(
+                [
+                    PeriodicTask(
+                        name=entry_name(i),
+                        task=TASK,
+                        interval=interval,
+                        args=json.dumps([entry_name(i)]),
+                        last_run_at=last,
+                    )
+                    for i in range(start, min(n, start + BATCH))
+                ]
+            )
+        PeriodicTasks.update_changed()
+        with connection.cursor() as cursor:
+            cursor.execute("VACUUM ANALYZE django_celery_beat_periodictask")
+
+    def make_due(self) -> None:
+        self._setup()
+        from django.db import connection
+        from django_celery_beat.models import PeriodicTasks
+
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE django_celery_beat_periodictask SET last_run_at = now() - interval '120 seconds' "
+                "WHERE name LIKE 'bench.e%%'"
+            )
+        PeriodicTasks.update_changed()
+
+    def app(self, broker: str = "memory://", **conf: Any) -> Any:
+        self._setup()
+        return base_app("bench-django", broker, self.cfg.max_interval, **conf)
+
+    def build(self, app: Any) -> Any:
+        from django_celery_beat.schedulers import DatabaseScheduler
+
+        return DatabaseScheduler(app=app)
+
+    def insert_due(self, app: Any, name: str) -> None:
+        from django.db import close_old_connections
+        from django_celery_beat.models import PeriodicTask
+
+        PeriodicTask.objects.create(
+            name=name, task=TASK, interval=self._interval(), args=json.dumps([name]), last_run_at=self._last_run(True)
+        )
+        close_old_connections()
+
+    def cleanup(self) -> None:
+        from .common import drop_database
+
+        drop_database(self.cfg, "django")
+
+
+# -- sqlalchemy-celery-beat ------------------------------------------------------------------------------
+
+
+class SqlaBeat(System):
+    key = "sqla"
+    label = "sqlalchemy-celery-beat"
+    store = "PostgreSQL"
+    modules = ("sqlalchemy_celery_beat", "psycopg")
+
+    @property
+    def url(self) -> str:
+        return self.cfg.pg_url("sqla").replace("postgresql://", "postgresql+psycopg://", 1)
+
+    def prepare_store(self) -> None:
+        ensure_database(self.cfg, "sqla", recreate=True)
+
+    def _engine(self) -> Any:
+        from sqlalchemy import create_engine
+
+        return create_engine(self.url).execution_options(schema_translate_map={"celery_schema": None})
+
+    def reset(self) -> None:
+        from sqlalchemy_celery_beat.session import ModelBase
+
+        engine = self._engine()
+        ModelBase.metadata.drop_all(engine)
+        ModelBase.metadata.create_all(engine)
+        engine.dispose()
+
+    def _interval_id(self, conn: Any) -> int:
+        from sqlalchemy import select
+        from sqlalchemy_celery_beat.models import IntervalSchedule
+
+        table = IntervalSchedule.__table__
+        found = conn.execute(select(table.c.id).where(table.c.every == int(INTERVAL))).scalar()
+        if found is None:
+            found = conn.execute(
+                table.insert().values(every=int(INTERVAL), period="seconds").returning(table.c.id)
+            ).scalar()
+        return int(found)
+
+    def populate(self, n: int, due: bool) -> None:
+        from sqlalchemy import text
+        from sqlalchemy_celery_beat.models import PeriodicTask, PeriodicTaskChanged
+
+        engine = self._engine()
+        now = dt.datetime.now(UTC)
+        last = now - dt.timedelta(seconds=2 * INTERVAL) if due else now + dt.timedelta(seconds=IDLE_AHEAD - INTERVAL)
+        with engine.begin() as conn:
+            interval_id = self._interval_id(conn)
+            table = PeriodicTask.__table__
+            for start in range(0, n, BATCH):
+                conn.execute(
+                    table.insert(),
+                    [
+                        {
+                            "name": entry_name(i),
+                            "task": TASK,
+                            "args": json.dumps([entry_name(i)]),
+                            "kwargs": "{}",
+                            "discriminator": "intervalschedule",
+                            "schedule_id": interval_id,
+                            "last_run_at": last,
+                            "enabled": True,
+                            "one_off": False,
+                            "total_run_count": 0,
+                            "description": "",
+                        }
+                        for i in range(start, min(n, start + BATCH))
+                    ],
+                )
+            PeriodicTaskChanged.update_changed(None, conn, None)
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(text(f"VACUUM ANALYZE {table.name}"))
+        engine.dispose()
+
+    def make_due(self) -> None:
+        from sqlalchemy import text
+        from sqlalchemy_celery_beat.models import PeriodicTask, PeriodicTaskChanged
+
+        engine = self._engine()
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    f"UPDATE {PeriodicTask.__table__.name} SET last_run_at = now() - interval '120 seconds' "
+                    "WHERE name LIKE 'bench.e%'"
+                )
+            )
+            PeriodicTaskChanged.update_changed(None, conn, None)
+        engine.dispose()
+
+    def app(self, broker: str = "memory://", **conf: Any) -> Any:
+        return base_app("bench-sqla", broker, self.cfg.max_interval, beat_dburi=self.url, **conf)
+
+    def build(self, app: Any) -> Any:
+        from sqlalchemy_celery_beat.schedulers import DatabaseScheduler
+
+        return DatabaseScheduler(app=app)
+
+    def insert_due(self, app: Any, name: str) -> None:
+        from sqlalchemy.orm import Session
+        from sqlalchemy_celery_beat.models import IntervalSchedule, PeriodicTask
+
+        if not hasattr(self, "_writer"):
+            self._writer = self._engine()
+        with Session(self._writer) as session:
+            interval = session.query(IntervalSchedule).filter_by(every=int(INTERVAL)).first()
+            session.add(
+                PeriodicTask(
+                    name=name,
+                    task=TASK,
+                    args=json.dumps([name]),
+                    schedule_model=interval,
+                    last_run_at=dt.datetime.now(UTC) - dt.timedelta(seconds=2 * INTERVAL),
+                )
+            )
+            session.commit()  # its after_insert listener marks the schedule changed
+
+    def cleanup(self) -> None:
+        from .common import drop_database
+
+        drop_database(self.cfg, "sqla")
+
+
+# -- celery-redbeat --------------------------------------------------------------------------------------
+
+
+class RedBeat(System):
+    key = "redbeat"
+    label = "celery-redbeat"
+    store = "Redis"
+    modules = ("redbeat", "redis")
+
+    def _client(self) -> Any:
+        import redis
+
+        return redis.Redis.from_url(self.cfg.redis_url)
+
+    def prepare_store(self) -> None:
+        self._client().ping()
+
+    def reset(self) -> None:
+        self._client().flushdb()
+
+    def app(self, broker: str = "memory://", **conf: Any) -> Any:
+        return base_app(
+            "bench-redbeat",
+            broker,
+            self.cfg.max_interval,
+            redbeat_redis_url=self.cfg.redis_url,
+            redbeat_key_prefix="bench:",
+            **conf,
+        )
+
+    def _write(self, app: Any, entries: list[Any]) -> None:
+        """What `RedBeatSchedulerEntry.save()` writes, for many entries in one pipeline (setup only)."""
+        from redbeat.decoder import RedBeatJSONEncoder
+
+        schedule_key = app.redbeat_conf.schedule_key
+        pipe = self._client().pipeline(transaction=False)
+        for entry in entries:
+            definition = {
+                "name": entry.name,
+                "task": entry.task,
+                "args": entry.args,
+                "kwargs": entry.kwargs,
+                "options": entry.options,
+                "schedule": entry.schedule,
+                "enabled": entry.enabled,
+            }
+            pipe.hset(entry.key, "definition", json.dumps(definition, cls=RedBeatJSONEncoder))
+            pipe.hset(entry.key, "meta", json.dumps({"last_run_at": entry.last_run_at}, cls=RedBeatJSONEncoder))
+            pipe.zadd(schedule_key, {entry.key: entry.score})
+        pipe.execute()
+
+    def _entries(self, app: Any, names: list[str], last: dt.datetime) -> list[Any]:
+        from celery.schedules import schedule
+        from redbeat import RedBeatSchedulerEntry
+
+        every = schedule(dt.timedelta(seconds=INTERVAL), app=app)
+        return [RedBeatSchedulerEntry(name, TASK, every, args=[name], app=app, last_run_at=last) for name in names]
+
+    def populate(self, n: int, due: bool, app: Any = None) -> None:
+        app = app or self.app()
+        now = dt.datetime.now(UTC)
+        last = now - dt.timedelta(seconds=2 * INTERVAL) if due else now + dt.timedelta(seconds=IDLE_AHEAD - INTERVAL)
+        for start in range(0, n, BATCH):
+            self._write(app, self._entries(app, [entry_name(i) for i in range(start, min(n, start + BATCH))], last))
+
+    def make_due(self) -> None:
+        from redbeat.schedulers import ensure_conf
+
+        app = self.app()
+        ensure_conf(app)
+        client = self._client()
+        keys = client.zrange(app.redbeat_conf.schedule_key, 0, -1)
+        self.populate(len([k for k in keys if k.startswith(b"bench:bench.e")]), True, app)
+
+    def build(self, app: Any) -> Any:
+        from redbeat import RedBeatScheduler
+
+        return RedBeatScheduler(app=app)
+
+    def start(self, scheduler: Any) -> None:
+        # `celery beat` sends beat_init, on which RedBeat takes its lock (blocking while another beat holds it).
+        from redbeat.schedulers import acquire_distributed_beat_lock
+
+        acquire_distributed_beat_lock(sender=types.SimpleNamespace(scheduler=scheduler))
+        # redis-py keeps the lock token thread-local; this harness ticks the same scheduler from a loop thread
+        # (pickup) and the main thread (dispatch), so share the token (beat itself ticks from one thread).
+        lock = scheduler.lock
+        if lock is not None:
+            lock.local = types.SimpleNamespace(token=lock.local.token)
+
+    def insert_due(self, app: Any, name: str) -> None:
+        from celery.schedules import schedule
+        from redbeat import RedBeatSchedulerEntry
+
+        RedBeatSchedulerEntry(
+            name,
+            TASK,
+            schedule(dt.timedelta(seconds=INTERVAL), app=app),
+            args=[name],
+            app=app,
+            last_run_at=dt.datetime.now(UTC) - dt.timedelta(seconds=2 * INTERVAL),
+        ).save()
+
+    def cleanup(self) -> None:
+        self._client().flushdb()
+
+
+SYSTEMS: dict[str, type[System]] = {s.key: s for s in (Dbsched, DjangoBeat, SqlaBeat, RedBeat)}
