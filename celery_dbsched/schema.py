@@ -95,9 +95,11 @@ class db_now(FunctionElement[dt.datetime]):
 @compiles(db_now, "postgresql")
 def _db_now_postgresql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
     clauses = list(element.clauses)
+    # statement_timestamp(), not now(): now() is when the transaction began, and a claim that runs after
+    # another statement in its transaction must not stamp a time from before a run it saw end.
     if not clauses:
-        return "now()"
-    return f"(now() + make_interval(secs => {compiler.process(clauses[0], **kw)}))"
+        return "statement_timestamp()"
+    return f"(statement_timestamp() + make_interval(secs => {compiler.process(clauses[0], **kw)}))"
 
 
 @compiles(db_now, "sqlite")
