@@ -208,7 +208,16 @@ def run_beat_until(scheduler: Any, done: Callable[[], bool], cap: float) -> tupl
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far (ru_maxrss is in KiB on Linux)."""
+    """This process's peak resident set size so far: VmHWM, the high-water mark of this program's memory.
+    Not ru_maxrss: Linux carries that over fork and exec, so a child started by a larger parent reports the
+    parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

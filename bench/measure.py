@@ -221,6 +221,8 @@ def beat(system: System, n: int, cfg: Config) -> dict[str, Any]:
         result["backlog_tick_s"] = median(backlog)
         result["dispatch_sql"] = [s for s, _ in first_sql]
         result["dispatch_explain"] = explain_claims(system, first_sql)
+        # the other statements of a claiming tick (explained after the dispatch: all N runs queued)
+        result["dispatch_select_explain"] = explain(system, first_sql)
         result["backlog_explain"] = explain(system, sql.capture(scheduler.tick))
 
     result["peak_rss_mb"] = peak_rss_mb()

@@ -197,7 +197,7 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
         "back-to-back `tick()` calls when nothing is due (celery_dbsched sleeps inside `tick()` on LISTEN; its "
         "start-up and tick figures are taken with `dbsched_listen = False`, so they are the tick's work, not its "
         "wait; pickup, dispatch and wake-up run listening, the default). *Dispatch*: from the first tick after all N were made due "
-        "until the N-th message was published, by the system's own tick loop. *Peak RSS*: `ru_maxrss` of the "
+        "until the N-th message was published, by the system's own tick loop. *Peak RSS*: the high-water mark (VmHWM) of the "
         "beat's process (the in-process `memory://` queues are emptied every 1,000 messages so they do not count). "
         "*Change pickup*: a new due schedule is stored (by another connection) while the beat loop runs; time until "
         "it is published. *Two instances*: two beat processes on one store with N due schedules, started together, "
@@ -381,6 +381,10 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
             f"Claim statement at N = {hi:,}, all due (EXPLAIN ANALYZE in a rolled-back transaction)",
             b.get("dispatch_explain"),
         ),
+        (
+            f"The SELECTs of the first claiming tick at N = {hi:,}, explained after the dispatch (all runs queued)",
+            b.get("dispatch_select_explain"),
+        ),
     ):
         add(f"{title}:")
         add("")
@@ -390,8 +394,10 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
                 continue
             if e.get("state"):
                 add(f"- {e['state']}:")
+            elif e.get("sql") and title.startswith("The SELECTs"):
+                add(f"- `{' '.join(e['sql'].split())[:160]}...`:")
             add("```")
-            add("\n".join(e["plan"]))
+            add("\n".join(_clip(line) for line in e["plan"]))
             add("```")
         add("")
     dsql = b.get("dispatch_sql") or []
@@ -400,7 +406,7 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
         add("")
         for sql in dsql:
             add("```sql")
-            add(sql.strip()[:3000])
+            add("\n".join(_clip(line) for line in sql.strip().splitlines()))
             add("```")
         add("")
 
@@ -433,6 +439,11 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
         add(f"*Plot not written: {plotted}.*")
         add("")
     out.write_text("\n".join(lines))
+
+
+def _clip(line: str, width: int = 300) -> str:
+    """A plan or SQL line cut to a readable width (a claim's IN list of 1,000 names is one line)."""
+    return line if len(line) <= width else line[:width] + " ..."
 
 
 def _plot(results: dict[str, Any], path: Path) -> str | None:

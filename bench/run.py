@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -133,6 +134,7 @@ def multi(cfg: Config, system_key: str, n: int, instances: int) -> dict[str, Any
         for p in procs:
             if p.poll() is None:
                 p.kill()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def attempt(results: dict[str, Any], key: str, action: Any) -> Any:
@@ -170,7 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis", default=Config.redis_url, help="Redis for RedBeat (flushed per measure)")
     parser.add_argument("--amqp", default=Config.amqp_url, help="RabbitMQ for the broker measures")
     parser.add_argument("--cleanup", action="store_true", help="drop the databases the run created at the end")
+    parser.add_argument("--from-json", default=None, help="only write the report from the raw results of a run")
     args = parser.parse_args(argv)
+    if args.from_json:
+        from bench.report import write_report
+
+        out = Path(args.out).resolve()
+        results = json.loads(Path(args.from_json).read_text())
+        write_report(results, out, Path(args.plot).resolve() if args.plot else out.with_suffix(".png"))
+        print(f"wrote {out}", flush=True)
+        return 0
 
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
