@@ -66,6 +66,24 @@ def require_service(name: str) -> None:
     pytest.skip(f"{reason}; set DBSCHED_TEST_{name.upper()}_URL or start it to run these tests")
 
 
+SOAK = os.environ.get("DBSCHED_SOAK", "").lower() in ("1", "true", "yes")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", help="also run the long fault soaks (marker `soak`)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The `soak` tests are opt-in: deselected (not skipped) unless asked for, so CI stays within its time and
+    a default run reports nothing skipped for them."""
+    if SOAK or config.getoption("--soak"):
+        return
+    soaks = [item for item in items if item.get_closest_marker("soak")]
+    if soaks:
+        config.hook.pytest_deselected(items=soaks)
+        items[:] = [item for item in items if not item.get_closest_marker("soak")]
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     lines = []
     for name in _SERVICE_URLS:
@@ -73,6 +91,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         lines.append(f"celery_dbsched: {name}: " + ("available" if reason is None else f"SKIPPED - {reason}"))
     if REQUIRE_SERVICES:
         lines.append("celery_dbsched: DBSCHED_REQUIRE_SERVICES=1 - missing services fail their tests")
+    if not (SOAK or config.getoption("--soak")):
+        lines.append("celery_dbsched: soak tests deselected (DBSCHED_SOAK=1 or --soak runs them)")
     return lines
 
 
