@@ -35,7 +35,7 @@ from typing import Any
 
 import cluster as cluster_module
 import pytest
-from cluster import LATENESS, PG_RABBITMQ, Cluster, RunSampler, on, seconds
+from cluster import LATENESS, PG_RABBITMQ, PG_REDIS, SQLITE_FS, Cluster, RunSampler, on, seconds
 from procs import CeleryProcess
 from sqlalchemy import bindparam, select, update
 
@@ -232,7 +232,7 @@ def run_load(cluster: Cluster, *, name: str, jobs: int, every: float, duration: 
 
     sampler.check()
     assert not doubled, doubled[:10]
-    assert not counts.lost, f"{len(counts.lost)} of {counts.due} due slots were not dispatched: {counts.lost[:10]}"
+    assert not counts.lost, f"{len(counts.lost)} of {counts.due} due slots not dispatched: {counts.lost_detail[:10]}"
     assert len(in_window) == counts.due, "more runs than due slots"
     assert not not_completed, [f"{r.id} {r.job_name} {r.status} {r.error}" for r in not_completed[:10]]
     assert not not_begun_once, f"completed runs whose job did not begin exactly once: {not_begun_once[:10]}"
@@ -248,6 +248,7 @@ class SlotCounts:
         self.slots = 0  # every slot of the window on each job's cadence
         self.overrun: list[tuple[str, dt.datetime]] = []  # passed over: the previous run was still active
         self.lost: list[tuple[str, dt.datetime]] = []  # due (the job free) and never claimed
+        self.lost_detail: list[str] = []
         self.runs: list[RunRecord] = []  # the runs for slots of the window
         self.lateness: list[float] = []  # claim time - when the slot became claimable, per run
 
@@ -288,10 +289,15 @@ def count_slots(
                 counts.runs.append(run)
                 free = slot if before is None or before.end_time is None else max(slot, before.end_time)
                 counts.lateness.append(seconds(free, run.create_time))
-            elif before is not None and (before.end_time is None or before.end_time > slot):
+            elif before is not None and (before.end_time is None or before.end_time >= slot):
                 counts.overrun.append((job_name, slot))
             else:
                 counts.lost.append((job_name, slot))
+                following = [r for r in job_runs if r.scheduled_for and r.scheduled_for > slot][:2]
+                counts.lost_detail.append(
+                    f"{job_name} slot {slot:%H:%M:%S.%f}: previous run {before and before.id} ended "
+                    f"{before and before.end_time}, next runs {[(r.id, r.scheduled_for) for r in following]}"
+                )
             slot += period
     return counts
 
@@ -330,7 +336,9 @@ RETRY_BACKOFF = [0.5, 30]  # cluster.SETTINGS; a retry never waits past the job'
 RESTART_LIMIT = 30.0
 
 
-def run_kills(cluster: Cluster, *, name: str, same_id: bool, jobs: int = 60, every: float = 1.0) -> None:
+def run_kills(
+    cluster: Cluster, *, name: str, same_id: bool, kills: int = KILLS, jobs: int = 60, every: float = 1.0
+) -> None:
     seed = int(os.environ.get("DBSCHED_FAULT_SEED") or time.time_ns() % 2**32)
     rng = random.Random(seed)
     print(f"\n{name}: random seed {seed} (DBSCHED_FAULT_SEED={seed} repeats the kill times)")
@@ -357,9 +365,9 @@ def run_kills(cluster: Cluster, *, name: str, same_id: bool, jobs: int = 60, eve
     cluster.samplers.append(sampler)
     sampler.start()
 
-    kills: list[dict[str, Any]] = []
+    killed: list[dict[str, Any]] = []
     began = time.monotonic()
-    for n in range(KILLS):
+    for n in range(kills):
         victim = cluster.beat(name=f"victim-{n}", settings=victim_settings)
         victim_id = "victim-beat" if same_id else beat_id(victim)
         since = cluster.repo.database_now()
@@ -372,8 +380,8 @@ def run_kills(cluster: Cluster, *, name: str, same_id: bool, jobs: int = 60, eve
         delay = rng.uniform(0.0, 0.6)
         time.sleep(delay)  # not a wait for a condition: the random moment of the crash is the test's input
         cluster.kill(victim)
-        kills.append({"n": n, "id": victim_id, "since": since, "at": cluster.repo.database_now(), "delay": delay})
-    last_kill = kills[-1]["at"]
+        killed.append({"n": n, "id": victim_id, "since": since, "at": cluster.repo.database_now(), "delay": delay})
+    last_kill = killed[-1]["at"]
 
     # Recovered: every job runs again after the last kill, once its leftovers were brought back.
     bound = threshold + MONITOR_INTERVAL + min(RETRY_BACKOFF[0], every) + RUN_JOBS_INTERVAL
@@ -396,7 +404,7 @@ def run_kills(cluster: Cluster, *, name: str, same_id: bool, jobs: int = 60, eve
     starts = start_events(cluster.events_dir)
     runs = all_runs(cluster.repo)
     doubled = doubles(runs, starts)
-    victim_ids = {kill["id"] for kill in kills}
+    victim_ids = {kill["id"] for kill in killed}
     # Claimed by a killed beat and never started (not published, or published and ended before a worker got it).
     orphans = [
         run for run in runs if run.claimed_by in victim_ids and run.start_time is None and run.create_time <= last_kill
@@ -418,7 +426,7 @@ def run_kills(cluster: Cluster, *, name: str, same_id: bool, jobs: int = 60, eve
             wrong_reason.append(f"run {orphan.id}: {orphan.error}")
     # Kills that left claimed runs unpublished (queued, never started): "in the middle of a claim batch".
     mid_batch = 0
-    for kill in kills:
+    for kill in killed:
         claimed_then = [
             run for run in orphans if run.claimed_by == kill["id"] and kill["since"] <= run.create_time <= kill["at"]
         ]
@@ -427,7 +435,7 @@ def run_kills(cluster: Cluster, *, name: str, same_id: bool, jobs: int = 60, eve
     counts = count_slots(cluster.repo, runs, names, every, window_start, settle)
     report(
         name,
-        kills=len(kills),
+        kills=len(killed),
         kills_mid_batch=mid_batch,
         seed=seed,
         server_id="same" if same_id else "new",
@@ -455,7 +463,7 @@ def run_kills(cluster: Cluster, *, name: str, same_id: bool, jobs: int = 60, eve
     assert not doubled, doubled[:10]
     assert not unrecovered, unrecovered[:10]
     assert not wrong_reason, wrong_reason[:10]
-    assert not counts.lost, f"{len(counts.lost)} due slots never claimed: {counts.lost[:10]}"
+    assert not counts.lost, f"{len(counts.lost)} due slots never claimed: {counts.lost_detail[:10]}"
     assert mid_batch >= 1, "no kill landed inside a claim batch: the test did not test what it says"
     # DESIGN 4: brought back at worst interrupt threshold + one monitor interval after the claim (+ the retry
     # delay, never past the job's next slot, and one claim), with slack for a loaded machine. DESIGN 9: a beat
@@ -477,3 +485,37 @@ def test_a_beat_killed_mid_claim_20_times_loses_and_doubles_nothing_new_server_i
 @on(PG_RABBITMQ)
 def test_a_beat_killed_mid_claim_20_times_loses_and_doubles_nothing_same_server_id(cluster: Cluster) -> None:
     run_kills(cluster, name="beats-kill-same-id", same_id=True)
+
+
+# -- the full scenarios: opt-in (DBSCHED_SOAK=1) ------------------------------------------------------------
+
+
+@pytest.mark.soak
+@on(PG_RABBITMQ, PG_REDIS, SQLITE_FS)
+def test_soak_three_beats_200_jobs_every_second_for_60_seconds(cluster: Cluster, broker: Any, db_kind: str) -> None:
+    run_load(
+        cluster,
+        name=f"beats-load-soak-{db_kind}-{broker.kind}-200",
+        jobs=200,
+        every=1.0,
+        duration=60.0,
+        workers=3,
+    )
+
+
+@pytest.mark.soak
+@on(PG_RABBITMQ)
+def test_soak_2000_jobs_on_postgresql_for_60_seconds(cluster: Cluster) -> None:
+    run_load(cluster, name="beats-load-soak-pg-2000", jobs=2000, every=10.0, duration=60.0, workers=3)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("same_id", [False, True], ids=["new-id", "same-id"])
+@on(PG_RABBITMQ, SQLITE_FS)
+def test_soak_a_beat_killed_mid_claim_100_times(cluster: Cluster, same_id: bool, broker: Any, db_kind: str) -> None:
+    run_kills(
+        cluster,
+        name=f"beats-kill-soak-{db_kind}-{broker.kind}-{'same' if same_id else 'new'}-id",
+        same_id=same_id,
+        kills=max(KILLS, 100),
+    )
