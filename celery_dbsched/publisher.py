@@ -103,7 +103,11 @@ class RunPublisher:
         )
         if signalled:
             signals.after_task_publish.send(
-                sender=RUN_TASK_NAME, body=body, exchange=route.exchange, routing_key=route.routing_key
+                sender=RUN_TASK_NAME,
+                body=body,
+                headers=headers,
+                exchange=route.exchange,
+                routing_key=route.routing_key,
             )
         return task_id
 

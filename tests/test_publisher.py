@@ -123,7 +123,7 @@ def test_publish_signals_are_sent_as_send_task_sends_them(publish_signals: list[
     for _, kwargs in publish_signals:
         assert kwargs["sender"] == RUN_TASK_NAME
         assert kwargs["routing_key"] == "q"
-    assert publish_signals[0][1]["headers"]["id"] == task_id
+    assert publish_signals[0][1]["headers"]["id"] == task_id == publish_signals[1][1]["headers"]["id"]
     assert list(publish_signals[1][1]["body"][0]) == [3, "j"]
 
 
