@@ -44,6 +44,11 @@ class RunPublisher:
         self._retry_policy = dict(conf.task_publish_retry_policy or {})
         self._compression = conf.task_compression
         self._routes: dict[str | None, _Route] = {}
+        self._declared: set[str | None] = set()
+
+    def new_batch(self) -> None:
+        """A batch of messages begins: each queue is declared again at its first message."""
+        self._declared.clear()
 
     def publish(self, producer: Any, run_id: int, job_name: str, queue: str | None) -> str:
         """Publish the message of one run on `producer`; returns its task id."""
@@ -75,7 +80,9 @@ class RunPublisher:
         }
         body: tuple[list[Any], dict[str, Any], dict[str, None]] = (args, {}, _EMBED)
         properties = {"correlation_id": task_id, "reply_to": self.app.thread_oid, **route.properties}
-        declare = route.declare  # kombu declares each entity once per connection (its own cache)
+        # Declared at the first message of each queue in a batch, not at every message: kombu's per-message
+        # check costs more than the publish itself. A batch starts after any reconnect between batches.
+        declare = route.declare if queue not in self._declared else None
         signalled = bool(signals.before_task_publish.receivers or signals.after_task_publish.receivers)
         if signalled:
             signals.before_task_publish.send(
@@ -88,19 +95,27 @@ class RunPublisher:
                 properties=properties,
                 retry_policy=self._retry_policy,
             )
-        producer.publish(
-            body,
-            exchange=route.exchange,
-            routing_key=route.routing_key,
-            serializer="json",
-            compression=self._compression,
-            retry=self._retry,
-            retry_policy=self._retry_policy,
-            delivery_mode=route.delivery_mode,
-            declare=declare,
-            headers=headers,
+        publish_kwargs = {
+            "exchange": route.exchange,
+            "routing_key": route.routing_key,
+            "serializer": "json",
+            "compression": self._compression,
+            "retry_policy": self._retry_policy,
+            "delivery_mode": route.delivery_mode,
+            "declare": declare,
+            "headers": headers,
             **properties,
-        )
+        }
+        try:
+            # kombu wraps a retrying publish in a new `ensure` closure per message: try plainly first, and on
+            # any failure publish as send_task would, through kombu's retrying publish: it revives the channel,
+            # reconnects and retries connection errors under the publish retry policy, and raises the rest.
+            producer.publish(body, retry=False, **publish_kwargs)
+        except Exception:
+            if not self._retry:
+                raise
+            producer.publish(body, retry=True, **publish_kwargs)
+        self._declared.add(queue)
         if signalled:
             signals.after_task_publish.send(
                 sender=RUN_TASK_NAME,

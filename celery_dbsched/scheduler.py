@@ -168,6 +168,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         task_names = [run.job_name for run in runs if run.kind == KIND_TASK]
         tasks = self.repository.lookup_jobs(task_names) if task_names else {}
         broker_error: Exception | None = None
+        self._publisher.new_batch()
         for run in runs:
             if broker_error is None:
                 try:

@@ -48,6 +48,9 @@ def normalised(call: dict[str, Any]) -> dict[str, Any]:
     for key in ("timeout", "confirm_timeout"):  # send_task passes None explicitly; absent is the same
         if call.get(key) is None:
             call.pop(key, None)
+    # Retrying is decided apart (a plain first attempt, then kombu's retrying publish on a connection error):
+    # see test_a_failed_publish_is_made_again_through_kombus_retrying_publish.
+    call.pop("retry")
     return call
 
 
@@ -149,3 +152,52 @@ def test_messages_go_through_send_task_when_the_settings_need_it(conf: dict[str,
 
 def test_the_direct_path_is_the_default() -> None:
     assert RunPublisher(make_app()).direct
+
+
+def test_each_queue_is_declared_at_its_first_message_of_a_batch() -> None:
+    app = make_app()
+    publisher = RunPublisher(app)
+    with app.producer_or_acquire() as producer:
+        recorder = Recorder(producer)
+        publisher.new_batch()
+        for queue in ("a", "a", "b", "a"):
+            publisher.publish(producer, 1, "j", queue)
+        publisher.new_batch()
+        publisher.publish(producer, 2, "j", "a")
+    declared = [[q.name for q in call["declare"]] if call["declare"] else None for call in recorder.calls]
+    assert declared == [["a"], None, ["b"], None, ["a"]]
+
+
+class FlakyProducer:
+    """Fails its first `failures` publishes with `error`."""
+
+    def __init__(self, error: BaseException, failures: int = 1) -> None:
+        self.error = error
+        self.failures = failures
+        self.calls: list[bool] = []
+
+    def publish(self, body: Any, retry: bool = False, **kwargs: Any) -> None:
+        self.calls.append(retry)
+        if len(self.calls) <= self.failures:
+            raise self.error
+
+
+def test_a_failed_publish_is_made_again_through_kombus_retrying_publish() -> None:
+    """As send_task publishes: kombu's retrying publish revives the channel and retries connection errors."""
+    producer = FlakyProducer(ConnectionError("reset"))
+    RunPublisher(make_app()).publish(producer, 1, "j", None)
+    assert producer.calls == [False, True]
+
+
+def test_what_the_retrying_publish_raises_is_raised() -> None:
+    producer = FlakyProducer(ValueError("cannot serialize"), failures=2)
+    with pytest.raises(ValueError, match="cannot serialize"):
+        RunPublisher(make_app()).publish(producer, 1, "j", None)
+    assert producer.calls == [False, True]
+
+
+def test_without_publish_retries_the_first_error_is_raised() -> None:
+    producer = FlakyProducer(ConnectionError("reset"))
+    with pytest.raises(ConnectionError):
+        RunPublisher(make_app(task_publish_retry=False)).publish(producer, 1, "j", None)
+    assert producer.calls == [False]

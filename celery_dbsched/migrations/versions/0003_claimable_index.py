@@ -26,7 +26,7 @@ SQLITE_CLAIMABLE = sa.text("enabled = 1 AND paused = 0 AND active_runs < max_act
 COUNTS = "status IN ('queued', 'running') AND slot >= 0"
 
 POSTGRES_FUNCTION = """
-CREATE FUNCTION dbsched_count_active_runs() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION dbsched_count_active_runs() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     was_active boolean := TG_OP <> 'INSERT' AND OLD.status IN ('queued', 'running') AND OLD.slot >= 0;
     is_active boolean := TG_OP <> 'DELETE' AND NEW.status IN ('queued', 'running') AND NEW.slot >= 0;
