@@ -102,19 +102,31 @@ def status_of(job: Job, ctx: JobContext) -> JobStatus | None:
     return status
 
 
-def _retrying(what: str, action: Callable[[], T], attempts: int = 6) -> T:
-    """Finishing writes survive a short database outage instead of leaving a run to the threshold."""
+MAX_RETRY_DELAY = 4.0  # a write waiting out an outage lands within this long of the database's return
+
+
+def _retrying(what: str, action: Callable[[], T], timeout: float = 60.0) -> T:
+    """Starting and finishing writes wait out a database outage of up to `timeout` seconds (the interrupt
+    threshold: past it a beat's monitor ends the run anyway) instead of leaving the run queued or running
+    until the threshold, and a finished job's outcome lost. Said once at WARNING, then at DEBUG."""
+    deadline = time.monotonic() + timeout
     delay = 0.5
-    for attempt in range(attempts):
+    failures = 0
+    while True:
         try:
-            return action()
+            result = action()
         except DatabaseUnavailable as exc:  # only an outage is worth waiting for; other errors stay errors
-            if attempt == attempts - 1:
+            if time.monotonic() + delay > deadline or shutting_down():
                 raise
-            logger.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
+            failures += 1
+            log = logger.warning if failures == 1 else logger.debug
+            log("%s failed (%s); retrying in %.1fs, for up to %.0fs", what, exc, delay, timeout)
             time.sleep(delay)
-            delay = min(delay * 2, 8.0)
-    raise AssertionError("unreachable")
+            delay = min(delay * 2, MAX_RETRY_DELAY)
+            continue
+        if failures:
+            logger.warning("%s: done after %d failed attempt(s)", what, failures)
+        return result
 
 
 class ProgressMonitor(threading.Thread):
@@ -199,8 +211,9 @@ def execute_run(
 ) -> RunRecord | None:
     """Start, run and finish one run. Returns the final run, or None when the message was dropped because
     the run was not `queued` (a duplicate delivery, an expired or unknown run: DESIGN 3)."""
+    outage = repository.interrupt_threshold.total_seconds()
     try:
-        run = repository.start_run(run_id, worker, task_id)
+        run = _retrying("starting the run", lambda: repository.start_run(run_id, worker, task_id), outage)
     except (RunNotFound, InvalidRunState) as exc:
         logger.warning("dropping the message for run %s: %s", run_id, exc)
         return None
@@ -208,7 +221,7 @@ def execute_run(
     if job is None:
         message = f"job {run.job_name!r} is not registered on worker {worker!r}"
         logger.error("run %s: %s", run_id, message)
-        return _retrying("failing the run", lambda: repository.fail_run(run_id, message))
+        return _retrying("failing the run", lambda: repository.fail_run(run_id, message), outage)
 
     ctx = JobContext(run.id, run.job_name)
     monitor = ProgressMonitor(repository, job, ctx, monitor_interval)
@@ -231,6 +244,7 @@ def execute_run(
                 "failing the run",
                 ctx,
                 lambda: repository.fail_run(run.id, error, progress=status_of(job, ctx)),
+                outage,
             )
         monitor.stop()
         if ctx.cancelled:
@@ -240,6 +254,7 @@ def execute_run(
             "completing the run",
             ctx,
             lambda: repository.complete_run(run.id, delay, progress=status_of(job, ctx)),
+            outage,
         )
     finally:
         monitor.stop()
@@ -247,9 +262,9 @@ def execute_run(
             _active.discard(ctx)
 
 
-def _finish(what: str, ctx: JobContext, action: Callable[[], RunRecord]) -> RunRecord | None:
+def _finish(what: str, ctx: JobContext, action: Callable[[], RunRecord], outage: float) -> RunRecord | None:
     try:
-        return _retrying(what, action)
+        return _retrying(what, action, outage)
     except (InvalidRunState, RunNotFound) as exc:
         # Interrupted (or its job deleted) while the job was finishing: that stands, the result is discarded.
         logger.warning("run %s of job %r ended before the job did: %s", ctx.run_id, ctx.job_name, exc)
@@ -264,7 +279,11 @@ def _finish_interrupted(repository: JobRepository, job: Job, ctx: JobContext) ->
     detail = "" if reason == kind else reason
     logger.warning("run %s of job %r stopped: %s", ctx.run_id, job.name, reason)
     try:
-        return _retrying("interrupting the run", lambda: repository.interrupt_run(ctx.run_id, kind, detail))
+        return _retrying(
+            "interrupting the run",
+            lambda: repository.interrupt_run(ctx.run_id, kind, detail),
+            repository.interrupt_threshold.total_seconds(),
+        )
     except InvalidRunState:
         return repository.lookup_run(ctx.run_id)
     except RunNotFound:  # its job was deleted meanwhile (the runs go with it): nothing left to end

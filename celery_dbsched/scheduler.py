@@ -43,6 +43,8 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         self._next_prune = 0.0
         self._db_failing_since: float | None = None
         self._db_backoff = 0.0
+        self._broker_failing_since: float | None = None
+        self._unpublished = 0
         self._declared_queues: set[str] = set()
         self._publisher = RunPublisher(app)
         self._more_due = False  # the last claim filled a batch: claim again without asking what is due
@@ -179,11 +181,35 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
                     continue
                 except Exception as exc:
                     broker_error = exc
-                    logger.error("celery_dbsched: could not publish run %s of %r: %s", run.id, run.job_name, exc)
+                    self._broker_down(run, exc)
+            self._unpublished += 1
             try:
                 self.repository.fail_run(run.id, f"not published: {broker_error!r}")
             except DatabaseError as exc:
                 logger.error("could not end unpublished run %s (%s); the monitor will", run.id, exc)
+        if broker_error is None and runs and self._broker_failing_since is not None:
+            logger.warning(
+                "celery_dbsched: publishing works again after %.1fs; %d run(s) were not published meanwhile "
+                "(ended `failed`, retried with the backoff)",
+                time.monotonic() - self._broker_failing_since,
+                self._unpublished,
+            )
+            self._broker_failing_since = None
+            self._unpublished = 0
+
+    def _broker_down(self, run: RunRecord, exc: Exception) -> None:
+        """Said once per outage, not once per tick: every run due meanwhile fails the same way."""
+        if self._broker_failing_since is None:
+            self._broker_failing_since = time.monotonic()
+            logger.error(
+                "celery_dbsched: could not publish run %s of %r: %s; until publishing works again, runs that "
+                "cannot be published end `failed` (not published) and are retried with the backoff",
+                run.id,
+                run.job_name,
+                exc,
+            )
+        else:
+            logger.debug("celery_dbsched: could not publish run %s of %r: %s", run.id, run.job_name, exc)
 
     def _queue_options(self, queue: str | None) -> dict[str, Any]:
         if not queue:

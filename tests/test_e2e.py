@@ -8,15 +8,14 @@ Production combinations run the core behaviour: SQLite + filesystem:// (one mach
 PostgreSQL + Redis, and PostgreSQL + filesystem://. The other behaviours run on one combination each.
 Intervals are shortened through settings; every wait polls with a generous deadline, because other test
 runs share this machine.
+
+Workers killed, stopped warm, restarted, running older code or on a skewed clock: tests/test_faults_workers.py.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import itertools
-import signal
 import socket
-import time
 
 import cluster as cluster_module
 import pytest
@@ -25,7 +24,6 @@ from cluster import (
     ALL_COMBINATIONS,
     CLOCK_TOLERANCE,
     LATENESS,
-    PG_FS,
     PG_RABBITMQ,
     PG_REDIS,
     SQLITE_FS,
@@ -209,104 +207,6 @@ def test_interrupting_a_run_in_the_database_cancels_only_that_job(cluster: Clust
     assert [e["event"] for e in events] == ["start", "end"]
     assert events[1]["time"] > cancelled["time"], "the bystander ended before the victim was cancelled"
     cluster.assert_started_once([cluster.repo.lookup_run(victim.id), done])
-
-
-@pytest.mark.parametrize(
-    ("broker", "db_kind", "pool"),
-    [
-        pytest.param(*PG_RABBITMQ.values, "threads", id="threads-rabbitmq-postgres", marks=PG_RABBITMQ.marks),
-        pytest.param(*SQLITE_FS.values, "prefork", id="prefork-filesystem-sqlite"),
-        pytest.param(*PG_REDIS.values, "solo", id="solo-redis-postgres", marks=PG_REDIS.marks),
-    ],
-    indirect=["broker"],
-)
-def test_warm_shutdown_interrupts_the_run_and_another_worker_takes_it_at_once(cluster: Cluster, pool: str) -> None:
-    jobs = [{"kind": "long", "name": "e2e.long", "every": 300, "seconds": 120}]
-    if pool != "solo":
-        jobs.append(quick("e2e.quick", 0.5))
-    concurrency = {"threads": 4, "prefork": 2, "solo": 1}[pool]
-    first = cluster.worker(jobs, name="first", pool=pool, concurrency=concurrency)
-    cluster.beat()
-
-    run = cluster.wait_run("e2e.long", lambda run: run.status == "running" and run.worker == first.node)
-    start = cluster.event(run.id, "start")
-    if pool == "prefork":
-        assert start["pid"] != first.pid, "the job ran in the worker's main process, not a pool child"
-    else:
-        assert start["pid"] == first.pid
-    if pool != "solo":
-        cluster.wait_runs("e2e.quick", 2, lambda run: run.status == "completed" and run.worker == first.node)
-
-    second = cluster.worker(jobs, name="second", pool=pool, concurrency=concurrency)
-    second.wait_ready()
-    began = time.monotonic()
-    assert cluster.stop(first, signal.SIGTERM, timeout=60) == 0, first.log_tail()
-    assert time.monotonic() - began < 20, "the worker waited for the job instead of stopping it"
-
-    ended = cluster.repo.lookup_run(run.id)
-    assert ended.status == "interrupted", cluster.describe_runs()
-    assert ended.error is not None and ended.error.startswith("shutdown"), ended.error
-    cancelled = cluster.event(run.id, "cancelled")
-    assert cancelled["reason"].startswith("shutdown"), cancelled
-    assert cancelled["pid"] == start["pid"]
-
-    # Due again at once (not after the backoff or the threshold): the second worker runs it.
-    taken = cluster.wait_run("e2e.long", lambda later: later.id > run.id and later.status == "running", timeout=30)
-    assert taken.worker == second.node
-    assert ended.end_time is not None
-    assert 0 <= seconds(ended.end_time, taken.create_time) < LATENESS
-    cluster.assert_started_once(cluster.runs())
-    if pool != "solo":
-        quick_runs = cluster.runs("e2e.quick")
-        assert {run.status for run in quick_runs} <= {"completed", "interrupted", "queued", "running"}
-        assert all(run.progress == JobStatus(3, 3) for run in quick_runs if run.status == "completed")
-
-
-@on(PG_FS)
-def test_a_worker_restarted_with_the_same_name_ends_the_runs_it_left_running(cluster: Cluster) -> None:
-    jobs = [{"kind": "long", "name": "e2e.long", "every": 300, "seconds": 120, "interrupt_threshold": 120}]
-    node = f"e2e-restart-{time.monotonic_ns() % 10**9}@%h"
-    crashed = cluster.worker(jobs, name="crashed", node=node)
-    cluster.beat()
-    run = cluster.wait_run("e2e.long", lambda run: run.status == "running")
-    cluster.event(run.id, "start")
-    assert run.worker == crashed.node
-
-    cluster.kill(crashed)  # SIGKILL: no shutdown, the run stays `running`
-    assert cluster.repo.lookup_run(run.id).status == "running"
-    restarted_at = cluster.repo.database_now()
-    restarted = cluster.worker(jobs, name="restarted", node=node)
-
-    ended = cluster.wait_run("e2e.long", lambda r: r.id == run.id and r.status != "running", timeout=30)
-    assert ended.status == "interrupted"
-    assert ended.error is not None and ended.error.startswith("restart"), ended.error
-    assert ended.end_time is not None
-    # Ended by the restart, well before the job's 120 s threshold.
-    assert seconds(restarted_at, ended.end_time) < 30
-    assert not [e for e in cluster.events(run.id) if e["event"] == "cancelled"]  # it was killed, not told
-
-    # And it is due again at once: the restarted worker runs it.
-    again = cluster.wait_run("e2e.long", lambda r: r.id > run.id and r.status == "running", timeout=30)
-    assert again.worker == restarted.node
-    assert 0 <= seconds(ended.end_time, again.create_time) < LATENESS
-
-
-@on(SQLITE_FS)
-def test_a_worker_that_does_not_know_the_job_fails_the_run_naming_both(cluster: Cluster) -> None:
-    # Registered in the database (as by another deployment), but not in this worker's app.
-    cluster.repo.upsert_job(
-        "e2e.elsewhere", "a job this worker has never heard of", default_next_run_in=dt.timedelta(seconds=300)
-    )
-    worker = cluster.worker([quick("e2e.known", 300)], pool="solo", concurrency=1)
-    cluster.beat()
-
-    run = cluster.wait_run("e2e.elsewhere", lambda run: run.status == "failed")
-    assert run.error is not None
-    assert "'e2e.elsewhere'" in run.error and f"'{worker.node}'" in run.error, run.error
-    assert run.worker == worker.node
-    assert cluster.events(run.id) == []
-    known = cluster.wait_run("e2e.known", lambda run: run.status == "completed")
-    assert known.worker == worker.node
 
 
 @on(SQLITE_FS)

@@ -324,6 +324,63 @@ def test_finishing_survives_a_short_database_outage(repository: JobRepository, m
     assert sleeps == [0.5, 1.0]
 
 
+def _down_for(count: int, action: Callable[..., RunRecord]) -> Callable[..., RunRecord]:
+    failures = iter([DatabaseUnavailable("database unavailable: connection refused")] * count)
+
+    def flaky(*args: Any, **kwargs: Any) -> RunRecord:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return action(*args, **kwargs)
+
+    return flaky
+
+
+def test_starting_and_finishing_wait_out_a_30s_outage(
+    repository: JobRepository, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 4, scenario 5: a run whose message arrives while the database is down starts when it is back,
+    and a job that ends during the outage is completed then, not left `running` to be interrupted as stalled
+    at the threshold (the retries used to give up after ~15 s). Said once at WARNING."""
+    sleeps: list[float] = []
+    monkeypatch.setattr(runner.time, "sleep", sleeps.append)  # type: ignore[attr-defined]
+    monkeypatch.setattr(repository, "start_run", _down_for(10, repository.start_run))
+    monkeypatch.setattr(repository, "complete_run", _down_for(10, repository.complete_run))
+    job = Recorder()
+    run = claim(repository, job)
+    with caplog.at_level("DEBUG", logger="celery_dbsched.runner"):
+        done = execute(repository, {job.name: job}, run.id, monitor_interval=60)
+    assert done is not None and done.status == "completed"
+    assert len(job.runs) == 1
+    # Waits double up to MAX_RETRY_DELAY: the write lands within that long of the database's return.
+    assert sleeps == 2 * [0.5, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0]
+    assert sum(sleeps) / 2 >= 30
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "failed (" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # once for starting, once for completing
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+def test_retrying_gives_up_after_its_budget_and_at_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])  # type: ignore[attr-defined]
+    advance = lambda seconds: clock.__setitem__(0, clock[0] + seconds)  # noqa: E731
+    monkeypatch.setattr(runner.time, "sleep", advance)  # type: ignore[attr-defined]
+    calls: list[float] = []
+
+    def down() -> None:
+        calls.append(clock[0])
+        raise DatabaseUnavailable("database unavailable: connection refused")
+
+    with pytest.raises(DatabaseUnavailable):
+        runner._retrying("writing", down, timeout=10)
+    assert clock[0] - 1000.0 <= 10 and len(calls) >= 4  # 0.5 + 1 + 2 + 4 < 10
+    calls.clear()
+    runner.shutdown_waker.request()  # a warm shutdown is not held up by an outage
+    with pytest.raises(DatabaseUnavailable):
+        runner._retrying("writing", down, timeout=300)
+    assert len(calls) == 1
+
+
 # -- at most once (DESIGN 3) ---------------------------------------------------------------------------------
 
 

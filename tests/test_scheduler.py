@@ -521,6 +521,42 @@ def test_publish_failure_fails_the_run_and_the_beat_keeps_going(
     assert {run.status for run in repository.list_runs(status="queued")} == {"queued"}
 
 
+def test_a_broker_outage_is_logged_once_not_once_per_tick(
+    sqlite_database: Database,
+    make_scheduler: SchedulerFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 4, scenario 6: while the broker is down every due run fails the same way; the beat says so once
+    (it used to log an ERROR line per tick), and says when publishing works again."""
+    repository = sqlite_database.migrated_repository()
+    repository.upsert_job("a", "job a")
+    repository.upsert_job("b", "job b")
+    scheduler = make_scheduler(sqlite_database.url)
+    caplog.set_level(logging.DEBUG, logger="celery_dbsched")
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("broker said no")
+
+    monkeypatch.setattr(scheduler.app, "send_task", refuse)
+    for _ in range(4):
+        for name in ("a", "b"):
+            repository.update_job_next_run_in_at_least(name, dt.timedelta(0))
+        assert scheduler.tick() > 0
+    assert len(repository.list_runs(status="failed")) == 8
+    loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) == 1 and "broker said no" in loud[0], loud
+    assert not any(r.exc_info for r in caplog.records)
+
+    monkeypatch.undo()
+    caplog.clear()
+    repository.update_job_next_run_in_at_least("a", dt.timedelta(0))
+    assert scheduler.tick() > 0
+    [back] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "publishing works again" in back and "8 run(s) were not published" in back
+    assert [m.args[1] for m in drain(scheduler.app, default_queue(scheduler), 1)] == ["a"]
+
+
 @pytest.mark.parametrize(
     "kind", [pytest.param("rabbitmq", marks=pytest.mark.rabbitmq), pytest.param("redis", marks=pytest.mark.redis)]
 )

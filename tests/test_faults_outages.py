@@ -1,0 +1,655 @@
+"""Fault suite, outages (issue 4, scenarios 5 and 6): the database and the broker go away while beats and
+workers run, and come back.
+
+The services that go down are private to this module, so that the shared PostgreSQL, RabbitMQ and Redis
+that other test runs use are never touched:
+
+- PostgreSQL: a cluster of our own (`pg_createcluster`, as root), restarted with `pg_ctlcluster restart` and
+  stopped for 30 s with `pg_ctlcluster stop` / `start`, dropped at the end of the session.
+- Redis: a `redis-server` subprocess on a free port (no persistence), stopped and started again.
+
+Each test prints one line `FAULTS <name>: key=value ...` with what it counted, and appends it as JSON to the
+file named by DBSCHED_FAULT_REPORT when that is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import cluster as cluster_module
+import pytest
+from cluster import LATENESS, Cluster, quick, seconds
+from conftest import RABBITMQ_URL, REQUIRE_SERVICES, Broker, Database, _cleanup_queue, require_service
+from procs import CeleryProcess, Processes, wait_for
+from sqlalchemy import create_engine, text
+
+from celery_dbsched import RunRecord, update_job_next_run_in_at_least
+from celery_dbsched.wakeup import RECONNECT_AFTER
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+
+processes = cluster_module.processes  # the fixture
+
+OUTAGE = 30.0  # seconds the database (and the broker) stay away
+# A beat backs off at most its run-jobs interval (0.3 s here) while the database is down; claiming must
+# resume within this many seconds of the database accepting connections again (slack for 2 shared cores).
+RESUME_BOUND = 10.0
+# ERROR/CRITICAL/Traceback lines one process may log for one outage: "log once, back off" (a line per tick
+# would be ~100 for 30 s at a 0.3 s tick).
+ERROR_LINES_BOUND = 3
+CLUSTER_PREFIX = "dbschedfaults"
+
+
+def _unavailable(reason: str) -> None:
+    """Skip with the reason, or fail when the services are required (CI), as conftest.require_service."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{reason}; DBSCHED_REQUIRE_SERVICES is set, so this is a failure, not a skip")
+    pytest.skip(reason)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+# -- a private PostgreSQL cluster ----------------------------------------------------------------------------
+
+
+def _pg_version() -> str | None:
+    root = Path("/usr/lib/postgresql")
+    versions = sorted(
+        (p.name for p in root.glob("*") if (p / "bin" / "initdb").exists()), key=lambda v: float(v), reverse=True
+    )
+    return versions[0] if versions else None
+
+
+def _run(args: Sequence[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@dataclass
+class PrivatePostgres:
+    version: str
+    name: str
+    port: int
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+    def ctl(self, action: str) -> float:
+        """`pg_ctlcluster <version> <name> <action>`; returns how long it took."""
+        started = time.monotonic()
+        result = _run(["pg_ctlcluster", "--skip-systemctl-redirect", self.version, self.name, action])
+        assert result.returncode == 0, f"pg_ctlcluster {action}: {result.stdout}{result.stderr}"
+        return time.monotonic() - started
+
+    def accepting(self) -> bool:
+        engine = create_engine(self.url(), connect_args={"connect_timeout": 2})
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            return False
+        finally:
+            engine.dispose()
+
+    def admin(self, sql: str) -> None:
+        engine = create_engine(self.url(), isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                conn.execute(text(sql))
+        finally:
+            engine.dispose()
+
+    def scalar(self, sql: str, database: str) -> Any:
+        engine = create_engine(self.url(database))
+        try:
+            with engine.connect() as conn:
+                return conn.execute(text(sql)).scalar()
+        finally:
+            engine.dispose()
+
+
+def _drop_stale_clusters(version: str) -> None:
+    """Clusters a previous run of this module left behind (its pytest process is gone)."""
+    listing = _run(["pg_lsclusters", "-h"]).stdout
+    for line in listing.splitlines():
+        fields = line.split()
+        if len(fields) < 2 or fields[0] != version or not fields[1].startswith(CLUSTER_PREFIX):
+            continue
+        pid = fields[1][len(CLUSTER_PREFIX) :].split("_")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            _run(["pg_dropcluster", "--stop", version, fields[1]])
+
+
+@pytest.fixture(scope="module")
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL cluster of this module's own, on a free port (trust, localhost only, no fsync), created
+    once for the module's tests and dropped as soon as they are done (also when they fail), not at the end
+    of a whole CI session. A cluster left by a killed run is dropped by the next run."""
+    missing = [tool for tool in ("pg_createcluster", "pg_ctlcluster", "pg_dropcluster") if not shutil.which(tool)]
+    version = _pg_version()
+    if missing or version is None:
+        _unavailable(
+            f"a private PostgreSQL cluster needs {', '.join(missing) or 'initdb'} (Debian's postgresql-common)"
+        )
+    assert version is not None
+    if os.geteuid() != 0:
+        _unavailable("a private PostgreSQL cluster needs root (pg_createcluster creates it as postgres)")
+    _drop_stale_clusters(version)
+    pg = PrivatePostgres(version, f"{CLUSTER_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:6]}", _free_port())
+    settings = ["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
+    created = _run(
+        [
+            "pg_createcluster",
+            version,
+            pg.name,
+            "-p",
+            str(pg.port),
+            "--start-conf",
+            "manual",
+            *[arg for setting in settings for arg in ("-o", setting)],
+            "--",
+            "--auth=trust",
+        ]
+    )
+    try:
+        if created.returncode != 0:
+            _unavailable(f"pg_createcluster failed: {created.stdout}{created.stderr}")
+        pg.ctl("start")
+        wait_for(pg.accepting, 60, 0.2, f"the private PostgreSQL cluster {pg.name} on port {pg.port}")
+        print(f"\nprivate PostgreSQL {version}/{pg.name} on 127.0.0.1:{pg.port}")
+        yield pg
+    finally:
+        dropped = _run(["pg_dropcluster", "--stop", version, pg.name])
+        if dropped.returncode != 0 and "does not exist" not in dropped.stderr:
+            print(f"pg_dropcluster {pg.name}: {dropped.stdout}{dropped.stderr}")
+
+
+@pytest.fixture
+def private_pg_database(private_postgres: PrivatePostgres) -> Iterator[Database]:
+    """An empty database in the private cluster (the cluster must be up at the end to drop it)."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    private_postgres.admin(f'CREATE DATABASE "{name}"')
+    database = Database("postgres", private_postgres.url(name))
+    try:
+        yield database
+    finally:
+        for repository in database.repositories:
+            repository.close()
+        with contextlib.suppress(Exception):
+            if not private_postgres.accepting():
+                private_postgres.ctl("start")
+            private_postgres.admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- a private Redis -----------------------------------------------------------------------------------------
+
+
+class PrivateRedis:
+    """`redis-server` on a port of its own, without persistence: stopping it loses what it held."""
+
+    def __init__(self, folder: Path) -> None:
+        self.port = _free_port()
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--daemonize", "no", "--dir", str(self.folder)]
+        with open(self.folder / "redis.log", "ab") as log:
+            self.popen = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_for(self.ready, 30, 0.1, f"redis-server on port {self.port}")
+
+    def ready(self) -> bool:
+        if self.popen is not None and self.popen.poll() is not None:
+            raise AssertionError(f"redis-server exited with {self.popen.returncode}: {self.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return (self.folder / "redis.log").read_text(errors="replace")[-2000:]
+
+    def stop(self) -> None:
+        if self.popen is None:
+            return
+        self.popen.kill()  # the broker dies: no shutdown, what it held is gone
+        self.popen.wait(30)
+        self.popen = None
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    if not shutil.which("redis-server"):
+        _unavailable("a private Redis needs redis-server (Debian's redis-server)")
+    redis = PrivateRedis(tmp_path / "redis")
+    redis.start()
+    try:
+        yield redis
+    finally:
+        redis.stop()
+
+
+# -- observations --------------------------------------------------------------------------------------------
+
+_ERROR_LINE = re.compile(r": (ERROR|CRITICAL)/|^Traceback \(most recent call last\)")
+
+
+def error_lines(process: CeleryProcess, since: int = 0) -> list[str]:
+    """The ERROR/CRITICAL log lines and tracebacks of a process, after byte offset `since` of its log."""
+    with open(process.log_path, "rb") as f:
+        f.seek(since)
+        lines = f.read().decode(errors="replace").splitlines()
+    return [line for line in lines if _ERROR_LINE.search(line)]
+
+
+def log_size(process: CeleryProcess) -> int:
+    return process.log_path.stat().st_size if process.log_path.exists() else 0
+
+
+def report(name: str, **figures: Any) -> None:
+    def show(value: Any) -> str:
+        return f"{value:.1f}s" if isinstance(value, float) else str(value)
+
+    print(f"\nFAULTS {name}: " + " ".join(f"{key}={show(value)}" for key, value in figures.items()))
+    path = os.environ.get("DBSCHED_FAULT_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": name, **figures}) + "\n")
+
+
+def hold(cluster: Cluster, duration: float) -> None:
+    """Let `duration` seconds pass while checking that every process the test expects to run still does."""
+    deadline = time.monotonic() + duration
+
+    def over() -> bool:
+        cluster.processes.check_alive(*cluster.live)
+        return time.monotonic() >= deadline
+
+    wait_for(over, duration + 30, 0.2, "the outage to last")
+
+
+def first_claims_after(cluster: Cluster, jobs: Sequence[str], moment: dt.datetime, timeout: float) -> list[RunRecord]:
+    """For each job, its first run claimed after `moment` (database clock), waiting for all of them."""
+
+    def found() -> list[RunRecord] | None:
+        firsts = []
+        for job in jobs:
+            run = next((run for run in cluster.runs(job) if run.create_time > moment), None)
+            if run is None:
+                return None
+            firsts.append(run)
+        return firsts
+
+    runs: list[RunRecord] = cluster.wait(found, timeout, f"a claim of each of {list(jobs)} after {moment}")
+    return runs
+
+
+def listening_beats(pg: PrivatePostgres, database: str) -> int:
+    count: int = pg.scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND backend_type = 'client backend' AND query = 'LISTEN dbsched_wakeup'",
+        database,
+    )
+    return count
+
+
+def lost_runs(
+    runs: Sequence[RunRecord], now: dt.datetime, expected_failures: Callable[[RunRecord], bool]
+) -> list[RunRecord]:
+    """Runs that did not end `completed`, except the failures the scenario documents, and runs still active
+    long after they were claimed (stuck)."""
+    ended_badly = [run for run in runs if run.status in ("failed", "interrupted") and not expected_failures(run)]
+    stuck = [run for run in runs if run.status in ("queued", "running") and seconds(run.update_time, now) > 20]
+    return ended_badly + stuck
+
+
+def done(run: RunRecord) -> bool:
+    return run.status == "completed"
+
+
+def describe(runs: Sequence[RunRecord]) -> str:
+    return "; ".join(f"run {r.id} {r.job_name} {r.status} error={(r.error or '')[:160]!r}" for r in runs)
+
+
+# -- scenario 5: PostgreSQL restarted, and away for 30 s ----------------------------------------------------
+
+QUICK_JOBS = [f"e2e.q{n}" for n in range(4)]
+
+
+@pytest.fixture
+def rabbitmq_broker() -> Iterator[Broker]:
+    require_service("rabbitmq")
+    broker = Broker("rabbitmq", {"broker_url": RABBITMQ_URL}, f"dbsched-faults-{uuid.uuid4().hex[:12]}")
+    yield broker
+    _cleanup_queue(broker)
+    _cleanup_queue(Broker("rabbitmq", broker.settings, f"{broker.queue}-solo"))
+
+
+@pytest.fixture
+def pg_cluster(
+    private_pg_database: Database, rabbitmq_broker: Broker, processes: Processes, tmp_path: Path
+) -> Iterator[Cluster]:
+    cluster = Cluster(private_pg_database, rabbitmq_broker, processes, tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def _database_outage(
+    name: str, pg: PrivatePostgres, cluster: Cluster, cut: Callable[[], float], *, solo_worker: bool, across: float
+) -> None:
+    """Beats and workers run while `cut` takes the database away and brings it back (returning how long it
+    was away); then: no process exited, few error lines, claiming resumed promptly, no run lost or doubled,
+    the run that was running across the outage completed."""
+    database = cluster.database.url.rsplit("/", 1)[1]
+    jobs: list[dict[str, Any]] = [quick(job, 1.0) for job in QUICK_JOBS]
+    # Runs across the outage: its progress writes fail for a while; it must end `completed`, not `failed`.
+    jobs.append({"kind": "long", "name": "e2e.across", "every": 300, "seconds": across, "step": 0.2})
+    workers = [cluster.worker(jobs, name="worker", concurrency=8)]
+    solo_queue = f"{cluster.broker.queue}-solo"
+    if solo_worker:
+        # One slot, one queue: a job that ends during the outage (its completion must wait for the database)
+        # and, behind it in the queue, a run claimed before the outage whose message is delivered only when
+        # the slot frees: its start must wait for the database too.
+        solo = [
+            {"kind": "long", "name": "e2e.ends_during", "every": 300, "seconds": 6, "step": 0.2, "queue": solo_queue},
+            quick("e2e.behind", 1.0, queue=solo_queue),
+        ]
+        solo_process = cluster.processes.start_worker(
+            cluster_module.APP,
+            env=cluster.env("solo-worker", solo, None),
+            name="solo-worker",
+            concurrency=1,
+            queues=[solo_queue],
+        )
+        cluster.live.append(solo_process)
+        workers.append(solo_process)
+    beats = [cluster.beat(name="beat-a"), cluster.beat(name="beat-b")]
+    for worker in workers:
+        worker.wait_ready()
+    sampler = cluster.sampler()
+    for job in QUICK_JOBS:
+        cluster.wait_runs(job, 2, done, timeout=90)
+    across_run = cluster.wait_run("e2e.across", lambda run: run.status == "running", timeout=60)
+    cluster.wait(lambda: listening_beats(pg, database) == 2, 30, "both beats listening for wake-ups")
+    if solo_worker:
+        cluster.wait_runs("e2e.behind", 1, done, timeout=60)
+        # Its first run (at registration) is over by now; pull it in to have it running as the outage starts.
+        first = cluster.wait_run("e2e.ends_during", done, timeout=60)
+        update_job_next_run_in_at_least(cluster.app(), "e2e.ends_during", 0)
+        ends_during = cluster.wait_run(
+            "e2e.ends_during", lambda run: run.id > first.id and run.status == "running", timeout=30
+        )
+        assert ends_during.start_time is not None
+        cluster.wait_run(
+            "e2e.behind",
+            lambda run: run.status == "queued" and run.create_time > ends_during.start_time,  # type: ignore[operator]
+            timeout=10,
+            message="a run of e2e.behind queued behind e2e.ends_during",
+        )
+    before = {process.name: error_lines(process) for process in cluster.live}
+    assert not any(before.values()), f"error lines before the outage: {before}"
+    offsets = {process.name: log_size(process) for process in cluster.live}
+
+    down = cut()
+    back = time.monotonic()
+
+    started_at: dt.datetime = pg.scalar("SELECT pg_postmaster_start_time()", database)
+    resumed = first_claims_after(cluster, QUICK_JOBS, started_at, timeout=60)
+    resume_first = max(min(seconds(started_at, run.create_time) for run in resumed), 0.0)
+    resume_all = max(seconds(started_at, run.create_time) for run in resumed)
+    # Each beat's LISTEN connection comes back (it retries RECONNECT_AFTER seconds after losing it).
+    cluster.wait(
+        lambda: listening_beats(pg, database) == 2, RECONNECT_AFTER + 30, "both beats listening again after the outage"
+    )
+    listening_after = time.monotonic() - back
+    across_run = cluster.wait_run(
+        "e2e.across", lambda run: run.id == across_run.id and run.end_time is not None, timeout=across + 60
+    )
+    assert across_run.status == "completed", describe([across_run])
+    assert across_run.progress.completed == across_run.progress.total > 0, describe([across_run])
+    if solo_worker:
+        ends_during = cluster.wait_run(
+            "e2e.ends_during", lambda run: run.id == ends_during.id and run.end_time is not None, timeout=90
+        )
+        assert ends_during.status == "completed", describe([ends_during])
+        cluster.wait_runs("e2e.behind", 1, lambda run: done(run) and run.create_time > started_at, timeout=60)
+    for job in QUICK_JOBS:
+        cluster.wait_runs(job, 2, lambda run: done(run) and run.create_time > started_at, timeout=60)
+    # Runs claimed before the outage end within the bound (a few retries), not at the interrupt threshold.
+    cluster.wait(
+        lambda: all(run.end_time is not None for run in cluster.runs() if run.create_time < started_at),
+        30,
+        "every run claimed before the outage to end",
+    )
+    sampler.stop()
+    sampler.check()
+
+    runs = cluster.runs()
+    lost = lost_runs(runs, cluster.repo.database_now(), lambda run: False)
+    cluster.assert_started_once(runs)
+    cluster.processes.check_alive(*cluster.live)
+    errors = {process.name: error_lines(process, offsets[process.name]) for process in cluster.live}
+    report(
+        name,
+        down=round(down, 1),
+        claims_resumed_after=round(resume_first, 2),
+        all_jobs_resumed_after=round(resume_all, 2),
+        listen_back_within=round(listening_after, 1),
+        runs=len(runs),
+        lost=len(lost),
+        doubled=len(sampler.double_active),
+        failed=sum(run.status == "failed" for run in runs),
+        writes_waited_out=sum(process.log().count(": done after ") for process in cluster.live),
+        error_lines=sum(map(len, errors.values())),
+        error_lines_by_process={name: len(lines) for name, lines in errors.items()},
+    )
+    assert not lost, f"runs lost or falsely ended: {describe(lost)}"
+    assert resume_all <= RESUME_BOUND, f"claiming resumed {resume_all:.1f}s after the database came back"
+    for process_name, lines in errors.items():
+        assert len(lines) <= ERROR_LINES_BOUND, f"{process_name} logged {len(lines)} error lines: {lines[:10]}"
+        assert not [line for line in lines if line.startswith("Traceback")], f"{process_name}: {lines}"
+    assert {p.name for p in beats} <= {p.name for p in cluster.live}
+
+
+def test_postgres_restart_while_beats_and_workers_run(private_postgres: PrivatePostgres, pg_cluster: Cluster) -> None:
+    restart = lambda: private_postgres.ctl("restart")  # noqa: E731
+    _database_outage("pg-restart", private_postgres, pg_cluster, restart, solo_worker=False, across=15)
+
+
+def test_postgres_away_for_30s_while_beats_and_workers_run(
+    private_postgres: PrivatePostgres, pg_cluster: Cluster
+) -> None:
+    def away() -> float:
+        started = time.monotonic()
+        private_postgres.ctl("stop")
+        hold(pg_cluster, OUTAGE)
+        private_postgres.ctl("start")
+        return time.monotonic() - started
+
+    _database_outage("pg-down-30s", private_postgres, pg_cluster, away, solo_worker=True, across=OUTAGE + 12)
+
+
+# -- scenario 6: the broker goes down during dispatch --------------------------------------------------------
+
+# The jobs' interrupt threshold here: a queued run that no worker starts within it (its message died with the
+# broker, or sat in the queue while the worker was still reconnecting) is ended by a beat's monitor by then.
+BROKER_THRESHOLD = 8.0
+
+
+@dataclass
+class OutageBroker:
+    """A broker the test can take away and bring back: `stop()`, `start()`."""
+
+    kind: str
+    url: str
+    stop: Callable[[], None]
+    start: Callable[[], None]
+    description: str
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("rabbitmq-proxy", marks=pytest.mark.rabbitmq),
+    ]
+)
+def outage_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OutageBroker]:
+    """Redis: a private redis-server, killed (what it held is lost) and started again on the same port.
+    RabbitMQ: the shared server cannot be stopped, so the beat and the worker reach it through a TCP proxy
+    that is cut (the port closed, every connection dropped, as when the server dies) and restored; what the
+    server holds survives, as with a durable RabbitMQ restarted."""
+    if request.param == "redis":
+        redis: PrivateRedis = request.getfixturevalue("private_redis")
+        yield OutageBroker("redis", redis.url, redis.stop, redis.start, "redis (private, killed)")
+        return
+    require_service("rabbitmq")
+    from test_scheduler import TcpProxy  # the proxy of the scheduler's own broker-outage test
+
+    real = urlsplit(RABBITMQ_URL)
+    proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 5672))
+    netloc = real.netloc.rsplit(":", 1)[0] if real.port else real.netloc
+    url = urlunsplit(real._replace(netloc=f"{netloc}:{proxy.port}"))
+    try:
+        yield OutageBroker("rabbitmq", url, proxy.down, proxy.up, "rabbitmq (shared, behind a cut TCP proxy)")
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def broker_cluster(
+    postgres_database: Database, outage_broker: OutageBroker, processes: Processes, tmp_path: Path
+) -> Iterator[Cluster]:
+    broker = Broker(outage_broker.kind, {"broker_url": outage_broker.url}, f"dbsched-faults-{uuid.uuid4().hex[:12]}")
+    cluster = Cluster(postgres_database, broker, processes, tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+        if outage_broker.kind == "rabbitmq":
+            _cleanup_queue(Broker("rabbitmq", {"broker_url": RABBITMQ_URL}, broker.queue))
+
+
+def _not_published(run: RunRecord) -> bool:
+    return run.status == "failed" and (run.error or "").startswith("not published") and run.start_time is None
+
+
+def _unstarted_interrupted(run: RunRecord) -> bool:
+    """Claimed and sent, but no worker started it within the threshold: ended by a beat's monitor."""
+    return run.status == "interrupted" and (run.error or "").startswith("stalled") and run.start_time is None
+
+
+def test_broker_down_during_dispatch(outage_broker: OutageBroker, broker_cluster: Cluster) -> None:
+    cluster = broker_cluster
+    settings = {"dbsched_retry_backoff": [0.5, 4]}
+    jobs = [quick(job, 1.0, interrupt_threshold=BROKER_THRESHOLD) for job in QUICK_JOBS]
+    worker = cluster.worker(jobs, settings=settings)
+    beat = cluster.beat(settings=settings)
+    worker.wait_ready()
+    sampler = cluster.sampler()
+    for job in QUICK_JOBS:
+        cluster.wait_runs(job, 2, done, timeout=90)
+    offsets = {process.name: log_size(process) for process in cluster.live}
+
+    went_down = cluster.repo.database_now()
+    outage_broker.stop()
+    # The beat goes on claiming; what it cannot publish it ends `failed` ("not published") and retries.
+    cluster.wait_run(QUICK_JOBS[0], _not_published, timeout=OUTAGE, message="a run that could not be published")
+    hold(cluster, OUTAGE - seconds(went_down, cluster.repo.database_now()))
+    outage_broker.start()
+    came_back = cluster.repo.database_now()
+
+    resumed = []
+    for job in QUICK_JOBS:
+        resumed.append(
+            cluster.wait_run(
+                job,
+                lambda run: done(run) and run.start_time is not None and run.start_time > came_back,
+                timeout=120,
+                message=f"a run of {job} started after the broker came back",
+            )
+        )
+    first_run = min(seconds(came_back, run.start_time) for run in resumed)  # type: ignore[arg-type]
+    all_run = max(seconds(came_back, run.start_time) for run in resumed)  # type: ignore[arg-type]
+    # Runs claimed before the broker came back are all ended (completed, not published, or not started
+    # within the threshold and interrupted).
+    cluster.wait(
+        lambda: all(run.end_time is not None for run in cluster.runs() if run.create_time < came_back),
+        BROKER_THRESHOLD + 30,
+        "every run claimed while the broker was down to end",
+    )
+    sampler.stop()
+    sampler.check()
+
+    runs = cluster.runs()
+    not_published = [run for run in runs if _not_published(run)]
+    unstarted = [run for run in runs if _unstarted_interrupted(run)]
+    lost = lost_runs(runs, cluster.repo.database_now(), lambda run: _not_published(run) or _unstarted_interrupted(run))
+    cluster.assert_started_once(runs)
+    cluster.processes.check_alive(worker, beat)
+    beat_errors = error_lines(beat, offsets[beat.name])
+    worker_errors = error_lines(worker, offsets[worker.name])
+    beat_log = beat.log()
+    report(
+        f"broker-down-30s-{outage_broker.kind}",
+        broker=outage_broker.description,
+        down=round(seconds(went_down, came_back), 1),
+        not_published=len(not_published),
+        unstarted_interrupted=len(unstarted),
+        first_run_after=round(first_run, 1),
+        all_jobs_ran_after=round(all_run, 1),
+        runs=len(runs),
+        lost=len(lost),
+        doubled=len(sampler.double_active),
+        beat_error_lines=len(beat_errors),
+        worker_error_lines=len(worker_errors),
+        duplicate_deliveries_dropped=worker.log().count("dropping the message for run"),
+    )
+    assert not lost, f"runs lost or falsely ended: {describe(lost)}"
+    assert not_published, "no run was refused by the broker: the outage was not during dispatch"
+    for run in unstarted:
+        # Ended by a beat's monitor once older than the job's threshold: threshold + monitor interval + slack.
+        assert run.end_time is not None
+        assert seconds(run.create_time, run.end_time) <= BROKER_THRESHOLD + 0.3 + LATENESS, describe([run])
+    # The beat says once that it cannot publish, and once that it can again: no line per tick, no traceback.
+    assert len(beat_errors) <= ERROR_LINES_BOUND, beat_errors[:20]
+    assert not [line for line in beat_errors if line.startswith("Traceback")], beat_errors[:10]
+    assert "publishing works again" in beat_log
+    # Celery's worker reconnects with its own backoff (2, 4, 6, ... s): the jobs run within it.
+    assert all_run <= 60, f"a job ran only {all_run:.1f}s after the broker came back"
