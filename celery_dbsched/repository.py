@@ -759,7 +759,8 @@ class JobRepository:
             job = self._job(conn, run.job_name)
             if job is None:
                 return run
-            now = self._db_now(conn)
+            # The run's end, on the database clock: the job's next run is counted from it (one round trip less).
+            now = run.end_time if run.end_time is not None else self._db_now(conn)
             if next_run_in is not None:
                 when = now + next_run_in
             elif job.advances_at_claim:
