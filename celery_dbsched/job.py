@@ -6,6 +6,7 @@ import abc
 import datetime as dt
 import json
 import threading
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -185,9 +186,19 @@ def validate_name(name: object) -> str:
         raise ValueError(f"job name must not be empty or blank, got {name!r}")
     if len(name) > NAME_MAX_LENGTH:
         raise ValueError(f"job name is {len(name)} characters long; at most {NAME_MAX_LENGTH} are allowed")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-        raise ValueError(f"job name must not contain control characters: {name!r}")
+    # Control characters (C0 and C1) and line separators would break log lines and the CLI's tables.
+    if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in name):
+        raise ValueError(f"job name must not contain control characters or line breaks: {name!r}")
+    _check_encodable("job name", name)
     return name
+
+
+def _check_encodable(what: str, text: str) -> None:
+    """Lone surrogates cannot be stored (the drivers encode UTF-8): a clear ValueError, not a codec error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid Unicode text (lone surrogate at position {exc.start})") from None
 
 
 def validate_description(name: str, description: object) -> str:
@@ -195,6 +206,7 @@ def validate_description(name: str, description: object) -> str:
         raise ValueError(f"job {name!r}: description must be a non-empty string, got {description!r}")
     if "\x00" in description:
         raise ValueError(f"job {name!r}: description must not contain NUL characters")
+    _check_encodable(f"job {name!r}: description", description)
     return description
 
 

@@ -36,8 +36,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, NoSuchModuleError, OperationalError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -256,6 +256,15 @@ def _sqlite_on_begin(connection: Connection) -> None:
 def make_engine(url: str, engine_options: Mapping[str, Any] | None = None) -> Engine:
     """An engine for PostgreSQL (psycopg 3) or SQLite (WAL, busy timeout, immediate transactions)."""
     parsed = make_url(url)
+    try:
+        return _make_engine(parsed, engine_options)
+    except NoSuchModuleError:
+        raise ValueError(f"dbsched_database_url: no database driver {parsed.drivername!r} is installed") from None
+    except (TypeError, ArgumentError) as exc:  # an option create_engine does not take, or of the wrong type
+        raise ValueError(f"dbsched_engine_options: not accepted by SQLAlchemy: {exc}") from None
+
+
+def _make_engine(parsed: URL, engine_options: Mapping[str, Any] | None) -> Engine:
     options = dict(engine_options or {})
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -287,6 +296,23 @@ def make_engine(url: str, engine_options: Mapping[str, Any] | None = None) -> En
 def _is_missing_table(exc: DBAPIError) -> bool:
     message = str(exc.orig).lower()
     return "no such table" in message or ("relation" in message and "does not exist" in message)
+
+
+def _is_missing_column(exc: DBAPIError) -> bool:
+    """A column this code needs is not there: the schema is older than the code (not an outage)."""
+    message = str(exc.orig).lower()
+    return "no such column" in message or ("column" in message and "does not exist" in message)
+
+
+def _schema_error(exc: DBAPIError) -> SchemaMismatch | None:
+    if _is_missing_table(exc):
+        return SchemaMismatch("the celery_dbsched tables are missing: run `celery -A proj dbsched migrate`")
+    if _is_missing_column(exc):
+        return SchemaMismatch(
+            f"the database schema is older than this celery_dbsched ({str(exc.orig).strip().splitlines()[0]}): "
+            "run `celery -A proj dbsched migrate`"
+        )
+    return None
 
 
 class JobRepository:
@@ -336,16 +362,14 @@ class JobRepository:
             with self.engine.begin() as conn:
                 yield conn
         except (OperationalError, InterfaceError) as exc:
-            if _is_missing_table(exc):
-                raise SchemaMismatch(
-                    "the celery_dbsched tables are missing: run `celery -A proj dbsched migrate`"
-                ) from exc
+            mismatch = _schema_error(exc)
+            if mismatch is not None:
+                raise mismatch from exc
             raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc
         except DBAPIError as exc:
-            if _is_missing_table(exc):
-                raise SchemaMismatch(
-                    "the celery_dbsched tables are missing: run `celery -A proj dbsched migrate`"
-                ) from exc
+            mismatch = _schema_error(exc)
+            if mismatch is not None:
+                raise mismatch from exc
             if exc.connection_invalidated:
                 raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc
             raise DatabaseError(f"database error: {exc.orig}") from exc

@@ -11,7 +11,7 @@ import math
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 DEFAULT_DATABASE_FILE = "celery_dbsched.sqlite3"
@@ -130,6 +130,40 @@ def parse_bool(key: str, value: object, default: bool) -> bool:
     raise ValueError(f"{key}: expected true or false, got {value!r}")
 
 
+def parse_database_url(key: str, value: object) -> str | None:
+    """A URL string or a `sqlalchemy.URL` (its password kept); the error never repeats the value, which may hold
+    a password."""
+    if value is None:
+        return None
+    from sqlalchemy.engine import URL, make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if isinstance(value, URL):
+        return value.render_as_string(hide_password=False)  # str(URL) would replace the password with ***
+    if not isinstance(value, str):
+        raise ValueError(f"{key}: expected a database URL string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{key}: must not be empty")
+    try:
+        make_url(value)
+    except (ArgumentError, ValueError):
+        raise ValueError(
+            f"{key}: not a database URL; expected e.g. postgresql+psycopg://user:password@host/db or "
+            "sqlite:///path/to/file.sqlite3"
+        ) from None
+    return value
+
+
+def mask_database_url(url: str) -> str:
+    """The URL with its password replaced by ***, for anything shown to people."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable database url>"
+
+
 def default_database_url() -> str:
     return "sqlite:///" + os.path.abspath(DEFAULT_DATABASE_FILE)
 
@@ -160,11 +194,7 @@ class Settings:
         def get(key: str) -> Any:
             return conf.get(key)
 
-        url = get("dbsched_database_url")
-        if url is not None and not isinstance(url, str):
-            url = str(url)  # sqlalchemy.URL objects
-        if url is not None and not url.strip():
-            raise ValueError("dbsched_database_url: must not be empty")
+        url = parse_database_url("dbsched_database_url", get("dbsched_database_url"))
         engine_options = get("dbsched_engine_options")
         if engine_options is None:
             engine_options = {}
@@ -201,6 +231,12 @@ class Settings:
             auto_migrate=parse_bool("dbsched_auto_migrate", get("dbsched_auto_migrate"), True),
             listen=parse_bool("dbsched_listen", get("dbsched_listen"), True),
         )
+
+    def __repr__(self) -> str:
+        # The URL's password is masked: settings end up in logs and tracebacks.
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["database_url"] = mask_database_url(self.database_url)
+        return f"Settings({', '.join(f'{name}={value!r}' for name, value in values.items())})"
 
     def beat_server_id(self) -> str:
         return self.server_id or default_server_id()

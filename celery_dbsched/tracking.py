@@ -22,7 +22,7 @@ from celery import current_task, signals
 from .errors import DbschedError
 from .job import JobStatus
 from .repository import repository_for
-from .worker import RUN_ID_HEADER, _settings
+from .worker import RUN_ID_HEADER, _settings, valid_run_id
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +33,7 @@ def _run_id(task: Any) -> int | None:
     if value is None:
         headers = getattr(request, "headers", None) or {}
         value = headers.get(RUN_ID_HEADER)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        return None
-    return value
+    return valid_run_id(value)
 
 
 def _on_task_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:

@@ -14,7 +14,8 @@ import signal
 from typing import Any
 
 from celery import bootsteps, signals
-from celery.exceptions import Reject
+from celery.exceptions import InvalidTaskError, Reject
+from celery.worker.request import Request
 
 from .migrate import prepare_schema
 from .repository import RESTART, SHUTDOWN, JobRepository, repository_for
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 RUN_TASK_NAME = "celery_dbsched.run_job"
 RUN_ID_HEADER = "dbsched_run_id"  # on plain tasks sent for beat_schedule entries
+MAX_RUN_ID = 2**63 - 1  # the id column is a 64-bit integer on both databases
+JSON_CONTENT_TYPE = "application/json"
 # Not SIGUSR1/SIGUSR2: billiard resets those (and the other terminating signals) to its own exit handler in
 # each pool child after worker_process_init, so a child would die instead of cancelling its run. SIGURG is
 # left alone and ignored by default, so a child that has not installed our handler yet is not hurt by it.
@@ -40,14 +43,37 @@ def _settings(app: Any) -> Settings:
     return cached
 
 
+def valid_run_id(value: object) -> int | None:
+    """A run id from a message, or None when it cannot be one (a forged or corrupt message)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RUN_ID:
+        return None
+    return value
+
+
+class JsonOnlyRequest(Request):  # type: ignore[misc]
+    """The run task's request: run messages are JSON (the beat publishes nothing else), so any other content
+    type is refused before it is decoded, whatever `accept_content` allows: unpickling a forged message would
+    run its code. Celery logs the refusal and discards the message."""
+
+    def __init__(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        if not kwargs.get("decoded") and message.content_type != JSON_CONTENT_TYPE:
+            raise InvalidTaskError(
+                f"{RUN_TASK_NAME}: refused a run message of content type {message.content_type!r}; "
+                "run messages are JSON only"
+            )
+        super().__init__(message, *args, **kwargs)
+
+
 def _run_job(task: Any, run_id: object, job_name: object = None) -> str | None:
     """The task body. `job_name` in the message is informational: the job that runs is the one the
     database says the run belongs to, looked up in this worker's registry (never code named by a message)."""
     from .registry import registry_for
 
-    if isinstance(run_id, bool) or not isinstance(run_id, int) or run_id < 1:
-        logger.error("dropping a run message with a malformed run id %r (job %r)", run_id, job_name)
+    checked = valid_run_id(run_id)
+    if checked is None:
+        logger.error("dropping a run message with a malformed run id %.100r (job %.100r)", run_id, job_name)
         return None
+    run_id = checked
     if shutting_down():
         _hand_back(task, run_id, job_name)
         return None
@@ -170,6 +196,7 @@ def install_worker(app: Any) -> None:
         ignore_result=True,
         serializer="json",
         shared=False,
+        Request=JsonOnlyRequest,
     )(_run_job)
     app.steps["worker"].add(DbschedWorkerStep)
     if not _signals_connected:
