@@ -601,8 +601,32 @@ class JobRepository:
                 self._insert(r).from_select(columns, due).on_conflict_do_nothing().returning(*r.c)
             ).all()
             runs = sorted((RunRecord.from_row(row) for row in rows), key=lambda run: run.id)
+            if runs and self._is_postgres:
+                runs = self._drop_stale_claims(conn, runs)
             self._advance_claimed(conn, runs)
         return runs
+
+    def _drop_stale_claims(self, conn: Connection, runs: list[RunRecord]) -> list[RunRecord]:
+        """PostgreSQL (READ COMMITTED): the claim statement read the jobs as they were when it began. When it
+        waits on another beat's uncommitted claim, a run of the same slot that a third beat claimed and a worker
+        finished meanwhile is no longer active, so it does not conflict, and the slot would run twice. This
+        statement reads afresh (it sees every commit the claim waited for): a claimed run whose slot is no
+        longer the job's due slot was already run (or moved) by someone else, and is dropped."""
+        j, r = job_table, run_table
+        stale = set(
+            conn.execute(
+                delete(r)
+                .where(
+                    r.c.id.in_([run.id for run in runs]),
+                    ~exists().where(
+                        j.c.name == r.c.job_name,
+                        func.coalesce(j.c.retry_slot, j.c.next_scheduled_run) == r.c.scheduled_for,
+                    ),
+                )
+                .returning(r.c.id)
+            ).scalars()
+        )
+        return [run for run in runs if run.id not in stale]
 
     def _skip_misfired(self, conn: Connection, limit: int) -> None:
         j = job_table
@@ -790,7 +814,10 @@ class JobRepository:
             elif job.advances_at_claim:
                 when = job.next_scheduled_run  # moved when the run was claimed
             else:
-                when = job.next_slot(now, run.scheduled_for or now) or now + self.retry_backoff[1]
+                # From the moment the run ended, not this later statement's `now`: a slot that came between the
+                # two (a loaded database) is still due, not passed over as if the run had overrun it.
+                ended = run.end_time or now
+                when = job.next_slot(ended, run.scheduled_for or ended) or now + self.retry_backoff[1]
             self._schedule_next(conn, run, when, failed=False, now=now)
         return run
 

@@ -17,12 +17,17 @@ Job kinds (all deterministic; times in seconds):
     stall        reports 0 of 10 once and never again; waits until its run is cancelled
     progress     `steps` steps of `step` seconds, reporting each, so values can be seen while it runs
     long         `seconds` long, progress changing every `step` (never stalled); stops when cancelled
+    instant      records its start and end and completes at once (load tests: the wrapper's own cost)
 
 Spec keys besides `kind`: `name` (default `e2e.<kind>`), `every`, `next_run_in`, `interrupt_threshold`,
 `queue` and the kind's own parameters above.
 
 Every run appends JSON lines to `<E2E_EVENTS_DIR>/<run id>.jsonl`: `start` when the job begins, then `end`,
 `fail` or `cancelled` (with the context's cancel reason). A run that started twice would show two `start`s.
+
+Fault injection: the setting `e2e_publish_delay` (seconds, in E2E_SETTINGS) makes every message this process
+publishes wait that long first, so that a beat spends most of its time inside a claim batch (claimed, not yet
+all published) and a SIGKILL at a random moment lands there.
 """
 
 from __future__ import annotations
@@ -177,7 +182,23 @@ def _long(spec: dict[str, Any]) -> Any:
     return run
 
 
-_FUNCTION_KINDS = {"quick": _quick, "fail": _fail, "stall": _stall, "progress": _progress, "long": _long}
+def _instant(spec: dict[str, Any]) -> Any:
+    def run(ctx: JobContext) -> None:
+        record(ctx, "start")
+        ctx.progress(1, 1)
+        record(ctx, "end")
+
+    return run
+
+
+_FUNCTION_KINDS = {
+    "quick": _quick,
+    "fail": _fail,
+    "stall": _stall,
+    "progress": _progress,
+    "long": _long,
+    "instant": _instant,
+}
 
 
 def _seconds(value: object) -> dt.timedelta | None:
@@ -203,3 +224,11 @@ def register(spec: dict[str, Any]) -> None:
 
 for _spec in json.loads(os.environ.get("E2E_JOBS") or "[]"):
     register(_spec)
+
+_PUBLISH_DELAY = float(app.conf.get("e2e_publish_delay") or 0)
+if _PUBLISH_DELAY > 0:
+    from celery import signals
+
+    @signals.before_task_publish.connect(weak=False)
+    def _slow_publish(**kwargs: Any) -> None:
+        time.sleep(_PUBLISH_DELAY)

@@ -1256,3 +1256,85 @@ def test_run_ids_are_never_reused_after_pruning(repository: JobRepository) -> No
     assert repository.prune_runs(dt.timedelta(days=1)) == 1
     second = repository.run_jobs("beat", 10)[0]
     assert second.id > first.id
+
+
+@pytest.mark.postgres
+def test_a_claim_that_waited_does_not_run_again_a_slot_finished_meanwhile(postgres_database: Any) -> None:
+    """Found by the fault suite (three beats, 200 jobs a second): on PostgreSQL the claim statement reads the
+    jobs as they were when it began. Held up behind another beat's uncommitted claim, it must not claim a slot
+    that a third beat claimed, and a worker ran, in the meantime (no longer active, so no conflict)."""
+    import time
+
+    from sqlalchemy import insert, text
+
+    repository = postgres_database.migrated_repository()
+    now = repository.database_now()
+    add_job(repository, "a-blocker")
+    add_job(repository, "b-victim", default_next_run_in=HOUR)
+    set_job(repository, "a-blocker", next_scheduled_run=now - dt.timedelta(seconds=2))  # claimed first
+    slot = now - dt.timedelta(seconds=1)
+    set_job(repository, "b-victim", next_scheduled_run=slot)
+
+    # Another beat's claim of the blocker, not committed yet: the waiting claim's insert queues behind it.
+    blocker = repository.engine.connect()
+    held = blocker.begin()
+    blocker.execute(
+        insert(run_table).values(
+            job_name="a-blocker", status="queued", claimed_by="beat-2", create_time=now, update_time=now
+        )
+    )
+    name = f"dbsched-waiting-claim-{id(blocker)}"
+    waiting = postgres_database.repository(engine_options={"connect_args": {"application_name": name}})
+    claimed: list[RunRecord] = []
+    thread = threading.Thread(target=lambda: claimed.extend(waiting.run_jobs("beat-3", 10)))
+    thread.start()
+    try:
+
+        def blocked() -> bool:
+            with repository.engine.connect() as conn:
+                query = text("SELECT wait_event_type FROM pg_stat_activity WHERE application_name = :name")
+                return conn.execute(query, {"name": name}).scalar() == "Lock"
+
+        deadline = time.monotonic() + 30
+        while not blocked():
+            assert time.monotonic() < deadline and thread.is_alive(), "the claim did not wait on the other one"
+            time.sleep(0.02)
+        # Meanwhile the victim's slot is claimed by a first beat (the blocker is paused so that this claim does
+        # not queue behind it too), run and finished.
+        set_job(repository, "a-blocker", paused=True)
+        [first] = [run for run in claim(repository, "beat-1") if run.job_name == "b-victim"]
+        assert first.scheduled_for == slot
+        repository.start_run(first.id, "worker-1")
+        repository.complete_run(first.id)
+    finally:
+        held.rollback()
+        blocker.close()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+
+    assert [run.job_name for run in claimed] == ["a-blocker"], claimed
+    victim_runs = [run for run in all_runs(repository) if run.job_name == "b-victim"]
+    assert [run.id for run in victim_runs] == [first.id]
+    assert repository.lookup_job("b-victim").next_scheduled_run == slot + HOUR
+
+
+def test_a_run_that_ended_before_its_next_slot_is_not_passed_over(
+    repository: JobRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the fault suite (200 jobs a second): the run ended (its end_time) before the next slot, but the
+    completing transaction's later statement ran after it. The next slot is counted from the end: it is due,
+    not passed over as if the run had overrun it."""
+    slot = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+    add_job(repository, "cadence", default_next_run_in=dt.timedelta(seconds=1))
+    set_job(repository, "cadence", next_scheduled_run=slot)
+    repository.frozen_now = slot + dt.timedelta(milliseconds=100)
+    run = repository.start_run(claim_one(repository, "cadence").id, "worker-1")
+    assert run.scheduled_for == slot
+
+    repository.frozen_now = slot + dt.timedelta(milliseconds=990)  # the run ends 10 ms before the next slot
+    real_db_now = repository._db_now
+    monkeypatch.setattr(repository, "_db_now", lambda conn: real_db_now(conn) + dt.timedelta(milliseconds=50))
+    ended = repository.complete_run(run.id)
+
+    assert ended.end_time is not None and ended.end_time < slot + dt.timedelta(seconds=1)
+    assert repository.lookup_job("cadence").next_scheduled_run == slot + dt.timedelta(seconds=1)
