@@ -807,17 +807,15 @@ class JobRepository:
             job = self._job(conn, run.job_name)
             if job is None:
                 return run
-            # The run's end, on the database clock: the job's next run is counted from it (one round trip less).
+            # Counted from the run's end on the database clock, not from a later statement's now: a slot that came
+            # between the two (a loaded database) is still due, not passed over as if the run had overrun it.
             now = run.end_time if run.end_time is not None else self._db_now(conn)
             if next_run_in is not None:
                 when = now + next_run_in
             elif job.advances_at_claim:
                 when = job.next_scheduled_run  # moved when the run was claimed
             else:
-                # From the moment the run ended, not this later statement's `now`: a slot that came between the
-                # two (a loaded database) is still due, not passed over as if the run had overrun it.
-                ended = run.end_time or now
-                when = job.next_slot(ended, run.scheduled_for or ended) or now + self.retry_backoff[1]
+                when = job.next_slot(now, run.scheduled_for or now) or now + self.retry_backoff[1]
             self._schedule_next(conn, run, when, failed=False, now=now)
         return run
 
