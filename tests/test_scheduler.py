@@ -538,7 +538,7 @@ def test_a_broker_outage_is_logged_once_not_once_per_tick(
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise ConnectionError("broker said no")
 
-    monkeypatch.setattr(scheduler.app, "send_task", refuse)
+    monkeypatch.setattr(scheduler.producer, "publish", refuse)
     for _ in range(4):
         for name in ("a", "b"):
             repository.update_job_next_run_in_at_least(name, dt.timedelta(0))
