@@ -66,6 +66,7 @@ from .schema import (
     RUN_STATES,
     RUNNING,
     UTCDateTime,
+    claimable,
     db_now,
     db_time_at,
     job_table,
@@ -118,6 +119,7 @@ class JobRecord:
     retry_backoff: tuple[dt.timedelta, dt.timedelta] | None = None
     expires: dt.timedelta | None = None
     paused: bool = False
+    active_runs: int = 0  # queued or running runs holding a slot (kept by the database)
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> JobRecord:
@@ -146,6 +148,7 @@ class JobRecord:
             retry_backoff=None if base is None else (dt.timedelta(seconds=base), dt.timedelta(seconds=cap)),
             expires=_delta(m["expires"]),
             paused=bool(m["paused"]),
+            active_runs=m["active_runs"],
         )
 
     @property
@@ -525,25 +528,14 @@ class JobRepository:
                 conn.execute(select(func.pg_notify(WAKEUP_CHANNEL, name)))
         return JobRecord.from_row(row)
 
-    def _claimable(self) -> ColumnElement[bool]:
-        """An enabled, unpaused job with a free slot (at most `max_active` queued or running runs)."""
-        j, r = job_table, run_table
-        active_count = (
-            select(func.count())
-            .where(r.c.job_name == j.c.name, r.c.status.in_(ACTIVE_STATES), r.c.slot >= 0)
-            .correlate(j)
-            .scalar_subquery()
-        )
-        return and_(j.c.enabled, ~j.c.paused, active_count < j.c.max_active)
-
     def next_due_in(self) -> float | None:
         """Seconds until the earliest claimable job is due (<= 0: due now); None when there is none. One
         indexed query: this is what an idle beat tick costs."""
         j = job_table
         stmt = (
             select(j.c.next_scheduled_run, self._now().label("now"))
-            .where(self._claimable())
-            .order_by(j.c.next_scheduled_run)
+            .where(claimable)
+            .order_by(j.c.next_scheduled_run, j.c.name)
             .limit(1)
         )
         with self._tx() as conn:
@@ -578,7 +570,7 @@ class JobRepository:
                     r.c.job_name == j.c.name,
                     r.c.status.in_(ACTIVE_STATES),
                     ~exists().where(
-                        r2.c.job_name == j.c.name, r2.c.status.in_(ACTIVE_STATES), r2.c.slot == r.c.slot + 1
+                        r2.c.job_name == r.c.job_name, r2.c.status.in_(ACTIVE_STATES), r2.c.slot == r.c.slot + 1
                     ),
                 )
                 .correlate(j)
@@ -597,7 +589,7 @@ class JobRepository:
                     slot,
                     func.coalesce(j.c.retry_slot, j.c.next_scheduled_run),
                 )
-                .where(j.c.next_scheduled_run <= now, self._claimable())
+                .where(j.c.next_scheduled_run <= now, claimable)
                 .order_by(j.c.next_scheduled_run, j.c.name)
                 .limit(limit)
             )
@@ -643,8 +635,9 @@ class JobRepository:
             select(j)
             .where(
                 j.c.misfire == MISFIRE_SKIP,
+                j.c.next_scheduled_run <= self._now(),  # a range on the (small) index of skip-policy jobs
                 j.c.next_scheduled_run < self._now(-grace),
-                self._claimable(),
+                claimable,
             )
             .limit(limit)
         ).all()
@@ -814,16 +807,15 @@ class JobRepository:
             job = self._job(conn, run.job_name)
             if job is None:
                 return run
-            now = self._db_now(conn)
+            # Counted from the run's end on the database clock, not from a later statement's now: a slot that came
+            # between the two (a loaded database) is still due, not passed over as if the run had overrun it.
+            now = run.end_time if run.end_time is not None else self._db_now(conn)
             if next_run_in is not None:
                 when = now + next_run_in
             elif job.advances_at_claim:
                 when = job.next_scheduled_run  # moved when the run was claimed
             else:
-                # From the moment the run ended, not this later statement's `now`: a slot that came between the
-                # two (a loaded database) is still due, not passed over as if the run had overrun it.
-                ended = run.end_time or now
-                when = job.next_slot(ended, run.scheduled_for or ended) or now + self.retry_backoff[1]
+                when = job.next_slot(now, run.scheduled_for or now) or now + self.retry_backoff[1]
             self._schedule_next(conn, run, when, failed=False, now=now)
         return run
 

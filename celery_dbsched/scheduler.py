@@ -17,12 +17,13 @@ from celery import beat
 from .beat_schedule import sync_beat_schedule
 from .errors import DatabaseError, DatabaseUnavailable
 from .migrate import prepare_schema
+from .publisher import RunPublisher
 from .registry import existing_registry
 from .repository import WAKEUP_CHANNEL, JobRecord, JobRepository, RunRecord, repository_for
 from .schema import KIND_TASK
 from .settings import Settings
 from .wakeup import Wakeup
-from .worker import RUN_ID_HEADER, RUN_TASK_NAME
+from .worker import RUN_ID_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         self._broker_failing_since: float | None = None
         self._unpublished = 0
         self._declared_queues: set[str] = set()
+        self._publisher = RunPublisher(app)
+        self._more_due = False  # the last claim filled a batch: claim again without asking what is due
         self._wakeup: Wakeup | None = None
         self._closed = False
         super().__init__(app, *args, lazy=lazy, **kwargs)
@@ -151,19 +154,23 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
     def _dispatch_due(self, interval: float) -> float:
         repository = self.repository
         limit = self.settings.run_jobs_limit
-        due_in = repository.next_due_in()
-        if due_in is not None and due_in <= 0:
+        due_in = None if self._more_due else repository.next_due_in()
+        if self._more_due or (due_in is not None and due_in <= 0):
+            self._more_due = False
             claimed = repository.run_jobs(self.server_id, limit)
             self._publish(claimed)
             if len(claimed) >= limit:
+                self._more_due = True
                 return 0.0  # a full batch: more may be due, claim again at once
             due_in = repository.next_due_in()
         sleep = interval if due_in is None else min(max(due_in, MIN_SLEEP), interval)
         return min(sleep, max(self._next_monitor - time.monotonic(), MIN_SLEEP))
 
     def _publish(self, runs: list[RunRecord]) -> None:
-        tasks = self.repository.lookup_jobs([run.job_name for run in runs if run.kind == KIND_TASK])
+        task_names = [run.job_name for run in runs if run.kind == KIND_TASK]
+        tasks = self.repository.lookup_jobs(task_names) if task_names else {}
         broker_error: Exception | None = None
+        self._publisher.new_batch()
         for run in runs:
             if broker_error is None:
                 try:
@@ -213,15 +220,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         return options
 
     def _send(self, run: RunRecord) -> None:
-        self.app.send_task(
-            RUN_TASK_NAME,
-            args=[run.id, run.job_name],
-            producer=self.producer,
-            serializer="json",
-            **self._queue_options(run.queue),
-        )
-        if run.queue:
-            self._declared_queues.add(run.queue)
+        self._publisher.publish(self.producer, run.id, run.job_name, run.queue)
 
     def _send_task(self, run: RunRecord, job: JobRecord | None) -> None:
         """A beat_schedule entry: its own task, args, kwargs and options, as stock beat sends it, plus a

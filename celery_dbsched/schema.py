@@ -25,6 +25,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    and_,
     false,
     true,
 )
@@ -183,9 +184,23 @@ job_table = Table(
     # The slot a failed run was for, while it is retried: retries are late runs of that slot, so the job's
     # cadence stays on its grid (NULL when not retrying).
     Column("retry_slot", UTCDateTime, nullable=True),
+    # Added by revision 0003: the job's queued and running runs that hold a slot, counted by triggers on the
+    # runs table (never written by this code), so that "claimable" is a condition on the job row alone.
+    Column("active_runs", Integer, nullable=False, server_default="0"),
     CheckConstraint("length(name) > 0", name="dbsched_job_name_not_empty"),
 )
-Index("dbsched_job_due", job_table.c.next_scheduled_run)
+# An enabled, unpaused job with a free slot. The due index holds only such jobs: claims and the idle tick's
+# "when is the next job due" are range scans over what can be claimed, however many jobs are running.
+claimable = and_(job_table.c.enabled, ~job_table.c.paused, job_table.c.active_runs < job_table.c.max_active)
+Index(
+    "dbsched_job_claimable",
+    job_table.c.next_scheduled_run,
+    job_table.c.name,
+    postgresql_where=claimable,
+    sqlite_where=claimable,
+)
+_skip = job_table.c.misfire == MISFIRE_SKIP
+Index("dbsched_job_misfire_skip", job_table.c.next_scheduled_run, postgresql_where=_skip, sqlite_where=_skip)
 
 run_table = Table(
     "dbsched_job_run",

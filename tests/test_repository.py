@@ -1299,12 +1299,23 @@ def test_a_claim_that_waited_does_not_run_again_a_slot_finished_meanwhile(postgr
         while not blocked():
             assert time.monotonic() < deadline and thread.is_alive(), "the claim did not wait on the other one"
             time.sleep(0.02)
-        # Meanwhile the victim's slot is claimed by a first beat (the blocker is paused so that this claim does
-        # not queue behind it too), run and finished.
-        set_job(repository, "a-blocker", paused=True)
-        [first] = [run for run in claim(repository, "beat-1") if run.job_name == "b-victim"]
-        assert first.scheduled_for == slot
-        repository.start_run(first.id, "worker-1")
+        # Meanwhile the victim's slot is claimed by a first beat, run and finished. Its claim is written as the
+        # claim statement writes it: a claim through run_jobs would queue behind the blocker too (and the
+        # blocker's uncommitted claim holds its job's row, whose active-run count it changed).
+        with repository.engine.begin() as conn:
+            first_id = conn.execute(
+                insert(run_table)
+                .values(
+                    job_name="b-victim",
+                    status="queued",
+                    claimed_by="beat-1",
+                    create_time=now,
+                    update_time=now,
+                    scheduled_for=slot,
+                )
+                .returning(run_table.c.id)
+            ).scalar_one()
+        first = repository.start_run(first_id, "worker-1")
         repository.complete_run(first.id)
     finally:
         held.rollback()

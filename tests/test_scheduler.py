@@ -505,7 +505,7 @@ def test_publish_failure_fails_the_run_and_the_beat_keeps_going(
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise ConnectionError("broker said no")
 
-    monkeypatch.setattr(scheduler.app, "send_task", refuse)
+    monkeypatch.setattr(scheduler.producer, "publish", refuse)
     assert scheduler.tick() > 0
     failed = repository.list_runs()
     assert sorted(run.job_name for run in failed) == ["a", "b"]
@@ -538,7 +538,7 @@ def test_a_broker_outage_is_logged_once_not_once_per_tick(
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise ConnectionError("broker said no")
 
-    monkeypatch.setattr(scheduler.app, "send_task", refuse)
+    monkeypatch.setattr(scheduler.producer, "publish", refuse)
     for _ in range(4):
         for name in ("a", "b"):
             repository.update_job_next_run_in_at_least(name, dt.timedelta(0))

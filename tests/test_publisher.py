@@ -1,0 +1,203 @@
+"""RunPublisher sends, message for message, what `app.send_task(RUN_TASK_NAME, ...)` would send.
+
+Each case publishes one run both ways on the same producer and compares everything kombu is asked to
+publish: body, headers, properties, exchange, routing key, serializer, delivery mode, declared queues,
+retry policy. Only the task id (and what derives from it) differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from celery import Celery, signals
+from kombu import Exchange, Queue
+
+from celery_dbsched.publisher import RunPublisher
+from celery_dbsched.worker import RUN_TASK_NAME
+
+PER_MESSAGE = {"id", "root_id", "correlation_id"}
+
+
+def make_app(**conf: Any) -> Celery:
+    app = Celery("publisher-test", broker="memory://", set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"], **conf)
+    return app
+
+
+class Recorder:
+    def __init__(self, producer: Any) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self._publish = producer.publish
+        producer.publish = self.publish
+
+    def publish(self, body: Any, **kwargs: Any) -> Any:
+        self.calls.append({"body": body, **kwargs})
+        return self._publish(body, **kwargs)
+
+
+def normalised(call: dict[str, Any]) -> dict[str, Any]:
+    call = dict(call)
+    task_id = call["headers"]["id"]
+    assert call["headers"]["root_id"] == task_id and call.get("correlation_id") == task_id
+    call["headers"] = {k: v for k, v in call["headers"].items() if k not in PER_MESSAGE}
+    call.pop("correlation_id", None)
+    call["body"] = [list(part) if isinstance(part, tuple) else part for part in call["body"]]
+    call["declare"] = [(q.name, q.exchange.name, q.routing_key) for q in call.get("declare") or []]
+    for key in ("timeout", "confirm_timeout"):  # send_task passes None explicitly; absent is the same
+        if call.get(key) is None:
+            call.pop(key, None)
+    # Retrying is decided apart (a plain first attempt, then kombu's retrying publish on a connection error):
+    # see test_a_failed_publish_is_made_again_through_kombus_retrying_publish.
+    call.pop("retry")
+    return call
+
+
+def both_ways(app: Celery, queue: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    with app.producer_or_acquire() as producer:
+        recorder = Recorder(producer)
+        options = {"queue": queue} if queue else {}
+        app.send_task(RUN_TASK_NAME, args=[7, "jobs.report"], producer=producer, serializer="json", **options)
+        RunPublisher(app).publish(producer, 7, "jobs.report", queue)
+    stock, ours = recorder.calls
+    return normalised(stock), normalised(ours)
+
+
+CASES = {
+    "defaults": ({}, None),
+    "the job's queue": ({}, "reports"),
+    "task_routes": ({"task_routes": {RUN_TASK_NAME: {"queue": "routed"}}}, None),
+    "task_routes with a priority": ({"task_routes": {RUN_TASK_NAME: {"queue": "routed", "priority": 7}}}, None),
+    "a custom default queue": ({"task_default_queue": "beat-runs"}, None),
+    "declared task_queues": (
+        {"task_queues": [Queue("reports", Exchange("reports-x", type="topic"), routing_key="reports.#")]},
+        "reports",
+    ),
+    "transient delivery": ({"task_default_delivery_mode": "transient"}, None),
+    "compression": ({"task_compression": "gzip"}, None),
+    "a retry policy": ({"task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.5}}, None),
+    "results ignored": ({"task_ignore_result": True}, None),
+}
+
+
+@pytest.mark.parametrize(("conf", "queue"), list(CASES.values()), ids=list(CASES))
+def test_the_message_is_the_one_send_task_sends(conf: dict[str, Any], queue: str | None) -> None:
+    stock, ours = both_ways(make_app(**conf), queue)
+    assert ours == stock
+
+
+def test_each_message_has_its_own_task_id() -> None:
+    app = make_app()
+    publisher = RunPublisher(app)
+    with app.producer_or_acquire() as producer:
+        recorder = Recorder(producer)
+        ids = [publisher.publish(producer, n, "j", None) for n in range(3)]
+    assert len(set(ids)) == 3
+    assert [call["headers"]["id"] for call in recorder.calls] == ids
+    assert [call["body"][0] for call in recorder.calls] == [[0, "j"], [1, "j"], [2, "j"]]
+    assert all(call["serializer"] == "json" for call in recorder.calls)
+
+
+@pytest.fixture
+def publish_signals() -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    def before(**kwargs: Any) -> None:
+        seen.append(("before", kwargs))
+
+    def after(**kwargs: Any) -> None:
+        seen.append(("after", kwargs))
+
+    signals.before_task_publish.connect(before, weak=False)
+    signals.after_task_publish.connect(after, weak=False)
+    try:
+        yield seen
+    finally:
+        signals.before_task_publish.disconnect(before)
+        signals.after_task_publish.disconnect(after)
+
+
+def test_publish_signals_are_sent_as_send_task_sends_them(publish_signals: list[tuple[str, dict[str, Any]]]) -> None:
+    app = make_app()
+    with app.producer_or_acquire() as producer:
+        task_id = RunPublisher(app).publish(producer, 3, "j", "q")
+    assert [kind for kind, _ in publish_signals] == ["before", "after"]
+    for _, kwargs in publish_signals:
+        assert kwargs["sender"] == RUN_TASK_NAME
+        assert kwargs["routing_key"] == "q"
+    assert publish_signals[0][1]["headers"]["id"] == task_id == publish_signals[1][1]["headers"]["id"]
+    assert list(publish_signals[1][1]["body"][0]) == [3, "j"]
+
+
+@pytest.mark.parametrize(
+    "conf", [{"task_protocol": 1}, {"task_send_sent_event": True}], ids=["protocol 1", "sent events"]
+)
+def test_messages_go_through_send_task_when_the_settings_need_it(conf: dict[str, Any]) -> None:
+    app = make_app(**conf)
+    publisher = RunPublisher(app)
+    assert not publisher.direct
+    sent: list[tuple[Any, ...]] = []
+    real = app.send_task
+
+    def send_task(*args: Any, **kwargs: Any) -> Any:
+        sent.append(args)
+        return real(*args, **kwargs)
+
+    app.send_task = send_task  # type: ignore[method-assign]
+    with app.producer_or_acquire() as producer:
+        task_id = publisher.publish(producer, 5, "j", None)
+    assert sent == [(RUN_TASK_NAME,)] and task_id
+
+
+def test_the_direct_path_is_the_default() -> None:
+    assert RunPublisher(make_app()).direct
+
+
+def test_each_queue_is_declared_at_its_first_message_of_a_batch() -> None:
+    app = make_app()
+    publisher = RunPublisher(app)
+    with app.producer_or_acquire() as producer:
+        recorder = Recorder(producer)
+        publisher.new_batch()
+        for queue in ("a", "a", "b", "a"):
+            publisher.publish(producer, 1, "j", queue)
+        publisher.new_batch()
+        publisher.publish(producer, 2, "j", "a")
+    declared = [[q.name for q in call["declare"]] if call["declare"] else None for call in recorder.calls]
+    assert declared == [["a"], None, ["b"], None, ["a"]]
+
+
+class FlakyProducer:
+    """Fails its first `failures` publishes with `error`."""
+
+    def __init__(self, error: BaseException, failures: int = 1) -> None:
+        self.error = error
+        self.failures = failures
+        self.calls: list[bool] = []
+
+    def publish(self, body: Any, retry: bool = False, **kwargs: Any) -> None:
+        self.calls.append(retry)
+        if len(self.calls) <= self.failures:
+            raise self.error
+
+
+def test_a_failed_publish_is_made_again_through_kombus_retrying_publish() -> None:
+    """As send_task publishes: kombu's retrying publish revives the channel and retries connection errors."""
+    producer = FlakyProducer(ConnectionError("reset"))
+    RunPublisher(make_app()).publish(producer, 1, "j", None)
+    assert producer.calls == [False, True]
+
+
+def test_what_the_retrying_publish_raises_is_raised() -> None:
+    producer = FlakyProducer(ValueError("cannot serialize"), failures=2)
+    with pytest.raises(ValueError, match="cannot serialize"):
+        RunPublisher(make_app()).publish(producer, 1, "j", None)
+    assert producer.calls == [False, True]
+
+
+def test_without_publish_retries_the_first_error_is_raised() -> None:
+    producer = FlakyProducer(ConnectionError("reset"))
+    with pytest.raises(ConnectionError):
+        RunPublisher(make_app(task_publish_retry=False)).publish(producer, 1, "j", None)
+    assert producer.calls == [False]
