@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 
 class DbschedError(Exception):
     """Base class of every error raised by celery_dbsched."""
@@ -42,12 +44,76 @@ class SchemaMismatch(DbschedError):
 
 
 class DatabaseError(DbschedError):
-    """The database refused a statement for a reason that is not a scheduler condition."""
+    """The database refused a statement for a reason that is not a scheduler condition. Unless it is the
+    subclass DatabaseUnavailable, retrying the same statement fails the same way (a bug, a schema or data
+    problem): it is not an outage."""
 
 
 class DatabaseUnavailable(DatabaseError):
-    """The database could not be reached (down, restarting, network); the caller may retry later."""
+    """The database could not be reached or was too busy (down, restarting, network, lock or serialization
+    conflict); the caller may retry later."""
 
 
 class JobPaused(DbschedError):
     """The job is paused or disabled, so it cannot be triggered."""
+
+
+# PostgreSQL SQLSTATE classes and codes that are about the server or the connection, not the statement: the
+# same statement may well work when retried (https://www.postgresql.org/docs/current/errcodes-appendix.html).
+_OUTAGE_SQLSTATE_CLASSES = {
+    "08",  # connection exception
+    "40",  # transaction rollback: serialization failure, deadlock
+    "53",  # insufficient resources: too many connections, disk full, out of memory
+    "57",  # operator intervention: admin/crash shutdown, cannot connect now, query cancelled (statement timeout)
+    "58",  # system error: I/O
+}
+_OUTAGE_SQLSTATES = {
+    "25006",  # read-only transaction: connected to a standby during a failover
+    "25P03",  # idle-in-transaction session timeout: the server ended the session
+    "55P03",  # lock not available (lock_timeout)
+    "55006",  # object in use
+}
+# SQLite primary result codes of a busy, locked or unreachable database file; every other code (SQLITE_ERROR:
+# a syntax error, too many SQL variables, ...; CONSTRAINT, MISMATCH, CORRUPT, NOTADB, READONLY ...) recurs.
+_SQLITE_OUTAGE_CODES = {
+    5,  # SQLITE_BUSY
+    6,  # SQLITE_LOCKED
+    7,  # SQLITE_NOMEM
+    9,  # SQLITE_INTERRUPT
+    10,  # SQLITE_IOERR
+    13,  # SQLITE_FULL
+    14,  # SQLITE_CANTOPEN
+    15,  # SQLITE_PROTOCOL
+    17,  # SQLITE_SCHEMA (the schema changed under a prepared statement)
+}
+# Client-side errors that drivers raise as "operational" without a code, yet recur on every retry.
+_PERMANENT_MESSAGES = (
+    "number of parameters must be between",  # libpq: more than 65,535 bound parameters
+    "too many sql variables",  # SQLite: more than 32,766 bound parameters
+    "syntax error",
+)
+_OUTAGE_MESSAGES = ("locked", "busy", "disk i/o", "unable to open", "connection", "server closed", "timeout")
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether a DBAPI error (psycopg or sqlite3) says the database is unreachable or busy, so that retrying
+    later may work, rather than that the statement itself was refused (a bad statement, too many parameters,
+    a schema or data problem), which retrying cannot fix. Decided by the driver's SQLSTATE or result code and
+    exception class; the message only where the driver gives neither."""
+    sqlstate = getattr(error, "sqlstate", None)
+    if isinstance(sqlstate, str) and len(sqlstate) == 5:
+        return sqlstate[:2] in _OUTAGE_SQLSTATE_CLASSES or sqlstate in _OUTAGE_SQLSTATES
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(error, sqlite3.Error) and isinstance(code, int):
+        return code & 0xFF in _SQLITE_OUTAGE_CODES
+    name = type(error).__name__
+    if name in ("ProgrammingError", "DataError", "IntegrityError", "NotSupportedError"):
+        return False
+    message = str(error).lower()
+    if any(text in message for text in _PERMANENT_MESSAGES):
+        return False
+    if isinstance(error, sqlite3.InterfaceError):  # a value of a type SQLite cannot bind
+        return False
+    if name in ("OperationalError", "InterfaceError"):  # psycopg without a SQLSTATE: connecting, connection lost
+        return True
+    return any(text in message for text in _OUTAGE_MESSAGES)

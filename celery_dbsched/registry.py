@@ -63,11 +63,13 @@ class JobRegistry:
         return definition_of(job, self.timezone if self.app is None else app_timezone(self.app))
 
     def sync(self, repository: JobRepository) -> None:
-        """Upsert every registered job; from now on `add` writes through."""
+        """Store every registered job (one read when none changed; bounded bulk writes for those that did);
+        from now on `add` writes through."""
         with self._lock:
             self._repository = repository
-        for job in self:
-            self._upsert(repository, job)
+            jobs = list(self._jobs.values())
+            first_run_in = dict(self._first_run_in)
+        repository.sync_jobs([self.definition(job) for job in jobs], next_run_in=first_run_in)
 
     def detach(self) -> None:
         with self._lock:

@@ -11,19 +11,23 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Connection,
     Engine,
     Float,
     Row,
     String,
     and_,
+    bindparam,
     case,
+    cast,
+    column,
     create_engine,
     delete,
     event,
@@ -37,8 +41,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
+from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ColumnElement
 
 from .errors import (
@@ -48,6 +53,7 @@ from .errors import (
     JobNotFound,
     RunNotFound,
     SchemaMismatch,
+    is_outage,
 )
 from .job import JobDefinition, JobStatus
 from .schedules import IntervalSchedule, Schedule, schedule_from_spec
@@ -73,10 +79,15 @@ from .schema import (
     least,
     run_table,
     server_table,
+    sync_table,
 )
 from .settings import DEFAULT_INTERRUPT_THRESHOLD, DEFAULT_MISFIRE_GRACE, DEFAULT_RETRY_BACKOFF, backoff_delay
 
 ERROR_TEXT_LIMIT = 10_000
+# Rows per statement when a sync writes many: with ~25 columns a row, far below PostgreSQL's 65,535 and
+# SQLite's 32,766 bound parameters per statement.
+SYNC_CHUNK = 500
+SYNC_JSON_CHUNK = 5_000  # rows per statement when they travel as one JSON parameter (PostgreSQL)
 WAKEUP_CHANNEL = "dbsched_wakeup"
 
 # Why a run was interrupted: the prefix of its `error` text.
@@ -185,6 +196,85 @@ def _definition_values(definition: JobDefinition) -> dict[str, Any]:
         "task_kwargs": json.dumps(dict(definition.task_kwargs)) if definition.kind == KIND_TASK else None,
         "task_options": json.dumps(dict(definition.task_options)) if definition.kind == KIND_TASK else None,
     }
+
+
+def _json_time(value: object) -> str:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON: {value!r}")
+
+
+def _check_first_run(name: str, next_run_in: dt.timedelta | None) -> None:
+    if next_run_in is not None and next_run_in < dt.timedelta(0):
+        raise ValueError(f"job {name!r}: next_run_in must not be negative")
+
+
+def _first_run(definition: JobDefinition, next_run_in: dt.timedelta | None, now: dt.datetime) -> dt.datetime:
+    """A new job is first due at now + `next_run_in`, else at its schedule's first slot, else now."""
+    if next_run_in is not None:
+        return now + next_run_in
+    if definition.schedule is not None:
+        return definition.schedule.first_slot(now)
+    return now
+
+
+def _differs(row: Row[Any], values: Mapping[str, Any]) -> bool:
+    stored = row._mapping
+    return any(stored[key] != value for key, value in values.items())
+
+
+def _changes(row: Row[Any], definition: JobDefinition, values: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
+    """What storing `definition` over the stored `row` changes (with `update_time`), or {}: its settings, and
+    its next run only when its schedule changed (the new schedule's next slot) or it is enabled again after
+    being disabled (its next slot after now, so it does not fire at once for the time it was off)."""
+    if not _differs(row, values):
+        return {}
+    current = JobRecord.from_row(row)
+    updates = dict(values)
+    nsr = current.next_scheduled_run
+    if definition.schedule != current.schedule and definition.schedule is not None:
+        nsr = definition.schedule.next_after(now)
+    elif definition.enabled and not current.enabled and nsr < now:
+        nsr = current.next_slot(now, nsr) or nsr  # on its cadence, anchored at the missed slot
+    if nsr != current.next_scheduled_run:
+        updates["next_scheduled_run"] = nsr
+    changed = {key: value for key, value in updates.items() if row._mapping[key] != value}
+    if changed:
+        changed["update_time"] = now
+    return changed
+
+
+@dataclass(frozen=True)
+class JobSync:
+    """What `JobRepository.sync_jobs` did (names sorted); `unchanged`: nothing to do, found in one read."""
+
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    disabled: list[str] = field(default_factory=list)
+    unchanged: bool = False
+
+
+@dataclass(frozen=True)
+class _SyncPlan:
+    new: list[str]
+    candidates: list[str]  # stored, and differing in some setting
+    missing: list[str]  # enabled jobs of the synced kind that are no longer declared
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.new or self.candidates or self.missing)
+
+
+def _plan_sync(
+    rows: Mapping[str, Row[Any]],
+    wanted: Mapping[str, JobDefinition],
+    values: Mapping[str, Mapping[str, Any]],
+    kind: str | None,
+) -> _SyncPlan:
+    new = [name for name in wanted if name not in rows]
+    candidates = [name for name, row in rows.items() if name in wanted and _differs(row, values[name])]
+    missing = [] if kind is None else [n for n, r in rows.items() if n not in wanted and r.kind == kind and r.enabled]
+    return _SyncPlan(new, sorted(candidates), sorted(missing))
 
 
 @dataclass(frozen=True)
@@ -358,21 +448,21 @@ class JobRepository:
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
+        """One transaction. A database error comes out typed: SchemaMismatch (run the migration),
+        DatabaseUnavailable (an outage: worth waiting for) or DatabaseError (the statement itself was refused
+        and will be on every retry: a bug or a schema problem, not an outage)."""
         try:
             with self.engine.begin() as conn:
                 yield conn
-        except (OperationalError, InterfaceError) as exc:
-            mismatch = _schema_error(exc)
-            if mismatch is not None:
-                raise mismatch from exc
-            raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc
         except DBAPIError as exc:
             mismatch = _schema_error(exc)
             if mismatch is not None:
                 raise mismatch from exc
-            if exc.connection_invalidated:
+            if exc.connection_invalidated or is_outage(exc.orig if exc.orig is not None else exc):
                 raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc
-            raise DatabaseError(f"database error: {exc.orig}") from exc
+            raise DatabaseError(
+                f"database error (not an outage: retrying the same statement will fail the same way): {exc.orig}"
+            ) from exc
 
     def _now(self, offset: float | ColumnElement[Any] | None = None) -> ColumnElement[dt.datetime]:
         """The database's clock (plus `offset` seconds): every persisted time is computed from it."""
@@ -389,6 +479,17 @@ class JobRepository:
 
     def _insert(self, table: Any) -> Any:
         return (postgresql.insert if self._is_postgres else sqlite.insert)(table)
+
+    def _values_of(self, values: Iterable[Any], column: Any) -> Select[Any]:
+        """`SELECT value` over `values`, as ONE bound parameter (a JSON array) whatever their number: for
+        `column.in_(...)` / `not_in(...)`. A list of bound parameters would grow with N, and PostgreSQL refuses
+        more than 65,535 a statement (SQLite 32,766)."""
+        payload = literal(json.dumps(list(values)), String)
+        if self._is_postgres:
+            elements = func.json_array_elements_text(cast(payload, JSON)).table_valued("value")
+        else:
+            elements = func.json_each(payload).table_valued("value")
+        return select(cast(elements.c.value, column.type))
 
     def _run_or_raise(self, conn: Connection, run_id: int, wanted: str) -> RunRecord:
         """After a conditional transition matched nothing: say why, as a typed error."""
@@ -427,8 +528,7 @@ class JobRepository:
         schedule's first slot (now for intervals), else now. An existing job keeps its next run unless its
         schedule changed (then: the new schedule's next slot) or it is enabled again after being disabled
         (then: its next slot after now, so it does not fire at once for the time it was off)."""
-        if next_run_in is not None and next_run_in < dt.timedelta(0):
-            raise ValueError(f"job {definition.name!r}: next_run_in must not be negative")
+        _check_first_run(definition.name, next_run_in)
         j = job_table
         values = _definition_values(definition)
         while True:
@@ -439,12 +539,7 @@ class JobRepository:
                     query = query.with_for_update()
                 row = conn.execute(query).first()
                 if row is None:
-                    if next_run_in is not None:
-                        first = now + next_run_in
-                    elif definition.schedule is not None:
-                        first = definition.schedule.first_slot(now)
-                    else:
-                        first = now
+                    first = _first_run(definition, next_run_in, now)
                     inserted = conn.execute(
                         self._insert(j)
                         .values(
@@ -457,23 +552,195 @@ class JobRepository:
                         continue  # registered concurrently by another process: update it instead
                     self._wake_if_soon(conn, definition.name, first, now)
                     return JobRecord.from_row(inserted)
-                current = JobRecord.from_row(row)
-                updates = dict(values)
-                nsr = current.next_scheduled_run
-                if definition.schedule != current.schedule and definition.schedule is not None:
-                    nsr = definition.schedule.next_after(now)
-                elif definition.enabled and not current.enabled and nsr < now:
-                    nsr = current.next_slot(now, nsr) or nsr  # on its cadence, anchored at the missed slot
-                if nsr != current.next_scheduled_run:
-                    updates["next_scheduled_run"] = nsr
-                changed = {k: v for k, v in updates.items() if row._mapping[k] != v}
+                changed = _changes(row, definition, values, now)
                 if not changed:
-                    return current
-                changed["update_time"] = now
+                    return JobRecord.from_row(row)
                 updated = conn.execute(
                     update(j).where(j.c.name == definition.name).values(**changed).returning(*j.c)
                 ).one()
                 return JobRecord.from_row(updated)
+
+    def sync_jobs(
+        self,
+        definitions: Sequence[JobDefinition],
+        *,
+        next_run_in: Mapping[str, dt.timedelta | None] | None = None,
+        disable_missing: str | None = None,
+        source: str | None = None,
+        fingerprint: str | None = None,
+    ) -> JobSync:
+        """`define_job` for many jobs at once, in a constant number of statements when nothing changed and
+        bounded chunks for what did (never a statement per job, never a parameter per job in one statement).
+
+        Each job is stored as `define_job` stores it (new: first due as there; changed: its next run only
+        recomputed when its schedule changed or it is enabled again). `disable_missing`: also disable the
+        enabled jobs of that kind not among `definitions` (history kept). `source` + `fingerprint`: a digest of
+        whatever the definitions were built from; when the database says the last sync of `source` stored the
+        same one (`sync_is_current`, which callers ask first to skip building the definitions) nothing is written;
+        the fingerprint is stored with the changes, in their transaction. Several processes syncing one source
+        at once are serialised on its `dbsched_sync` row (on SQLite, on the database's write lock)."""
+        wanted = {definition.name: definition for definition in definitions}
+        for definition in wanted.values():
+            _check_first_run(definition.name, (next_run_in or {}).get(definition.name))
+        values = {name: _definition_values(definition) for name, definition in wanted.items()}
+        if source is None:
+            # No digest to go by: compare without locking first, so that an unchanged registry is one read.
+            with self._tx() as conn:
+                rows = self._rows_to_sync(conn, wanted, disable_missing)
+            if not _plan_sync(rows, wanted, values, disable_missing).pending:
+                return JobSync(unchanged=True)
+        with self._tx() as conn:
+            if source is not None and fingerprint is not None:
+                stored = self._lock_source(conn, source)
+                if stored is not None and stored == (fingerprint, self._count_kind(conn, disable_missing)):
+                    return JobSync(unchanged=True)  # another process just synced the same
+            now = self._db_now(conn)
+            rows = self._rows_to_sync(conn, wanted, disable_missing)
+            plan = _plan_sync(rows, wanted, values, disable_missing)
+            added = self._insert_new(conn, [wanted[name] for name in plan.new], values, next_run_in or {}, now)
+            raced = sorted(set(plan.new) - set(added))  # inserted by another process meanwhile: compare them
+            changed = self._update_changed(conn, plan.candidates + raced, wanted, values, now)
+            disabled = self._disable(conn, plan.missing, disable_missing, now) if disable_missing else []
+            if source is not None and fingerprint is not None:
+                self._store_fingerprint(conn, source, fingerprint, disable_missing, now)
+        return JobSync(added=added, changed=changed, disabled=disabled)
+
+    def sync_is_current(self, source: str, fingerprint: str, kind: str | None) -> bool:
+        """One read: the last sync of `source` stored this fingerprint, and the jobs of `kind` are still as
+        many as it left (none deleted or added behind its back). Then syncing the same again is a no-op."""
+        s, j = sync_table, job_table
+        count = select(func.count()).select_from(j)
+        if kind is not None:
+            count = count.where(j.c.kind == kind)
+        with self._tx() as conn:
+            row = conn.execute(
+                select(s.c.fingerprint, s.c.job_count, count.scalar_subquery()).where(s.c.key == source)
+            ).first()
+        return row is not None and row[0] == fingerprint and row[1] == row[2]
+
+    def _count_kind(self, conn: Connection, kind: str | None) -> int:
+        j = job_table
+        count = select(func.count()).select_from(j)
+        if kind is not None:
+            count = count.where(j.c.kind == kind)
+        return int(conn.execute(count).scalar_one())
+
+    def _lock_source(self, conn: Connection, source: str) -> tuple[str | None, int] | None:
+        """Hold the `source` row until commit (another process syncing the same source waits here)."""
+        s = sync_table
+        conn.execute(
+            self._insert(s)
+            .values(key=source, fingerprint=None, job_count=0, update_time=self._now())
+            .on_conflict_do_nothing()
+        )
+        query = select(s.c.fingerprint, s.c.job_count).where(s.c.key == source)
+        if self._is_postgres:
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        return None if row is None else (row[0], int(row[1]))
+
+    def _store_fingerprint(
+        self, conn: Connection, source: str, fingerprint: str, kind: str | None, now: dt.datetime
+    ) -> None:
+        s = sync_table
+        conn.execute(
+            update(s)
+            .where(s.c.key == source)
+            .values(fingerprint=fingerprint, job_count=self._count_kind(conn, kind), update_time=now)
+        )
+
+    def _rows_to_sync(
+        self, conn: Connection, wanted: Mapping[str, JobDefinition], kind: str | None
+    ) -> dict[str, Row[Any]]:
+        """The stored rows of the wanted jobs and (with `kind`) every enabled job of that kind: one statement."""
+        j = job_table
+        condition: ColumnElement[bool] = j.c.name.in_(self._values_of(wanted, j.c.name))
+        if kind is not None:
+            condition = or_(condition, and_(j.c.kind == kind, j.c.enabled))
+        return {row.name: row for row in conn.execute(select(j).where(condition))}
+
+    def _insert_new(
+        self,
+        conn: Connection,
+        definitions: Sequence[JobDefinition],
+        values: Mapping[str, Mapping[str, Any]],
+        next_run_in: Mapping[str, dt.timedelta | None],
+        now: dt.datetime,
+    ) -> list[str]:
+        """Insert the new jobs in chunks; returns the names inserted (not those another process got to first)."""
+        j = job_table
+        added: list[str] = []
+        soon = False
+        chunk = SYNC_JSON_CHUNK if self._is_postgres else SYNC_CHUNK
+        for start in range(0, len(definitions), chunk):
+            rows = []
+            for definition in definitions[start : start + chunk]:
+                first = _first_run(definition, next_run_in.get(definition.name), now)
+                soon = soon or self._is_soon(first, now)
+                rows.append(
+                    {
+                        "name": definition.name,
+                        "next_scheduled_run": first,
+                        "create_time": now,
+                        "update_time": now,
+                        **values[definition.name],
+                    }
+                )
+            if self._is_postgres:
+                # One JSON parameter per chunk: libpq would otherwise parse a statement of ~25 placeholders a row.
+                columns = list(rows[0])
+                records = func.json_to_recordset(cast(literal(json.dumps(rows, default=_json_time), String), JSON))
+                source = records.table_valued(*(column(name, j.c[name].type) for name in columns)).render_derived(
+                    name="new_job", with_types=True
+                )
+                stmt = self._insert(j).from_select(columns, select(*source.c)).on_conflict_do_nothing()
+                added.extend(conn.execute(stmt.returning(j.c.name)).scalars())
+            else:
+                # Under SQLite's write lock nobody else inserts meanwhile; executemany binds ~25 values a row.
+                conn.execute(self._insert(j).on_conflict_do_nothing(), rows)
+                added.extend(row["name"] for row in rows)
+        if soon and added:
+            conn.execute(select(func.pg_notify(WAKEUP_CHANNEL, added[0])))
+        return added
+
+    def _update_changed(
+        self,
+        conn: Connection,
+        names: Sequence[str],
+        wanted: Mapping[str, JobDefinition],
+        values: Mapping[str, Mapping[str, Any]],
+        now: dt.datetime,
+    ) -> list[str]:
+        """Re-read the jobs that differ (locked on PostgreSQL, so that a claim that moves one meanwhile is not
+        undone) and write what changed, in chunks of one statement per set of changed columns."""
+        j = job_table
+        changed_names: list[str] = []
+        for start in range(0, len(names), SYNC_CHUNK):
+            chunk = names[start : start + SYNC_CHUNK]
+            query = select(j).where(j.c.name.in_(self._values_of(chunk, j.c.name)))
+            if self._is_postgres:
+                query = query.with_for_update()
+            groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for row in conn.execute(query):
+                changes = _changes(row, wanted[row.name], values[row.name], now)
+                if changes:
+                    groups.setdefault(tuple(sorted(changes)), []).append({"b_name": row.name, **changes})
+                    changed_names.append(row.name)
+            for params in groups.values():
+                conn.execute(update(j).where(j.c.name == bindparam("b_name")), params)
+        return sorted(changed_names)
+
+    def _disable(self, conn: Connection, names: Sequence[str], kind: str, now: dt.datetime) -> list[str]:
+        if not names:
+            return []
+        j = job_table
+        rows = conn.execute(
+            update(j)
+            .where(j.c.name.in_(self._values_of(names, j.c.name)), j.c.kind == kind, j.c.enabled)
+            .values(enabled=False, update_time=now)
+            .returning(j.c.name)
+        ).all()
+        return sorted(row[0] for row in rows)
 
     def _db_now(self, conn: Connection) -> dt.datetime:
         value = conn.execute(select(self._now())).scalar_one()
@@ -488,11 +755,13 @@ class JobRepository:
         return JobRecord.from_row(row)
 
     def lookup_jobs(self, names: Sequence[str]) -> dict[str, JobRecord]:
-        """The named jobs that exist, by name (one query)."""
+        """The named jobs that exist, by name (one query, one bound parameter however many names)."""
         if not names:
             return {}
         with self._tx() as conn:
-            rows = conn.execute(select(job_table).where(job_table.c.name.in_(list(set(names))))).all()
+            rows = conn.execute(
+                select(job_table).where(job_table.c.name.in_(self._values_of(set(names), job_table.c.name)))
+            ).all()
         return {row.name: JobRecord.from_row(row) for row in rows}
 
     def list_jobs(self) -> list[JobRecord]:
@@ -790,8 +1059,11 @@ class JobRepository:
         if now is not None:
             self._wake_if_soon(conn, run.job_name, when, now)
 
+    def _is_soon(self, when: dt.datetime, now: dt.datetime) -> bool:
+        return self._is_postgres and self.wake_within is not None and (when - now).total_seconds() < self.wake_within
+
     def _wake_if_soon(self, conn: Connection, name: str, when: dt.datetime, now: dt.datetime) -> None:
-        if self._is_postgres and self.wake_within is not None and (when - now).total_seconds() < self.wake_within:
+        if self._is_soon(when, now):
             conn.execute(select(func.pg_notify(WAKEUP_CHANNEL, name)))
 
     def complete_run(
@@ -908,7 +1180,10 @@ class JobRepository:
                 j = job_table
                 conn.execute(
                     update(j)
-                    .where(j.c.name.in_({run.job_name for run in runs}), or_(j.c.kind == KIND_TASK, j.c.max_active > 1))
+                    .where(
+                        j.c.name.in_(self._values_of({run.job_name for run in runs}, j.c.name)),
+                        or_(j.c.kind == KIND_TASK, j.c.max_active > 1),
+                    )
                     .values(next_scheduled_run=least(j.c.next_scheduled_run, self._now()))
                 )
         return runs
@@ -1070,12 +1345,12 @@ class JobRepository:
 
     def disable_jobs_not_in(self, kind: str, names: Sequence[str]) -> list[str]:
         """Disable the jobs of `kind` that are not in `names` (entries removed from beat_schedule); their
-        history stays."""
+        history stays. One statement and one bound parameter however many names."""
         j = job_table
         with self._tx() as conn:
             rows = conn.execute(
                 update(j)
-                .where(j.c.kind == kind, j.c.enabled, j.c.name.not_in(list(names)))
+                .where(j.c.kind == kind, j.c.enabled, j.c.name.not_in(self._values_of(names, j.c.name)))
                 .values(enabled=False, update_time=self._now())
                 .returning(j.c.name)
             ).all()

@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import beat
 
-from .beat_schedule import sync_beat_schedule
+from .beat_schedule import summarize_names, sync_beat_schedule
 from .errors import DatabaseError, DatabaseUnavailable
 from .migrate import prepare_schema
 from .publisher import RunPublisher
@@ -28,6 +28,7 @@ from .worker import RUN_ID_HEADER
 logger = logging.getLogger(__name__)
 
 PRUNE_EVERY = dt.timedelta(minutes=10)
+REFUSED_RETRY = 60.0  # seconds between tries (each logged at ERROR) while the database refuses a tick's statement
 MIN_SLEEP = 0.01  # never return 0 from tick unless a full batch says more is due at once
 
 
@@ -43,6 +44,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         self._next_prune = 0.0
         self._db_failing_since: float | None = None
         self._db_backoff = 0.0
+        self._db_refused_since: float | None = None
         self._broker_failing_since: float | None = None
         self._unpublished = 0
         self._declared_queues: set[str] = set()
@@ -57,21 +59,36 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
     def setup_schedule(self) -> None:
         """At start: prepare the schema, register the jobs this app knows and its `beat_schedule` entries,
         end the runs a previous life of this server id left queued. A database that is down is waited for;
-        a wrong schema or a bad entry is fatal."""
+        a wrong schema, a bad entry or a statement the database refuses is fatal (the beat exits non-zero)."""
         try:
             self._prepare()
         except DatabaseUnavailable as exc:
             logger.error("celery_dbsched: database unavailable at start, will keep trying: %s", exc)
 
     def _prepare(self) -> JobRepository:
-        repository = repository_for(self.app, self.settings)
+        try:
+            return self._start(repository_for(self.app, self.settings))
+        except DatabaseUnavailable:
+            raise
+        except DatabaseError as exc:
+            # Not an outage: every retry of the start-up would fail the same way. Say so and stop.
+            logger.error(
+                "celery_dbsched: the database refused a statement at start-up; this is not an outage and retrying "
+                "will not fix it, so the beat stops. Fix the cause (a schema changed by hand: run "
+                "`celery -A proj dbsched migrate`; otherwise report it as a celery_dbsched bug with this "
+                "message): %s",
+                exc,
+            )
+            raise
+
+    def _start(self, repository: JobRepository) -> JobRepository:
         prepare_schema(repository.engine, self.settings.auto_migrate)
         registry = existing_registry(self.app)
         if registry is not None:
             registry.sync(repository)
         entries = sync_beat_schedule(self.app, repository)
         if entries:
-            logger.info("celery_dbsched: %d beat_schedule entries: %s", len(entries), ", ".join(entries))
+            logger.info("celery_dbsched: %d beat_schedule entries: %s", len(entries), summarize_names(entries))
         left = repository.interrupt_runs(server_id=self.server_id)
         if left:
             logger.warning("ended %d run(s) that %s claimed but left queued", len(left), self.server_id)
@@ -90,8 +107,13 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         try:
             self._maybe_monitor()
             sleep = self._dispatch_due(interval)
-        except DatabaseError as exc:
+        except DatabaseUnavailable as exc:
             return self._database_down(exc, interval)
+        except DatabaseError as exc:
+            if self._repository is None:
+                raise  # the start-up, retried after an outage at start: fatal, as it is at start (logged)
+            return self._database_refused(exc)
+        self._db_refused_since = None
         if self._db_failing_since is not None:
             logger.warning("celery_dbsched: database back after %.1fs", time.monotonic() - self._db_failing_since)
             self._db_failing_since = None
@@ -267,3 +289,19 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             logger.debug("celery_dbsched: database still unavailable: %s", exc)
         self._db_backoff = min(max(self._db_backoff * 2, 0.5), interval)
         return self._db_backoff
+
+    def _database_refused(self, exc: Exception) -> float:
+        """The database refused a statement for a reason that retrying cannot fix (not an outage): logged at
+        ERROR each time, tried again only every REFUSED_RETRY seconds (in case an operator fixes the data)."""
+        now = time.monotonic()
+        if self._db_refused_since is None:
+            self._db_refused_since = now
+        logger.error(
+            "celery_dbsched: the database refused a statement (failing for %.0fs; not an outage, so not retried "
+            "as one: trying again in %.0fs). If the schema was changed by hand run `celery -A proj dbsched "
+            "migrate`; otherwise report it as a celery_dbsched bug with this message: %s",
+            now - self._db_refused_since,
+            REFUSED_RETRY,
+            exc,
+        )
+        return REFUSED_RETRY

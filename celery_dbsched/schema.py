@@ -257,6 +257,17 @@ Index(
 Index("dbsched_job_run_job", run_table.c.job_name, run_table.c.id)
 Index("dbsched_job_run_end", run_table.c.end_time)
 
+# Added by revision 0004: what a bulk sync last wrote, so that a beat starting with an unchanged
+# `beat_schedule` costs one read, not a comparison of every entry (celery_dbsched.beat_schedule).
+sync_table = Table(
+    "dbsched_sync",
+    metadata,
+    Column("key", String(64), primary_key=True),  # what was synced, e.g. "beat_schedule"
+    Column("fingerprint", String(64), nullable=True),  # sha256 of what the code declared; NULL: never synced
+    Column("job_count", Integer, nullable=False, server_default="0"),  # jobs of the synced kind afterwards
+    Column("update_time", UTCDateTime, nullable=False),
+)
+
 server_table = Table(
     "dbsched_server",
     metadata,
