@@ -379,6 +379,7 @@ def refuse_job_inserts(database: Database, name: str) -> None:
             )
 
 
+@pytest.mark.e2e
 def test_a_beat_whose_start_up_is_refused_exits_and_says_why(database: Database, processes: Processes) -> None:
     refuse_job_inserts(database, "refused")
     settings = {"beat_schedule": {"refused": {"task": "proj.tasks.t", "schedule": 60}}, "result_expires": None}
