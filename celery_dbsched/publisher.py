@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import datetime as dt
 import numbers
+import os
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from celery import signals
+from celery.app.routes import MapRoute
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 from celery.utils.time import add_seconds_to_datetime, maybe_make_aware, subtract_datetimes
@@ -39,6 +41,7 @@ from kombu.common import Broadcast
 
 from .worker import RUN_TASK_NAME
 
+_MISSING: Any = object()
 _EMBED: dict[str, None] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
@@ -73,7 +76,10 @@ class _Route:
 class _TaskPlan:
     """What send_task decides for one entry, apart from the task id and the times derived from now."""
 
-    key: tuple[Any, ...]
+    task: str
+    args: Sequence[Any]
+    kwargs: Mapping[str, Any]
+    options: Mapping[str, Any]
     route: _Route
     declare_key: tuple[str, ...]
     countdown: float | None
@@ -100,8 +106,13 @@ class RunPublisher:
         self._compression = conf.task_compression
         self._routes: dict[str | None, _Route] = {}
         self._declared: set[Any] = set()
-        self._task_plans: dict[str, _TaskPlan] = {}
+        self._task_plans: dict[str, _TaskPlan | None] = {}  # by entry: None = through send_task
+        self._task_routes: dict[Any, _Route] = {}
+        self._defaults: dict[str, tuple[Any, dict[str, Any] | None]] = {}
+        self._reprs: tuple[int, int, int] | None = None
+        self._shared_routes = True
         self._quorum: bool | None = None
+        self._ids: list[str] = []
 
     def new_batch(self) -> None:
         """A batch of messages begins: each queue is declared again at its first message."""
@@ -112,7 +123,7 @@ class RunPublisher:
         if not self.direct:
             return self._send_task(producer, run_id, job_name, queue)
         route = self._route(queue)
-        task_id = str(uuid.uuid4())
+        task_id = self._task_id()
         args = [run_id, job_name]
         headers = {
             "lang": "py",
@@ -267,18 +278,23 @@ class RunPublisher:
         kwargs: Mapping[str, Any],
         options: Mapping[str, Any],
         headers: Mapping[str, Any],
+        *,
+        entry: str | None = None,
     ) -> str:
         """Publish a plain task as `app.send_task(name, args, kwargs, **options)` would, with `headers` added
-        to the entry's own; returns its task id. What send_task decides for these values is cached by task."""
-        key = (name, tuple(args), _frozen(kwargs), _frozen(options))
-        plan = self._task_plans.get(name)
-        if plan is None or plan.key != key:
-            plan = self._plan(name, args, kwargs, options, key)
-            if plan is not None:
-                self._task_plans[name] = plan
+        to the entry's own; returns its task id. What send_task decides for these values is cached by `entry`
+        (the job's name; else by task) and made again when any of them changed."""
+        cache_key = entry if entry is not None else name
+        plan = self._task_plans.get(cache_key, _MISSING)
+        if plan is _MISSING or (
+            plan is not None
+            and (plan.task != name or plan.args != args or plan.kwargs != kwargs or plan.options != options)
+        ):
+            plan = self._task_plans[cache_key] = self._plan(name, args, kwargs, options)
         if plan is None or not self.direct:
             return self._send_plain_task(producer, name, args, kwargs, options, headers)
-        task_id = str(uuid.uuid4())
+        assert isinstance(plan, _TaskPlan)
+        task_id = self._task_id()
         route = plan.route
         now: dt.datetime | None = None
         eta = plan.eta
@@ -343,18 +359,14 @@ class RunPublisher:
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
         options: Mapping[str, Any],
-        key: tuple[Any, ...],
     ) -> _TaskPlan | None:
         """send_task's decisions for this entry, or None when it must go through send_task."""
         if set(options) - DIRECT_OPTIONS:
             return None
-        merged = dict(options)
-        task_type = self.app._tasks.get(name)
-        if task_type is not None and hasattr(task_type, "_get_exec_options"):
-            defaults = {k: v for k, v in (task_type._get_exec_options() or {}).items() if v is not None}
-            if set(defaults) - DIRECT_OPTIONS:
-                return None
-            merged = dict(defaults, **merged)
+        task_type, defaults = self._task_defaults(name)
+        if defaults is None:
+            return None
+        merged = dict(defaults, **options) if defaults else dict(options)
         time_limit = merged.pop("time_limit", None)
         soft_time_limit = merged.pop("soft_time_limit", None)
         expires = merged.pop("expires", None)
@@ -364,11 +376,25 @@ class RunPublisher:
         shadow = merged.pop("shadow", None)
         if (countdown or eta) and self._quorum_queues():
             return None
-        routed = self.app.amqp.router.route(merged, name, list(args), dict(kwargs), task_type)
-        route = self._route_of(routed)
-        amqp, maxlevels = self.app.amqp, self.app.conf.task_repr_maxlevels
+        if self._reprs is None:
+            amqp = self.app.amqp
+            # Routers given as maps (task_routes dicts, the default) do not look at args: one route per task and
+            # options, shared by entries. A function router may: each entry is routed on its own.
+            self._shared_routes = all(isinstance(router, MapRoute) for router in amqp.router.routes)
+            self._reprs = (amqp.argsrepr_maxsize, amqp.kwargsrepr_maxsize, self.app.conf.task_repr_maxlevels)
+        args_max, kwargs_max, maxlevels = self._reprs
+        route_key = (name, _frozen(merged)) if self._shared_routes else None
+        route = self._task_routes.get(route_key) if route_key is not None else None
+        if route is None:
+            router = self.app.amqp.router
+            route = self._route_of(router.route(merged, name, list(args), dict(kwargs), task_type))
+            if route_key is not None:
+                self._task_routes[route_key] = route
         return _TaskPlan(
-            key=key,
+            task=name,
+            args=args,
+            kwargs=kwargs,
+            options=options,
             route=route,
             declare_key=tuple(queue.name for queue in route.declare),
             countdown=countdown,
@@ -378,9 +404,31 @@ class RunPublisher:
             soft_time_limit=soft_time_limit,
             ignore_result=ignore_result,
             shadow=shadow,
-            argsrepr=saferepr(list(args), amqp.argsrepr_maxsize, maxlevels=maxlevels),
-            kwargsrepr=saferepr(dict(kwargs), amqp.kwargsrepr_maxsize, maxlevels=maxlevels),
+            argsrepr=_saferepr(list(args), args_max, maxlevels),
+            kwargsrepr=_saferepr(dict(kwargs), kwargs_max, maxlevels),
         )
+
+    def _task_defaults(self, name: str) -> tuple[Any, dict[str, Any] | None]:
+        """The task registered under `name` in this app (or None) and the execution options send_task takes
+        from it; None for the options when one of them needs send_task."""
+        found = self._defaults.get(name)
+        if found is None:
+            task_type = self.app._tasks.get(name)
+            defaults: dict[str, Any] | None = {}
+            if task_type is not None and hasattr(task_type, "_get_exec_options"):
+                defaults = {k: v for k, v in (task_type._get_exec_options() or {}).items() if v is not None}
+                if set(defaults) - DIRECT_OPTIONS:
+                    defaults = None
+            found = self._defaults[name] = (task_type, defaults)
+        return found
+
+    def _task_id(self) -> str:
+        """A random (version 4) UUID, as send_task makes, drawn from one urandom call per 512 ids: a call
+        to the system's random source per message cost more than the rest of the message."""
+        if not self._ids:
+            pool = os.urandom(16 * 512)
+            self._ids = [str(uuid.UUID(bytes=pool[i : i + 16], version=4)) for i in range(0, len(pool), 16)]
+        return self._ids.pop()
 
     def _quorum_queues(self) -> bool:
         if self._quorum is None:
@@ -422,3 +470,31 @@ def _frozen(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_frozen(v) for v in value)
     return value
+
+
+_PLAIN_TEXT = frozenset(" !#$%&()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[]^_`abcdefghijklmnopqrstuvwxyz{|}~")
+
+
+def _plain(value: Any, levels: int) -> bool:
+    """Values whose saferepr is their repr: numbers, None, ASCII text without quotes or backslashes, and
+    lists and str-keyed dicts of them, nested less deep than saferepr's `maxlevels`."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if isinstance(value, str):
+        return _PLAIN_TEXT.issuperset(value)
+    if levels <= 1:
+        return False
+    if isinstance(value, list):
+        return all(_plain(item, levels - 1) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(k, 1) and _plain(v, levels - 1) for k, v in value.items())
+    return False
+
+
+def _saferepr(value: Any, maxsize: int, maxlevels: int) -> str:
+    """Celery's saferepr of task arguments, by plain repr where that is the same (most beat entries)."""
+    if _plain(value, maxlevels):
+        text = repr(value)
+        if len(text) < maxsize // 2:
+            return text
+    return str(saferepr(value, maxsize, maxlevels=maxlevels))

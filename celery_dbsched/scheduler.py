@@ -54,6 +54,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         # The next batch, claimed on a thread of its own (its own connection) while this one is published.
         self._claimer: ThreadPoolExecutor | None = None
         self._next_claim: Future[Claim] | None = None
+        self._marks: list[Future[None]] = []  # `dispatched` marks made on the claim thread, in order
         self._wakeup: Wakeup | None = None
         self._closed = False
         super().__init__(app, *args, lazy=lazy, **kwargs)
@@ -140,7 +141,11 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             except Exception as exc:
                 logger.error("celery_dbsched: could not publish the batch claimed ahead (%s); restart ends it", exc)
         if claimer is not None:
-            claimer.shutdown(wait=True)
+            claimer.shutdown(wait=True)  # the marks still queued on it are made
+        for mark in self._marks:
+            if mark.exception() is not None:
+                logger.error("celery_dbsched: could not mark runs dispatched: %s", mark.exception())
+        self._marks = []
 
     @property
     def info(self) -> str:
@@ -205,7 +210,13 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
     def _take_next_claim(self) -> Claim | None:
         """The batch claimed ahead, if any (its database error is raised here, in the beat's thread)."""
         future, self._next_claim = self._next_claim, None
-        return None if future is None else future.result()
+        if future is None:
+            return None
+        claim = future.result()
+        marks, self._marks = self._marks, []
+        for mark in marks:  # made before this claim, on the same thread: done; raise what failed
+            mark.result()
+        return claim
 
     def _publish(self, claim: Claim) -> None:
         """Publish each claimed run (on the beat's thread: the producer is never shared), then mark the plain
@@ -233,7 +244,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             except DatabaseError as exc:
                 logger.error("could not end unpublished run %s (%s); the monitor will", run.id, exc)
         if dispatched:
-            self.repository.dispatch_runs(dispatched)
+            self._mark_dispatched(dispatched)
         if broker_error is None and runs and self._broker_failing_since is not None:
             logger.warning(
                 "celery_dbsched: publishing works again after %.1fs; %d run(s) were not published meanwhile "
@@ -243,6 +254,14 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             )
             self._broker_failing_since = None
             self._unpublished = 0
+
+    def _mark_dispatched(self, sent: list[tuple[int, str | None]]) -> None:
+        """One statement for the batch. While a claim runs ahead it is made on the claim thread after that
+        claim, so that the beat's thread goes on publishing; its error is raised with the next claim."""
+        if self._claimer is not None and self._next_claim is not None:
+            self._marks.append(self._claimer.submit(self.repository.dispatch_runs, sent))
+        else:
+            self.repository.dispatch_runs(sent)
 
     def _broker_down(self, run: RunRecord, exc: Exception) -> None:
         """Said once per outage, not once per tick: every run due meanwhile fails the same way."""
@@ -269,7 +288,13 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             self.repository.fail_run(run.id, f"{run.job_name!r} has no task to send")
             return None
         return self._publisher.publish_task(
-            self.producer, job.task, job.task_args, job.task_kwargs, job.task_options, {RUN_ID_HEADER: run.id}
+            self.producer,
+            job.task,
+            job.task_args,
+            job.task_kwargs,
+            job.task_options,
+            {RUN_ID_HEADER: run.id},
+            entry=job.name,
         )
 
     def _maybe_monitor(self) -> None:

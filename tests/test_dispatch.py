@@ -85,8 +85,10 @@ class Sent:
         publisher = scheduler._publisher
         real = publisher.publish_task
 
-        def publish_task(producer: Any, name: str, args: Any, kwargs: Any, options: Any, headers: Any) -> str:
-            task_id = real(producer, name, args, kwargs, options, headers)
+        def publish_task(
+            producer: Any, name: str, args: Any, kwargs: Any, options: Any, headers: Any, **kw: Any
+        ) -> str:
+            task_id = real(producer, name, args, kwargs, options, headers, **kw)
             self.run_ids.append(headers[RUN_ID_HEADER])
             return task_id
 
@@ -165,8 +167,8 @@ def test_dispatched_runs_carry_the_task_ids_of_their_messages(database: Database
     ids: dict[int, str] = {}
     real = scheduler._publisher.publish_task
 
-    def publish_task(producer: Any, name: str, args: Any, kwargs: Any, options: Any, headers: Any) -> str:
-        ids[headers[RUN_ID_HEADER]] = real(producer, name, args, kwargs, options, headers)
+    def publish_task(producer: Any, name: str, args: Any, kwargs: Any, options: Any, headers: Any, **kw: Any) -> str:
+        ids[headers[RUN_ID_HEADER]] = real(producer, name, args, kwargs, options, headers, **kw)
         return ids[headers[RUN_ID_HEADER]]
 
     scheduler._publisher.publish_task = publish_task  # type: ignore[method-assign]
@@ -189,8 +191,10 @@ def test_a_batch_claimed_ahead_and_never_published_is_recovered(database: Databa
     assert scheduler._next_claim is not None
     scheduler._next_claim.result()
     assert len(sent.run_ids) == 10
-    counts = status_counts(repository)
-    assert counts == Counter({DISPATCHED: 10, QUEUED: 10}), counts
+    deadline = time.monotonic() + 30  # the first batch is marked on the claim thread, after the claim ahead
+    while (counts := status_counts(repository)) != Counter({DISPATCHED: 10, QUEUED: 10}):
+        assert time.monotonic() < deadline, counts
+        time.sleep(0.02)
     # Killed here: the claimed batch is never published. The same server id starts again.
     scheduler._next_claim = None
     server_id = scheduler.server_id

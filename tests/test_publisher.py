@@ -342,3 +342,32 @@ def test_a_result_backend_does_not_take_the_direct_path_away(backend: str) -> No
     with app.producer_or_acquire() as producer:
         RunPublisher(app).publish_task(producer, "tasks.report", (), {}, {}, RUN_HEADER)
     assert called == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [],
+        ["bench.e1"],
+        [1, "two", {"three": 3}],
+        ["it's"],
+        ['say "hi"'],
+        ["back\\slash"],
+        ["é"],
+        ["line\nbreak"],
+        [1.5, True, None, -3],
+        {"a": "b", "n": [1, 2]},
+        ["x" * 2000],
+        [[[[1]]]],
+        [[[1]]],
+        {"deep": {"deeper": {"deepest": 1}}},
+        list(range(600)),
+        {1: "int key"},
+    ],
+)
+def test_argument_reprs_are_celerys_saferepr(value: Any) -> None:
+    from celery.utils.saferepr import saferepr
+
+    from celery_dbsched.publisher import _saferepr
+
+    assert _saferepr(value, 1024, 3) == saferepr(value, 1024, maxlevels=3)
