@@ -50,7 +50,6 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         self._broker_failing_since: float | None = None
         self._unpublished = 0
         self._publisher = RunPublisher(app)
-        self._more_due = False  # the last claim filled a batch: claim again without asking what is due
         # The next batch, claimed on a thread of its own (its own connection) while this one is published.
         self._claimer: ThreadPoolExecutor | None = None
         self._next_claim: Future[Claim] | None = None
@@ -181,10 +180,9 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         batch = min(self.settings.run_jobs_limit, CLAIM_BATCH)
         claim = self._take_next_claim()
         if claim is None:
-            due_in = None if self._more_due else repository.next_due_in()
-            if not (self._more_due or (due_in is not None and due_in <= 0)):
+            due_in = repository.next_due_in()
+            if due_in is None or due_in > 0:
                 return self._sleep_until(due_in, interval)
-            self._more_due = False
             claim = repository.claim_due(self.server_id, batch)
         if len(claim.runs) >= batch:
             # A full batch: more may be due. Claim the next batch now, on the claim thread, while this one
@@ -214,8 +212,10 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             return None
         claim = future.result()
         marks, self._marks = self._marks, []
-        for mark in marks:  # made before this claim, on the same thread: done; raise what failed
-            mark.result()
+        for mark in marks:  # made before this claim, on the same thread: done
+            error = mark.exception()
+            if error is not None:  # published but left `queued`: the monitor ends them (stalled) later
+                logger.error("celery_dbsched: could not mark a published batch dispatched: %s", error)
         return claim
 
     def _publish(self, claim: Claim) -> None:
@@ -257,7 +257,8 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
 
     def _mark_dispatched(self, sent: list[tuple[int, str | None]]) -> None:
         """One statement for the batch. While a claim runs ahead it is made on the claim thread after that
-        claim, so that the beat's thread goes on publishing; its error is raised with the next claim."""
+        claim, so that the beat's thread goes on publishing (an error is logged with the next claim: the
+        batch claimed ahead is published all the same)."""
         if self._claimer is not None and self._next_claim is not None:
             self._marks.append(self._claimer.submit(self.repository.dispatch_runs, sent))
         else:
