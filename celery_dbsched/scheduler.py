@@ -53,7 +53,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         # The next batch, claimed on a thread of its own (its own connection) while this one is published.
         self._claimer: ThreadPoolExecutor | None = None
         self._next_claim: Future[Claim] | None = None
-        self._marks: list[Future[None]] = []  # `dispatched` marks made on the claim thread, in order
+        self._marks: list[Future[None]] = []  # `dispatched` marks made on the claim threads
         self._wakeup: Wakeup | None = None
         self._closed = False
         super().__init__(app, *args, lazy=lazy, **kwargs)
@@ -201,19 +201,20 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         return min(sleep, max(self._next_monitor - time.monotonic(), MIN_SLEEP))
 
     def _claim_ahead(self, batch: int) -> None:
-        if self._claimer is None:
-            self._claimer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbsched-claim")
+        if self._claimer is None:  # two threads: the claim ahead, and the mark of the batch being published
+            self._claimer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbsched-claim")
         self._next_claim = self._claimer.submit(self.repository.claim_due, self.server_id, batch)
 
     def _take_next_claim(self) -> Claim | None:
-        """The batch claimed ahead, if any (its database error is raised here, in the beat's thread)."""
+        """The batch claimed ahead, if any (its database error is raised here, in the beat's thread), once the
+        marks of the batches before it are made."""
         future, self._next_claim = self._next_claim, None
         if future is None:
             return None
         claim = future.result()
         marks, self._marks = self._marks, []
-        for mark in marks:  # made before this claim, on the same thread: done
-            error = mark.exception()
+        for mark in marks:
+            error = mark.exception()  # waits for it
             if error is not None:  # published but left `queued`: the monitor ends them (stalled) later
                 logger.error("celery_dbsched: could not mark a published batch dispatched: %s", error)
         return claim
@@ -256,9 +257,9 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             self._unpublished = 0
 
     def _mark_dispatched(self, sent: list[tuple[int, str | None]]) -> None:
-        """One statement for the batch. While a claim runs ahead it is made on the claim thread after that
-        claim, so that the beat's thread goes on publishing (an error is logged with the next claim: the
-        batch claimed ahead is published all the same)."""
+        """One statement for the batch. While a claim runs ahead it is made on the other claim thread (its own
+        connection; it touches the runs of this batch, the claim the jobs due next), so that the beat's thread
+        goes on publishing (an error is logged with the next claim, whose batch is published all the same)."""
         if self._claimer is not None and self._next_claim is not None:
             self._marks.append(self._claimer.submit(self.repository.dispatch_runs, sent))
         else:

@@ -191,7 +191,7 @@ def test_a_batch_claimed_ahead_and_never_published_is_recovered(database: Databa
     assert scheduler._next_claim is not None
     scheduler._next_claim.result()
     assert len(sent.run_ids) == 10
-    deadline = time.monotonic() + 30  # the first batch is marked on the claim thread, after the claim ahead
+    deadline = time.monotonic() + 30  # the first batch is marked on a claim thread
     while (counts := status_counts(repository)) != Counter({DISPATCHED: 10, QUEUED: 10}):
         assert time.monotonic() < deadline, counts
         time.sleep(0.02)
