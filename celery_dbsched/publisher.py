@@ -166,8 +166,9 @@ class RunPublisher:
         # check costs more than the publish itself. A batch starts after any reconnect between batches.
         declare = (route.declare or None) if declare_key not in self._declared else None
         retry_policy = route.retry_policy if route.retry_policy is not None else self._retry_policy
-        signalled = bool(signals.before_task_publish.receivers or signals.after_task_publish.receivers)
-        if signalled:
+        before = bool(signals.before_task_publish.receivers)
+        after = bool(signals.after_task_publish.receivers)
+        if before:
             signals.before_task_publish.send(
                 sender=name,
                 body=body,
@@ -199,7 +200,7 @@ class RunPublisher:
                 raise
             producer.publish(body, retry=True, **publish_kwargs)
         self._declared.add(declare_key)
-        if signalled:
+        if after:
             signals.after_task_publish.send(
                 sender=name,
                 body=body,
