@@ -300,3 +300,26 @@ def test_a_beat_that_loses_a_claim_race_neither_waits_nor_sleeps_past_the_next_s
     assert len(a_sent.run_ids) == 200
     sleep = b.tick()
     assert 0 < sleep <= 3.0, sleep  # until the next slot, not the 60 s interval
+
+
+def test_a_plain_task_whose_publish_fails_ends_failed_not_published(
+    database: Database, make_scheduler: Factory
+) -> None:
+    repository = database.migrated_repository()
+    scheduler = make_scheduler(database.url)
+    add_due_tasks(repository, 5)
+    real = scheduler._publisher.publish_task
+    calls: list[int] = []
+
+    def publish_task(producer: Any, name: str, args: Any, kwargs: Any, options: Any, headers: Any, **kw: Any) -> str:
+        calls.append(headers[RUN_ID_HEADER])
+        if len(calls) > 2:
+            raise ConnectionError("broker gone")
+        return real(producer, name, args, kwargs, options, headers, **kw)
+
+    scheduler._publisher.publish_task = publish_task  # type: ignore[method-assign]
+    scheduler.tick()
+    runs = {run.id: run for run in repository.list_runs(limit=10)}
+    assert [runs[run_id].status for run_id in calls] == [DISPATCHED, DISPATCHED, "failed"]
+    failed = [run for run in runs.values() if run.status == "failed"]
+    assert len(failed) == 3 and all("not published" in (run.error or "") for run in failed)
