@@ -7,20 +7,56 @@ kombu's own publish. Here the route of each queue is resolved once (Celery's rou
 `send_task` would send: same headers, properties and JSON body, same publish retry policy, and the
 `before_task_publish` / `after_task_publish` signals are sent when something listens to them. With
 `task_protocol = 1` or `task_send_sent_event`, messages go through `send_task` instead.
+
+Plain tasks (`beat_schedule` entries) are published the same way by `publish_task`: the message
+`app.send_task(task, args, kwargs, **options, headers={..., RUN_ID_HEADER: run id})` would send, with the
+entry's routing (`task_routes`, queue, exchange, routing_key, exchange_type), priority, expires (seconds, or an
+absolute time), headers, serializer, compression, countdown, eta, time_limit, soft_time_limit, ignore_result
+and shadow options, and the execution options of the task when it is registered in the beat's app. What is
+resolved once per entry is cached (the route, the argument reprs); only the task id and the times derived
+from now are made per message. Through `send_task` instead (`SEND_TASK_FALLBACK`): any other option (link,
+link_error, chain, group_id, stamped_headers, retry ...), and a countdown or eta when a queue is a quorum queue
+(Celery's native delayed delivery). Unlike send_task, the result backend's `on_task_call` is not called: it
+readies the caller to receive the result (a redis subscription, an rpc reply queue), and the beat never
+reads results (the message is the same).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import numbers
+import os
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from celery import signals
+from celery.app.routes import MapRoute
 from celery.utils.nodenames import anon_nodename
+from celery.utils.saferepr import saferepr
+from celery.utils.time import add_seconds_to_datetime, maybe_make_aware, subtract_datetimes
+from dateutil.parser import isoparse  # type: ignore[import-untyped]
+from kombu.common import Broadcast
 
 from .worker import RUN_TASK_NAME
 
+_MISSING: Any = object()
 _EMBED: dict[str, None] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+# The options of a plain task published directly; anything else goes through send_task.
+DIRECT_OPTIONS = frozenset(
+    {
+        "queue", "routing_key", "exchange", "exchange_type", "priority", "expires", "headers", "serializer",
+        "compression", "countdown", "eta", "time_limit", "soft_time_limit", "ignore_result", "shadow",
+        "delivery_mode",
+    }
+)  # fmt: skip
+SEND_TASK_FALLBACK = (
+    "options other than DIRECT_OPTIONS (link, link_error, chain, chord, group_id, stamped_headers, retry, ...); "
+    "countdown/eta with a quorum queue; task_protocol 1; task_send_sent_event"
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +66,31 @@ class _Route:
     declare: list[Any]
     delivery_mode: int | None
     properties: dict[str, Any]
+    serializer: str | None = None
+    compression: str | None = None
+    headers: Mapping[str, Any] | None = None
+    retry_policy: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class _TaskPlan:
+    """What send_task decides for one entry, apart from the task id and the times derived from now."""
+
+    task: str
+    args: Sequence[Any]
+    kwargs: Mapping[str, Any]
+    options: Mapping[str, Any]
+    route: _Route
+    declare_key: tuple[str, ...]
+    countdown: float | None
+    eta: Any
+    expires: Any
+    time_limit: Any
+    soft_time_limit: Any
+    ignore_result: Any
+    shadow: Any
+    argsrepr: str
+    kwargsrepr: str
 
 
 class RunPublisher:
@@ -44,7 +105,14 @@ class RunPublisher:
         self._retry_policy = dict(conf.task_publish_retry_policy or {})
         self._compression = conf.task_compression
         self._routes: dict[str | None, _Route] = {}
-        self._declared: set[str | None] = set()
+        self._declared: set[Any] = set()
+        self._task_plans: dict[str, _TaskPlan | None] = {}  # by entry: None = through send_task
+        self._task_routes: dict[Any, _Route] = {}
+        self._defaults: dict[str, tuple[Any, dict[str, Any] | None]] = {}
+        self._reprs: tuple[int, int, int] | None = None
+        self._shared_routes = True
+        self._quorum: bool | None = None
+        self._ids: list[str] = []
 
     def new_batch(self) -> None:
         """A batch of messages begins: each queue is declared again at its first message."""
@@ -55,7 +123,7 @@ class RunPublisher:
         if not self.direct:
             return self._send_task(producer, run_id, job_name, queue)
         route = self._route(queue)
-        task_id = str(uuid.uuid4())
+        task_id = self._task_id()
         args = [run_id, job_name]
         headers = {
             "lang": "py",
@@ -80,27 +148,43 @@ class RunPublisher:
         }
         body: tuple[list[Any], dict[str, Any], dict[str, None]] = (args, {}, _EMBED)
         properties = {"correlation_id": task_id, "reply_to": self.app.thread_oid, **route.properties}
+        self._send(producer, RUN_TASK_NAME, route, queue, "json", body, headers, properties)
+        return task_id
+
+    def _send(
+        self,
+        producer: Any,
+        name: str,
+        route: _Route,
+        declare_key: Any,
+        serializer: str,
+        body: Any,
+        headers: dict[str, Any],
+        properties: dict[str, Any],
+    ) -> None:
         # Declared at the first message of each queue in a batch, not at every message: kombu's per-message
         # check costs more than the publish itself. A batch starts after any reconnect between batches.
-        declare = route.declare if queue not in self._declared else None
-        signalled = bool(signals.before_task_publish.receivers or signals.after_task_publish.receivers)
-        if signalled:
+        declare = (route.declare or None) if declare_key not in self._declared else None
+        retry_policy = route.retry_policy if route.retry_policy is not None else self._retry_policy
+        before = bool(signals.before_task_publish.receivers)
+        after = bool(signals.after_task_publish.receivers)
+        if before:
             signals.before_task_publish.send(
-                sender=RUN_TASK_NAME,
+                sender=name,
                 body=body,
                 exchange=route.exchange,
                 routing_key=route.routing_key,
                 declare=declare,
                 headers=headers,
                 properties=properties,
-                retry_policy=self._retry_policy,
+                retry_policy=retry_policy,
             )
         publish_kwargs = {
             "exchange": route.exchange,
             "routing_key": route.routing_key,
-            "serializer": "json",
-            "compression": self._compression,
-            "retry_policy": self._retry_policy,
+            "serializer": serializer,
+            "compression": route.compression or self._compression,
+            "retry_policy": retry_policy,
             "delivery_mode": route.delivery_mode,
             "declare": declare,
             "headers": headers,
@@ -115,16 +199,15 @@ class RunPublisher:
             if not self._retry:
                 raise
             producer.publish(body, retry=True, **publish_kwargs)
-        self._declared.add(queue)
-        if signalled:
+        self._declared.add(declare_key)
+        if after:
             signals.after_task_publish.send(
-                sender=RUN_TASK_NAME,
+                sender=name,
                 body=body,
                 headers=headers,
                 exchange=route.exchange,
                 routing_key=route.routing_key,
             )
-        return task_id
 
     def _route(self, queue: str | None) -> _Route:
         route = self._routes.get(queue)
@@ -134,23 +217,244 @@ class RunPublisher:
 
     def _resolve(self, queue: str | None) -> _Route:
         """What Celery's router and `send_task_message` decide for this task and queue."""
-        amqp = self.app.amqp
-        options = dict(amqp.router.route({"queue": queue} if queue else {}, RUN_TASK_NAME, (), {}))
-        target = options.pop("queue", None) or amqp.default_queue
-        if isinstance(target, str):
-            target = amqp.queues[target]
+        routed = self.app.amqp.router.route({"queue": queue} if queue else {}, RUN_TASK_NAME, (), {})
+        return self._route_of(routed)
+
+    def _route_of(self, routed: Mapping[str, Any]) -> _Route:
+        """`send_task_message`'s routing of the options the router returned."""
+        amqp, conf = self.app.amqp, self.app.conf
+        options = dict(routed)
+        queue = options.pop("queue", None)
         exchange = options.pop("exchange", None)
         routing_key = options.pop("routing_key", None)
-        exchange_type = options.pop("exchange_type", None) or getattr(target.exchange, "type", "direct")
-        delivery_mode = options.pop("delivery_mode", None) or getattr(target.exchange, "delivery_mode", None)
-        delivery_mode = delivery_mode or self.app.conf.task_default_delivery_mode
+        exchange_type = options.pop("exchange_type", None)
+        delivery_mode = options.pop("delivery_mode", None)
+        declare = options.pop("declare", None)
+        serializer = options.pop("serializer", None)
+        compression = options.pop("compression", None)
+        headers = options.pop("headers", None)
+        retry_policy = options.pop("retry_policy", None)
+        for unused in ("event_dispatcher", "retry", "timeout", "confirm_timeout"):
+            options.pop(unused, None)
+        qname = queue
+        if queue is None and exchange is None:
+            queue = amqp.default_queue
+        if queue is not None:
+            if isinstance(queue, str):
+                qname, queue = queue, amqp.queues[queue]
+            else:
+                qname = queue.name
+        if delivery_mode is None:
+            delivery_mode = getattr(getattr(queue, "exchange", None), "delivery_mode", None)
+            delivery_mode = delivery_mode or conf.task_default_delivery_mode
+        if exchange_type is None:
+            exchange_type = getattr(getattr(queue, "exchange", None), "type", "direct")
         if (not exchange or not routing_key) and exchange_type == "direct":
-            exchange, routing_key = "", target.name
+            exchange, routing_key = "", qname
         elif exchange is None:
-            exchange = target.exchange.name or amqp.default_exchange
-            routing_key = routing_key or target.routing_key or self.app.conf.task_default_routing_key
-        properties = {key: options[key] for key in ("priority",) if options.get(key) is not None}
-        return _Route(exchange, routing_key, [target], delivery_mode, properties)
+            exchange = queue.exchange.name or amqp.default_exchange
+            routing_key = routing_key or queue.routing_key or conf.task_default_routing_key
+        if declare is None and queue is not None and not isinstance(queue, Broadcast):
+            declare = [queue]
+        policy = dict(self._retry_policy, **retry_policy) if retry_policy else self._retry_policy
+        return _Route(
+            exchange,
+            routing_key,
+            list(declare or []),
+            delivery_mode,
+            {key: value for key, value in options.items() if key != "priority" or value is not None},
+            serializer,
+            compression,
+            headers,
+            policy,
+        )
+
+    # -- plain tasks ----------------------------------------------------------------------------------
+
+    def publish_task(
+        self,
+        producer: Any,
+        name: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        options: Mapping[str, Any],
+        headers: Mapping[str, Any],
+        *,
+        entry: str | None = None,
+    ) -> str:
+        """Publish a plain task as `app.send_task(name, args, kwargs, **options)` would, with `headers` added
+        to the entry's own; returns its task id. What send_task decides for these values is cached by `entry`
+        (the job's name; else by task) and made again when any of them changed."""
+        cache_key = entry if entry is not None else name
+        plan = self._task_plans.get(cache_key, _MISSING)
+        if plan is _MISSING or (
+            plan is not None
+            and (plan.task != name or plan.args != args or plan.kwargs != kwargs or plan.options != options)
+        ):
+            plan = self._task_plans[cache_key] = self._plan(name, args, kwargs, options)
+        if plan is None or not self.direct:
+            return self._send_plain_task(producer, name, args, kwargs, options, headers)
+        assert isinstance(plan, _TaskPlan)
+        task_id = self._task_id()
+        route = plan.route
+        now: dt.datetime | None = None
+        eta = plan.eta
+        if plan.countdown:
+            now = self.app.now()
+            eta = maybe_make_aware(add_seconds_to_datetime(now, plan.countdown), tz=self.app.timezone)
+        if eta is not None and not isinstance(eta, str):
+            eta = eta.isoformat()
+        properties: dict[str, Any] = {}
+        expires = plan.expires
+        if expires is not None:
+            if isinstance(expires, dt.datetime):
+                expires_s = subtract_datetimes(expires, self.app.now()).total_seconds()
+            elif isinstance(expires, str):
+                expires_s = subtract_datetimes(isoparse(expires), self.app.now()).total_seconds()
+            else:
+                expires_s = expires
+            properties["expiration"] = max(expires_s, 0)
+            if isinstance(expires, numbers.Real):
+                now = now or self.app.now()
+                expires = maybe_make_aware(add_seconds_to_datetime(now, expires), tz=self.app.timezone)
+            if not isinstance(expires, str):
+                expires = expires.isoformat()
+        message_headers = {
+            "lang": "py",
+            "task": name,
+            "id": task_id,
+            "shadow": plan.shadow,
+            "eta": eta,
+            "expires": expires,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": [plan.time_limit, plan.soft_time_limit],
+            "root_id": task_id,
+            "parent_id": None,
+            "argsrepr": plan.argsrepr,
+            "kwargsrepr": plan.kwargsrepr,
+            "origin": self._origin,
+            "ignore_result": plan.ignore_result,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+        }
+        if route.headers:
+            message_headers.update(route.headers)
+        message_headers.update(headers)
+        body = (list(args), dict(kwargs), _EMBED)
+        properties = {
+            "correlation_id": task_id,
+            "reply_to": self.app.thread_oid,
+            **properties,
+            **route.properties,
+        }
+        serializer = route.serializer or self.app.conf.task_serializer
+        self._send(producer, name, route, plan.declare_key, serializer, body, message_headers, properties)
+        return task_id
+
+    def _plan(
+        self,
+        name: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        options: Mapping[str, Any],
+    ) -> _TaskPlan | None:
+        """send_task's decisions for this entry, or None when it must go through send_task."""
+        if set(options) - DIRECT_OPTIONS:
+            return None
+        task_type, defaults = self._task_defaults(name)
+        if defaults is None:
+            return None
+        merged = dict(defaults, **options) if defaults else dict(options)
+        time_limit = merged.pop("time_limit", None)
+        soft_time_limit = merged.pop("soft_time_limit", None)
+        expires = merged.pop("expires", None)
+        ignore_result = merged.pop("ignore_result", None)
+        countdown = merged.pop("countdown", None)
+        eta = merged.pop("eta", None)
+        shadow = merged.pop("shadow", None)
+        if (countdown or eta) and self._quorum_queues():
+            return None
+        if self._reprs is None:
+            amqp = self.app.amqp
+            # Routers given as maps (task_routes dicts, the default) do not look at args: one route per task and
+            # options, shared by entries. A function router may: each entry is routed on its own.
+            self._shared_routes = all(isinstance(router, MapRoute) for router in amqp.router.routes)
+            self._reprs = (amqp.argsrepr_maxsize, amqp.kwargsrepr_maxsize, self.app.conf.task_repr_maxlevels)
+        args_max, kwargs_max, maxlevels = self._reprs
+        route_key = (name, _frozen(merged)) if self._shared_routes else None
+        route = self._task_routes.get(route_key) if route_key is not None else None
+        if route is None:
+            router = self.app.amqp.router
+            route = self._route_of(router.route(merged, name, list(args), dict(kwargs), task_type))
+            if route_key is not None:
+                self._task_routes[route_key] = route
+        return _TaskPlan(
+            task=name,
+            args=args,
+            kwargs=kwargs,
+            options=options,
+            route=route,
+            declare_key=tuple(queue.name for queue in route.declare),
+            countdown=countdown,
+            eta=eta,
+            expires=expires,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+            ignore_result=ignore_result,
+            shadow=shadow,
+            argsrepr=_saferepr(list(args), args_max, maxlevels),
+            kwargsrepr=_saferepr(dict(kwargs), kwargs_max, maxlevels),
+        )
+
+    def _task_defaults(self, name: str) -> tuple[Any, dict[str, Any] | None]:
+        """The task registered under `name` in this app (or None) and the execution options send_task takes
+        from it; None for the options when one of them needs send_task."""
+        found = self._defaults.get(name)
+        if found is None:
+            task_type = self.app._tasks.get(name)
+            defaults: dict[str, Any] | None = {}
+            if task_type is not None and hasattr(task_type, "_get_exec_options"):
+                defaults = {k: v for k, v in (task_type._get_exec_options() or {}).items() if v is not None}
+                if set(defaults) - DIRECT_OPTIONS:
+                    defaults = None
+            found = self._defaults[name] = (task_type, defaults)
+        return found
+
+    def _task_id(self) -> str:
+        """A random (version 4) UUID, as send_task makes, drawn from one urandom call per 512 ids: a call
+        to the system's random source per message cost more than the rest of the message."""
+        if not self._ids:
+            pool = os.urandom(16 * 512)
+            self._ids = [str(uuid.UUID(bytes=pool[i : i + 16], version=4)) for i in range(0, len(pool), 16)]
+        return self._ids.pop()
+
+    def _quorum_queues(self) -> bool:
+        if self._quorum is None:
+            from celery.utils.quorum_queues import detect_quorum_queues
+
+            driver = self.app.producer_pool.connections.connection.transport.driver_type
+            self._quorum = bool(detect_quorum_queues(self.app, driver)[0])
+        return self._quorum
+
+    def _send_plain_task(
+        self,
+        producer: Any,
+        name: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        options: Mapping[str, Any],
+        headers: Mapping[str, Any],
+    ) -> str:
+        options = dict(options)
+        merged_headers = dict(options.pop("headers", None) or {})
+        merged_headers.update(headers)
+        result = self.app.send_task(
+            name, args=list(args), kwargs=dict(kwargs), producer=producer, headers=merged_headers, **options
+        )
+        return str(result.id)
 
     def _send_task(self, producer: Any, run_id: int, job_name: str, queue: str | None) -> str:
         options: dict[str, Any] = {"queue": queue} if queue else {}
@@ -158,3 +462,40 @@ class RunPublisher:
             RUN_TASK_NAME, args=[run_id, job_name], producer=producer, serializer="json", **options
         )
         return str(result.id)
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable, comparable form of JSON-like values (the cache key of an entry)."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _frozen(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+_PLAIN_TEXT = frozenset(" !#$%&()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[]^_`abcdefghijklmnopqrstuvwxyz{|}~")
+
+
+def _plain(value: Any, levels: int) -> bool:
+    """Values whose saferepr is their repr: numbers, None, ASCII text without quotes or backslashes, and
+    lists and str-keyed dicts of them, nested less deep than saferepr's `maxlevels`."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if isinstance(value, str):
+        return _PLAIN_TEXT.issuperset(value)
+    if levels <= 1:
+        return False
+    if isinstance(value, list):
+        return all(_plain(item, levels - 1) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(k, 1) and _plain(v, levels - 1) for k, v in value.items())
+    return False
+
+
+def _saferepr(value: Any, maxsize: int, maxlevels: int) -> str:
+    """Celery's saferepr of task arguments, by plain repr where that is the same (most beat entries)."""
+    if _plain(value, maxlevels):
+        text = repr(value)
+        if len(text) < maxsize // 2:
+            return text
+    return str(saferepr(value, maxsize, maxlevels=maxlevels))

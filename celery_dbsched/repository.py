@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Connection,
     Engine,
     Float,
@@ -25,6 +26,7 @@ from sqlalchemy import (
     String,
     and_,
     bindparam,
+    any_,
     case,
     cast,
     column,
@@ -305,6 +307,15 @@ class RunRecord:
     @property
     def progress(self) -> JobStatus:
         return JobStatus(self.completed, self.total)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What one claim took: its runs (by id) and, read in the same transaction, the jobs of those that advance
+    at claim (plain tasks, `max_active` > 1), by name."""
+
+    runs: list[RunRecord]
+    jobs: dict[str, JobRecord]
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -818,13 +829,20 @@ class JobRepository:
     # -- runs: claiming -------------------------------------------------------------------------------
 
     def run_jobs(self, server_id: str, limit: int) -> list[RunRecord]:
+        """Claim up to `limit` due jobs (see `claim_due`); the claimed runs, by id."""
+        return self.claim_due(server_id, limit).runs
+
+    def claim_due(self, server_id: str, limit: int) -> Claim:
         """Claim up to `limit` due jobs in one statement: a `queued` run for each, earliest due first, then by
         name. Jobs without a free slot are skipped; the unique partial index on (job, slot) plus ON CONFLICT
-        DO NOTHING makes concurrent claims by several beats safe (DESIGN 2).
+        DO NOTHING makes concurrent claims by several beats safe (DESIGN 2). On PostgreSQL the due jobs are
+        read `FOR UPDATE SKIP LOCKED`: beats claiming at the same time take disjoint sets of jobs instead of
+        waiting for each other's claim and then finding nothing left.
 
         In the same transaction: jobs with the `skip` misfire policy that are later than their grace are
         moved to their next slot instead of running, and jobs that advance when claimed (plain tasks,
-        `max_active` > 1) get their next slot."""
+        `max_active` > 1) get their next slot. The claim returns, beside its runs, those jobs as one set-based
+        read keyed on the claim saw them: what a plain task's message is built from."""
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         j, r = job_table, run_table
@@ -862,6 +880,8 @@ class JobRepository:
                 .order_by(j.c.next_scheduled_run, j.c.name)
                 .limit(limit)
             )
+            if self._is_postgres:
+                due = due.with_for_update(skip_locked=True, of=j)
             columns = [
                 "job_name", "status", "queue", "claimed_by", "create_time", "update_time", "kind", "slot",
                 "scheduled_for",
@@ -872,21 +892,35 @@ class JobRepository:
             runs = sorted((RunRecord.from_row(row) for row in rows), key=lambda run: run.id)
             if runs and self._is_postgres:
                 runs = self._drop_stale_claims(conn, runs)
-            self._advance_claimed(conn, runs)
-        return runs
+            jobs = self._advance_claimed(conn, runs)
+        return Claim(runs, jobs)
+
+    def _id_set(self, ids: Sequence[int]) -> Any:
+        """`ids` as one bound parameter (an array on PostgreSQL, a JSON list on SQLite), for `id IN (...)`
+        without a parameter per id."""
+        if self._is_postgres:
+            return any_(literal(list(ids), postgresql.ARRAY(BigInteger)))
+        values = func.json_each(literal(json.dumps(list(ids)), String)).table_valued("value")
+        return select(values.c.value).scalar_subquery()
+
+    def _in_ids(self, column: Any, ids: Sequence[int]) -> ColumnElement[bool]:
+        ids_set = self._id_set(ids)
+        result: ColumnElement[bool] = column == ids_set if self._is_postgres else column.in_(ids_set)
+        return result
 
     def _drop_stale_claims(self, conn: Connection, runs: list[RunRecord]) -> list[RunRecord]:
         """PostgreSQL (READ COMMITTED): the claim statement read the jobs as they were when it began. When it
         waits on another beat's uncommitted claim, a run of the same slot that a third beat claimed and a worker
         finished meanwhile is no longer active, so it does not conflict, and the slot would run twice. This
         statement reads afresh (it sees every commit the claim waited for): a claimed run whose slot is no
-        longer the job's due slot was already run (or moved) by someone else, and is dropped."""
+        longer the job's due slot was already run (or moved) by someone else, and is dropped. (The claimed ids
+        are one array parameter, however many.)"""
         j, r = job_table, run_table
         stale = set(
             conn.execute(
                 delete(r)
                 .where(
-                    r.c.id.in_([run.id for run in runs]),
+                    self._in_ids(r.c.id, [run.id for run in runs]),
                     ~exists().where(
                         j.c.name == r.c.job_name,
                         func.coalesce(j.c.retry_slot, j.c.next_scheduled_run) == r.c.scheduled_for,
@@ -913,31 +947,65 @@ class JobRepository:
         if not rows:
             return
         now = self._db_now(conn)
+        slots = []
         for row in rows:
             job = JobRecord.from_row(row)
             slot = job.next_slot(now, job.next_scheduled_run)
             if slot is not None:
-                conn.execute(update(j).where(j.c.name == job.name).values(next_scheduled_run=slot))
+                slots.append((job.name, slot))
+        self._set_next_runs(conn, slots)
 
-    def _advance_claimed(self, conn: Connection, runs: Sequence[RunRecord]) -> None:
+    def _advance_claimed(self, conn: Connection, runs: Sequence[RunRecord]) -> dict[str, JobRecord]:
         """Plain tasks and overlapping jobs: the claim itself moves the job to its next slot (fixed cadence;
-        one catch-up at most, never a burst of missed slots)."""
-        j = job_table
-        candidates = {run.job_name: run for run in runs}
-        if not candidates:
-            return
+        one catch-up at most, never a burst of missed slots). One read of those jobs, joined on the claimed
+        runs, and one update of all their next slots; returns the jobs as read."""
+        j, r = job_table, run_table
+        if not runs:
+            return {}
         rows = conn.execute(
-            select(j).where(j.c.name.in_(list(candidates)), or_(j.c.kind == KIND_TASK, j.c.max_active > 1))
+            select(j, r.c.scheduled_for.label("claimed_slot"), self._now().label("claimed_at"))
+            .join(r, r.c.job_name == j.c.name)
+            .where(self._in_ids(r.c.id, [run.id for run in runs]), or_(j.c.kind == KIND_TASK, j.c.max_active > 1))
         ).all()
-        if not rows:
-            return
-        now = self._db_now(conn)
+        jobs: dict[str, JobRecord] = {}
+        slots: list[tuple[str, dt.datetime]] = []
         for row in rows:
             job = JobRecord.from_row(row)
-            run = candidates[job.name]
-            slot = job.next_slot(now, run.scheduled_for)
+            jobs[job.name] = job
+            slot = job.next_slot(row.claimed_at, row.claimed_slot)
             if slot is not None:
-                conn.execute(update(j).where(j.c.name == job.name).values(next_scheduled_run=slot))
+                slots.append((job.name, slot))
+        self._set_next_runs(conn, slots)
+        return jobs
+
+    def _set_next_runs(self, conn: Connection, slots: Sequence[tuple[str, dt.datetime]]) -> None:
+        """`next_scheduled_run` of many jobs in one statement, with the (name, time) pairs as one parameter."""
+        if not slots:
+            return
+        j = job_table
+        if len(slots) == 1:
+            conn.execute(update(j).where(j.c.name == slots[0][0]).values(next_scheduled_run=slots[0][1]))
+            return
+        if self._is_postgres:
+            pairs = (
+                func.unnest(
+                    literal([name for name, _ in slots], postgresql.ARRAY(String)),
+                    literal([when for _, when in slots], postgresql.ARRAY(postgresql.TIMESTAMP(timezone=True))),
+                )
+                .table_valued("name", "slot")
+                .render_derived(name="pairs")
+            )
+            conn.execute(update(j).where(j.c.name == pairs.c.name).values(next_scheduled_run=pairs.c.slot))
+            return
+        to_text = UTCDateTime().bind_processor(conn.dialect)
+        assert to_text is not None
+        data = json.dumps([[name, str(to_text(when))] for name, when in slots])
+        pairs = func.json_each(literal(data, String)).table_valued("value")
+        conn.execute(
+            update(j)
+            .where(j.c.name == func.json_extract(pairs.c.value, "$[0]"))
+            .values(next_scheduled_run=func.json_extract(pairs.c.value, "$[1]"))
+        )
 
     # -- runs: transitions ----------------------------------------------------------------------------
 
@@ -1244,6 +1312,49 @@ class JobRepository:
             # Sent: whatever failed to publish before is behind it.
             conn.execute(update(j).where(j.c.name == row.job_name).values(failure_count=0, retry_slot=None))
         return RunRecord.from_row(row)
+
+    def dispatch_runs(self, sent: Sequence[tuple[int, str | None]]) -> None:
+        """`queued -> dispatched` for a whole published batch of plain tasks, (run id, task id) pairs, in one
+        statement (the pairs are one parameter); runs a tracking worker already moved on are left as they are.
+        Their jobs' failure counts are reset: whatever failed to publish before is behind them."""
+        if not sent:
+            return
+        r, j = run_table, job_table
+        ids = [run_id for run_id, _ in sent]
+        if self._is_postgres:
+            pairs = (
+                func.unnest(
+                    literal(ids, postgresql.ARRAY(BigInteger)),
+                    literal([task_id for _, task_id in sent], postgresql.ARRAY(String)),
+                )
+                .table_valued("id", "task_id")
+                .render_derived(name="pairs")
+            )
+            task_id: Any = pairs.c.task_id
+            match: Any = r.c.id == pairs.c.id
+        else:
+            pairs = func.json_each(literal(json.dumps(sent), String)).table_valued("value")
+            task_id = func.json_extract(pairs.c.value, "$[1]")
+            match = r.c.id == func.json_extract(pairs.c.value, "$[0]")
+        mark = (
+            update(r)
+            .where(match, r.c.status == QUEUED)
+            .values(status=DISPATCHED, end_time=self._now(), task_id=func.coalesce(task_id, r.c.task_id))
+        )
+        reset = (
+            update(j)
+            .where(
+                j.c.name.in_(select(r.c.job_name).where(self._in_ids(r.c.id, ids))),
+                or_(j.c.failure_count != 0, j.c.retry_slot.is_not(None)),
+            )
+            .values(failure_count=0, retry_slot=None)
+        )
+        with self._tx() as conn:
+            if self._is_postgres:  # one statement: the mark as a data-modifying CTE of the reset
+                conn.execute(reset.add_cte(mark.cte("marked")))
+            else:
+                conn.execute(mark)
+                conn.execute(reset)
 
     # -- plain tasks tracked on workers ---------------------------------------------------------------
 

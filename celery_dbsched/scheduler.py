@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from celery import beat
@@ -19,7 +20,7 @@ from .errors import DatabaseError, DatabaseUnavailable
 from .migrate import prepare_schema
 from .publisher import RunPublisher
 from .registry import existing_registry
-from .repository import WAKEUP_CHANNEL, JobRecord, JobRepository, RunRecord, repository_for
+from .repository import WAKEUP_CHANNEL, Claim, JobRecord, JobRepository, RunRecord, repository_for
 from .schema import KIND_TASK
 from .settings import Settings
 from .wakeup import Wakeup
@@ -30,6 +31,9 @@ logger = logging.getLogger(__name__)
 PRUNE_EVERY = dt.timedelta(minutes=10)
 REFUSED_RETRY = 60.0  # seconds between tries (each logged at ERROR) while the database refuses a tick's statement
 MIN_SLEEP = 0.01  # never return 0 from tick unless a full batch says more is due at once
+# A claim takes at most this many runs (or the run-jobs limit, if lower) while more is due: beats share a
+# backlog batch by batch, and the next batch is claimed while this one is published.
+CLAIM_BATCH = 2000
 
 
 class Scheduler(beat.Scheduler):  # type: ignore[misc]
@@ -47,9 +51,11 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         self._db_refused_since: float | None = None
         self._broker_failing_since: float | None = None
         self._unpublished = 0
-        self._declared_queues: set[str] = set()
         self._publisher = RunPublisher(app)
-        self._more_due = False  # the last claim filled a batch: claim again without asking what is due
+        # The next batch, claimed on a thread of its own (its own connection) while this one is published.
+        self._claimer: ThreadPoolExecutor | None = None
+        self._next_claim: Future[Claim] | None = None
+        self._marks: list[Future[None]] = []  # `dispatched` marks made on the claim threads
         self._wakeup: Wakeup | None = None
         self._closed = False
         super().__init__(app, *args, lazy=lazy, **kwargs)
@@ -140,9 +146,27 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         if self._closed:
             return
         self._closed = True
+        self._finish_next_claim()
         if self._wakeup is not None:
             self._wakeup.close()
         super().close()
+
+    def _finish_next_claim(self) -> None:
+        """At shutdown: publish a batch claimed ahead (left queued, it would wait for this server id's next
+        start or the monitor to be ended `interrupted` and run again)."""
+        claimer, self._claimer = self._claimer, None
+        future, self._next_claim = self._next_claim, None
+        if future is not None:
+            try:
+                self._publish(future.result())
+            except Exception as exc:
+                logger.error("celery_dbsched: could not publish the batch claimed ahead (%s); restart ends it", exc)
+        if claimer is not None:
+            claimer.shutdown(wait=True)  # the marks still queued on it are made
+        for mark in self._marks:
+            if mark.exception() is not None:
+                logger.error("celery_dbsched: could not mark runs dispatched: %s", mark.exception())
+        self._marks = []
 
     @property
     def info(self) -> str:
@@ -175,29 +199,62 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
 
     def _dispatch_due(self, interval: float) -> float:
         repository = self.repository
-        limit = self.settings.run_jobs_limit
-        due_in = None if self._more_due else repository.next_due_in()
-        if self._more_due or (due_in is not None and due_in <= 0):
-            self._more_due = False
-            claimed = repository.run_jobs(self.server_id, limit)
-            self._publish(claimed)
-            if len(claimed) >= limit:
-                self._more_due = True
-                return 0.0  # a full batch: more may be due, claim again at once
+        batch = min(self.settings.run_jobs_limit, CLAIM_BATCH)
+        claim = self._take_next_claim()
+        if claim is None:
             due_in = repository.next_due_in()
+            if due_in is None or due_in > 0:
+                return self._sleep_until(due_in, interval)
+            claim = repository.claim_due(self.server_id, batch)
+        if len(claim.runs) >= batch:
+            # A full batch: more may be due. Claim the next batch now, on the claim thread, while this one
+            # is published; the next tick publishes it (at once: tick returns 0).
+            self._claim_ahead(batch)
+            self._publish(claim)
+            return 0.0
+        self._publish(claim)
+        # Fewer than asked: nothing else was due, or another beat holds the rest of what is due (its claim is
+        # not committed yet). Ask again: a beat that lost a claim race comes back at once while jobs are due,
+        # and otherwise sleeps until the next slot, never its whole interval past it.
+        return self._sleep_until(repository.next_due_in(), interval)
+
+    def _sleep_until(self, due_in: float | None, interval: float) -> float:
         sleep = interval if due_in is None else min(max(due_in, MIN_SLEEP), interval)
         return min(sleep, max(self._next_monitor - time.monotonic(), MIN_SLEEP))
 
-    def _publish(self, runs: list[RunRecord]) -> None:
-        task_names = [run.job_name for run in runs if run.kind == KIND_TASK]
-        tasks = self.repository.lookup_jobs(task_names) if task_names else {}
+    def _claim_ahead(self, batch: int) -> None:
+        if self._claimer is None:  # two threads: the claim ahead, and the mark of the batch being published
+            self._claimer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbsched-claim")
+        self._next_claim = self._claimer.submit(self.repository.claim_due, self.server_id, batch)
+
+    def _take_next_claim(self) -> Claim | None:
+        """The batch claimed ahead, if any (its database error is raised here, in the beat's thread), once the
+        marks of the batches before it are made."""
+        future, self._next_claim = self._next_claim, None
+        if future is None:
+            return None
+        claim = future.result()
+        marks, self._marks = self._marks, []
+        for mark in marks:
+            error = mark.exception()  # waits for it
+            if error is not None:  # published but left `queued`: the monitor ends them (stalled) later
+                logger.error("celery_dbsched: could not mark a published batch dispatched: %s", error)
+        return claim
+
+    def _publish(self, claim: Claim) -> None:
+        """Publish each claimed run (on the beat's thread: the producer is never shared), then mark the plain
+        tasks sent `dispatched` in one statement for the whole batch."""
+        runs = claim.runs
         broker_error: Exception | None = None
+        dispatched: list[tuple[int, str | None]] = []
         self._publisher.new_batch()
         for run in runs:
             if broker_error is None:
                 try:
                     if run.kind == KIND_TASK:
-                        self._send_task(run, tasks.get(run.job_name))
+                        task_id = self._send_task(run, claim.jobs.get(run.job_name))
+                        if task_id is not None:
+                            dispatched.append((run.id, task_id))
                     else:
                         self._send(run)
                     continue
@@ -209,6 +266,8 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
                 self.repository.fail_run(run.id, f"not published: {broker_error!r}")
             except DatabaseError as exc:
                 logger.error("could not end unpublished run %s (%s); the monitor will", run.id, exc)
+        if dispatched:
+            self._mark_dispatched(dispatched)
         if broker_error is None and runs and self._broker_failing_since is not None:
             logger.warning(
                 "celery_dbsched: publishing works again after %.1fs; %d run(s) were not published meanwhile "
@@ -218,6 +277,15 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             )
             self._broker_failing_since = None
             self._unpublished = 0
+
+    def _mark_dispatched(self, sent: list[tuple[int, str | None]]) -> None:
+        """One statement for the batch. While a claim runs ahead it is made on the other claim thread (its own
+        connection; it touches the runs of this batch, the claim the jobs due next), so that the beat's thread
+        goes on publishing (an error is logged with the next claim, whose batch is published all the same)."""
+        if self._claimer is not None and self._next_claim is not None:
+            self._marks.append(self._claimer.submit(self.repository.dispatch_runs, sent))
+        else:
+            self.repository.dispatch_runs(sent)
 
     def _broker_down(self, run: RunRecord, exc: Exception) -> None:
         """Said once per outage, not once per tick: every run due meanwhile fails the same way."""
@@ -233,39 +301,25 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         else:
             logger.debug("celery_dbsched: could not publish run %s of %r: %s", run.id, run.job_name, exc)
 
-    def _queue_options(self, queue: str | None) -> dict[str, Any]:
-        if not queue:
-            return {}
-        options: dict[str, Any] = {"queue": queue}
-        if queue not in self._declared_queues:
-            options["declare"] = [self.app.amqp.queues[queue]]
-        return options
-
     def _send(self, run: RunRecord) -> None:
         self._publisher.publish(self.producer, run.id, run.job_name, run.queue)
 
-    def _send_task(self, run: RunRecord, job: JobRecord | None) -> None:
+    def _send_task(self, run: RunRecord, job: JobRecord | None) -> str | None:
         """A beat_schedule entry: its own task, args, kwargs and options, as stock beat sends it, plus a
-        header naming the run (for workers that track runs). The run is then `dispatched`."""
+        header naming the run (for workers that track runs). Returns the task id (the caller marks the batch
+        `dispatched`), or None when there is nothing to send (the run is ended `failed`)."""
         if job is None or not job.task:
             self.repository.fail_run(run.id, f"{run.job_name!r} has no task to send")
-            return
-        options = dict(job.task_options)
-        queue = options.pop("queue", None)
-        headers = dict(options.pop("headers", None) or {})
-        headers[RUN_ID_HEADER] = run.id
-        result = self.app.send_task(
+            return None
+        return self._publisher.publish_task(
+            self.producer,
             job.task,
-            args=list(job.task_args),
-            kwargs=dict(job.task_kwargs),
-            producer=self.producer,
-            headers=headers,
-            **options,
-            **self._queue_options(queue),
+            job.task_args,
+            job.task_kwargs,
+            job.task_options,
+            {RUN_ID_HEADER: run.id},
+            entry=job.name,
         )
-        if queue:
-            self._declared_queues.add(queue)
-        self.repository.dispatch_run(run.id, getattr(result, "id", None))
 
     def _maybe_monitor(self) -> None:
         now = time.monotonic()

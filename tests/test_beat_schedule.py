@@ -469,21 +469,22 @@ def test_worker_that_starts_the_task_before_the_beat_marks_it_dispatched_still_t
     receive the message and start the task in between (RabbitMQ delivers in a millisecond)."""
     scheduler = beats({"report": {"task": "proj.report", "schedule": 60}})
     repository = scheduler.repository
-    real_send_task = scheduler.app.send_task
+    publisher = scheduler._publisher  # plain tasks are published directly, as send_task would send them
+    real_publish = publisher.publish_task
     started: list[int] = []
     errors: list[DbschedError] = []
 
-    def send_task_and_start_at_once(*args: Any, **kwargs: Any) -> Any:
-        result = real_send_task(*args, **kwargs)
-        run_id = kwargs["headers"][RUN_ID_HEADER]
+    def publish_and_start_at_once(*args: Any, **kwargs: Any) -> Any:
+        task_id = real_publish(*args, **kwargs)
+        run_id = args[-1][RUN_ID_HEADER]
         started.append(run_id)
         try:
-            repository.track_start(run_id, "fast-worker", result.id)  # what task_prerun does on the worker
+            repository.track_start(run_id, "fast-worker", task_id)  # what task_prerun does on the worker
         except DbschedError as exc:  # ... which logs "not tracked" and lets the task run untracked
             errors.append(exc)
-        return result
+        return task_id
 
-    scheduler.app.send_task = send_task_and_start_at_once
+    publisher.publish_task = publish_and_start_at_once  # type: ignore[method-assign]
     scheduler.tick()
     [run_id] = started
     assert errors == []

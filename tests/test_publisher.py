@@ -7,6 +7,7 @@ retry policy. Only the task id (and what derives from it) differs.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +23,7 @@ PER_MESSAGE = {"id", "root_id", "correlation_id"}
 
 def make_app(**conf: Any) -> Celery:
     app = Celery("publisher-test", broker="memory://", set_as_current=False)
-    app.conf.update(task_serializer="json", accept_content=["json"], **conf)
+    app.conf.update({"task_serializer": "json", "accept_content": ["json"], **conf})
     return app
 
 
@@ -201,3 +202,172 @@ def test_without_publish_retries_the_first_error_is_raised() -> None:
     with pytest.raises(ConnectionError):
         RunPublisher(make_app(task_publish_retry=False)).publish(producer, 1, "j", None)
     assert producer.calls == [False]
+
+
+# -- plain tasks (beat_schedule entries): publish_task sends what send_task sends ------------------------
+
+RUN_HEADER = {"dbsched_run_id": 7}
+NOW = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
+ALL_OPTIONS = {
+    "queue": "reports",
+    "priority": 4,
+    "expires": 90,
+    "headers": {"x-tenant": "acme"},
+    "serializer": "pickle",
+    "compression": "zlib",
+    "countdown": 15,
+    "time_limit": 60,
+    "soft_time_limit": 50,
+    "ignore_result": True,
+    "shadow": "report (shadowed)",
+}
+TASK_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "no options": ({}, {}),
+    "a queue": ({}, {"queue": "reports"}),
+    "task_routes": ({"task_routes": {"tasks.report": {"queue": "routed", "priority": 7}}}, {}),
+    "task_routes and a queue option": ({"task_routes": {"tasks.report": {"queue": "routed"}}}, {"queue": "mine"}),
+    "declared task_queues": (
+        {"task_queues": [Queue("reports", Exchange("reports-x", type="topic"), routing_key="reports.#")]},
+        {"queue": "reports"},
+    ),
+    "exchange and routing key": ({}, {"exchange": "events", "routing_key": "events.report", "exchange_type": "topic"}),
+    "a direct exchange": ({}, {"exchange": "direct-x", "routing_key": "rk"}),
+    "a priority": ({}, {"priority": 9}),
+    "expires in seconds": ({}, {"expires": 3600}),
+    "expires at an absolute time": ({}, {"expires": "2030-01-01T13:00:00+00:00"}),
+    "expires in the past": ({}, {"expires": "2030-01-01T11:00:00+00:00"}),
+    "headers": ({}, {"headers": {"x-tenant": "acme", "x-n": 3}}),
+    "a serializer": ({}, {"serializer": "pickle"}),
+    "compression": ({}, {"compression": "gzip"}),
+    "the app's compression": ({"task_compression": "zlib"}, {}),
+    "the app's serializer": ({"task_serializer": "pickle", "accept_content": ["json", "pickle"]}, {}),
+    "a countdown": ({}, {"countdown": 30}),
+    "an eta": ({}, {"eta": "2030-01-01T12:30:00+00:00"}),
+    "time limits": ({}, {"time_limit": 60, "soft_time_limit": 45}),
+    "ignore_result": ({}, {"ignore_result": True}),
+    "ignore_result false": ({}, {"ignore_result": False}),
+    "shadow": ({}, {"shadow": "report for acme"}),
+    "transient delivery": ({"task_default_delivery_mode": "transient"}, {}),
+    "a retry policy": ({"task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.5}}, {}),
+    "a timezone": ({"timezone": "Europe/Paris"}, {"countdown": 5, "expires": 60}),
+    "every option at once": ({}, ALL_OPTIONS),
+}
+
+
+def plain_both_ways(
+    app: Celery, options: dict[str, Any], name: str = "tasks.report"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    app.now = lambda: NOW  # type: ignore[method-assign]  # eta and expires derive from now: the same for both
+    args, kwargs = [1, "two", {"three": 3}], {"region": "eu", "n": [1, 2]}
+    with app.producer_or_acquire() as producer:
+        recorder = Recorder(producer)
+        stock_options = dict(options)
+        headers = {**(stock_options.pop("headers", None) or {}), **RUN_HEADER}
+        app.send_task(name, args=args, kwargs=kwargs, producer=producer, headers=headers, **stock_options)
+        publisher = RunPublisher(app)
+        publisher.publish_task(producer, name, tuple(args), kwargs, options, RUN_HEADER)
+    stock, ours = recorder.calls
+    return normalised(stock), normalised(ours)
+
+
+@pytest.mark.parametrize(("conf", "options"), list(TASK_CASES.values()), ids=list(TASK_CASES))
+def test_a_plain_task_message_is_the_one_send_task_sends(conf: dict[str, Any], options: dict[str, Any]) -> None:
+    stock, ours = plain_both_ways(make_app(**conf), options)
+    assert ours == stock
+    assert ours["headers"]["dbsched_run_id"] == 7
+
+
+def test_a_registered_tasks_execution_options_apply_as_send_task_applies_them() -> None:
+    app = make_app()
+
+    @app.task(name="tasks.report", queue="from-task", time_limit=30, priority=2, expires=600)
+    def report(*args: Any, **kwargs: Any) -> None:  # pragma: no cover (never run)
+        pass
+
+    for options in ({}, {"queue": "entry-queue", "time_limit": 5}):
+        stock, ours = plain_both_ways(app, options)
+        assert ours == stock
+
+
+def test_a_changed_entry_is_published_with_its_new_options() -> None:
+    app = make_app()
+    publisher = RunPublisher(app)
+    with app.producer_or_acquire() as producer:
+        recorder = Recorder(producer)
+        publisher.publish_task(producer, "tasks.report", (), {}, {"queue": "a"}, RUN_HEADER)
+        publisher.publish_task(producer, "tasks.report", (), {}, {"queue": "b"}, RUN_HEADER)
+        publisher.publish_task(producer, "tasks.report", (1,), {}, {"queue": "b"}, RUN_HEADER)
+    assert [call["routing_key"] for call in recorder.calls] == ["a", "b", "b"]
+    assert [call["body"][0] for call in recorder.calls] == [[], [], [1]]
+
+
+@pytest.mark.parametrize(
+    ("conf", "options"),
+    [
+        ({}, {"link": "tasks.after"}),
+        ({}, {"group_id": "g"}),
+        ({"task_protocol": 1}, {}),
+        ({"task_send_sent_event": True}, {}),
+    ],
+    ids=["a link", "a group id", "protocol 1", "sent events"],
+)
+def test_what_the_direct_path_does_not_cover_goes_through_send_task(
+    conf: dict[str, Any], options: dict[str, Any]
+) -> None:
+    app = make_app(**conf)
+    sent: list[tuple[Any, dict[str, Any]]] = []
+    real = app.send_task
+
+    def send_task(name: Any, **kwargs: Any) -> Any:
+        sent.append((name, kwargs))
+        return real(name, **kwargs)
+
+    app.send_task = send_task  # type: ignore[method-assign]
+    with app.producer_or_acquire() as producer:
+        task_id = RunPublisher(app).publish_task(producer, "tasks.report", (1,), {}, options, RUN_HEADER)
+    assert [name for name, _ in sent] == ["tasks.report"] and task_id
+    assert sent[0][1]["headers"] == RUN_HEADER
+
+
+@pytest.mark.parametrize("backend", ["redis://127.0.0.1:6379/0", "rpc://"])
+def test_a_result_backend_does_not_take_the_direct_path_away(backend: str) -> None:
+    """send_task also calls the backend's on_task_call (readying the caller for the result): the beat never
+    reads results, so the direct path skips it; the message is the same."""
+    app = make_app(result_backend=backend)
+    stock, ours = plain_both_ways(app, {})
+    assert ours == stock
+    called: list[str] = []
+    real = app.send_task
+    app.send_task = lambda *a, **k: called.append("send_task") or real(*a, **k)  # type: ignore[method-assign]
+    with app.producer_or_acquire() as producer:
+        RunPublisher(app).publish_task(producer, "tasks.report", (), {}, {}, RUN_HEADER)
+    assert called == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [],
+        ["bench.e1"],
+        [1, "two", {"three": 3}],
+        ["it's"],
+        ['say "hi"'],
+        ["back\\slash"],
+        ["é"],
+        ["line\nbreak"],
+        [1.5, True, None, -3],
+        {"a": "b", "n": [1, 2]},
+        ["x" * 2000],
+        [[[[1]]]],
+        [[[1]]],
+        {"deep": {"deeper": {"deepest": 1}}},
+        list(range(600)),
+        {1: "int key"},
+    ],
+)
+def test_argument_reprs_are_celerys_saferepr(value: Any) -> None:
+    from celery.utils.saferepr import saferepr
+
+    from celery_dbsched.publisher import _saferepr
+
+    assert _saferepr(value, 1024, 3) == saferepr(value, 1024, maxlevels=3)
