@@ -5,25 +5,29 @@ recent one; the beat prunes at a cadence derived from the retention."""
 from __future__ import annotations
 
 import datetime as dt
+import time
+import uuid
 from typing import Any
 
 import pytest
+from celery import Celery
+from conftest import Database
 from sqlalchemy import event
 
 from celery_dbsched import JobRepository
-from celery_dbsched.scheduler import PRUNE_EVERY, prune_interval
+from celery_dbsched.scheduler import PRUNE_EVERY, Scheduler, prune_interval
 
 DAY = dt.timedelta(days=1)
 
 
-def _final_runs(repository: JobRepository, count: int, jobs: int = 1) -> list[int]:
+def _final_runs(repository: JobRepository, count: int, jobs: int = 1, prefix: str = "p") -> list[int]:
     """`count` completed runs spread over `jobs` jobs (claim, start, complete due again at once; repeat)."""
     assert count % jobs == 0
     for j in range(jobs):
-        repository.upsert_job(f"p{j}", "prune test")
+        repository.upsert_job(f"{prefix}{j}", "prune test")
     ids: list[int] = []
     while len(ids) < count:
-        runs = repository.run_jobs("beat-1", 1000)
+        runs = [run for run in repository.run_jobs("beat-1", 1000) if run.job_name.startswith(prefix)]
         assert len(runs) == jobs, "every job is due again at once"
         for run in runs:
             repository.start_run(run.id, "w")
@@ -114,3 +118,34 @@ def test_prune_cadence_follows_the_retention() -> None:
     assert prune_interval(dt.timedelta(days=7)) == PRUNE_EVERY.total_seconds()
     assert prune_interval(dt.timedelta(minutes=2)) == 12.0
     assert prune_interval(dt.timedelta(seconds=3)) == 1.0
+
+
+def test_the_beat_prunes_at_a_tenth_of_the_retention(database: Database) -> None:
+    repository = database.migrated_repository()
+    app = Celery(f"prune-{uuid.uuid4().hex[:8]}", set_as_current=False)
+    app.conf.update(
+        broker_url="memory://",
+        dbsched_database_url=database.url,
+        dbsched_listen=False,
+        dbsched_run_retention=dt.timedelta(seconds=10),  # prune every second
+        dbsched_monitor_interval=dt.timedelta(seconds=0.05),
+    )
+    scheduler = Scheduler(app=app)
+    try:
+        scheduler.repository.clock_shift = DAY  # on the beat's clock every run ended long ago
+        _final_runs(repository, 3, prefix="a")
+        scheduler.tick()
+        first_prune = time.monotonic()
+        assert repository.list_runs(status="completed") == [], "the first monitor step prunes"
+        _final_runs(repository, 3, prefix="b")
+        time.sleep(0.1)
+        scheduler.tick()
+        assert len(repository.list_runs(status="completed")) == 3, "not again before the prune interval"
+        deadline = time.monotonic() + 10
+        while repository.list_runs(status="completed"):
+            assert time.monotonic() < deadline, "the beat never pruned again"
+            time.sleep(0.05)
+            scheduler.tick()
+        assert time.monotonic() - first_prune >= 0.9
+    finally:
+        scheduler.close()
