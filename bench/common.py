@@ -21,7 +21,7 @@ from typing import Any
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 INTERVAL = 60.0  # every schedule is an interval schedule of 60 s (issue 5)
-MAX_INTERVAL = 5.0  # the longest any beat sleeps: dbsched's run-jobs interval, the peers' max_interval
+MAX_INTERVAL = 5.0  # celery_dbsched's run-jobs interval, django-/sqlalchemy-celery-beat's max loop interval
 IDLE_AHEAD = 3600.0  # idle state: each schedule's next due time is this far ahead, so nothing falls due
 TASK = "bench.noop"
 
@@ -37,7 +37,9 @@ class Config:
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672//"
     cap: float = 60.0  # seconds: the longest a peer's dispatch (or two-instance) run may take
     quick: bool = False  # fewer samples (the smoke test)
-    max_interval: float = MAX_INTERVAL  # the peers' max loop interval and dbsched's run-jobs interval
+    # None: every system sleeps what it does in production with its defaults (README: "How each system is
+    # configured"); a number: forced on every system (beat_max_loop_interval, dbsched_run_jobs_interval).
+    max_interval: float | None = None
     out_dir: str = "."
 
     def to_json(self) -> str:
@@ -52,6 +54,11 @@ class Config:
         from sqlalchemy.engine import make_url
 
         return make_url(self.pg_admin).set(database=f"{self.db_prefix}{name}").render_as_string(hide_password=False)
+
+    @property
+    def loop_bound(self) -> float:
+        """A typical longest sleep, for spacing samples: the forced interval, else 5 s."""
+        return self.max_interval or MAX_INTERVAL
 
     def samples(self, full: int, quick: int) -> int:
         return quick if self.quick else full
@@ -235,7 +242,7 @@ def percentile(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, int(round(p / 100.0 * len(ordered) + 0.5)) - 1))
+    rank = max(0, min(len(ordered) - 1, round(p / 100.0 * len(ordered) + 0.5) - 1))
     return ordered[rank]
 
 

@@ -34,7 +34,7 @@ from .common import (
     run_beat_until,
 )
 from .measure import subprocess_env
-from .systems import Dbsched
+from .systems import SYSTEMS, Dbsched
 
 RUN_TASK = "celery_dbsched.run_job"
 
@@ -100,15 +100,17 @@ def raw_kombu(n: int, broker: str) -> dict[str, Any]:
     return {"n": n, "broker": broker.split(":")[0], "raw_s": elapsed, "raw_rate": n / elapsed}
 
 
-def dispatch(n: int, broker: str, cfg: Config) -> dict[str, Any]:
-    """celery_dbsched's dispatch of N due jobs (the store was made due by the caller) to BROKER."""
-    system = Dbsched(cfg)
+def dispatch(n: int, broker: str, cfg: Config, system_key: str = "dbsched") -> dict[str, Any]:
+    """celery_dbsched's dispatch of N due jobs (the store was made due by the caller) to BROKER, on the `@job`
+    path (`dbsched`) or the `beat_schedule` path (`dbsched_bs`: N plain-task entries in the app)."""
+    system = SYSTEMS[system_key](cfg)
+    system.n = n
     queue = f"bench-dispatch-{uuid.uuid4().hex[:8]}"
     sent = Sent().connect()
     app = system.app(broker, task_default_queue=queue)
     scheduler = system.build(app)
     start = time.perf_counter()
-    elapsed, capped, ticks = run_beat_until(scheduler, lambda: sent.distinct >= n, cfg.cap * 10)
+    _elapsed, capped, _ticks = run_beat_until(scheduler, lambda: sent.distinct >= n, cfg.cap * 10)
     end = sent.last_time if not capped else time.perf_counter()
     scheduler.close()
     _delete_queue(broker, queue)
@@ -143,7 +145,7 @@ def wakeup(n: int, cfg: Config) -> dict[str, Any]:
     latencies: list[float] = []
     try:
         for name in names:
-            time.sleep(random.uniform(0.3, 0.3 + 0.4 * cfg.max_interval))
+            time.sleep(random.uniform(0.3, 0.3 + 0.4 * cfg.loop_bound))
             t0 = time.perf_counter()
             celery_dbsched.update_job_next_run_in_at_least(trigger_app, name, 0, run_now=True)
             seen = sent.wait_for(name, timeout=60)
@@ -244,7 +246,7 @@ def worker(cfg: Config) -> dict[str, Any]:
         BENCH_RECORD_DIR=str(folder),
         BENCH_E2E_JOBS=str(e2e_jobs),
         BENCH_WORKER_JOBS=str(worker_jobs),
-        BENCH_RUN_JOBS_INTERVAL=str(cfg.max_interval),
+        BENCH_RUN_JOBS_INTERVAL=str(cfg.loop_bound),
     )
     common = ["-l", "warning"]
     procs: list[Proc] = []
@@ -285,7 +287,7 @@ def worker(cfg: Config) -> dict[str, Any]:
         due: dict[str, float] = {}
         for i in range(e2e_jobs):
             record = repository.update_job_next_run_in_at_least(
-                f"bench.e2e.{i}", dt.timedelta(seconds=cfg.max_interval + 1 + i * spacing)
+                f"bench.e2e.{i}", dt.timedelta(seconds=cfg.loop_bound + 1 + i * spacing)
             )
             due[record.name] = record.next_scheduled_run.timestamp()
         record_file = folder / "e2e.txt"
@@ -414,7 +416,7 @@ def main(argv: list[str]) -> None:
     if command == "raw-kombu":
         emit(raw_kombu(int(argv[1]), argv[2]))
     elif command == "dispatch":
-        emit(dispatch(int(argv[1]), argv[2], cfg))
+        emit(dispatch(int(argv[1]), argv[2], cfg, *argv[3:-1]))
     elif command == "wakeup":
         emit(wakeup(int(argv[1]), cfg))
     elif command == "worker":

@@ -3,7 +3,7 @@
     python -m bench.measure populate SYSTEM N idle|due CONFIG_JSON   empty the store, store N schedules
     python -m bench.measure make-due SYSTEM CONFIG_JSON              make every bench schedule due now
     python -m bench.measure beat SYSTEM N CONFIG_JSON                start-up, idle tick, pickup, dispatch, RSS
-    python -m bench.measure instance SYSTEM DIR CONFIG_JSON          one of several beats on one store
+    python -m bench.measure instance SYSTEM DIR N CONFIG_JSON        one of several beats on one store
 
 `beat` runs in its own process so that its peak RSS is the beat's: the schedules are stored, and later made
 due, by other processes.
@@ -33,7 +33,7 @@ from .common import (
     percentile,
     run_beat_until,
 )
-from .systems import SYSTEMS, System
+from .systems import SYSTEMS, System, is_dbsched
 
 PREFIX = "bench.e"
 
@@ -75,8 +75,8 @@ def run_step(args: list[str], cfg: Config, timeout: float = 1800) -> dict[str, A
 def populate(system: System, n: int, state: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     system.reset()
-    system.populate(n, due=(state == "due"))
-    return {"populate_s": time.perf_counter() - t0}
+    extra = system.populate(n, due=(state == "due"))
+    return {"populate_s": time.perf_counter() - t0, **(extra or {})}
 
 
 def make_due(system: System) -> dict[str, Any]:
@@ -116,7 +116,7 @@ class SqlCapture:
 def beat(system: System, n: int, cfg: Config) -> dict[str, Any]:
     result: dict[str, Any] = {"system": system.key, "n": n}
     sent = Sent().connect()
-    sql = SqlCapture().install() if system.key == "dbsched" else None
+    sql = SqlCapture().install() if is_dbsched(system.key) else None
     app = system.app(**system.tick_only)
 
     # start-up: scheduler construction + first tick, N schedules stored
@@ -162,13 +162,14 @@ def beat(system: System, n: int, cfg: Config) -> dict[str, Any]:
         for k in range(samples):
             if time.perf_counter() > pickup_deadline:
                 break
-            time.sleep(random.uniform(0.2, 0.2 + 0.6 * cfg.max_interval))
+            time.sleep(random.uniform(0.2, 0.2 + 0.6 * cfg.loop_bound))
             name = f"bench.pickup{k}"
             system.insert_due(app, name)
             inserted = time.perf_counter()
             seen = sent.wait_for(name, timeout=max(5.0, pickup_deadline - inserted + 30))
             if seen is None:
                 pickup.append(float("inf"))
+                result["pickup_waited_s"] = time.perf_counter() - inserted
                 break
             pickup.append(seen - inserted)
     finally:
@@ -185,7 +186,7 @@ def beat(system: System, n: int, cfg: Config) -> dict[str, Any]:
     def on_sent() -> bool:
         return sent.schedules >= n
 
-    cap = cfg.cap * (10 if system.key == "dbsched" else 1)
+    cap = cfg.cap * (10 if is_dbsched(system.key) else 1)
     first_sql: list[tuple[str, Any]] = []
     started = time.perf_counter()
     sent_before = sent.total
@@ -205,7 +206,7 @@ def beat(system: System, n: int, cfg: Config) -> dict[str, Any]:
         dispatch_cap_s=cap,
     )
     log(
-        f"{system.key} N={n}: dispatched {done}/{n} in {elapsed:.2f}s ({done / elapsed:.0f}/s){' CAPPED' if capped else ''}"
+        f"{system.key} N={n}: dispatched {done}/{n} in {elapsed:.2f}s ({done / elapsed:.0f}/s){' CAPPED' if capped else ''}"  # noqa: E501
     )
 
     if sql is not None:
@@ -280,7 +281,7 @@ def explain_claims(system: System, statements: list[tuple[str, Any]]) -> list[di
                 ("first batch (nothing claimed)", "DELETE FROM dbsched_job_run"),
                 (
                     "last batch (all but the last batch claimed)",
-                    f"DELETE FROM dbsched_job_run WHERE id > (SELECT max(id) FROM dbsched_job_run) - {int(limit or 1000)}",
+                    f"DELETE FROM dbsched_job_run WHERE id > (SELECT max(id) FROM dbsched_job_run) - {int(limit or 1000)}",  # noqa: E501
                 ),
             ):
                 cursor.execute(reset)
@@ -340,6 +341,10 @@ def main(argv: list[str]) -> None:
     command = argv[0]
     cfg = Config.from_json(argv[-1])
     system = SYSTEMS[argv[1]](cfg)
+    if command in ("populate", "beat"):
+        system.n = int(argv[2])
+    elif command == "instance":
+        system.n = int(argv[3])
     if command == "populate":
         emit(populate(system, int(argv[2]), argv[3]))
     elif command == "make-due":

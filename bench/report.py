@@ -8,9 +8,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .common import Config
+from .common import Config, median
 
-ORDER = ["dbsched", "django", "sqla", "redbeat"]
+ORDER = ["dbsched", "dbsched_bs", "django", "sqla", "redbeat"]
 
 
 def versions(cfg: Config) -> dict[str, str]:
@@ -125,13 +125,25 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
     add("")
     add(
         "Every system: in-process beat loop (Celery's `beat.Service` loop: tick, sleep what tick returns), "
-        "`memory://` broker, N interval schedules of 60 s, a fresh subprocess per measure, max loop interval "
-        f"{meta.get('max_interval_s', 5):g} s (celery_dbsched's run-jobs interval set to the same; its default is 5 s). Peers' dispatch and two-instance runs are capped "
-        f"at {meta['cap_s']:.0f} s (celery_dbsched's at {meta['cap_s'] * 10:.0f} s); a capped rate is the rate "
-        "within the cap, and any time for all N derived from it is marked *extrapolated*."
-        + (" **Quick run: few samples.**" if meta.get("quick") else "")
+        "`memory://` broker, N interval schedules of 60 s, a fresh subprocess per measure. "
+        + (
+            f"Forced max loop interval {meta['max_interval_s']:g} s on every system (`--max-interval`). "
+            if meta.get("max_interval_s")
+            else "Each system runs with its production defaults (loop interval, lock settings): see the list below. "
+        )
+        + f"Peers' dispatch and two-instance runs are capped at {meta['cap_s']:.0f} s (celery_dbsched's at "
+        f"{meta['cap_s'] * 10:.0f} s); a capped rate is the rate within the cap, and any time for all N derived "
+        "from it is marked *extrapolated*." + (" **Quick run: few samples.**" if meta.get("quick") else "")
     )
     add("")
+    configured = meta.get("configured") or {}
+    if configured:
+        add("How each system is configured:")
+        add("")
+        for k in keys:
+            if configured.get(k):
+                add(f"- {label[k]}: {configured[k]}.")
+        add("")
     skipped = [f"{systems[k]['label']}: {systems[k]['missing']}" for k in keys if systems[k].get("missing")]
     if skipped:
         add("Skipped: " + "; ".join(skipped) + ".")
@@ -171,7 +183,11 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
             finite = [p for p in pickups if _ok(p)]
             pick = f"{secs(b.get('pickup_median_s'))} / {secs(max(pickups)) if pickups else '-'}"
             if len(finite) < len(pickups):
-                pick += " (one never seen)"
+                waited = b.get("pickup_waited_s")
+                shown = f"not seen within {waited:.0f} s" if _ok(waited) else "one never seen"
+                pick = (
+                    f"{secs(median(finite))} / {secs(max(finite))}, then {shown}" if finite else shown
+                ) + " (the loop sleeps its full interval when nothing is due)"
             if _err(two):
                 twos = f"failed: `{_err(two)[:120]}`"
             elif two:
@@ -187,8 +203,12 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
                 )
             else:
                 twos = "-"
+            startup = secs(b.get("startup_s"))
+            first = _get(s, "by_n", str(n), "populate_idle", "first_start_s")
+            if _ok(first):
+                startup = f"restart {startup}; first start (empty database) {secs(first)}"
             add(
-                f"| {label[k]} | {s['store']} | {secs(b.get('startup_s'))} | {ms(b.get('idle_tick_s'))} | {disp} | "
+                f"| {label[k]} | {s['store']} | {startup} | {ms(b.get('idle_tick_s'))} | {disp} | "
                 f"{all_n} | {mb(b.get('peak_rss_mb'))} | {mb(b.get('rss_after_idle_mb'))} | {pick} | {twos} |"
             )
         add("")
@@ -196,8 +216,8 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
         "*Start-up*: scheduler construction + first tick with N schedules stored. *Idle tick*: median of "
         "back-to-back `tick()` calls when nothing is due (celery_dbsched sleeps inside `tick()` on LISTEN; its "
         "start-up and tick figures are taken with `dbsched_listen = False`, so they are the tick's work, not its "
-        "wait; pickup, dispatch and wake-up run listening, the default). *Dispatch*: from the first tick after all N were made due "
-        "until the N-th message was published, by the system's own tick loop. *Peak RSS*: the high-water mark (VmHWM) of the "
+        "wait; pickup, dispatch and wake-up run listening, the default). *Dispatch*: from the first tick after all N were made due "  # noqa: E501
+        "until the N-th message was published, by the system's own tick loop. *Peak RSS*: the high-water mark (VmHWM) of the "  # noqa: E501
         "beat's process (the in-process `memory://` queues are emptied every 1,000 messages so they do not count). "
         "*Change pickup*: a new due schedule is stored (by another connection) while the beat loop runs; time until "
         "it is published. *Two instances*: two beat processes on one store with N due schedules, started together, "
@@ -224,7 +244,7 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
     t_lo, t_hi = beat("dbsched", lo).get("idle_tick_s"), beat("dbsched", hi).get("idle_tick_s")
     r = ratio(t_hi, t_lo)
     add(
-        f"| idle tick({hi:,}) / tick({lo:,}) <= 2 | {ms(t_hi)} / {ms(t_lo)} = {fx(r, 2)} | {verdict(None if r is None else r <= 2)} |"
+        f"| idle tick({hi:,}) / tick({lo:,}) <= 2 | {ms(t_hi)} / {ms(t_lo)} = {fx(r, 2)} | {verdict(None if r is None else r <= 2)} |"  # noqa: E501
     )
     idle_sql = beat("dbsched", hi).get("idle_tick_sql") or []
     plans = beat("dbsched", hi).get("idle_explain") or []
@@ -232,7 +252,7 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
     indexed = bool(plan_text) and "Seq Scan" not in plan_text and "Index" in plan_text
     add(
         f"| idle tick on PostgreSQL is one indexed query (N={hi:,}) | {len(idle_sql)} statement(s) per idle tick; "
-        f"plan: {'index scans only' if indexed else 'see below'} | {verdict(len(idle_sql) == 1 and indexed if idle_sql else None)} |"
+        f"plan: {'index scans only' if indexed else 'see below'} | {verdict(len(idle_sql) == 1 and indexed if idle_sql else None)} |"  # noqa: E501
     )
     ours = beat("dbsched", mid).get("dispatch_rate")
     for peer, factor in (("django", 20), ("redbeat", 3)):
@@ -240,26 +260,26 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
         r = ratio(ours, theirs)
         add(
             f"| dispatch at N={mid:,} >= {factor}x {label.get(peer, peer)} | {rate(ours)} vs {rate(theirs)}"
-            f"{' (peer capped)' if beat(peer, mid).get('dispatch_capped') else ''} = {fx(r)} | {verdict(None if r is None else r >= factor)} |"
+            f"{' (peer capped)' if beat(peer, mid).get('dispatch_capped') else ''} = {fx(r)} | {verdict(None if r is None else r >= factor)} |"  # noqa: E501
         )
     brokers = _get(extras, "brokers", str(mid)) or {}
     raw_mem = _get(brokers, "raw_memory", "raw_rate")
     r = ratio(ours, raw_mem)
     add(
-        f"| dispatch at N={mid:,} >= 0.5x raw kombu, memory:// | {rate(ours)} vs {rate(raw_mem)} = {fx(r, 2)} | {verdict(None if r is None else r >= 0.5)} |"
+        f"| dispatch at N={mid:,} >= 0.5x raw kombu, memory:// | {rate(ours)} vs {rate(raw_mem)} = {fx(r, 2)} | {verdict(None if r is None else r >= 0.5)} |"  # noqa: E501
     )
     raw_amqp = _get(brokers, "raw_amqp", "raw_rate")
     ours_amqp = _get(brokers, "dispatch_amqp", "dispatch_rate")
     r = ratio(ours_amqp, raw_amqp)
     add(
-        f"| dispatch at N={mid:,} >= 0.5x raw kombu, RabbitMQ | {rate(ours_amqp)} vs {rate(raw_amqp)} = {fx(r, 2)} | {verdict(None if r is None else r >= 0.5)} |"
+        f"| dispatch at N={mid:,} >= 0.5x raw kombu, RabbitMQ | {rate(ours_amqp)} vs {rate(raw_amqp)} = {fx(r, 2)} | {verdict(None if r is None else r >= 0.5)} |"  # noqa: E501
     )
     st = beat("dbsched", hi).get("startup_s")
     add(f"| start-up with {hi:,} jobs < 1 s | {secs(st)} | {verdict(None if not _ok(st) else st < 1)} |")
     p_lo, p_hi = beat("dbsched", lo).get("peak_rss_mb"), beat("dbsched", hi).get("peak_rss_mb")
     r = ratio(p_hi, p_lo)
     add(
-        f"| beat RSS flat in N (peak at {hi:,} / at {lo:,} <= 1.25) | {mb(p_hi)} / {mb(p_lo)} = {fx(r, 2)} | {verdict(None if r is None else r <= 1.25)} |"
+        f"| beat RSS flat in N (peak at {hi:,} / at {lo:,} <= 1.25) | {mb(p_hi)} / {mb(p_lo)} = {fx(r, 2)} | {verdict(None if r is None else r <= 1.25)} |"  # noqa: E501
     )
     w = extras.get("wakeup") or {}
     add(
@@ -275,7 +295,7 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
     )
     add(
         f"| worker side: wrapper vs plain task (empty, {wk.get('worker_tasks', '-')} each, {wk.get('pool', '-')}) | "
-        f"{rate(wk.get('wrapper_runs_per_s'))} vs {rate(wk.get('plain_runs_per_s'))} = {fx(wk.get('wrapper_over_plain'), 2)} | (reported) |"
+        f"{rate(wk.get('wrapper_runs_per_s'))} vs {rate(wk.get('plain_runs_per_s'))} = {fx(wk.get('wrapper_over_plain'), 2)} | (reported) |"  # noqa: E501
     )
     two_n = extras.get("two_beats_n", mid)
     one = _get(d, "by_n", str(two_n), "instances_1") or {}
@@ -284,26 +304,33 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
         ok = two["duplicates"] == 0 and two["distinct"] == two_n and two["elapsed_s"] <= one["elapsed_s"]
         add(
             f"| two beats, {two_n:,} due jobs: 0 duplicates, no slower than one | {two['duplicates']} duplicates, "
-            f"{two['distinct']:,}/{two_n:,} sent; two beats {secs(two['elapsed_s'])} (per beat {two['per_instance']}) vs one "
-            f"{secs(one['elapsed_s'])} | {verdict(ok)}{'' if two['elapsed_s'] <= one['elapsed_s'] else ' (duplicates: ' + ('yes' if two['duplicates'] == 0 else 'no') + '; time: slower)'} |"
+            f"{two['distinct']:,}/{two_n:,} sent; two beats {secs(two['elapsed_s'])} (per beat {two['per_instance']}) vs one "  # noqa: E501
+            f"{secs(one['elapsed_s'])} | {verdict(ok)}{'' if two['elapsed_s'] <= one['elapsed_s'] else ' (duplicates: ' + ('yes' if two['duplicates'] == 0 else 'no') + '; time: slower)'} |"  # noqa: E501
         )
     add("")
+
+    _targets_issue9(results, add, beat, verdict, label)
 
     # -- celery_dbsched in detail -----------------------------------------------------------------------------
     add("## celery_dbsched in detail")
     add("")
     add("### Dispatch against the raw broker")
     add("")
-    add("| N | dispatch, memory:// | raw kombu, memory:// | ratio | dispatch, RabbitMQ | raw kombu, RabbitMQ | ratio |")
-    add("|---:|---:|---:|---:|---:|---:|---:|")
+    add(
+        "| N | dispatch, memory:// | raw kombu, memory:// | ratio | dispatch, RabbitMQ | raw kombu, RabbitMQ | ratio "
+        "| beat_schedule dispatch, RabbitMQ | ratio |"
+    )
+    add("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in ns:
         br = _get(extras, "brokers", str(n)) or {}
         dm = beat("dbsched", n).get("dispatch_rate")
         rm = _get(br, "raw_memory", "raw_rate")
         da = _get(br, "dispatch_amqp", "dispatch_rate")
         ra = _get(br, "raw_amqp", "raw_rate")
+        dt_ = _get(br, "dispatch_amqp_bs", "dispatch_rate")
         add(
-            f"| {n:,} | {rate(dm)} | {rate(rm)} | {fx(ratio(dm, rm), 2)} | {rate(da)} | {rate(ra)} | {fx(ratio(da, ra), 2)} |"
+            f"| {n:,} | {rate(dm)} | {rate(rm)} | {fx(ratio(dm, rm), 2)} | {rate(da)} | {rate(ra)} | {fx(ratio(da, ra), 2)} "  # noqa: E501
+            f"| {rate(dt_)} | {fx(ratio(dt_, ra), 2)} |"
         )
     add("")
     add(
@@ -319,7 +346,7 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
     for n in ns:
         b = beat("dbsched", n)
         add(
-            f"| {n:,} | {ms(b.get('idle_tick_s'))} | {ms(b.get('backlog_tick_s'))} | {len(b.get('idle_tick_sql') or [])} |"
+            f"| {n:,} | {ms(b.get('idle_tick_s'))} | {ms(b.get('backlog_tick_s'))} | {len(b.get('idle_tick_sql') or [])} |"  # noqa: E501
         )
     add("")
     add("### Wake-up, end to end, worker side")
@@ -354,14 +381,16 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
     add("")
     add("| N | beats | sent (distinct) | duplicates | time until all sent | per beat |")
     add("|---:|---:|---:|---:|---:|---|")
-    for n in ns:
-        for k in (1, 2):
-            m = _get(d, "by_n", str(n), f"instances_{k}") or {}
-            if m and not _err(m):
-                add(
-                    f"| {n:,} | {k} | {m['distinct']:,} | {m['duplicates']:,} | {secs(m['elapsed_s'])}"
-                    f"{' (capped)' if m.get('capped') else ''} | {m['per_instance']} |"
-                )
+    for path in ("dbsched", "dbsched_bs"):
+        for n in ns:
+            for k in (1, 2):
+                m = _get(systems, path, "by_n", str(n), f"instances_{k}") or {}
+                if m and not _err(m):
+                    add(
+                        f"| {n:,} | {k} ({'`@job`' if path == 'dbsched' else '`beat_schedule`'}) | {m['distinct']:,} "
+                        f"| {m['duplicates']:,} | {secs(m['elapsed_s'])}"
+                        f"{' (capped)' if m.get('capped') else ''} | {m['per_instance']} |"
+                    )
     add("")
 
     add("### SQL of a tick, and its plans")
@@ -441,6 +470,75 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
     out.write_text("\n".join(lines))
 
 
+def _targets_issue9(results: dict[str, Any], add: Any, beat: Any, verdict: Any, label: dict[str, str]) -> None:
+    """The targets of issue 9: the drop-in (`beat_schedule`) path at scale, and the worker side."""
+    systems = results["systems"]
+    extras = results.get("extras", {})
+    ns: list[int] = results["meta"]["ns"]
+    add("## Targets (issue 9)")
+    add("")
+    add("| target | measured | met? |")
+    add("|---|---|---|")
+    rb = label.get("redbeat", "celery-redbeat")
+    for n in (10000, 100000):
+        if n not in ns:
+            continue
+        ours, theirs = beat("dbsched_bs", n).get("dispatch_rate"), beat("redbeat", n).get("dispatch_rate")
+        r = ratio(ours, theirs)
+        add(
+            f"| plain-task (`beat_schedule`) dispatch at N={n:,} >= 3x {rb} | {rate(ours)} vs {rate(theirs)}"
+            f"{' (peer capped)' if beat('redbeat', n).get('dispatch_capped') else ''} = {fx(r)} | "
+            f"{verdict(None if r is None else r >= 3)} |"
+        )
+    hi = ns[-1]
+    st = beat("dbsched_bs", hi).get("startup_s")
+    first = _get(systems, "dbsched_bs", "by_n", str(hi), "populate_idle", "first_start_s")
+    add(
+        f"| `beat_schedule` restart with {hi:,} unchanged entries < 1 s | {secs(st)} (first start on an empty "
+        f"database: {secs(first)}) | {verdict(None if not _ok(st) else st < 1)} |"
+    )
+    two_n = 10000 if 10000 in ns else hi
+    for path, name in (("dbsched_bs", "`beat_schedule`"), ("dbsched", "`@job`")):
+        one = _get(systems, path, "by_n", str(two_n), "instances_1") or {}
+        two = _get(systems, path, "by_n", str(two_n), "instances_2") or {}
+        if not one or not two or _err(one) or _err(two):
+            add(f"| two beats, {two_n:,} due ({name}): each sends 30%-70%, the pair faster than one | - | - |")
+            continue
+        shares = [c / max(1, two["sends"]) for c in two["per_instance"]] + [0.0] * (2 - len(two["per_instance"]))
+        balanced = all(0.3 <= x <= 0.7 for x in shares[:2])
+        faster = two["elapsed_s"] < one["elapsed_s"] and not two.get("capped")
+        add(
+            f"| two beats, {two_n:,} due ({name}): each sends 30%-70%, the pair faster than one | per beat "
+            f"{two['per_instance']} ({', '.join(f'{x * 100:.0f}%' for x in shares[:2])}), {two['duplicates']} "
+            f"duplicates; two {secs(two['elapsed_s'])} vs one {secs(one['elapsed_s'])} | "
+            f"{verdict(balanced and faster and two['duplicates'] == 0)} |"
+        )
+    wk = extras.get("worker") or {}
+    r = wk.get("wrapper_over_plain")
+    add(
+        f"| worker side: an empty `@job` run >= 0.6x a plain task | {rate(wk.get('wrapper_runs_per_s'))} vs "
+        f"{rate(wk.get('plain_runs_per_s'))} = {fx(r, 2)} | {verdict(None if not _ok(r) else r >= 0.6)} |"
+    )
+    for n in ns:
+        if n < 10000 and len(ns) > 1:
+            continue
+        br = _get(extras, "brokers", str(n)) or {}
+        raw = _get(br, "raw_amqp", "raw_rate")
+        for key, name in (("dispatch_amqp", "`@job`"), ("dispatch_amqp_bs", "`beat_schedule`")):
+            ours = _get(br, key, "dispatch_rate")
+            r = ratio(ours, raw)
+            add(
+                f"| dispatch ({name}) at N={n:,} >= 0.6x raw kombu on RabbitMQ | {rate(ours)} vs {rate(raw)} = "
+                f"{fx(r, 2)} | {verdict(None if r is None else r >= 0.6)} |"
+            )
+    add("")
+    add(
+        "The run history under sustained load (goal 7) has its own command and page: `python bench/history.py`, "
+        "[benchmarks-history.md](benchmarks-history.md)."
+    )
+    add("")
+
+
 def _clip(line: str, width: int = 300) -> str:
     """A plan or SQL line cut to a readable width (a claim's IN list of 1,000 names is one line)."""
     return line if len(line) <= width else line[:width] + " ..."
@@ -472,7 +570,7 @@ def _plot(results: dict[str, Any], path: Path) -> str | None:
         if not xs:
             continue
         (line,) = left.plot(xs, rates, marker="o", label=s["label"])
-        for x, y, c in zip(xs, rates, capped):
+        for x, y, c in zip(xs, rates, capped, strict=True):
             if c:
                 left.plot([x], [y], marker="x", color=line.get_color(), markersize=12)
         right.plot(xs, ticks, marker="o", label=s["label"])

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
 
 from bench.common import REPO_ROOT, Config, log
 from bench.measure import run_step, subprocess_env
-from bench.systems import SYSTEMS
+from bench.systems import SYSTEMS, is_dbsched
 
 PREFIX = "bench.e"
 
@@ -59,10 +59,10 @@ def multi(cfg: Config, system_key: str, n: int, instances: int) -> dict[str, Any
     """`instances` beats on one store holding N due schedules: start them, let them go at once, stop when
     every schedule was sent at least once (or at the cap), and count what each sent."""
     folder = Path(tempfile.mkdtemp(prefix=f"bench-multi-{system_key}-"))
-    cap = cfg.cap * (10 if system_key == "dbsched" else 1)
+    cap = cfg.cap * (10 if is_dbsched(system_key) else 1)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "bench.measure", "instance", system_key, str(folder), cfg.to_json()],
+            [sys.executable, "-m", "bench.measure", "instance", system_key, str(folder), str(n), cfg.to_json()],
             cwd=REPO_ROOT,
             env=subprocess_env(),
             stdout=subprocess.PIPE,
@@ -160,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-interval",
         type=float,
-        default=5.0,
-        help="seconds: the peers' max loop interval and celery_dbsched's run-jobs interval (the longest a beat sleeps)",
+        default=None,
+        help="seconds: force this max loop interval on the peers and run-jobs interval on celery_dbsched "
+        "(default: each system's own, as in production; see bench/README.md)",
     )
     parser.add_argument("--no-extras", action="store_true", help="skip celery_dbsched's extra measures")
     parser.add_argument("--profile-n", type=int, default=10000, help="N for the dispatch profile (0: none)")
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             "cap_s": cfg.cap,
             "quick": cfg.quick,
             "max_interval_s": cfg.max_interval,
+            "configured": {key: SYSTEMS[key].configured for key in args.systems},
             "argv": sys.argv,
             "git": git_state(),
         },
@@ -238,18 +240,18 @@ def main(argv: list[str] | None = None) -> int:
             log(f"=== {system.label} N={n}")
             per_n: dict[str, Any] = {}
             entry["by_n"][str(n)] = per_n
-            attempt(per_n, "populate_idle", lambda: run_step(["populate", key, str(n), "idle"], cfg))
-            attempt(per_n, "beat", lambda: run_step(["beat", key, str(n)], cfg))
-            counts = [1, 2] if key == "dbsched" else [2]
+            attempt(per_n, "populate_idle", lambda: run_step(["populate", key, str(n), "idle"], cfg))  # noqa: B023
+            attempt(per_n, "beat", lambda: run_step(["beat", key, str(n)], cfg))  # noqa: B023
+            counts = [1, 2] if is_dbsched(key) else [2]
             for k in counts:
 
                 def run_multi(k: int = k) -> dict[str, Any]:
-                    run_step(["populate", key, str(n), "due"], cfg)
-                    return multi(cfg, key, n, k)
+                    run_step(["populate", key, str(n), "due"], cfg)  # noqa: B023
+                    return multi(cfg, key, n, k)  # noqa: B023
 
                 result = attempt(per_n, f"instances_{k}", run_multi)
                 log(
-                    f"{system.label} N={n} x{k}: {json.dumps({a: result.get(a) for a in ('sends', 'distinct', 'duplicates', 'elapsed_s', 'capped')})}"
+                    f"{system.label} N={n} x{k}: {json.dumps({a: result.get(a) for a in ('sends', 'distinct', 'duplicates', 'elapsed_s', 'capped')})}"  # noqa: E501
                 )
             raw.write_text(json.dumps(results, indent=1, default=str))
 
@@ -260,15 +262,22 @@ def main(argv: list[str] | None = None) -> int:
         for n in ns:
             per_n: dict[str, Any] = {}
             extras.setdefault("brokers", {})[str(n)] = per_n
-            attempt(per_n, "raw_memory", lambda: run_step(["bench.extras", "raw-kombu", str(n), "memory://"], cfg))
+            attempt(per_n, "raw_memory", lambda: run_step(["bench.extras", "raw-kombu", str(n), "memory://"], cfg))  # noqa: B023
             if amqp_missing is None:
-                attempt(per_n, "raw_amqp", lambda: run_step(["bench.extras", "raw-kombu", str(n), cfg.amqp_url], cfg))
+                attempt(per_n, "raw_amqp", lambda: run_step(["bench.extras", "raw-kombu", str(n), cfg.amqp_url], cfg))  # noqa: B023
 
                 def dispatch_amqp() -> dict[str, Any]:
-                    run_step(["populate", "dbsched", str(n), "due"], cfg)
-                    return run_step(["bench.extras", "dispatch", str(n), cfg.amqp_url], cfg)
+                    run_step(["populate", "dbsched", str(n), "due"], cfg)  # noqa: B023
+                    return run_step(["bench.extras", "dispatch", str(n), cfg.amqp_url], cfg)  # noqa: B023
 
                 attempt(per_n, "dispatch_amqp", dispatch_amqp)
+                if "dbsched_bs" in args.systems:
+
+                    def dispatch_amqp_tasks() -> dict[str, Any]:
+                        run_step(["populate", "dbsched_bs", str(n), "due"], cfg)  # noqa: B023
+                        return run_step(["bench.extras", "dispatch", str(n), cfg.amqp_url, "dbsched_bs"], cfg)  # noqa: B023
+
+                    attempt(per_n, "dispatch_amqp_bs", dispatch_amqp_tasks)
             log(
                 f"brokers N={n}: {json.dumps({k: v.get('raw_rate', v.get('dispatch_rate')) for k, v in per_n.items()})}"
             )

@@ -17,7 +17,7 @@ import types
 import uuid
 from typing import Any
 
-from .common import IDLE_AHEAD, INTERVAL, MAX_INTERVAL, TASK, Config, ensure_database
+from .common import IDLE_AHEAD, INTERVAL, TASK, Config, ensure_database
 
 UTC = dt.timezone.utc
 BATCH = 2000
@@ -27,7 +27,9 @@ def entry_name(i: int) -> str:
     return f"bench.e{i}"
 
 
-def base_app(name: str, broker: str, max_interval: float = MAX_INTERVAL, **conf: Any) -> Any:
+def base_app(name: str, broker: str, max_interval: float | None = None, **conf: Any) -> Any:
+    """A Celery app on BROKER. `max_interval` None leaves `beat_max_loop_interval` unset, so that the scheduler
+    class's own default applies (as in production); a number forces it."""
     from celery import Celery
 
     app = Celery(name, set_as_current=True)
@@ -37,9 +39,10 @@ def base_app(name: str, broker: str, max_interval: float = MAX_INTERVAL, **conf:
         enable_utc=True,
         task_default_queue="bench",
         result_expires=None,  # no celery.backend_cleanup entry in the peers' schedules
-        beat_max_loop_interval=max_interval,
         broker_connection_retry_on_startup=True,
     )
+    if max_interval is not None:
+        app.conf.beat_max_loop_interval = max_interval
     app.conf.update(conf)
     return app
 
@@ -49,9 +52,12 @@ class System:
     label = ""
     store = ""
     modules: tuple[str, ...] = ()
+    # How the system runs in production with its defaults (bench/README.md, and the report's header).
+    configured = ""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.n = 0  # the number of schedules of the measure (the beat_schedule system puts them in its app)
 
     def missing(self) -> str | None:
         """Why this system cannot be measured here (a module not installed), or None."""
@@ -65,7 +71,7 @@ class System:
 
     # in a subprocess
     def reset(self) -> None: ...
-    def populate(self, n: int, due: bool) -> None: ...
+    def populate(self, n: int, due: bool) -> dict[str, Any] | None: ...
     def make_due(self) -> None: ...
     def app(self, broker: str = "memory://", **conf: Any) -> Any: ...
     def build(self, app: Any) -> Any: ...
@@ -93,6 +99,10 @@ class Dbsched(System):
     # start-up, idle-tick and backlog-tick figures time the tick's work with listening off. Pickup, dispatch
     # and wake-up run with the default (listening).
     tick_only = {"dbsched_listen": False}
+    configured = (
+        "defaults: run-jobs interval 5 s (`dbsched_run_jobs_interval`), LISTEN/NOTIFY wake-ups on, claim batch "
+        "and everything else as shipped; jobs are `@job` jobs (the beat publishes the wrapper's run message)"
+    )
 
     @property
     def url(self) -> str:
@@ -162,7 +172,7 @@ class Dbsched(System):
             with engine.begin() as conn:
                 conn.execute(
                     text(
-                        "UPDATE dbsched_job SET next_scheduled_run = now() - interval '1 second' WHERE name LIKE 'bench.e%'"
+                        "UPDATE dbsched_job SET next_scheduled_run = now() - interval '1 second' WHERE name LIKE 'bench.e%'"  # noqa: E501
                     )
                 )
             with engine.connect() as conn:
@@ -171,12 +181,13 @@ class Dbsched(System):
             engine.dispose()
 
     def app(self, broker: str = "memory://", **conf: Any) -> Any:
+        if self.cfg.max_interval is not None:
+            conf.setdefault("dbsched_run_jobs_interval", self.cfg.max_interval)
         return base_app(
             f"bench-dbsched-{uuid.uuid4().hex[:6]}",
             broker,
             dbsched_database_url=self.url,
             dbsched_server_id=f"bench-beat-{os.getpid()}-{uuid.uuid4().hex[:6]}",
-            dbsched_run_jobs_interval=self.cfg.max_interval,
             max_interval=self.cfg.max_interval,
             **conf,
         )
@@ -200,6 +211,73 @@ class Dbsched(System):
             from .common import drop_database
 
             drop_database(self.cfg, "dbsched")
+
+
+class DbschedTasks(Dbsched):
+    """celery_dbsched on the drop-in path: N interval entries of 60 s in `app.conf.beat_schedule`, each a plain
+    task (`bench.noop`, args `[name]`), as a team switching from stock beat has them. The scheduler syncs them
+    into the database itself when it starts (`populate` times that first start on an empty database; the
+    `beat` measure's start-up is then a restart with the schedule unchanged). Every process that builds a beat
+    (the measured beat, each of the two instances) carries the same N entries in its app."""
+
+    key = "dbsched_bs"
+    label = "celery_dbsched (beat_schedule)"
+    configured = (
+        "the same defaults as the `@job` column; the N schedules are `beat_schedule` entries (plain tasks) that "
+        "the scheduler syncs at start"
+    )
+
+    def entries(self, n: int) -> dict[str, Any]:
+        return {entry_name(i): {"task": TASK, "schedule": INTERVAL, "args": [entry_name(i)]} for i in range(n)}
+
+    def app(self, broker: str = "memory://", **conf: Any) -> Any:
+        conf.setdefault("beat_schedule", self.entries(self.n))
+        return super().app(broker, **conf)
+
+    def populate(self, n: int, due: bool) -> dict[str, Any] | None:
+        """The first start on the emptied database (the scheduler syncs the N entries), then every entry is
+        made idle (due in an hour) or due, with one UPDATE like the `@job` column."""
+        import time
+
+        from sqlalchemy import text
+
+        from celery_dbsched.repository import make_engine
+
+        self.n = n
+        app = self.app(**self.tick_only)
+        t0 = time.perf_counter()
+        scheduler = self.build(app)  # setup_schedule: the sync of N new entries
+        first_start = time.perf_counter() - t0
+        scheduler.close()
+        engine = make_engine(self.url)
+        try:
+            with engine.begin() as conn:
+                stored = conn.execute(
+                    text("SELECT count(*) FROM dbsched_job WHERE name LIKE 'bench.e%' AND kind = 'task'")
+                ).scalar_one()
+                if stored != n:
+                    raise RuntimeError(f"the first start synced {stored} of {n} beat_schedule entries")
+                offset = "- interval '1 second'" if due else f"+ interval '{int(IDLE_AHEAD)} seconds'"
+                conn.execute(
+                    text(f"UPDATE dbsched_job SET next_scheduled_run = now() {offset} WHERE name LIKE 'bench.e%'")
+                )
+            with engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE dbsched_job"))
+        finally:
+            engine.dispose()
+        return {"first_start_s": first_start}
+
+    def insert_due(self, app: Any, name: str) -> None:
+        # One more plain-task job, stored as the sync stores an entry (a beat_schedule change otherwise needs a
+        # restart, which the start-up measures): `define_job` of the entry's definition, through the
+        # repository a worker or another beat uses (PostgreSQL: it notifies the sleeping beats).
+        from celery_dbsched.beat_schedule import definition_from_entry
+        from celery_dbsched.repository import repository_for
+
+        if not hasattr(self, "_writer"):
+            self._writer = repository_for(Dbsched.app(self))
+        entry = {"task": TASK, "schedule": INTERVAL, "args": [name]}
+        self._writer.define_job(definition_from_entry(name, entry, "UTC"))
 
 
 # -- django-celery-beat ----------------------------------------------------------------------------------
@@ -303,6 +381,8 @@ class DjangoBeat(System):
     def app(self, broker: str = "memory://", **conf: Any) -> Any:
         self._setup()
         return base_app("bench-django", broker, self.cfg.max_interval, **conf)
+
+    configured = "defaults: `DatabaseScheduler.max_interval` 5 s (its own default), `beat_max_loop_interval` unset"
 
     def build(self, app: Any) -> Any:
         from django_celery_beat.schedulers import DatabaseScheduler
@@ -418,6 +498,8 @@ class SqlaBeat(System):
     def app(self, broker: str = "memory://", **conf: Any) -> Any:
         return base_app("bench-sqla", broker, self.cfg.max_interval, beat_dburi=self.url, **conf)
 
+    configured = "defaults: `DatabaseScheduler.max_interval` 5 s (its own default), `beat_max_loop_interval` unset"
+
     def build(self, app: Any) -> Any:
         from sqlalchemy_celery_beat.schedulers import DatabaseScheduler
 
@@ -474,9 +556,17 @@ class RedBeat(System):
             broker,
             self.cfg.max_interval,
             redbeat_redis_url=self.cfg.redis_url,
+            # RedBeat 2.4.2 deprecates falling back to broker_transport_options and asks for this setting.
+            redbeat_redis_options={},
             redbeat_key_prefix="bench:",
             **conf,
         )
+
+    configured = (
+        "defaults: `beat_max_loop_interval` unset, so Celery's 300 s, and `redbeat_lock_timeout` unset, so "
+        "5 x 300 s = 1,500 s (RedBeat's documented default); `redbeat_redis_url` and `redbeat_redis_options` "
+        "set explicitly, as RedBeat 2.4.2's deprecation of the broker fallbacks asks"
+    )
 
     def _write(self, app: Any, entries: list[Any]) -> None:
         """What `RedBeatSchedulerEntry.save()` writes, for many entries in one pipeline (setup only)."""
@@ -555,4 +645,9 @@ class RedBeat(System):
         self._client().flushdb()
 
 
-SYSTEMS: dict[str, type[System]] = {s.key: s for s in (Dbsched, DjangoBeat, SqlaBeat, RedBeat)}
+SYSTEMS: dict[str, type[System]] = {s.key: s for s in (Dbsched, DbschedTasks, DjangoBeat, SqlaBeat, RedBeat)}
+
+
+def is_dbsched(key: str) -> bool:
+    """celery_dbsched, on either path (`@job` or `beat_schedule`)."""
+    return issubclass(SYSTEMS[key], Dbsched)

@@ -90,6 +90,8 @@ ERROR_TEXT_LIMIT = 10_000
 # SQLite's 32,766 bound parameters per statement.
 SYNC_CHUNK = 500
 SYNC_JSON_CHUNK = 5_000  # rows per statement when they travel as one JSON parameter (PostgreSQL)
+# Runs one pruning transaction deletes at most (JobRepository.prune_runs).
+PRUNE_BATCH = 5_000
 WAKEUP_CHANNEL = "dbsched_wakeup"
 
 # Why a run was interrupted: the prefix of its `error` text.
@@ -1489,14 +1491,33 @@ class JobRepository:
             rows = conn.execute(query).all()
         return [RunRecord.from_row(row) for row in rows]
 
-    def prune_runs(self, retention: dt.timedelta) -> int:
-        """Delete final runs that ended more than `retention` ago."""
+    def prune_runs(self, retention: dt.timedelta, *, batch: int = PRUNE_BATCH, max_rows: int | None = None) -> int:
+        """Delete final runs that ended more than `retention` ago, oldest first, in transactions of at most
+        `batch` rows (a short lock and a bounded WAL burst each, so that claims and vacuum go on meanwhile),
+        until none is left or `max_rows` were deleted; returns how many were deleted. Active runs have no end
+        time and are never touched. Each batch is picked through the `end_time` index (`dbsched_job_run_end`);
+        on PostgreSQL rows another pruning beat holds are skipped, not waited for."""
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
         r = run_table
-        with self._tx() as conn:
-            result = conn.execute(
-                delete(r).where(r.c.status.in_(FINAL_STATES), r.c.end_time < self._now(-retention.total_seconds()))
+        total = 0
+        while max_rows is None or total < max_rows:
+            size = batch if max_rows is None else min(batch, max_rows - total)
+            cutoff = self._now(-retention.total_seconds())
+            oldest = (
+                select(r.c.id)
+                .where(r.c.end_time < cutoff, r.c.status.in_(FINAL_STATES))
+                .order_by(r.c.end_time)
+                .limit(size)
             )
-        return int(result.rowcount or 0)
+            if self._is_postgres:
+                oldest = oldest.with_for_update(skip_locked=True)
+            with self._tx() as conn:
+                deleted = int(conn.execute(delete(r).where(r.c.id.in_(oldest.scalar_subquery()))).rowcount or 0)
+            total += deleted
+            if deleted < size:
+                break
+        return total
 
     def database_now(self) -> dt.datetime:
         with self._tx() as conn:

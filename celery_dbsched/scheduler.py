@@ -28,8 +28,17 @@ from .worker import RUN_ID_HEADER
 
 logger = logging.getLogger(__name__)
 
-PRUNE_EVERY = dt.timedelta(minutes=10)
 REFUSED_RETRY = 60.0  # seconds between tries (each logged at ERROR) while the database refuses a tick's statement
+PRUNE_EVERY = dt.timedelta(minutes=10)  # the longest between two prunes; shorter when the retention is short
+PRUNE_MAX_ROWS = 50_000  # runs one prune deletes at most before the beat dispatches again (in batches)
+
+
+def prune_interval(retention: dt.timedelta) -> float:
+    """Seconds between two prunes: a tenth of the retention (history overshoots it by at most 10%), at most
+    PRUNE_EVERY, at least one second. Pruning only runs in the monitor step, so also at most that often."""
+    return max(1.0, min(PRUNE_EVERY.total_seconds(), retention.total_seconds() / 10))
+
+
 MIN_SLEEP = 0.01  # never return 0 from tick unless a full batch says more is due at once
 # A claim takes at most this many runs (or the run-jobs limit, if lower) while more is due: beats share a
 # backlog batch by batch, and the next batch is claimed while this one is published.
@@ -329,10 +338,11 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         for run in repository.interrupt_runs() + repository.expire_runs() + repository.interrupt_orphaned():
             logger.warning("run %s of job %r interrupted: %s", run.id, run.job_name, run.error)
         if now >= self._next_prune:
-            pruned = repository.prune_runs(self.settings.run_retention)
+            pruned = repository.prune_runs(self.settings.run_retention, max_rows=PRUNE_MAX_ROWS)
             if pruned:
                 logger.info("celery_dbsched: pruned %d finished run(s)", pruned)
-            self._next_prune = now + PRUNE_EVERY.total_seconds()
+            # More left than one prune may take (a backlog): go on at the next monitor step.
+            self._next_prune = now + (0.0 if pruned >= PRUNE_MAX_ROWS else prune_interval(self.settings.run_retention))
         self._next_monitor = now + self.settings.monitor_interval.total_seconds()
 
     def _database_down(self, exc: Exception, interval: float) -> float:

@@ -17,7 +17,7 @@ from conftest import POSTGRES_URL, REDIS_URL, Database
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench import run  # noqa: E402
+from bench import history, run  # noqa: E402
 from bench.common import Config  # noqa: E402
 from bench.systems import SYSTEMS  # noqa: E402
 
@@ -54,6 +54,13 @@ def test_harness_runs_end_to_end(postgres_database: Database, tmp_path: Path) ->
         assert "error" not in ours[step], ours[step].get("trace")
     beat = ours["beat"]
     assert beat["dispatch_sent"] == 100 and not beat["dispatch_capped"]
+    # The beat_schedule column: 100 plain-task entries synced by the scheduler itself, dispatched, two beats.
+    tasks = results["systems"]["dbsched_bs"]["by_n"]["100"]
+    for step in ("populate_idle", "beat", "instances_1", "instances_2"):
+        assert "error" not in tasks[step], tasks[step].get("trace")
+    assert tasks["populate_idle"]["first_start_s"] > 0
+    assert tasks["beat"]["dispatch_sent"] == 100 and not tasks["beat"]["dispatch_capped"]
+    assert tasks["instances_2"]["duplicates"] == 0 and tasks["instances_2"]["distinct"] == 100
     assert beat["idle_tick_sql"], "the idle tick's SQL was captured"
     assert ours["instances_2"]["duplicates"] == 0 and ours["instances_2"]["distinct"] == 100
     for key, reason in missing.items():
@@ -70,4 +77,38 @@ def test_harness_runs_end_to_end(postgres_database: Database, tmp_path: Path) ->
     if extras.get("amqp_missing") is None:
         assert "error" not in extras["worker"], extras["worker"].get("trace")
     report = out.read_text()
-    assert "## Targets (issue 5)" in report and "celery_dbsched" in report
+    assert "## Targets (issue 5)" in report and "## Targets (issue 9)" in report
+    assert "celery_dbsched (beat_schedule)" in report and "How each system is configured" in report
+    if extras.get("amqp_missing") is None:
+        assert "error" not in extras["brokers"]["100"]["dispatch_amqp_bs"]
+
+
+def test_history_runs_for_20_seconds(postgres_database: Database, tmp_path: Path) -> None:
+    """bench/history.py end to end, short: jobs claimed by the real beat, completed by the simulated worker
+    pool, pruned with a 5 s retention; the report, its plot and the raw samples are written."""
+    out = tmp_path / "history.md"
+    status = history.main(
+        [
+            "--minutes", str(20 / 60),
+            "--jobs", "200",
+            "--every", "2",
+            "--retention", "5",
+            "--monitor-interval", "1",
+            "--sample", "2",
+            "--worker-procs", "1",
+            "--worker-threads", "2",
+            "--url", postgres_database.url,
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert status == 0
+    results = json.loads(out.with_suffix(".json").read_text())
+    samples = results["samples"]
+    assert len(samples) >= 8
+    # Not timed (the machine may be busy): every job was claimed at least once, runs were completed and pruned.
+    assert sum(s["claimed"] for s in samples) >= 200
+    assert results["completed_total"] > 0 and results["worker_errors"] == 0
+    assert sum(p["rows"] or 0 for p in results["prunes"]) > 0, "the beat pruned runs older than 5 s"
+    assert isinstance(results["prune_plan"], list) and results["prune_plan"]
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "## Goals" in out.read_text()
