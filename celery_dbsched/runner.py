@@ -11,6 +11,7 @@ import datetime as dt
 import heapq
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -207,6 +208,7 @@ class _Watcher:
         self._due: list[tuple[float, int, ProgressMonitor]] = []
         self._order = itertools.count()
         self._pushes = itertools.count(1)
+        self._wakes_at = -math.inf  # when the thread wakes next (inf: when notified; -inf: awake)
         self._started = False
 
     def add(self, monitor: ProgressMonitor) -> None:
@@ -219,7 +221,7 @@ class _Watcher:
                 self._due = [queued for queued in self._due if not queued[2].stopped]
                 heapq.heapify(self._due)
             heapq.heappush(self._due, entry)
-            if self._due[0] is entry:
+            if entry[0] < self._wakes_at:  # else the thread wakes in time anyway: waking it costs a switch
                 self._cond.notify()
 
     def _run(self) -> None:
@@ -237,6 +239,7 @@ class _Watcher:
         with self._cond:
             while True:
                 if not self._due:
+                    self._wakes_at = math.inf
                     self._cond.wait()
                     continue
                 when, _, monitor = self._due[0]
@@ -245,8 +248,10 @@ class _Watcher:
                     continue
                 delay = when - time.monotonic()
                 if delay <= 0:
+                    self._wakes_at = -math.inf  # busy: an entry added meanwhile is looked at next
                     heapq.heappop(self._due)
                     return monitor
+                self._wakes_at = when
                 self._cond.wait(delay)
 
 
