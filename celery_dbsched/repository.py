@@ -225,7 +225,8 @@ class RunRecord:
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> RunRecord:
-        return cls(**{name: row._mapping[name] for name in cls.__dataclass_fields__})
+        m = row._mapping  # a new mapping object at each access
+        return cls(**{name: m[name] for name in cls.__dataclass_fields__})
 
     @property
     def progress(self) -> JobStatus:
@@ -505,7 +506,8 @@ class JobRepository:
         statement is the whole transaction: no BEGIN or COMMIT round trip) on a kept connection (no ping)."""
         if self._kept is None:
             with self._tx() as conn:
-                return list(conn.execute(statement, params))
+                result = conn.execute(statement, params)
+                return list(result) if result.returns_rows else []
         for attempt in (1, 2):
             reused = False
             try:
