@@ -337,6 +337,12 @@ def _error_text(error: str) -> str:
     return error.replace("\x00", "\\x00")[:ERROR_TEXT_LIMIT]
 
 
+def _status_is(states: Sequence[str]) -> ColumnElement[bool]:
+    """`status IN (...)` for a fixed set of states, without the expanding parameter that `in_` renders
+    (processed again at every execution of a statement built once)."""
+    return or_(*(run_table.c.status == state for state in states))
+
+
 def _database_error(exc: DBAPIError) -> DbschedError:
     """What a driver error means to callers (the one mapping, for `_tx` and `_one`): the schema is not the
     one this code needs, the database cannot be reached (worth waiting for), or a statement was refused."""
@@ -364,12 +370,14 @@ class _KeptConnections:
     and on a connection that just served one, so the pool's pre-ping (a round trip per checkout) is skipped.
     A kept connection that the database dropped while it was idle (a restart, an idle timeout) fails before
     its statement ran: `JobRepository._one` then sends the statement once more on a fresh, pinged connection.
-    At most `keep` connections are kept; the others go back to the pool. Never used across a fork.
+    As many are kept as the pool holds idle (its pool_size: a threads pool's runs each keep one), at least
+    two (a run and the monitor); the others go back to the pool. Never used across a fork.
     """
 
-    def __init__(self, engine: Engine, keep: int = 2) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._keep = keep
+        size = getattr(engine.pool, "size", None)
+        self._keep = max(2, size() if callable(size) else 0)
         self._idle: list[Connection] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -513,9 +521,10 @@ class JobRepository:
             try:
                 conn, reused = self._kept.take()
                 try:
+                    # In autocommit SQLAlchemy's transaction (begun with the connection's first statement)
+                    # is bookkeeping only: left open while the connection is kept, no commit() per statement.
                     result = conn.execute(statement, params)
                     rows = list(result) if result.returns_rows else []
-                    conn.commit()  # ends SQLAlchemy's transaction; nothing is sent in autocommit
                 except BaseException:
                     conn.close()
                     raise
@@ -1207,7 +1216,7 @@ class JobRepository:
         in_window = and_(
             bindparam("w_lower", type_=UTCDateTime()) <= now, now < bindparam("w_upper", type_=UTCDateTime())
         )
-        conditions = [r.c.id == bindparam("run_id"), r.c.status.in_(ACTIVE_STATES if failed else (RUNNING,)), in_window]
+        conditions = [r.c.id == bindparam("run_id"), _status_is(ACTIVE_STATES if failed else (RUNNING,)), in_window]
         if checked:
             conditions.append(exists().where(j.c.name == r.c.job_name, facts_hold))
         values: dict[str, Any] = {
@@ -1394,7 +1403,7 @@ class JobRepository:
             now = self._now()
             return (
                 update(r)
-                .where(r.c.id == bindparam("run_id"), r.c.status.in_((QUEUED, DISPATCHED)), r.c.kind == KIND_TASK)
+                .where(r.c.id == bindparam("run_id"), _status_is((QUEUED, DISPATCHED)), r.c.kind == KIND_TASK)
                 .values(
                     status=RUNNING,
                     worker=bindparam("run_worker"),
