@@ -11,7 +11,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +19,15 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Connection,
     Engine,
     Float,
+    Integer,
+    Interval,
     Row,
     String,
+    Text,
     and_,
     bindparam,
     any_,
@@ -39,6 +43,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -46,11 +51,13 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql import Select
+from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ColumnElement
 
 from .errors import (
     DatabaseError,
     DatabaseUnavailable,
+    DbschedError,
     InvalidRunState,
     JobNotFound,
     RunNotFound,
@@ -172,11 +179,17 @@ class JobRecord:
 
     def next_slot(self, now: dt.datetime, anchor: dt.datetime | None) -> dt.datetime | None:
         """The job's next slot after `now` on its cadence (None when it has no schedule)."""
-        if self.schedule is not None:
-            return self.schedule.next_after(now, anchor)
-        if self.default_next_run_in is not None and self.default_next_run_in > dt.timedelta(0):
-            return IntervalSchedule(self.default_next_run_in.total_seconds()).next_after(now, anchor)
-        return None
+        cadence = _cadence(self.schedule, self.default_next_run_in)
+        return None if cadence is None else cadence.next_after(now, anchor)
+
+
+def _cadence(schedule: Schedule | None, default_next_run_in: dt.timedelta | None) -> Schedule | None:
+    """The slots a job keeps to: its schedule, else its `every` as an interval; None when it has neither."""
+    if schedule is not None:
+        return schedule
+    if default_next_run_in is not None and default_next_run_in > dt.timedelta(0):
+        return IntervalSchedule(default_next_run_in.total_seconds())
+    return None
 
 
 def _definition_values(definition: JobDefinition) -> dict[str, Any]:
@@ -304,7 +317,8 @@ class RunRecord:
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> RunRecord:
-        return cls(**{name: row._mapping[name] for name in cls.__dataclass_fields__})
+        m = row._mapping  # a new mapping object at each access
+        return cls(**{name: m[name] for name in cls.__dataclass_fields__})
 
     @property
     def progress(self) -> JobStatus:
@@ -418,6 +432,130 @@ def _schema_error(exc: DBAPIError) -> SchemaMismatch | None:
     return None
 
 
+def _error_text(error: str) -> str:
+    """A run's error as stored: PostgreSQL text cannot hold NUL, and an exception message may (the run must
+    still end), and a huge one is cut."""
+    return error.replace("\x00", "\\x00")[:ERROR_TEXT_LIMIT]
+
+
+def _status_is(states: Sequence[str]) -> ColumnElement[bool]:
+    """`status IN (...)` for a fixed set of states, without the expanding parameter that `in_` renders
+    (processed again at every execution of a statement built once)."""
+    return or_(*(run_table.c.status == state for state in states))
+
+
+def _database_error(exc: DBAPIError) -> DbschedError:
+    """What a driver error means to callers (the one mapping, for `_tx` and `_one`): the schema is not the
+    one this code needs, the database cannot be reached (worth waiting for), or a statement was refused."""
+    mismatch = _schema_error(exc)
+    if mismatch is not None:
+        return mismatch
+    if exc.connection_invalidated or is_outage(exc.orig if exc.orig is not None else exc):
+        return DatabaseUnavailable(f"database unavailable: {exc.orig}")
+    return DatabaseError(
+        f"database error (not an outage: retrying the same statement will fail the same way): {exc.orig}"
+    )
+
+
+# A finishing statement that finds its job's cadence changed under it (a re-registration committed while it
+# ran) stops itself with this text, so that nothing it wrote is kept, and the finish is done again the long way.
+_RECHECK = "celery_dbsched: job changed while finishing"
+
+
+class _Recheck(Exception):
+    """The one-statement finish did nothing because a fact it was computed from no longer holds."""
+
+
+class _KeptConnections:
+    """PostgreSQL connections for the worker-side statements, kept checked out between uses.
+
+    Each statement runs in its own implicit transaction (autocommit: the driver sends no BEGIN and no COMMIT)
+    and on a connection that just served one, so the pool's pre-ping (a round trip per checkout) is skipped.
+    A kept connection that the database dropped while it was idle (a restart, an idle timeout) fails before
+    its statement ran: `JobRepository._one` then sends the statement once more on a fresh, pinged connection.
+    As many are kept as the pool holds idle (its pool_size: a threads pool's runs each keep one), at least
+    two (a run and the monitor); the others go back to the pool. Never used across a fork.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        size = getattr(engine.pool, "size", None)
+        self._keep = max(2, size() if callable(size) else 0)
+        self._idle: list[Connection] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def take(self) -> tuple[Connection, bool]:
+        """A connection, and whether it is a kept one (not pinged)."""
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child: the parent's connections are not ours to use
+                self._idle, self._pid = [], os.getpid()
+            if self._idle:
+                return self._idle.pop(), True
+        return self._engine.connect(), False
+
+    def give_back(self, conn: Connection) -> None:
+        with self._lock:
+            if self._pid == os.getpid() and len(self._idle) < self._keep and not conn.invalidated:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+            mine = self._pid == os.getpid()
+        if mine:
+            for conn in idle:
+                conn.close()
+
+
+@dataclass(frozen=True)
+class _Started:
+    """A run this repository started, with what its finish needs: the job's cadence as the start statement
+    read it, and the start on both clocks (to tell the database's time at the finish within a second)."""
+
+    run: RunRecord
+    schedule: str | None
+    default_next_run_in: float | None
+    kind: str
+    max_active: int
+    retry_backoff_base: float | None
+    retry_backoff_cap: float | None
+    failure_count: int
+    monotonic: float
+    clock_shift: dt.timedelta
+    frozen: bool
+
+    @property
+    def advances_at_claim(self) -> bool:
+        return self.kind == KIND_TASK or self.max_active > 1
+
+
+# The facts of a job that a one-statement finish is computed from (returned by the start statement).
+_FINISH_FACTS = ("schedule", "default_next_run_in", "kind", "max_active", "retry_backoff_base", "retry_backoff_cap")
+_STARTED_KEPT = 10_000  # runs started and not finished yet by this repository, remembered for their finish
+# The one-statement finish picks the job's next slot among a few computed here around the expected time of
+# the finish; the statement checks that the database's time is within them, else the finish goes the long way.
+_SLOT_WINDOW = dt.timedelta(seconds=1)
+_MAX_SLOTS = 32
+_NEVER_BEFORE = dt.datetime(1, 1, 2, tzinfo=dt.timezone.utc)
+_NEVER_AFTER = dt.datetime(9999, 12, 30, tzinfo=dt.timezone.utc)
+
+
+def _slots_near(
+    cadence: Schedule, anchor: dt.datetime, expected: dt.datetime
+) -> tuple[list[dt.datetime], dt.datetime, dt.datetime]:
+    """Consecutive slots of `cadence` (counted from `anchor`) from the first one after `expected` - window
+    until one past `expected` + window (at most `_MAX_SLOTS`), and the range [lower, upper) of times `now`
+    for which the first of them after `now` is `cadence.next_after(now, anchor)`."""
+    lower = expected - _SLOT_WINDOW
+    slots = [cadence.next_after(lower, anchor)]
+    while slots[-1] <= expected + _SLOT_WINDOW and len(slots) < _MAX_SLOTS:
+        slots.append(cadence.next_after(slots[-1], anchor))
+    return slots, lower, slots[-1]
+
+
 class JobRepository:
     """The job store. `url_or_engine` is a SQLAlchemy URL string or an `Engine` it does not own."""
 
@@ -445,6 +583,11 @@ class JobRepository:
         # (NOTIFY); beats sleep at most their run-jobs interval anyway, so later ones need no wake-up.
         self.wake_within: float | None = None
         self._is_postgres = self.engine.dialect.name == "postgresql"
+        # The worker side (start, progress, finish, tracking): one statement each, built once.
+        self._kept = _KeptConnections(self.engine) if self._is_postgres else None
+        self._statements: dict[tuple[Any, ...], Executable] = {}
+        self._started: dict[int, _Started] = {}
+        self._started_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<JobRepository {self.engine.url.render_as_string(hide_password=True)}>"
@@ -454,6 +597,8 @@ class JobRepository:
         return self.engine.dialect.name
 
     def close(self) -> None:
+        if self._kept is not None:
+            self._kept.close()
         if self._owns_engine:
             self.engine.dispose()
 
@@ -468,14 +613,44 @@ class JobRepository:
             with self.engine.begin() as conn:
                 yield conn
         except DBAPIError as exc:
-            mismatch = _schema_error(exc)
-            if mismatch is not None:
-                raise mismatch from exc
-            if exc.connection_invalidated or is_outage(exc.orig if exc.orig is not None else exc):
-                raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc
-            raise DatabaseError(
-                f"database error (not an outage: retrying the same statement will fail the same way): {exc.orig}"
-            ) from exc
+            raise _database_error(exc) from exc
+
+    def _one(self, statement: Executable, params: Mapping[str, Any] | None = None) -> list[Row[Any]]:
+        """Run one statement in a transaction of its own and return its rows. On PostgreSQL: autocommit (the
+        statement is the whole transaction: no BEGIN or COMMIT round trip) on a kept connection (no ping)."""
+        if self._kept is None:
+            with self._tx() as conn:
+                result = conn.execute(statement, params)
+                return list(result) if result.returns_rows else []
+        for attempt in (1, 2):
+            reused = False
+            try:
+                conn, reused = self._kept.take()
+                try:
+                    # In autocommit SQLAlchemy's transaction (begun with the connection's first statement)
+                    # is bookkeeping only: left open while the connection is kept, no commit() per statement.
+                    result = conn.execute(statement, params)
+                    rows = list(result) if result.returns_rows else []
+                except BaseException:
+                    conn.close()
+                    raise
+            except DBAPIError as exc:
+                if attempt == 1 and reused and exc.connection_invalidated:
+                    continue  # dropped while kept: the statement did not run; once more on a pinged connection
+                if _RECHECK in str(exc.orig):
+                    raise _Recheck() from exc
+                raise _database_error(exc) from exc
+            self._kept.give_back(conn)
+            return rows
+        raise AssertionError("unreachable")
+
+    def _prepared(self, name: str, build: Callable[[], Any]) -> Any:
+        """The statement `name`, built once (per test clock: `_now` embeds the test hooks)."""
+        key = (name, self.clock_shift, self.frozen_now)
+        statement = self._statements.get(key)
+        if statement is None:
+            statement = self._statements[key] = build()
+        return statement
 
     def _now(self, offset: float | ColumnElement[Any] | None = None) -> ColumnElement[dt.datetime]:
         """The database's clock (plus `offset` seconds): every persisted time is computed from it."""
@@ -1013,7 +1188,72 @@ class JobRepository:
 
     def start_run(self, run_id: int, worker: str, task_id: str | None = None) -> RunRecord:
         """`queued -> running`, or InvalidRunState: the one gate that makes a run start at most once. A run
-        whose job `expires` and whose slot + expires has passed ends `interrupted` (expired) instead."""
+        whose job `expires` and whose slot + expires has passed ends `interrupted` (expired) instead.
+
+        On PostgreSQL the gate is one statement that also returns the job's cadence, for the finish."""
+        if self._is_postgres:
+            rows = self._one(
+                self._prepared("start", self._start_statement),
+                {"run_id": run_id, "run_worker": worker, "run_task_id": task_id},
+            )
+            if rows:
+                return self._remember_start(rows[0])
+            # Not started: not queued, unknown, or expired. The long way says which (and ends an expired run).
+        return self._start_run_in_tx(run_id, worker, task_id)
+
+    def _start_statement(self) -> Executable:
+        r, j = run_table, job_table
+        now = self._now()
+        return (
+            update(r)
+            .where(
+                r.c.id == bindparam("run_id"),
+                r.c.status == QUEUED,
+                j.c.name == r.c.job_name,
+                # As in `_start_run_in_tx`: expires counts from the claim.
+                or_(j.c.expires.is_(None), r.c.create_time >= self._now(-j.c.expires)),
+            )
+            .values(
+                status=RUNNING,
+                worker=bindparam("run_worker"),
+                task_id=bindparam("run_task_id"),
+                start_time=now,
+                update_time=now,
+            )
+            .returning(
+                *r.c,
+                *(j.c[name].label(f"job_{name}") for name in _FINISH_FACTS),
+                j.c.failure_count.label("job_failure_count"),
+            )
+        )
+
+    def _remember_start(self, row: Row[Any]) -> RunRecord:
+        run = RunRecord.from_row(row)
+        m = row._mapping
+        started = _Started(
+            run=run,
+            schedule=m["job_schedule"],
+            default_next_run_in=m["job_default_next_run_in"],
+            kind=m["job_kind"],
+            max_active=m["job_max_active"],
+            retry_backoff_base=m["job_retry_backoff_base"],
+            retry_backoff_cap=m["job_retry_backoff_cap"],
+            failure_count=m["job_failure_count"],
+            monotonic=time.monotonic(),
+            clock_shift=self.clock_shift,
+            frozen=self.frozen_now is not None,
+        )
+        with self._started_lock:
+            if len(self._started) >= _STARTED_KEPT:
+                self._started.pop(next(iter(self._started)))
+            self._started[run.id] = started
+        return run
+
+    def _forget_start(self, run_id: int) -> None:
+        with self._started_lock:
+            self._started.pop(run_id, None)
+
+    def _start_run_in_tx(self, run_id: int, worker: str, task_id: str | None) -> RunRecord:
         r, j = run_table, job_table
         now = self._now()
         expires = select(j.c.expires).where(j.c.name == r.c.job_name).scalar_subquery()
@@ -1051,6 +1291,40 @@ class JobRepository:
     def update_progress(self, run_id: int, completed: int, total: int) -> RunRecord:
         """Store a running run's progress; `update_time` moves only when the values change (DESIGN 5)."""
         JobStatus(completed, total)
+        if self._is_postgres:
+            rows = self._one(
+                self._prepared("progress", self._progress_statement),
+                {"run_id": run_id, "p_completed": completed, "p_total": total},
+            )
+            if not rows:
+                raise RunNotFound(run_id)
+            row = rows[0]
+            if row._mapping["_written"]:
+                return RunRecord.from_row(row)
+            if row.status != RUNNING:
+                raise InvalidRunState(run_id, row.status, RUNNING)
+            if (row.completed, row.total) == (completed, total):
+                return RunRecord.from_row(row)
+            # The write missed a running run with other values: it changed meanwhile. Look again.
+        return self._update_progress_in_tx(run_id, completed, total)
+
+    def _progress_statement(self) -> Executable:
+        """The write, or (when it matched nothing) the run as it was: why it did not apply, in one statement."""
+        r = run_table
+        changed = or_(r.c.completed != bindparam("p_completed"), r.c.total != bindparam("p_total"))
+        written = (
+            update(r)
+            .where(r.c.id == bindparam("run_id"), r.c.status == RUNNING, changed)
+            .values(completed=bindparam("p_completed"), total=bindparam("p_total"), update_time=self._now())
+            .returning(*r.c, true().label("_written"))
+            .cte("written")
+        )
+        as_it_was = select(*r.c, literal(False).label("_written")).where(
+            r.c.id == bindparam("run_id"), ~exists(select(written.c.id))
+        )
+        return select(written).union_all(as_it_was)
+
+    def _update_progress_in_tx(self, run_id: int, completed: int, total: int) -> RunRecord:
         r = run_table
         with self._tx() as conn:
             row = conn.execute(
@@ -1072,11 +1346,13 @@ class JobRepository:
         return RunRecord.from_row(row)
 
     def run_status(self, run_id: int) -> str:
-        with self._tx() as conn:
-            status = conn.execute(select(run_table.c.status).where(run_table.c.id == run_id)).scalar()
-        if status is None:
+        statement = self._prepared(
+            "status", lambda: select(run_table.c.status).where(run_table.c.id == bindparam("run_id"))
+        )
+        rows = self._one(statement, {"run_id": run_id})
+        if not rows:
             raise RunNotFound(run_id)
-        return str(status)
+        return str(rows[0][0])
 
     def _end_run(
         self,
@@ -1091,8 +1367,7 @@ class JobRepository:
         r = run_table
         values: dict[str, Any] = {"status": status, "end_time": self._now()}
         if error is not None:
-            # PostgreSQL text cannot hold NUL, and an exception message may: the run must still end.
-            values["error"] = error.replace("\x00", "\\x00")[:ERROR_TEXT_LIMIT]
+            values["error"] = _error_text(error)
         if progress is not None:
             values["completed"] = progress.completed
             values["total"] = progress.total
@@ -1141,9 +1416,20 @@ class JobRepository:
     ) -> RunRecord:
         """`running -> completed`. The job is next due at now + `next_run_in` when the job gave a delay
         (relative to completion, as in Boundary); with None, at its next slot after now on its fixed cadence
-        (counted from the slot this run was for). A pull-in made meanwhile wins if earlier."""
+        (counted from the slot this run was for). A pull-in made meanwhile wins if earlier.
+
+        On PostgreSQL, for a run this repository started, one statement ends the run and schedules the job
+        (`_finish_in_one_statement`); otherwise, or when that does not apply, `_complete_in_tx`."""
         if next_run_in is not None and next_run_in < dt.timedelta(0):
             raise ValueError(f"next_run_in must not be negative, got {next_run_in}")
+        if self._is_postgres:
+            run = self._finish_in_one_statement(run_id, None, next_run_in, progress)
+            if run is not None:
+                return run
+        self._forget_start(run_id)
+        return self._complete_in_tx(run_id, next_run_in, progress)
+
+    def _complete_in_tx(self, run_id: int, next_run_in: dt.timedelta | None, progress: JobStatus | None) -> RunRecord:
         with self._tx() as conn:
             run = self._end_run(conn, run_id, COMPLETED, (RUNNING,), progress=progress)
             job = self._job(conn, run.job_name)
@@ -1180,14 +1466,152 @@ class JobRepository:
         return when
 
     def fail_run(self, run_id: int, error: str, *, progress: JobStatus | None = None) -> RunRecord:
-        """`queued|running -> failed` with the error text; the job is retried after the backoff (DESIGN 7)."""
+        """`queued|running -> failed` with the error text; the job is retried after the backoff (DESIGN 7).
+        One statement on PostgreSQL for a run this repository started, as `complete_run`."""
+        if self._is_postgres:
+            run = self._finish_in_one_statement(run_id, error or "failed", None, progress)
+            if run is not None:
+                return run
+        self._forget_start(run_id)
         with self._tx() as conn:
             run = self._end_run(conn, run_id, FAILED, ACTIVE_STATES, error=error or "failed", progress=progress)
             self._retry(conn, run)
         return run
 
+    def _finish_in_one_statement(
+        self, run_id: int, error: str | None, next_run_in: dt.timedelta | None, progress: JobStatus | None
+    ) -> RunRecord | None:
+        """PostgreSQL: end the run (completed, or failed with `error`) and schedule its job's next run in one
+        statement, with the semantics of `_complete_in_tx` / `fail_run`'s `_retry` exactly. The next slot is
+        computed here from the job's cadence as the start returned it (`_Started`), as a few candidate slots
+        around the expected time of the finish; the statement applies only if the database's time falls
+        among them and the job's cadence is still the one they were computed from. None when it did not
+        apply (the run is not ours to end, the facts changed, or no start is remembered): nothing was written,
+        and the caller goes the long way, which also says why."""
+        failed = error is not None
+        started = self._started.get(run_id)
+        params: dict[str, Any] = {
+            "run_id": run_id,
+            "p_completed": None if progress is None else progress.completed,
+            "p_total": None if progress is None else progress.total,
+            "w_lower": _NEVER_BEFORE,
+            "w_upper": _NEVER_AFTER,
+            "w_slots": [],
+            "w_delay": None,
+            "w_use_next": False,
+            "w_wake": None if self.wake_within is None else dt.timedelta(seconds=self.wake_within),
+        }
+        if failed:
+            params["run_error"] = _error_text(error or "failed")
+        if not failed and next_run_in is not None:
+            checked = False  # now + the job's own delay: nothing about the job is needed
+            params["w_delay"] = next_run_in
+        else:
+            if started is None or started.run.scheduled_for is None:
+                return None
+            expected = self._expected_now(started)
+            if expected is None:
+                return None
+            checked = True
+            params.update({f"f_{name}": getattr(started, name) for name in _FINISH_FACTS})
+            params["f_failure_count"] = started.failure_count
+            cadence = _cadence(
+                schedule_from_spec(started.schedule) if started.schedule else None, _delta(started.default_next_run_in)
+            )
+            advances = started.advances_at_claim
+            if cadence is not None and (failed or not advances):
+                slots, lower, upper = _slots_near(cadence, started.run.scheduled_for, expected)
+                params.update(w_slots=slots, w_lower=lower, w_upper=upper)
+            params["w_use_next"] = advances
+            if failed:
+                base, cap = started.retry_backoff_base, started.retry_backoff_cap
+                backoff = self.retry_backoff if base is None or cap is None else (_delta(base), _delta(cap))
+                params["w_delay"] = backoff_delay(started.failure_count + 1, backoff, None)  # type: ignore[arg-type]
+            elif not advances and cadence is None:
+                params["w_delay"] = self.retry_backoff[1]
+        statement = self._prepared(f"finish-{failed}-{checked}", lambda: self._finish_statement(failed, checked))
+        try:
+            rows = self._one(statement, params)
+        except _Recheck:
+            return None
+        if not rows:
+            return None
+        self._forget_start(run_id)
+        return RunRecord.from_row(rows[0])
+
+    def _expected_now(self, started: _Started) -> dt.datetime | None:
+        """The database's time now, as told by the start's time on both clocks (exact when a test froze it)."""
+        if self.frozen_now is not None:
+            return self.frozen_now + self.clock_shift
+        if started.frozen or started.run.start_time is None:
+            return None
+        elapsed = dt.timedelta(seconds=time.monotonic() - started.monotonic)
+        return started.run.start_time + elapsed + (self.clock_shift - started.clock_shift)
+
+    def _finish_statement(self, failed: bool, checked: bool) -> Executable:
+        """See `_finish_in_one_statement`. Ends the run (CTE `ended`), then schedules its job (CTE `scheduled`,
+        the same row order as `_complete_in_tx`: run, then job), wakes the beats when the job is due within
+        their interval (NOTIFY, sent at commit), and returns the ended run."""
+        r, j = run_table, job_table
+        now = self._now()
+        job_facts = [j.c[name].is_not_distinct_from(bindparam(f"f_{name}")) for name in _FINISH_FACTS]
+        if failed:
+            job_facts.append(j.c.failure_count == bindparam("f_failure_count"))
+        facts_hold = and_(*job_facts)
+        in_window = and_(
+            bindparam("w_lower", type_=UTCDateTime()) <= now, now < bindparam("w_upper", type_=UTCDateTime())
+        )
+        conditions = [r.c.id == bindparam("run_id"), _status_is(ACTIVE_STATES if failed else (RUNNING,)), in_window]
+        if checked:
+            conditions.append(exists().where(j.c.name == r.c.job_name, facts_hold))
+        values: dict[str, Any] = {
+            "status": FAILED if failed else COMPLETED,
+            "end_time": now,
+            "completed": func.coalesce(bindparam("p_completed", type_=Integer), r.c.completed),
+            "total": func.coalesce(bindparam("p_total", type_=Integer), r.c.total),
+        }
+        if failed:
+            values["error"] = bindparam("run_error", type_=Text)
+        ended = update(r).where(*conditions).values(**values).returning(*r.c).cte("ended")
+
+        slots = func.unnest(cast(bindparam("w_slots"), postgresql.ARRAY(UTCDateTime()))).column_valued("slot")
+        next_slot = select(func.min(slots)).where(slots > now).scalar_subquery()
+        after_delay = now + cast(bindparam("w_delay"), Interval())
+        use_next = cast(bindparam("w_use_next"), Boolean())
+        if failed:
+            # now + min(backoff, next slot - now), and never later than a slot the claim moved the job to.
+            when: Any = least(after_delay, next_slot, case((use_next, j.c.next_scheduled_run)))
+        else:
+            when = case((use_next, j.c.next_scheduled_run), else_=least(after_delay, next_slot))
+        when = least(when, ended.c.requested_next_run)  # least() skips NULLs: a pull-in made meanwhile wins
+        job_values: dict[str, Any] = {
+            "next_scheduled_run": when,
+            "failure_count": j.c.failure_count + 1 if failed else 0,
+            "retry_slot": func.coalesce(j.c.retry_slot, ended.c.scheduled_for) if failed else None,
+        }
+        scheduled = update(j).where(j.c.name == ended.c.job_name)
+        if checked:
+            scheduled = scheduled.where(facts_hold)  # as the row is when locked (it may have changed since)
+        scheduled_cte = scheduled.values(**job_values).returning(j.c.name, j.c.next_scheduled_run).cte("scheduled")
+        # A job that changed under the statement (so not scheduled by it) stops the statement with _RECHECK:
+        # the run's end is undone with it. Cast from a column's value, so the planner cannot fold it early.
+        recheck = case(
+            (scheduled_cte.c.name.is_(None), cast(func.coalesce(scheduled_cte.c.name, _RECHECK), Integer)),
+            else_=literal(0),
+        )
+        wake = case(
+            (
+                scheduled_cte.c.next_scheduled_run < now + cast(bindparam("w_wake"), Interval()),
+                func.pg_notify(WAKEUP_CHANNEL, scheduled_cte.c.name),
+            )
+        )
+        return select(ended, recheck.label("_recheck"), wake.label("_wake")).select_from(
+            ended.outerjoin(scheduled_cte, true())
+        )
+
     def interrupt_run(self, run_id: int, reason: str = CANCELLED, detail: str = "") -> RunRecord:
         """End one active run `interrupted`; the worker running it sees that and cancels the job."""
+        self._forget_start(run_id)
         with self._tx() as conn:
             run = self._end_run(
                 conn, run_id, INTERRUPTED, ACTIVE_STATES, error=f"{reason}: {detail}" if detail else reason
@@ -1365,46 +1789,87 @@ class JobRepository:
         `queued -> running` when the message beat the beat's own `dispatched` mark to the worker).
         It takes no slot (slot = -id), so it never blocks the entry's next slot, as under stock beat."""
         r = run_table
-        now = self._now()
-        with self._tx() as conn:
-            row = conn.execute(
+
+        def build() -> Executable:
+            now = self._now()
+            return (
                 update(r)
-                .where(r.c.id == run_id, r.c.status.in_((QUEUED, DISPATCHED)), r.c.kind == KIND_TASK)
+                .where(r.c.id == bindparam("run_id"), _status_is((QUEUED, DISPATCHED)), r.c.kind == KIND_TASK)
                 .values(
                     status=RUNNING,
-                    worker=worker,
-                    task_id=task_id,
+                    worker=bindparam("run_worker"),
+                    task_id=bindparam("run_task_id"),
                     start_time=now,
                     update_time=now,
                     end_time=None,
                     slot=-r.c.id,
                 )
                 .returning(*r.c)
-            ).first()
-            if row is None:
-                self._run_or_raise(conn, run_id, DISPATCHED)
-        assert row is not None
-        return RunRecord.from_row(row)
+            )
+
+        rows = self._one(
+            self._prepared("track-start", build), {"run_id": run_id, "run_worker": worker, "run_task_id": task_id}
+        )
+        if not rows:
+            self._raise_why_not(run_id, DISPATCHED)
+        return RunRecord.from_row(rows[0])
 
     def track_end(self, run_id: int, error: str | None = None) -> RunRecord:
         """The tracked plain task ended: `running -> completed`, or `failed` with its error."""
+        r = run_table
+
+        def build(status: str) -> Callable[[], Executable]:
+            def statement() -> Executable:
+                values: dict[str, Any] = {"status": status, "end_time": self._now()}
+                if status == FAILED:
+                    values["error"] = bindparam("run_error", type_=Text)
+                return (
+                    update(r)
+                    .where(r.c.id == bindparam("run_id"), r.c.status == RUNNING)
+                    .values(**values)
+                    .returning(*r.c)
+                )
+
+            return statement
+
+        if error is None:
+            rows = self._one(self._prepared("track-completed", build(COMPLETED)), {"run_id": run_id})
+        else:
+            rows = self._one(
+                self._prepared("track-failed", build(FAILED)), {"run_id": run_id, "run_error": _error_text(error)}
+            )
+        if not rows:
+            self._raise_why_not(run_id, RUNNING)
+        return RunRecord.from_row(rows[0])
+
+    def _raise_why_not(self, run_id: int, wanted: str) -> None:
+        """After a one-statement transition matched nothing (and so changed nothing): say why."""
         with self._tx() as conn:
-            if error is None:
-                return self._end_run(conn, run_id, COMPLETED, (RUNNING,))
-            return self._end_run(conn, run_id, FAILED, (RUNNING,), error=error)
+            self._run_or_raise(conn, run_id, wanted)
 
     def heartbeat(self, server_id: str, kind: str, hostname: str, pid: int) -> None:
         """Record that a worker (or beat) is alive now."""
         s = server_table
-        now = self._now()
-        stmt = self._insert(s).values(
-            id=server_id, kind=kind, hostname=hostname, pid=pid, start_time=now, last_seen=now
+
+        def build() -> Executable:
+            now = self._now()
+            stmt = self._insert(s).values(
+                id=bindparam("s_id"),
+                kind=bindparam("s_kind"),
+                hostname=bindparam("s_hostname"),
+                pid=bindparam("s_pid"),
+                start_time=now,
+                last_seen=now,
+            )
+            upsert: Executable = stmt.on_conflict_do_update(
+                index_elements=[s.c.id], set_={"last_seen": stmt.excluded.last_seen, "pid": stmt.excluded.pid}
+            )
+            return upsert
+
+        self._one(
+            self._prepared("heartbeat", build),
+            {"s_id": server_id, "s_kind": kind, "s_hostname": hostname, "s_pid": pid},
         )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[s.c.id], set_={"last_seen": stmt.excluded.last_seen, "pid": stmt.excluded.pid}
-        )
-        with self._tx() as conn:
-            conn.execute(stmt)
 
     def interrupt_orphaned(self, threshold: dt.timedelta | None = None) -> list[RunRecord]:
         """Tracked plain tasks whose worker has not been seen for the threshold end `interrupted`."""

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import heapq
+import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -129,28 +132,38 @@ def _retrying(what: str, action: Callable[[], T], timeout: float = 60.0) -> T:
         return result
 
 
-class ProgressMonitor(threading.Thread):
+class ProgressMonitor:
     """Every monitor interval: write the job's progress if it changed, and cancel the job's context once
-    its run is no longer `running` (interrupted by a beat's monitor, cancelled, or shut down)."""
+    its run is no longer `running` (interrupted by a beat's monitor, cancelled, or shut down).
+
+    `start()` hands it to the process's one monitor thread (`_Watcher`), `stop()` takes it back (waiting out
+    a check in progress, so that none runs after the run's finish): a thread of its own per run cost more than
+    an empty job."""
 
     def __init__(self, repository: JobRepository, job: Job, ctx: JobContext, interval: float) -> None:
-        super().__init__(name=f"dbsched-monitor-{ctx.run_id}", daemon=True)
         self.repository = repository
         self.job = job
         self.ctx = ctx
         self.interval = interval
         self.written = JobStatus(0, 0)
-        self._stopped = threading.Event()
+        self.stopped = False
+        self._checking = threading.Lock()
         self._db_error_logged = False
 
-    def run(self) -> None:
-        while not self._stopped.wait(self.interval):
-            self.check()
+    def start(self) -> None:
+        _watcher.add(self)
 
     def stop(self) -> None:
-        self._stopped.set()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout=30)
+        # Held by a check in progress: wait for it (as joining a monitor thread did), up to 30 s.
+        acquired = self._checking.acquire(timeout=30)
+        self.stopped = True
+        if acquired:
+            self._checking.release()
+
+    def check_unless_stopped(self) -> None:
+        with self._checking:
+            if not self.stopped:
+                self.check()
 
     def check(self) -> None:
         status = status_of(self.job, self.ctx)
@@ -179,6 +192,70 @@ class ProgressMonitor(threading.Thread):
             reason = "run is no longer running"
         logger.warning("run %s of job %r: %s; cancelling the job", self.ctx.run_id, self.ctx.job_name, reason)
         self.ctx.cancel(reason)
+
+
+class _Watcher:
+    """The process's monitor thread: runs each started ProgressMonitor's check every its interval (counted
+    from the end of its previous check), until the monitor is stopped. Started with the first run in each
+    process (a forked pool child starts its own)."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int, ProgressMonitor]] = []
+        self._order = itertools.count()
+        self._pushes = itertools.count(1)
+        self._wakes_at = -math.inf  # when the thread wakes next (inf: when notified; -inf: awake)
+        self._started = False
+
+    def add(self, monitor: ProgressMonitor) -> None:
+        with self._cond:
+            if not self._started:
+                threading.Thread(target=self._run, name="dbsched-monitor", daemon=True).start()
+                self._started = True
+            entry = (time.monotonic() + monitor.interval, next(self._order), monitor)
+            if next(self._pushes) % 1024 == 0:  # stopped monitors wait in the heap until due: drop them now and then
+                self._due = [queued for queued in self._due if not queued[2].stopped]
+                heapq.heapify(self._due)
+            heapq.heappush(self._due, entry)
+            if entry[0] < self._wakes_at:  # else the thread wakes in time anyway: waking it costs a switch
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            monitor = self._next_due()
+            try:
+                monitor.check_unless_stopped()
+            except Exception:
+                logger.exception("run %s: progress check failed", monitor.ctx.run_id)
+            with self._cond:
+                if not monitor.stopped:
+                    heapq.heappush(self._due, (time.monotonic() + monitor.interval, next(self._order), monitor))
+
+    def _next_due(self) -> ProgressMonitor:
+        with self._cond:
+            while True:
+                if not self._due:
+                    self._wakes_at = math.inf
+                    self._cond.wait()
+                    continue
+                when, _, monitor = self._due[0]
+                if monitor.stopped:
+                    heapq.heappop(self._due)
+                    continue
+                delay = when - time.monotonic()
+                if delay <= 0:
+                    self._wakes_at = -math.inf  # busy: an entry added meanwhile is looked at next
+                    heapq.heappop(self._due)
+                    return monitor
+                self._wakes_at = when
+                self._cond.wait(delay)
+
+
+_watcher = _Watcher()
 
 
 def next_delay(job: Job, ctx: JobContext) -> dt.timedelta | None:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import weakref
 from typing import Any
 
 from celery import bootsteps, signals
@@ -181,9 +182,17 @@ def _on_child_cancel(signum: int, frame: Any) -> None:
 def _on_pool_process_init(**kwargs: Any) -> None:
     shutdown_waker.start()
     signal.signal(_CHILD_CANCEL_SIGNAL, _on_child_cancel)
+    # Prefork children are forked before the bootstep starts: make this child's repository now (imports the
+    # driver and builds the engine; no connection yet), not in its first run.
+    for app in list(_apps):
+        try:
+            repository_for(app, _settings(app))
+        except Exception as exc:  # its first run reports it
+            logger.debug("celery_dbsched: repository not prepared in the pool process: %s", exc)
 
 
 _signals_connected = False
+_apps: weakref.WeakSet[Any] = weakref.WeakSet()  # the apps install_worker put the wrapper task on
 
 
 def install_worker(app: Any) -> None:
@@ -199,6 +208,7 @@ def install_worker(app: Any) -> None:
         Request=JsonOnlyRequest,
     )(_run_job)
     app.steps["worker"].add(DbschedWorkerStep)
+    _apps.add(app)
     if not _signals_connected:
         signals.worker_shutting_down.connect(_on_shutting_down, weak=False)
         signals.worker_process_init.connect(_on_pool_process_init, weak=False)
