@@ -1,6 +1,6 @@
 """Registering jobs with an app: the `@job` decorator, `register_job`, and pulling a job's next run in.
 
-Registration is recorded on the app at import time and written to the database (an upsert, DESIGN 8) when a
+Registration is recorded on the app at import time and written to the database (an upsert, design §8) when a
 worker or beat starts, or at once when one is already running in this process: importing a module never
 opens a connection.
 """

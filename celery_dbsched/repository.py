@@ -700,7 +700,7 @@ class JobRepository:
         **policies: Any,
     ) -> JobRecord:
         """Insert a job, or update an existing one's description and settings without touching its next
-        scheduled run (DESIGN 8). `policies` are the other `JobDefinition` fields (schedule, misfire, ...)."""
+        scheduled run (design §8). `policies` are the other `JobDefinition` fields (schedule, misfire, ...)."""
         definition = JobDefinition(
             name=name,
             description=description,
@@ -959,7 +959,7 @@ class JobRepository:
 
     def update_job_next_run_in_at_least(self, name: str, delta: dt.timedelta, *, run_now: bool = False) -> JobRecord:
         """`next_scheduled_run = least(now + delta, next_scheduled_run)`: only ever earlier. When the job has
-        an active run the request is kept on that run and honoured when it ends (DESIGN 6)."""
+        an active run the request is kept on that run and honoured when it ends (design §6)."""
         if not isinstance(name, str) or not name:
             raise ValueError("job name must not be empty")
         seconds = delta.total_seconds()
@@ -1012,7 +1012,7 @@ class JobRepository:
     def claim_due(self, server_id: str, limit: int) -> Claim:
         """Claim up to `limit` due jobs in one statement: a `queued` run for each, earliest due first, then by
         name. Jobs without a free slot are skipped; the unique partial index on (job, slot) plus ON CONFLICT
-        DO NOTHING makes concurrent claims by several beats safe (DESIGN 2). On PostgreSQL the due jobs are
+        DO NOTHING makes concurrent claims by several beats safe (design §2). On PostgreSQL the due jobs are
         read `FOR UPDATE SKIP LOCKED`: beats claiming at the same time take disjoint sets of jobs instead of
         waiting for each other's claim and then finding nothing left.
 
@@ -1289,7 +1289,7 @@ class JobRepository:
         return RunRecord.from_row(row)
 
     def update_progress(self, run_id: int, completed: int, total: int) -> RunRecord:
-        """Store a running run's progress; `update_time` moves only when the values change (DESIGN 5)."""
+        """Store a running run's progress; `update_time` moves only when the values change (design §5)."""
         JobStatus(completed, total)
         if self._is_postgres:
             rows = self._one(
@@ -1466,7 +1466,7 @@ class JobRepository:
         return when
 
     def fail_run(self, run_id: int, error: str, *, progress: JobStatus | None = None) -> RunRecord:
-        """`queued|running -> failed` with the error text; the job is retried after the backoff (DESIGN 7).
+        """`queued|running -> failed` with the error text; the job is retried after the backoff (design §7).
         One statement on PostgreSQL for a run this repository started, as `complete_run`."""
         if self._is_postgres:
             run = self._finish_in_one_statement(run_id, error or "failed", None, progress)
@@ -1670,7 +1670,7 @@ class JobRepository:
             elif runs:
                 # Due again at once. Other jobs still are (their next run moves when a run ends); a job whose
                 # schedule moved on when the run was claimed (plain tasks, max_active > 1) is brought back, so
-                # the slot a dead beat claimed but never sent is not lost (DESIGN 4).
+                # the slot a dead beat claimed but never sent is not lost (design §4).
                 j = job_table
                 conn.execute(
                     update(j)

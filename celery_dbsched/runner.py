@@ -259,7 +259,7 @@ _watcher = _Watcher()
 
 
 def next_delay(job: Job, ctx: JobContext) -> dt.timedelta | None:
-    """DESIGN 6: the job's own delay (relative to now); None means its schedule's next slot. If asking
+    """design §6: the job's own delay (relative to now); None means its schedule's next slot. If asking
     raises, the error is logged and the job's configured cadence is used."""
     if ctx.next_run_in is not None:
         return ctx.next_run_in
@@ -287,7 +287,7 @@ def execute_run(
     monitor_interval: float = 30.0,
 ) -> RunRecord | None:
     """Start, run and finish one run. Returns the final run, or None when the message was dropped because
-    the run was not `queued` (a duplicate delivery, an expired or unknown run: DESIGN 3)."""
+    the run was not `queued` (a duplicate delivery, an expired or unknown run: design §3)."""
     outage = repository.interrupt_threshold.total_seconds()
     try:
         run = _retrying("starting the run", lambda: repository.start_run(run_id, worker, task_id), outage)

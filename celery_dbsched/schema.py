@@ -1,6 +1,6 @@
 """Table definitions and the two SQL constructs that keep PostgreSQL and SQLite in step.
 
-Every persisted time comes from the database clock (DESIGN 1), so time arithmetic is done in SQL through
+Every persisted time comes from the database clock (design §1), so time arithmetic is done in SQL through
 `db_now(offset)`; SQLite has no timestamp type, so times are stored there as fixed-width UTC text that sorts
 like the time it names.
 """
@@ -220,7 +220,7 @@ run_table = Table(
     Column("completed", Integer, nullable=False, server_default="0"),
     Column("total", Integer, nullable=False, server_default="0"),
     Column("error", Text, nullable=True),
-    # A pull-in asked for while the run was active; honoured when the run ends (DESIGN 6).
+    # A pull-in asked for while the run was active; honoured when the run ends (design §6).
     Column("requested_next_run", UTCDateTime, nullable=True),
     Column("create_time", UTCDateTime, nullable=False),
     Column("start_time", UTCDateTime, nullable=True),
@@ -238,7 +238,7 @@ run_table = Table(
     sqlite_autoincrement=True,  # run ids are never reused after pruning: a late message never names a newer run
 )
 _active = run_table.c.status.in_(ACTIVE_STATES)
-# DESIGN 2: the database, not a process, guarantees one active run per job (per slot, for jobs that opt
+# design §2: the database, not a process, guarantees one active run per job (per slot, for jobs that opt
 # into max_active > 1).
 Index(
     "dbsched_job_run_active_slot",

@@ -1,7 +1,7 @@
 """The `dbsched_*` Celery settings: defaults in one place, parsed and validated when beat or a worker starts.
 
 `0` or unset means the default; a negative, malformed or absurd value is a `ValueError` naming the setting
-(DESIGN 10).
+(design §10).
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def stop(self, worker: Any) -> None:
         """Warm shutdown: the runs still running on this node end `interrupted` (shutdown) so that another
-        worker takes their jobs at once (DESIGN 9)."""
+        worker takes their jobs at once (design §9)."""
         _signal_runs_to_stop()
         if self.repository is None:
             return

@@ -17,7 +17,7 @@ claimed but had not published when killed stay `queued`, blocking their job (one
   behind by ..."), and the job is due again at once.
 
 So a claimed, unpublished run is brought back at worst interrupt threshold + one monitor interval after its
-claim (DESIGN 4), plus the retry delay (at most the job's period) and one claim; the tests assert that bound.
+claim (design §4), plus the retry delay (at most the job's period) and one claim; the tests assert that bound.
 """
 
 from __future__ import annotations
@@ -465,8 +465,8 @@ def run_kills(
     assert not wrong_reason, wrong_reason[:10]
     assert not counts.lost, f"{len(counts.lost)} due slots never claimed: {counts.lost_detail[:10]}"
     assert mid_batch >= 1, "no kill landed inside a claim batch: the test did not test what it says"
-    # DESIGN 4: brought back at worst interrupt threshold + one monitor interval after the claim (+ the retry
-    # delay, never past the job's next slot, and one claim), with slack for a loaded machine. DESIGN 9: a beat
+    # design §4: brought back at worst interrupt threshold + one monitor interval after the claim (+ the retry
+    # delay, never past the job's next slot, and one claim), with slack for a loaded machine. design §9: a beat
     # restarted with the same server id ends them at its start, long before the (60 s) threshold.
     limit = RESTART_LIMIT if same_id else bound + SLACK
     assert max(recovery, default=0.0) <= limit, f"recovery took {max(recovery):.2f}s > {limit:.2f}s"

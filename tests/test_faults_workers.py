@@ -159,7 +159,7 @@ def test_a_killed_worker_s_run_ends_interrupted_within_the_threshold_and_runs_ag
 
     if worker_dies:
         # RabbitMQ gave the dead worker's unacknowledged message (acks_late) to the second worker, which
-        # dropped it: the run was no longer `queued` (DESIGN 3, a run starts at most once).
+        # dropped it: the run was no longer `queued` (design §3, a run starts at most once).
         second.wait_for_log(f"dropping the message for run {run.id}:", timeout=30)
     sampler.stop()
     sampler.check()

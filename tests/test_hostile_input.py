@@ -133,7 +133,7 @@ def _with_password(url: str, password: str = PASSWORD) -> str:
 
 
 def _name_is_valid(name: str) -> bool:
-    """DESIGN 8 plus what keeps logs and tables readable: non-blank, at most 128 characters, no control
+    """design §8 plus what keeps logs and tables readable: non-blank, at most 128 characters, no control
     characters (C0/C1), no line or paragraph separators, storable as UTF-8 (no lone surrogates)."""
     return (
         bool(name.strip())
@@ -391,7 +391,7 @@ def test_a_run_message_for_a_finished_run_is_dropped_and_logged(
         assert worker_side.deliver(run_id, "hostile.registered") is None
         assert any(f"is {status}, not queued" in r.getMessage() for r in caplog.records), caplog.text
         assert repository.lookup_run(run_id).status == status
-    assert worker_side.ran == [completed]  # a run starts at most once (DESIGN 3)
+    assert worker_side.ran == [completed]  # a run starts at most once (design §3)
 
 
 def test_the_job_named_in_a_message_never_chooses_the_code(
@@ -554,7 +554,7 @@ def _strings(unset: Any) -> dict[str, Any]:
     return {**_durations(unset), "zero": ERROR}
 
 
-# What each setting does with each kind of value (documented in DESIGN 10 and docs/reliability.md):
+# What each setting does with each kind of value (documented in design §10 and docs/reliability.md):
 # numbers: 0/unset = the default, negative/non-finite/wrong type/bool = ValueError, beyond the cap = ValueError;
 # booleans: 0/1 and true/false strings are booleans; strings and dicts: 0 is a wrong type like any number.
 EXPECTED: dict[str, tuple[str, dict[str, Any]]] = {

@@ -55,7 +55,7 @@ def test_the_migrated_schema_works(database: Any) -> None:
 
 
 def test_the_schema_enforces_one_active_run_per_job(database: Any) -> None:
-    """The unique partial index, not the repository's query, is what guarantees it (DESIGN 2)."""
+    """The unique partial index, not the repository's query, is what guarantees it (design §2)."""
     repository = database.migrated_repository()
     repository.upsert_job("j", "a job")
     now = repository.database_now().isoformat()

@@ -79,7 +79,7 @@ def within(repository: JobRepository, action: Callable[[], Any]) -> tuple[dt.dat
     return before, result, after
 
 
-# -- registration (DESIGN 8) ----------------------------------------------------------------------------------
+# -- registration (design §8) ----------------------------------------------------------------------------------
 
 
 def test_new_job_without_next_run_in_is_due_now(repository: JobRepository) -> None:
@@ -209,7 +209,7 @@ def test_lookup_and_list_jobs(repository: JobRepository) -> None:
     assert [job.name for job in repository.list_jobs()] == ["a", "b"]
 
 
-# -- database clock (DESIGN 1) --------------------------------------------------------------------------------
+# -- database clock (design §1) --------------------------------------------------------------------------------
 
 
 def test_times_come_from_the_database_clock_plus_the_test_shift(repository: JobRepository) -> None:
@@ -235,7 +235,7 @@ def test_database_now_is_aware_utc(repository: JobRepository) -> None:
     assert_close(repository.database_now(), now + HOUR, slack=MINUTE)
 
 
-# -- claiming: run_jobs (DESIGN 2) ----------------------------------------------------------------------------
+# -- claiming: run_jobs (design §2) ----------------------------------------------------------------------------
 
 
 def test_claim_creates_a_queued_run_for_each_due_job(repository: JobRepository) -> None:
@@ -504,7 +504,7 @@ def test_next_due_in_excludes_jobs_with_an_active_run_and_disabled_jobs(reposito
     assert due_in is not None and 15 <= due_in <= 20
 
 
-# -- start_run (DESIGN 3) --------------------------------------------------------------------------------------
+# -- start_run (design §3) --------------------------------------------------------------------------------------
 
 
 def test_start_run_moves_queued_to_running(repository: JobRepository) -> None:
@@ -578,7 +578,7 @@ def test_concurrent_starts_of_one_run_let_exactly_one_win(database: Any) -> None
     assert sorted(results) == ["refused"] * 5 + ["started"]
 
 
-# -- progress (DESIGN 5) ---------------------------------------------------------------------------------------
+# -- progress (design §5) ---------------------------------------------------------------------------------------
 
 
 def test_update_progress_stores_the_values(repository: JobRepository) -> None:
@@ -739,7 +739,7 @@ def test_complete_run_rejects_a_negative_next_run_in(repository: JobRepository) 
     assert repository.run_status(run.id) == "running"
 
 
-# -- fail_run (DESIGN 7) ---------------------------------------------------------------------------------------
+# -- fail_run (design §7) ---------------------------------------------------------------------------------------
 
 
 def test_fail_run_keeps_the_error_and_the_final_progress(repository: JobRepository) -> None:
@@ -864,7 +864,7 @@ def test_the_default_backoff_is_ten_seconds(repository: JobRepository) -> None:
     _assert_delays([_fail_once(repository, "j")], [10])
 
 
-# -- interrupt_runs: stalled runs (DESIGN 5) ---------------------------------------------------------------------
+# -- interrupt_runs: stalled runs (design §5) ---------------------------------------------------------------------
 
 
 def test_a_stalled_running_run_is_interrupted_after_the_threshold(repository: JobRepository) -> None:
@@ -966,7 +966,7 @@ def test_a_progress_write_after_the_interruption_is_refused(repository: JobRepos
     assert repository.lookup_run(run.id).status == "interrupted"
 
 
-# -- interrupt_runs(server_id=...): a restarting server (DESIGN 9) ---------------------------------------------
+# -- interrupt_runs(server_id=...): a restarting server (design §9) ---------------------------------------------
 
 
 def _runs_of_two_servers(repository: JobRepository) -> dict[str, RunRecord]:
@@ -1063,7 +1063,7 @@ def test_interrupt_run_of_a_final_or_unknown_run(repository: JobRepository) -> N
         repository.interrupt_run(run.id + 1000)
 
 
-# -- pull-in: update_job_next_run_in_at_least (DESIGN 6) ----------------------------------------------------
+# -- pull-in: update_job_next_run_in_at_least (design §6) ----------------------------------------------------
 
 
 def test_pull_in_only_ever_moves_the_next_run_earlier(repository: JobRepository) -> None:

@@ -191,7 +191,7 @@ def test_a_function_job_returning_none_runs_again_after_every(repository: JobRep
     assert_delay(repository, done, MINUTE)
 
 
-# -- next_run_in() failing (DESIGN 6) ------------------------------------------------------------------------
+# -- next_run_in() failing (design §6) ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -228,7 +228,7 @@ def test_a_function_job_without_every_returning_none_uses_the_backoff_cap(reposi
     assert_delay(repository, done, dt.timedelta(minutes=13))
 
 
-# -- failures (DESIGN 7) --------------------------------------------------------------------------------------
+# -- failures (design §7) --------------------------------------------------------------------------------------
 
 
 def test_a_job_the_worker_does_not_know_fails_the_run_saying_so(repository: JobRepository) -> None:
@@ -381,7 +381,7 @@ def test_retrying_gives_up_after_its_budget_and_at_shutdown(monkeypatch: pytest.
     assert len(calls) == 1
 
 
-# -- at most once (DESIGN 3) ---------------------------------------------------------------------------------
+# -- at most once (design §3) ---------------------------------------------------------------------------------
 
 
 def test_a_second_delivery_of_a_run_is_dropped(repository: JobRepository) -> None:
@@ -418,7 +418,7 @@ def test_a_message_for_an_unknown_or_ended_run_is_dropped(repository: JobReposit
     assert job.runs == []
 
 
-# -- the progress monitor (DESIGN 5) -------------------------------------------------------------------------
+# -- the progress monitor (design §5) -------------------------------------------------------------------------
 
 
 def test_the_monitor_writes_progress_while_the_job_runs(repository: JobRepository) -> None:
@@ -625,7 +625,7 @@ def test_monitor_check_keeps_going_when_the_database_is_down(
     assert repository.lookup_run(run.id).progress == JobStatus(1, 2)
 
 
-# -- shutdown (DESIGN 9) ---------------------------------------------------------------------------------------
+# -- shutdown (design §9) ---------------------------------------------------------------------------------------
 
 
 def test_cancel_active_runs_at_shutdown_ends_the_run_interrupted(repository: JobRepository) -> None:

@@ -1,4 +1,4 @@
-"""`Settings.from_mapping`: the `dbsched_*` keys, their defaults and their validation (DESIGN 10)."""
+"""`Settings.from_mapping`: the `dbsched_*` keys, their defaults and their validation (design §10)."""
 
 from __future__ import annotations
 
