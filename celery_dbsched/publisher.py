@@ -53,6 +53,9 @@ DIRECT_OPTIONS = frozenset(
         "delivery_mode",
     }
 )  # fmt: skip
+# The entries whose send_task decisions are kept (about 4 KB each). Beyond that the cache starts over, so
+# that a beat's memory stays flat in the number of entries: 100,000 entries kept every plan, 0.5 GB.
+TASK_PLANS_KEPT = 10_000
 SEND_TASK_FALLBACK = (
     "options other than DIRECT_OPTIONS (link, link_error, chain, chord, group_id, stamped_headers, retry, ...); "
     "countdown/eta with a quorum queue; task_protocol 1; task_send_sent_event"
@@ -291,6 +294,8 @@ class RunPublisher:
             plan is not None
             and (plan.task != name or plan.args != args or plan.kwargs != kwargs or plan.options != options)
         ):
+            if len(self._task_plans) >= TASK_PLANS_KEPT:
+                self._task_plans.clear()
             plan = self._task_plans[cache_key] = self._plan(name, args, kwargs, options)
         if plan is None or not self.direct:
             return self._send_plain_task(producer, name, args, kwargs, options, headers)

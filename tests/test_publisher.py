@@ -15,6 +15,7 @@ import pytest
 from celery import Celery, signals
 from kombu import Exchange, Queue
 
+from celery_dbsched import publisher as publisher_module
 from celery_dbsched.publisher import RunPublisher
 from celery_dbsched.worker import RUN_TASK_NAME
 
@@ -299,6 +300,22 @@ def test_a_changed_entry_is_published_with_its_new_options() -> None:
         publisher.publish_task(producer, "tasks.report", (1,), {}, {"queue": "b"}, RUN_HEADER)
     assert [call["routing_key"] for call in recorder.calls] == ["a", "b", "b"]
     assert [call["body"][0] for call in recorder.calls] == [[], [], [1]]
+
+
+def test_the_entries_kept_are_bounded_and_a_dropped_entry_is_planned_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(publisher_module, "TASK_PLANS_KEPT", 3)
+    app = make_app()
+    publisher = RunPublisher(app)
+    with app.producer_or_acquire() as producer:
+        recorder = Recorder(producer)
+        for _ in range(2):
+            for i in range(5):
+                publisher.publish_task(
+                    producer, "tasks.report", (i,), {}, {"queue": f"q{i}"}, RUN_HEADER, entry=f"e{i}"
+                )
+                assert len(publisher._task_plans) <= 3
+    assert [call["routing_key"] for call in recorder.calls] == [f"q{i}" for i in range(5)] * 2
+    assert [call["body"][0] for call in recorder.calls] == [[i] for i in range(5)] * 2
 
 
 @pytest.mark.parametrize(
