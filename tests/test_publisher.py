@@ -14,12 +14,21 @@ from typing import Any
 import pytest
 from celery import Celery, signals
 from kombu import Exchange, Queue
+from kombu.transport import memory
 
 from celery_dbsched import publisher as publisher_module
 from celery_dbsched.publisher import RunPublisher
 from celery_dbsched.worker import RUN_TASK_NAME
 
 PER_MESSAGE = {"id", "root_id", "correlation_id"}
+
+
+@pytest.fixture(autouse=True)
+def _empty_memory_broker() -> Iterator[None]:
+    """These tests publish real messages on the in-process `memory://` broker, whose queues every test in the
+    process shares (`reports`, the default queue): empty them afterwards, so that no other test drains them."""
+    yield
+    memory.Channel.queues.clear()
 
 
 def make_app(**conf: Any) -> Celery:
