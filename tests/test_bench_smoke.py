@@ -110,5 +110,10 @@ def test_history_runs_for_20_seconds(postgres_database: Database, tmp_path: Path
     assert results["completed_total"] > 0 and results["worker_errors"] == 0
     assert sum(p["rows"] or 0 for p in results["prunes"]) > 0, "the beat pruned runs older than 5 s"
     assert isinstance(results["prune_plan"], list) and results["prune_plan"]
-    assert out.with_suffix(".png").stat().st_size > 0
     assert "## Goals" in out.read_text()
+    try:
+        import matplotlib  # noqa: F401  (the bench extra; `.[test]` alone, as in CI, does not have it)
+    except ImportError:
+        assert "*Plot not written: matplotlib is not installed.*" in out.read_text()
+    else:
+        assert out.with_suffix(".png").stat().st_size > 0
