@@ -53,8 +53,8 @@ def setup(url: str, jobs: int, every: float) -> None:
     from sqlalchemy import MetaData, Table, text
 
     from celery_dbsched import JobRepository
+    from celery_dbsched.engine import make_engine
     from celery_dbsched.migrate import migrate
-    from celery_dbsched.repository import make_engine
     from celery_dbsched.schedules import IntervalSchedule
 
     engine = make_engine(url)
@@ -297,7 +297,7 @@ class VacuumStandIn(threading.Thread):
     def run(self) -> None:
         from sqlalchemy import text
 
-        from celery_dbsched.repository import make_engine
+        from celery_dbsched.engine import make_engine
 
         engine = make_engine(self.url)
         try:
@@ -324,7 +324,7 @@ class VacuumStandIn(threading.Thread):
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from sqlalchemy import text
 
-    from celery_dbsched.repository import make_engine
+    from celery_dbsched.engine import make_engine
     from celery_dbsched.scheduler import prune_interval
 
     cfg = Config(pg_admin=args.pg, db_prefix=args.db_prefix)

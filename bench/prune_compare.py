@@ -26,8 +26,8 @@ def fill(url: str, rows: int) -> None:
     from sqlalchemy import MetaData, text
 
     from celery_dbsched import JobRepository
+    from celery_dbsched.engine import make_engine
     from celery_dbsched.migrate import migrate
-    from celery_dbsched.repository import make_engine
 
     engine = make_engine(url)
     existing = MetaData()

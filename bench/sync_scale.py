@@ -21,8 +21,9 @@ from kombu import Connection
 from sqlalchemy import create_engine, event, text
 
 from celery_dbsched.beat_schedule import sync_beat_schedule
+from celery_dbsched.binding import forget_repository
 from celery_dbsched.migrate import migrate
-from celery_dbsched.repository import JobRepository, forget_repository
+from celery_dbsched.repository import JobRepository
 from celery_dbsched.scheduler import Scheduler
 
 POSTGRES_URL = os.environ.get("DBSCHED_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

@@ -117,8 +117,8 @@ class Dbsched(System):
         migrate to the package's head."""
         from sqlalchemy import MetaData
 
+        from celery_dbsched.engine import make_engine
         from celery_dbsched.migrate import migrate
-        from celery_dbsched.repository import make_engine
 
         self.prepare_store()
         engine = make_engine(self.url)
@@ -165,7 +165,7 @@ class Dbsched(System):
     def make_due(self) -> None:
         from sqlalchemy import text
 
-        from celery_dbsched.repository import make_engine
+        from celery_dbsched.engine import make_engine
 
         engine = make_engine(self.url)
         try:
@@ -200,7 +200,7 @@ class Dbsched(System):
     def insert_due(self, app: Any, name: str) -> None:
         # The repository a worker registering its jobs at start uses (another app, so another engine and
         # connection): on PostgreSQL it notifies the beats when the new job is due within their interval.
-        from celery_dbsched.repository import repository_for
+        from celery_dbsched.binding import repository_for
 
         if not hasattr(self, "_writer"):
             self._writer = repository_for(self.app())
@@ -241,7 +241,7 @@ class DbschedTasks(Dbsched):
 
         from sqlalchemy import text
 
-        from celery_dbsched.repository import make_engine
+        from celery_dbsched.engine import make_engine
 
         self.n = n
         app = self.app(**self.tick_only)
@@ -272,7 +272,7 @@ class DbschedTasks(Dbsched):
         # restart, which the start-up measures): `define_job` of the entry's definition, through the
         # repository a worker or another beat uses (PostgreSQL: it notifies the sleeping beats).
         from celery_dbsched.beat_schedule import definition_from_entry
-        from celery_dbsched.repository import repository_for
+        from celery_dbsched.binding import repository_for
 
         if not hasattr(self, "_writer"):
             self._writer = repository_for(Dbsched.app(self))

@@ -22,8 +22,9 @@ from .errors import (
     SchemaMismatch,
 )
 from .job import Job, JobContext, JobStatus
+from .records import JobRecord, RunRecord
 from .registry import job, register_job, update_job_next_run_in_at_least
-from .repository import JobRecord, JobRepository, RunRecord
+from .repository import JobRepository
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler

@@ -8,10 +8,12 @@ from typing import Any
 
 import click
 
+from .binding import repository_for
 from .controls import cancel_job, pause_job, resume_job, trigger_job
 from .errors import DbschedError
 from .migrate import current_revision, head_revision, migrate
-from .repository import JobRecord, JobRepository, repository_for
+from .records import JobRecord
+from .repository import JobRepository
 from .schema import RUN_STATES
 from .settings import Settings
 

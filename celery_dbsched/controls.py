@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from .binding import repository_for
 from .errors import JobPaused
-from .repository import JobRecord, RunRecord, repository_for
+from .records import JobRecord, RunRecord
 
 
 def _name(name: object) -> str:

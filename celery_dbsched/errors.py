@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sqlalchemy.exc import DBAPIError
 
 
 class DbschedError(Exception):
@@ -117,3 +121,59 @@ def is_outage(error: BaseException) -> bool:
     if name in ("OperationalError", "InterfaceError"):  # psycopg without a SQLSTATE: connecting, connection lost
         return True
     return any(text in message for text in _OUTAGE_MESSAGES)
+
+
+# PostgreSQL SQLSTATEs of a schema older than the code (not an outage).
+_UNDEFINED_TABLE = "42P01"
+_UNDEFINED_COLUMN = "42703"
+
+
+def _sqlstate(error: BaseException | None) -> str | None:
+    sqlstate = getattr(error, "sqlstate", None)
+    return sqlstate if isinstance(sqlstate, str) and len(sqlstate) == 5 else None
+
+
+def _sqlite_message(error: BaseException | None) -> str | None:
+    """SQLite reports a missing table or column as SQLITE_ERROR (code 1), as it does a syntax error: only its
+    message tells them apart."""
+    return str(error).lower() if isinstance(error, sqlite3.Error) else None
+
+
+def _is_missing_table(error: BaseException | None) -> bool:
+    if _sqlstate(error) is not None:
+        return _sqlstate(error) == _UNDEFINED_TABLE
+    message = _sqlite_message(error)
+    return message is not None and "no such table" in message
+
+
+def _is_missing_column(error: BaseException | None) -> bool:
+    """A column this code needs is not there: the schema is older than the code (not an outage)."""
+    if _sqlstate(error) is not None:
+        return _sqlstate(error) == _UNDEFINED_COLUMN
+    message = _sqlite_message(error)
+    return message is not None and "no such column" in message
+
+
+def _schema_error(error: BaseException | None) -> SchemaMismatch | None:
+    if _is_missing_table(error):
+        return SchemaMismatch("the celery_dbsched tables are missing: run `celery -A proj dbsched migrate`")
+    if _is_missing_column(error):
+        return SchemaMismatch(
+            f"the database schema is older than this celery_dbsched ({str(error).strip().splitlines()[0]}): "
+            "run `celery -A proj dbsched migrate`"
+        )
+    return None
+
+
+def classify(exc: DBAPIError) -> DbschedError:
+    """What a driver error means to callers (the one mapping): the schema is not the one this code needs, the
+    database cannot be reached (worth waiting for), or a statement was refused. Decided by the driver's
+    SQLSTATE (PostgreSQL) or exception class and result code (SQLite), as `is_outage` does."""
+    mismatch = _schema_error(exc.orig)
+    if mismatch is not None:
+        return mismatch
+    if exc.connection_invalidated or is_outage(exc.orig if exc.orig is not None else exc):
+        return DatabaseUnavailable(f"database unavailable: {exc.orig}")
+    return DatabaseError(
+        f"database error (not an outage: retrying the same statement will fail the same way): {exc.orig}"
+    )

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import timing
 from .errors import JobInterrupted
 from .schedules import Schedule
 from .schema import KIND_JOB, KIND_TASK, MISFIRE_POLICIES, MISFIRE_RUN_ONCE, NAME_MAX_LENGTH, QUEUE_MAX_LENGTH
@@ -280,4 +281,4 @@ class JobDefinition:
     def advances_at_claim(self) -> bool:
         """Runs that nobody waits for (plain tasks) or that may overlap move the schedule when claimed;
         other jobs are rescheduled when their run ends."""
-        return self.kind == KIND_TASK or self.max_active > 1
+        return timing.advances_at_claim(self.kind, self.max_active)

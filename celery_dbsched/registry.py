@@ -14,8 +14,10 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from .binding import repository_for
 from .job import FunctionJob, Job, JobContext, JobDefinition, validate_description, validate_name
-from .repository import JobRecord, JobRepository, repository_for
+from .records import JobRecord
+from .repository import JobRepository
 from .schedules import IntervalSchedule, parse_timezone, schedule_from
 from .schema import MISFIRE_RUN_ONCE
 from .settings import parse_backoff, parse_bool, parse_duration

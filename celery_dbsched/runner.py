@@ -21,8 +21,9 @@ from typing import TypeVar
 
 from .errors import DatabaseError, DatabaseUnavailable, InvalidRunState, JobInterrupted, RunNotFound
 from .job import Job, JobContext, JobStatus
-from .repository import CANCELLED, SHUTDOWN, JobRepository, RunRecord
-from .schema import RUNNING
+from .records import RunRecord
+from .repository import JobRepository
+from .schema import CANCELLED, RUNNING, SHUTDOWN
 
 logger = logging.getLogger(__name__)
 

@@ -16,13 +16,16 @@ from typing import Any
 from celery import beat
 
 from .beat_schedule import summarize_names, sync_beat_schedule
+from .binding import repository_for
 from .errors import DatabaseError, DatabaseUnavailable
 from .migrate import prepare_schema
 from .publisher import RunPublisher
+from .records import Claim, JobRecord, RunRecord
 from .registry import existing_registry
-from .repository import WAKEUP_CHANNEL, Claim, JobRecord, JobRepository, RunRecord, repository_for
+from .repository import JobRepository
 from .schema import KIND_TASK
 from .settings import Settings
+from .statements import WAKEUP_CHANNEL
 from .wakeup import Wakeup
 from .worker import RUN_ID_HEADER
 

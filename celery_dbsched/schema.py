@@ -44,6 +44,13 @@ ACTIVE_STATES = (QUEUED, RUNNING)
 FINAL_STATES = (COMPLETED, FAILED, INTERRUPTED, DISPATCHED)
 RUN_STATES = ACTIVE_STATES + FINAL_STATES
 
+# Why a run was interrupted: the prefix of its `error` text.
+STALLED = "stalled"
+SHUTDOWN = "shutdown"
+RESTART = "restart"
+CANCELLED = "cancelled"
+EXPIRED = "expired"
+
 NAME_MAX_LENGTH = 128
 QUEUE_MAX_LENGTH = 255
 

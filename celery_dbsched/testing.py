@@ -25,9 +25,11 @@ from typing import Any
 
 import pytest
 
+from .binding import bind_repository
 from .migrate import migrate
+from .records import JobRecord, RunRecord
 from .registry import registry_for
-from .repository import JobRecord, JobRepository, RunRecord, bind_repository
+from .repository import JobRepository
 from .runner import execute_run
 from .settings import Settings
 

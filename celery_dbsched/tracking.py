@@ -19,9 +19,9 @@ from typing import Any
 
 from celery import current_task, signals
 
+from .binding import repository_for
 from .errors import DbschedError
 from .job import JobStatus
-from .repository import repository_for
 from .worker import RUN_ID_HEADER, _settings, valid_run_id
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from .repository import WAKEUP_CHANNEL
+from .statements import WAKEUP_CHANNEL
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,11 @@ from celery import bootsteps, signals
 from celery.exceptions import InvalidTaskError, Reject
 from celery.worker.request import Request
 
+from .binding import repository_for
 from .migrate import prepare_schema
-from .repository import RESTART, SHUTDOWN, JobRepository, repository_for
+from .repository import JobRepository
 from .runner import execute_run, shutdown_waker, shutting_down
+from .schema import RESTART, SHUTDOWN
 from .settings import Settings, default_server_id
 
 logger = logging.getLogger(__name__)

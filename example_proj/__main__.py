@@ -14,9 +14,9 @@ import subprocess
 import sys
 import time
 
+from celery_dbsched.binding import repository_for
 from celery_dbsched.migrate import prepare_schema
 from celery_dbsched.registry import registry_for
-from celery_dbsched.repository import repository_for
 
 from .celery_app import DATA_DIR, app
 

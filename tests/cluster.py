@@ -24,7 +24,8 @@ from conftest import Broker, Database
 from procs import CeleryProcess, Processes, wait_for
 
 from celery_dbsched import RunRecord
-from celery_dbsched.repository import JobRepository, forget_repository
+from celery_dbsched.binding import forget_repository
+from celery_dbsched.repository import JobRepository
 
 processes = procs.processes  # the fixture
 

@@ -23,8 +23,9 @@ from conftest import Database
 from kombu import Connection
 
 from celery_dbsched.beat_schedule import default_entries, definitions, sync_beat_schedule
+from celery_dbsched.binding import bind_repository
 from celery_dbsched.errors import DbschedError
-from celery_dbsched.repository import JobRepository, bind_repository
+from celery_dbsched.repository import JobRepository
 from celery_dbsched.scheduler import Scheduler
 from celery_dbsched.schedules import CrontabSchedule, IntervalSchedule, SolarSchedule
 from celery_dbsched.worker import RUN_ID_HEADER

@@ -15,8 +15,8 @@ import pytest
 from sqlalchemy import delete, event, select, text, update
 
 from celery_dbsched import JobRepository
+from celery_dbsched.engine import make_engine
 from celery_dbsched.migrate import current_revision, head_revision
-from celery_dbsched.repository import make_engine
 from celery_dbsched.schema import ACTIVE_STATES, job_table, run_table
 
 HOUR = dt.timedelta(hours=1)

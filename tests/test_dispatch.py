@@ -21,7 +21,8 @@ from conftest import Database
 from sqlalchemy import event, text
 
 from celery_dbsched import Scheduler
-from celery_dbsched.repository import JobRepository, forget_repository
+from celery_dbsched.binding import forget_repository
+from celery_dbsched.repository import JobRepository
 from celery_dbsched.schema import DISPATCHED, QUEUED
 from celery_dbsched.worker import RUN_ID_HEADER
 

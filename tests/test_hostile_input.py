@@ -31,12 +31,13 @@ from hypothesis import strategies as st
 from sqlalchemy import func, inspect, select, text
 
 from celery_dbsched import Job, JobContext, JobStatus, SchemaMismatch, job, register_job, runner
+from celery_dbsched.binding import forget_repository, repository_for
 from celery_dbsched.cli import dbsched
 from celery_dbsched.errors import DatabaseUnavailable
 from celery_dbsched.job import JobDefinition
 from celery_dbsched.migrate import VERSION_TABLE, _config, check_schema, current_revision, head_revision, migrate
 from celery_dbsched.registry import registry_for
-from celery_dbsched.repository import JobRepository, forget_repository, repository_for
+from celery_dbsched.repository import JobRepository
 from celery_dbsched.scheduler import Scheduler
 from celery_dbsched.schema import NAME_MAX_LENGTH, job_table, run_table
 from celery_dbsched.settings import (

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import inspect, text
 
 from celery_dbsched import DatabaseUnavailable, SchemaMismatch
+from celery_dbsched.engine import make_engine
 from celery_dbsched.migrate import (
     VERSION_TABLE,
     check_schema,
@@ -17,7 +18,7 @@ from celery_dbsched.migrate import (
     migrate,
     prepare_schema,
 )
-from celery_dbsched.repository import JobRepository, make_engine
+from celery_dbsched.repository import JobRepository
 
 TABLES = {"dbsched_job", "dbsched_job_run", VERSION_TABLE}
 

@@ -34,9 +34,9 @@ from conftest import POSTGRES_URL, RABBITMQ_URL, REDIS_URL, Broker, Database, re
 from kombu.utils.imports import symbol_by_name
 from procs import Processes, processes, wait_for  # noqa: F401 - `processes` is a fixture
 
+from celery_dbsched.binding import forget_repository
 from celery_dbsched.errors import DatabaseUnavailable, SchemaMismatch
 from celery_dbsched.registry import existing_registry
-from celery_dbsched.repository import forget_repository
 from celery_dbsched.scheduler import Scheduler
 from celery_dbsched.transport import filesystem_broker_settings
 from celery_dbsched.worker import RUN_TASK_NAME

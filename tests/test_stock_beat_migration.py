@@ -29,7 +29,8 @@ from conftest import RABBITMQ_URL, Broker, Database, _cleanup_queue, require_ser
 from procs import CeleryProcess, Processes, wait_for
 
 from celery_dbsched.errors import DbschedError
-from celery_dbsched.repository import JobRepository, RunRecord
+from celery_dbsched.records import RunRecord
+from celery_dbsched.repository import JobRepository
 from celery_dbsched.schedules import CrontabSchedule
 from celery_dbsched.transport import filesystem_broker_settings
 

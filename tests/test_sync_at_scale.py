@@ -32,9 +32,10 @@ from sqlalchemy import Engine, column, event, select, table, text
 
 from celery_dbsched import job
 from celery_dbsched.beat_schedule import SYNC_SOURCE, fingerprint, sync_beat_schedule
+from celery_dbsched.binding import bind_repository
 from celery_dbsched.errors import DatabaseError, DatabaseUnavailable, is_outage
 from celery_dbsched.registry import registry_for
-from celery_dbsched.repository import JobRepository, bind_repository
+from celery_dbsched.repository import JobRepository
 from celery_dbsched.scheduler import REFUSED_RETRY, Scheduler
 
 UTC = dt.timezone.utc

@@ -58,7 +58,7 @@ import pytest
 from celery import Celery
 
 from celery_dbsched import JobContext, JobNotFound, JobStatus, job, update_job_next_run_in_at_least
-from celery_dbsched.repository import bind_repository
+from celery_dbsched.binding import bind_repository
 from celery_dbsched.testing import TestScheduler
 
 pytest_plugins = ["pytester"]

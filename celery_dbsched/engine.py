@@ -1,0 +1,136 @@
+"""The engine: `make_engine` for PostgreSQL (psycopg 3) and SQLite, the SQLite connection hooks, and the
+PostgreSQL connections the worker-side statements keep checked out (`KeptConnections`)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.pool import NullPool
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" hook own transactions, then make several local processes safe to share
+    # one file: WAL lets readers run beside the writer, the busy timeout makes writers queue, not fail.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA busy_timeout=30000")
+        _switch_to_wal(cursor)
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _switch_to_wal(cursor: Any, deadline_seconds: float = 30.0) -> None:
+    """Switching a fresh file to WAL needs an exclusive lock and does not wait on the busy timeout: when
+    several processes open a new database at once, the losers get "database is locked" at once. Retry."""
+    deadline = time.monotonic() + deadline_seconds
+    while True:
+        try:
+            if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                return
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _sqlite_on_begin(connection: Connection) -> None:
+    # Take the write lock up front: a deferred transaction that reads then writes fails at once with
+    # "database is locked" when another writer got in between, whatever the busy timeout.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str, engine_options: Mapping[str, Any] | None = None) -> Engine:
+    """An engine for PostgreSQL (psycopg 3) or SQLite (WAL, busy timeout, immediate transactions)."""
+    parsed = make_url(url)
+    try:
+        return _make_engine(parsed, engine_options)
+    except NoSuchModuleError:
+        raise ValueError(f"dbsched_database_url: no database driver {parsed.drivername!r} is installed") from None
+    except (TypeError, ArgumentError) as exc:  # an option create_engine does not take, or of the wrong type
+        raise ValueError(f"dbsched_engine_options: not accepted by SQLAlchemy: {exc}") from None
+
+
+def _make_engine(parsed: URL, engine_options: Mapping[str, Any] | None) -> Engine:
+    options = dict(engine_options or {})
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        if parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed):
+            raise ValueError(
+                "dbsched_database_url: an in-memory SQLite database cannot be shared by beat and workers; "
+                "use a file, e.g. sqlite:///celery_dbsched.sqlite3"
+            )
+        if not str(parsed.database).startswith("file:"):
+            os.makedirs(os.path.dirname(os.path.abspath(str(parsed.database))), exist_ok=True)
+        connect_args = dict(options.pop("connect_args", {}))
+        connect_args.setdefault("timeout", 30)
+        connect_args.setdefault("check_same_thread", False)
+        # No pooled connection may survive into a forked child (prefork pool, embedded beat): SQLite keeps
+        # per-process lock state per file that a child would inherit but not own ("locking protocol").
+        options.setdefault("poolclass", NullPool)
+        engine = create_engine(parsed, connect_args=connect_args, **options)
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+    if backend != "postgresql":
+        raise ValueError(f"dbsched_database_url: {backend!r} is not supported; use postgresql+psycopg:// or sqlite:///")
+    options.setdefault("pool_pre_ping", True)
+    return create_engine(parsed, **options)
+
+
+class KeptConnections:
+    """PostgreSQL connections for the worker-side statements, kept checked out between uses.
+
+    Each statement runs in its own implicit transaction (autocommit: the driver sends no BEGIN and no COMMIT)
+    and on a connection that just served one, so the pool's pre-ping (a round trip per checkout) is skipped.
+    A kept connection that the database dropped while it was idle (a restart, an idle timeout) fails before
+    its statement ran: `JobRepository._one` then sends the statement once more on a fresh, pinged connection.
+    As many are kept as the pool holds idle (its pool_size: a threads pool's runs each keep one), at least
+    two (a run and the monitor); the others go back to the pool. Never used across a fork.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        size = getattr(engine.pool, "size", None)
+        self._keep = max(2, size() if callable(size) else 0)
+        self._idle: list[Connection] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def take(self) -> tuple[Connection, bool]:
+        """A connection, and whether it is a kept one (not pinged)."""
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child: the parent's connections are not ours to use
+                self._idle, self._pid = [], os.getpid()
+            if self._idle:
+                return self._idle.pop(), True
+        return self._engine.connect(), False
+
+    def give_back(self, conn: Connection) -> None:
+        with self._lock:
+            if self._pid == os.getpid() and len(self._idle) < self._keep and not conn.invalidated:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+            mine = self._pid == os.getpid()
+        if mine:
+            for conn in idle:
+                conn.close()

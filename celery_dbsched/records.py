@@ -1,0 +1,269 @@
+"""The typed rows: `JobRecord`, `RunRecord`, what a claim took (`Claim`) and what a sync did (`JobSync`), their
+conversion from rows, and the row values a `JobDefinition` is stored as (and what storing it over a row
+changes). No SQL statements here (see `statements`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Row
+
+from . import timing
+from .job import JobDefinition, JobStatus
+from .schedules import Schedule, schedule_from_spec
+from .schema import KIND_JOB, KIND_TASK, MISFIRE_RUN_ONCE
+
+
+def seconds_of(value: dt.timedelta | None) -> float | None:
+    return None if value is None else value.total_seconds()
+
+
+def delta_of(value: float | None) -> dt.timedelta | None:
+    return None if value is None else dt.timedelta(seconds=value)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    name: str
+    description: str
+    next_scheduled_run: dt.datetime
+    default_next_run_in: dt.timedelta | None
+    queue: str | None
+    interrupt_threshold: dt.timedelta | None
+    failure_count: int
+    enabled: bool
+    create_time: dt.datetime
+    update_time: dt.datetime
+    kind: str = KIND_JOB
+    schedule: Schedule | None = None
+    task: str | None = None
+    task_args: tuple[Any, ...] = ()
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)
+    misfire: str = MISFIRE_RUN_ONCE
+    misfire_grace: dt.timedelta | None = None
+    max_active: int = 1
+    retry_backoff: tuple[dt.timedelta, dt.timedelta] | None = None
+    expires: dt.timedelta | None = None
+    paused: bool = False
+    active_runs: int = 0  # queued or running runs holding a slot (kept by the database)
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> JobRecord:
+        m = row._mapping
+        base, cap = m["retry_backoff_base"], m["retry_backoff_cap"]
+        return cls(
+            name=m["name"],
+            description=m["description"],
+            next_scheduled_run=m["next_scheduled_run"],
+            default_next_run_in=delta_of(m["default_next_run_in"]),
+            queue=m["queue"],
+            interrupt_threshold=delta_of(m["interrupt_threshold"]),
+            failure_count=m["failure_count"],
+            enabled=bool(m["enabled"]),
+            create_time=m["create_time"],
+            update_time=m["update_time"],
+            kind=m["kind"],
+            schedule=schedule_from_spec(m["schedule"]) if m["schedule"] else None,
+            task=m["task"],
+            task_args=tuple(json.loads(m["task_args"])) if m["task_args"] else (),
+            task_kwargs=json.loads(m["task_kwargs"]) if m["task_kwargs"] else {},
+            task_options=json.loads(m["task_options"]) if m["task_options"] else {},
+            misfire=m["misfire"],
+            misfire_grace=delta_of(m["misfire_grace"]),
+            max_active=m["max_active"],
+            retry_backoff=None if base is None else (dt.timedelta(seconds=base), dt.timedelta(seconds=cap)),
+            expires=delta_of(m["expires"]),
+            paused=bool(m["paused"]),
+            active_runs=m["active_runs"],
+        )
+
+    @property
+    def advances_at_claim(self) -> bool:
+        return timing.advances_at_claim(self.kind, self.max_active)
+
+    @property
+    def cadence(self) -> Schedule | None:
+        return timing.cadence(self.schedule, self.default_next_run_in)
+
+    def next_slot(self, now: dt.datetime, anchor: dt.datetime | None) -> dt.datetime | None:
+        """The job's next slot after `now` on its cadence (None when it has no schedule)."""
+        return timing.next_slot(self.cadence, now, anchor)
+
+
+def definition_values(definition: JobDefinition) -> dict[str, Any]:
+    backoff = definition.retry_backoff
+    return {
+        "description": definition.description,
+        "kind": definition.kind,
+        "schedule": definition.schedule.to_json() if definition.schedule is not None else None,
+        "default_next_run_in": seconds_of(definition.default_next_run_in),
+        "queue": definition.queue,
+        "interrupt_threshold": seconds_of(definition.interrupt_threshold),
+        "enabled": definition.enabled,
+        "misfire": definition.misfire,
+        "misfire_grace": seconds_of(definition.misfire_grace),
+        "max_active": definition.max_active,
+        "retry_backoff_base": None if backoff is None else backoff[0].total_seconds(),
+        "retry_backoff_cap": None if backoff is None else backoff[1].total_seconds(),
+        "expires": seconds_of(definition.expires),
+        "task": definition.task,
+        "task_args": json.dumps(list(definition.task_args)) if definition.kind == KIND_TASK else None,
+        "task_kwargs": json.dumps(dict(definition.task_kwargs)) if definition.kind == KIND_TASK else None,
+        "task_options": json.dumps(dict(definition.task_options)) if definition.kind == KIND_TASK else None,
+    }
+
+
+def _differs(row: Row[Any], values: Mapping[str, Any]) -> bool:
+    stored = row._mapping
+    return any(stored[key] != value for key, value in values.items())
+
+
+def changes(row: Row[Any], definition: JobDefinition, values: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
+    """What storing `definition` over the stored `row` changes (with `update_time`), or {}: its settings, and
+    its next run only when its schedule changed (the new schedule's next slot) or it is enabled again after
+    being disabled (its next slot after now, so it does not fire at once for the time it was off)."""
+    if not _differs(row, values):
+        return {}
+    current = JobRecord.from_row(row)
+    updates = dict(values)
+    nsr = current.next_scheduled_run
+    if definition.schedule != current.schedule and definition.schedule is not None:
+        nsr = definition.schedule.next_after(now)
+    elif definition.enabled and not current.enabled:
+        nsr = timing.resume_at(current.cadence, nsr, now)
+    if nsr != current.next_scheduled_run:
+        updates["next_scheduled_run"] = nsr
+    changed = {key: value for key, value in updates.items() if row._mapping[key] != value}
+    if changed:
+        changed["update_time"] = now
+    return changed
+
+
+@dataclass(frozen=True)
+class JobSync:
+    """What `JobRepository.sync_jobs` did (names sorted); `unchanged`: nothing to do, found in one read."""
+
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    disabled: list[str] = field(default_factory=list)
+    unchanged: bool = False
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    new: list[str]
+    candidates: list[str]  # stored, and differing in some setting
+    missing: list[str]  # enabled jobs of the synced kind that are no longer declared
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.new or self.candidates or self.missing)
+
+
+def plan_sync(
+    rows: Mapping[str, Row[Any]],
+    wanted: Mapping[str, JobDefinition],
+    values: Mapping[str, Mapping[str, Any]],
+    kind: str | None,
+) -> SyncPlan:
+    new = [name for name in wanted if name not in rows]
+    candidates = [name for name, row in rows.items() if name in wanted and _differs(row, values[name])]
+    missing = [] if kind is None else [n for n, r in rows.items() if n not in wanted and r.kind == kind and r.enabled]
+    return SyncPlan(new, sorted(candidates), sorted(missing))
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: int
+    job_name: str
+    status: str
+    queue: str | None
+    claimed_by: str
+    worker: str | None
+    task_id: str | None
+    completed: int
+    total: int
+    error: str | None
+    requested_next_run: dt.datetime | None
+    create_time: dt.datetime
+    start_time: dt.datetime | None
+    update_time: dt.datetime
+    end_time: dt.datetime | None
+    kind: str = KIND_JOB
+    slot: int = 0
+    scheduled_for: dt.datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> RunRecord:
+        m = row._mapping  # a new mapping object at each access
+        return cls(**{name: m[name] for name in cls.__dataclass_fields__})
+
+    @property
+    def progress(self) -> JobStatus:
+        return JobStatus(self.completed, self.total)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What one claim took: its runs (by id) and, read in the same transaction, the jobs of those that advance
+    at claim (plain tasks, `max_active` > 1), by name."""
+
+    runs: list[RunRecord]
+    jobs: dict[str, JobRecord]
+
+
+@dataclass(frozen=True)
+class StartedRun:
+    """A run this repository started, with what its finish needs: the job's cadence as the start statement
+    read it, and the start on both clocks (to tell the database's time at the finish within a second)."""
+
+    run: RunRecord
+    schedule: str | None
+    default_next_run_in: float | None
+    kind: str
+    max_active: int
+    retry_backoff_base: float | None
+    retry_backoff_cap: float | None
+    failure_count: int
+    monotonic: float
+    clock_shift: dt.timedelta
+    frozen: bool
+
+    @classmethod
+    def from_row(cls, row: Row[Any], *, monotonic: float, clock_shift: dt.timedelta, frozen: bool) -> StartedRun:
+        """From a row of the start statement (`statements.start`): the run, and the job's facts as `job_*`."""
+        m = row._mapping
+        return cls(
+            run=RunRecord.from_row(row),
+            schedule=m["job_schedule"],
+            default_next_run_in=m["job_default_next_run_in"],
+            kind=m["job_kind"],
+            max_active=m["job_max_active"],
+            retry_backoff_base=m["job_retry_backoff_base"],
+            retry_backoff_cap=m["job_retry_backoff_cap"],
+            failure_count=m["job_failure_count"],
+            monotonic=monotonic,
+            clock_shift=clock_shift,
+            frozen=frozen,
+        )
+
+    @property
+    def advances_at_claim(self) -> bool:
+        return timing.advances_at_claim(self.kind, self.max_active)
+
+    @property
+    def cadence(self) -> Schedule | None:
+        return timing.cadence(
+            schedule_from_spec(self.schedule) if self.schedule else None, delta_of(self.default_next_run_in)
+        )
+
+    @property
+    def retry_backoff(self) -> tuple[dt.timedelta, dt.timedelta] | None:
+        """The job's own backoff (None: the repository's)."""
+        base, cap = self.retry_backoff_base, self.retry_backoff_cap
+        return None if base is None or cap is None else (dt.timedelta(seconds=base), dt.timedelta(seconds=cap))

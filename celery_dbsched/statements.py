@@ -1,0 +1,795 @@
+"""Every SQL statement of celery_dbsched, built by pure functions named for what they do.
+
+A function takes what the statement needs (the dialect's name, `now`: the clock expression builder of the
+repository, and the values) and returns a SQLAlchemy statement; nothing here connects or executes. A
+difference between dialects (PostgreSQL, SQLite) is decided in the one function that builds the statement.
+Times are computed by the database (`now`), never by this host.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Integer,
+    Interval,
+    String,
+    Text,
+    and_,
+    any_,
+    bindparam,
+    case,
+    cast,
+    column,
+    delete,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql import Select
+from sqlalchemy.sql.base import Executable
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.types import TypeEngine
+
+from .schema import (
+    ACTIVE_STATES,
+    CANCELLED,
+    COMPLETED,
+    DISPATCHED,
+    EXPIRED,
+    FAILED,
+    FINAL_STATES,
+    INTERRUPTED,
+    KIND_TASK,
+    MISFIRE_SKIP,
+    QUEUED,
+    RUNNING,
+    SHUTDOWN,
+    STALLED,
+    UTCDateTime,
+    claimable,
+    job_table,
+    least,
+    run_table,
+    server_table,
+    sync_table,
+)
+from .settings import DEFAULT_MISFIRE_GRACE
+
+WAKEUP_CHANNEL = "dbsched_wakeup"
+ERROR_TEXT_LIMIT = 10_000
+# A finishing statement that finds its job's cadence changed under it (a re-registration committed while it
+# ran) stops itself with this text, so that nothing it wrote is kept, and the finish is done again the long way.
+RECHECK = "celery_dbsched: job changed while finishing"
+# The facts of a job that a one-statement finish is computed from (returned by the start statement).
+FINISH_FACTS = ("schedule", "default_next_run_in", "kind", "max_active", "retry_backoff_base", "retry_backoff_cap")
+EXPIRED_ERROR = f"{EXPIRED}: not started before its slot + expires"
+
+j, r, s = job_table, run_table, server_table
+
+
+class Now(Protocol):
+    """The database's clock (plus `offset` seconds), as an SQL expression: `JobRepository._now`."""
+
+    def __call__(self, offset: float | ColumnElement[Any] | None = None) -> ColumnElement[dt.datetime]: ...
+
+
+def _is_postgres(dialect: str) -> bool:
+    return dialect == "postgresql"
+
+
+def insert(dialect: str, table: Any) -> Any:
+    """An INSERT of the dialect (for ON CONFLICT)."""
+    return (postgresql.insert if _is_postgres(dialect) else sqlite.insert)(table)
+
+
+def error_text(error: str) -> str:
+    """A run's error as stored: PostgreSQL text cannot hold NUL, and an exception message may (the run must
+    still end), and a huge one is cut."""
+    return error.replace("\x00", "\\x00")[:ERROR_TEXT_LIMIT]
+
+
+def _status_is(states: Sequence[str]) -> ColumnElement[bool]:
+    """`status IN (...)` for a fixed set of states, without the expanding parameter that `in_` renders
+    (processed again at every execution of a statement built once)."""
+    return or_(*(r.c.status == state for state in states))
+
+
+def _lock(dialect: str, query: Select[Any]) -> Select[Any]:
+    """`FOR UPDATE` on PostgreSQL; SQLite transactions hold the database's write lock from their start."""
+    return query.with_for_update() if _is_postgres(dialect) else query
+
+
+# -- lists as one bound parameter ----------------------------------------------------------------------------
+# A list of bound parameters would grow with N, and PostgreSQL refuses more than 65,535 a statement (SQLite
+# 32,766): a list travels as ONE parameter, an array on PostgreSQL, a JSON text on SQLite.
+
+
+def values_of(dialect: str, values: Iterable[Any], of: Any) -> Select[Any]:
+    """`SELECT value` over `values` (one JSON array parameter), for `of.in_(...)` / `not_in(...)`."""
+    payload = literal(json.dumps(list(values)), String)
+    if _is_postgres(dialect):
+        elements = func.json_array_elements_text(cast(payload, JSON)).table_valued("value")
+    else:
+        elements = func.json_each(payload).table_valued("value")
+    return select(cast(elements.c.value, of.type))
+
+
+def in_ids(dialect: str, of: Any, ids: Sequence[int]) -> ColumnElement[bool]:
+    """`of IN (ids)`: `= ANY(array)` on PostgreSQL, a JSON list on SQLite."""
+    if _is_postgres(dialect):
+        result: ColumnElement[bool] = of == any_(literal(list(ids), postgresql.ARRAY(BigInteger)))
+        return result
+    values = func.json_each(literal(json.dumps(list(ids)), String)).table_valued("value")
+    return of.in_(select(values.c.value).scalar_subquery())  # type: ignore[no-any-return]
+
+
+_SQLITE = sqlite.dialect()
+
+
+def _sqlite_value(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        to_text = UTCDateTime().bind_processor(_SQLITE)
+        assert to_text is not None
+        return str(to_text(value))
+    return value
+
+
+def pairs(dialect: str, rows: Sequence[tuple[Any, Any]], types: tuple[TypeEngine[Any], TypeEngine[Any]]) -> Any:
+    """(first, second) pairs as one parameter, as two column expressions of a table to join on: two arrays
+    `unnest`ed side by side on PostgreSQL (`types`: their elements'), one JSON list of pairs on SQLite."""
+    if _is_postgres(dialect):
+        table = (
+            func.unnest(
+                literal([first for first, _ in rows], postgresql.ARRAY(types[0])),
+                literal([second for _, second in rows], postgresql.ARRAY(types[1])),
+            )
+            .table_valued("first", "second")
+            .render_derived(name="pairs")
+        )
+        return table.c.first, table.c.second
+    data = json.dumps([[_sqlite_value(first), _sqlite_value(second)] for first, second in rows])
+    values = func.json_each(literal(data, String)).table_valued("value")
+    return func.json_extract(values.c.value, "$[0]"), func.json_extract(values.c.value, "$[1]")
+
+
+# -- jobs ----------------------------------------------------------------------------------------------------
+
+
+def job(name: str) -> Select[Any]:
+    return select(j).where(j.c.name == name)
+
+
+def locked_job(dialect: str, name: str) -> Select[Any]:
+    """The job's row, held until commit (a concurrent claim or finish of it waits)."""
+    return _lock(dialect, job(name))
+
+
+def jobs(dialect: str, names: Iterable[str]) -> Select[Any]:
+    return select(j).where(j.c.name.in_(values_of(dialect, names, j.c.name)))
+
+
+def all_jobs() -> Select[Any]:
+    return select(j).order_by(j.c.name)
+
+
+def insert_job(dialect: str, name: str, first: dt.datetime, now: dt.datetime, values: Mapping[str, Any]) -> Any:
+    """A new job (nothing when another process inserted it meanwhile); returns its row."""
+    row = {"name": name, "next_scheduled_run": first, "create_time": now, "update_time": now, **values}
+    return insert(dialect, j).values(**row).on_conflict_do_nothing().returning(*j.c)
+
+
+def update_job(name: str, changed: Mapping[str, Any]) -> Any:
+    return update(j).where(j.c.name == name).values(**changed).returning(*j.c)
+
+
+def notify(name: Any) -> Select[Any]:
+    """Wake the sleeping beats (PostgreSQL NOTIFY, sent at commit)."""
+    return select(func.pg_notify(WAKEUP_CHANNEL, name))
+
+
+def count_jobs(kind: str | None) -> Select[Any]:
+    count = select(func.count()).select_from(j)
+    return count if kind is None else count.where(j.c.kind == kind)
+
+
+def sync_state(source: str, kind: str | None) -> Select[Any]:
+    """The fingerprint and job count the last sync of `source` stored, and the jobs of `kind` now."""
+    return select(sync_table.c.fingerprint, sync_table.c.job_count, count_jobs(kind).scalar_subquery()).where(
+        sync_table.c.key == source
+    )
+
+
+def add_source(dialect: str, now: Now, source: str) -> Any:
+    return (
+        insert(dialect, sync_table)
+        .values(key=source, fingerprint=None, job_count=0, update_time=now())
+        .on_conflict_do_nothing()
+    )
+
+
+def locked_source(dialect: str, source: str) -> Select[Any]:
+    return _lock(dialect, select(sync_table.c.fingerprint, sync_table.c.job_count).where(sync_table.c.key == source))
+
+
+def store_fingerprint(source: str, fingerprint: str, job_count: int, now: dt.datetime) -> Any:
+    return (
+        update(sync_table)
+        .where(sync_table.c.key == source)
+        .values(fingerprint=fingerprint, job_count=job_count, update_time=now)
+    )
+
+
+def jobs_to_sync(dialect: str, names: Iterable[str], kind: str | None) -> Select[Any]:
+    """The rows of the named jobs and (with `kind`) every enabled job of that kind."""
+    condition: ColumnElement[bool] = j.c.name.in_(values_of(dialect, names, j.c.name))
+    if kind is not None:
+        condition = or_(condition, and_(j.c.kind == kind, j.c.enabled))
+    return select(j).where(condition)
+
+
+def _json_time(value: object) -> str:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON: {value!r}")
+
+
+def insert_jobs(dialect: str, rows: Sequence[Mapping[str, Any]]) -> tuple[Any, list[Mapping[str, Any]] | None]:
+    """New jobs, skipping those another process inserted first: the statement and its executemany rows (None:
+    the rows are in the statement, which returns the names it inserted)."""
+    if not _is_postgres(dialect):
+        # Under SQLite's write lock nobody else inserts meanwhile; executemany binds ~25 values a row.
+        return insert(dialect, j).on_conflict_do_nothing(), list(rows)
+    # One JSON parameter per chunk: libpq would otherwise parse a statement of ~25 placeholders a row.
+    columns = list(rows[0])
+    records = func.json_to_recordset(cast(literal(json.dumps(rows, default=_json_time), String), JSON))
+    source = records.table_valued(*(column(name, j.c[name].type) for name in columns)).render_derived(
+        name="new_job", with_types=True
+    )
+    stmt = insert(dialect, j).from_select(columns, select(*source.c)).on_conflict_do_nothing()
+    return stmt.returning(j.c.name), None
+
+
+def locked_jobs(dialect: str, names: Iterable[str]) -> Select[Any]:
+    return _lock(dialect, jobs(dialect, names))
+
+
+def update_jobs_by_name() -> Any:
+    """Executemany: each parameter set is a job's `b_name` and the values it changes."""
+    return update(j).where(j.c.name == bindparam("b_name"))
+
+
+def disable_jobs(dialect: str, names: Iterable[str], kind: str, now: dt.datetime) -> Any:
+    return (
+        update(j)
+        .where(j.c.name.in_(values_of(dialect, names, j.c.name)), j.c.kind == kind, j.c.enabled)
+        .values(enabled=False, update_time=now)
+        .returning(j.c.name)
+    )
+
+
+def disable_jobs_not_in(dialect: str, now: Now, kind: str, names: Iterable[str]) -> Any:
+    return (
+        update(j)
+        .where(j.c.kind == kind, j.c.enabled, j.c.name.not_in(values_of(dialect, names, j.c.name)))
+        .values(enabled=False, update_time=now())
+        .returning(j.c.name)
+    )
+
+
+def pull_in_job(name: str, wanted: ColumnElement[dt.datetime]) -> Any:
+    return (
+        update(j)
+        .where(j.c.name == name)
+        .values(next_scheduled_run=least(wanted, j.c.next_scheduled_run))
+        .returning(*j.c)
+    )
+
+
+def pull_in_active_runs(name: str, wanted: ColumnElement[dt.datetime]) -> Any:
+    """Kept on the job's active runs and honoured when they end (design §6)."""
+    requested = least(func.coalesce(r.c.requested_next_run, wanted), wanted)
+    return update(r).where(r.c.job_name == name, r.c.status.in_(ACTIVE_STATES)).values(requested_next_run=requested)
+
+
+def next_due(now: Now) -> Select[Any]:
+    """The earliest claimable job's next run, and now: one indexed query."""
+    return (
+        select(j.c.next_scheduled_run, now().label("now"))
+        .where(claimable)
+        .order_by(j.c.next_scheduled_run, j.c.name)
+        .limit(1)
+    )
+
+
+def set_next_runs(dialect: str, slots: Sequence[tuple[str, dt.datetime]]) -> Any:
+    """`next_scheduled_run` of many jobs in one statement, with the (name, time) pairs as one parameter."""
+    if len(slots) == 1:
+        return update(j).where(j.c.name == slots[0][0]).values(next_scheduled_run=slots[0][1])
+    name, slot = pairs(dialect, slots, (String(), postgresql.TIMESTAMP(timezone=True)))
+    return update(j).where(j.c.name == name).values(next_scheduled_run=slot)
+
+
+def set_paused(name: str, values: Mapping[str, Any]) -> Any:
+    return update(j).where(j.c.name == name).values(**values).returning(*j.c)
+
+
+# -- runs: claiming --------------------------------------------------------------------------------------------
+
+
+def _slot_to_take() -> ColumnElement[int]:
+    """The slot a claimed run takes: 0, or for `max_active` > 1 with slot 0 taken, the lowest free one."""
+    slot_taken = exists().where(r.c.job_name == j.c.name, r.c.status.in_(ACTIVE_STATES), r.c.slot == 0)
+    r2 = run_table.alias("r2")
+    next_free = (
+        select(func.min(r.c.slot + 1))
+        .where(
+            r.c.job_name == j.c.name,
+            r.c.status.in_(ACTIVE_STATES),
+            ~exists().where(r2.c.job_name == r.c.job_name, r2.c.status.in_(ACTIVE_STATES), r2.c.slot == r.c.slot + 1),
+        )
+        .correlate(j)
+        .scalar_subquery()
+    )
+    return case((j.c.max_active == 1, 0), (~slot_taken, 0), else_=next_free)
+
+
+def claim(dialect: str, now: Now, server_id: str, limit: int) -> Any:
+    """A `queued` run for each of up to `limit` due jobs, earliest due first, then by name; returns the runs.
+    On PostgreSQL the due jobs are read `FOR UPDATE SKIP LOCKED`: beats claiming at the same time take
+    disjoint sets of jobs instead of waiting for each other's claim and then finding nothing left."""
+    at = now()
+    due = (
+        select(
+            j.c.name,
+            literal(QUEUED, String),
+            j.c.queue,
+            literal(server_id, String),
+            at,
+            at,
+            j.c.kind,
+            _slot_to_take(),
+            func.coalesce(j.c.retry_slot, j.c.next_scheduled_run),
+        )
+        .where(j.c.next_scheduled_run <= at, claimable)
+        .order_by(j.c.next_scheduled_run, j.c.name)
+        .limit(limit)
+    )
+    if _is_postgres(dialect):
+        due = due.with_for_update(skip_locked=True, of=j)
+    columns = [
+        "job_name", "status", "queue", "claimed_by", "create_time", "update_time", "kind", "slot", "scheduled_for",
+    ]  # fmt: skip
+    return insert(dialect, r).from_select(columns, due).on_conflict_do_nothing().returning(*r.c)
+
+
+def drop_stale_claims(dialect: str, ids: Sequence[int]) -> Any:
+    """Delete the claimed runs whose slot is no longer their job's due slot; returns their ids."""
+    return (
+        delete(r)
+        .where(
+            in_ids(dialect, r.c.id, ids),
+            ~exists().where(
+                j.c.name == r.c.job_name,
+                func.coalesce(j.c.retry_slot, j.c.next_scheduled_run) == r.c.scheduled_for,
+            ),
+        )
+        .returning(r.c.id)
+    )
+
+
+def misfired(now: Now, limit: int) -> Select[Any]:
+    """Claimable jobs with the `skip` misfire policy that are later than their grace."""
+    grace = func.coalesce(j.c.misfire_grace, DEFAULT_MISFIRE_GRACE.total_seconds())
+    return (
+        select(j)
+        .where(
+            j.c.misfire == MISFIRE_SKIP,
+            j.c.next_scheduled_run <= now(),  # a range on the (small) index of skip-policy jobs
+            j.c.next_scheduled_run < now(-grace),
+            claimable,
+        )
+        .limit(limit)
+    )
+
+
+def claimed_jobs_advancing(dialect: str, now: Now, ids: Sequence[int]) -> Select[Any]:
+    """The jobs of the claimed runs `ids` that advance at claim, with the run's slot (`claimed_slot`) and now
+    (`claimed_at`)."""
+    return (
+        select(j, r.c.scheduled_for.label("claimed_slot"), now().label("claimed_at"))
+        .join(r, r.c.job_name == j.c.name)
+        .where(in_ids(dialect, r.c.id, ids), or_(j.c.kind == KIND_TASK, j.c.max_active > 1))
+    )
+
+
+# -- runs: transitions -----------------------------------------------------------------------------------------
+
+
+def run(run_id: int) -> Select[Any]:
+    return select(r).where(r.c.id == run_id)
+
+
+def run_status() -> Select[Any]:
+    return select(r.c.status).where(r.c.id == bindparam("run_id"))
+
+
+def start(now: Now) -> Any:
+    """PostgreSQL, one statement: `queued -> running` unless expired (counted from the claim, as in
+    `start_queued`), returning the run and its job's facts for the finish (`job_*`). Bound: `run_id`,
+    `run_worker`, `run_task_id`."""
+    at = now()
+    return (
+        update(r)
+        .where(
+            r.c.id == bindparam("run_id"),
+            r.c.status == QUEUED,
+            j.c.name == r.c.job_name,
+            or_(j.c.expires.is_(None), r.c.create_time >= now(-j.c.expires)),
+        )
+        .values(
+            status=RUNNING,
+            worker=bindparam("run_worker"),
+            task_id=bindparam("run_task_id"),
+            start_time=at,
+            update_time=at,
+        )
+        .returning(
+            *r.c,
+            *(j.c[name].label(f"job_{name}") for name in FINISH_FACTS),
+            j.c.failure_count.label("job_failure_count"),
+        )
+    )
+
+
+def _job_expires() -> Any:
+    return select(j.c.expires).where(j.c.name == r.c.job_name).scalar_subquery()
+
+
+def start_queued(now: Now, run_id: int, worker: str, task_id: str | None) -> Any:
+    """`queued -> running` unless the job `expires` and its slot + expires has passed."""
+    expires = _job_expires()
+    not_expired = or_(
+        expires.is_(None),
+        # Counted from the claim, which is the slot itself or, for a catch-up run after downtime, the moment
+        # the slot was taken up: a catch-up run must not expire before it could start.
+        r.c.create_time >= now(-expires),
+    )
+    at = now()
+    return (
+        update(r)
+        .where(r.c.id == run_id, r.c.status == QUEUED, not_expired)
+        .values(status=RUNNING, worker=worker, task_id=task_id, start_time=at, update_time=at)
+        .returning(*r.c)
+    )
+
+
+def expire_queued(now: Now, run_id: int) -> Any:
+    return (
+        update(r)
+        .where(r.c.id == run_id, r.c.status == QUEUED)
+        .values(status=INTERRUPTED, end_time=now(), error=EXPIRED_ERROR)
+        .returning(*r.c)
+    )
+
+
+def progress(now: Now) -> Any:
+    """PostgreSQL: the write, or (when it matched nothing) the run as it was: why it did not apply, in one
+    statement (`_written` says which). Bound: `run_id`, `p_completed`, `p_total`."""
+    changed = or_(r.c.completed != bindparam("p_completed"), r.c.total != bindparam("p_total"))
+    written = (
+        update(r)
+        .where(r.c.id == bindparam("run_id"), r.c.status == RUNNING, changed)
+        .values(completed=bindparam("p_completed"), total=bindparam("p_total"), update_time=now())
+        .returning(*r.c, true().label("_written"))
+        .cte("written")
+    )
+    as_it_was = select(*r.c, literal(False).label("_written")).where(
+        r.c.id == bindparam("run_id"), ~exists(select(written.c.id))
+    )
+    return select(written).union_all(as_it_was)
+
+
+def set_progress(now: Now, run_id: int, completed: int, total: int) -> Any:
+    """A running run's progress; `update_time` moves only when the values change (design §5)."""
+    return (
+        update(r)
+        .where(r.c.id == run_id, r.c.status == RUNNING, or_(r.c.completed != completed, r.c.total != total))
+        .values(completed=completed, total=total, update_time=now())
+        .returning(*r.c)
+    )
+
+
+def end_run(now: Now, run_id: int, status: str, from_states: Sequence[str], values: Mapping[str, Any]) -> Any:
+    """End a run in one of `from_states` as `status`, with `values` (error, progress)."""
+    return (
+        update(r)
+        .where(r.c.id == run_id, r.c.status.in_(from_states))
+        .values(status=status, end_time=now(), **values)
+        .returning(*r.c)
+    )
+
+
+def schedule_next(job_name: str, when: dt.datetime, *, failed: bool, run_slot: dt.datetime | None) -> Any:
+    """The job's next run after a run of `run_slot` ended; a failure counts, and the slot it retries is kept."""
+    retry_slot = func.coalesce(j.c.retry_slot, literal(run_slot, UTCDateTime())) if failed else None
+    return (
+        update(j)
+        .where(j.c.name == job_name)
+        .values(
+            next_scheduled_run=when,
+            failure_count=j.c.failure_count + 1 if failed else 0,
+            retry_slot=retry_slot,
+        )
+    )
+
+
+def _ended(now: Now, failed: bool, checked: bool, facts_hold: ColumnElement[bool]) -> Any:
+    at = now()
+    in_window = and_(bindparam("w_lower", type_=UTCDateTime()) <= at, at < bindparam("w_upper", type_=UTCDateTime()))
+    conditions = [r.c.id == bindparam("run_id"), _status_is(ACTIVE_STATES if failed else (RUNNING,)), in_window]
+    if checked:
+        conditions.append(exists().where(j.c.name == r.c.job_name, facts_hold))
+    values: dict[str, Any] = {
+        "status": FAILED if failed else COMPLETED,
+        "end_time": at,
+        "completed": func.coalesce(bindparam("p_completed", type_=Integer), r.c.completed),
+        "total": func.coalesce(bindparam("p_total", type_=Integer), r.c.total),
+    }
+    if failed:
+        values["error"] = bindparam("run_error", type_=Text)
+    return update(r).where(*conditions).values(**values).returning(*r.c).cte("ended")
+
+
+def _next_run_in_window(now: Now, failed: bool, requested: Any) -> Any:
+    """`timing.finish_window` in SQL: the next run after the finish, from the bound window."""
+    at = now()
+    slots = func.unnest(cast(bindparam("w_slots"), postgresql.ARRAY(UTCDateTime()))).column_valued("slot")
+    next_slot = select(func.min(slots)).where(slots > at).scalar_subquery()
+    after_delay = at + cast(bindparam("w_delay"), Interval())
+    use_next = cast(bindparam("w_use_next"), Boolean())
+    if failed:
+        # now + min(backoff, next slot - now), and never later than a slot the claim moved the job to.
+        when: Any = least(after_delay, next_slot, case((use_next, j.c.next_scheduled_run)))
+    else:
+        when = case((use_next, j.c.next_scheduled_run), else_=least(after_delay, next_slot))
+    return least(when, requested)  # least() skips NULLs: a pull-in made meanwhile wins
+
+
+def finish(now: Now, failed: bool, checked: bool) -> Any:
+    """PostgreSQL, one statement: end the run (CTE `ended`), then schedule its job (CTE `scheduled`, the same
+    row order as the long way: run, then job), wake the beats when the job is due within their interval
+    (NOTIFY, sent at commit), and return the ended run. Applies only while the database's time is in the
+    bound window and (`checked`) the job's facts are still the bound ones; a job that changed under the
+    statement stops it with RECHECK. Bound: see `JobRepository._finish_in_one_statement`."""
+    job_facts = [j.c[name].is_not_distinct_from(bindparam(f"f_{name}")) for name in FINISH_FACTS]
+    if failed:
+        job_facts.append(j.c.failure_count == bindparam("f_failure_count"))
+    facts_hold = and_(*job_facts)
+    ended = _ended(now, failed, checked, facts_hold)
+    job_values: dict[str, Any] = {
+        "next_scheduled_run": _next_run_in_window(now, failed, ended.c.requested_next_run),
+        "failure_count": j.c.failure_count + 1 if failed else 0,
+        "retry_slot": func.coalesce(j.c.retry_slot, ended.c.scheduled_for) if failed else None,
+    }
+    scheduled = update(j).where(j.c.name == ended.c.job_name)
+    if checked:
+        scheduled = scheduled.where(facts_hold)  # as the row is when locked (it may have changed since)
+    scheduled_cte = scheduled.values(**job_values).returning(j.c.name, j.c.next_scheduled_run).cte("scheduled")
+    # A job that changed under the statement (so not scheduled by it) stops the statement with RECHECK:
+    # the run's end is undone with it. Cast from a column's value, so the planner cannot fold it early.
+    recheck = case(
+        (scheduled_cte.c.name.is_(None), cast(func.coalesce(scheduled_cte.c.name, RECHECK), Integer)),
+        else_=literal(0),
+    )
+    wake = case(
+        (
+            scheduled_cte.c.next_scheduled_run < now() + cast(bindparam("w_wake"), Interval()),
+            func.pg_notify(WAKEUP_CHANNEL, scheduled_cte.c.name),
+        )
+    )
+    return select(ended, recheck.label("_recheck"), wake.label("_wake")).select_from(
+        ended.outerjoin(scheduled_cte, true())
+    )
+
+
+def interrupt_stalled(now: Now, default_threshold: float, reason: str) -> Any:
+    """End `interrupted` every active run whose `update_time` is older than its job's interrupt threshold
+    (else `default_threshold` seconds); returns them."""
+    per_job = select(j.c.interrupt_threshold).where(j.c.name == r.c.job_name).scalar_subquery()
+    condition = and_(
+        r.c.status.in_(ACTIVE_STATES),
+        # A tracked plain task reports no progress: its liveness is its worker's (interrupt_orphaned).
+        or_(r.c.kind != KIND_TASK, r.c.status == QUEUED),
+        r.c.update_time < now(-func.coalesce(per_job, default_threshold)),
+    )
+    error = case(
+        (r.c.status == QUEUED, f"{reason}: no worker started it within the interrupt threshold"),
+        else_=f"{reason}: no progress within the interrupt threshold",
+    )
+    return update(r).where(condition).values(status=INTERRUPTED, end_time=now(), error=error).returning(*r.c)
+
+
+def interrupt_left_behind(now: Now, server_id: str, threshold: dt.timedelta | None, reason: str) -> Any:
+    """End `interrupted` the runs `server_id` left behind (running on it as a worker, or queued by it as a
+    beat), older than `threshold` when given; returns them."""
+    condition = or_(
+        and_(r.c.status == RUNNING, r.c.worker == server_id),
+        and_(r.c.status == QUEUED, r.c.claimed_by == server_id),
+    )
+    if threshold:
+        condition = and_(condition, r.c.update_time < now(-threshold.total_seconds()))
+    error = f"{reason}: " + (f"{server_id} shut down" if reason == SHUTDOWN else f"left behind by {server_id}")
+    return update(r).where(condition).values(status=INTERRUPTED, end_time=now(), error=error).returning(*r.c)
+
+
+def due_again(dialect: str, now: Now, names: Iterable[str]) -> Any:
+    """The named jobs whose schedule moved on when their run was claimed (plain tasks, max_active > 1) are
+    due again at once: the slot a dead beat claimed but never sent is not lost (design §4)."""
+    return (
+        update(j)
+        .where(j.c.name.in_(values_of(dialect, names, j.c.name)), or_(j.c.kind == KIND_TASK, j.c.max_active > 1))
+        .values(next_scheduled_run=least(j.c.next_scheduled_run, now()))
+    )
+
+
+def expire(now: Now) -> Any:
+    """End `interrupted` (expired) the queued runs whose job sets `expires` and whose slot + expires passed."""
+    expires = _job_expires()
+    return (
+        update(r)
+        .where(r.c.status == QUEUED, expires.is_not(None), r.c.create_time < now(-expires))
+        .values(status=INTERRUPTED, end_time=now(), error=EXPIRED_ERROR)
+        .returning(*r.c)
+    )
+
+
+def dispatch(now: Now, run_id: int, task_id: str | None) -> Any:
+    """`queued -> dispatched`: a plain task was sent."""
+    values: dict[str, Any] = {"status": DISPATCHED, "end_time": now()}
+    if task_id is not None:
+        values["task_id"] = task_id
+    return update(r).where(r.c.id == run_id, r.c.status == QUEUED).values(**values).returning(*r.c)
+
+
+def reset_failures(job_name: str) -> Any:
+    """Sent: whatever failed to publish before is behind it."""
+    return update(j).where(j.c.name == job_name).values(failure_count=0, retry_slot=None)
+
+
+def dispatch_many(dialect: str, now: Now, sent: Sequence[tuple[int, str | None]]) -> list[Any]:
+    """`queued -> dispatched` for (run id, task id) pairs (one parameter), and their jobs' failure counts
+    reset: one statement on PostgreSQL (the mark as a data-modifying CTE of the reset), two on SQLite."""
+    ids = [run_id for run_id, _ in sent]
+    run_id, task_id = pairs(dialect, sent, (BigInteger(), String()))
+    mark = (
+        update(r)
+        .where(r.c.id == run_id, r.c.status == QUEUED)
+        .values(status=DISPATCHED, end_time=now(), task_id=func.coalesce(task_id, r.c.task_id))
+    )
+    reset = (
+        update(j)
+        .where(
+            j.c.name.in_(select(r.c.job_name).where(in_ids(dialect, r.c.id, ids))),
+            or_(j.c.failure_count != 0, j.c.retry_slot.is_not(None)),
+        )
+        .values(failure_count=0, retry_slot=None)
+    )
+    if _is_postgres(dialect):
+        return [reset.add_cte(mark.cte("marked"))]
+    return [mark, reset]
+
+
+# -- plain tasks tracked on workers ----------------------------------------------------------------------------
+
+
+def track_start(now: Now) -> Any:
+    """`dispatched|queued -> running` of a plain task, taking no slot (slot = -id). Bound: `run_id`,
+    `run_worker`, `run_task_id`."""
+    at = now()
+    return (
+        update(r)
+        .where(r.c.id == bindparam("run_id"), _status_is((QUEUED, DISPATCHED)), r.c.kind == KIND_TASK)
+        .values(
+            status=RUNNING,
+            worker=bindparam("run_worker"),
+            task_id=bindparam("run_task_id"),
+            start_time=at,
+            update_time=at,
+            end_time=None,
+            slot=-r.c.id,
+        )
+        .returning(*r.c)
+    )
+
+
+def track_end(now: Now, status: str) -> Any:
+    """`running -> status` of a tracked plain task. Bound: `run_id`, and `run_error` when failed."""
+    values: dict[str, Any] = {"status": status, "end_time": now()}
+    if status == FAILED:
+        values["error"] = bindparam("run_error", type_=Text)
+    return update(r).where(r.c.id == bindparam("run_id"), r.c.status == RUNNING).values(**values).returning(*r.c)
+
+
+def heartbeat(dialect: str, now: Now) -> Executable:
+    """Record that a server is alive now. Bound: `s_id`, `s_kind`, `s_hostname`, `s_pid`."""
+    at = now()
+    stmt = insert(dialect, s).values(
+        id=bindparam("s_id"),
+        kind=bindparam("s_kind"),
+        hostname=bindparam("s_hostname"),
+        pid=bindparam("s_pid"),
+        start_time=at,
+        last_seen=at,
+    )
+    upsert: Executable = stmt.on_conflict_do_update(
+        index_elements=[s.c.id], set_={"last_seen": stmt.excluded.last_seen, "pid": stmt.excluded.pid}
+    )
+    return upsert
+
+
+def interrupt_orphaned(now: Now, threshold: float) -> Any:
+    """End `interrupted` the tracked plain tasks whose worker has not been seen for `threshold` seconds."""
+    alive = exists().where(s.c.id == r.c.worker, s.c.last_seen >= now(-threshold))
+    return (
+        update(r)
+        .where(r.c.kind == KIND_TASK, r.c.status == RUNNING, ~alive, r.c.start_time < now(-threshold))
+        .values(status=INTERRUPTED, end_time=now(), error=f"{STALLED}: its worker stopped answering")
+        .returning(*r.c)
+    )
+
+
+def cancel_active_runs(now: Now, job_name: str) -> Any:
+    return (
+        update(r)
+        .where(r.c.job_name == job_name, r.c.status.in_(ACTIVE_STATES))
+        .values(status=INTERRUPTED, end_time=now(), error=f"{CANCELLED}: by an operator")
+        .returning(*r.c)
+    )
+
+
+# -- history ---------------------------------------------------------------------------------------------------
+
+
+def runs(job_name: str | None, status: str | None, limit: int) -> Select[Any]:
+    """Newest first."""
+    query = select(r).order_by(r.c.id.desc()).limit(limit)
+    if job_name is not None:
+        query = query.where(r.c.job_name == job_name)
+    if status is not None:
+        query = query.where(r.c.status == status)
+    return query
+
+
+def prune_batch(dialect: str, now: Now, retention: dt.timedelta, size: int) -> Any:
+    """Delete up to `size` final runs that ended more than `retention` ago, oldest first, picked through the
+    `end_time` index; on PostgreSQL rows another pruning beat holds are skipped, not waited for."""
+    oldest = (
+        select(r.c.id)
+        .where(r.c.end_time < now(-retention.total_seconds()), r.c.status.in_(FINAL_STATES))
+        .order_by(r.c.end_time)
+        .limit(size)
+    )
+    if _is_postgres(dialect):
+        oldest = oldest.with_for_update(skip_locked=True)
+    return delete(r).where(r.c.id.in_(oldest.scalar_subquery()))
+
+
+def database_now(now: Now) -> Select[Any]:
+    return select(now())
+
+
+def ping() -> Executable:
+    return text("SELECT 1")
