@@ -140,16 +140,18 @@ def _sqlite_message(error: BaseException | None) -> str | None:
 
 
 def _is_missing_table(error: BaseException | None) -> bool:
-    if _sqlstate(error) is not None:
-        return _sqlstate(error) == _UNDEFINED_TABLE
+    sqlstate = _sqlstate(error)
+    if sqlstate is not None:
+        return sqlstate == _UNDEFINED_TABLE
     message = _sqlite_message(error)
     return message is not None and "no such table" in message
 
 
 def _is_missing_column(error: BaseException | None) -> bool:
     """A column this code needs is not there: the schema is older than the code (not an outage)."""
-    if _sqlstate(error) is not None:
-        return _sqlstate(error) == _UNDEFINED_COLUMN
+    sqlstate = _sqlstate(error)
+    if sqlstate is not None:
+        return sqlstate == _UNDEFINED_COLUMN
     message = _sqlite_message(error)
     return message is not None and "no such column" in message
 
