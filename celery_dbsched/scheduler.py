@@ -18,13 +18,13 @@ from celery import beat
 from .beat_schedule import summarize_names, sync_beat_schedule
 from .errors import DatabaseError, DatabaseUnavailable
 from .migrate import prepare_schema
+from .protocol import run_headers
 from .publisher import RunPublisher
 from .registry import existing_registry
 from .repository import WAKEUP_CHANNEL, Claim, JobRecord, JobRepository, RunRecord, repository_for
 from .schema import KIND_TASK
-from .settings import Settings
+from .settings import settings_for
 from .wakeup import Wakeup
-from .worker import RUN_ID_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
 
     def __init__(self, app: Any, *args: Any, lazy: bool = False, **kwargs: Any) -> None:
         # Celery also builds a lazy instance just for the banner: parse settings (no I/O), open nothing.
-        self.settings = Settings.from_mapping(app.conf)
+        self.settings = settings_for(app)
         self.server_id = self.settings.beat_server_id()
         self._repository: JobRepository | None = None
         self._next_monitor = 0.0
@@ -326,7 +326,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             job.task_args,
             job.task_kwargs,
             job.task_options,
-            {RUN_ID_HEADER: run.id},
+            run_headers(run.id),
             entry=job.name,
         )
 

@@ -21,9 +21,9 @@ from conftest import Database
 from sqlalchemy import event, text
 
 from celery_dbsched import Scheduler
+from celery_dbsched.protocol import RUN_ID_HEADER
 from celery_dbsched.repository import JobRepository, forget_repository
 from celery_dbsched.schema import DISPATCHED, QUEUED
-from celery_dbsched.worker import RUN_ID_HEADER
 
 Factory = Callable[..., Scheduler]
 

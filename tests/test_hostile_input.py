@@ -35,6 +35,7 @@ from celery_dbsched.cli import dbsched
 from celery_dbsched.errors import DatabaseUnavailable
 from celery_dbsched.job import JobDefinition
 from celery_dbsched.migrate import VERSION_TABLE, _config, check_schema, current_revision, head_revision, migrate
+from celery_dbsched.protocol import MAX_RUN_ID, RUN_TASK_NAME, valid_run_id
 from celery_dbsched.registry import registry_for
 from celery_dbsched.repository import JobRepository, forget_repository, repository_for
 from celery_dbsched.scheduler import Scheduler
@@ -51,7 +52,7 @@ from celery_dbsched.settings import (
     Settings,
     default_database_url,
 )
-from celery_dbsched.worker import MAX_RUN_ID, RUN_TASK_NAME, DbschedWorkerStep, valid_run_id
+from celery_dbsched.worker import DbschedWorkerStep
 
 pytestmark = pytest.mark.faults
 
