@@ -22,7 +22,7 @@ from .errors import (
     SchemaMismatch,
 )
 from .job import Job, JobContext, JobStatus
-from .registry import job, register_job, update_job_next_run_in_at_least
+from .registration import job, register_job, update_job_next_run_in_at_least
 from .repository import JobRecord, JobRepository, RunRecord
 
 if TYPE_CHECKING:

@@ -20,6 +20,7 @@ from celery.worker.request import Request
 
 from .migrate import prepare_schema
 from .protocol import JSON_CONTENT_TYPE, RUN_SERIALIZER, RUN_TASK_NAME, run_args, valid_run_id
+from .registry import registry_for
 from .repository import RESTART, SHUTDOWN, JobRepository, repository_for
 from .runner import execute_run, shutdown_waker, shutting_down
 from .settings import default_server_id, settings_for
@@ -50,8 +51,6 @@ class JsonOnlyRequest(Request):  # type: ignore[misc]
 def _run_job(task: Any, run_id: object, job_name: object = None) -> str | None:
     """The task body. `job_name` in the message is informational: the job that runs is the one the
     database says the run belongs to, looked up in this worker's registry (never code named by a message)."""
-    from .registry import registry_for
-
     checked = valid_run_id(run_id)
     if checked is None:
         logger.error("dropping a run message with a malformed run id %.100r (job %.100r)", run_id, job_name)
@@ -98,8 +97,6 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self.repository: JobRepository | None = None
 
     def start(self, worker: Any) -> None:
-        from .registry import registry_for
-
         app = worker.app
         shutdown_waker.start()
         repository = repository_for(app, self.settings)
@@ -178,8 +175,11 @@ _apps: weakref.WeakSet[Any] = weakref.WeakSet()  # the apps install_worker put t
 
 
 def install_worker(app: Any) -> None:
-    """Put the wrapper task and the bootstep on `app` (once)."""
+    """Put the wrapper task and the bootstep on `app`; called where a job is registered on it (again: nothing
+    more is done)."""
     global _signals_connected
+    if app in _apps:
+        return
     app.task(
         name=RUN_TASK_NAME,
         bind=True,

@@ -52,7 +52,7 @@ from celery_dbsched.settings import (
     Settings,
     default_database_url,
 )
-from celery_dbsched.worker import DbschedWorkerStep
+from celery_dbsched.worker import DbschedWorkerStep, install_worker
 
 pytestmark = pytest.mark.faults
 
@@ -753,7 +753,7 @@ def test_an_unreachable_database_never_logs_the_password(
     with pytest.raises(DatabaseUnavailable) as excinfo:
         step.start(SimpleNamespace(app=app, hostname="w@host", pool=None))
     shown.append("".join(traceback.format_exception(excinfo.value)))
-    registry_for(app)  # installs the run task
+    install_worker(app)  # the run task
     with pytest.raises(DatabaseUnavailable) as excinfo:
         app.tasks[RUN_TASK_NAME].apply(args=[1, "x"]).get()
     shown.append("".join(traceback.format_exception(excinfo.value)))
@@ -839,7 +839,7 @@ def test_an_older_schema_asks_for_migrate_everywhere(database: Database, apps: C
             operation()
         assert MIGRATE_HINT in str(excinfo.value) and "older than this celery_dbsched" in str(excinfo.value)
         assert "SELECT" not in str(excinfo.value) and "LINE" not in str(excinfo.value)
-    registry_for(app)
+    install_worker(app)
     with pytest.raises(SchemaMismatch, match="dbsched migrate"):
         app.tasks[RUN_TASK_NAME].apply(args=[1, "x"]).get()  # a run message reaching a worker
 
