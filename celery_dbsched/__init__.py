@@ -23,7 +23,7 @@ from .errors import (
 )
 from .job import Job, JobContext, JobStatus
 from .records import JobRecord, RunRecord
-from .registry import job, register_job, update_job_next_run_in_at_least
+from .registration import job, register_job, update_job_next_run_in_at_least
 from .repository import JobRepository
 
 if TYPE_CHECKING:

@@ -39,7 +39,7 @@ from celery.utils.time import add_seconds_to_datetime, maybe_make_aware, subtrac
 from dateutil.parser import isoparse  # type: ignore[import-untyped]
 from kombu.common import Broadcast
 
-from .worker import RUN_TASK_NAME
+from .protocol import RUN_SERIALIZER, RUN_TASK_NAME, run_args
 
 _MISSING: Any = object()
 _EMBED: dict[str, None] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -127,7 +127,7 @@ class RunPublisher:
             return self._send_task(producer, run_id, job_name, queue)
         route = self._route(queue)
         task_id = self._task_id()
-        args = [run_id, job_name]
+        args = run_args(run_id, job_name)
         headers = {
             "lang": "py",
             "task": RUN_TASK_NAME,
@@ -151,7 +151,7 @@ class RunPublisher:
         }
         body: tuple[list[Any], dict[str, Any], dict[str, None]] = (args, {}, _EMBED)
         properties = {"correlation_id": task_id, "reply_to": self.app.thread_oid, **route.properties}
-        self._send(producer, RUN_TASK_NAME, route, queue, "json", body, headers, properties)
+        self._send(producer, RUN_TASK_NAME, route, queue, RUN_SERIALIZER, body, headers, properties)
         return task_id
 
     def _send(
@@ -464,7 +464,7 @@ class RunPublisher:
     def _send_task(self, producer: Any, run_id: int, job_name: str, queue: str | None) -> str:
         options: dict[str, Any] = {"queue": queue} if queue else {}
         result = self.app.send_task(
-            RUN_TASK_NAME, args=[run_id, job_name], producer=producer, serializer="json", **options
+            RUN_TASK_NAME, args=run_args(run_id, job_name), producer=producer, serializer=RUN_SERIALIZER, **options
         )
         return str(result.id)
 

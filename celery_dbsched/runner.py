@@ -43,8 +43,8 @@ def shutting_down() -> bool:
     return _Process.shutting_down
 
 
-def cancel_active_runs(reason: str) -> int:
-    """Cancel every run executing in this process (not from a signal handler: see `request_shutdown`)."""
+def cancel_local_runs(reason: str) -> int:
+    """Cancel every run executing in this process (not from a signal handler: see `shutdown_waker`)."""
     if reason == SHUTDOWN:
         _Process.shutting_down = True
     contexts = list(_active)
@@ -73,7 +73,7 @@ class _ShutdownWaker:
 
     def _wait(self, read_fd: int) -> None:
         while os.read(read_fd, 1):
-            cancel_active_runs(SHUTDOWN)
+            cancel_local_runs(SHUTDOWN)
 
     def request(self) -> None:
         """Signal-safe: mark the process shutting down and wake the cancelling thread."""

@@ -19,15 +19,15 @@ from .beat_schedule import summarize_names, sync_beat_schedule
 from .binding import repository_for
 from .errors import DatabaseError, DatabaseUnavailable
 from .migrate import prepare_schema
+from .protocol import run_headers
 from .publisher import RunPublisher
 from .records import Claim, JobRecord, RunRecord
 from .registry import existing_registry
 from .repository import JobRepository
 from .schema import KIND_TASK
-from .settings import Settings
+from .settings import settings_for
 from .statements import WAKEUP_CHANNEL
 from .wakeup import Wakeup
-from .worker import RUN_ID_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,10 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
 
     def __init__(self, app: Any, *args: Any, lazy: bool = False, **kwargs: Any) -> None:
         # Celery also builds a lazy instance just for the banner: parse settings (no I/O), open nothing.
-        self.settings = Settings.from_mapping(app.conf)
+        self.settings = settings_for(app)
         self.server_id = self.settings.beat_server_id()
         self._repository: JobRepository | None = None
+        self._prepared = False  # the start-up (`prepare`) has run to its end
         self._next_monitor = 0.0
         self._next_prune = 0.0
         self._db_failing_since: float | None = None
@@ -75,17 +76,19 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
     # -- Celery's scheduler interface -------------------------------------------------------------------
 
     def setup_schedule(self) -> None:
-        """At start: prepare the schema, register the jobs this app knows and its `beat_schedule` entries,
-        end the runs a previous life of this server id left queued. A database that is down is waited for;
-        a wrong schema, a bad entry or a statement the database refuses is fatal (the beat exits non-zero)."""
+        """At start: `prepare`. A database that is down is waited for (each tick tries the start-up again); a
+        wrong schema, a bad entry or a statement the database refuses is fatal (the beat exits non-zero)."""
         try:
-            self._prepare()
+            self.prepare()
         except DatabaseUnavailable as exc:
             logger.error("celery_dbsched: database unavailable at start, will keep trying: %s", exc)
 
-    def _prepare(self) -> JobRepository:
+    def prepare(self) -> None:
+        """The start-up: prepare the schema, register the jobs this app knows and its `beat_schedule` entries,
+        end the runs a previous life of this server id left queued. Called by `setup_schedule`, and by `tick`
+        until it has succeeded once."""
         try:
-            return self._start(repository_for(self.app, self.settings))
+            self._start(self.repository)
         except DatabaseUnavailable:
             raise
         except DatabaseError as exc:
@@ -99,7 +102,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             )
             raise
 
-    def _start(self, repository: JobRepository) -> JobRepository:
+    def _start(self, repository: JobRepository) -> None:
         prepare_schema(repository.engine, self.settings.auto_migrate)
         registry = existing_registry(self.app)
         if registry is not None:
@@ -110,25 +113,29 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         left = repository.interrupt_runs(server_id=self.server_id)
         if left:
             logger.warning("ended %d run(s) that %s claimed but left queued", len(left), self.server_id)
-        self._repository = repository
+        self._prepared = True
         if self.settings.listen and self._wakeup is None:
             self._wakeup = Wakeup(repository.engine)
-        return repository
 
     @property
     def repository(self) -> JobRepository:
-        return self._repository if self._repository is not None else self._prepare()
+        """The app's repository in this process; getting it opens no connection (`prepare` does the I/O)."""
+        if self._repository is None:
+            self._repository = repository_for(self.app, self.settings)
+        return self._repository
 
     def tick(self, *args: Any, **kwargs: Any) -> float:
         """Claim and publish what is due; return the seconds to sleep (at most the run-jobs interval)."""
         interval = min(self.settings.run_jobs_interval.total_seconds(), float(self.max_interval))
         try:
+            if not self._prepared:
+                self.prepare()  # the database was down at start
             self._maybe_monitor()
             sleep = self._dispatch_due(interval)
         except DatabaseUnavailable as exc:
             return self._database_down(exc, interval)
         except DatabaseError as exc:
-            if self._repository is None:
+            if not self._prepared:
                 raise  # the start-up, retried after an outage at start: fatal, as it is at start (logged)
             return self._database_refused(exc)
         self._db_refused_since = None
@@ -329,7 +336,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             job.task_args,
             job.task_kwargs,
             job.task_options,
-            {RUN_ID_HEADER: run.id},
+            run_headers(run.id),
             entry=job.name,
         )
 

@@ -242,6 +242,19 @@ class Settings:
         return self.server_id or default_server_id()
 
 
+_SETTINGS_ATTRIBUTE = "_dbsched_settings"
+
+
+def settings_for(app: Any) -> Settings:
+    """The app's settings, parsed from `app.conf` at the first call and kept on the app (ValueError naming
+    the first bad key)."""
+    cached: Settings | None = app.__dict__.get(_SETTINGS_ATTRIBUTE)
+    if cached is None:
+        cached = Settings.from_mapping(app.conf)
+        setattr(app, _SETTINGS_ATTRIBUTE, cached)
+    return cached
+
+
 def backoff_delay(
     failure_count: int, backoff: tuple[dt.timedelta, dt.timedelta], ceiling: dt.timedelta | None
 ) -> dt.timedelta:

@@ -32,6 +32,7 @@ from .registry import registry_for
 from .repository import JobRepository
 from .runner import execute_run
 from .settings import Settings
+from .worker import install_worker
 
 
 class TestScheduler:
@@ -74,6 +75,7 @@ class TestScheduler:
                 migrate(self.repository.engine)
                 if now is not None:
                     self.freeze(now)
+                install_worker(app)  # as registering a job does: the app's worker side, should a test start one
                 self.registry = registry_for(app)
                 self.registry.sync(self.repository)
             except BaseException:

@@ -22,18 +22,14 @@ from celery import current_task, signals
 from .binding import repository_for
 from .errors import DbschedError
 from .job import JobStatus
-from .worker import RUN_ID_HEADER, _settings, valid_run_id
+from .protocol import header_run_id
+from .settings import settings_for
 
 logger = logging.getLogger(__name__)
 
 
 def _run_id(task: Any) -> int | None:
-    request = getattr(task, "request", None)
-    value = getattr(request, RUN_ID_HEADER, None)
-    if value is None:
-        headers = getattr(request, "headers", None) or {}
-        value = headers.get(RUN_ID_HEADER)
-    return valid_run_id(value)
+    return header_run_id(getattr(task, "request", None))
 
 
 def _on_task_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
@@ -41,7 +37,7 @@ def _on_task_prerun(sender: Any = None, task_id: str | None = None, task: Any = 
     if run_id is None:
         return
     try:
-        repository_for(task.app, _settings(task.app)).track_start(
+        repository_for(task.app, settings_for(task.app)).track_start(
             run_id, task.request.hostname or socket.gethostname(), task_id
         )
     except DbschedError as exc:
@@ -62,7 +58,7 @@ def _end(task: Any, error: str | None) -> None:
     if run_id is None:
         return
     try:
-        repository_for(task.app, _settings(task.app)).track_end(run_id, error)
+        repository_for(task.app, settings_for(task.app)).track_end(run_id, error)
     except DbschedError as exc:
         logger.warning("run %s of %s: end not recorded: %s", run_id, getattr(task, "name", "?"), exc)
 
@@ -75,7 +71,7 @@ def progress(completed: int, total: int) -> None:
     if run_id is None:
         return
     try:
-        repository_for(task.app, _settings(task.app)).update_progress(run_id, status.completed, status.total)
+        repository_for(task.app, settings_for(task.app)).update_progress(run_id, status.completed, status.total)
     except DbschedError as exc:
         logger.warning("run %s: progress not recorded: %s", run_id, exc)
 
@@ -90,7 +86,7 @@ class _Heartbeat(threading.Thread):
         failing = False
         while True:
             try:
-                repository_for(self.app, _settings(self.app)).heartbeat(
+                repository_for(self.app, settings_for(self.app)).heartbeat(
                     self.hostname, "worker", socket.gethostname(), os.getpid()
                 )
                 failing = False
@@ -107,7 +103,7 @@ _heartbeats: list[_Heartbeat] = []
 
 def _on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
     app, hostname = sender.app, sender.hostname
-    interval = min(_settings(app).monitor_interval, _settings(app).interrupt_threshold / 3).total_seconds()
+    interval = min(settings_for(app).monitor_interval, settings_for(app).interrupt_threshold / 3).total_seconds()
     heartbeat = _Heartbeat(app, hostname, interval)
     heartbeat.start()
     _heartbeats.append(heartbeat)

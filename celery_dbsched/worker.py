@@ -20,37 +20,20 @@ from celery.worker.request import Request
 
 from .binding import repository_for
 from .migrate import prepare_schema
+from .protocol import JSON_CONTENT_TYPE, RUN_SERIALIZER, RUN_TASK_NAME, run_args, valid_run_id
+from .registry import registry_for
 from .repository import JobRepository
 from .runner import execute_run, shutdown_waker, shutting_down
 from .schema import RESTART, SHUTDOWN
-from .settings import Settings, default_server_id
+from .settings import default_server_id, settings_for
 
 logger = logging.getLogger(__name__)
 
-RUN_TASK_NAME = "celery_dbsched.run_job"
-RUN_ID_HEADER = "dbsched_run_id"  # on plain tasks sent for beat_schedule entries
-MAX_RUN_ID = 2**63 - 1  # the id column is a 64-bit integer on both databases
-JSON_CONTENT_TYPE = "application/json"
 # Not SIGUSR1/SIGUSR2: billiard resets those (and the other terminating signals) to its own exit handler in
 # each pool child after worker_process_init, so a child would die instead of cancelling its run. SIGURG is
 # left alone and ignored by default, so a child that has not installed our handler yet is not hurt by it.
 _CHILD_CANCEL_SIGNAL = signal.SIGURG
 _pools: list[Any] = []  # the worker's pool, to find prefork children at shutdown
-
-
-def _settings(app: Any) -> Settings:
-    cached: Settings | None = app.__dict__.get("_dbsched_settings")
-    if cached is None:
-        cached = Settings.from_mapping(app.conf)
-        app._dbsched_settings = cached
-    return cached
-
-
-def valid_run_id(value: object) -> int | None:
-    """A run id from a message, or None when it cannot be one (a forged or corrupt message)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RUN_ID:
-        return None
-    return value
 
 
 class JsonOnlyRequest(Request):  # type: ignore[misc]
@@ -70,8 +53,6 @@ class JsonOnlyRequest(Request):  # type: ignore[misc]
 def _run_job(task: Any, run_id: object, job_name: object = None) -> str | None:
     """The task body. `job_name` in the message is informational: the job that runs is the one the
     database says the run belongs to, looked up in this worker's registry (never code named by a message)."""
-    from .registry import registry_for
-
     checked = valid_run_id(run_id)
     if checked is None:
         logger.error("dropping a run message with a malformed run id %.100r (job %.100r)", run_id, job_name)
@@ -81,7 +62,7 @@ def _run_job(task: Any, run_id: object, job_name: object = None) -> str | None:
         _hand_back(task, run_id, job_name)
         return None
     app = task.app
-    settings = _settings(app)
+    settings = settings_for(app)
     registry = registry_for(app)
     worker = task.request.hostname or default_server_id()
     result = execute_run(
@@ -100,7 +81,7 @@ def _hand_back(task: Any, run_id: int, job_name: object) -> None:
     for another worker (or this one, restarted). Reject(requeue) would do the same with a traceback each."""
     queue = (task.request.delivery_info or {}).get("routing_key")
     try:
-        task.apply_async(args=[run_id, job_name], queue=queue or None, serializer="json")
+        task.apply_async(args=run_args(run_id, job_name), queue=queue or None, serializer=RUN_SERIALIZER)
     except Exception as exc:
         raise Reject(f"worker shutting down; run {run_id} left for another worker ({exc})", requeue=True) from exc
     logger.info("worker shutting down: run %s handed back to the queue", run_id)
@@ -114,12 +95,10 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         # Bad settings stop the worker here, at start, naming the key.
-        self.settings = _settings(worker.app)
+        self.settings = settings_for(worker.app)
         self.repository: JobRepository | None = None
 
     def start(self, worker: Any) -> None:
-        from .registry import registry_for
-
         app = worker.app
         shutdown_waker.start()
         repository = repository_for(app, self.settings)
@@ -188,7 +167,7 @@ def _on_pool_process_init(**kwargs: Any) -> None:
     # driver and builds the engine; no connection yet), not in its first run.
     for app in list(_apps):
         try:
-            repository_for(app, _settings(app))
+            repository_for(app, settings_for(app))
         except Exception as exc:  # its first run reports it
             logger.debug("celery_dbsched: repository not prepared in the pool process: %s", exc)
 
@@ -198,14 +177,17 @@ _apps: weakref.WeakSet[Any] = weakref.WeakSet()  # the apps install_worker put t
 
 
 def install_worker(app: Any) -> None:
-    """Put the wrapper task and the bootstep on `app` (once)."""
+    """Put the wrapper task and the bootstep on `app`; called where a job is registered on it (again: nothing
+    more is done)."""
     global _signals_connected
+    if app in _apps:
+        return
     app.task(
         name=RUN_TASK_NAME,
         bind=True,
         acks_late=True,
         ignore_result=True,
-        serializer="json",
+        serializer=RUN_SERIALIZER,
         shared=False,
         Request=JsonOnlyRequest,
     )(_run_job)

@@ -16,7 +16,6 @@ import time
 
 from celery_dbsched.binding import repository_for
 from celery_dbsched.migrate import prepare_schema
-from celery_dbsched.registry import registry_for
 
 from .celery_app import DATA_DIR, app
 
@@ -46,7 +45,6 @@ def main() -> int:
     args = parser.parse_args()
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     prepare_schema(repository_for(app).engine, auto_migrate=True)
-    registry_for(app)  # importing the jobs module registered them; the worker writes them to the database
     log = open(DATA_DIR / "worker.log", "ab")  # noqa: SIM115 - kept open for the worker's lifetime
     command = [
         sys.executable, "-m", "celery", "-A", "example_proj", "worker", "-B",

@@ -25,10 +25,10 @@ from kombu import Connection
 from celery_dbsched.beat_schedule import default_entries, definitions, sync_beat_schedule
 from celery_dbsched.binding import bind_repository
 from celery_dbsched.errors import DbschedError
+from celery_dbsched.protocol import RUN_ID_HEADER
 from celery_dbsched.repository import JobRepository
 from celery_dbsched.scheduler import Scheduler
 from celery_dbsched.schedules import CrontabSchedule, IntervalSchedule, SolarSchedule
-from celery_dbsched.worker import RUN_ID_HEADER
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 6, 1, 8, 0, tzinfo=UTC)

@@ -22,9 +22,9 @@ from sqlalchemy import event, text
 
 from celery_dbsched import Scheduler
 from celery_dbsched.binding import forget_repository
+from celery_dbsched.protocol import RUN_ID_HEADER
 from celery_dbsched.repository import JobRepository
 from celery_dbsched.schema import DISPATCHED, QUEUED
-from celery_dbsched.worker import RUN_ID_HEADER
 
 Factory = Callable[..., Scheduler]
 

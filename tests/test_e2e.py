@@ -35,7 +35,7 @@ from cluster import (
 )
 
 from celery_dbsched import JobStatus, update_job_next_run_in_at_least
-from celery_dbsched.worker import RUN_TASK_NAME
+from celery_dbsched.protocol import RUN_TASK_NAME
 
 pytestmark = pytest.mark.e2e
 

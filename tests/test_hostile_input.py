@@ -36,6 +36,7 @@ from celery_dbsched.cli import dbsched
 from celery_dbsched.errors import DatabaseUnavailable
 from celery_dbsched.job import JobDefinition
 from celery_dbsched.migrate import VERSION_TABLE, _config, check_schema, current_revision, head_revision, migrate
+from celery_dbsched.protocol import MAX_RUN_ID, RUN_TASK_NAME, valid_run_id
 from celery_dbsched.registry import registry_for
 from celery_dbsched.repository import JobRepository
 from celery_dbsched.scheduler import Scheduler
@@ -52,7 +53,7 @@ from celery_dbsched.settings import (
     Settings,
     default_database_url,
 )
-from celery_dbsched.worker import MAX_RUN_ID, RUN_TASK_NAME, DbschedWorkerStep, valid_run_id
+from celery_dbsched.worker import DbschedWorkerStep, install_worker
 
 pytestmark = pytest.mark.faults
 
@@ -753,7 +754,7 @@ def test_an_unreachable_database_never_logs_the_password(
     with pytest.raises(DatabaseUnavailable) as excinfo:
         step.start(SimpleNamespace(app=app, hostname="w@host", pool=None))
     shown.append("".join(traceback.format_exception(excinfo.value)))
-    registry_for(app)  # installs the run task
+    install_worker(app)  # the run task
     with pytest.raises(DatabaseUnavailable) as excinfo:
         app.tasks[RUN_TASK_NAME].apply(args=[1, "x"]).get()
     shown.append("".join(traceback.format_exception(excinfo.value)))
@@ -839,7 +840,7 @@ def test_an_older_schema_asks_for_migrate_everywhere(database: Database, apps: C
             operation()
         assert MIGRATE_HINT in str(excinfo.value) and "older than this celery_dbsched" in str(excinfo.value)
         assert "SELECT" not in str(excinfo.value) and "LINE" not in str(excinfo.value)
-    registry_for(app)
+    install_worker(app)
     with pytest.raises(SchemaMismatch, match="dbsched migrate"):
         app.tasks[RUN_TASK_NAME].apply(args=[1, "x"]).get()  # a run message reaching a worker
 

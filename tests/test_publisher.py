@@ -17,8 +17,8 @@ from kombu import Exchange, Queue
 from kombu.transport import memory
 
 from celery_dbsched import publisher as publisher_module
+from celery_dbsched.protocol import RUN_TASK_NAME
 from celery_dbsched.publisher import RunPublisher
-from celery_dbsched.worker import RUN_TASK_NAME
 
 PER_MESSAGE = {"id", "root_id", "correlation_id"}
 

@@ -22,7 +22,7 @@ from celery_dbsched import (
     runner,
 )
 from celery_dbsched.job import FunctionJob
-from celery_dbsched.runner import ProgressMonitor, active_run_ids, cancel_active_runs, execute_run
+from celery_dbsched.runner import ProgressMonitor, active_run_ids, cancel_local_runs, execute_run
 from celery_dbsched.schema import job_table
 
 HOUR = dt.timedelta(hours=1)
@@ -628,7 +628,7 @@ def test_monitor_check_keeps_going_when_the_database_is_down(
 # -- shutdown (design §9) ---------------------------------------------------------------------------------------
 
 
-def test_cancel_active_runs_at_shutdown_ends_the_run_interrupted(repository: JobRepository) -> None:
+def test_cancel_local_runs_at_shutdown_ends_the_run_interrupted(repository: JobRepository) -> None:
     def wait_to_be_cancelled(job: Recorder, ctx: JobContext) -> None:
         job.progress = JobStatus(1, 10)
         if ctx.wait(DEADLINE):
@@ -640,7 +640,7 @@ def test_cancel_active_runs_at_shutdown_ends_the_run_interrupted(repository: Job
     background = Background(lambda: execute(repository, {job.name: job}, run.id))
     wait_for(lambda: run.id in active_run_ids(), "the run to be active")
     wait_for(lambda: repository.lookup_run(run.id).progress == JobStatus(1, 10), "the progress to be written")
-    assert cancel_active_runs("shutdown") >= 1
+    assert cancel_local_runs("shutdown") >= 1
     assert runner.shutting_down()
     done = background.join()
     assert done is not None
@@ -654,7 +654,7 @@ def test_cancel_active_runs_at_shutdown_ends_the_run_interrupted(repository: Job
     assert [r.job_name for r in repository.run_jobs("beat-1", 10)] == [job.name]
 
 
-def test_cancel_active_runs_for_another_reason_is_not_a_shutdown(repository: JobRepository) -> None:
+def test_cancel_local_runs_for_another_reason_is_not_a_shutdown(repository: JobRepository) -> None:
     def wait_to_be_cancelled(job: Recorder, ctx: JobContext) -> None:
         ctx.wait(DEADLINE)
 
@@ -662,13 +662,13 @@ def test_cancel_active_runs_for_another_reason_is_not_a_shutdown(repository: Job
     run = claim(repository, job)
     background = Background(lambda: execute(repository, {job.name: job}, run.id))
     wait_for(lambda: run.id in active_run_ids(), "the run to be active")
-    assert cancel_active_runs("operator asked") >= 1
+    assert cancel_local_runs("operator asked") >= 1
     assert not runner.shutting_down()
     done = background.join()
     assert done is not None and done.status == "interrupted"
     assert done.error == "cancelled: operator asked"
 
 
-def test_cancel_active_runs_without_runs() -> None:
-    assert cancel_active_runs("shutdown") == 0
+def test_cancel_local_runs_without_runs() -> None:
+    assert cancel_local_runs("shutdown") == 0
     assert runner.shutting_down()

@@ -36,10 +36,10 @@ from procs import Processes, processes, wait_for  # noqa: F401 - `processes` is 
 
 from celery_dbsched.binding import forget_repository
 from celery_dbsched.errors import DatabaseUnavailable, SchemaMismatch
+from celery_dbsched.protocol import RUN_TASK_NAME
 from celery_dbsched.registry import existing_registry
 from celery_dbsched.scheduler import Scheduler
 from celery_dbsched.transport import filesystem_broker_settings
-from celery_dbsched.worker import RUN_TASK_NAME
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TESTS_DIR = Path(__file__).resolve().parent

@@ -36,10 +36,10 @@ from celery_dbsched import JobContext, JobRepository, JobStatus, RunRecord
 from celery_dbsched.binding import bind_repository
 from celery_dbsched.job import FunctionJob, JobDefinition
 from celery_dbsched.migrate import migrate
+from celery_dbsched.protocol import RUN_ID_HEADER
 from celery_dbsched.runner import execute_run
 from celery_dbsched.schedules import CrontabSchedule
 from celery_dbsched.schema import KIND_TASK, job_table, run_table
-from celery_dbsched.worker import RUN_ID_HEADER
 
 pytestmark = pytest.mark.postgres
 
