@@ -107,6 +107,7 @@ class RunPublisher:
         self._retry = bool(conf.task_publish_retry)
         self._retry_policy = dict(conf.task_publish_retry_policy or {})
         self._compression = conf.task_compression
+        self._serializer = conf.task_serializer
         self._routes: dict[str | None, _Route] = {}
         self._declared: set[Any] = set()
         self._task_plans: dict[str, _TaskPlan | None] = {}  # by entry: None = through send_task
@@ -128,27 +129,8 @@ class RunPublisher:
         route = self._route(queue)
         task_id = self._task_id()
         args = run_args(run_id, job_name)
-        headers = {
-            "lang": "py",
-            "task": RUN_TASK_NAME,
-            "id": task_id,
-            "shadow": None,
-            "eta": None,
-            "expires": None,
-            "group": None,
-            "group_index": None,
-            "retries": 0,
-            "timelimit": [None, None],
-            "root_id": task_id,
-            "parent_id": None,
-            "argsrepr": repr(args),
-            "kwargsrepr": "{}",
-            "origin": self._origin,
-            "ignore_result": None,  # as send_task without the option: the worker's task decides
-            "replaced_task_nesting": 0,
-            "stamped_headers": None,
-            "stamps": {},
-        }
+        # ignore_result None: as send_task without the option (the worker's task decides).
+        headers = _message_headers(RUN_TASK_NAME, task_id, self._origin, repr(args), "{}")
         body: tuple[list[Any], dict[str, Any], dict[str, None]] = (args, {}, _EMBED)
         properties = {"correlation_id": task_id, "reply_to": self.app.thread_oid, **route.properties}
         self._send(producer, RUN_TASK_NAME, route, queue, RUN_SERIALIZER, body, headers, properties)
@@ -288,20 +270,56 @@ class RunPublisher:
         """Publish a plain task as `app.send_task(name, args, kwargs, **options)` would, with `headers` added
         to the entry's own; returns its task id. What send_task decides for these values is cached by `entry`
         (the job's name; else by task) and made again when any of them changed."""
-        cache_key = entry if entry is not None else name
-        plan = self._task_plans.get(cache_key, _MISSING)
+        plan = self._cached_plan(name, args, kwargs, options, entry if entry is not None else name)
+        if plan is None or not self.direct:
+            return self._send_plain_task(producer, name, args, kwargs, options, headers)
+        assert isinstance(plan, _TaskPlan)
+        task_id = self._task_id()
+        route = plan.route
+        eta, expires, properties = self._times(plan)
+        message_headers = _message_headers(
+            name,
+            task_id,
+            self._origin,
+            plan.argsrepr,
+            plan.kwargsrepr,
+            shadow=plan.shadow,
+            eta=eta,
+            expires=expires,
+            timelimit=[plan.time_limit, plan.soft_time_limit],
+            ignore_result=plan.ignore_result,
+        )
+        if route.headers:
+            message_headers.update(route.headers)
+        message_headers.update(headers)
+        body = (list(args), dict(kwargs), _EMBED)
+        properties = {
+            "correlation_id": task_id,
+            "reply_to": self.app.thread_oid,
+            **properties,
+            **route.properties,
+        }
+        serializer = route.serializer or self._serializer
+        self._send(producer, name, route, plan.declare_key, serializer, body, message_headers, properties)
+        return task_id
+
+    def _cached_plan(
+        self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any], options: Mapping[str, Any], key: str
+    ) -> _TaskPlan | None:
+        """The plan of entry `key`, made again when any of its values changed (bounded: `TASK_PLANS_KEPT`)."""
+        plan = self._task_plans.get(key, _MISSING)
         if plan is _MISSING or (
             plan is not None
             and (plan.task != name or plan.args != args or plan.kwargs != kwargs or plan.options != options)
         ):
             if len(self._task_plans) >= TASK_PLANS_KEPT:
                 self._task_plans.clear()
-            plan = self._task_plans[cache_key] = self._plan(name, args, kwargs, options)
-        if plan is None or not self.direct:
-            return self._send_plain_task(producer, name, args, kwargs, options, headers)
-        assert isinstance(plan, _TaskPlan)
-        task_id = self._task_id()
-        route = plan.route
+            plan = self._task_plans[key] = self._plan(name, args, kwargs, options)
+        return plan  # type: ignore[no-any-return]
+
+    def _times(self, plan: _TaskPlan) -> tuple[str | None, str | None, dict[str, Any]]:
+        """The message's eta and expires (ISO text) and its `expiration` property, from now, as send_task
+        derives them from countdown, eta and expires."""
         now: dt.datetime | None = None
         eta = plan.eta
         if plan.countdown:
@@ -324,40 +342,7 @@ class RunPublisher:
                 expires = maybe_make_aware(add_seconds_to_datetime(now, expires), tz=self.app.timezone)
             if not isinstance(expires, str):
                 expires = expires.isoformat()
-        message_headers = {
-            "lang": "py",
-            "task": name,
-            "id": task_id,
-            "shadow": plan.shadow,
-            "eta": eta,
-            "expires": expires,
-            "group": None,
-            "group_index": None,
-            "retries": 0,
-            "timelimit": [plan.time_limit, plan.soft_time_limit],
-            "root_id": task_id,
-            "parent_id": None,
-            "argsrepr": plan.argsrepr,
-            "kwargsrepr": plan.kwargsrepr,
-            "origin": self._origin,
-            "ignore_result": plan.ignore_result,
-            "replaced_task_nesting": 0,
-            "stamped_headers": None,
-            "stamps": {},
-        }
-        if route.headers:
-            message_headers.update(route.headers)
-        message_headers.update(headers)
-        body = (list(args), dict(kwargs), _EMBED)
-        properties = {
-            "correlation_id": task_id,
-            "reply_to": self.app.thread_oid,
-            **properties,
-            **route.properties,
-        }
-        serializer = route.serializer or self.app.conf.task_serializer
-        self._send(producer, name, route, plan.declare_key, serializer, body, message_headers, properties)
-        return task_id
+        return eta, expires, properties
 
     def _plan(
         self,
@@ -467,6 +452,44 @@ class RunPublisher:
             RUN_TASK_NAME, args=run_args(run_id, job_name), producer=producer, serializer=RUN_SERIALIZER, **options
         )
         return str(result.id)
+
+
+def _message_headers(
+    name: str,
+    task_id: str,
+    origin: str,
+    argsrepr: str,
+    kwargsrepr: str,
+    *,
+    shadow: Any = None,
+    eta: str | None = None,
+    expires: str | None = None,
+    timelimit: list[Any] | None = None,
+    ignore_result: Any = None,
+) -> dict[str, Any]:
+    """The headers of a Celery protocol 2 message, as `app.amqp.as_task_v2` makes them for a task sent
+    from outside a task (no parent, no group)."""
+    return {
+        "lang": "py",
+        "task": name,
+        "id": task_id,
+        "shadow": shadow,
+        "eta": eta,
+        "expires": expires,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": timelimit if timelimit is not None else [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": argsrepr,
+        "kwargsrepr": kwargsrepr,
+        "origin": origin,
+        "ignore_result": ignore_result,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
 
 
 def _frozen(value: Any) -> Any:
