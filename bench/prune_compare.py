@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from sqlalchemy import delete, event
 
     from celery_dbsched import JobRepository
-    from celery_dbsched.schema import FINAL_STATES, run_table
+    from celery_dbsched.schema import run_table
+    from celery_dbsched.states import FINAL
 
     cfg = Config(pg_admin=args.pg)
     url = ensure_database(cfg, "prune_compare", recreate=True)
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         with repository.engine.begin() as conn:
             cutoff = repository._now(-3600.0)
-            one = conn.execute(delete(r).where(r.c.status.in_(FINAL_STATES), r.c.end_time < cutoff)).rowcount
+            one = conn.execute(delete(r).where(r.c.status.in_(FINAL), r.c.end_time < cutoff)).rowcount
         single = time.perf_counter() - t0
         repository.close()
 

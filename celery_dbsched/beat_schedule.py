@@ -25,8 +25,8 @@ from .job import JobDefinition
 from .registry import app_timezone
 from .repository import JobRepository
 from .schedules import Schedule, parse_timezone, schedule_from
-from .schema import KIND_TASK, MISFIRE_RUN_ONCE
 from .settings import parse_backoff, parse_bool, parse_duration
+from .states import JobKind, Misfire
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +126,11 @@ def definition_from_entry(name: str, entry: object, timezone: str) -> JobDefinit
         return JobDefinition(
             name=name,
             description=str(policies.get("description") or f"beat_schedule: {task}"),
-            kind=KIND_TASK,
+            kind=JobKind.TASK,
             schedule=schedule,
             queue=options.get("queue"),
             enabled=parse_bool(f"{label} enabled", policies.get("enabled"), True),
-            misfire=policies.get("misfire", MISFIRE_RUN_ONCE),
+            misfire=policies.get("misfire", Misfire.RUN_ONCE),
             misfire_grace=parse_duration(f"{label} misfire_grace", policies.get("misfire_grace"), None),
             max_active=policies.get("max_active", 1),
             retry_backoff=None if backoff is None else parse_backoff(f"{label} retry_backoff", backoff),
@@ -172,10 +172,10 @@ def sync_beat_schedule(app: Any, repository: JobRepository) -> list[str]:
     and writes for the differences only (see `JobRepository.sync_jobs`)."""
     digest = fingerprint(app)
     entries = _entries(app)
-    if digest is not None and repository.sync_is_current(SYNC_SOURCE, digest, KIND_TASK):
+    if digest is not None and repository.sync_is_current(SYNC_SOURCE, digest, JobKind.TASK):
         return [name for name, entry in entries.items() if _enabled(name, entry)]
     found = definitions(app)
-    result = repository.sync_jobs(found, disable_missing=KIND_TASK, source=SYNC_SOURCE, fingerprint=digest)
+    result = repository.sync_jobs(found, disable_missing=JobKind.TASK, source=SYNC_SOURCE, fingerprint=digest)
     if result.added or result.changed:
         logger.info(
             "celery_dbsched: beat_schedule synced: %d added, %d changed", len(result.added), len(result.changed)

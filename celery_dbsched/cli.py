@@ -14,8 +14,8 @@ from .errors import DbschedError
 from .migrate import current_revision, head_revision, migrate
 from .records import JobRecord
 from .repository import JobRepository
-from .schema import RUN_STATES
 from .settings import Settings
+from .states import RunState
 
 
 def _repository(ctx: click.Context) -> JobRepository:
@@ -112,7 +112,7 @@ def jobs(ctx: click.Context) -> None:
 
 @dbsched.command()
 @click.option("--job", "job_name", default=None, help="only this job's runs")
-@click.option("--status", type=click.Choice(RUN_STATES), default=None, help="only runs in this state")
+@click.option("--status", type=click.Choice([s.value for s in RunState]), default=None, help="only runs in this state")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
 @click.pass_context
 def runs(ctx: click.Context, job_name: str | None, status: str | None, limit: int) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 from . import timing
 from .errors import JobInterrupted
 from .schedules import Schedule
-from .schema import KIND_JOB, KIND_TASK, MISFIRE_POLICIES, MISFIRE_RUN_ONCE, NAME_MAX_LENGTH, QUEUE_MAX_LENGTH
+from .schema import NAME_MAX_LENGTH, QUEUE_MAX_LENGTH
 from .settings import parse_duration
+from .states import InterruptReason, JobKind, Misfire
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class JobContext:
     def __init__(self, run_id: int, job_name: str) -> None:
         self.run_id = run_id
         self.job_name = job_name
-        self.cancel_reason: str | None = None
+        self.cancel_reason: str | None = None  # why, for people (the first cancel's)
+        self.interrupt_reason: InterruptReason | None = None  # how its run ends if it is still ours to end
         self._cancelled = threading.Event()
         self._progress: JobStatus | None = None
         self.next_run_in: dt.timedelta | None = None  # set by function jobs from their return value
@@ -79,10 +81,12 @@ class JobContext:
     def reported_progress(self) -> JobStatus | None:
         return self._progress
 
-    def cancel(self, reason: str) -> None:
-        """Interrupt the run (called by the worker's monitor and shutdown paths, not by jobs)."""
+    def cancel(self, reason: str, interrupt: InterruptReason = InterruptReason.CANCELLED) -> None:
+        """Interrupt the run (called by the worker's monitor and shutdown paths, not by jobs): `reason` is the
+        text a job sees, `interrupt` the reason its run ends with. The first cancel's stand."""
         if self.cancel_reason is None:
             self.cancel_reason = reason
+            self.interrupt_reason = interrupt
         self._cancelled.set()
 
 
@@ -105,7 +109,7 @@ class Job(abc.ABC):
     queue: str | None = None
     interrupt_threshold: dt.timedelta | None = None
     enabled: bool = True
-    misfire: str = MISFIRE_RUN_ONCE
+    misfire: str = Misfire.RUN_ONCE
     misfire_grace: dt.timedelta | None = None
     max_active: int = 1
     retry_backoff: tuple[dt.timedelta, dt.timedelta] | None = None
@@ -227,13 +231,13 @@ class JobDefinition:
 
     name: str
     description: str
-    kind: str = KIND_JOB
+    kind: JobKind = JobKind.JOB
     schedule: Schedule | None = None
     default_next_run_in: dt.timedelta | None = None
     queue: str | None = None
     interrupt_threshold: dt.timedelta | None = None
     enabled: bool = True
-    misfire: str = MISFIRE_RUN_ONCE
+    misfire: Misfire = Misfire.RUN_ONCE
     misfire_grace: dt.timedelta | None = None
     max_active: int = 1
     retry_backoff: tuple[dt.timedelta, dt.timedelta] | None = None
@@ -247,14 +251,16 @@ class JobDefinition:
         validate_name(self.name)
         validate_description(self.name, self.description)
         label = f"job {self.name!r}"
-        if self.kind not in (KIND_JOB, KIND_TASK):
-            raise ValueError(f"{label}: kind must be {KIND_JOB!r} or {KIND_TASK!r}, got {self.kind!r}")
-        if self.kind == KIND_TASK and (not isinstance(self.task, str) or not self.task.strip()):
+        if self.kind not in set(JobKind):
+            raise ValueError(f"{label}: kind must be 'job' or 'task', got {self.kind!r}")
+        object.__setattr__(self, "kind", JobKind(self.kind))  # as given (a str) or the member: stored as the member
+        if self.kind == JobKind.TASK and (not isinstance(self.task, str) or not self.task.strip()):
             raise ValueError(f"{label}: a beat_schedule entry needs a task name, got {self.task!r}")
         if self.schedule is not None and not isinstance(self.schedule, Schedule):
             raise ValueError(f"{label}: schedule must be a Schedule, got {self.schedule!r}")
-        if self.misfire not in MISFIRE_POLICIES:
-            raise ValueError(f"{label}: misfire must be one of {', '.join(MISFIRE_POLICIES)}, got {self.misfire!r}")
+        if self.misfire not in set(Misfire):
+            raise ValueError(f"{label}: misfire must be one of {', '.join(Misfire)}, got {self.misfire!r}")
+        object.__setattr__(self, "misfire", Misfire(self.misfire))
         if (
             isinstance(self.max_active, bool)
             or not isinstance(self.max_active, int)

@@ -15,7 +15,7 @@ from sqlalchemy import Row
 from . import timing
 from .job import JobDefinition, JobStatus
 from .schedules import Schedule, schedule_from_spec
-from .schema import KIND_JOB, KIND_TASK, MISFIRE_RUN_ONCE
+from .states import InterruptReason, JobKind, Misfire, RunState
 
 
 def seconds_of(value: dt.timedelta | None) -> float | None:
@@ -38,13 +38,13 @@ class JobRecord:
     enabled: bool
     create_time: dt.datetime
     update_time: dt.datetime
-    kind: str = KIND_JOB
+    kind: JobKind = JobKind.JOB
     schedule: Schedule | None = None
     task: str | None = None
     task_args: tuple[Any, ...] = ()
     task_kwargs: dict[str, Any] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
-    misfire: str = MISFIRE_RUN_ONCE
+    misfire: Misfire = Misfire.RUN_ONCE
     misfire_grace: dt.timedelta | None = None
     max_active: int = 1
     retry_backoff: tuple[dt.timedelta, dt.timedelta] | None = None
@@ -67,13 +67,13 @@ class JobRecord:
             enabled=bool(m["enabled"]),
             create_time=m["create_time"],
             update_time=m["update_time"],
-            kind=m["kind"],
+            kind=JobKind(m["kind"]),
             schedule=schedule_from_spec(m["schedule"]) if m["schedule"] else None,
             task=m["task"],
             task_args=tuple(json.loads(m["task_args"])) if m["task_args"] else (),
             task_kwargs=json.loads(m["task_kwargs"]) if m["task_kwargs"] else {},
             task_options=json.loads(m["task_options"]) if m["task_options"] else {},
-            misfire=m["misfire"],
+            misfire=Misfire(m["misfire"]),
             misfire_grace=delta_of(m["misfire_grace"]),
             max_active=m["max_active"],
             retry_backoff=None if base is None else (dt.timedelta(seconds=base), dt.timedelta(seconds=cap)),
@@ -112,9 +112,9 @@ def definition_values(definition: JobDefinition) -> dict[str, Any]:
         "retry_backoff_cap": None if backoff is None else backoff[1].total_seconds(),
         "expires": seconds_of(definition.expires),
         "task": definition.task,
-        "task_args": json.dumps(list(definition.task_args)) if definition.kind == KIND_TASK else None,
-        "task_kwargs": json.dumps(dict(definition.task_kwargs)) if definition.kind == KIND_TASK else None,
-        "task_options": json.dumps(dict(definition.task_options)) if definition.kind == KIND_TASK else None,
+        "task_args": json.dumps(list(definition.task_args)) if definition.kind == JobKind.TASK else None,
+        "task_kwargs": json.dumps(dict(definition.task_kwargs)) if definition.kind == JobKind.TASK else None,
+        "task_options": json.dumps(dict(definition.task_options)) if definition.kind == JobKind.TASK else None,
     }
 
 
@@ -169,7 +169,7 @@ def plan_sync(
     rows: Mapping[str, Row[Any]],
     wanted: Mapping[str, JobDefinition],
     values: Mapping[str, Mapping[str, Any]],
-    kind: str | None,
+    kind: JobKind | None,
 ) -> SyncPlan:
     new = [name for name in wanted if name not in rows]
     candidates = [name for name, row in rows.items() if name in wanted and _differs(row, values[name])]
@@ -181,7 +181,7 @@ def plan_sync(
 class RunRecord:
     id: int
     job_name: str
-    status: str
+    status: RunState
     queue: str | None
     claimed_by: str
     worker: str | None
@@ -194,14 +194,20 @@ class RunRecord:
     start_time: dt.datetime | None
     update_time: dt.datetime
     end_time: dt.datetime | None
-    kind: str = KIND_JOB
+    kind: JobKind = JobKind.JOB
     slot: int = 0
     scheduled_for: dt.datetime | None = None
+    interrupt_reason: InterruptReason | None = None  # why, when `interrupted`
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> RunRecord:
         m = row._mapping  # a new mapping object at each access
-        return cls(**{name: m[name] for name in cls.__dataclass_fields__})
+        values = {name: m[name] for name in cls.__dataclass_fields__}
+        values["status"] = RunState(values["status"])
+        values["kind"] = JobKind(values["kind"])
+        reason = values["interrupt_reason"]
+        values["interrupt_reason"] = None if reason is None else InterruptReason(reason)
+        return cls(**values)
 
     @property
     def progress(self) -> JobStatus:
@@ -225,7 +231,7 @@ class StartedRun:
     run: RunRecord
     schedule: str | None
     default_next_run_in: float | None
-    kind: str
+    kind: JobKind
     max_active: int
     retry_backoff_base: float | None
     retry_backoff_cap: float | None
@@ -242,7 +248,7 @@ class StartedRun:
             run=RunRecord.from_row(row),
             schedule=m["job_schedule"],
             default_next_run_in=m["job_default_next_run_in"],
-            kind=m["job_kind"],
+            kind=JobKind(m["job_kind"]),
             max_active=m["job_max_active"],
             retry_backoff_base=m["job_retry_backoff_base"],
             retry_backoff_cap=m["job_retry_backoff_cap"],

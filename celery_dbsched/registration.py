@@ -17,8 +17,8 @@ from .binding import repository_for
 from .job import FunctionJob, Job, JobContext, validate_description, validate_name
 from .records import JobRecord
 from .registry import app_timezone, definition_of, registry_for
-from .schema import MISFIRE_RUN_ONCE
 from .settings import parse_duration
+from .states import Misfire
 
 
 def register_job(app: Any, job: Job, *, next_run_in: dt.timedelta | float | None = None) -> Job:
@@ -49,7 +49,7 @@ def job(
     queue: str | None = None,
     interrupt_threshold: dt.timedelta | float | None = None,
     enabled: bool = True,
-    misfire: str = MISFIRE_RUN_ONCE,
+    misfire: str = Misfire.RUN_ONCE,
     misfire_grace: dt.timedelta | float | None = None,
     max_active: int = 1,
     retry_backoff: Any = None,

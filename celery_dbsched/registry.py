@@ -17,8 +17,8 @@ from .job import Job, JobDefinition, validate_name
 from .records import JobRecord
 from .repository import JobRepository
 from .schedules import IntervalSchedule, parse_timezone, schedule_from
-from .schema import MISFIRE_RUN_ONCE
 from .settings import parse_backoff, parse_bool, parse_duration
+from .states import Misfire
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def definition_of(job: Job, timezone: str = "UTC") -> JobDefinition:
             f"{label} interrupt_threshold", getattr(job, "interrupt_threshold", None), None
         ),
         enabled=parse_bool(f"{label} enabled", getattr(job, "enabled", True), True),
-        misfire=getattr(job, "misfire", MISFIRE_RUN_ONCE),
+        misfire=getattr(job, "misfire", Misfire.RUN_ONCE),
         misfire_grace=parse_duration(f"{label} misfire_grace", getattr(job, "misfire_grace", None), None),
         max_active=getattr(job, "max_active", 1),
         retry_backoff=None if backoff is None else parse_backoff(f"{label} retry_backoff", backoff),

@@ -33,24 +33,9 @@ from .records import (
     definition_values,
     plan_sync,
 )
-from .schema import (
-    ACTIVE_STATES,
-    CANCELLED,
-    COMPLETED,
-    DISPATCHED,
-    FAILED,
-    INTERRUPTED,
-    KIND_TASK,
-    QUEUED,
-    RESTART,
-    RUN_STATES,
-    RUNNING,
-    STALLED,
-    UTCDateTime,
-    db_now,
-    db_time_at,
-)
+from .schema import UTCDateTime, db_now, db_time_at
 from .settings import DEFAULT_INTERRUPT_THRESHOLD, DEFAULT_RETRY_BACKOFF
+from .states import ACTIVE, InterruptReason, JobKind, RunState
 
 # Rows per statement when a sync writes many: with ~25 columns a row, far below PostgreSQL's 65,535 and
 # SQLite's 32,766 bound parameters per statement.
@@ -259,7 +244,7 @@ class JobRepository:
         definitions: Sequence[JobDefinition],
         *,
         next_run_in: Mapping[str, dt.timedelta | None] | None = None,
-        disable_missing: str | None = None,
+        disable_missing: JobKind | None = None,
         source: str | None = None,
         fingerprint: str | None = None,
     ) -> JobSync:
@@ -301,7 +286,7 @@ class JobRepository:
         wanted: Mapping[str, JobDefinition],
         values: Mapping[str, Mapping[str, Any]],
         next_run_in: Mapping[str, dt.timedelta | None],
-        kind: str | None,
+        kind: JobKind | None,
         now: dt.datetime,
     ) -> JobSync:
         """The writes of `sync_jobs`, in its transaction: insert the new, update the changed, disable the missing."""
@@ -312,14 +297,14 @@ class JobRepository:
         disabled = self._disable(conn, plan.missing, kind, now) if kind else []
         return JobSync(added=added, changed=changed, disabled=disabled)
 
-    def sync_is_current(self, source: str, fingerprint: str, kind: str | None) -> bool:
+    def sync_is_current(self, source: str, fingerprint: str, kind: JobKind | None) -> bool:
         """One read: the last sync of `source` stored this fingerprint, and the jobs of `kind` are still as
         many as it left (none deleted or added behind its back). Then syncing the same again is a no-op."""
         with self._tx() as conn:
             row = conn.execute(sql.sync_state(source, kind)).first()
         return row is not None and row[0] == fingerprint and row[1] == row[2]
 
-    def _count_kind(self, conn: Connection, kind: str | None) -> int:
+    def _count_kind(self, conn: Connection, kind: JobKind | None) -> int:
         return int(conn.execute(sql.count_jobs(kind)).scalar_one())
 
     def _lock_source(self, conn: Connection, source: str) -> tuple[str | None, int] | None:
@@ -329,7 +314,7 @@ class JobRepository:
         return None if row is None else (row[0], int(row[1]))
 
     def _rows_to_sync(
-        self, conn: Connection, wanted: Mapping[str, JobDefinition], kind: str | None
+        self, conn: Connection, wanted: Mapping[str, JobDefinition], kind: JobKind | None
     ) -> dict[str, Row[Any]]:
         """The stored rows of the wanted jobs and (with `kind`) every enabled job of that kind: one statement."""
         return {row.name: row for row in conn.execute(sql.jobs_to_sync(self.dialect, wanted, kind))}
@@ -382,7 +367,7 @@ class JobRepository:
                 conn.execute(sql.update_jobs_by_name(), params)
         return sorted(changed_names)
 
-    def _disable(self, conn: Connection, names: Sequence[str], kind: str, now: dt.datetime) -> list[str]:
+    def _disable(self, conn: Connection, names: Sequence[str], kind: JobKind, now: dt.datetime) -> list[str]:
         if not names:
             return []
         return sorted(row[0] for row in conn.execute(sql.disable_jobs(self.dialect, names, kind, now)).all())
@@ -544,12 +529,12 @@ class JobRepository:
             if row is None:
                 expired = conn.execute(sql.expire_queued(self._now, run_id)).first()
                 if expired is None:
-                    self._run_or_raise(conn, run_id, QUEUED)
+                    self._run_or_raise(conn, run_id, RunState.QUEUED)
                 else:
                     self._skip_slot(conn, RunRecord.from_row(expired))
         if expired is not None:
             # Raised after the commit: raising inside the transaction would roll the expiry back.
-            raise InvalidRunState(run_id, INTERRUPTED, QUEUED)
+            raise InvalidRunState(run_id, RunState.INTERRUPTED, RunState.QUEUED)
         assert row is not None
         return RunRecord.from_row(row)
 
@@ -566,8 +551,8 @@ class JobRepository:
             row = rows[0]
             if row._mapping["_written"]:
                 return RunRecord.from_row(row)
-            if row.status != RUNNING:
-                raise InvalidRunState(run_id, row.status, RUNNING)
+            if row.status != RunState.RUNNING:
+                raise InvalidRunState(run_id, row.status, RunState.RUNNING)
             if (row.completed, row.total) == (completed, total):
                 return RunRecord.from_row(row)
             # The write missed a running run with other values: it changed meanwhile. Look again.
@@ -580,27 +565,30 @@ class JobRepository:
                 row = conn.execute(sql.run(run_id)).first()
                 if row is None:
                     raise RunNotFound(run_id)
-                if row.status != RUNNING:
-                    raise InvalidRunState(run_id, row.status, RUNNING)
+                if row.status != RunState.RUNNING:
+                    raise InvalidRunState(run_id, row.status, RunState.RUNNING)
         return RunRecord.from_row(row)
 
-    def run_status(self, run_id: int) -> str:
+    def run_status(self, run_id: int) -> RunState:
         rows = self._one(self._prepared("status", sql.run_status), {"run_id": run_id})
         if not rows:
             raise RunNotFound(run_id)
-        return str(rows[0][0])
+        return RunState(rows[0][0])
 
     def _end_run(
         self,
         conn: Connection,
         run_id: int,
-        status: str,
-        from_states: tuple[str, ...],
+        status: RunState,
+        from_states: tuple[RunState, ...],
         *,
         error: str | None = None,
         progress: JobStatus | None = None,
+        interrupt_reason: InterruptReason | None = None,
     ) -> RunRecord:
         values: dict[str, Any] = {}
+        if interrupt_reason is not None:
+            values["interrupt_reason"] = interrupt_reason
         if error is not None:
             values["error"] = sql.error_text(error)
         if progress is not None:
@@ -639,7 +627,7 @@ class JobRepository:
 
     def _complete_in_tx(self, run_id: int, next_run_in: dt.timedelta | None, progress: JobStatus | None) -> RunRecord:
         with self._tx() as conn:
-            run = self._end_run(conn, run_id, COMPLETED, (RUNNING,), progress=progress)
+            run = self._end_run(conn, run_id, RunState.COMPLETED, (RunState.RUNNING,), progress=progress)
             job = self._job(conn, run.job_name)
             if job is None:
                 return run
@@ -687,7 +675,7 @@ class JobRepository:
                 return run
         self._forget_start(run_id)
         with self._tx() as conn:
-            run = self._end_run(conn, run_id, FAILED, ACTIVE_STATES, error=error or "failed", progress=progress)
+            run = self._end_run(conn, run_id, RunState.FAILED, ACTIVE, error=error or "failed", progress=progress)
             self._retry(conn, run)
         return run
 
@@ -759,14 +747,22 @@ class JobRepository:
         elapsed = dt.timedelta(seconds=time.monotonic() - started.monotonic)
         return started.run.start_time + elapsed + (self.clock_shift - started.clock_shift)
 
-    def interrupt_run(self, run_id: int, reason: str = CANCELLED, detail: str = "") -> RunRecord:
-        """End one active run `interrupted`; the worker running it sees that and cancels the job."""
+    def interrupt_run(
+        self, run_id: int, reason: InterruptReason = InterruptReason.CANCELLED, detail: str = ""
+    ) -> RunRecord:
+        """End one active run `interrupted` for `reason` (its error text: the reason, then `detail`); the
+        worker running it sees that and cancels the job."""
         self._forget_start(run_id)
         with self._tx() as conn:
             run = self._end_run(
-                conn, run_id, INTERRUPTED, ACTIVE_STATES, error=f"{reason}: {detail}" if detail else reason
+                conn,
+                run_id,
+                RunState.INTERRUPTED,
+                ACTIVE,
+                error=f"{reason}: {detail}" if detail else str(reason),
+                interrupt_reason=reason,
             )
-            if reason == STALLED:
+            if reason == InterruptReason.STALLED:
                 self._retry(conn, run)
         return run
 
@@ -775,7 +771,7 @@ class JobRepository:
         threshold: dt.timedelta | None = None,
         server_id: str | None = None,
         *,
-        reason: str | None = None,
+        reason: InterruptReason | None = None,
     ) -> list[RunRecord]:
         """Mark runs `interrupted`.
 
@@ -786,15 +782,15 @@ class JobRepository:
         or e.g. `shutdown`).
         """
         if server_id is None:
-            reason = reason or STALLED
+            reason = reason or InterruptReason.STALLED
             default = (threshold or self.interrupt_threshold).total_seconds()
             statement = sql.interrupt_stalled(self._now, default, reason)
         else:
-            reason = reason or RESTART
+            reason = reason or InterruptReason.RESTART
             statement = sql.interrupt_left_behind(self._now, server_id, threshold, reason)
         with self._tx() as conn:
             runs = [RunRecord.from_row(row) for row in conn.execute(statement).all()]
-            if reason == STALLED:
+            if reason == InterruptReason.STALLED:
                 for run in runs:
                     self._retry(conn, run)
             elif runs:
@@ -828,8 +824,12 @@ class JobRepository:
             row = conn.execute(sql.dispatch(self._now, run_id, task_id)).first()
             if row is None:
                 row = conn.execute(sql.run(run_id)).first()
-                if row is None or row.kind != KIND_TASK or row.status not in (RUNNING, COMPLETED, FAILED):
-                    self._run_or_raise(conn, run_id, QUEUED)
+                if (
+                    row is None
+                    or row.kind != JobKind.TASK
+                    or row.status not in (RunState.RUNNING, RunState.COMPLETED, RunState.FAILED)
+                ):
+                    self._run_or_raise(conn, run_id, RunState.QUEUED)
             assert row is not None
             conn.execute(sql.reset_failures(row.job_name))
         return RunRecord.from_row(row)
@@ -855,19 +855,19 @@ class JobRepository:
             {"run_id": run_id, "run_worker": worker, "run_task_id": task_id},
         )
         if not rows:
-            self._raise_why_not(run_id, DISPATCHED)
+            self._raise_why_not(run_id, RunState.DISPATCHED)
         return RunRecord.from_row(rows[0])
 
     def track_end(self, run_id: int, error: str | None = None) -> RunRecord:
         """The tracked plain task ended: `running -> completed`, or `failed` with its error."""
         if error is None:
-            statement = self._prepared("track-completed", lambda: sql.track_end(self._now, COMPLETED))
+            statement = self._prepared("track-completed", lambda: sql.track_end(self._now, RunState.COMPLETED))
             rows = self._one(statement, {"run_id": run_id})
         else:
-            statement = self._prepared("track-failed", lambda: sql.track_end(self._now, FAILED))
+            statement = self._prepared("track-failed", lambda: sql.track_end(self._now, RunState.FAILED))
             rows = self._one(statement, {"run_id": run_id, "run_error": sql.error_text(error)})
         if not rows:
-            self._raise_why_not(run_id, RUNNING)
+            self._raise_why_not(run_id, RunState.RUNNING)
         return RunRecord.from_row(rows[0])
 
     def heartbeat(self, server_id: str, kind: str, hostname: str, pid: int) -> None:
@@ -903,7 +903,8 @@ class JobRepository:
         return JobRecord.from_row(row)
 
     def cancel_active_runs(self, name: str) -> list[RunRecord]:
-        """Interrupt (cancelled) the job's queued and running runs; the worker cancels the job's context."""
+        """Interrupt (cancelled, by an operator) the job's queued and running runs in the database; the worker
+        running one sees that and cancels the job's context."""
         with self._tx() as conn:
             if self._job(conn, name) is None:
                 raise JobNotFound(name)
@@ -912,7 +913,7 @@ class JobRepository:
                 self._skip_slot(conn, run)  # cancelled means not now: not claimed again at once
         return runs
 
-    def disable_jobs_not_in(self, kind: str, names: Sequence[str]) -> list[str]:
+    def disable_jobs_not_in(self, kind: JobKind, names: Sequence[str]) -> list[str]:
         """Disable the jobs of `kind` that are not in `names` (entries removed from beat_schedule); their
         history stays. One statement and one bound parameter however many names."""
         with self._tx() as conn:
@@ -930,8 +931,8 @@ class JobRepository:
 
     def list_runs(self, job_name: str | None = None, status: str | None = None, limit: int = 100) -> list[RunRecord]:
         """Newest first."""
-        if status is not None and status not in RUN_STATES:
-            raise ValueError(f"unknown run status {status!r}; one of {', '.join(RUN_STATES)}")
+        if status is not None and status not in set(RunState):
+            raise ValueError(f"unknown run status {status!r}; one of {', '.join(RunState)}")
         with self._tx() as conn:
             rows = conn.execute(sql.runs(job_name, status, limit)).all()
         return [RunRecord.from_row(row) for row in rows]

@@ -23,7 +23,7 @@ from .errors import DatabaseError, DatabaseUnavailable, InvalidRunState, JobInte
 from .job import Job, JobContext, JobStatus
 from .records import RunRecord
 from .repository import JobRepository
-from .schema import CANCELLED, RUNNING, SHUTDOWN
+from .states import InterruptReason, RunState
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +43,14 @@ def shutting_down() -> bool:
     return _Process.shutting_down
 
 
-def cancel_local_runs(reason: str) -> int:
-    """Cancel every run executing in this process (not from a signal handler: see `shutdown_waker`)."""
-    if reason == SHUTDOWN:
+def cancel_local_runs(reason: InterruptReason, detail: str = "") -> int:
+    """Cancel every run executing in this process (not from a signal handler: see `shutdown_waker`); a run
+    still ours ends `interrupted` for `reason`, its error text `reason: detail`."""
+    if reason == InterruptReason.SHUTDOWN:
         _Process.shutting_down = True
     contexts = list(_active)
     for ctx in contexts:
-        ctx.cancel(reason)
+        ctx.cancel(detail or str(reason), reason)
     return len(contexts)
 
 
@@ -73,7 +74,7 @@ class _ShutdownWaker:
 
     def _wait(self, read_fd: int) -> None:
         while os.read(read_fd, 1):
-            cancel_local_runs(SHUTDOWN)
+            cancel_local_runs(InterruptReason.SHUTDOWN)
 
     def request(self) -> None:
         """Signal-safe: mark the process shutting down and wake the cancelling thread."""
@@ -172,7 +173,7 @@ class ProgressMonitor:
             if status is not None and status != self.written:
                 self.repository.update_progress(self.ctx.run_id, status.completed, status.total)
                 self.written = status
-            elif self.repository.run_status(self.ctx.run_id) != RUNNING:
+            elif self.repository.run_status(self.ctx.run_id) != RunState.RUNNING:
                 self._cancel()
             self._db_error_logged = False
         except InvalidRunState:
@@ -352,8 +353,8 @@ def _finish(what: str, ctx: JobContext, action: Callable[[], RunRecord], outage:
 def _finish_interrupted(repository: JobRepository, job: Job, ctx: JobContext) -> RunRecord | None:
     """The job stopped because its run was cancelled. If the run is still ours (shutdown, or the job raised
     JobInterrupted on its own), end it `interrupted`; otherwise whoever interrupted it already did."""
-    reason = ctx.cancel_reason or CANCELLED
-    kind = SHUTDOWN if reason.startswith(SHUTDOWN) else CANCELLED
+    kind = ctx.interrupt_reason or InterruptReason.CANCELLED
+    reason = ctx.cancel_reason or str(kind)
     detail = "" if reason == kind else reason
     logger.warning("run %s of job %r stopped: %s", ctx.run_id, job.name, reason)
     try:

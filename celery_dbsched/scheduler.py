@@ -24,9 +24,9 @@ from .publisher import RunPublisher
 from .records import Claim, JobRecord, RunRecord
 from .registry import existing_registry
 from .repository import JobRepository
-from .schema import KIND_TASK
 from .settings import settings_for
 from .statements import WAKEUP_CHANNEL
+from .states import JobKind
 from .wakeup import Wakeup
 
 logger = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         for run in runs:
             if broker_error is None:
                 try:
-                    if run.kind == KIND_TASK:
+                    if run.kind == JobKind.TASK:
                         task_id = self._send_task(run, claim.jobs.get(run.job_name))
                         if task_id is not None:
                             dispatched.append((run.id, task_id))

@@ -8,6 +8,7 @@ like the time it names.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 from typing import Any
 
 from sqlalchemy import (
@@ -34,36 +35,17 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-QUEUED = "queued"
-RUNNING = "running"
-COMPLETED = "completed"
-FAILED = "failed"
-INTERRUPTED = "interrupted"
-DISPATCHED = "dispatched"
-ACTIVE_STATES = (QUEUED, RUNNING)
-FINAL_STATES = (COMPLETED, FAILED, INTERRUPTED, DISPATCHED)
-RUN_STATES = ACTIVE_STATES + FINAL_STATES
-
-# Why a run was interrupted: the prefix of its `error` text.
-STALLED = "stalled"
-SHUTDOWN = "shutdown"
-RESTART = "restart"
-CANCELLED = "cancelled"
-EXPIRED = "expired"
+from .states import ACTIVE, InterruptReason, JobKind, Misfire, RunState
 
 NAME_MAX_LENGTH = 128
 QUEUE_MAX_LENGTH = 255
 
-# What a job is: code registered with @job/register_job that runs in our wrapper task ("job"), or a plain
-# Celery task from beat_schedule that the beat sends as it is ("task").
-KIND_JOB = "job"
-KIND_TASK = "task"
-
-MISFIRE_RUN_ONCE = "run_once"
-MISFIRE_SKIP = "skip"
-MISFIRE_POLICIES = (MISFIRE_RUN_ONCE, MISFIRE_SKIP)
-
 UTC = dt.timezone.utc
+
+
+def _one_of(column: str, values: type[enum.Enum]) -> str:
+    """`column in ('a', 'b')` over an enum's values: the text of a CHECK constraint (the values hold no quote)."""
+    return f"{column} in ({', '.join(repr(str(member.value)) for member in values)})"
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -175,13 +157,13 @@ job_table = Table(
     Column("create_time", UTCDateTime, nullable=False),
     Column("update_time", UTCDateTime, nullable=False),
     # Added by revision 0002 (schedules, beat_schedule entries, per-job policies):
-    Column("kind", String(16), nullable=False, server_default=KIND_JOB),
+    Column("kind", String(16), nullable=False, server_default=JobKind.JOB.value),
     Column("schedule", Text, nullable=True),  # JSON spec (celery_dbsched.schedules); NULL: delay-driven
     Column("task", String(255), nullable=True),  # kind "task": the Celery task to send
     Column("task_args", Text, nullable=True),  # JSON
     Column("task_kwargs", Text, nullable=True),  # JSON
     Column("task_options", Text, nullable=True),  # JSON: queue, routing_key, priority, expires, headers
-    Column("misfire", String(16), nullable=False, server_default=MISFIRE_RUN_ONCE),
+    Column("misfire", String(16), nullable=False, server_default=Misfire.RUN_ONCE.value),
     Column("misfire_grace", Float, nullable=True),  # seconds
     Column("max_active", Integer, nullable=False, server_default="1"),
     Column("retry_backoff_base", Float, nullable=True),  # seconds; NULL: the global setting
@@ -206,7 +188,7 @@ Index(
     postgresql_where=claimable,
     sqlite_where=claimable,
 )
-_skip = job_table.c.misfire == MISFIRE_SKIP
+_skip = job_table.c.misfire == Misfire.SKIP
 Index("dbsched_job_misfire_skip", job_table.c.next_scheduled_run, postgresql_where=_skip, sqlite_where=_skip)
 
 run_table = Table(
@@ -234,17 +216,17 @@ run_table = Table(
     Column("update_time", UTCDateTime, nullable=False),
     Column("end_time", UTCDateTime, nullable=True),
     # Added by revision 0002:
-    Column("kind", String(16), nullable=False, server_default=KIND_JOB),
+    Column("kind", String(16), nullable=False, server_default=JobKind.JOB.value),
     Column("slot", Integer, nullable=False, server_default="0"),  # 0..max_active-1 while active
     Column("scheduled_for", UTCDateTime, nullable=True),  # the job's due time this run was claimed for
-    CheckConstraint(
-        "status in ('queued', 'running', 'completed', 'failed', 'interrupted', 'dispatched')",
-        name="dbsched_job_run_status_valid",
-    ),
+    # Added by revision 0005: why an interrupted run was interrupted (NULL for every other state).
+    Column("interrupt_reason", String(16), nullable=True),
+    CheckConstraint(_one_of("status", RunState), name="dbsched_job_run_status_valid"),
+    CheckConstraint(_one_of("interrupt_reason", InterruptReason), name="dbsched_job_run_interrupt_reason_valid"),
     CheckConstraint("completed >= 0 and total >= 0 and completed <= total", name="dbsched_job_run_progress_valid"),
     sqlite_autoincrement=True,  # run ids are never reused after pruning: a late message never names a newer run
 )
-_active = run_table.c.status.in_(ACTIVE_STATES)
+_active = run_table.c.status.in_(ACTIVE)
 # design §2: the database, not a process, guarantees one active run per job (per slot, for jobs that opt
 # into max_active > 1).
 Index(

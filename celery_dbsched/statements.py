@@ -43,30 +43,9 @@ from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeEngine
 
-from .schema import (
-    ACTIVE_STATES,
-    CANCELLED,
-    COMPLETED,
-    DISPATCHED,
-    EXPIRED,
-    FAILED,
-    FINAL_STATES,
-    INTERRUPTED,
-    KIND_TASK,
-    MISFIRE_SKIP,
-    QUEUED,
-    RUNNING,
-    SHUTDOWN,
-    STALLED,
-    UTCDateTime,
-    claimable,
-    job_table,
-    least,
-    run_table,
-    server_table,
-    sync_table,
-)
+from .schema import UTCDateTime, claimable, job_table, least, run_table, server_table, sync_table
 from .settings import DEFAULT_MISFIRE_GRACE
+from .states import ACTIVE, FINAL, InterruptReason, JobKind, Misfire, RunState
 
 WAKEUP_CHANNEL = "dbsched_wakeup"
 ERROR_TEXT_LIMIT = 10_000
@@ -75,7 +54,7 @@ ERROR_TEXT_LIMIT = 10_000
 RECHECK = "celery_dbsched: job changed while finishing"
 # The facts of a job that a one-statement finish is computed from (returned by the start statement).
 FINISH_FACTS = ("schedule", "default_next_run_in", "kind", "max_active", "retry_backoff_base", "retry_backoff_cap")
-EXPIRED_ERROR = f"{EXPIRED}: not started before its slot + expires"
+EXPIRED_ERROR = f"{InterruptReason.EXPIRED}: not started before its slot + expires"
 
 j, r, s = job_table, run_table, server_table
 
@@ -101,7 +80,13 @@ def error_text(error: str) -> str:
     return error.replace("\x00", "\\x00")[:ERROR_TEXT_LIMIT]
 
 
-def _status_is(states: Sequence[str]) -> ColumnElement[bool]:
+def interrupted(now: Now, reason: InterruptReason, error: Any) -> dict[str, Any]:
+    """The values that end a run `interrupted`: its reason in its own column, and the error text for people
+    (which starts with the reason, as it always has)."""
+    return {"status": RunState.INTERRUPTED, "interrupt_reason": reason, "end_time": now(), "error": error}
+
+
+def _status_is(states: Sequence[RunState]) -> ColumnElement[bool]:
     """`status IN (...)` for a fixed set of states, without the expanding parameter that `in_` renders
     (processed again at every execution of a statement built once)."""
     return or_(*(r.c.status == state for state in states))
@@ -200,12 +185,12 @@ def notify(name: Any) -> Select[Any]:
     return select(func.pg_notify(WAKEUP_CHANNEL, name))
 
 
-def count_jobs(kind: str | None) -> Select[Any]:
+def count_jobs(kind: JobKind | None) -> Select[Any]:
     count = select(func.count()).select_from(j)
     return count if kind is None else count.where(j.c.kind == kind)
 
 
-def sync_state(source: str, kind: str | None) -> Select[Any]:
+def sync_state(source: str, kind: JobKind | None) -> Select[Any]:
     """The fingerprint and job count the last sync of `source` stored, and the jobs of `kind` now."""
     return select(sync_table.c.fingerprint, sync_table.c.job_count, count_jobs(kind).scalar_subquery()).where(
         sync_table.c.key == source
@@ -232,7 +217,7 @@ def store_fingerprint(source: str, fingerprint: str, job_count: int, now: dt.dat
     )
 
 
-def jobs_to_sync(dialect: str, names: Iterable[str], kind: str | None) -> Select[Any]:
+def jobs_to_sync(dialect: str, names: Iterable[str], kind: JobKind | None) -> Select[Any]:
     """The rows of the named jobs and (with `kind`) every enabled job of that kind."""
     condition: ColumnElement[bool] = j.c.name.in_(values_of(dialect, names, j.c.name))
     if kind is not None:
@@ -271,7 +256,7 @@ def update_jobs_by_name() -> Any:
     return update(j).where(j.c.name == bindparam("b_name"))
 
 
-def disable_jobs(dialect: str, names: Iterable[str], kind: str, now: dt.datetime) -> Any:
+def disable_jobs(dialect: str, names: Iterable[str], kind: JobKind, now: dt.datetime) -> Any:
     return (
         update(j)
         .where(j.c.name.in_(values_of(dialect, names, j.c.name)), j.c.kind == kind, j.c.enabled)
@@ -280,7 +265,7 @@ def disable_jobs(dialect: str, names: Iterable[str], kind: str, now: dt.datetime
     )
 
 
-def disable_jobs_not_in(dialect: str, now: Now, kind: str, names: Iterable[str]) -> Any:
+def disable_jobs_not_in(dialect: str, now: Now, kind: JobKind, names: Iterable[str]) -> Any:
     return (
         update(j)
         .where(j.c.kind == kind, j.c.enabled, j.c.name.not_in(values_of(dialect, names, j.c.name)))
@@ -301,7 +286,7 @@ def pull_in_job(name: str, wanted: ColumnElement[dt.datetime]) -> Any:
 def pull_in_active_runs(name: str, wanted: ColumnElement[dt.datetime]) -> Any:
     """Kept on the job's active runs and honoured when they end (design §6)."""
     requested = least(func.coalesce(r.c.requested_next_run, wanted), wanted)
-    return update(r).where(r.c.job_name == name, r.c.status.in_(ACTIVE_STATES)).values(requested_next_run=requested)
+    return update(r).where(r.c.job_name == name, r.c.status.in_(ACTIVE)).values(requested_next_run=requested)
 
 
 def next_due(now: Now) -> Select[Any]:
@@ -331,14 +316,14 @@ def set_paused(name: str, values: Mapping[str, Any]) -> Any:
 
 def _slot_to_take() -> ColumnElement[int]:
     """The slot a claimed run takes: 0, or for `max_active` > 1 with slot 0 taken, the lowest free one."""
-    slot_taken = exists().where(r.c.job_name == j.c.name, r.c.status.in_(ACTIVE_STATES), r.c.slot == 0)
+    slot_taken = exists().where(r.c.job_name == j.c.name, r.c.status.in_(ACTIVE), r.c.slot == 0)
     r2 = run_table.alias("r2")
     next_free = (
         select(func.min(r.c.slot + 1))
         .where(
             r.c.job_name == j.c.name,
-            r.c.status.in_(ACTIVE_STATES),
-            ~exists().where(r2.c.job_name == r.c.job_name, r2.c.status.in_(ACTIVE_STATES), r2.c.slot == r.c.slot + 1),
+            r.c.status.in_(ACTIVE),
+            ~exists().where(r2.c.job_name == r.c.job_name, r2.c.status.in_(ACTIVE), r2.c.slot == r.c.slot + 1),
         )
         .correlate(j)
         .scalar_subquery()
@@ -354,7 +339,7 @@ def claim(dialect: str, now: Now, server_id: str, limit: int) -> Any:
     due = (
         select(
             j.c.name,
-            literal(QUEUED, String),
+            literal(RunState.QUEUED, String),
             j.c.queue,
             literal(server_id, String),
             at,
@@ -396,7 +381,7 @@ def misfired(now: Now, limit: int) -> Select[Any]:
     return (
         select(j)
         .where(
-            j.c.misfire == MISFIRE_SKIP,
+            j.c.misfire == Misfire.SKIP,
             j.c.next_scheduled_run <= now(),  # a range on the (small) index of skip-policy jobs
             j.c.next_scheduled_run < now(-grace),
             claimable,
@@ -411,7 +396,7 @@ def claimed_jobs_advancing(dialect: str, now: Now, ids: Sequence[int]) -> Select
     return (
         select(j, r.c.scheduled_for.label("claimed_slot"), now().label("claimed_at"))
         .join(r, r.c.job_name == j.c.name)
-        .where(in_ids(dialect, r.c.id, ids), or_(j.c.kind == KIND_TASK, j.c.max_active > 1))
+        .where(in_ids(dialect, r.c.id, ids), or_(j.c.kind == JobKind.TASK, j.c.max_active > 1))
     )
 
 
@@ -435,12 +420,12 @@ def start(now: Now) -> Any:
         update(r)
         .where(
             r.c.id == bindparam("run_id"),
-            r.c.status == QUEUED,
+            r.c.status == RunState.QUEUED,
             j.c.name == r.c.job_name,
             or_(j.c.expires.is_(None), r.c.create_time >= now(-j.c.expires)),
         )
         .values(
-            status=RUNNING,
+            status=RunState.RUNNING,
             worker=bindparam("run_worker"),
             task_id=bindparam("run_task_id"),
             start_time=at,
@@ -470,8 +455,8 @@ def start_queued(now: Now, run_id: int, worker: str, task_id: str | None) -> Any
     at = now()
     return (
         update(r)
-        .where(r.c.id == run_id, r.c.status == QUEUED, not_expired)
-        .values(status=RUNNING, worker=worker, task_id=task_id, start_time=at, update_time=at)
+        .where(r.c.id == run_id, r.c.status == RunState.QUEUED, not_expired)
+        .values(status=RunState.RUNNING, worker=worker, task_id=task_id, start_time=at, update_time=at)
         .returning(*r.c)
     )
 
@@ -479,8 +464,8 @@ def start_queued(now: Now, run_id: int, worker: str, task_id: str | None) -> Any
 def expire_queued(now: Now, run_id: int) -> Any:
     return (
         update(r)
-        .where(r.c.id == run_id, r.c.status == QUEUED)
-        .values(status=INTERRUPTED, end_time=now(), error=EXPIRED_ERROR)
+        .where(r.c.id == run_id, r.c.status == RunState.QUEUED)
+        .values(**interrupted(now, InterruptReason.EXPIRED, EXPIRED_ERROR))
         .returning(*r.c)
     )
 
@@ -491,7 +476,7 @@ def progress(now: Now) -> Any:
     changed = or_(r.c.completed != bindparam("p_completed"), r.c.total != bindparam("p_total"))
     written = (
         update(r)
-        .where(r.c.id == bindparam("run_id"), r.c.status == RUNNING, changed)
+        .where(r.c.id == bindparam("run_id"), r.c.status == RunState.RUNNING, changed)
         .values(completed=bindparam("p_completed"), total=bindparam("p_total"), update_time=now())
         .returning(*r.c, true().label("_written"))
         .cte("written")
@@ -506,13 +491,13 @@ def set_progress(now: Now, run_id: int, completed: int, total: int) -> Any:
     """A running run's progress; `update_time` moves only when the values change (design §5)."""
     return (
         update(r)
-        .where(r.c.id == run_id, r.c.status == RUNNING, or_(r.c.completed != completed, r.c.total != total))
+        .where(r.c.id == run_id, r.c.status == RunState.RUNNING, or_(r.c.completed != completed, r.c.total != total))
         .values(completed=completed, total=total, update_time=now())
         .returning(*r.c)
     )
 
 
-def end_run(now: Now, run_id: int, status: str, from_states: Sequence[str], values: Mapping[str, Any]) -> Any:
+def end_run(now: Now, run_id: int, status: RunState, from_states: Sequence[RunState], values: Mapping[str, Any]) -> Any:
     """End a run in one of `from_states` as `status`, with `values` (error, progress)."""
     return (
         update(r)
@@ -539,11 +524,11 @@ def schedule_next(job_name: str, when: dt.datetime, *, failed: bool, run_slot: d
 def _ended(now: Now, failed: bool, checked: bool, facts_hold: ColumnElement[bool]) -> Any:
     at = now()
     in_window = and_(bindparam("w_lower", type_=UTCDateTime()) <= at, at < bindparam("w_upper", type_=UTCDateTime()))
-    conditions = [r.c.id == bindparam("run_id"), _status_is(ACTIVE_STATES if failed else (RUNNING,)), in_window]
+    conditions = [r.c.id == bindparam("run_id"), _status_is(ACTIVE if failed else (RunState.RUNNING,)), in_window]
     if checked:
         conditions.append(exists().where(j.c.name == r.c.job_name, facts_hold))
     values: dict[str, Any] = {
-        "status": FAILED if failed else COMPLETED,
+        "status": RunState.FAILED if failed else RunState.COMPLETED,
         "end_time": at,
         "completed": func.coalesce(bindparam("p_completed", type_=Integer), r.c.completed),
         "total": func.coalesce(bindparam("p_total", type_=Integer), r.c.total),
@@ -605,34 +590,36 @@ def finish(now: Now, failed: bool, checked: bool) -> Any:
     )
 
 
-def interrupt_stalled(now: Now, default_threshold: float, reason: str) -> Any:
+def interrupt_stalled(now: Now, default_threshold: float, reason: InterruptReason) -> Any:
     """End `interrupted` every active run whose `update_time` is older than its job's interrupt threshold
     (else `default_threshold` seconds); returns them."""
     per_job = select(j.c.interrupt_threshold).where(j.c.name == r.c.job_name).scalar_subquery()
     condition = and_(
-        r.c.status.in_(ACTIVE_STATES),
+        r.c.status.in_(ACTIVE),
         # A tracked plain task reports no progress: its liveness is its worker's (interrupt_orphaned).
-        or_(r.c.kind != KIND_TASK, r.c.status == QUEUED),
+        or_(r.c.kind != JobKind.TASK, r.c.status == RunState.QUEUED),
         r.c.update_time < now(-func.coalesce(per_job, default_threshold)),
     )
     error = case(
-        (r.c.status == QUEUED, f"{reason}: no worker started it within the interrupt threshold"),
+        (r.c.status == RunState.QUEUED, f"{reason}: no worker started it within the interrupt threshold"),
         else_=f"{reason}: no progress within the interrupt threshold",
     )
-    return update(r).where(condition).values(status=INTERRUPTED, end_time=now(), error=error).returning(*r.c)
+    return update(r).where(condition).values(**interrupted(now, reason, error)).returning(*r.c)
 
 
-def interrupt_left_behind(now: Now, server_id: str, threshold: dt.timedelta | None, reason: str) -> Any:
+def interrupt_left_behind(now: Now, server_id: str, threshold: dt.timedelta | None, reason: InterruptReason) -> Any:
     """End `interrupted` the runs `server_id` left behind (running on it as a worker, or queued by it as a
     beat), older than `threshold` when given; returns them."""
     condition = or_(
-        and_(r.c.status == RUNNING, r.c.worker == server_id),
-        and_(r.c.status == QUEUED, r.c.claimed_by == server_id),
+        and_(r.c.status == RunState.RUNNING, r.c.worker == server_id),
+        and_(r.c.status == RunState.QUEUED, r.c.claimed_by == server_id),
     )
     if threshold:
         condition = and_(condition, r.c.update_time < now(-threshold.total_seconds()))
-    error = f"{reason}: " + (f"{server_id} shut down" if reason == SHUTDOWN else f"left behind by {server_id}")
-    return update(r).where(condition).values(status=INTERRUPTED, end_time=now(), error=error).returning(*r.c)
+    error = f"{reason}: " + (
+        f"{server_id} shut down" if reason == InterruptReason.SHUTDOWN else f"left behind by {server_id}"
+    )
+    return update(r).where(condition).values(**interrupted(now, reason, error)).returning(*r.c)
 
 
 def due_again(dialect: str, now: Now, names: Iterable[str]) -> Any:
@@ -640,7 +627,7 @@ def due_again(dialect: str, now: Now, names: Iterable[str]) -> Any:
     due again at once: the slot a dead beat claimed but never sent is not lost (design §4)."""
     return (
         update(j)
-        .where(j.c.name.in_(values_of(dialect, names, j.c.name)), or_(j.c.kind == KIND_TASK, j.c.max_active > 1))
+        .where(j.c.name.in_(values_of(dialect, names, j.c.name)), or_(j.c.kind == JobKind.TASK, j.c.max_active > 1))
         .values(next_scheduled_run=least(j.c.next_scheduled_run, now()))
     )
 
@@ -650,18 +637,18 @@ def expire(now: Now) -> Any:
     expires = _job_expires()
     return (
         update(r)
-        .where(r.c.status == QUEUED, expires.is_not(None), r.c.create_time < now(-expires))
-        .values(status=INTERRUPTED, end_time=now(), error=EXPIRED_ERROR)
+        .where(r.c.status == RunState.QUEUED, expires.is_not(None), r.c.create_time < now(-expires))
+        .values(**interrupted(now, InterruptReason.EXPIRED, EXPIRED_ERROR))
         .returning(*r.c)
     )
 
 
 def dispatch(now: Now, run_id: int, task_id: str | None) -> Any:
     """`queued -> dispatched`: a plain task was sent."""
-    values: dict[str, Any] = {"status": DISPATCHED, "end_time": now()}
+    values: dict[str, Any] = {"status": RunState.DISPATCHED, "end_time": now()}
     if task_id is not None:
         values["task_id"] = task_id
-    return update(r).where(r.c.id == run_id, r.c.status == QUEUED).values(**values).returning(*r.c)
+    return update(r).where(r.c.id == run_id, r.c.status == RunState.QUEUED).values(**values).returning(*r.c)
 
 
 def reset_failures(job_name: str) -> Any:
@@ -676,8 +663,8 @@ def dispatch_many(dialect: str, now: Now, sent: Sequence[tuple[int, str | None]]
     run_id, task_id = pairs(dialect, sent, (BigInteger(), String()))
     mark = (
         update(r)
-        .where(r.c.id == run_id, r.c.status == QUEUED)
-        .values(status=DISPATCHED, end_time=now(), task_id=func.coalesce(task_id, r.c.task_id))
+        .where(r.c.id == run_id, r.c.status == RunState.QUEUED)
+        .values(status=RunState.DISPATCHED, end_time=now(), task_id=func.coalesce(task_id, r.c.task_id))
     )
     reset = (
         update(j)
@@ -701,9 +688,11 @@ def track_start(now: Now) -> Any:
     at = now()
     return (
         update(r)
-        .where(r.c.id == bindparam("run_id"), _status_is((QUEUED, DISPATCHED)), r.c.kind == KIND_TASK)
+        .where(
+            r.c.id == bindparam("run_id"), _status_is((RunState.QUEUED, RunState.DISPATCHED)), r.c.kind == JobKind.TASK
+        )
         .values(
-            status=RUNNING,
+            status=RunState.RUNNING,
             worker=bindparam("run_worker"),
             task_id=bindparam("run_task_id"),
             start_time=at,
@@ -715,12 +704,14 @@ def track_start(now: Now) -> Any:
     )
 
 
-def track_end(now: Now, status: str) -> Any:
+def track_end(now: Now, status: RunState) -> Any:
     """`running -> status` of a tracked plain task. Bound: `run_id`, and `run_error` when failed."""
     values: dict[str, Any] = {"status": status, "end_time": now()}
-    if status == FAILED:
+    if status == RunState.FAILED:
         values["error"] = bindparam("run_error", type_=Text)
-    return update(r).where(r.c.id == bindparam("run_id"), r.c.status == RUNNING).values(**values).returning(*r.c)
+    return (
+        update(r).where(r.c.id == bindparam("run_id"), r.c.status == RunState.RUNNING).values(**values).returning(*r.c)
+    )
 
 
 def heartbeat(dialect: str, now: Now) -> Executable:
@@ -745,17 +736,18 @@ def interrupt_orphaned(now: Now, threshold: float) -> Any:
     alive = exists().where(s.c.id == r.c.worker, s.c.last_seen >= now(-threshold))
     return (
         update(r)
-        .where(r.c.kind == KIND_TASK, r.c.status == RUNNING, ~alive, r.c.start_time < now(-threshold))
-        .values(status=INTERRUPTED, end_time=now(), error=f"{STALLED}: its worker stopped answering")
+        .where(r.c.kind == JobKind.TASK, r.c.status == RunState.RUNNING, ~alive, r.c.start_time < now(-threshold))
+        .values(**interrupted(now, InterruptReason.STALLED, f"{InterruptReason.STALLED}: its worker stopped answering"))
         .returning(*r.c)
     )
 
 
 def cancel_active_runs(now: Now, job_name: str) -> Any:
+    """End `interrupted` (cancelled, by an operator) the job's queued and running runs; returns them."""
     return (
         update(r)
-        .where(r.c.job_name == job_name, r.c.status.in_(ACTIVE_STATES))
-        .values(status=INTERRUPTED, end_time=now(), error=f"{CANCELLED}: by an operator")
+        .where(r.c.job_name == job_name, r.c.status.in_(ACTIVE))
+        .values(**interrupted(now, InterruptReason.CANCELLED, f"{InterruptReason.CANCELLED}: by an operator"))
         .returning(*r.c)
     )
 
@@ -778,7 +770,7 @@ def prune_batch(dialect: str, now: Now, retention: dt.timedelta, size: int) -> A
     `end_time` index; on PostgreSQL rows another pruning beat holds are skipped, not waited for."""
     oldest = (
         select(r.c.id)
-        .where(r.c.end_time < now(-retention.total_seconds()), r.c.status.in_(FINAL_STATES))
+        .where(r.c.end_time < now(-retention.total_seconds()), r.c.status.in_(FINAL))
         .order_by(r.c.end_time)
         .limit(size)
     )

@@ -11,16 +11,16 @@ import datetime as dt
 from dataclasses import dataclass, field
 
 from .schedules import IntervalSchedule, Schedule
-from .schema import KIND_TASK
 from .settings import backoff_delay
+from .states import JobKind
 
 Backoff = tuple[dt.timedelta, dt.timedelta]
 
 
-def advances_at_claim(kind: str, max_active: int) -> bool:
+def advances_at_claim(kind: JobKind, max_active: int) -> bool:
     """Runs that nobody waits for (plain tasks) or that may overlap move the schedule when claimed; other jobs
     are rescheduled when their run ends."""
-    return kind == KIND_TASK or max_active > 1
+    return kind == JobKind.TASK or max_active > 1
 
 
 def cadence(schedule: Schedule | None, default_next_run_in: dt.timedelta | None) -> Schedule | None:

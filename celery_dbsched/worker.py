@@ -24,8 +24,8 @@ from .protocol import JSON_CONTENT_TYPE, RUN_SERIALIZER, RUN_TASK_NAME, run_args
 from .registry import registry_for
 from .repository import JobRepository
 from .runner import execute_run, shutdown_waker, shutting_down
-from .schema import RESTART, SHUTDOWN
 from .settings import default_server_id, settings_for
+from .states import InterruptReason
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
         prepare_schema(repository.engine, self.settings.auto_migrate)
         registry_for(app).sync(repository)
         self.repository = repository
-        left = repository.interrupt_runs(server_id=worker.hostname, reason=RESTART)
+        left = repository.interrupt_runs(server_id=worker.hostname, reason=InterruptReason.RESTART)
         if left:
             logger.warning(
                 "ended %d run(s) that %s left running: %s",
@@ -123,7 +123,7 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.repository is None:
             return
         try:
-            ended = self.repository.interrupt_runs(server_id=worker.hostname, reason=SHUTDOWN)
+            ended = self.repository.interrupt_runs(server_id=worker.hostname, reason=InterruptReason.SHUTDOWN)
         except Exception as exc:
             logger.warning("could not end this worker's runs at shutdown (%s); the monitor will", exc)
             return

@@ -17,7 +17,8 @@ from sqlalchemy import delete, event, select, text, update
 from celery_dbsched import JobRepository
 from celery_dbsched.engine import make_engine
 from celery_dbsched.migrate import current_revision, head_revision
-from celery_dbsched.schema import ACTIVE_STATES, job_table, run_table
+from celery_dbsched.schema import job_table, run_table
+from celery_dbsched.states import ACTIVE
 
 HOUR = dt.timedelta(hours=1)
 
@@ -31,7 +32,7 @@ def actual(repository: JobRepository) -> dict[str, int]:
     r = run_table
     with repository.engine.connect() as conn:
         names = [row[0] for row in conn.execute(select(job_table.c.name))]
-        rows = conn.execute(select(r.c.job_name, r.c.id).where(r.c.status.in_(ACTIVE_STATES), r.c.slot >= 0)).all()
+        rows = conn.execute(select(r.c.job_name, r.c.id).where(r.c.status.in_(ACTIVE), r.c.slot >= 0)).all()
     counts = dict.fromkeys(names, 0)
     for name, _ in rows:
         counts[name] += 1

@@ -24,7 +24,7 @@ from celery_dbsched import Scheduler
 from celery_dbsched.binding import forget_repository
 from celery_dbsched.protocol import RUN_ID_HEADER
 from celery_dbsched.repository import JobRepository
-from celery_dbsched.schema import DISPATCHED, QUEUED
+from celery_dbsched.states import RunState
 
 Factory = Callable[..., Scheduler]
 
@@ -154,7 +154,7 @@ def test_a_batch_of_plain_tasks_costs_a_constant_number_of_statements(
         sent = Sent(scheduler)
         statements = statements_during(scheduler.repository.engine, scheduler.tick)
         assert len(sent.run_ids) == size
-        assert status_counts(repository) == Counter({DISPATCHED: size})
+        assert status_counts(repository) == Counter({RunState.DISPATCHED: size})
         counts[size] = len(statements)
         biggest = max(len(params) if isinstance(params, (dict, list, tuple)) else 0 for _, params in statements)
         assert biggest <= 20, [s[:120] for s, p in statements if len(p) == biggest]
@@ -176,7 +176,7 @@ def test_dispatched_runs_carry_the_task_ids_of_their_messages(database: Database
     tick_until(scheduler, lambda: len(ids) == 50)
     runs = {run.id: run for run in repository.list_runs(limit=100)}
     assert {run_id: run.task_id for run_id, run in runs.items()} == ids
-    assert {run.status for run in runs.values()} == {DISPATCHED}
+    assert {run.status for run in runs.values()} == {RunState.DISPATCHED}
     # Each moved to its next slot (an hour on) at claim, in one statement for the batch.
     assert all(job.next_scheduled_run > repository.database_now() for job in repository.list_jobs())
 
@@ -193,7 +193,7 @@ def test_a_batch_claimed_ahead_and_never_published_is_recovered(database: Databa
     scheduler._next_claim.result()
     assert len(sent.run_ids) == 10
     deadline = time.monotonic() + 30  # the first batch is marked on a claim thread
-    while (counts := status_counts(repository)) != Counter({DISPATCHED: 10, QUEUED: 10}):
+    while (counts := status_counts(repository)) != Counter({RunState.DISPATCHED: 10, RunState.QUEUED: 10}):
         assert time.monotonic() < deadline, counts
         time.sleep(0.02)
     # Killed here: the claimed batch is never published. The same server id starts again.
@@ -201,10 +201,10 @@ def test_a_batch_claimed_ahead_and_never_published_is_recovered(database: Databa
     server_id = scheduler.server_id
     again = make_scheduler(database.url, dbsched_server_id=server_id, dbsched_run_jobs_limit=100)
     enable_all(repository)  # the bulk entries are not in this app's beat_schedule: its start disabled them
-    assert status_counts(repository) == Counter({DISPATCHED: 10, "interrupted": 10})
+    assert status_counts(repository) == Counter({RunState.DISPATCHED: 10, "interrupted": 10})
     resent = Sent(again)
     tick_until(again, lambda: len(resent.run_ids) == 20)
-    assert status_counts(repository)[DISPATCHED] == 30
+    assert status_counts(repository)[RunState.DISPATCHED] == 30
     with repository.engine.connect() as conn:
         # The interrupted slots were sent again: every job has exactly one dispatched run.
         assert (
@@ -223,7 +223,7 @@ def test_closing_publishes_the_batch_claimed_ahead(database: Database, make_sche
     assert scheduler.tick() == 0.0
     scheduler.close()
     assert len(sent.run_ids) == 20
-    assert status_counts(repository) == Counter({DISPATCHED: 20})
+    assert status_counts(repository) == Counter({RunState.DISPATCHED: 20})
 
 
 # -- two beats (PostgreSQL) -------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def test_two_beats_share_a_backlog_of_plain_tasks(postgres_database: Database, m
     assert all(0.3 * total <= share <= 0.7 * total for share in shares), shares
     assert duplicates(repository) == 0
     assert len(set(sent[0].run_ids) | set(sent[1].run_ids)) == total
-    assert status_counts(repository) == Counter({DISPATCHED: total})
+    assert status_counts(repository) == Counter({RunState.DISPATCHED: total})
 
 
 @pytest.mark.postgres
@@ -321,6 +321,6 @@ def test_a_plain_task_whose_publish_fails_ends_failed_not_published(
     scheduler._publisher.publish_task = publish_task  # type: ignore[method-assign]
     scheduler.tick()
     runs = {run.id: run for run in repository.list_runs(limit=10)}
-    assert [runs[run_id].status for run_id in calls] == [DISPATCHED, DISPATCHED, "failed"]
+    assert [runs[run_id].status for run_id in calls] == [RunState.DISPATCHED, RunState.DISPATCHED, "failed"]
     failed = [run for run in runs.values() if run.status == "failed"]
     assert len(failed) == 3 and all("not published" in (run.error or "") for run in failed)

@@ -41,7 +41,8 @@ from sqlalchemy import bindparam, select, update
 
 from celery_dbsched import RunRecord
 from celery_dbsched.repository import JobRepository
-from celery_dbsched.schema import ACTIVE_STATES, job_table, run_table
+from celery_dbsched.schema import job_table, run_table
+from celery_dbsched.states import ACTIVE
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
@@ -80,7 +81,7 @@ class ActiveRunSampler(RunSampler):
     def sample(self) -> None:
         r = run_table
         with self.repository.engine.connect() as conn:
-            rows = conn.execute(select(r.c.job_name, r.c.id).where(r.c.status.in_(ACTIVE_STATES))).all()
+            rows = conn.execute(select(r.c.job_name, r.c.id).where(r.c.status.in_(ACTIVE))).all()
         active: dict[str, list[int]] = defaultdict(list)
         for job_name, run_id in rows:
             active[job_name].append(run_id)
@@ -187,7 +188,7 @@ def run_load(cluster: Cluster, *, name: str, jobs: int, every: float, duration: 
         r = run_table
         with cluster.repo.engine.connect() as conn:
             left = conn.execute(
-                select(r.c.id).where(r.c.status.in_(ACTIVE_STATES), r.c.scheduled_for < window_end).limit(1)
+                select(r.c.id).where(r.c.status.in_(ACTIVE), r.c.scheduled_for < window_end).limit(1)
             ).first()
         return left is None
 

@@ -141,3 +141,74 @@ def test_an_unreachable_database_is_database_unavailable() -> None:
                 prepare_schema(engine, auto_migrate=auto_migrate)
     finally:
         engine.dispose()
+
+
+def test_0005_moves_the_interrupt_reason_into_its_column(database: Any) -> None:
+    """Interrupted runs from before 0005 get their reason from the start of their error text; a downgrade
+    drops the column and leaves the runs as they were."""
+    from alembic import command
+
+    from celery_dbsched.migrate import _config
+    from celery_dbsched.states import InterruptReason
+
+    engine = make_engine(database.url)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(_config(conn), "0004")
+        errors = {
+            "stalled: no progress within the interrupt threshold": "interrupted",
+            "shutdown: w1 shut down": "interrupted",
+            "restart: left behind by beat-1": "interrupted",
+            "cancelled": "interrupted",  # interrupt_run without a detail: the bare reason
+            "cancelled: by an operator": "interrupted",
+            "expired: not started before its slot + expires": "interrupted",
+            "stalledness: not a reason": "interrupted",
+            "stalled: but it failed": "failed",  # only interrupted runs have a reason
+            "": "completed",
+        }
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO dbsched_job (name, description, next_scheduled_run, create_time, update_time) "
+                    "VALUES ('j', 'old', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
+            for error, status in errors.items():
+                conn.execute(
+                    text(
+                        "INSERT INTO dbsched_job_run (job_name, status, error, claimed_by, create_time, update_time) "
+                        "VALUES ('j', :s, :e, 'old-beat', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                    ),
+                    {"s": status, "e": error or None},
+                )
+        with engine.begin() as conn:
+            command.upgrade(_config(conn), "head")
+        repository = database.repository()
+        found = {run.error or "": run.interrupt_reason for run in repository.list_runs("j")}
+        assert found == {
+            "stalled: no progress within the interrupt threshold": InterruptReason.STALLED,
+            "shutdown: w1 shut down": InterruptReason.SHUTDOWN,
+            "restart: left behind by beat-1": InterruptReason.RESTART,
+            "cancelled": InterruptReason.CANCELLED,
+            "cancelled: by an operator": InterruptReason.CANCELLED,
+            "expired: not started before its slot + expires": InterruptReason.EXPIRED,
+            "stalledness: not a reason": None,
+            "stalled: but it failed": None,
+            "": None,
+        }
+        with pytest.raises(Exception, match=r"(?i)check"), engine.begin() as conn:
+            conn.execute(text("UPDATE dbsched_job_run SET interrupt_reason = 'bored'"))
+
+        with engine.begin() as conn:
+            command.downgrade(_config(conn), "0004")
+        assert current_revision(engine) == "0004"
+        columns = {column["name"] for column in inspect(engine).get_columns("dbsched_job_run")}
+        assert "interrupt_reason" not in columns and "error" in columns
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM dbsched_job_run")).scalar_one() == len(errors)
+        with engine.begin() as conn:
+            command.upgrade(_config(conn), "head")
+        assert current_revision(engine) == head_revision()
+        assert {run.error or "": run.interrupt_reason for run in repository.list_runs("j")} == found  # again
+    finally:
+        engine.dispose()

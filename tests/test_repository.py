@@ -23,7 +23,9 @@ from celery_dbsched import (
     RunRecord,
     SchemaMismatch,
 )
+from celery_dbsched.job import JobDefinition
 from celery_dbsched.schema import job_table, run_table
+from celery_dbsched.states import InterruptReason, JobKind, RunState
 
 SECOND = dt.timedelta(seconds=1)
 MINUTE = dt.timedelta(minutes=1)
@@ -1001,7 +1003,7 @@ def test_interrupt_runs_of_a_server_ends_only_its_runs_and_they_are_due_at_once(
 
 def test_interrupt_runs_of_a_server_at_shutdown(repository: JobRepository) -> None:
     run = running_run(repository, "j", worker="w1")
-    [ended] = repository.interrupt_runs(server_id="w1", reason="shutdown")
+    [ended] = repository.interrupt_runs(server_id="w1", reason=InterruptReason.SHUTDOWN)
     assert ended.id == run.id
     assert ended.error == "shutdown: w1 shut down"
     assert claim_one(repository, "j").id > run.id
@@ -1038,14 +1040,14 @@ def test_interrupt_run_ends_an_active_run(repository: JobRepository) -> None:
 def test_interrupt_run_with_a_reason_and_detail(repository: JobRepository) -> None:
     add_job(repository, "j")
     queued = claim_one(repository, "j")
-    ended = repository.interrupt_run(queued.id, "shutdown", "worker w1 stopping")
+    ended = repository.interrupt_run(queued.id, InterruptReason.SHUTDOWN, "worker w1 stopping")
     assert ended.error == "shutdown: worker w1 stopping"
 
 
 def test_interrupt_run_as_stalled_backs_off(repository: JobRepository) -> None:
     repository.retry_backoff = (dt.timedelta(seconds=40), HOUR)
     run = running_run(repository, "j")
-    ended = repository.interrupt_run(run.id, "stalled", "no progress")
+    ended = repository.interrupt_run(run.id, InterruptReason.STALLED, "no progress")
     assert ended.error == "stalled: no progress"
     assert ended.end_time is not None
     assert repository.lookup_job("j").failure_count == 1
@@ -1061,6 +1063,78 @@ def test_interrupt_run_of_a_final_or_unknown_run(repository: JobRepository) -> N
     assert repository.lookup_run(run.id).status == "completed"
     with pytest.raises(RunNotFound):
         repository.interrupt_run(run.id + 1000)
+
+
+# -- interrupt_reason: every path that interrupts a run writes its reason in its own column ----------------------
+
+
+def test_every_interrupting_path_stores_its_reason(repository: JobRepository) -> None:
+    run = running_run(repository, "stalled-running")
+    add_job(repository, "stalled-queued")
+    queued = claim_one(repository, "stalled-queued")
+    repository.clock_shift = HOUR
+    assert {r.id for r in repository.interrupt_runs(dt.timedelta(minutes=5))} == {run.id, queued.id}
+
+    run = running_run(repository, "shutdown", worker="w1")
+    [ended] = repository.interrupt_runs(server_id="w1", reason=InterruptReason.SHUTDOWN)
+    assert ended.id == run.id and ended.interrupt_reason is InterruptReason.SHUTDOWN
+
+    run = running_run(repository, "restart", worker="w2")
+    [ended] = repository.interrupt_runs(server_id="w2")
+    assert ended.id == run.id and ended.interrupt_reason is InterruptReason.RESTART
+
+    run = running_run(repository, "operator")
+    [ended] = repository.cancel_active_runs("operator")
+    assert ended.id == run.id and ended.interrupt_reason is InterruptReason.CANCELLED
+
+    run = running_run(repository, "one-run")
+    assert repository.interrupt_run(run.id).interrupt_reason is InterruptReason.CANCELLED
+    run = running_run(repository, "one-run-stalled")
+    assert repository.interrupt_run(run.id, InterruptReason.STALLED, "x").interrupt_reason is InterruptReason.STALLED
+
+    for name in ("expired-by-monitor", "expired-at-start"):
+        repository.define_job(JobDefinition(name=name, description=name, expires=MINUTE, default_next_run_in=HOUR))
+    claimed = {run.job_name: run for run in claim(repository)}
+    by_monitor, at_start = claimed["expired-by-monitor"], claimed["expired-at-start"]
+    repository.clock_shift += HOUR
+    with pytest.raises(InvalidRunState):
+        repository.start_run(at_start.id, "worker-1")  # too late: ended expired instead
+    assert [r.id for r in repository.expire_runs()] == [by_monitor.id]
+
+    repository.define_job(
+        JobDefinition(name="orphan", description="orphan", kind=JobKind.TASK, task="t", default_next_run_in=HOUR)
+    )
+    orphan = repository.dispatch_run(claim_one(repository, "orphan").id)
+    repository.track_start(orphan.id, "gone@host", None)  # a worker that never sent a heartbeat
+    repository.clock_shift += HOUR
+    assert [r.id for r in repository.interrupt_orphaned(MINUTE)] == [orphan.id]
+
+    runs = all_runs(repository)
+    assert all(run.interrupt_reason is None for run in runs if run.status != RunState.INTERRUPTED)
+    # The error text, for people, still starts with the reason.
+    stored = {run.job_name: (run.interrupt_reason, (run.error or "").split(":")[0]) for run in runs if run.error}
+    R = InterruptReason
+    assert stored == {
+        "stalled-running": (R.STALLED, "stalled"),
+        "stalled-queued": (R.STALLED, "stalled"),
+        "shutdown": (R.SHUTDOWN, "shutdown"),
+        "restart": (R.RESTART, "restart"),
+        "operator": (R.CANCELLED, "cancelled"),
+        "one-run": (R.CANCELLED, "cancelled"),
+        "one-run-stalled": (R.STALLED, "stalled"),
+        "expired-by-monitor": (R.EXPIRED, "expired"),
+        "expired-at-start": (R.EXPIRED, "expired"),
+        "orphan": (R.STALLED, "stalled"),
+    }
+    assert all(isinstance(run.status, RunState) and isinstance(run.kind, JobKind) for run in runs)
+
+
+def test_a_run_not_interrupted_has_no_interrupt_reason(repository: JobRepository) -> None:
+    run = running_run(repository, "j")
+    assert run.interrupt_reason is None
+    assert repository.complete_run(run.id, HOUR).interrupt_reason is None
+    run = running_run(repository, "k")
+    assert repository.fail_run(run.id, "boom").interrupt_reason is None
 
 
 # -- pull-in: update_job_next_run_in_at_least (design §6) ----------------------------------------------------

@@ -24,6 +24,7 @@ from celery_dbsched import (
 from celery_dbsched.job import FunctionJob
 from celery_dbsched.runner import ProgressMonitor, active_run_ids, cancel_local_runs, execute_run
 from celery_dbsched.schema import job_table
+from celery_dbsched.states import InterruptReason
 
 HOUR = dt.timedelta(hours=1)
 MINUTE = dt.timedelta(minutes=1)
@@ -413,7 +414,7 @@ def test_a_message_for_an_unknown_or_ended_run_is_dropped(repository: JobReposit
     job = Recorder()
     assert execute(repository, {job.name: job}, 987654) is None
     run = claim(repository, job)
-    repository.interrupt_run(run.id, "stalled", "no worker started it")
+    repository.interrupt_run(run.id, InterruptReason.STALLED, "no worker started it")
     assert execute(repository, {job.name: job}, run.id) is None
     assert job.runs == []
 
@@ -474,7 +475,7 @@ def test_a_job_that_ignores_cancellation_cannot_complete_an_interrupted_run(repo
     scheduled = repository.lookup_job(job.name).next_scheduled_run
     background = Background(lambda: execute(repository, {job.name: job}, run.id))
     assert job.started.wait(DEADLINE)
-    repository.interrupt_run(run.id, "cancelled", "by an operator")
+    repository.interrupt_run(run.id, InterruptReason.CANCELLED, "by an operator")
     done = background.join()
     assert done is not None and done.status == "interrupted"
     assert done.error == "cancelled: by an operator"
@@ -485,7 +486,7 @@ def test_a_run_interrupted_between_monitor_checks_keeps_its_interruption(reposit
     """The job finishes before the monitor noticed: the completion is refused and the run stays interrupted."""
 
     def interrupted_meanwhile(job: Recorder, ctx: JobContext) -> None:
-        repository.interrupt_run(ctx.run_id, "stalled", "no progress")
+        repository.interrupt_run(ctx.run_id, InterruptReason.STALLED, "no progress")
 
     job = Recorder(body=interrupted_meanwhile)
     run = claim(repository, job)
@@ -513,7 +514,7 @@ def test_interrupting_one_run_cancels_only_that_job(repository: JobRepository) -
         for name, run in (("doomed", doomed_run), ("survivor", survivor_run))
     }
     assert doomed.started.wait(DEADLINE) and survivor.started.wait(DEADLINE)
-    repository.interrupt_run(doomed_run.id, "cancelled", "only this one")
+    repository.interrupt_run(doomed_run.id, InterruptReason.CANCELLED, "only this one")
     doomed_done = runs["doomed"].join()
     assert doomed_done is not None and doomed_done.status == "interrupted"
     # Several monitor intervals later the other job is still running, uncancelled.
@@ -594,7 +595,7 @@ def test_monitor_check_cancels_an_interrupted_run(repository: JobRepository, cha
     run = running(repository, job)
     ctx = JobContext(run.id, job.name)
     monitor = ProgressMonitor(repository, job, ctx, 60)
-    repository.interrupt_run(run.id, "stalled", "no progress")
+    repository.interrupt_run(run.id, InterruptReason.STALLED, "no progress")
     if changed_progress:
         job.progress = JobStatus(1, 2)  # the write is refused: the run is no longer running
     monitor.check()
@@ -640,11 +641,12 @@ def test_cancel_local_runs_at_shutdown_ends_the_run_interrupted(repository: JobR
     background = Background(lambda: execute(repository, {job.name: job}, run.id))
     wait_for(lambda: run.id in active_run_ids(), "the run to be active")
     wait_for(lambda: repository.lookup_run(run.id).progress == JobStatus(1, 10), "the progress to be written")
-    assert cancel_local_runs("shutdown") >= 1
+    assert cancel_local_runs(InterruptReason.SHUTDOWN) >= 1
     assert runner.shutting_down()
     done = background.join()
     assert done is not None
     assert done.status == "interrupted"
+    assert done.interrupt_reason is InterruptReason.SHUTDOWN
     assert done.error == "shutdown"
     assert done.progress == JobStatus(1, 10)  # the last progress written is kept
     assert job.runs[0].cancel_reason == "shutdown"
@@ -662,13 +664,15 @@ def test_cancel_local_runs_for_another_reason_is_not_a_shutdown(repository: JobR
     run = claim(repository, job)
     background = Background(lambda: execute(repository, {job.name: job}, run.id))
     wait_for(lambda: run.id in active_run_ids(), "the run to be active")
-    assert cancel_local_runs("operator asked") >= 1
+    assert cancel_local_runs(InterruptReason.CANCELLED, "operator asked") >= 1
     assert not runner.shutting_down()
     done = background.join()
     assert done is not None and done.status == "interrupted"
+    assert done.interrupt_reason is InterruptReason.CANCELLED
     assert done.error == "cancelled: operator asked"
+    assert job.runs[0].cancel_reason == "operator asked"
 
 
 def test_cancel_local_runs_without_runs() -> None:
-    assert cancel_local_runs("shutdown") == 0
+    assert cancel_local_runs(InterruptReason.SHUTDOWN) == 0
     assert runner.shutting_down()

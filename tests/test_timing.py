@@ -8,7 +8,7 @@ import pytest
 
 from celery_dbsched import timing
 from celery_dbsched.schedules import CrontabSchedule, IntervalSchedule
-from celery_dbsched.schema import KIND_JOB, KIND_TASK
+from celery_dbsched.states import JobKind
 
 S = dt.timedelta(seconds=1)
 T0 = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
@@ -47,7 +47,7 @@ def retried(now: dt.datetime, **given: object) -> dt.datetime:
 
 @pytest.mark.parametrize(
     ("kind", "max_active", "advances"),
-    [(KIND_JOB, 1, False), (KIND_JOB, 2, True), (KIND_TASK, 1, True), (KIND_TASK, 3, True)],
+    [(JobKind.JOB, 1, False), (JobKind.JOB, 2, True), (JobKind.TASK, 1, True), (JobKind.TASK, 3, True)],
 )
 def test_advances_at_claim(kind: str, max_active: int, advances: bool) -> None:
     assert timing.advances_at_claim(kind, max_active) is advances

@@ -10,14 +10,15 @@ from sqlalchemy import select
 
 from celery_dbsched import InvalidRunState, JobRepository, RunNotFound, RunRecord
 from celery_dbsched.job import JobDefinition
-from celery_dbsched.schema import KIND_TASK, server_table
+from celery_dbsched.schema import server_table
+from celery_dbsched.states import JobKind
 
 HOUR = dt.timedelta(hours=1)
 
 
 def dispatched(repository: JobRepository, name: str = "entry") -> RunRecord:
     repository.define_job(
-        JobDefinition(name=name, description=name, kind=KIND_TASK, task="proj.t", default_next_run_in=HOUR)
+        JobDefinition(name=name, description=name, kind=JobKind.TASK, task="proj.t", default_next_run_in=HOUR)
     )
     [run] = [run for run in repository.run_jobs("beat-1", 10) if run.job_name == name]
     return repository.dispatch_run(run.id)

@@ -39,7 +39,8 @@ from celery_dbsched.migrate import migrate
 from celery_dbsched.protocol import RUN_ID_HEADER
 from celery_dbsched.runner import execute_run
 from celery_dbsched.schedules import CrontabSchedule
-from celery_dbsched.schema import KIND_TASK, job_table, run_table
+from celery_dbsched.schema import job_table, run_table
+from celery_dbsched.states import JobKind
 
 pytestmark = pytest.mark.postgres
 
@@ -255,7 +256,7 @@ def tracked_app(counted: tuple[JobRepository, RoundTrips]) -> Iterator[Celery]:
 
 def dispatched_run(repository: JobRepository, name: str, task: str) -> RunRecord:
     repository.define_job(
-        JobDefinition(name=name, description=name, kind=KIND_TASK, task=task, default_next_run_in=HOUR)
+        JobDefinition(name=name, description=name, kind=JobKind.TASK, task=task, default_next_run_in=HOUR)
     )
     [run] = [run for run in repository.run_jobs("beat-1", 100) if run.job_name == name]
     return repository.dispatch_run(run.id)
