@@ -349,7 +349,7 @@ def worker(cfg: Config) -> dict[str, Any]:
 
 # (label, file path fragment, function): time under the outermost matching frame, per category
 CATEGORIES = [
-    ("claim: JobRepository.run_jobs (SQL + rows)", "celery_dbsched/repository.py", "run_jobs"),
+    ("claim: JobRepository.claim_runs (SQL + rows)", "celery_dbsched/repository.py", "claim_runs"),
     ("idle query: JobRepository.next_due_in", "celery_dbsched/repository.py", "next_due_in"),
     ("publish: Scheduler._publish (all sends)", "celery_dbsched/scheduler.py", "_publish"),
     ("  of which Celery app.send_task (incl. kombu)", "celery/app/base.py", "send_task"),

@@ -134,7 +134,8 @@ def beat_process(url: str, opts: dict[str, Any], runs: Any, events_path: str, st
             t0 = time.time()
             result = method(*args, **kwargs)
             t1 = time.time()
-            rows = result if isinstance(result, int) else len(result) if isinstance(result, list) else None
+            runs = getattr(result, "runs", None)  # a Claim
+            rows = result if isinstance(result, int) else len(runs) if isinstance(runs, list) else None
             with lock:
                 events.write(json.dumps({"e": name, "t0": t0, "t1": t1, "rows": rows}) + "\n")
             return result
@@ -143,7 +144,7 @@ def beat_process(url: str, opts: dict[str, Any], runs: Any, events_path: str, st
 
     # Instrumentation only: the same methods, timed.
     repository.prune_runs = timed("prune", repository.prune_runs)  # type: ignore[method-assign]
-    repository.run_jobs = timed("claim", repository.run_jobs)  # type: ignore[method-assign]
+    repository.claim_runs = timed("claim", repository.claim_runs)  # type: ignore[method-assign]
     captured: list[Any] = []
 
     from sqlalchemy import event

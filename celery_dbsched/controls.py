@@ -37,4 +37,4 @@ def trigger_job(app: Any, name: str) -> JobRecord:
 
 def cancel_job(app: Any, name: str) -> list[RunRecord]:
     """Interrupt the job's queued and running runs (the worker cancels the job's context)."""
-    return repository_for(app).cancel_active_runs(_name(name))
+    return repository_for(app).interrupt_job_runs(_name(name))

@@ -423,11 +423,7 @@ class JobRepository:
 
     # -- runs: claiming -------------------------------------------------------------------------------
 
-    def run_jobs(self, server_id: str, limit: int) -> list[RunRecord]:
-        """Claim up to `limit` due jobs (see `claim_due`); the claimed runs, by id."""
-        return self.claim_due(server_id, limit).runs
-
-    def claim_due(self, server_id: str, limit: int) -> Claim:
+    def claim_runs(self, server_id: str, limit: int) -> Claim:
         """Claim up to `limit` due jobs in one statement: a `queued` run for each, earliest due first, then by
         name. Jobs without a free slot are skipped; the unique partial index on (job, slot) plus ON CONFLICT
         DO NOTHING makes concurrent claims by several beats safe (design §2). On PostgreSQL the due jobs are
@@ -902,13 +898,13 @@ class JobRepository:
             row = conn.execute(sql.set_paused(name, values)).one()
         return JobRecord.from_row(row)
 
-    def cancel_active_runs(self, name: str) -> list[RunRecord]:
+    def interrupt_job_runs(self, name: str) -> list[RunRecord]:
         """Interrupt (cancelled, by an operator) the job's queued and running runs in the database; the worker
         running one sees that and cancels the job's context."""
         with self._tx() as conn:
             if self._job(conn, name) is None:
                 raise JobNotFound(name)
-            runs = [RunRecord.from_row(row) for row in conn.execute(sql.cancel_active_runs(self._now, name)).all()]
+            runs = [RunRecord.from_row(row) for row in conn.execute(sql.interrupt_job_runs(self._now, name)).all()]
             for run in runs:
                 self._skip_slot(conn, run)  # cancelled means not now: not claimed again at once
         return runs

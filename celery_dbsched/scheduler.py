@@ -224,7 +224,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             due_in = repository.next_due_in()
             if due_in is None or due_in > 0:
                 return self._sleep_until(due_in, interval)
-            claim = repository.claim_due(self.server_id, batch)
+            claim = repository.claim_runs(self.server_id, batch)
         if len(claim.runs) >= batch:
             # A full batch: more may be due. Claim the next batch now, on the claim thread, while this one
             # is published; the next tick publishes it (at once: tick returns 0).
@@ -244,7 +244,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
     def _claim_ahead(self, batch: int) -> None:
         if self._claimer is None:  # two threads: the claim ahead, and the mark of the batch being published
             self._claimer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbsched-claim")
-        self._next_claim = self._claimer.submit(self.repository.claim_due, self.server_id, batch)
+        self._next_claim = self._claimer.submit(self.repository.claim_runs, self.server_id, batch)
 
     def _take_next_claim(self) -> Claim | None:
         """The batch claimed ahead, if any (its database error is raised here, in the beat's thread), once the

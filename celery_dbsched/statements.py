@@ -742,7 +742,7 @@ def interrupt_orphaned(now: Now, threshold: float) -> Any:
     )
 
 
-def cancel_active_runs(now: Now, job_name: str) -> Any:
+def interrupt_job_runs(now: Now, job_name: str) -> Any:
     """End `interrupted` (cancelled, by an operator) the job's queued and running runs; returns them."""
     return (
         update(r)

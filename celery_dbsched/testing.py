@@ -112,7 +112,7 @@ class TestScheduler:
         """Claim every due job and run each in this process; returns the finished runs (by run id)."""
         finished: list[RunRecord] = []
         while True:
-            claimed = self.repository.run_jobs(self.server_id, self.settings.run_jobs_limit)
+            claimed = self.repository.claim_runs(self.server_id, self.settings.run_jobs_limit).runs
             for run in claimed:
                 result = execute_run(
                     self.repository,
@@ -127,7 +127,7 @@ class TestScheduler:
 
     def claim(self) -> list[RunRecord]:
         """Claim the due jobs as a beat does, without running them (they stay `queued`)."""
-        return self.repository.run_jobs(self.server_id, self.settings.run_jobs_limit)
+        return self.repository.claim_runs(self.server_id, self.settings.run_jobs_limit).runs
 
     def run(self, run: RunRecord | int) -> RunRecord | None:
         """Run one claimed run in this process, as a worker would."""

@@ -209,7 +209,7 @@ def test_resync_disables_removed_updates_changed_and_keeps_unchanged_next_runs(d
     )
     repository = frozen_repository(database)
     sync_beat_schedule(app, repository)
-    claimed = repository.run_jobs("beat", 100)  # every interval entry is due at once
+    claimed = repository.claim_runs("beat", 100).runs  # every interval entry is due at once
     assert sorted(run.job_name for run in claimed) == ["change-args", "change-schedule", "keep", "remove"]
     for run in claimed:
         repository.dispatch_run(run.id)
@@ -236,7 +236,7 @@ def test_resync_disables_removed_updates_changed_and_keeps_unchanged_next_runs(d
     assert after["remove"].enabled is False
     assert [run.status for run in repository.list_runs("remove")] == ["dispatched"]  # history kept
     repository.frozen_now = T0 + seconds(3600)
-    assert "remove" not in {run.job_name for run in repository.run_jobs("beat", 100)}
+    assert "remove" not in {run.job_name for run in repository.claim_runs("beat", 100).runs}
 
     # Put back later: enabled again, from its next slot (not at once for the hour it was gone).
     app.conf.beat_schedule = {**app.conf.beat_schedule, "remove": {"task": "t.remove", "schedule": 60}}
@@ -503,11 +503,11 @@ def test_a_slot_claimed_by_a_beat_that_died_before_sending_it_is_not_lost(databa
     with the same server id, the run it left queued is ended and the entry is due again at once."""
     repository = database.migrated_repository()
     repository.upsert_job("entry", "beat_schedule: t", kind="task", task="t", schedule=IntervalSchedule(3600))
-    [claimed] = repository.run_jobs("beat-1", 10)
+    [claimed] = repository.claim_runs("beat-1", 10).runs
     assert repository.lookup_job("entry").next_scheduled_run > repository.database_now()  # moved on at claim
     [ended] = repository.interrupt_runs(server_id="beat-1")  # the beat's restart
     assert ended.id == claimed.id and ended.status == "interrupted"
     due_in = repository.next_due_in()
     assert due_in is not None and due_in <= 0
-    [again] = repository.run_jobs("beat-1", 10)
+    [again] = repository.claim_runs("beat-1", 10).runs
     assert again.job_name == "entry" and again.id > claimed.id

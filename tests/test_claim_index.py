@@ -53,7 +53,7 @@ def checked(repository: JobRepository) -> Iterator[Callable[[str], None]]:
 
 
 def claim(repository: JobRepository, name: str) -> Any:
-    runs = [run for run in repository.run_jobs("beat", 100) if run.job_name == name]
+    runs = [run for run in repository.claim_runs("beat", 100).runs if run.job_name == name]
     assert len(runs) == 1, f"{name} not claimed: {runs}"
     return runs[0]
 
@@ -89,7 +89,7 @@ def test_the_counter_follows_every_transition(repository: JobRepository, checked
     assert repository.interrupt_runs(server_id="beat")  # the beat restarted: its queued run ends
     checked("restart")
     run = claim(repository, "job")
-    assert repository.cancel_active_runs("job")
+    assert repository.interrupt_job_runs("job")
     checked("cancel")
 
     # Two slots: each active run counts; the job stays claimable until both are taken.
@@ -139,11 +139,11 @@ def test_many_runs_claimed_in_one_statement_are_all_counted(
 ) -> None:
     for n in range(50):
         repository.upsert_job(f"j{n:02}", "a job", default_next_run_in=HOUR)
-    assert len(repository.run_jobs("beat", 30)) == 30
+    assert len(repository.claim_runs("beat", 30).runs) == 30
     checked("a batch of 30")
-    assert len(repository.run_jobs("beat", 30)) == 20  # the rest: the first 30 are no longer claimable
+    assert len(repository.claim_runs("beat", 30).runs) == 20  # the rest: the first 30 are no longer claimable
     checked("the rest")
-    assert repository.run_jobs("beat", 30) == []
+    assert repository.claim_runs("beat", 30).runs == []
     for n in range(5):
         checked(f"idle {n}")
 
@@ -153,12 +153,12 @@ def test_a_job_with_several_slots_takes_its_own_next_free_slot(repository: JobRe
     second = dt.timedelta(seconds=1)
     repository.upsert_job("a", "two at once, every 10 s", default_next_run_in=10 * second, max_active=2)
     repository.upsert_job("b", "two at once, every second", default_next_run_in=second, max_active=2)
-    assert {(run.job_name, run.slot) for run in repository.run_jobs("beat", 10)} == {("a", 0), ("b", 0)}
+    assert {(run.job_name, run.slot) for run in repository.claim_runs("beat", 10).runs} == {("a", 0), ("b", 0)}
     repository.clock_shift += 2 * second
-    assert [(run.job_name, run.slot) for run in repository.run_jobs("beat", 10)] == [("b", 1)]
+    assert [(run.job_name, run.slot) for run in repository.claim_runs("beat", 10).runs] == [("b", 1)]
     repository.clock_shift += 10 * second
     # a holds slot 0, b holds 0 and 1 (full): a's next free slot is 1; b's slot 1 is not a's.
-    assert [(run.job_name, run.slot) for run in repository.run_jobs("beat", 10)] == [("a", 1)]
+    assert [(run.job_name, run.slot) for run in repository.claim_runs("beat", 10).runs] == [("a", 1)]
 
 
 # -- plans: what an idle tick and a claim read (PostgreSQL) ------------------------------------------------
@@ -213,7 +213,7 @@ def test_idle_tick_and_claim_are_range_scans_of_the_claimable_index(postgres_dat
     idle_plan = plan(repository, idle, idle_params)
     assert "dbsched_job_claimable" in idle_plan and "Seq Scan" not in idle_plan, idle_plan
 
-    claims = statements_of(repository, lambda: repository.run_jobs("beat", 1000))
+    claims = statements_of(repository, lambda: repository.claim_runs("beat", 1000).runs)
     [(claim_sql, claim_params)] = [(s, p) for s, p in claims if s.startswith("INSERT INTO dbsched_job_run")]
     claim_plan = plan(repository, claim_sql, claim_params)
     assert "dbsched_job_claimable" in claim_plan and "Seq Scan on dbsched_job " not in claim_plan, claim_plan
@@ -267,7 +267,7 @@ def test_upgrading_counts_the_runs_already_active(database: Any) -> None:
             command.upgrade(_config(conn), "head")
         repository = database.repository()
         assert {n: repository.lookup_job(n).active_runs for n in ("idle", "busy")} == {"idle": 0, "busy": 1}
-        assert [run.job_name for run in repository.run_jobs("beat", 10)] == ["idle"]
+        assert [run.job_name for run in repository.claim_runs("beat", 10).runs] == ["idle"]
         with engine.begin() as conn:
             command.downgrade(_config(conn), "0002")
         with engine.begin() as conn:

@@ -132,19 +132,19 @@ def _history(repository: JobRepository) -> dict[str, int]:
     repository.upsert_job("a", "job a")
     repository.upsert_job("b", "job b", next_run_in=dt.timedelta(hours=1))
     ids: dict[str, int] = {}
-    [run] = repository.run_jobs("beat-1", 10)
+    [run] = repository.claim_runs("beat-1", 10).runs
     repository.start_run(run.id, "worker-1")
     repository.update_progress(run.id, 1, 3)
     repository.complete_run(run.id, dt.timedelta(0), progress=None)
     repository.update_job_next_run_in_at_least("a", dt.timedelta(0))
     ids["a-completed"] = run.id
-    [run] = repository.run_jobs("beat-1", 10)
+    [run] = repository.claim_runs("beat-1", 10).runs
     repository.start_run(run.id, "worker-2")
     repository.fail_run(run.id, "Traceback (most recent call last):\n  ...\nValueError: bad thing\n")
     ids["a-failed"] = run.id
     repository.update_job_next_run_in_at_least("a", dt.timedelta(0))
     repository.update_job_next_run_in_at_least("b", dt.timedelta(0))
-    for run in repository.run_jobs("beat-2", 10):
+    for run in repository.claim_runs("beat-2", 10).runs:
         ids[f"{run.job_name}-queued"] = run.id
     return ids
 

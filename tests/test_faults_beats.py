@@ -7,7 +7,7 @@ the wrapper's own. Every test prints one line `FAULTS <name>: key=value ...` wit
 the same figures as a JSON line to the file named by DBSCHED_FAULT_REPORT when it is set.
 
 What a beat leaves behind when it dies (celery_dbsched/scheduler.py, repository.py): a claim is one
-transaction (`run_jobs`: a `queued` run per due job), then the beat publishes one message per run. Runs it
+transaction (`claim_runs`: a `queued` run per due job), then the beat publishes one message per run. Runs it
 claimed but had not published when killed stay `queued`, blocking their job (one active run per job), until
 
 - any beat's monitor (every monitor interval) ends them `interrupted` ("stalled: no worker started it within

@@ -231,7 +231,7 @@ def test_a_hostile_job_name_round_trips_or_is_a_clear_value_error(
         assert list(repository.lookup_jobs([name])) == [name]
         assert sorted(j.name for j in repository.list_jobs()) == sorted(["bystander", name])
         assert repository.update_job_next_run_in_at_least(name, dt.timedelta(0)).name == name
-        runs = {run.job_name: run for run in repository.run_jobs("beat", 10)}
+        runs = {run.job_name: run for run in repository.claim_runs("beat", 10).runs}
         assert set(runs) == {"bystander", name}
         assert repository.start_run(runs[name].id, "w").job_name == name
         assert repository.lookup_run(runs[name].id).job_name == name
@@ -329,7 +329,7 @@ class WorkerSide:
 
     def queued_run(self, name: str = "hostile.registered") -> int:
         self.repository.update_job_next_run_in_at_least(name, dt.timedelta(0))
-        [run] = [run for run in self.repository.run_jobs("beat", 10) if run.job_name == name]
+        [run] = [run for run in self.repository.claim_runs("beat", 10).runs if run.job_name == name]
         return run.id
 
 
@@ -449,7 +449,7 @@ def test_a_real_worker_runs_only_json_run_messages_of_registered_jobs(
     try:
         with start_worker(app, pool="solo", perform_ping_check=False, loglevel="INFO", shutdown_timeout=10):
             repository.update_job_next_run_in_at_least("hostile.registered", dt.timedelta(0))
-            [run] = repository.run_jobs("beat", 10)
+            [run] = repository.claim_runs("beat", 10).runs
             app.send_task(RUN_TASK_NAME, args=[run.id, "hostile.registered"], serializer="pickle")
             app.send_task("os.system", args=["echo pwned"], serializer="json")
             app.send_task("celery_dbsched.not_a_task", args=[run.id], serializer="json")
@@ -831,7 +831,7 @@ def test_an_older_schema_asks_for_migrate_everywhere(database: Database, apps: C
         repository.list_jobs,
         lambda: repository.lookup_job("x"),
         lambda: repository.upsert_job("x", "y"),
-        lambda: repository.run_jobs("beat", 10),
+        lambda: repository.claim_runs("beat", 10).runs,
         lambda: repository.start_run(1, "w"),
         repository.next_due_in,
     ]

@@ -51,7 +51,7 @@ def test_the_migrated_schema_works(database: Any) -> None:
     repository = database.repository()
     prepare_schema(repository.engine, auto_migrate=True)
     repository.upsert_job("j", "a job")
-    [run] = repository.run_jobs("beat", 10)
+    [run] = repository.claim_runs("beat", 10).runs
     assert repository.start_run(run.id, "w").status == "running"
 
 

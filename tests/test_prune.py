@@ -27,7 +27,7 @@ def _final_runs(repository: JobRepository, count: int, jobs: int = 1, prefix: st
         repository.upsert_job(f"{prefix}{j}", "prune test")
     ids: list[int] = []
     while len(ids) < count:
-        runs = [run for run in repository.run_jobs("beat-1", 1000) if run.job_name.startswith(prefix)]
+        runs = [run for run in repository.claim_runs("beat-1", 1000).runs if run.job_name.startswith(prefix)]
         assert len(runs) == jobs, "every job is due again at once"
         for run in runs:
             repository.start_run(run.id, "w")
@@ -81,7 +81,7 @@ def test_an_exact_multiple_of_the_batch_ends_with_one_empty_batch(repository: Jo
 def test_never_prunes_an_active_run_nor_a_recent_one(repository: JobRepository) -> None:
     old = _final_runs(repository, 12, jobs=3)
     # Active runs, claimed long ago: p0 running, p1 and p2 queued (claimed just now, after the loop above).
-    active = repository.run_jobs("beat-1", 1000)
+    active = repository.claim_runs("beat-1", 1000).runs
     assert {run.job_name for run in active} == {"p0", "p1", "p2"}
     running = next(run for run in active if run.job_name == "p0")
     repository.start_run(running.id, "w")

@@ -42,7 +42,7 @@ def add_job(repository: JobRepository, name: str, **kwargs: Any) -> JobRecord:
 
 
 def claim(repository: JobRepository, server_id: str = "beat-1", limit: int = 1000) -> list[RunRecord]:
-    return repository.run_jobs(server_id, limit)
+    return repository.claim_runs(server_id, limit).runs
 
 
 def claim_one(repository: JobRepository, name: str, server_id: str = "beat-1") -> RunRecord:
@@ -237,7 +237,7 @@ def test_database_now_is_aware_utc(repository: JobRepository) -> None:
     assert_close(repository.database_now(), now + HOUR, slack=MINUTE)
 
 
-# -- claiming: run_jobs (design §2) ----------------------------------------------------------------------------
+# -- claiming: claim_runs (design §2) --------------------------------------------------------------------------
 
 
 def test_claim_creates_a_queued_run_for_each_due_job(repository: JobRepository) -> None:
@@ -387,7 +387,7 @@ def test_two_repositories_claiming_at_once_never_share_a_job(database: Any) -> N
     def claimer(repository: JobRepository, server_id: str) -> None:
         try:
             barrier.wait(timeout=30)
-            runs = repository.run_jobs(server_id, 15)
+            runs = repository.claim_runs(server_id, 15).runs
             with lock:
                 claimed.extend(runs)
         except BaseException as exc:
@@ -427,7 +427,7 @@ def test_concurrent_claimers_never_run_a_job_twice_at_once(database: Any) -> Non
     def worker(repository: JobRepository, server_id: str) -> None:
         try:
             for _ in range(rounds):
-                for run in repository.run_jobs(server_id, 3):
+                for run in repository.claim_runs(server_id, 3).runs:
                     with lock:
                         if run.job_name in active:
                             violations.append(f"{server_id} claimed {run.job_name} while it was active")
@@ -1084,7 +1084,7 @@ def test_every_interrupting_path_stores_its_reason(repository: JobRepository) ->
     assert ended.id == run.id and ended.interrupt_reason is InterruptReason.RESTART
 
     run = running_run(repository, "operator")
-    [ended] = repository.cancel_active_runs("operator")
+    [ended] = repository.interrupt_job_runs("operator")
     assert ended.id == run.id and ended.interrupt_reason is InterruptReason.CANCELLED
 
     run = running_run(repository, "one-run")
@@ -1308,7 +1308,7 @@ def test_missing_tables_raise_schema_mismatch(database: Any) -> None:
         repository.list_jobs,
         lambda: repository.lookup_job("j"),
         lambda: repository.upsert_job("j", "d"),
-        lambda: repository.run_jobs("b", 10),
+        lambda: repository.claim_runs("b", 10).runs,
         repository.next_due_in,
         lambda: repository.start_run(1, "w"),
         lambda: repository.update_progress(1, 1, 2),
@@ -1323,12 +1323,12 @@ def test_missing_tables_raise_schema_mismatch(database: Any) -> None:
 def test_run_ids_are_never_reused_after_pruning(repository: JobRepository) -> None:
     """A late message names a run by id: pruning must not let that id come back as a newer run."""
     repository.upsert_job("reuse", "id reuse")
-    first = repository.run_jobs("beat", 10)[0]
+    first = repository.claim_runs("beat", 10).runs[0]
     repository.start_run(first.id, "w")
     repository.complete_run(first.id, dt.timedelta(0))
     repository.clock_shift += dt.timedelta(days=30)
     assert repository.prune_runs(dt.timedelta(days=1)) == 1
-    second = repository.run_jobs("beat", 10)[0]
+    second = repository.claim_runs("beat", 10).runs[0]
     assert second.id > first.id
 
 
@@ -1359,7 +1359,7 @@ def test_a_claim_skips_the_jobs_another_uncommitted_claim_holds_instead_of_waiti
         )
     )
     claimed: list[RunRecord] = []
-    thread = threading.Thread(target=lambda: claimed.extend(repository.run_jobs("beat-3", 10)))
+    thread = threading.Thread(target=lambda: claimed.extend(repository.claim_runs("beat-3", 10).runs))
     thread.start()
     try:
         thread.join(timeout=10)
@@ -1370,7 +1370,7 @@ def test_a_claim_skips_the_jobs_another_uncommitted_claim_holds_instead_of_waiti
         thread.join(timeout=30)
     started = time.monotonic()
     assert [run.job_name for run in claimed] == ["b-other"], claimed
-    assert [run.job_name for run in repository.run_jobs("beat-3", 10)] == ["a-blocker"]
+    assert [run.job_name for run in repository.claim_runs("beat-3", 10).runs] == ["a-blocker"]
     assert time.monotonic() - started < 10
 
 

@@ -112,7 +112,7 @@ class Recorder(Job):
 def claim(repository: JobRepository, job: Job, **kwargs: Any) -> RunRecord:
     """Register `job` (due now) and claim its run as a beat would."""
     repository.upsert_job(job.name, job.description, default_next_run_in=job.every, **kwargs)
-    runs = [run for run in repository.run_jobs("beat-1", 100) if run.job_name == job.name]
+    runs = [run for run in repository.claim_runs("beat-1", 100).runs if run.job_name == job.name]
     assert len(runs) == 1
     return runs[0]
 
@@ -158,7 +158,7 @@ def test_a_next_run_of_zero_makes_the_job_due_at_once(repository: JobRepository)
     job = Recorder(next_run=dt.timedelta(0))
     run = claim(repository, job)
     execute(repository, {job.name: job}, run.id)
-    [again] = repository.run_jobs("beat-1", 10)
+    [again] = repository.claim_runs("beat-1", 10).runs
     assert again.job_name == job.name and again.id > run.id
 
 
@@ -653,7 +653,7 @@ def test_cancel_local_runs_at_shutdown_ends_the_run_interrupted(repository: JobR
     assert run.id not in active_run_ids()
     # Due again at once for another worker: no failure, no backoff.
     assert repository.lookup_job(job.name).failure_count == 0
-    assert [r.job_name for r in repository.run_jobs("beat-1", 10)] == [job.name]
+    assert [r.job_name for r in repository.claim_runs("beat-1", 10).runs] == [job.name]
 
 
 def test_cancel_local_runs_for_another_reason_is_not_a_shutdown(repository: JobRepository) -> None:

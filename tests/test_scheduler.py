@@ -435,7 +435,7 @@ def test_monitor_interrupts_stalled_runs(
     repository.upsert_job("stalled-running", "x", interrupt_threshold=dt.timedelta(seconds=60))
     repository.upsert_job("stalled-queued", "x", interrupt_threshold=dt.timedelta(seconds=60))
     repository.upsert_job("fresh", "x")  # the global threshold: 10 minutes here
-    runs = {run.job_name: run for run in repository.run_jobs("another-beat", 10)}
+    runs = {run.job_name: run for run in repository.claim_runs("another-beat", 10).runs}
     repository.start_run(runs["stalled-running"].id, "w1")
     repository.start_run(runs["fresh"].id, "w1")
 
@@ -458,7 +458,7 @@ def test_monitor_prunes_history_past_retention(database: Database, make_schedule
     repository = database.migrated_repository()
     for name in ("done", "failed", "active"):
         repository.upsert_job(name, "x")
-    runs = {run.job_name: run for run in repository.run_jobs("another-beat", 10)}
+    runs = {run.job_name: run for run in repository.claim_runs("another-beat", 10).runs}
     for name in ("done", "failed", "active"):
         repository.start_run(runs[name].id, "w1")
     repository.complete_run(runs["done"].id, HOUR)
@@ -715,9 +715,9 @@ def test_database_down_is_a_typed_error_not_a_crash(tmp_path: Path, make_schedul
 def test_start_ends_the_runs_this_server_id_left_queued(database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = database.migrated_repository()
     repository.upsert_job("mine", "job mine")
-    [mine] = repository.run_jobs("beat-1", 10)
+    [mine] = repository.claim_runs("beat-1", 10).runs
     repository.upsert_job("theirs", "job theirs")
-    [theirs] = repository.run_jobs("beat-2", 10)
+    [theirs] = repository.claim_runs("beat-2", 10).runs
 
     # A lazy instance (the banner) must not do it; the real start does.
     make_scheduler(database.url, lazy=True, dbsched_server_id="beat-1")

@@ -125,7 +125,7 @@ def test_70000_entries_sync_start_claim_and_publish(database: Database) -> None:
             # The rest, claimed in batches of 10,000; the lookup of every claimed entry is one statement.
             claimed = {run.job_name for run in repository.list_runs(limit=BIG)}
             while len(claimed) < BIG:
-                runs = repository.run_jobs("beat-big", 10_000)
+                runs = repository.claim_runs("beat-big", 10_000).runs
                 assert runs and not {run.job_name for run in runs} & claimed
                 claimed |= {run.job_name for run in runs}
             assert len(repository.lookup_jobs(sorted(claimed))) == BIG

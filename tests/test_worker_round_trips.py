@@ -139,7 +139,7 @@ def counted(postgres_database: Database) -> tuple[JobRepository, RoundTrips]:
 def add_and_claim(repository: JobRepository, name: str, **kwargs: Any) -> RunRecord:
     """Register a job due now and claim its run."""
     repository.upsert_job(name, f"the {name} job", next_run_in=dt.timedelta(0), **kwargs)
-    [run] = [run for run in repository.run_jobs("beat-1", 100) if run.job_name == name]
+    [run] = [run for run in repository.claim_runs("beat-1", 100).runs if run.job_name == name]
     return run
 
 
@@ -258,7 +258,7 @@ def dispatched_run(repository: JobRepository, name: str, task: str) -> RunRecord
     repository.define_job(
         JobDefinition(name=name, description=name, kind=JobKind.TASK, task=task, default_next_run_in=HOUR)
     )
-    [run] = [run for run in repository.run_jobs("beat-1", 100) if run.job_name == name]
+    [run] = [run for run in repository.claim_runs("beat-1", 100).runs if run.job_name == name]
     return repository.dispatch_run(run.id)
 
 
@@ -343,7 +343,7 @@ def test_the_one_statement_finish_matches_the_long_way(
             if attempt:
                 with repository.engine.begin() as conn:  # due again for the second failure
                     conn.execute(update(job_table).where(job_table.c.name == name).values(next_scheduled_run=T0))
-            [run] = [run for run in repository.run_jobs("beat-1", 100) if run.job_name == name]
+            [run] = [run for run in repository.claim_runs("beat-1", 100).runs if run.job_name == name]
             if twin == "slow":
                 long_way.append(run.id)
             repository.start_run(run.id, "worker-1")
