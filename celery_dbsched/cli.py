@@ -13,7 +13,7 @@ from .errors import DbschedError
 from .migrate import current_revision, head_revision, migrate
 from .repository import JobRecord, JobRepository, repository_for
 from .schema import RUN_STATES
-from .settings import Settings
+from .settings import Settings, mask_database_url
 
 
 def _repository(ctx: click.Context) -> JobRepository:
@@ -62,7 +62,7 @@ def dbsched() -> None:
 def migrate_command(ctx: click.Context) -> None:
     """Create or upgrade the scheduler's tables."""
     repository = _repository(ctx)
-    url = repository.engine.url.render_as_string(hide_password=True)
+    url = mask_database_url(repository.engine.url)
     try:
         before = migrate(repository.engine)
     except DbschedError as exc:

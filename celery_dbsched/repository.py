@@ -90,7 +90,13 @@ from .schema import (
     server_table,
     sync_table,
 )
-from .settings import DEFAULT_INTERRUPT_THRESHOLD, DEFAULT_MISFIRE_GRACE, DEFAULT_RETRY_BACKOFF, backoff_delay
+from .settings import (
+    DEFAULT_INTERRUPT_THRESHOLD,
+    DEFAULT_MISFIRE_GRACE,
+    DEFAULT_RETRY_BACKOFF,
+    backoff_delay,
+    mask_database_url,
+)
 
 ERROR_TEXT_LIMIT = 10_000
 # Rows per statement when a sync writes many: with ~25 columns a row, far below PostgreSQL's 65,535 and
@@ -590,7 +596,7 @@ class JobRepository:
         self._started_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"<JobRepository {self.engine.url.render_as_string(hide_password=True)}>"
+        return f"<JobRepository {mask_database_url(self.engine.url)}>"
 
     @property
     def dialect(self) -> str:

@@ -22,7 +22,7 @@ from .publisher import RunPublisher
 from .registry import existing_registry
 from .repository import WAKEUP_CHANNEL, Claim, JobRecord, JobRepository, RunRecord, repository_for
 from .schema import KIND_TASK
-from .settings import Settings
+from .settings import Settings, mask_database_url
 from .wakeup import Wakeup
 from .worker import RUN_ID_HEADER
 
@@ -179,7 +179,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
 
     @property
     def info(self) -> str:
-        url = self._masked_url()
+        url = mask_database_url(self.settings.database_url)
         return (
             f"    . db -> {url}\n"
             f"    . server id -> {self.server_id}\n"
@@ -197,14 +197,6 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
     schedule = property(get_schedule, set_schedule)
 
     # -- the work --------------------------------------------------------------------------------------
-
-    def _masked_url(self) -> str:
-        from sqlalchemy.engine import make_url
-
-        try:
-            return make_url(self.settings.database_url).render_as_string(hide_password=True)
-        except Exception:
-            return "<unparseable database url>"
 
     def _dispatch_due(self, interval: float) -> float:
         repository = self.repository
