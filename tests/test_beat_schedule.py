@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from celery import Celery, beat
 from celery.schedules import crontab, schedule, solar
-from conftest import Database
+from helpers.apps import make_app, seconds
+from helpers.services import Database
 from kombu import Connection
 
 from celery_dbsched.beat_schedule import default_entries, definitions, sync_beat_schedule
@@ -31,18 +32,6 @@ from celery_dbsched.worker import RUN_ID_HEADER
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
-
-
-def seconds(n: float) -> dt.timedelta:
-    return dt.timedelta(seconds=n)
-
-
-def make_app(database_url: str | None = None, **conf: Any) -> Celery:
-    app = Celery(f"beat_schedule_tests_{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    if database_url is not None:
-        app.conf.dbsched_database_url = database_url
-    app.conf.update(conf)
-    return app
 
 
 def frozen_repository(database: Database, at: dt.datetime = T0) -> JobRepository:
@@ -310,7 +299,7 @@ def beats(database: Database) -> Iterator[BeatFactory]:
 
     def factory(beat_schedule: dict[str, Any], server_id: str = "beat-a", **conf: Any) -> Scheduler:
         app = make_app(
-            database.url,
+            dbsched_database_url=database.url,
             beat_schedule=beat_schedule,
             dbsched_server_id=server_id,
             task_default_queue=queue,

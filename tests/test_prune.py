@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from conftest import Database
+from helpers.services import Database
 from sqlalchemy import event
 
 from celery_dbsched import JobRepository

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers.repository import claim, claim_one
 from sqlalchemy import select, update
 
 from celery_dbsched import (
@@ -37,16 +38,6 @@ SLACK = dt.timedelta(seconds=1)
 
 def add_job(repository: JobRepository, name: str, **kwargs: Any) -> JobRecord:
     return repository.upsert_job(name, f"the {name} job", **kwargs)
-
-
-def claim(repository: JobRepository, server_id: str = "beat-1", limit: int = 1000) -> list[RunRecord]:
-    return repository.run_jobs(server_id, limit)
-
-
-def claim_one(repository: JobRepository, name: str, server_id: str = "beat-1") -> RunRecord:
-    runs = [run for run in claim(repository, server_id) if run.job_name == name]
-    assert len(runs) == 1, f"expected to claim {name!r}, claimed {runs}"
-    return runs[0]
 
 
 def running_run(repository: JobRepository, name: str, worker: str = "worker-1", **job_kwargs: Any) -> RunRecord:

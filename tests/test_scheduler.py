@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,19 +30,17 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from celery import Celery
 from celery.utils.imports import load_extension_class_names
-from conftest import POSTGRES_URL, RABBITMQ_URL, REDIS_URL, Broker, Database, require_service
+from helpers.polling import wait_for
+from helpers.processes import REPO_DIR, TESTS_DIR, Processes
+from helpers.services import POSTGRES_URL, RABBITMQ_URL, REDIS_URL, Broker, Database, require_service
 from kombu.utils.imports import symbol_by_name
-from procs import Processes, processes, wait_for  # noqa: F401 - `processes` is a fixture
 
 from celery_dbsched.errors import DatabaseUnavailable, SchemaMismatch
 from celery_dbsched.registry import existing_registry
-from celery_dbsched.repository import forget_repository
 from celery_dbsched.scheduler import Scheduler
 from celery_dbsched.transport import filesystem_broker_settings
 from celery_dbsched.worker import RUN_TASK_NAME
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TESTS_DIR = Path(__file__).resolve().parent
 HOUR = dt.timedelta(hours=1)
 
 
@@ -166,35 +164,6 @@ def _closed_port() -> int:
 
 
 SchedulerFactory = Callable[..., Scheduler]
-
-
-@pytest.fixture
-def make_scheduler() -> Iterator[SchedulerFactory]:
-    """`make_scheduler(database_url, lazy=False, **conf)`: a Scheduler built the way Celery beat builds it,
-    for a fresh app on `memory://` with a queue of its own (conf overrides any of that)."""
-    schedulers: list[Scheduler] = []
-    apps: list[Celery] = []
-
-    def factory(database_url: str, *, lazy: bool = False, **conf: Any) -> Scheduler:
-        app = Celery(f"sched-{uuid.uuid4().hex[:8]}", set_as_current=False)
-        app.conf.update(
-            broker_url="memory://",
-            task_default_queue=f"q-{uuid.uuid4().hex[:12]}",
-            dbsched_database_url=database_url,
-            # tick() returns its sleep instead of sleeping on LISTEN (PostgreSQL); the tests of that opt in.
-            dbsched_listen=False,
-        )
-        app.conf.update(conf)
-        apps.append(app)
-        scheduler = Scheduler(app=app, lazy=lazy)
-        schedulers.append(scheduler)
-        return scheduler
-
-    yield factory
-    for scheduler in schedulers:
-        scheduler.close()
-    for app in apps:
-        forget_repository(app)
 
 
 def default_queue(scheduler: Scheduler) -> str:
@@ -739,11 +708,11 @@ def test_start_ends_the_runs_this_server_id_left_queued(database: Database, make
 
 def test_scheduler_module_imports_no_job_code() -> None:
     code = "import sys, celery_dbsched.scheduler\nprint('\\n'.join(sorted(sys.modules)))\n"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_DIR), str(TESTS_DIR)])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     modules = set(out.split())
     assert "celery_dbsched.scheduler" in modules
-    assert not {m for m in modules if m.split(".")[0] in {"example_proj", "cli_app", "conftest"}}
+    assert not {m for m in modules if m.split(".")[0] in {"example_proj", "cli_app", "conftest", "helpers"}}
 
 
 def test_beat_for_an_app_without_jobs_dispatches_the_jobs_in_the_database(
@@ -791,7 +760,7 @@ def _reader(broker_dir: Path, queue: str) -> Celery:
 
 
 @pytest.mark.e2e
-def test_celery_beat_process_dispatches(sqlite_database: Database, tmp_path: Path, processes: Processes) -> None:  # noqa: F811
+def test_celery_beat_process_dispatches(sqlite_database: Database, tmp_path: Path, processes: Processes) -> None:
     repository = sqlite_database.migrated_repository()
     repository.upsert_job("first", "job one")
     repository.upsert_job("second", "job two", queue="routed")
@@ -817,7 +786,7 @@ def test_celery_beat_process_dispatches(sqlite_database: Database, tmp_path: Pat
 def test_celery_beat_with_bad_settings_exits_naming_the_key(
     sqlite_database: Database,
     tmp_path: Path,
-    processes: Processes,  # noqa: F811
+    processes: Processes,
 ) -> None:
     env = _app_env(sqlite_database.url, tmp_path / "broker", "q", dbsched_run_jobs_interval=-1)
     beat = processes.start_beat("cli_app", env=env, scheduler="dbsched")
@@ -829,7 +798,7 @@ def test_celery_beat_with_bad_settings_exits_naming_the_key(
 
 @pytest.mark.e2e
 @pytest.mark.postgres
-def test_run_now_wakes_a_sleeping_beat(postgres_database: Database, tmp_path: Path, processes: Processes) -> None:  # noqa: F811
+def test_run_now_wakes_a_sleeping_beat(postgres_database: Database, tmp_path: Path, processes: Processes) -> None:
     repository = postgres_database.migrated_repository()
     repository.upsert_job("later", "due in an hour", next_run_in=HOUR)
     queue = f"q-{uuid.uuid4().hex[:8]}"

@@ -25,9 +25,9 @@ import psycopg
 import pytest
 from celery import Celery
 from celery.schedules import crontab
-from conftest import Database
+from helpers.processes import Processes
+from helpers.services import Database
 from kombu import Connection
-from procs import Processes
 from sqlalchemy import Engine, column, event, select, table, text
 
 from celery_dbsched import job
