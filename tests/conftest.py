@@ -49,9 +49,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", help="also run the long fault soaks (marker `soak`)")
 
 
+# What a `unit` test uses none of: a service (PostgreSQL, RabbitMQ, Redis) or a subprocess; nor is it `slow`.
+NOT_UNIT_MARKERS = ("postgres", "rabbitmq", "redis", "e2e", "processes", "slow")
+NOT_UNIT_FIXTURES = frozenset({"postgres_database", "broker", "processes", "cluster"})
+
+
+def is_unit(item: pytest.Item) -> bool:
+    fixtures = getattr(item, "fixturenames", ())
+    return NOT_UNIT_FIXTURES.isdisjoint(fixtures) and not any(item.get_closest_marker(m) for m in NOT_UNIT_MARKERS)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers added here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The `soak` tests are opt-in: deselected (not skipped) unless asked for, so CI stays within its time and
-    a default run reports nothing skipped for them."""
+    """Marks `unit` every test that uses no service and no subprocess (the fast loop: `pytest -m unit`). The
+    `soak` tests are opt-in: deselected (not skipped) unless asked for, so CI stays within its time and a
+    default run reports nothing skipped for them."""
+    for item in items:
+        if is_unit(item):
+            item.add_marker(pytest.mark.unit)
     if SOAK or config.getoption("--soak"):
         return
     soaks = [item for item in items if item.get_closest_marker("soak")]

@@ -378,6 +378,7 @@ def test_tick_after_downtime_sends_one_catch_up_not_a_burst(beats: BeatFactory) 
     assert scheduler.repository.lookup_job("ping").next_scheduled_run == T0 + seconds(100)
 
 
+@pytest.mark.slow
 def test_two_beats_ticking_alternately_never_send_a_slot_twice(beats: BeatFactory) -> None:
     schedule_ = {"ping": {"task": "proj.ping", "schedule": 10}, "pong": {"task": "proj.pong", "schedule": 25}}
     a = beats(schedule_, server_id="beat-a")
@@ -404,6 +405,7 @@ def test_two_beats_ticking_alternately_never_send_a_slot_twice(beats: BeatFactor
     assert {run.status for run in runs.values()} == {"dispatched"}
 
 
+@pytest.mark.slow
 def test_two_beats_ticking_at_the_same_instant_never_send_a_slot_twice(beats: BeatFactory) -> None:
     schedule_ = {f"entry-{i}": {"task": "proj.ping", "schedule": 5, "args": [i]} for i in range(5)}
     a = beats(schedule_, server_id="beat-a")

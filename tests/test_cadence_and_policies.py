@@ -179,6 +179,7 @@ def _tick_times(start: dt.datetime, end: dt.datetime, transitions: list[dt.date]
     return sorted(times)
 
 
+@pytest.mark.slow  # ticks through the days around a DST change
 @pytest.mark.parametrize("season", list(SEASONS))
 def test_crontabs_across_dst_neither_skip_nor_double(scheduler: TestSchedulerFactory, season: str) -> None:
     start, end, transitions = SEASONS[season]

@@ -23,6 +23,8 @@ from helpers.services import Database
 from celery_dbsched.migrate import head_revision
 from celery_dbsched.repository import JobRepository
 
+pytestmark = pytest.mark.processes  # every command runs `celery ... dbsched` as a subprocess
+
 
 @dataclass
 class Result:

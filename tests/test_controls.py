@@ -224,6 +224,7 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout
 
 
+@pytest.mark.processes  # the CLI, as subprocesses
 def test_commands_pause_resume_trigger_cancel(
     database: Database, scheduler: TestSchedulerFactory, tmp_path: Path
 ) -> None:
@@ -270,6 +271,7 @@ def test_commands_pause_resume_trigger_cancel(
     assert "reports.hourly has no active run" in ok(dbsched_cli(database, tmp_path, "cancel", "reports.hourly"))
 
 
+@pytest.mark.processes  # the CLI, as subprocesses
 @pytest.mark.parametrize("command", list(CONTROLS))
 def test_commands_refuse_unknown_and_empty_names(sqlite_database: Database, tmp_path: Path, command: str) -> None:
     sqlite_database.migrated_repository()

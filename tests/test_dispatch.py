@@ -117,6 +117,7 @@ def duplicates(repository: JobRepository) -> int:
         )
 
 
+@pytest.mark.slow
 def test_a_batch_of_plain_tasks_costs_a_constant_number_of_statements(
     database: Database, make_scheduler: Factory
 ) -> None:

@@ -269,6 +269,7 @@ def _check_name_and_description(repository: JobRepository, tally: Tally, name: s
     tally.names.add(name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_hypothesis_names_and_descriptions_round_trip_or_are_rejected(request: pytest.FixtureRequest, db: str) -> None:
     database: Database = request.getfixturevalue(f"{db}_database")
@@ -403,6 +404,7 @@ def _broker_conf(kind: str) -> dict[str, Any]:
     return {"broker_url": RABBITMQ_URL, "broker_connection_retry_on_startup": True}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broker_kind", ["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
 def test_a_real_worker_runs_only_json_run_messages_of_registered_jobs(
     sqlite_database: Database, apps: Callable[..., Celery], broker_kind: str, caplog: pytest.LogCaptureFixture

@@ -399,6 +399,7 @@ def test_two_repositories_claiming_at_once_never_share_a_job(database: Any) -> N
     assert Counter(run.job_name for run in all_runs(first)) == dict.fromkeys(names, 1)
 
 
+@pytest.mark.slow
 def test_concurrent_claimers_never_run_a_job_twice_at_once(database: Any) -> None:
     """Many rounds: claim, start, finish with a next run of 0 (due again at once), from several threads on two
     engines. The runs table must show, per job, runs that never overlap and never two active at once."""

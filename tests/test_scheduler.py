@@ -206,6 +206,7 @@ def test_lazy_construction_opens_nothing_and_close_twice_is_fine(
     eager.close()
 
 
+@pytest.mark.slow
 def test_close_twice_after_publishing(database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = database.migrated_repository()
     repository.upsert_job("a", "job a")
@@ -265,6 +266,7 @@ def test_unsupported_database_fails_at_start(make_scheduler: SchedulerFactory) -
 # --- tick: claiming and publishing ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tick_publishes_one_message_per_claimed_run(database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = database.migrated_repository()
     repository.upsert_job("a", "job a")
@@ -324,6 +326,7 @@ def test_tick_publishes_to_a_real_broker(
                 conn.default_channel.queue_delete(other)
 
 
+@pytest.mark.slow
 def test_claims_earliest_due_first(sqlite_database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = sqlite_database.migrated_repository()
     for name, due_in in (("a", 30), ("b", 20), ("c", 10)):
@@ -357,6 +360,7 @@ def test_tick_sleeps_the_run_jobs_interval_when_nothing_is_due(
     assert returns[-1] == pytest.approx(3)
 
 
+@pytest.mark.slow
 def test_tick_wakes_sooner_when_a_job_is_due_sooner(database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = database.migrated_repository()
     repository.upsert_job("soon", "due in 2 s", next_run_in=dt.timedelta(seconds=2))
@@ -381,6 +385,7 @@ def test_tick_is_bounded_by_the_monitor_interval_and_max_loop_interval(
     assert all(0 < by_beat.tick() <= 4 for _ in range(3))
 
 
+@pytest.mark.slow
 def test_tick_returns_zero_only_after_a_full_batch(database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = database.migrated_repository()
     for n in range(5):
@@ -423,6 +428,7 @@ def test_monitor_interrupts_stalled_runs(
     assert f"run {runs['stalled-running'].id} of job 'stalled-running' interrupted" in logged
 
 
+@pytest.mark.slow
 def test_monitor_prunes_history_past_retention(database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = database.migrated_repository()
     for name in ("done", "failed", "active"):
@@ -463,6 +469,7 @@ def test_monitor_prunes_history_past_retention(database: Database, make_schedule
 # --- failures: publishing, the database ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_publish_failure_fails_the_run_and_the_beat_keeps_going(
     database: Database, make_scheduler: SchedulerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -490,6 +497,7 @@ def test_publish_failure_fails_the_run_and_the_beat_keeps_going(
     assert {run.status for run in repository.list_runs(status="queued")} == {"queued"}
 
 
+@pytest.mark.slow
 def test_a_broker_outage_is_logged_once_not_once_per_tick(
     sqlite_database: Database,
     make_scheduler: SchedulerFactory,
@@ -590,6 +598,7 @@ def test_broker_outage_fails_runs_then_publishing_resumes(
             conn.default_channel.queue_delete(queue)
 
 
+@pytest.mark.slow
 def test_unreachable_broker_fails_the_runs_without_raising(
     sqlite_database: Database, make_scheduler: SchedulerFactory
 ) -> None:
@@ -681,6 +690,7 @@ def test_database_down_is_a_typed_error_not_a_crash(tmp_path: Path, make_schedul
 # --- start -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_start_ends_the_runs_this_server_id_left_queued(database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = database.migrated_repository()
     repository.upsert_job("mine", "job mine")
@@ -706,6 +716,7 @@ def test_start_ends_the_runs_this_server_id_left_queued(database: Database, make
 # --- the beat knows no job code ------------------------------------------------------------------------------
 
 
+@pytest.mark.processes  # a fresh interpreter
 def test_scheduler_module_imports_no_job_code() -> None:
     code = "import sys, celery_dbsched.scheduler\nprint('\\n'.join(sorted(sys.modules)))\n"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_DIR), str(TESTS_DIR)])}
@@ -715,6 +726,7 @@ def test_scheduler_module_imports_no_job_code() -> None:
     assert not {m for m in modules if m.split(".")[0] in {"example_proj", "cli_app", "conftest", "helpers"}}
 
 
+@pytest.mark.slow
 def test_beat_for_an_app_without_jobs_dispatches_the_jobs_in_the_database(
     database: Database, make_scheduler: SchedulerFactory
 ) -> None:

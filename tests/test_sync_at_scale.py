@@ -99,6 +99,7 @@ def drain(queue: str) -> int:
 # --- 70,000 entries ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 70,000 entries
 def test_70000_entries_sync_start_claim_and_publish(database: Database) -> None:
     queue = f"scale-{uuid.uuid4().hex[:8]}"
     repository = database.migrated_repository()
@@ -178,6 +179,7 @@ def job_registry_statements(database: Database, n: int) -> tuple[int, int]:
     return len(first), len(again)
 
 
+@pytest.mark.slow
 def test_job_registrations_sync_in_statements_independent_of_their_number(database: Database) -> None:
     small_first, small_again = job_registry_statements(database, 10)
     large_first, large_again = job_registry_statements(database, 2_000)

@@ -348,6 +348,7 @@ def test_the_readme_example_is_this_modules_docstring() -> None:
         assert text in __doc__
 
 
+@pytest.mark.slow
 def test_the_plugin_gives_users_a_scheduler_for_their_app(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(proj=PROJ_PY, test_proj=TEST_PROJ_PY)
     pytester.makeconftest(CONFTEST_PY)
