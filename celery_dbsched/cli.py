@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -14,7 +14,7 @@ from .errors import DbschedError
 from .migrate import current_revision, head_revision, migrate
 from .records import JobRecord
 from .repository import JobRepository
-from .settings import Settings
+from .settings import Settings, mask_database_url
 from .states import RunState
 
 
@@ -64,7 +64,7 @@ def dbsched() -> None:
 def migrate_command(ctx: click.Context) -> None:
     """Create or upgrade the scheduler's tables."""
     repository = _repository(ctx)
-    url = repository.engine.url.render_as_string(hide_password=True)
+    url = mask_database_url(repository.engine.url)
     try:
         before = migrate(repository.engine)
     except DbschedError as exc:
@@ -143,48 +143,41 @@ def runs(ctx: click.Context, job_name: str | None, status: str | None, limit: in
     click.echo(_table(headers, rows) if rows else "no runs")
 
 
-def _control(ctx: click.Context, action: Any, name: str) -> Any:
-    _repository(ctx)  # validates the settings first, with a clear message
-    try:
-        return action(ctx.obj.app, name)
-    except (DbschedError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
-
-
-@dbsched.command()
-@click.argument("name")
-@click.pass_context
-def pause(ctx: click.Context, name: str) -> None:
-    """Stop claiming job NAME (its running run goes on)."""
-    _control(ctx, pause_job, name)
-    click.echo(f"paused {name}")
-
-
-@dbsched.command()
-@click.argument("name")
-@click.pass_context
-def resume(ctx: click.Context, name: str) -> None:
-    """Claim job NAME again, from its next slot."""
-    job = _control(ctx, resume_job, name)
-    click.echo(f"resumed {name}; next run {_when(job.next_scheduled_run)} UTC")
-
-
-@dbsched.command()
-@click.argument("name")
-@click.pass_context
-def trigger(ctx: click.Context, name: str) -> None:
-    """Run job NAME now."""
-    _control(ctx, trigger_job, name)
-    click.echo(f"triggered {name}")
-
-
-@dbsched.command()
-@click.argument("name")
-@click.pass_context
-def cancel(ctx: click.Context, name: str) -> None:
-    """Interrupt the active run(s) of job NAME."""
-    runs = _control(ctx, cancel_job, name)
+def _cancelled(name: str, runs: Any) -> str:
     if runs:
-        click.echo(f"cancelled run(s) {', '.join(str(run.id) for run in runs)} of {name}")
-    else:
-        click.echo(f"{name} has no active run")
+        return f"cancelled run(s) {', '.join(str(run.id) for run in runs)} of {name}"
+    return f"{name} has no active run"
+
+
+# The control commands: name, the function in controls.py, help, and what each prints on success.
+_CONTROL_COMMANDS: list[tuple[str, Callable[[Any, str], Any], str, Callable[[str, Any], str]]] = [
+    ("pause", pause_job, "Stop claiming job NAME (its running run goes on).", lambda name, _: f"paused {name}"),
+    (
+        "resume",
+        resume_job,
+        "Claim job NAME again, from its next slot.",
+        lambda name, job: f"resumed {name}; next run {_when(job.next_scheduled_run)} UTC",
+    ),
+    ("trigger", trigger_job, "Run job NAME now.", lambda name, _: f"triggered {name}"),
+    ("cancel", cancel_job, "Interrupt the active run(s) of job NAME.", _cancelled),
+]
+
+
+def _add_control_command(
+    command_name: str, action: Callable[[Any, str], Any], help_text: str, report: Callable[[str, Any], str]
+) -> None:
+    @click.argument("name")
+    @click.pass_context
+    def control(ctx: click.Context, name: str) -> None:
+        _repository(ctx)  # validates the settings first, with a clear message
+        try:
+            result = action(ctx.obj.app, name)
+        except (DbschedError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(report(name, result))
+
+    dbsched.command(name=command_name, help=help_text)(control)
+
+
+for _spec in _CONTROL_COMMANDS:
+    _add_control_command(*_spec)

@@ -34,7 +34,7 @@ from .records import (
     plan_sync,
 )
 from .schema import UTCDateTime, db_now, db_time_at
-from .settings import DEFAULT_INTERRUPT_THRESHOLD, DEFAULT_RETRY_BACKOFF
+from .settings import DEFAULT_INTERRUPT_THRESHOLD, DEFAULT_RETRY_BACKOFF, mask_database_url
 from .states import ACTIVE, InterruptReason, JobKind, RunState
 
 # Rows per statement when a sync writes many: with ~25 columns a row, far below PostgreSQL's 65,535 and
@@ -84,7 +84,7 @@ class JobRepository:
         self._started_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"<JobRepository {self.engine.url.render_as_string(hide_password=True)}>"
+        return f"<JobRepository {mask_database_url(self.engine.url)}>"
 
     @property
     def dialect(self) -> str:

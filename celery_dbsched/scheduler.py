@@ -24,7 +24,7 @@ from .publisher import RunPublisher
 from .records import Claim, JobRecord, RunRecord
 from .registry import existing_registry
 from .repository import JobRepository
-from .settings import settings_for
+from .settings import mask_database_url, settings_for
 from .statements import WAKEUP_CHANNEL
 from .states import JobKind
 from .wakeup import Wakeup
@@ -189,7 +189,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
 
     @property
     def info(self) -> str:
-        url = self._masked_url()
+        url = mask_database_url(self.settings.database_url)
         return (
             f"    . db -> {url}\n"
             f"    . server id -> {self.server_id}\n"
@@ -207,14 +207,6 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
     schedule = property(get_schedule, set_schedule)
 
     # -- the work --------------------------------------------------------------------------------------
-
-    def _masked_url(self) -> str:
-        from sqlalchemy.engine import make_url
-
-        try:
-            return make_url(self.settings.database_url).render_as_string(hide_password=True)
-        except Exception:
-            return "<unparseable database url>"
 
     def _dispatch_due(self, interval: float) -> float:
         repository = self.repository

@@ -12,7 +12,10 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 DEFAULT_DATABASE_FILE = "celery_dbsched.sqlite3"
 DEFAULT_RUN_JOBS_INTERVAL = dt.timedelta(seconds=5)
@@ -154,8 +157,9 @@ def parse_database_url(key: str, value: object) -> str | None:
     return value
 
 
-def mask_database_url(url: str) -> str:
-    """The URL with its password replaced by ***, for anything shown to people."""
+def mask_database_url(url: str | URL) -> str:
+    """The URL (a string or a `sqlalchemy.URL`) with its password replaced by ***, for anything shown to
+    people; the one place that masks a database URL."""
     from sqlalchemy.engine import make_url
 
     try:

@@ -1,81 +1,73 @@
-"""Shared fixtures: the databases and brokers the suites run against.
+"""The suites' fixtures and hooks; the helpers they are built on live in tests/helpers.
 
-PostgreSQL, RabbitMQ and Redis are used for real. On a machine without them their tests are skipped with
-the reason printed; with DBSCHED_REQUIRE_SERVICES=1 (CI) a missing service fails those tests instead.
+PostgreSQL, RabbitMQ and Redis are used for real (helpers/services.py): on a machine without them their
+tests are skipped with the reason printed; with DBSCHED_REQUIRE_SERVICES=1 (CI) a missing service fails those
+tests instead.
 """
 
 from __future__ import annotations
 
-import os
-import socket
+import functools
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
 
 import pytest
-from procs import processes  # noqa: F401 - the fixture of real celery worker/beat subprocesses, for every module
-from sqlalchemy import create_engine, text
+from celery import Celery
+from helpers.apps import TestSchedulerFactory, make_app, memory_app
+from helpers.cluster import Cluster
+from helpers.processes import PROCESSES_KEY, Processes
+from helpers.services import (
+    REQUIRE_SERVICES,
+    SERVICE_URLS,
+    SOAK,
+    Broker,
+    Database,
+    cleanup_queue,
+    drop_database,
+    make_postgres_database,
+    probe,
+    require_service,
+)
+from helpers.services import (
+    sqlite_database as new_sqlite_database,
+)
 
-from celery_dbsched.migrate import migrate
+from celery_dbsched import runner
+from celery_dbsched.binding import forget_repository
 from celery_dbsched.repository import JobRepository
+from celery_dbsched.scheduler import Scheduler
 from celery_dbsched.transport import filesystem_broker_settings
 
-POSTGRES_URL = os.environ.get("DBSCHED_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-RABBITMQ_URL = os.environ.get("DBSCHED_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
-REDIS_URL = os.environ.get("DBSCHED_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-REQUIRE_SERVICES = os.environ.get("DBSCHED_REQUIRE_SERVICES", "").lower() in ("1", "true", "yes")
-
-_SERVICE_URLS = {"postgres": POSTGRES_URL, "rabbitmq": RABBITMQ_URL, "redis": REDIS_URL}
-_reachable: dict[str, str | None] = {}
+pytest_plugins = ["celery_dbsched.testing"]  # dbsched_scheduler_factory, dbsched_scheduler
 
 
-def _probe(name: str) -> str | None:
-    """None when the service answers, else why not."""
-    if name in _reachable:
-        return _reachable[name]
-    url = _SERVICE_URLS[name]
-    parts = urlsplit(url.replace("postgresql+psycopg", "postgresql"))
-    default_port = {"postgres": 5432, "rabbitmq": 5672, "redis": 6379}[name]
-    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
-    reason: str | None = None
-    try:
-        with socket.create_connection((host, port), timeout=2):
-            pass
-        if name == "postgres":
-            engine = create_engine(url)
-            try:
-                with engine.connect() as conn:
-                    conn.execute(text("SELECT 1"))
-            finally:
-                engine.dispose()
-    except Exception as exc:
-        reason = f"{name} not reachable at {host}:{port} ({type(exc).__name__}: {exc})"
-    _reachable[name] = reason
-    return reason
-
-
-def require_service(name: str) -> None:
-    reason = _probe(name)
-    if reason is None:
-        return
-    if REQUIRE_SERVICES:
-        pytest.fail(f"{reason}; DBSCHED_REQUIRE_SERVICES is set, so this is a failure, not a skip")
-    pytest.skip(f"{reason}; set DBSCHED_TEST_{name.upper()}_URL or start it to run these tests")
-
-
-SOAK = os.environ.get("DBSCHED_SOAK", "").lower() in ("1", "true", "yes")
+# -- hooks ----------------------------------------------------------------------------------------------------
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", help="also run the long fault soaks (marker `soak`)")
 
 
+# What a `unit` test uses none of: a service (PostgreSQL, RabbitMQ, Redis) or a subprocess; nor is it `slow`.
+NOT_UNIT_MARKERS = ("postgres", "rabbitmq", "redis", "e2e", "processes", "slow")
+NOT_UNIT_FIXTURES = frozenset({"postgres_database", "broker", "processes", "cluster"})
+
+
+def is_unit(item: pytest.Item) -> bool:
+    fixtures = getattr(item, "fixturenames", ())
+    return NOT_UNIT_FIXTURES.isdisjoint(fixtures) and not any(item.get_closest_marker(m) for m in NOT_UNIT_MARKERS)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers added here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The `soak` tests are opt-in: deselected (not skipped) unless asked for, so CI stays within its time and
-    a default run reports nothing skipped for them."""
+    """Marks `unit` every test that uses no service and no subprocess (the fast loop: `pytest -m unit`). The
+    `soak` tests are opt-in: deselected (not skipped) unless asked for, so CI stays within its time and a
+    default run reports nothing skipped for them."""
+    for item in items:
+        if is_unit(item):
+            item.add_marker(pytest.mark.unit)
     if SOAK or config.getoption("--soak"):
         return
     soaks = [item for item in items if item.get_closest_marker("soak")]
@@ -86,8 +78,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     lines = []
-    for name in _SERVICE_URLS:
-        reason = _probe(name)
+    for name in SERVICE_URLS:
+        reason = probe(name)
         lines.append(f"celery_dbsched: {name}: " + ("available" if reason is None else f"SKIPPED - {reason}"))
     if REQUIRE_SERVICES:
         lines.append("celery_dbsched: DBSCHED_REQUIRE_SERVICES=1 - missing services fail their tests")
@@ -96,59 +88,24 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return lines
 
 
-@dataclass
-class Database:
-    """A database to test against: SQLite in a temporary folder, or a fresh schema in PostgreSQL."""
-
-    kind: str
-    url: str
-    schema: str | None = None
-    repositories: list[JobRepository] = field(default_factory=list)
-
-    def repository(self, **kwargs: Any) -> JobRepository:
-        repository = JobRepository(self.url, **kwargs)
-        self.repositories.append(repository)
-        return repository
-
-    def migrated_repository(self, **kwargs: Any) -> JobRepository:
-        repository = self.repository(**kwargs)
-        migrate(repository.engine)
-        return repository
-
-    def conf(self) -> dict[str, Any]:
-        """Celery settings that point an app at this database."""
-        return {"dbsched_database_url": self.url}
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Adds the tail of each celery process's log to the report of a failed test phase."""
+    report = yield
+    manager = item.stash.get(PROCESSES_KEY, None)
+    if manager is not None and report.failed:
+        for title, text in manager.log_sections():
+            report.sections.append((f"celery process {title}", text))
+    return report
 
 
-def make_postgres_database() -> Database:
-    require_service("postgres")
-    schema = f"t_{uuid.uuid4().hex[:16]}"
-    engine = create_engine(POSTGRES_URL)
-    with engine.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    engine.dispose()
-    separator = "&" if "?" in POSTGRES_URL else "?"
-    url = f"{POSTGRES_URL}{separator}options={quote(f'-csearch_path={schema}')}"
-    return Database("postgres", url, schema)
-
-
-def drop_database(database: Database) -> None:
-    for repository in database.repositories:
-        repository.close()
-    if database.schema is not None:
-        engine = create_engine(POSTGRES_URL)
-        with engine.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{database.schema}" CASCADE'))
-        engine.dispose()
+# -- databases ------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
     """Each test runs once on SQLite and once on PostgreSQL, each time on an empty database."""
-    if request.param == "sqlite":
-        db = Database("sqlite", f"sqlite:///{tmp_path / 'dbsched.sqlite3'}")
-    else:
-        db = make_postgres_database()
+    db = new_sqlite_database(tmp_path) if request.param == "sqlite" else make_postgres_database()
     try:
         yield db
     finally:
@@ -157,7 +114,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
 
 @pytest.fixture
 def sqlite_database(tmp_path: Path) -> Iterator[Database]:
-    db = Database("sqlite", f"sqlite:///{tmp_path / 'dbsched.sqlite3'}")
+    db = new_sqlite_database(tmp_path)
     yield db
     drop_database(db)
 
@@ -177,30 +134,7 @@ def repository(database: Database) -> JobRepository:
     return database.migrated_repository()
 
 
-@dataclass
-class Broker:
-    kind: str
-    settings: dict[str, Any]
-    queue: str
-
-    def conf(self) -> dict[str, Any]:
-        return {**self.settings, "task_default_queue": self.queue}
-
-
-def _cleanup_queue(broker: Broker) -> None:
-    if broker.kind == "filesystem":
-        return
-    from kombu import Connection
-
-    try:
-        with Connection(broker.settings["broker_url"], connect_timeout=5) as conn:
-            channel = conn.channel()
-            try:
-                channel.queue_delete(broker.queue)
-            finally:
-                channel.close()
-    except Exception:
-        pass
+# -- brokers and processes ------------------------------------------------------------------------------------
 
 
 @pytest.fixture(
@@ -217,6 +151,88 @@ def broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
         b = Broker("filesystem", filesystem_broker_settings(tmp_path / "broker"), queue)
     else:
         require_service(request.param)
-        b = Broker(request.param, {"broker_url": _SERVICE_URLS[request.param]}, queue)
+        b = Broker(request.param, {"broker_url": SERVICE_URLS[request.param]}, queue)
     yield b
-    _cleanup_queue(b)
+    cleanup_queue(b)
+
+
+@pytest.fixture
+def processes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Processes]:
+    """A `Processes` for this test; every process it started is stopped at teardown."""
+    manager = Processes(tmp_path / "procs")
+    request.node.stash[PROCESSES_KEY] = manager
+    try:
+        yield manager
+    finally:
+        manager.stop_all()
+
+
+@pytest.fixture
+def e2e_database(request: pytest.FixtureRequest, db_kind: str) -> Database:
+    """The database of an `on(...)` combination (helpers/cluster.py)."""
+    database: Database = request.getfixturevalue(f"{db_kind}_database")
+    return database
+
+
+@pytest.fixture
+def cluster(e2e_database: Database, broker: Broker, processes: Processes, tmp_path: Path) -> Iterator[Cluster]:
+    # Requested after the database and broker, so torn down (processes stopped) before they are dropped.
+    cluster = Cluster(e2e_database, broker, processes, tmp_path)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+# -- in-process beats and workers -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app() -> Celery:
+    """A bare app of this test's own."""
+    return make_app("t")
+
+
+@pytest.fixture
+def dbsched_app(app: Celery) -> Celery:
+    """`app`, for the shipped `dbsched_scheduler` fixture: a TestScheduler for it on a temporary SQLite file."""
+    return app
+
+
+@pytest.fixture
+def scheduler(
+    request: pytest.FixtureRequest, database: Database, dbsched_scheduler_factory: TestSchedulerFactory
+) -> TestSchedulerFactory:
+    """`scheduler(app, now=T0, **settings)`: the shipped TestScheduler factory on this test's database, its clock
+    frozen at `now`: by default the test module's `T0`, None for the real clock."""
+    return functools.partial(dbsched_scheduler_factory, database_url=database.url, now=request.module.T0)
+
+
+@pytest.fixture
+def make_scheduler() -> Iterator[Callable[..., Scheduler]]:
+    """`make_scheduler(database_url, lazy=False, **conf)`: a Scheduler built the way Celery beat builds it, for
+    a fresh `memory_app` (helpers/apps.py; conf overrides any of its settings); closed after the test."""
+    schedulers: list[Scheduler] = []
+    apps: list[Celery] = []
+
+    def factory(database_url: str, *, lazy: bool = False, **conf: Any) -> Scheduler:
+        app = memory_app(database_url, main="sched", **conf)
+        apps.append(app)
+        scheduler = Scheduler(app=app, lazy=lazy)
+        schedulers.append(scheduler)
+        return scheduler
+
+    yield factory
+    for scheduler in schedulers:
+        scheduler.close()
+    for app in apps:
+        forget_repository(app)
+
+
+@pytest.fixture
+def not_shutting_down() -> Iterator[None]:
+    """An embedded worker's stop marks this process as shutting down (its runs are handed back): undo it before
+    and after the test."""
+    runner._Process.shutting_down = False
+    yield
+    runner._Process.shutting_down = False

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from celery import Celery, beat
 from celery.schedules import crontab, schedule, solar
-from conftest import Database
+from helpers.apps import make_app, seconds
+from helpers.services import Database
 from kombu import Connection
 
 from celery_dbsched.beat_schedule import default_entries, definitions, sync_beat_schedule
@@ -32,18 +33,6 @@ from celery_dbsched.schedules import CrontabSchedule, IntervalSchedule, SolarSch
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
-
-
-def seconds(n: float) -> dt.timedelta:
-    return dt.timedelta(seconds=n)
-
-
-def make_app(database_url: str | None = None, **conf: Any) -> Celery:
-    app = Celery(f"beat_schedule_tests_{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    if database_url is not None:
-        app.conf.dbsched_database_url = database_url
-    app.conf.update(conf)
-    return app
 
 
 def frozen_repository(database: Database, at: dt.datetime = T0) -> JobRepository:
@@ -311,7 +300,7 @@ def beats(database: Database) -> Iterator[BeatFactory]:
 
     def factory(beat_schedule: dict[str, Any], server_id: str = "beat-a", **conf: Any) -> Scheduler:
         app = make_app(
-            database.url,
+            dbsched_database_url=database.url,
             beat_schedule=beat_schedule,
             dbsched_server_id=server_id,
             task_default_queue=queue,
@@ -390,6 +379,7 @@ def test_tick_after_downtime_sends_one_catch_up_not_a_burst(beats: BeatFactory) 
     assert scheduler.repository.lookup_job("ping").next_scheduled_run == T0 + seconds(100)
 
 
+@pytest.mark.slow
 def test_two_beats_ticking_alternately_never_send_a_slot_twice(beats: BeatFactory) -> None:
     schedule_ = {"ping": {"task": "proj.ping", "schedule": 10}, "pong": {"task": "proj.pong", "schedule": 25}}
     a = beats(schedule_, server_id="beat-a")
@@ -416,6 +406,7 @@ def test_two_beats_ticking_alternately_never_send_a_slot_twice(beats: BeatFactor
     assert {run.status for run in runs.values()} == {"dispatched"}
 
 
+@pytest.mark.slow
 def test_two_beats_ticking_at_the_same_instant_never_send_a_slot_twice(beats: BeatFactory) -> None:
     schedule_ = {f"entry-{i}": {"task": "proj.ping", "schedule": 5, "args": [i]} for i in range(5)}
     a = beats(schedule_, server_id="beat-a")

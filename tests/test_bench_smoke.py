@@ -12,14 +12,14 @@ import sys
 import uuid
 from pathlib import Path
 
-from conftest import POSTGRES_URL, REDIS_URL, Database
+from helpers.processes import REPO_DIR
+from helpers.services import POSTGRES_URL, REDIS_URL, Database
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_DIR))
 
-from bench import history, run  # noqa: E402
-from bench.common import Config  # noqa: E402
-from bench.systems import SYSTEMS  # noqa: E402
+from bench import history, run
+from bench.common import Config
+from bench.systems import SYSTEMS
 
 
 def test_harness_runs_end_to_end(postgres_database: Database, tmp_path: Path) -> None:

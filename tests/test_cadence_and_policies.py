@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import defaultdict
-from collections.abc import Callable, Iterator
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from celery import Celery
 from celery.schedules import crontab
-from conftest import Database
+from helpers.apps import TestSchedulerFactory, make_app, noop, seconds
 
 from celery_dbsched import Job, JobContext, JobStatus, job, register_job
 from celery_dbsched.beat_schedule import definitions
 from celery_dbsched.errors import InvalidRunState
-from celery_dbsched.testing import TestScheduler
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
@@ -30,46 +27,14 @@ BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")
 
 
-def seconds(n: float) -> dt.timedelta:
-    return dt.timedelta(seconds=n)
-
-
 def utc(*args: int) -> dt.datetime:
     return dt.datetime(*args, tzinfo=UTC)
-
-
-def make_app(**conf: Any) -> Celery:
-    app = Celery("cadence_tests", set_as_current=False)
-    app.conf.update(conf)
-    return app
-
-
-def noop(ctx: JobContext) -> None:
-    return None
-
-
-SchedulerFactory = Callable[..., TestScheduler]
-
-
-@pytest.fixture
-def scheduler(database: Database) -> Iterator[SchedulerFactory]:
-    """`scheduler(app, now=T0, **settings)`: a TestScheduler on this test's database, clock frozen at `now`."""
-    created: list[TestScheduler] = []
-
-    def factory(app: Celery, now: dt.datetime = T0, **options: Any) -> TestScheduler:
-        test_scheduler = TestScheduler(app, database.url, now=now, **options)
-        created.append(test_scheduler)
-        return test_scheduler
-
-    yield factory
-    for test_scheduler in reversed(created):
-        test_scheduler.close()
 
 
 # --- fixed cadence ------------------------------------------------------------------------------------
 
 
-def test_every_keeps_a_fixed_cadence_whatever_the_completion_time(scheduler: SchedulerFactory) -> None:
+def test_every_keeps_a_fixed_cadence_whatever_the_completion_time(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="cadence", description="every minute", every=60)(noop)
     s = scheduler(app)
@@ -90,7 +55,7 @@ def test_every_keeps_a_fixed_cadence_whatever_the_completion_time(scheduler: Sch
     assert s.job("cadence").next_scheduled_run == T0 + seconds(120)
 
 
-def test_missed_slots_give_one_catch_up_run_then_back_on_cadence(scheduler: SchedulerFactory) -> None:
+def test_missed_slots_give_one_catch_up_run_then_back_on_cadence(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="catch-up", description="every minute", every=60)(noop)
     s = scheduler(app)
@@ -109,7 +74,7 @@ def test_missed_slots_give_one_catch_up_run_then_back_on_cadence(scheduler: Sche
     assert len(s.runs("catch-up")) == 3
 
 
-def test_returned_delay_counts_from_completion_and_wins(scheduler: SchedulerFactory) -> None:
+def test_returned_delay_counts_from_completion_and_wins(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
 
     @job(app, name="returns-delay", description="returns its own delay", every=60)
@@ -153,7 +118,9 @@ class SevenSeconds(Job):
     [(seconds(7), T0 + seconds(25 + 7)), (None, T0 + seconds(60))],
     ids=["next_run_in-wins", "None-keeps-the-cadence"],
 )
-def test_class_job_next_run_in(scheduler: SchedulerFactory, delay: dt.timedelta | None, expected: dt.datetime) -> None:
+def test_class_job_next_run_in(
+    scheduler: TestSchedulerFactory, delay: dt.timedelta | None, expected: dt.datetime
+) -> None:
     app = make_app()
     register_job(app, SevenSeconds(delay))
     s = scheduler(app)
@@ -212,8 +179,9 @@ def _tick_times(start: dt.datetime, end: dt.datetime, transitions: list[dt.date]
     return sorted(times)
 
 
+@pytest.mark.slow  # ticks through the days around a DST change
 @pytest.mark.parametrize("season", list(SEASONS))
-def test_crontabs_across_dst_neither_skip_nor_double(scheduler: SchedulerFactory, season: str) -> None:
+def test_crontabs_across_dst_neither_skip_nor_double(scheduler: TestSchedulerFactory, season: str) -> None:
     start, end, transitions = SEASONS[season]
     app = make_app(timezone="Europe/Berlin")
     for name, cron, zone in DST_JOBS:
@@ -257,7 +225,7 @@ def test_crontabs_across_dst_neither_skip_nor_double(scheduler: SchedulerFactory
         day += dt.timedelta(days=1)
 
 
-def test_crontab_without_a_zone_follows_app_timezone(scheduler: SchedulerFactory) -> None:
+def test_crontab_without_a_zone_follows_app_timezone(scheduler: TestSchedulerFactory) -> None:
     app = make_app(timezone="America/New_York")
     job(app, name="nine", description="09:00 in the app's zone", schedule=crontab(minute=0, hour=9))(noop)
     job(app, name="nine-utc", description="09:00 UTC", schedule=crontab(minute=0, hour=9), timezone="UTC")(noop)
@@ -266,7 +234,7 @@ def test_crontab_without_a_zone_follows_app_timezone(scheduler: SchedulerFactory
     assert s.job("nine-utc").next_scheduled_run == utc(2026, 7, 1, 9)
 
 
-def test_app_timezone_set_after_the_jobs_are_declared_still_applies(scheduler: SchedulerFactory) -> None:
+def test_app_timezone_set_after_the_jobs_are_declared_still_applies(scheduler: TestSchedulerFactory) -> None:
     # A common layout: tasks/jobs modules are imported, then the app is configured (config_from_object).
     app = make_app()
     job(app, name="nine", description="09:00 in the app's zone", schedule=crontab(minute=0, hour=9))(noop)
@@ -280,7 +248,7 @@ def test_app_timezone_set_after_the_jobs_are_declared_still_applies(scheduler: S
 
 
 def test_disabled_job_is_never_claimed_and_enabling_it_does_not_fire_for_missed_slots(
-    scheduler: SchedulerFactory,
+    scheduler: TestSchedulerFactory,
 ) -> None:
     app = make_app()
     job(app, name="off", description="disabled", every=60, enabled=False)(noop)
@@ -305,7 +273,7 @@ def test_disabled_job_is_never_claimed_and_enabling_it_does_not_fire_for_missed_
     assert len(s.runs("off")) == 1
 
 
-def test_enabling_keeps_the_cadence(scheduler: SchedulerFactory) -> None:
+def test_enabling_keeps_the_cadence(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="off", description="disabled", every=60, enabled=False)(noop)
     s = scheduler(app)
@@ -327,7 +295,7 @@ def test_enabling_keeps_the_cadence(scheduler: SchedulerFactory) -> None:
         ("run_once", [T0, T0 + seconds(60), T0 + seconds(120)]),
     ],
 )
-def test_misfire_policy(scheduler: SchedulerFactory, misfire: str, expected_slots: list[dt.datetime]) -> None:
+def test_misfire_policy(scheduler: TestSchedulerFactory, misfire: str, expected_slots: list[dt.datetime]) -> None:
     app = make_app()
     job(app, name="m", description="misfire", every=60, misfire=misfire, misfire_grace=10)(noop)
     s = scheduler(app)
@@ -342,7 +310,7 @@ def test_misfire_policy(scheduler: SchedulerFactory, misfire: str, expected_slot
     assert {r.status for r in s.runs("m")} == {"completed"}
 
 
-def test_misfire_skip_default_grace_is_a_minute(scheduler: SchedulerFactory) -> None:
+def test_misfire_skip_default_grace_is_a_minute(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="skip", description="skip", every=600, misfire="skip")(noop)
     s = scheduler(app)
@@ -354,7 +322,7 @@ def test_misfire_skip_default_grace_is_a_minute(scheduler: SchedulerFactory) -> 
     assert s.job("skip").next_scheduled_run == T0 + seconds(1800)
 
 
-def test_misfire_skip_on_a_crontab_after_downtime(scheduler: SchedulerFactory) -> None:
+def test_misfire_skip_on_a_crontab_after_downtime(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="daily", description="06:00", schedule=crontab(minute=0, hour=6), misfire="skip")(noop)
     job(app, name="daily-catch-up", description="06:00", schedule=crontab(minute=0, hour=6))(noop)
@@ -369,7 +337,7 @@ def test_misfire_skip_on_a_crontab_after_downtime(scheduler: SchedulerFactory) -
 # --- max_active ---------------------------------------------------------------------------------------
 
 
-def test_max_active_two_allows_two_concurrent_runs_never_a_third(scheduler: SchedulerFactory) -> None:
+def test_max_active_two_allows_two_concurrent_runs_never_a_third(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="overlap", description="may overlap", every=60, max_active=2)(noop)
     job(app, name="single", description="control: one at a time", every=60)(noop)
@@ -403,7 +371,7 @@ def test_max_active_two_allows_two_concurrent_runs_never_a_third(scheduler: Sche
     assert len(s.runs("overlap", status="queued")) == 2
 
 
-def test_max_active_runs_really_run_side_by_side(scheduler: SchedulerFactory) -> None:
+def test_max_active_runs_really_run_side_by_side(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="overlap", description="may overlap", every=60, max_active=2)(noop)
     s = scheduler(app)
@@ -420,7 +388,7 @@ def test_max_active_runs_really_run_side_by_side(scheduler: SchedulerFactory) ->
 # --- retry backoff ------------------------------------------------------------------------------------
 
 
-def test_per_job_retry_backoff_overrides_the_global_one(scheduler: SchedulerFactory) -> None:
+def test_per_job_retry_backoff_overrides_the_global_one(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
 
     def boom(ctx: JobContext) -> None:
@@ -445,7 +413,7 @@ def test_per_job_retry_backoff_overrides_the_global_one(scheduler: SchedulerFact
 # --- expires ------------------------------------------------------------------------------------------
 
 
-def test_queued_run_not_started_before_slot_plus_expires_ends_expired(scheduler: SchedulerFactory) -> None:
+def test_queued_run_not_started_before_slot_plus_expires_ends_expired(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="exp", description="expires after 30 s", every=60, expires=30)(noop)
     job(app, name="no-exp", description="control", every=60)(noop)
@@ -462,7 +430,7 @@ def test_queued_run_not_started_before_slot_plus_expires_ends_expired(scheduler:
     assert s.repository.lookup_run(runs["no-exp"].id).status == "queued"  # the control is untouched
 
 
-def test_worker_refuses_to_start_an_expired_run(scheduler: SchedulerFactory) -> None:
+def test_worker_refuses_to_start_an_expired_run(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     started: list[int] = []
 
@@ -482,7 +450,7 @@ def test_worker_refuses_to_start_an_expired_run(scheduler: SchedulerFactory) -> 
         s.repository.start_run(late.id, "another-worker")
 
 
-def test_run_started_within_expires_runs(scheduler: SchedulerFactory) -> None:
+def test_run_started_within_expires_runs(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="exp", description="expires after 30 s", every=60, expires=30)(noop)
     s = scheduler(app)
@@ -492,7 +460,7 @@ def test_run_started_within_expires_runs(scheduler: SchedulerFactory) -> None:
     assert finished is not None and finished.status == "completed"
 
 
-def test_after_an_expired_run_the_job_waits_for_its_next_slot(scheduler: SchedulerFactory) -> None:
+def test_after_an_expired_run_the_job_waits_for_its_next_slot(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="exp", description="expires after 30 s", every=60, expires=30)(noop)
     s = scheduler(app)
@@ -512,7 +480,7 @@ def test_after_an_expired_run_the_job_waits_for_its_next_slot(scheduler: Schedul
 # --- re-registration ----------------------------------------------------------------------------------
 
 
-def test_reregistration_recomputes_next_run_only_when_the_schedule_changes(scheduler: SchedulerFactory) -> None:
+def test_reregistration_recomputes_next_run_only_when_the_schedule_changes(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="r", description="first", every=60)(noop)
     s = scheduler(app)

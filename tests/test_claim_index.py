@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from helpers.repository import claim_one
 from sqlalchemy import delete, event, select, text, update
 
 from celery_dbsched import JobRepository
@@ -52,12 +53,6 @@ def checked(repository: JobRepository) -> Iterator[Callable[[str], None]]:
     assert made
 
 
-def claim(repository: JobRepository, name: str) -> Any:
-    runs = [run for run in repository.claim_runs("beat", 100).runs if run.job_name == name]
-    assert len(runs) == 1, f"{name} not claimed: {runs}"
-    return runs[0]
-
-
 def due_now(repository: JobRepository, name: str) -> None:
     repository.update_job_next_run_in_at_least(name, dt.timedelta(0))
 
@@ -65,7 +60,7 @@ def due_now(repository: JobRepository, name: str) -> None:
 def test_the_counter_follows_every_transition(repository: JobRepository, checked: Callable[[str], None]) -> None:
     repository.upsert_job("job", "a job", default_next_run_in=HOUR)
     checked("registration")
-    run = claim(repository, "job")
+    run = claim_one(repository, "job", server_id="beat")
     assert repository.lookup_job("job").active_runs == 1
     checked("claim")
     assert repository.next_due_in() is None  # its only slot is taken: not claimable, not due
@@ -76,27 +71,27 @@ def test_the_counter_follows_every_transition(repository: JobRepository, checked
     repository.complete_run(run.id, dt.timedelta(0))
     checked("complete")
 
-    run = claim(repository, "job")
+    run = claim_one(repository, "job", server_id="beat")
     repository.fail_run(run.id, "boom")
     checked("fail while queued")
     due_now(repository, "job")
-    run = claim(repository, "job")
+    run = claim_one(repository, "job", server_id="beat")
     repository.start_run(run.id, "w1")
     repository.interrupt_run(run.id)
     checked("interrupt")
     due_now(repository, "job")
-    run = claim(repository, "job")
+    run = claim_one(repository, "job", server_id="beat")
     assert repository.interrupt_runs(server_id="beat")  # the beat restarted: its queued run ends
     checked("restart")
-    run = claim(repository, "job")
+    run = claim_one(repository, "job", server_id="beat")
     assert repository.interrupt_job_runs("job")
     checked("cancel")
 
     # Two slots: each active run counts; the job stays claimable until both are taken.
     repository.upsert_job("wide", "two at once", default_next_run_in=dt.timedelta(seconds=1), max_active=2)
-    first = claim(repository, "wide")
+    first = claim_one(repository, "wide", server_id="beat")
     repository.clock_shift += dt.timedelta(seconds=2)
-    second = claim(repository, "wide")
+    second = claim_one(repository, "wide", server_id="beat")
     assert {first.slot, second.slot} == {0, 1}
     assert repository.lookup_job("wide").active_runs == 2
     checked("two slots")
@@ -106,7 +101,7 @@ def test_the_counter_follows_every_transition(repository: JobRepository, checked
 
     # A plain task: dispatched is final; a tracked task runs outside the slots (slot = -id).
     repository.upsert_job("entry", "beat_schedule: t", kind="task", task="t", default_next_run_in=HOUR)
-    task_run = claim(repository, "entry")
+    task_run = claim_one(repository, "entry", server_id="beat")
     checked("task claimed")
     repository.dispatch_run(task_run.id, "task-id")
     checked("task dispatched")
@@ -127,7 +122,7 @@ def test_the_counter_follows_every_transition(repository: JobRepository, checked
 def test_an_operator_update_of_a_run_is_counted_too(repository: JobRepository, checked: Callable[[str], None]) -> None:
     """Kept by the database, not by this code: a run ended by hand frees the job's slot."""
     repository.upsert_job("job", "a job", default_next_run_in=HOUR)
-    run = claim(repository, "job")
+    run = claim_one(repository, "job", server_id="beat")
     with repository.engine.begin() as conn:
         conn.execute(update(run_table).where(run_table.c.id == run.id).values(status="interrupted"))
     checked("ended by hand")

@@ -17,13 +17,13 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
-from conftest import Database
+from helpers.processes import REPO_DIR, TESTS_DIR
+from helpers.services import Database
 
 from celery_dbsched.migrate import head_revision
 from celery_dbsched.repository import JobRepository
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TESTS_DIR = Path(__file__).resolve().parent
+pytestmark = pytest.mark.processes  # every command runs `celery ... dbsched` as a subprocess
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Result:
 
 def dbsched(database_url: str, *args: str, settings: dict[str, Any] | None = None, cwd: Path | None = None) -> Result:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DBSCHED_TEST_APP_")}
-    env.update(PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO_ROOT)]), DBSCHED_TEST_APP_DB=database_url)
+    env.update(PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO_DIR)]), DBSCHED_TEST_APP_DB=database_url)
     if settings:
         env["DBSCHED_TEST_APP_SETTINGS"] = json.dumps(settings)
     completed = subprocess.run(
@@ -264,7 +264,7 @@ def test_database_password_never_appears_in_output(postgres_database: Database) 
     assert "postgres:***@127.0.0.1" in results[8].stderr  # the failed migrate names the (masked) URL
     # Celery's own `report` censors the setting too (its name contains DATABASE).
     env = {k: v for k, v in os.environ.items() if not k.startswith("DBSCHED_TEST_APP_")}
-    env.update(PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO_ROOT)]), DBSCHED_TEST_APP_DB=url)
+    env.update(PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO_DIR)]), DBSCHED_TEST_APP_DB=url)
     report = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "cli_app", "report"],
         capture_output=True,

@@ -11,15 +11,13 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from celery import Celery
 from celery.schedules import crontab
-from conftest import Database
-from procs import REPO_DIR, TESTS_DIR
+from helpers.apps import TestSchedulerFactory, make_app, noop, seconds
+from helpers.processes import REPO_DIR, TESTS_DIR
+from helpers.services import Database
 
 from celery_dbsched import (
     JobContext,
@@ -31,47 +29,16 @@ from celery_dbsched import (
     resume_job,
     trigger_job,
 )
-from celery_dbsched.testing import TestScheduler
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 2, 2, 9, 0, tzinfo=UTC)
 CONTROLS = {"pause": pause_job, "resume": resume_job, "trigger": trigger_job, "cancel": cancel_job}
 
 
-def seconds(n: float) -> dt.timedelta:
-    return dt.timedelta(seconds=n)
-
-
-def make_app() -> Celery:
-    return Celery("controls_tests", set_as_current=False)
-
-
-def noop(ctx: JobContext) -> None:
-    return None
-
-
-SchedulerFactory = Callable[..., TestScheduler]
-
-
-@pytest.fixture
-def scheduler(database: Database) -> Iterator[SchedulerFactory]:
-    """`scheduler(app, now=T0 or None for the real clock, **settings)` on this test's database."""
-    created: list[TestScheduler] = []
-
-    def factory(app: Celery, now: dt.datetime | None = T0, **options: Any) -> TestScheduler:
-        test_scheduler = TestScheduler(app, database.url, now=now, **options)
-        created.append(test_scheduler)
-        return test_scheduler
-
-    yield factory
-    for test_scheduler in reversed(created):
-        test_scheduler.close()
-
-
 # --- the functions ------------------------------------------------------------------------------------
 
 
-def test_paused_job_is_not_claimed(scheduler: SchedulerFactory) -> None:
+def test_paused_job_is_not_claimed(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="paused", description="paused", every=60)(noop)
     job(app, name="control", description="not paused", every=60)(noop)
@@ -86,7 +53,7 @@ def test_paused_job_is_not_claimed(scheduler: SchedulerFactory) -> None:
     assert s.job("paused").enabled is True  # paused is the operator's, not the code's `enabled`
 
 
-def test_pause_lets_the_active_run_finish(scheduler: SchedulerFactory) -> None:
+def test_pause_lets_the_active_run_finish(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="p", description="p", every=60)(noop)
     s = scheduler(app)
@@ -96,7 +63,7 @@ def test_pause_lets_the_active_run_finish(scheduler: SchedulerFactory) -> None:
     assert finished is not None and finished.status == "completed"
 
 
-def test_resume_moves_a_passed_slot_to_the_next_slot(scheduler: SchedulerFactory) -> None:
+def test_resume_moves_a_passed_slot_to_the_next_slot(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="interval", description="every minute", every=60)(noop)
     job(app, name="daily", description="06:00", schedule=crontab(minute=0, hour=6))(noop)
@@ -116,7 +83,7 @@ def test_resume_moves_a_passed_slot_to_the_next_slot(scheduler: SchedulerFactory
     assert [r.job_name for r in s.tick()] == ["interval"]
 
 
-def test_resume_keeps_a_slot_that_has_not_passed(scheduler: SchedulerFactory) -> None:
+def test_resume_keeps_a_slot_that_has_not_passed(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="j", description="hourly", every=3600)(noop)
     s = scheduler(app)
@@ -127,7 +94,7 @@ def test_resume_keeps_a_slot_that_has_not_passed(scheduler: SchedulerFactory) ->
     assert resume_job(app, "j").next_scheduled_run == T0 + seconds(3600)  # resuming twice is harmless
 
 
-def test_trigger_makes_a_job_due_now(scheduler: SchedulerFactory) -> None:
+def test_trigger_makes_a_job_due_now(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="hourly", description="hourly", every=3600)(noop)
     s = scheduler(app)
@@ -140,7 +107,7 @@ def test_trigger_makes_a_job_due_now(scheduler: SchedulerFactory) -> None:
     assert s.tick() == []  # once
 
 
-def test_trigger_while_running_runs_again_when_the_run_ends(scheduler: SchedulerFactory) -> None:
+def test_trigger_while_running_runs_again_when_the_run_ends(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="hourly", description="hourly", every=3600)(noop)
     s = scheduler(app)
@@ -153,7 +120,7 @@ def test_trigger_while_running_runs_again_when_the_run_ends(scheduler: Scheduler
     assert [r.status for r in s.tick()] == ["completed"]
 
 
-def test_trigger_refuses_paused_and_disabled_jobs(scheduler: SchedulerFactory) -> None:
+def test_trigger_refuses_paused_and_disabled_jobs(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="paused", description="paused", every=3600)(noop)
     job(app, name="disabled", description="disabled", every=3600, enabled=False)(noop)
@@ -169,7 +136,7 @@ def test_trigger_refuses_paused_and_disabled_jobs(scheduler: SchedulerFactory) -
     assert s.job("paused").next_scheduled_run == T0 + seconds(3600)
 
 
-def test_cancel_interrupts_a_queued_run(scheduler: SchedulerFactory) -> None:
+def test_cancel_interrupts_a_queued_run(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     job(app, name="c", description="c", every=60)(noop)
     job(app, name="control", description="control", every=60)(noop)
@@ -184,7 +151,7 @@ def test_cancel_interrupts_a_queued_run(scheduler: SchedulerFactory) -> None:
     assert cancel_job(app, "c") == []  # nothing active any more
 
 
-def test_cancel_stops_a_running_job_and_it_waits_for_its_next_slot(scheduler: SchedulerFactory) -> None:
+def test_cancel_stops_a_running_job_and_it_waits_for_its_next_slot(scheduler: TestSchedulerFactory) -> None:
     app = make_app()
     started = threading.Event()
     outcome: list[str] = []
@@ -221,7 +188,7 @@ def test_cancel_stops_a_running_job_and_it_waits_for_its_next_slot(scheduler: Sc
 
 
 @pytest.mark.parametrize("control", list(CONTROLS))
-def test_unknown_and_empty_names(scheduler: SchedulerFactory, control: str) -> None:
+def test_unknown_and_empty_names(scheduler: TestSchedulerFactory, control: str) -> None:
     app = make_app()
     scheduler(app)
     function = CONTROLS[control]
@@ -257,7 +224,10 @@ def ok(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout
 
 
-def test_commands_pause_resume_trigger_cancel(database: Database, scheduler: SchedulerFactory, tmp_path: Path) -> None:
+@pytest.mark.processes  # the CLI, as subprocesses
+def test_commands_pause_resume_trigger_cancel(
+    database: Database, scheduler: TestSchedulerFactory, tmp_path: Path
+) -> None:
     app = make_app()
     job(app, name="reports.hourly", description="hourly", every=3600)(noop)
     job(app, name="sync", description="every minute", every=60)(noop)
@@ -301,6 +271,7 @@ def test_commands_pause_resume_trigger_cancel(database: Database, scheduler: Sch
     assert "reports.hourly has no active run" in ok(dbsched_cli(database, tmp_path, "cancel", "reports.hourly"))
 
 
+@pytest.mark.processes  # the CLI, as subprocesses
 @pytest.mark.parametrize("command", list(CONTROLS))
 def test_commands_refuse_unknown_and_empty_names(sqlite_database: Database, tmp_path: Path, command: str) -> None:
     sqlite_database.migrated_repository()

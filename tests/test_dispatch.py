@@ -12,16 +12,14 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from celery import Celery
-from conftest import Database
+from helpers.services import Database
 from sqlalchemy import event, text
 
 from celery_dbsched import Scheduler
-from celery_dbsched.binding import forget_repository
 from celery_dbsched.protocol import RUN_ID_HEADER
 from celery_dbsched.repository import JobRepository
 from celery_dbsched.states import RunState
@@ -30,30 +28,13 @@ Factory = Callable[..., Scheduler]
 
 
 @pytest.fixture
-def make_scheduler() -> Iterator[Factory]:
-    schedulers: list[Scheduler] = []
-    apps: list[Celery] = []
+def make_scheduler(make_scheduler: Factory) -> Factory:
+    """The shared factory (conftest.py), each beat with a server id of its own."""
 
     def factory(database_url: str, **conf: Any) -> Scheduler:
-        app = Celery(f"dispatch-{uuid.uuid4().hex[:8]}", set_as_current=False)
-        app.conf.update(
-            broker_url="memory://",
-            task_default_queue=f"q-{uuid.uuid4().hex[:12]}",
-            dbsched_database_url=database_url,
-            dbsched_listen=False,
-            dbsched_server_id=f"beat-{uuid.uuid4().hex[:8]}",
-        )
-        app.conf.update(conf)
-        apps.append(app)
-        scheduler = Scheduler(app=app)
-        schedulers.append(scheduler)
-        return scheduler
+        return make_scheduler(database_url, **{"dbsched_server_id": f"beat-{uuid.uuid4().hex[:8]}", **conf})
 
-    yield factory
-    for scheduler in schedulers:
-        scheduler.close()
-    for app in apps:
-        forget_repository(app)
+    return factory
 
 
 def add_due_tasks(repository: JobRepository, count: int, *, options: str = "{}") -> None:
@@ -136,6 +117,7 @@ def duplicates(repository: JobRepository) -> int:
         )
 
 
+@pytest.mark.slow
 def test_a_batch_of_plain_tasks_costs_a_constant_number_of_statements(
     database: Database, make_scheduler: Factory
 ) -> None:

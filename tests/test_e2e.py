@@ -17,10 +17,9 @@ from __future__ import annotations
 import itertools
 import socket
 
-import cluster as cluster_module
 import pytest
 from celery import Celery
-from cluster import (
+from helpers.cluster import (
     ALL_COMBINATIONS,
     CLOCK_TOLERANCE,
     LATENESS,
@@ -31,7 +30,7 @@ from cluster import (
     assert_runs_spaced,
     on,
     quick,
-    seconds,
+    seconds_between,
 )
 
 from celery_dbsched import JobStatus, update_job_next_run_in_at_least
@@ -40,9 +39,6 @@ from celery_dbsched.protocol import RUN_TASK_NAME
 pytestmark = pytest.mark.e2e
 
 # The fixtures, made visible to this test module.
-processes = cluster_module.processes
-e2e_database = cluster_module.e2e_database
-cluster = cluster_module.cluster
 
 
 # -- on every broker ---------------------------------------------------------------------------------------
@@ -109,7 +105,7 @@ def test_a_stalled_job_is_interrupted_and_its_context_cancelled(cluster: Cluster
     assert run.end_time is not None and run.start_time is not None
     # Interrupted by a beat's monitor once its progress was older than its own threshold (1.5 s), not the
     # global one (60 s).
-    assert 1.5 - CLOCK_TOLERANCE <= seconds(run.update_time, run.end_time) < 1.5 + LATENESS
+    assert 1.5 - CLOCK_TOLERANCE <= seconds_between(run.update_time, run.end_time) < 1.5 + LATENESS
 
     cancelled = cluster.event(run.id, "cancelled")
     assert "stalled" in cancelled["reason"], cancelled
@@ -133,7 +129,7 @@ def test_a_failing_job_is_retried_with_backoff_and_keeps_its_final_status(cluste
     cluster.wait_runs("e2e.steady", 3, lambda run: run.status == "completed")
 
     # Backoff: 0.4, 0.8, 1.6 s after each failure (base 0.4 s, doubling; far below the job's 300 s).
-    gaps = [seconds(a.end_time, b.create_time) for a, b in itertools.pairwise(failed)]  # type: ignore[arg-type]
+    gaps = [seconds_between(a.end_time, b.create_time) for a, b in itertools.pairwise(failed)]  # type: ignore[arg-type]
     for n, gap in enumerate(gaps):
         assert 0.4 * 2**n - CLOCK_TOLERANCE <= gap <= 0.4 * 2**n + LATENESS, gaps
     assert gaps == sorted(gaps) and gaps[0] < gaps[-1], f"gaps between failed runs do not grow: {gaps}"
@@ -165,11 +161,11 @@ def test_a_pull_in_runs_a_job_again_promptly(cluster: Cluster) -> None:
     job = cluster.repo.lookup_job("e2e.idle")
     assert first.end_time is not None and first.scheduled_for is not None
     # A fixed cadence: its slot + 300 s.
-    assert seconds(first.scheduled_for, job.next_scheduled_run) == pytest.approx(300, abs=CLOCK_TOLERANCE)
+    assert seconds_between(first.scheduled_for, job.next_scheduled_run) == pytest.approx(300, abs=CLOCK_TOLERANCE)
     before = cluster.repo.database_now()
     update_job_next_run_in_at_least(app, "e2e.idle", 0)
     second = cluster.wait_run("e2e.idle", lambda run: run.id > first.id and run.status == "completed", timeout=30)
-    assert seconds(before, second.create_time) < LATENESS
+    assert seconds_between(before, second.create_time) < LATENESS
 
     # Pulled in while it runs (5 s): not lost, honoured when the run ends.
     running = cluster.wait_run("e2e.busy", lambda run: run.status == "running")
@@ -178,7 +174,7 @@ def test_a_pull_in_runs_a_job_again_promptly(cluster: Cluster) -> None:
     again = cluster.wait_run("e2e.busy", lambda run: run.id > running.id, timeout=30)
     ended = cluster.repo.lookup_run(running.id)
     assert ended.status == "completed" and ended.end_time is not None
-    assert 0 <= seconds(ended.end_time, again.create_time) < LATENESS
+    assert 0 <= seconds_between(ended.end_time, again.create_time) < LATENESS
     cluster.assert_started_once([first, second, ended])
 
 

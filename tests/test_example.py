@@ -14,13 +14,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-from procs import Processes, processes  # noqa: F401 - `processes` is a fixture
+from helpers.processes import REPO_DIR, Processes
 
 from celery_dbsched.repository import JobRepository
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # What must never appear in a process's log under load.
 FATAL_LOG_PATTERNS = [
@@ -54,7 +53,7 @@ def _traceback_endings(log: str) -> list[str]:
 
 def _example_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXAMPLE_")}
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    env["PYTHONPATH"] = str(REPO_DIR)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -118,7 +117,7 @@ def _active_duplicates(db_path: Path) -> list[tuple[str, int]]:
         conn.close()
 
 
-def test_several_beats_and_workers_share_the_local_default(tmp_path: Path, processes: Processes) -> None:  # noqa: F811 - the procs fixture
+def test_several_beats_and_workers_share_the_local_default(tmp_path: Path, processes: Processes) -> None:
     db_path = tmp_path / "load.sqlite3"
     job_log = tmp_path / "jobs.log"
     env = {

@@ -33,10 +33,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cluster as cluster_module
 import pytest
-from cluster import LATENESS, PG_RABBITMQ, PG_REDIS, SQLITE_FS, Cluster, RunSampler, on, seconds
-from procs import CeleryProcess
+from helpers.cluster import LATENESS, PG_RABBITMQ, PG_REDIS, SQLITE_FS, Cluster, RunSampler, on, seconds_between
+from helpers.processes import CeleryProcess
 from sqlalchemy import bindparam, select, update
 
 from celery_dbsched import RunRecord
@@ -46,9 +45,6 @@ from celery_dbsched.states import ACTIVE
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
-processes = cluster_module.processes
-e2e_database = cluster_module.e2e_database
-cluster = cluster_module.cluster
 
 HOST = socket.gethostname()
 # Slack on a shared 2-core machine, on top of every documented bound.
@@ -205,7 +201,7 @@ def run_load(cluster: Cluster, *, name: str, jobs: int, every: float, duration: 
     doubled = doubles(runs, starts)
     not_begun_once = [run.id for run in completed if starts[run.id] != 1]
     claimers = Counter(run.claimed_by for run in in_window)
-    waits = sorted(seconds(run.create_time, run.start_time) for run in completed if run.start_time)
+    waits = sorted(seconds_between(run.create_time, run.start_time) for run in completed if run.start_time)
     report(
         name,
         jobs=jobs,
@@ -289,7 +285,7 @@ def count_slots(
             if run is not None:
                 counts.runs.append(run)
                 free = slot if before is None or before.end_time is None else max(slot, before.end_time)
-                counts.lateness.append(seconds(free, run.create_time))
+                counts.lateness.append(seconds_between(free, run.create_time))
             elif before is not None and (before.end_time is None or before.end_time >= slot):
                 counts.overrun.append((job_name, slot))
             else:
@@ -421,7 +417,7 @@ def run_kills(
         if orphan.status != "interrupted" or not later:
             unrecovered.append(f"run {orphan.id} {orphan.job_name} {orphan.status} {orphan.error}")
             continue
-        recovery.append(seconds(orphan.create_time, later[0].create_time))
+        recovery.append(seconds_between(orphan.create_time, later[0].create_time))
         expected = "restart: left behind by victim-beat" if same_id else "stalled: no worker started it"
         if not (orphan.error or "").startswith(expected):
             wrong_reason.append(f"run {orphan.id}: {orphan.error}")

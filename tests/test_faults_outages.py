@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import cluster as cluster_module
 import pytest
-from cluster import LATENESS, Cluster, quick, seconds
-from conftest import RABBITMQ_URL, REQUIRE_SERVICES, Broker, Database, _cleanup_queue, require_service
-from procs import CeleryProcess, Processes, wait_for
+from helpers.cluster import APP, LATENESS, Cluster, quick, seconds_between
+from helpers.polling import wait_for
+from helpers.processes import CeleryProcess, Processes
+from helpers.services import RABBITMQ_URL, Broker, Database, cleanup_queue, require_service, unavailable
 from sqlalchemy import create_engine, text
 
 from celery_dbsched import RunRecord, update_job_next_run_in_at_least
@@ -42,7 +42,6 @@ from celery_dbsched.wakeup import RECONNECT_AFTER
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
-processes = cluster_module.processes  # the fixture
 
 OUTAGE = 30.0  # seconds the database (and the broker) stay away
 # A beat backs off at most its run-jobs interval (0.3 s here) while the database is down; claiming must
@@ -52,13 +51,6 @@ RESUME_BOUND = 10.0
 # would be ~100 for 30 s at a 0.3 s tick).
 ERROR_LINES_BOUND = 3
 CLUSTER_PREFIX = "dbschedfaults"
-
-
-def _unavailable(reason: str) -> None:
-    """Skip with the reason, or fail when the services are required (CI), as conftest.require_service."""
-    if REQUIRE_SERVICES:
-        pytest.fail(f"{reason}; DBSCHED_REQUIRE_SERVICES is set, so this is a failure, not a skip")
-    pytest.skip(reason)
 
 
 def _free_port() -> int:
@@ -155,12 +147,10 @@ def private_postgres() -> Iterator[PrivatePostgres]:
     missing = [tool for tool in ("pg_createcluster", "pg_ctlcluster", "pg_dropcluster") if not shutil.which(tool)]
     version = _pg_version()
     if missing or version is None:
-        _unavailable(
-            f"a private PostgreSQL cluster needs {', '.join(missing) or 'initdb'} (Debian's postgresql-common)"
-        )
+        unavailable(f"a private PostgreSQL cluster needs {', '.join(missing) or 'initdb'} (Debian's postgresql-common)")
     assert version is not None
     if os.geteuid() != 0:
-        _unavailable("a private PostgreSQL cluster needs root (pg_createcluster creates it as postgres)")
+        unavailable("a private PostgreSQL cluster needs root (pg_createcluster creates it as postgres)")
     _drop_stale_clusters(version)
     pg = PrivatePostgres(version, f"{CLUSTER_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:6]}", _free_port())
     settings = ["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
@@ -180,7 +170,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
     )
     try:
         if created.returncode != 0:
-            _unavailable(f"pg_createcluster failed: {created.stdout}{created.stderr}")
+            unavailable(f"pg_createcluster failed: {created.stdout}{created.stderr}")
         pg.ctl("start")
         wait_for(pg.accepting, 60, 0.2, f"the private PostgreSQL cluster {pg.name} on port {pg.port}")
         print(f"\nprivate PostgreSQL {version}/{pg.name} on 127.0.0.1:{pg.port}")
@@ -255,7 +245,7 @@ class PrivateRedis:
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     if not shutil.which("redis-server"):
-        _unavailable("a private Redis needs redis-server (Debian's redis-server)")
+        unavailable("a private Redis needs redis-server (Debian's redis-server)")
     redis = PrivateRedis(tmp_path / "redis")
     redis.start()
     try:
@@ -334,7 +324,7 @@ def lost_runs(
     """Runs that did not end `completed`, except the failures the scenario documents, and runs still active
     long after they were claimed (stuck)."""
     ended_badly = [run for run in runs if run.status in ("failed", "interrupted") and not expected_failures(run)]
-    stuck = [run for run in runs if run.status in ("queued", "running") and seconds(run.update_time, now) > 20]
+    stuck = [run for run in runs if run.status in ("queued", "running") and seconds_between(run.update_time, now) > 20]
     return ended_badly + stuck
 
 
@@ -356,8 +346,8 @@ def rabbitmq_broker() -> Iterator[Broker]:
     require_service("rabbitmq")
     broker = Broker("rabbitmq", {"broker_url": RABBITMQ_URL}, f"dbsched-faults-{uuid.uuid4().hex[:12]}")
     yield broker
-    _cleanup_queue(broker)
-    _cleanup_queue(Broker("rabbitmq", broker.settings, f"{broker.queue}-solo"))
+    cleanup_queue(broker)
+    cleanup_queue(Broker("rabbitmq", broker.settings, f"{broker.queue}-solo"))
 
 
 @pytest.fixture
@@ -392,7 +382,7 @@ def _database_outage(
             quick("e2e.behind", 1.0, queue=solo_queue),
         ]
         solo_process = cluster.processes.start_worker(
-            cluster_module.APP,
+            APP,
             env=cluster.env("solo-worker", solo, None),
             name="solo-worker",
             concurrency=1,
@@ -432,8 +422,8 @@ def _database_outage(
 
     started_at: dt.datetime = pg.scalar("SELECT pg_postmaster_start_time()", database)
     resumed = first_claims_after(cluster, QUICK_JOBS, started_at, timeout=60)
-    resume_first = max(min(seconds(started_at, run.create_time) for run in resumed), 0.0)
-    resume_all = max(seconds(started_at, run.create_time) for run in resumed)
+    resume_first = max(min(seconds_between(started_at, run.create_time) for run in resumed), 0.0)
+    resume_all = max(seconds_between(started_at, run.create_time) for run in resumed)
     # Each beat's LISTEN connection comes back (it retries RECONNECT_AFTER seconds after losing it).
     cluster.wait(
         lambda: listening_beats(pg, database) == 2, RECONNECT_AFTER + 30, "both beats listening again after the outage"
@@ -563,7 +553,7 @@ def broker_cluster(
     finally:
         cluster.close()
         if outage_broker.kind == "rabbitmq":
-            _cleanup_queue(Broker("rabbitmq", {"broker_url": RABBITMQ_URL}, broker.queue))
+            cleanup_queue(Broker("rabbitmq", {"broker_url": RABBITMQ_URL}, broker.queue))
 
 
 def _not_published(run: RunRecord) -> bool:
@@ -591,7 +581,7 @@ def test_broker_down_during_dispatch(outage_broker: OutageBroker, broker_cluster
     outage_broker.stop()
     # The beat goes on claiming; what it cannot publish it ends `failed` ("not published") and retries.
     cluster.wait_run(QUICK_JOBS[0], _not_published, timeout=OUTAGE, message="a run that could not be published")
-    hold(cluster, OUTAGE - seconds(went_down, cluster.repo.database_now()))
+    hold(cluster, OUTAGE - seconds_between(went_down, cluster.repo.database_now()))
     outage_broker.start()
     came_back = cluster.repo.database_now()
 
@@ -605,8 +595,8 @@ def test_broker_down_during_dispatch(outage_broker: OutageBroker, broker_cluster
                 message=f"a run of {job} started after the broker came back",
             )
         )
-    first_run = min(seconds(came_back, run.start_time) for run in resumed)  # type: ignore[arg-type]
-    all_run = max(seconds(came_back, run.start_time) for run in resumed)  # type: ignore[arg-type]
+    first_run = min(seconds_between(came_back, run.start_time) for run in resumed)  # type: ignore[arg-type]
+    all_run = max(seconds_between(came_back, run.start_time) for run in resumed)  # type: ignore[arg-type]
     # Runs claimed before the broker came back are all ended (completed, not published, or not started
     # within the threshold and interrupted).
     cluster.wait(
@@ -629,7 +619,7 @@ def test_broker_down_during_dispatch(outage_broker: OutageBroker, broker_cluster
     report(
         f"broker-down-30s-{outage_broker.kind}",
         broker=outage_broker.description,
-        down=round(seconds(went_down, came_back), 1),
+        down=round(seconds_between(went_down, came_back), 1),
         not_published=len(not_published),
         unstarted_interrupted=len(unstarted),
         first_run_after=round(first_run, 1),
@@ -646,7 +636,7 @@ def test_broker_down_during_dispatch(outage_broker: OutageBroker, broker_cluster
     for run in unstarted:
         # Ended by a beat's monitor once older than the job's threshold: threshold + monitor interval + slack.
         assert run.end_time is not None
-        assert seconds(run.create_time, run.end_time) <= BROKER_THRESHOLD + 0.3 + LATENESS, describe([run])
+        assert seconds_between(run.create_time, run.end_time) <= BROKER_THRESHOLD + 0.3 + LATENESS, describe([run])
     # The beat says once that it cannot publish, and once that it can again: no line per tick, no traceback.
     assert len(beat_errors) <= ERROR_LINES_BOUND, beat_errors[:20]
     assert not [line for line in beat_errors if line.startswith("Traceback")], beat_errors[:10]

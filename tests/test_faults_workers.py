@@ -17,9 +17,8 @@ import signal
 import time
 from typing import Any
 
-import cluster as cluster_module
 import pytest
-from cluster import (
+from helpers.cluster import (
     APP,
     CLOCK_TOLERANCE,
     LATENESS,
@@ -31,9 +30,9 @@ from cluster import (
     assert_runs_spaced,
     on,
     quick,
-    seconds,
+    seconds_between,
 )
-from procs import TESTS_DIR, CeleryProcess
+from helpers.processes import TESTS_DIR, CeleryProcess
 
 from celery_dbsched import JobStatus
 from celery_dbsched.schedules import IntervalSchedule
@@ -41,9 +40,6 @@ from celery_dbsched.schedules import IntervalSchedule
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
 # The fixtures, made visible to this test module.
-processes = cluster_module.processes
-e2e_database = cluster_module.e2e_database
-cluster = cluster_module.cluster
 
 MONITOR_INTERVAL: float = SETTINGS["dbsched_monitor_interval"]  # beats' monitor and workers' progress writes
 RUN_JOBS_INTERVAL: float = SETTINGS["dbsched_run_jobs_interval"]  # the longest an idle beat sleeps
@@ -130,15 +126,15 @@ def test_a_killed_worker_s_run_ends_interrupted_within_the_threshold_and_runs_ag
     assert ended.error is not None and ended.error.startswith("stalled: no progress"), ended.error
     assert ended.end_time is not None
     last_progress = ended.update_time
-    assert seconds(last_progress, killed_at) <= MONITOR_INTERVAL + SLACK, (
+    assert seconds_between(last_progress, killed_at) <= MONITOR_INTERVAL + SLACK, (
         "the run's progress was not moving at the kill"
     )
     assert ended.completed >= 3 and ended.total == 600, ended  # the last progress reported is kept
 
     # The bound: never before the threshold (measured from the last progress), at most threshold + one monitor
     # interval after the kill (+ slack).
-    stalled_for = seconds(last_progress, ended.end_time)
-    interrupted_after = seconds(killed_at, ended.end_time)
+    stalled_for = seconds_between(last_progress, ended.end_time)
+    interrupted_after = seconds_between(killed_at, ended.end_time)
     bound = THRESHOLD + MONITOR_INTERVAL
     assert stalled_for >= THRESHOLD - CLOCK_TOLERANCE, f"interrupted {stalled_for:.3f}s after its last progress"
     assert interrupted_after <= bound + SLACK, f"interrupted {interrupted_after:.3f}s after the kill (bound {bound}s)"
@@ -153,7 +149,7 @@ def test_a_killed_worker_s_run_ends_interrupted_within_the_threshold_and_runs_ag
     else:
         assert again.worker in (first.node, second.node)
         assert first.alive(), "the worker died with its child"
-    rerun_after = seconds(ended.end_time, again.create_time)
+    rerun_after = seconds_between(ended.end_time, again.create_time)
     assert RETRY_BASE - CLOCK_TOLERANCE <= rerun_after <= RETRY_BASE + LATENESS, rerun_after
     assert again.start_time is not None
 
@@ -206,20 +202,20 @@ def test_a_worker_restarted_with_the_same_name_ends_the_runs_it_left_running(clu
     assert ended.end_time is not None
     assert restarted_at <= ended.end_time <= ready_at
     # Ended by the restart, well before the job's 120 s threshold.
-    assert seconds(restarted_at, ended.end_time) < 30
+    assert seconds_between(restarted_at, ended.end_time) < 30
     assert not [e for e in cluster.events(run.id) if e["event"] == "cancelled"]  # it was killed, not told
     assert f"ended 1 run(s) that {restarted.node} left running: {run.id}" in restarted.log()
 
     # And it is due again at once: the restarted worker runs it.
     again = cluster.wait_run("e2e.long", lambda r: r.id > run.id and r.status == "running", timeout=30)
     assert again.worker == restarted.node
-    rerun_after = seconds(ended.end_time, again.create_time)
+    rerun_after = seconds_between(ended.end_time, again.create_time)
     assert 0 <= rerun_after < LATENESS
     cluster.assert_started_once(cluster.runs())
     report(
         "worker-restart-same-name",
-        ended_after_launch=seconds(restarted_at, ended.end_time),
-        launch_to_ready=seconds(restarted_at, ready_at),
+        ended_after_launch=seconds_between(restarted_at, ended.end_time),
+        launch_to_ready=seconds_between(restarted_at, ready_at),
         threshold=120.0,
         rerun_after=rerun_after,
         rerun_on=again.worker,
@@ -275,8 +271,8 @@ def test_warm_shutdown_interrupts_the_run_and_another_worker_takes_it_at_once(cl
     assert taken.worker == second.node
     assert ended.end_time is not None and taken.start_time is not None
     assert taken.scheduled_for is not None and taken.scheduled_for <= ended.end_time, "it was not due at once"
-    retaken_after = seconds(ended.end_time, taken.create_time)
-    started_after = seconds(ended.end_time, taken.start_time)
+    retaken_after = seconds_between(ended.end_time, taken.create_time)
+    started_after = seconds_between(ended.end_time, taken.start_time)
     assert 0 <= retaken_after <= RUN_JOBS_INTERVAL + SLACK, retaken_after
     assert 0 <= retaken_after < LATENESS
     cluster.assert_started_once(cluster.runs())
@@ -289,7 +285,7 @@ def test_warm_shutdown_interrupts_the_run_and_another_worker_takes_it_at_once(cl
         broker=cluster.broker.kind,
         db=cluster.database.kind,
         stop_took=stop_took,
-        interrupted_after=seconds(stopped_at, ended.end_time),
+        interrupted_after=seconds_between(stopped_at, ended.end_time),
         retaken_after=retaken_after,
         retaken_bound=RUN_JOBS_INTERVAL + SLACK,
         started_after=started_after,
@@ -332,7 +328,7 @@ def test_a_worker_that_does_not_know_the_job_fails_the_run_naming_both_and_worke
     # Not stuck: the failed run freed the job, which is retried after the backoff (and fails again here).
     retried = cluster.wait_runs("e2e.upgraded", 2, failed, timeout=30)[1]
     assert run.end_time is not None
-    retry_after = seconds(run.end_time, retried.create_time)
+    retry_after = seconds_between(run.end_time, retried.create_time)
     assert 0.3 - CLOCK_TOLERANCE <= retry_after <= 0.3 + LATENESS, retry_after
 
     new = cluster.worker(
@@ -343,7 +339,7 @@ def test_a_worker_that_does_not_know_the_job_fails_the_run_naming_both_and_worke
     done = cluster.wait_run("e2e.upgraded", lambda run: run.status == "completed", timeout=60)
     assert done.worker == new.node
     assert done.progress == JobStatus(3, 3)
-    taken_after = seconds(ready_at, done.create_time)
+    taken_after = seconds_between(ready_at, done.create_time)
     assert taken_after <= 1.0 + LATENESS, taken_after  # the backoff cap + lateness
     sampler.stop()
     sampler.check()
@@ -428,20 +424,20 @@ def test_a_beat_and_a_worker_with_clocks_two_hours_apart_agree_on_due_times(clus
     job = cluster.repo.lookup_job("e2e.skew.later")
     assert before <= job.create_time <= now
     assert later.scheduled_for is not None
-    assert seconds(job.create_time, later.scheduled_for) == pytest.approx(4, abs=CLOCK_TOLERANCE)
-    first_delay = seconds(job.create_time, later.create_time)
+    assert seconds_between(job.create_time, later.scheduled_for) == pytest.approx(4, abs=CLOCK_TOLERANCE)
+    first_delay = seconds_between(job.create_time, later.create_time)
     assert 4 - CLOCK_TOLERANCE <= first_delay <= 4 + LATENESS, first_delay
 
     # A fixed cadence, every run claimed on time, once.
     runs = cluster.runs("e2e.skew.every")
     assert_runs_spaced(runs, 1.0)
-    lateness = max(seconds(r.scheduled_for, r.create_time) for r in runs if r.scheduled_for is not None)
+    lateness = max(seconds_between(r.scheduled_for, r.create_time) for r in runs if r.scheduled_for is not None)
 
     # Progress times are the database's: a running job is not stalled for the beat an hour ahead, and a
     # stalled one is interrupted after its threshold, not at once nor an hour late.
     assert alive.status == "completed" and alive.progress.completed == alive.progress.total, alive
     assert stall.end_time is not None and stall.error is not None and stall.error.startswith("stalled"), stall
-    stalled_for = seconds(stall.update_time, stall.end_time)
+    stalled_for = seconds_between(stall.update_time, stall.end_time)
     assert THRESHOLD - CLOCK_TOLERANCE <= stalled_for <= THRESHOLD + MONITOR_INTERVAL + SLACK, stalled_for
 
     # No persisted time is an hour off.

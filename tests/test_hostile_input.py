@@ -25,12 +25,13 @@ from celery import Celery
 from celery.apps.beat import Beat
 from celery.beat import Service
 from click.testing import CliRunner
-from conftest import RABBITMQ_URL, Database, require_service
+from helpers.apps import memory_app
+from helpers.services import RABBITMQ_URL, Database, require_service
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, inspect, select, text
 
-from celery_dbsched import Job, JobContext, JobStatus, SchemaMismatch, job, register_job, runner
+from celery_dbsched import Job, JobContext, JobStatus, SchemaMismatch, job, register_job
 from celery_dbsched.binding import forget_repository, repository_for
 from celery_dbsched.cli import dbsched
 from celery_dbsched.errors import DatabaseUnavailable
@@ -55,7 +56,7 @@ from celery_dbsched.settings import (
 )
 from celery_dbsched.worker import DbschedWorkerStep, install_worker
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("not_shutting_down")]
 
 PASSWORD = "s3cr3t-pw"
 TABLES = {"dbsched_job", "dbsched_job_run"}
@@ -64,26 +65,8 @@ TABLES = {"dbsched_job", "dbsched_job_run"}
 # --- helpers -----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _not_shutting_down() -> Iterator[None]:
-    """An embedded worker's stop marks this process as shutting down (its runs are handed back): undo it."""
-    runner._Process.shutting_down = False
-    yield
-    runner._Process.shutting_down = False
-
-
 def _app(database_url: str, **conf: Any) -> Celery:
-    app = Celery(f"hostile-{uuid.uuid4().hex[:8]}", set_as_current=False)
-    app.conf.update(
-        broker_url="memory://",
-        task_default_queue=f"hostile-{uuid.uuid4().hex[:12]}",
-        dbsched_database_url=database_url,
-        dbsched_listen=False,
-        task_serializer="json",
-        accept_content=["json"],
-    )
-    app.conf.update(conf)
-    return app
+    return memory_app(database_url, main="hostile", **{"task_serializer": "json", "accept_content": ["json"], **conf})
 
 
 @pytest.fixture
@@ -288,6 +271,7 @@ def _check_name_and_description(repository: JobRepository, tally: Tally, name: s
     tally.names.add(name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_hypothesis_names_and_descriptions_round_trip_or_are_rejected(request: pytest.FixtureRequest, db: str) -> None:
     database: Database = request.getfixturevalue(f"{db}_database")
@@ -422,6 +406,7 @@ def _broker_conf(kind: str) -> dict[str, Any]:
     return {"broker_url": RABBITMQ_URL, "broker_connection_retry_on_startup": True}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broker_kind", ["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
 def test_a_real_worker_runs_only_json_run_messages_of_registered_jobs(
     sqlite_database: Database, apps: Callable[..., Celery], broker_kind: str, caplog: pytest.LogCaptureFixture

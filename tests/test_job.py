@@ -6,7 +6,6 @@ import dataclasses
 import datetime as dt
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,17 +27,6 @@ from celery_dbsched.registry import existing_registry, registry_for
 from celery_dbsched.testing import TestScheduler
 
 HOUR = dt.timedelta(hours=1)
-
-
-@pytest.fixture
-def app() -> Celery:
-    return Celery("t", set_as_current=False)
-
-
-@pytest.fixture
-def scheduler(app: Celery) -> Iterator[TestScheduler]:
-    with TestScheduler(app) as scheduler:
-        yield scheduler
 
 
 def sample(ctx: JobContext) -> None:
@@ -440,18 +428,18 @@ def test_pull_in_with_a_bad_delta_is_a_value_error(app: Celery, delta: Any) -> N
         update_job_next_run_in_at_least(app, "j", delta)
 
 
-def test_pull_in_of_an_unknown_job(app: Celery, scheduler: TestScheduler) -> None:
+def test_pull_in_of_an_unknown_job(app: Celery, dbsched_scheduler: TestScheduler) -> None:
     with pytest.raises(JobNotFound, match="'nope'"):
         update_job_next_run_in_at_least(app, "nope", 0)
 
 
-def test_pull_in_moves_a_registered_job_earlier(app: Celery, scheduler: TestScheduler) -> None:
+def test_pull_in_moves_a_registered_job_earlier(app: Celery, dbsched_scheduler: TestScheduler) -> None:
     register_job(app, Counter(), next_run_in=HOUR)  # written through: the scheduler is open
-    assert scheduler.job("counter").next_scheduled_run > scheduler.now() + dt.timedelta(minutes=59)
+    assert dbsched_scheduler.job("counter").next_scheduled_run > dbsched_scheduler.now() + dt.timedelta(minutes=59)
     record = update_job_next_run_in_at_least(app, "counter", dt.timedelta(minutes=5))
-    assert record.next_scheduled_run <= scheduler.now() + dt.timedelta(minutes=5)
-    assert scheduler.job("counter") == record
+    assert record.next_scheduled_run <= dbsched_scheduler.now() + dt.timedelta(minutes=5)
+    assert dbsched_scheduler.job("counter") == record
     later = update_job_next_run_in_at_least(app, "counter", 600.0)  # seconds work too; never later
     assert later.next_scheduled_run == record.next_scheduled_run
     update_job_next_run_in_at_least(app, "counter", 0, run_now=True)
-    assert [run.job_name for run in scheduler.tick()] == ["counter"]
+    assert [run.job_name for run in dbsched_scheduler.tick()] == ["counter"]

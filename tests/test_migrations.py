@@ -82,6 +82,7 @@ def _migrate_in_a_process(url: str, start: Any, results: Any) -> None:
         engine.dispose()
 
 
+@pytest.mark.processes  # multiprocessing
 def test_several_processes_migrating_at_once_migrate_once(database: Any) -> None:
     context = multiprocessing.get_context("spawn")
     results = context.Queue()

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from conftest import Database
+from helpers.services import Database
 from sqlalchemy import event
 
 from celery_dbsched import JobRepository
@@ -52,6 +52,7 @@ class Deletes:
         event.remove(self.engine, "after_cursor_execute", self._after)
 
 
+@pytest.mark.slow
 def test_prunes_everything_old_in_bounded_batches(repository: JobRepository) -> None:
     old = _final_runs(repository, 23)
     repository.clock_shift = 2 * DAY
@@ -120,6 +121,7 @@ def test_prune_cadence_follows_the_retention() -> None:
     assert prune_interval(dt.timedelta(seconds=3)) == 1.0
 
 
+@pytest.mark.slow
 def test_the_beat_prunes_at_a_tenth_of_the_retention(database: Database) -> None:
     repository = database.migrated_repository()
     app = Celery(f"prune-{uuid.uuid4().hex[:8]}", set_as_current=False)

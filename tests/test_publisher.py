@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from celery import Celery, signals
+from helpers.apps import make_app
 from kombu import Exchange, Queue
 from kombu.transport import memory
 
@@ -31,10 +32,9 @@ def _empty_memory_broker() -> Iterator[None]:
     memory.Channel.queues.clear()
 
 
-def make_app(**conf: Any) -> Celery:
-    app = Celery("publisher-test", broker="memory://", set_as_current=False)
-    app.conf.update({"task_serializer": "json", "accept_content": ["json"], **conf})
-    return app
+def json_app(**conf: Any) -> Celery:
+    """An app on `memory://` that sends JSON, so the tests read the messages as sent."""
+    return make_app("publisher-test", **{"task_serializer": "json", "accept_content": ["json"], **conf})
 
 
 class Recorder:
@@ -94,12 +94,12 @@ CASES = {
 
 @pytest.mark.parametrize(("conf", "queue"), list(CASES.values()), ids=list(CASES))
 def test_the_message_is_the_one_send_task_sends(conf: dict[str, Any], queue: str | None) -> None:
-    stock, ours = both_ways(make_app(**conf), queue)
+    stock, ours = both_ways(json_app(**conf), queue)
     assert ours == stock
 
 
 def test_each_message_has_its_own_task_id() -> None:
-    app = make_app()
+    app = json_app()
     publisher = RunPublisher(app)
     with app.producer_or_acquire() as producer:
         recorder = Recorder(producer)
@@ -130,7 +130,7 @@ def publish_signals() -> Iterator[list[tuple[str, dict[str, Any]]]]:
 
 
 def test_publish_signals_are_sent_as_send_task_sends_them(publish_signals: list[tuple[str, dict[str, Any]]]) -> None:
-    app = make_app()
+    app = json_app()
     with app.producer_or_acquire() as producer:
         task_id = RunPublisher(app).publish(producer, 3, "j", "q")
     assert [kind for kind, _ in publish_signals] == ["before", "after"]
@@ -145,7 +145,7 @@ def test_publish_signals_are_sent_as_send_task_sends_them(publish_signals: list[
     "conf", [{"task_protocol": 1}, {"task_send_sent_event": True}], ids=["protocol 1", "sent events"]
 )
 def test_messages_go_through_send_task_when_the_settings_need_it(conf: dict[str, Any]) -> None:
-    app = make_app(**conf)
+    app = json_app(**conf)
     publisher = RunPublisher(app)
     assert not publisher.direct
     sent: list[tuple[Any, ...]] = []
@@ -162,11 +162,11 @@ def test_messages_go_through_send_task_when_the_settings_need_it(conf: dict[str,
 
 
 def test_the_direct_path_is_the_default() -> None:
-    assert RunPublisher(make_app()).direct
+    assert RunPublisher(json_app()).direct
 
 
 def test_each_queue_is_declared_at_its_first_message_of_a_batch() -> None:
-    app = make_app()
+    app = json_app()
     publisher = RunPublisher(app)
     with app.producer_or_acquire() as producer:
         recorder = Recorder(producer)
@@ -196,21 +196,21 @@ class FlakyProducer:
 def test_a_failed_publish_is_made_again_through_kombus_retrying_publish() -> None:
     """As send_task publishes: kombu's retrying publish revives the channel and retries connection errors."""
     producer = FlakyProducer(ConnectionError("reset"))
-    RunPublisher(make_app()).publish(producer, 1, "j", None)
+    RunPublisher(json_app()).publish(producer, 1, "j", None)
     assert producer.calls == [False, True]
 
 
 def test_what_the_retrying_publish_raises_is_raised() -> None:
     producer = FlakyProducer(ValueError("cannot serialize"), failures=2)
     with pytest.raises(ValueError, match="cannot serialize"):
-        RunPublisher(make_app()).publish(producer, 1, "j", None)
+        RunPublisher(json_app()).publish(producer, 1, "j", None)
     assert producer.calls == [False, True]
 
 
 def test_without_publish_retries_the_first_error_is_raised() -> None:
     producer = FlakyProducer(ConnectionError("reset"))
     with pytest.raises(ConnectionError):
-        RunPublisher(make_app(task_publish_retry=False)).publish(producer, 1, "j", None)
+        RunPublisher(json_app(task_publish_retry=False)).publish(producer, 1, "j", None)
     assert producer.calls == [False]
 
 
@@ -282,13 +282,13 @@ def plain_both_ways(
 
 @pytest.mark.parametrize(("conf", "options"), list(TASK_CASES.values()), ids=list(TASK_CASES))
 def test_a_plain_task_message_is_the_one_send_task_sends(conf: dict[str, Any], options: dict[str, Any]) -> None:
-    stock, ours = plain_both_ways(make_app(**conf), options)
+    stock, ours = plain_both_ways(json_app(**conf), options)
     assert ours == stock
     assert ours["headers"]["dbsched_run_id"] == 7
 
 
 def test_a_registered_tasks_execution_options_apply_as_send_task_applies_them() -> None:
-    app = make_app()
+    app = json_app()
 
     @app.task(name="tasks.report", queue="from-task", time_limit=30, priority=2, expires=600)
     def report(*args: Any, **kwargs: Any) -> None:  # pragma: no cover (never run)
@@ -300,7 +300,7 @@ def test_a_registered_tasks_execution_options_apply_as_send_task_applies_them() 
 
 
 def test_a_changed_entry_is_published_with_its_new_options() -> None:
-    app = make_app()
+    app = json_app()
     publisher = RunPublisher(app)
     with app.producer_or_acquire() as producer:
         recorder = Recorder(producer)
@@ -313,7 +313,7 @@ def test_a_changed_entry_is_published_with_its_new_options() -> None:
 
 def test_the_entries_kept_are_bounded_and_a_dropped_entry_is_planned_again(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(publisher_module, "TASK_PLANS_KEPT", 3)
-    app = make_app()
+    app = json_app()
     publisher = RunPublisher(app)
     with app.producer_or_acquire() as producer:
         recorder = Recorder(producer)
@@ -340,7 +340,7 @@ def test_the_entries_kept_are_bounded_and_a_dropped_entry_is_planned_again(monke
 def test_what_the_direct_path_does_not_cover_goes_through_send_task(
     conf: dict[str, Any], options: dict[str, Any]
 ) -> None:
-    app = make_app(**conf)
+    app = json_app(**conf)
     sent: list[tuple[Any, dict[str, Any]]] = []
     real = app.send_task
 
@@ -359,7 +359,7 @@ def test_what_the_direct_path_does_not_cover_goes_through_send_task(
 def test_a_result_backend_does_not_take_the_direct_path_away(backend: str) -> None:
     """send_task also calls the backend's on_task_call (readying the caller for the result): the beat never
     reads results, so the direct path skips it; the message is the same."""
-    app = make_app(result_backend=backend)
+    app = json_app(result_backend=backend)
     stock, ours = plain_both_ways(app, {})
     assert ours == stock
     called: list[str] = []

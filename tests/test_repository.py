@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers.repository import claim, claim_one
 from sqlalchemy import select, update
 
 from celery_dbsched import (
@@ -39,16 +40,6 @@ SLACK = dt.timedelta(seconds=1)
 
 def add_job(repository: JobRepository, name: str, **kwargs: Any) -> JobRecord:
     return repository.upsert_job(name, f"the {name} job", **kwargs)
-
-
-def claim(repository: JobRepository, server_id: str = "beat-1", limit: int = 1000) -> list[RunRecord]:
-    return repository.claim_runs(server_id, limit).runs
-
-
-def claim_one(repository: JobRepository, name: str, server_id: str = "beat-1") -> RunRecord:
-    runs = [run for run in claim(repository, server_id) if run.job_name == name]
-    assert len(runs) == 1, f"expected to claim {name!r}, claimed {runs}"
-    return runs[0]
 
 
 def running_run(repository: JobRepository, name: str, worker: str = "worker-1", **job_kwargs: Any) -> RunRecord:
@@ -410,6 +401,7 @@ def test_two_repositories_claiming_at_once_never_share_a_job(database: Any) -> N
     assert Counter(run.job_name for run in all_runs(first)) == dict.fromkeys(names, 1)
 
 
+@pytest.mark.slow
 def test_concurrent_claimers_never_run_a_job_twice_at_once(database: Any) -> None:
     """Many rounds: claim, start, finish with a next run of 0 (due again at once), from several threads on two
     engines. The runs table must show, per job, runs that never overlap and never two active at once."""

@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers.polling import wait_for
+from helpers.repository import claim_one
 from sqlalchemy import delete
 
 from celery_dbsched import (
@@ -30,24 +32,10 @@ HOUR = dt.timedelta(hours=1)
 MINUTE = dt.timedelta(minutes=1)
 FAST = 0.05  # monitor interval for the threaded tests
 DEADLINE = 15.0
+POLL = 0.01  # the runs here finish in milliseconds
 
 
-@pytest.fixture(autouse=True)
-def _reset_shutdown() -> Iterator[None]:
-    yield
-    runner._Process.shutting_down = False
-
-
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
-    """Poll until `predicate()` is truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+pytestmark = pytest.mark.usefixtures("not_shutting_down")
 
 
 class Background:
@@ -109,12 +97,10 @@ class Recorder(Job):
         return self._next_run  # type: ignore[return-value]
 
 
-def claim(repository: JobRepository, job: Job, **kwargs: Any) -> RunRecord:
+def register_and_claim(repository: JobRepository, job: Job, **kwargs: Any) -> RunRecord:
     """Register `job` (due now) and claim its run as a beat would."""
     repository.upsert_job(job.name, job.description, default_next_run_in=job.every, **kwargs)
-    runs = [run for run in repository.claim_runs("beat-1", 100).runs if run.job_name == job.name]
-    assert len(runs) == 1
-    return runs[0]
+    return claim_one(repository, job.name)
 
 
 def execute(
@@ -140,7 +126,7 @@ def test_a_run_completes_and_schedules_the_next(repository: JobRepository) -> No
         job.progress = JobStatus(3, 3)
 
     job = Recorder(body=body, next_run=dt.timedelta(minutes=10))
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     done = execute_run(repository, {job.name: job}.get, run.id, "worker-7", task_id="task-1", monitor_interval=FAST)
     assert done is not None
     assert done.status == "completed"
@@ -156,7 +142,7 @@ def test_a_run_completes_and_schedules_the_next(repository: JobRepository) -> No
 
 def test_a_next_run_of_zero_makes_the_job_due_at_once(repository: JobRepository) -> None:
     job = Recorder(next_run=dt.timedelta(0))
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     execute(repository, {job.name: job}, run.id)
     [again] = repository.claim_runs("beat-1", 10).runs
     assert again.job_name == job.name and again.id > run.id
@@ -167,7 +153,7 @@ def test_a_function_job_reports_progress_through_its_context(repository: JobRepo
         ctx.progress(4, 7)
 
     job = FunctionJob(work, name="f", description="f", every=HOUR, queue=None, interrupt_threshold=None)
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     done = execute(repository, {job.name: job}, run.id)
     assert done is not None and done.status == "completed"
     assert done.progress == JobStatus(4, 7)
@@ -178,7 +164,7 @@ def test_a_function_jobs_returned_delay_wins_over_every(repository: JobRepositor
     job = FunctionJob(
         lambda ctx: dt.timedelta(minutes=3), name="f", description="f", every=HOUR, queue=None, interrupt_threshold=None
     )
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     done = execute(repository, {job.name: job}, run.id)
     assert done is not None and done.status == "completed"
     assert_delay(repository, done, dt.timedelta(minutes=3))
@@ -186,7 +172,7 @@ def test_a_function_jobs_returned_delay_wins_over_every(repository: JobRepositor
 
 def test_a_function_job_returning_none_runs_again_after_every(repository: JobRepository) -> None:
     job = FunctionJob(lambda ctx: None, name="f", description="f", every=MINUTE, queue=None, interrupt_threshold=None)
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     done = execute(repository, {job.name: job}, run.id)
     assert done is not None
     assert_delay(repository, done, MINUTE)
@@ -205,7 +191,7 @@ def test_a_function_job_returning_none_runs_again_after_every(repository: JobRep
 )
 def test_a_failing_next_run_in_falls_back_to_every(repository: JobRepository, next_run: Any) -> None:
     job = Recorder(every=dt.timedelta(minutes=7), next_run=next_run)
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     done = execute(repository, {job.name: job}, run.id)
     assert done is not None and done.status == "completed"
     assert_delay(repository, done, dt.timedelta(minutes=7))
@@ -214,7 +200,7 @@ def test_a_failing_next_run_in_falls_back_to_every(repository: JobRepository, ne
 def test_a_failing_next_run_in_without_every_uses_the_backoff_cap(repository: JobRepository) -> None:
     repository.retry_backoff = (dt.timedelta(seconds=5), dt.timedelta(minutes=11))
     job = Recorder(next_run=RuntimeError("no idea"))
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     done = execute(repository, {job.name: job}, run.id)
     assert done is not None and done.status == "completed"
     assert_delay(repository, done, dt.timedelta(minutes=11))
@@ -223,7 +209,7 @@ def test_a_failing_next_run_in_without_every_uses_the_backoff_cap(repository: Jo
 def test_a_function_job_without_every_returning_none_uses_the_backoff_cap(repository: JobRepository) -> None:
     repository.retry_backoff = (dt.timedelta(seconds=5), dt.timedelta(minutes=13))
     job = FunctionJob(lambda ctx: None, name="f", description="f", every=None, queue=None, interrupt_threshold=None)
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     done = execute(repository, {job.name: job}, run.id)
     assert done is not None and done.status == "completed"
     assert_delay(repository, done, dt.timedelta(minutes=13))
@@ -234,7 +220,7 @@ def test_a_function_job_without_every_returning_none_uses_the_backoff_cap(reposi
 
 def test_a_job_the_worker_does_not_know_fails_the_run_saying_so(repository: JobRepository) -> None:
     job = Recorder(name="elsewhere")
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     done = execute(repository, {}, run.id)
     assert done is not None
     assert done.status == "failed"
@@ -251,7 +237,7 @@ def test_a_failing_job_ends_failed_with_its_traceback_and_final_progress(reposit
         raise RuntimeError("boom at item 3")
 
     job = Recorder(body=explode_halfway)
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     done = execute(repository, {job.name: job}, run.id)
     assert done is not None
     assert done.status == "failed"
@@ -270,7 +256,7 @@ def test_a_job_failing_with_a_nul_in_its_message_ends_failed(repository: JobRepo
         raise ValueError("cannot parse b'\\x00' -> \x00")
 
     job = Recorder(body=binary_garbage)
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     done = execute(repository, {job.name: job}, run.id)
     assert done is not None and done.status == "failed"
     assert done.error is not None and "ValueError: cannot parse" in done.error
@@ -282,7 +268,7 @@ def test_a_failing_function_job_keeps_its_reported_progress(repository: JobRepos
         raise ValueError("bad row")
 
     job = FunctionJob(work, name="f", description="f", every=None, queue=None, interrupt_threshold=None)
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     done = execute(repository, {job.name: job}, run.id)
     assert done is not None and done.status == "failed"
     assert done.progress == JobStatus(1, 4)
@@ -299,7 +285,7 @@ def test_a_status_that_misbehaves_does_not_fail_the_run(repository: JobRepositor
             return (1, 2)  # type: ignore[return-value]
 
     for job in (BrokenStatus(name="broken"), WrongStatus(name="wrong")):
-        run = claim(repository, job)
+        run = register_and_claim(repository, job)
         done = execute(repository, {job.name: job}, run.id)
         assert done is not None and done.status == "completed", job.name
         assert done.progress == JobStatus(0, 0)
@@ -319,7 +305,7 @@ def test_finishing_survives_a_short_database_outage(repository: JobRepository, m
 
     monkeypatch.setattr(repository, "complete_run", flaky_complete)
     job = Recorder()
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     done = execute(repository, {job.name: job}, run.id, monitor_interval=60)
     assert done is not None and done.status == "completed"
     assert sleeps == [0.5, 1.0]
@@ -348,7 +334,7 @@ def test_starting_and_finishing_wait_out_a_30s_outage(
     monkeypatch.setattr(repository, "start_run", _down_for(10, repository.start_run))
     monkeypatch.setattr(repository, "complete_run", _down_for(10, repository.complete_run))
     job = Recorder()
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     with caplog.at_level("DEBUG", logger="celery_dbsched.runner"):
         done = execute(repository, {job.name: job}, run.id, monitor_interval=60)
     assert done is not None and done.status == "completed"
@@ -387,7 +373,7 @@ def test_retrying_gives_up_after_its_budget_and_at_shutdown(monkeypatch: pytest.
 
 def test_a_second_delivery_of_a_run_is_dropped(repository: JobRepository) -> None:
     job = Recorder()
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     first = execute(repository, {job.name: job}, run.id)
     assert first is not None and first.status == "completed"
     assert execute(repository, {job.name: job}, run.id) is None
@@ -400,7 +386,7 @@ def test_a_delivery_while_the_run_is_running_is_dropped(repository: JobRepositor
         assert job.release.wait(DEADLINE)
 
     job = Recorder(body=hold)
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     first = Background(lambda: execute(repository, {job.name: job}, run.id))
     assert job.started.wait(DEADLINE)
     assert execute_run(repository, {job.name: job}.get, run.id, "worker-2", monitor_interval=FAST) is None
@@ -413,7 +399,7 @@ def test_a_delivery_while_the_run_is_running_is_dropped(repository: JobRepositor
 def test_a_message_for_an_unknown_or_ended_run_is_dropped(repository: JobRepository) -> None:
     job = Recorder()
     assert execute(repository, {job.name: job}, 987654) is None
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     repository.interrupt_run(run.id, InterruptReason.STALLED, "no worker started it")
     assert execute(repository, {job.name: job}, run.id) is None
     assert job.runs == []
@@ -430,12 +416,14 @@ def test_the_monitor_writes_progress_while_the_job_runs(repository: JobRepositor
             job.progress = JobStatus(done, 3)
             stored = wait_for(
                 lambda: (run := repository.lookup_run(ctx.run_id)).progress == job.progress and run,
-                f"progress {done}/3 in the database",
+                DEADLINE,
+                interval=POLL,
+                message=f"progress {done}/3 in the database",
             )
             seen.append((stored.completed, stored.total))
 
     job = Recorder(body=steps)
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     done = execute(repository, {job.name: job}, run.id)
     assert seen == [(1, 3), (2, 3), (3, 3)]
     assert done is not None and done.status == "completed"
@@ -450,7 +438,7 @@ def test_the_monitor_cancels_the_job_when_its_run_is_interrupted(database: Any) 
             ctx.check_cancelled()
 
     job = Recorder(body=wait_to_be_cancelled)
-    run = claim(worker_repository, job)
+    run = register_and_claim(worker_repository, job)
     background = Background(lambda: execute(worker_repository, {job.name: job}, run.id))
     assert job.started.wait(DEADLINE)
     # A beat's monitor finds the run stalled (its clock is past the threshold) and interrupts it.
@@ -471,7 +459,7 @@ def test_a_job_that_ignores_cancellation_cannot_complete_an_interrupted_run(repo
         ctx.wait(DEADLINE)  # returns early; the job then returns as if it had finished
 
     job = Recorder(body=ignore_and_return, next_run=dt.timedelta(0))
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     scheduled = repository.lookup_job(job.name).next_scheduled_run
     background = Background(lambda: execute(repository, {job.name: job}, run.id))
     assert job.started.wait(DEADLINE)
@@ -489,7 +477,7 @@ def test_a_run_interrupted_between_monitor_checks_keeps_its_interruption(reposit
         repository.interrupt_run(ctx.run_id, InterruptReason.STALLED, "no progress")
 
     job = Recorder(body=interrupted_meanwhile)
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     execute(repository, {job.name: job}, run.id, monitor_interval=600)
     stored = repository.lookup_run(run.id)
     assert stored.status == "interrupted"
@@ -507,8 +495,8 @@ def test_interrupting_one_run_cancels_only_that_job(repository: JobRepository) -
     doomed = Recorder("doomed", body=wait_for_cancel_or_release)
     survivor = Recorder("survivor", body=wait_for_cancel_or_release)
     jobs: dict[str, Job] = {"doomed": doomed, "survivor": survivor}
-    doomed_run = claim(repository, doomed)
-    survivor_run = claim(repository, survivor)
+    doomed_run = register_and_claim(repository, doomed)
+    survivor_run = register_and_claim(repository, survivor)
     runs = {
         name: Background(lambda run_id=run.id: execute(repository, jobs, run_id))
         for name, run in (("doomed", doomed_run), ("survivor", survivor_run))
@@ -518,7 +506,12 @@ def test_interrupting_one_run_cancels_only_that_job(repository: JobRepository) -
     doomed_done = runs["doomed"].join()
     assert doomed_done is not None and doomed_done.status == "interrupted"
     # Several monitor intervals later the other job is still running, uncancelled.
-    wait_for(lambda: repository.run_status(survivor_run.id) == "running", "the survivor to keep running")
+    wait_for(
+        lambda: repository.run_status(survivor_run.id) == "running",
+        DEADLINE,
+        interval=POLL,
+        message="the survivor to keep running",
+    )
     assert not survivor.runs[0].cancelled
     survivor.release.set()
     survivor_done = runs["survivor"].join()
@@ -532,7 +525,7 @@ def test_a_job_raising_job_interrupted_by_itself_ends_interrupted(repository: Jo
         raise JobInterrupted("gave up")
 
     job = Recorder(body=give_up)
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     done = execute(repository, {job.name: job}, run.id)
     assert done is not None and done.status == "interrupted"
     assert done.error == "cancelled"
@@ -547,7 +540,7 @@ def test_a_job_whose_run_disappears_ends_quietly(repository: JobRepository) -> N
             ctx.check_cancelled()
 
     job = Recorder(body=wait_to_be_cancelled)
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     background = Background(lambda: execute(repository, {job.name: job}, run.id))
     assert job.started.wait(DEADLINE)
     with repository.engine.begin() as conn:
@@ -560,7 +553,7 @@ def test_a_job_whose_run_disappears_ends_quietly(repository: JobRepository) -> N
 
 
 def running(repository: JobRepository, job: Job) -> RunRecord:
-    return repository.start_run(claim(repository, job).id, "worker-1")
+    return repository.start_run(register_and_claim(repository, job).id, "worker-1")
 
 
 def test_monitor_check_writes_changed_progress_only(repository: JobRepository) -> None:
@@ -636,11 +629,16 @@ def test_cancel_local_runs_at_shutdown_ends_the_run_interrupted(repository: JobR
             ctx.check_cancelled()
 
     job = Recorder(body=wait_to_be_cancelled)
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     assert not runner.shutting_down()
     background = Background(lambda: execute(repository, {job.name: job}, run.id))
-    wait_for(lambda: run.id in active_run_ids(), "the run to be active")
-    wait_for(lambda: repository.lookup_run(run.id).progress == JobStatus(1, 10), "the progress to be written")
+    wait_for(lambda: run.id in active_run_ids(), DEADLINE, interval=POLL, message="the run to be active")
+    wait_for(
+        lambda: repository.lookup_run(run.id).progress == JobStatus(1, 10),
+        DEADLINE,
+        interval=POLL,
+        message="the progress to be written",
+    )
     assert cancel_local_runs(InterruptReason.SHUTDOWN) >= 1
     assert runner.shutting_down()
     done = background.join()
@@ -661,9 +659,9 @@ def test_cancel_local_runs_for_another_reason_is_not_a_shutdown(repository: JobR
         ctx.wait(DEADLINE)
 
     job = Recorder(body=wait_to_be_cancelled)
-    run = claim(repository, job)
+    run = register_and_claim(repository, job)
     background = Background(lambda: execute(repository, {job.name: job}, run.id))
-    wait_for(lambda: run.id in active_run_ids(), "the run to be active")
+    wait_for(lambda: run.id in active_run_ids(), DEADLINE, interval=POLL, message="the run to be active")
     assert cancel_local_runs(InterruptReason.CANCELLED, "operator asked") >= 1
     assert not runner.shutting_down()
     done = background.join()

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,19 +30,17 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from celery import Celery
 from celery.utils.imports import load_extension_class_names
-from conftest import POSTGRES_URL, RABBITMQ_URL, REDIS_URL, Broker, Database, require_service
+from helpers.polling import wait_for
+from helpers.processes import REPO_DIR, TESTS_DIR, Processes
+from helpers.services import POSTGRES_URL, RABBITMQ_URL, REDIS_URL, Broker, Database, require_service
 from kombu.utils.imports import symbol_by_name
-from procs import Processes, processes, wait_for  # noqa: F401 - `processes` is a fixture
 
-from celery_dbsched.binding import forget_repository
 from celery_dbsched.errors import DatabaseUnavailable, SchemaMismatch
 from celery_dbsched.protocol import RUN_TASK_NAME
 from celery_dbsched.registry import existing_registry
 from celery_dbsched.scheduler import Scheduler
 from celery_dbsched.transport import filesystem_broker_settings
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TESTS_DIR = Path(__file__).resolve().parent
 HOUR = dt.timedelta(hours=1)
 
 
@@ -168,35 +166,6 @@ def _closed_port() -> int:
 SchedulerFactory = Callable[..., Scheduler]
 
 
-@pytest.fixture
-def make_scheduler() -> Iterator[SchedulerFactory]:
-    """`make_scheduler(database_url, lazy=False, **conf)`: a Scheduler built the way Celery beat builds it,
-    for a fresh app on `memory://` with a queue of its own (conf overrides any of that)."""
-    schedulers: list[Scheduler] = []
-    apps: list[Celery] = []
-
-    def factory(database_url: str, *, lazy: bool = False, **conf: Any) -> Scheduler:
-        app = Celery(f"sched-{uuid.uuid4().hex[:8]}", set_as_current=False)
-        app.conf.update(
-            broker_url="memory://",
-            task_default_queue=f"q-{uuid.uuid4().hex[:12]}",
-            dbsched_database_url=database_url,
-            # tick() returns its sleep instead of sleeping on LISTEN (PostgreSQL); the tests of that opt in.
-            dbsched_listen=False,
-        )
-        app.conf.update(conf)
-        apps.append(app)
-        scheduler = Scheduler(app=app, lazy=lazy)
-        schedulers.append(scheduler)
-        return scheduler
-
-    yield factory
-    for scheduler in schedulers:
-        scheduler.close()
-    for app in apps:
-        forget_repository(app)
-
-
 def default_queue(scheduler: Scheduler) -> str:
     return str(scheduler.app.conf.task_default_queue)
 
@@ -237,6 +206,7 @@ def test_lazy_construction_opens_nothing_and_close_twice_is_fine(
     eager.close()
 
 
+@pytest.mark.slow
 def test_close_twice_after_publishing(database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = database.migrated_repository()
     repository.upsert_job("a", "job a")
@@ -296,6 +266,7 @@ def test_unsupported_database_fails_at_start(make_scheduler: SchedulerFactory) -
 # --- tick: claiming and publishing ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tick_publishes_one_message_per_claimed_run(database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = database.migrated_repository()
     repository.upsert_job("a", "job a")
@@ -355,6 +326,7 @@ def test_tick_publishes_to_a_real_broker(
                 conn.default_channel.queue_delete(other)
 
 
+@pytest.mark.slow
 def test_claims_earliest_due_first(sqlite_database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = sqlite_database.migrated_repository()
     for name, due_in in (("a", 30), ("b", 20), ("c", 10)):
@@ -388,6 +360,7 @@ def test_tick_sleeps_the_run_jobs_interval_when_nothing_is_due(
     assert returns[-1] == pytest.approx(3)
 
 
+@pytest.mark.slow
 def test_tick_wakes_sooner_when_a_job_is_due_sooner(database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = database.migrated_repository()
     repository.upsert_job("soon", "due in 2 s", next_run_in=dt.timedelta(seconds=2))
@@ -412,6 +385,7 @@ def test_tick_is_bounded_by_the_monitor_interval_and_max_loop_interval(
     assert all(0 < by_beat.tick() <= 4 for _ in range(3))
 
 
+@pytest.mark.slow
 def test_tick_returns_zero_only_after_a_full_batch(database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = database.migrated_repository()
     for n in range(5):
@@ -454,6 +428,7 @@ def test_monitor_interrupts_stalled_runs(
     assert f"run {runs['stalled-running'].id} of job 'stalled-running' interrupted" in logged
 
 
+@pytest.mark.slow
 def test_monitor_prunes_history_past_retention(database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = database.migrated_repository()
     for name in ("done", "failed", "active"):
@@ -494,6 +469,7 @@ def test_monitor_prunes_history_past_retention(database: Database, make_schedule
 # --- failures: publishing, the database ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_publish_failure_fails_the_run_and_the_beat_keeps_going(
     database: Database, make_scheduler: SchedulerFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -521,6 +497,7 @@ def test_publish_failure_fails_the_run_and_the_beat_keeps_going(
     assert {run.status for run in repository.list_runs(status="queued")} == {"queued"}
 
 
+@pytest.mark.slow
 def test_a_broker_outage_is_logged_once_not_once_per_tick(
     sqlite_database: Database,
     make_scheduler: SchedulerFactory,
@@ -621,6 +598,7 @@ def test_broker_outage_fails_runs_then_publishing_resumes(
             conn.default_channel.queue_delete(queue)
 
 
+@pytest.mark.slow
 def test_unreachable_broker_fails_the_runs_without_raising(
     sqlite_database: Database, make_scheduler: SchedulerFactory
 ) -> None:
@@ -712,6 +690,7 @@ def test_database_down_is_a_typed_error_not_a_crash(tmp_path: Path, make_schedul
 # --- start -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_start_ends_the_runs_this_server_id_left_queued(database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = database.migrated_repository()
     repository.upsert_job("mine", "job mine")
@@ -737,15 +716,17 @@ def test_start_ends_the_runs_this_server_id_left_queued(database: Database, make
 # --- the beat knows no job code ------------------------------------------------------------------------------
 
 
+@pytest.mark.processes  # a fresh interpreter
 def test_scheduler_module_imports_no_job_code() -> None:
     code = "import sys, celery_dbsched.scheduler\nprint('\\n'.join(sorted(sys.modules)))\n"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_DIR), str(TESTS_DIR)])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     modules = set(out.split())
     assert "celery_dbsched.scheduler" in modules
-    assert not {m for m in modules if m.split(".")[0] in {"example_proj", "cli_app", "conftest"}}
+    assert not {m for m in modules if m.split(".")[0] in {"example_proj", "cli_app", "conftest", "helpers"}}
 
 
+@pytest.mark.slow
 def test_beat_for_an_app_without_jobs_dispatches_the_jobs_in_the_database(
     database: Database, make_scheduler: SchedulerFactory
 ) -> None:
@@ -791,7 +772,7 @@ def _reader(broker_dir: Path, queue: str) -> Celery:
 
 
 @pytest.mark.e2e
-def test_celery_beat_process_dispatches(sqlite_database: Database, tmp_path: Path, processes: Processes) -> None:  # noqa: F811
+def test_celery_beat_process_dispatches(sqlite_database: Database, tmp_path: Path, processes: Processes) -> None:
     repository = sqlite_database.migrated_repository()
     repository.upsert_job("first", "job one")
     repository.upsert_job("second", "job two", queue="routed")
@@ -817,7 +798,7 @@ def test_celery_beat_process_dispatches(sqlite_database: Database, tmp_path: Pat
 def test_celery_beat_with_bad_settings_exits_naming_the_key(
     sqlite_database: Database,
     tmp_path: Path,
-    processes: Processes,  # noqa: F811
+    processes: Processes,
 ) -> None:
     env = _app_env(sqlite_database.url, tmp_path / "broker", "q", dbsched_run_jobs_interval=-1)
     beat = processes.start_beat("cli_app", env=env, scheduler="dbsched")
@@ -829,7 +810,7 @@ def test_celery_beat_with_bad_settings_exits_naming_the_key(
 
 @pytest.mark.e2e
 @pytest.mark.postgres
-def test_run_now_wakes_a_sleeping_beat(postgres_database: Database, tmp_path: Path, processes: Processes) -> None:  # noqa: F811
+def test_run_now_wakes_a_sleeping_beat(postgres_database: Database, tmp_path: Path, processes: Processes) -> None:
     repository = postgres_database.migrated_repository()
     repository.upsert_job("later", "due in an hour", next_run_in=HOUR)
     queue = f"q-{uuid.uuid4().hex[:8]}"

@@ -25,8 +25,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from celery.schedules import solar
-from conftest import RABBITMQ_URL, Broker, Database, _cleanup_queue, require_service
-from procs import CeleryProcess, Processes, wait_for
+from helpers.polling import wait_for
+from helpers.processes import CeleryProcess, Processes
+from helpers.services import RABBITMQ_URL, Broker, Database, cleanup_queue, require_service
 
 from celery_dbsched.errors import DbschedError
 from celery_dbsched.records import RunRecord
@@ -263,7 +264,7 @@ def test_switch_from_stock_beat_with_two_beats_postgres_rabbitmq(
     finally:
         project.close()
         processes.stop_all()
-        _cleanup_queue(broker)
+        cleanup_queue(broker)
 
 
 # --- the worker side enabled --------------------------------------------------------------------------

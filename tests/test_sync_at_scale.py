@@ -25,9 +25,10 @@ import psycopg
 import pytest
 from celery import Celery
 from celery.schedules import crontab
-from conftest import Database
+from helpers.apps import make_app
+from helpers.processes import Processes
+from helpers.services import Database
 from kombu import Connection
-from procs import Processes
 from sqlalchemy import Engine, column, event, select, table, text
 
 from celery_dbsched import job
@@ -44,10 +45,9 @@ BIG = 70_000  # more bound parameters than either database takes in one statemen
 PG_TRIGGER = "FOR EACH ROW EXECUTE FUNCTION refuse()"
 
 
-def make_app(n: int, **conf: Any) -> Celery:
-    app = Celery(f"sync_scale_{uuid.uuid4().hex[:6]}", broker="memory://", set_as_current=False)
-    app.conf.update({"result_expires": None, "beat_schedule": entries(n), **conf})
-    return app
+def scale_app(n: int, **conf: Any) -> Celery:
+    """An app whose beat_schedule has `n` entries."""
+    return make_app("sync_scale", **{"result_expires": None, "beat_schedule": entries(n), **conf})
 
 
 def entries(n: int, prefix: str = "entry") -> dict[str, dict[str, Any]]:
@@ -100,11 +100,12 @@ def drain(queue: str) -> int:
 # --- 70,000 entries ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # 70,000 entries
 def test_70000_entries_sync_start_claim_and_publish(database: Database) -> None:
     queue = f"scale-{uuid.uuid4().hex[:8]}"
     repository = database.migrated_repository()
     repository.frozen_now = T0
-    app = make_app(BIG, task_default_queue=queue, dbsched_listen=False, dbsched_server_id="beat-big")
+    app = scale_app(BIG, task_default_queue=queue, dbsched_listen=False, dbsched_server_id="beat-big")
     bind_repository(app, repository)
     try:
         with parameters(repository.engine) as sizes:
@@ -152,10 +153,10 @@ def test_70000_entries_sync_start_claim_and_publish(database: Database) -> None:
 
 def resync_statements(database: Database, n: int) -> list[str]:
     repository = database.migrated_repository()
-    app = make_app(n)
+    app = scale_app(n)
     sync_beat_schedule(app, repository)
     with counted(repository.engine) as statements:
-        assert len(sync_beat_schedule(make_app(n), repository)) == n  # a new app object: a new process
+        assert len(sync_beat_schedule(scale_app(n), repository)) == n  # a new app object: a new process
     return statements
 
 
@@ -179,6 +180,7 @@ def job_registry_statements(database: Database, n: int) -> tuple[int, int]:
     return len(first), len(again)
 
 
+@pytest.mark.slow
 def test_job_registrations_sync_in_statements_independent_of_their_number(database: Database) -> None:
     small_first, small_again = job_registry_statements(database, 10)
     large_first, large_again = job_registry_statements(database, 2_000)
@@ -192,7 +194,7 @@ def test_job_registrations_sync_in_statements_independent_of_their_number(databa
 def test_a_changed_schedule_writes_only_what_changed(database: Database) -> None:
     repository = database.migrated_repository()
     repository.frozen_now = T0
-    app = make_app(500)
+    app = scale_app(500)
     sync_beat_schedule(app, repository)
     before = {j.name: j for j in repository.list_jobs()}
 
@@ -220,7 +222,7 @@ def test_a_changed_schedule_writes_only_what_changed(database: Database) -> None
 
 def test_the_fingerprint_never_hides_a_change(database: Database) -> None:
     repository = database.migrated_repository()
-    app = make_app(50, timezone="Europe/Berlin")
+    app = scale_app(50, timezone="Europe/Berlin")
     app.conf.beat_schedule = {**entries(50), "noon": {"task": "t.noon", "schedule": crontab(minute=0, hour=12)}}
     sync_beat_schedule(app, repository)
     digest = fingerprint(app)
@@ -250,7 +252,7 @@ def test_the_fingerprint_never_hides_a_change(database: Database) -> None:
 def test_several_beats_syncing_one_schedule_at_once_agree(database: Database) -> None:
     repository = database.migrated_repository()
     repository.frozen_now = T0
-    sync_beat_schedule(make_app(300), repository)  # the schedule before the deploy
+    sync_beat_schedule(scale_app(300), repository)  # the schedule before the deploy
     schedule = entries(300)
     for i in range(0, 300, 3):
         schedule[f"entry-{i:06d}"]["schedule"] = 120.0
@@ -261,7 +263,7 @@ def test_several_beats_syncing_one_schedule_at_once_agree(database: Database) ->
     def start() -> None:
         own = database.repository()
         own.frozen_now = T0 + dt.timedelta(seconds=10)
-        app = make_app(0)
+        app = scale_app(0)
         app.conf.beat_schedule = schedule
         try:
             barrier.wait()
@@ -281,7 +283,7 @@ def test_several_beats_syncing_one_schedule_at_once_agree(database: Database) ->
     for i in range(0, 300, 3):  # recomputed once, from the new schedule
         assert jobs[f"entry-{i:06d}"].next_scheduled_run == T0 + dt.timedelta(seconds=10 + 120)
     assert jobs["entry-000001"].next_scheduled_run == T0  # untouched
-    again = make_app(0)
+    again = scale_app(0)
     again.conf.beat_schedule = schedule
     digest = fingerprint(again)
     assert digest is not None and repository.sync_is_current(SYNC_SOURCE, digest, "task")
@@ -404,7 +406,7 @@ def test_a_tick_whose_statement_is_refused_logs_error_and_retries_slowly(
     database: Database, caplog: pytest.LogCaptureFixture
 ) -> None:
     repository = database.migrated_repository()
-    app = make_app(0, dbsched_listen=False, beat_schedule={"fine": {"task": "t", "schedule": 60}})
+    app = scale_app(0, dbsched_listen=False, beat_schedule={"fine": {"task": "t", "schedule": 60}})
     bind_repository(app, repository)
     try:
         beat = Scheduler(app=app)  # started: the entry is stored
@@ -440,7 +442,7 @@ def test_a_tick_whose_statement_is_refused_logs_error_and_retries_slowly(
 
 def test_sync_state_table_is_in_the_schema(database: Database) -> None:
     repository = database.migrated_repository()
-    sync_beat_schedule(make_app(3), repository)
+    sync_beat_schedule(scale_app(3), repository)
     state = table("dbsched_sync", column("key"), column("job_count"))
     with repository.engine.connect() as conn:
         assert conn.execute(select(state.c.key, state.c.job_count)).all() == [(SYNC_SOURCE, 3)]

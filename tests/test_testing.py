@@ -50,7 +50,6 @@ import datetime as dt
 import os
 import tempfile
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,17 +105,6 @@ def test_cleanup_runs_every_hour(dbsched_scheduler):
     dbsched_scheduler.advance(timedelta(hours=1))  # moves the database clock: no sleeping
     assert [run.status for run in dbsched_scheduler.tick()] == ["completed"]
 """
-
-
-@pytest.fixture
-def app() -> Celery:
-    return Celery("t", set_as_current=False)
-
-
-@pytest.fixture
-def scheduler(app: Celery) -> Iterator[TestScheduler]:
-    with TestScheduler(app) as scheduler:
-        yield scheduler
 
 
 def add_jobs(app: Celery) -> dict[str, list[int]]:
@@ -187,12 +175,12 @@ def test_advance_makes_the_next_run_due(app: Celery) -> None:
         assert scheduler.now() >= scheduler.repository.database_now() - SLACK
 
 
-def test_advance_only_moves_forward(scheduler: TestScheduler) -> None:
+def test_advance_only_moves_forward(dbsched_scheduler: TestScheduler) -> None:
     with pytest.raises(ValueError, match="forward"):
-        scheduler.advance(-1)
+        dbsched_scheduler.advance(-1)
     with pytest.raises(ValueError, match="forward"):
-        scheduler.advance(dt.timedelta(seconds=-1))
-    assert scheduler.repository.clock_shift == dt.timedelta(0)
+        dbsched_scheduler.advance(dt.timedelta(seconds=-1))
+    assert dbsched_scheduler.repository.clock_shift == dt.timedelta(0)
 
 
 def test_a_failing_jobs_backoff_is_visible(app: Celery) -> None:
@@ -219,19 +207,19 @@ def test_tick_claims_in_batches_of_the_run_jobs_limit(app: Celery) -> None:
         assert sorted(run.job_name for run in scheduler.tick()) == [f"job-{index}" for index in range(5)]
 
 
-def test_a_job_unknown_to_the_app_fails_its_run(app: Celery, scheduler: TestScheduler) -> None:
-    scheduler.repository.upsert_job("foreign", "registered by another app")
-    [run] = scheduler.tick()
+def test_a_job_unknown_to_the_app_fails_its_run(app: Celery, dbsched_scheduler: TestScheduler) -> None:
+    dbsched_scheduler.repository.upsert_job("foreign", "registered by another app")
+    [run] = dbsched_scheduler.tick()
     assert run.status == "failed"
     assert run.error is not None and "'foreign'" in run.error and "'test-worker'" in run.error
 
 
-def test_a_job_registered_while_open_is_written_through(app: Celery, scheduler: TestScheduler) -> None:
+def test_a_job_registered_while_open_is_written_through(app: Celery, dbsched_scheduler: TestScheduler) -> None:
     job(app, name="late", description="registered after the scheduler opened", next_run_in=HOUR)(lambda ctx: None)
-    assert scheduler.job("late").description == "registered after the scheduler opened"
-    assert scheduler.tick() == []
-    scheduler.advance(HOUR)
-    assert [run.job_name for run in scheduler.tick()] == ["late"]
+    assert dbsched_scheduler.job("late").description == "registered after the scheduler opened"
+    assert dbsched_scheduler.tick() == []
+    dbsched_scheduler.advance(HOUR)
+    assert [run.job_name for run in dbsched_scheduler.tick()] == ["late"]
 
 
 # -- claim, run, monitor ---------------------------------------------------------------------------------------
@@ -360,6 +348,7 @@ def test_the_readme_example_is_this_modules_docstring() -> None:
         assert text in __doc__
 
 
+@pytest.mark.slow
 def test_the_plugin_gives_users_a_scheduler_for_their_app(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(proj=PROJ_PY, test_proj=TEST_PROJ_PY)
     pytester.makeconftest(CONFTEST_PY)

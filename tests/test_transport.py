@@ -226,6 +226,7 @@ def _bind(settings: dict[str, Any], barrier: Any, errors: Any, i: int) -> None:
             errors.put(repr(exc))
 
 
+@pytest.mark.processes  # multiprocessing
 @pytest.mark.timeout(60)
 def test_concurrent_bindings_are_all_kept(tmp_path: Path) -> None:
     # Like a fleet of workers starting at once, each binding its own pidbox queue.
@@ -364,6 +365,7 @@ def run_load(
     return result
 
 
+@pytest.mark.processes  # multiprocessing
 @pytest.mark.timeout(90)
 def test_load_every_message_exactly_once(tmp_path: Path) -> None:
     result = run_load(tmp_path)

@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import pytest
 from celery import Celery
-from conftest import Database
+from helpers.services import Database
 from sqlalchemy import Engine, event, select, text, update
 
 import celery_dbsched.tracking as tracking

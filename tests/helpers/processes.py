@@ -1,9 +1,7 @@
-"""Real `celery worker` / `celery beat` subprocesses for end-to-end tests, and polling with a deadline.
+"""Real `celery worker` / `celery beat` subprocesses for end-to-end tests.
 
-    import procs
-    from procs import Processes, wait_for
-
-    processes = procs.processes  # the fixture, made visible to this test module
+    from helpers.polling import wait_for
+    from helpers.processes import Processes
 
     def test_something(processes: Processes) -> None:
         worker = processes.start_worker("my_app", env={...})   # an importable module with `app`
@@ -14,10 +12,8 @@
 
 Every process runs in a session of its own (so a prefork worker and its children can be killed together),
 writes stdout and stderr to `<tmp_path>/procs/<name>.log`, and is stopped when the test ends (SIGTERM, then
-SIGKILL after a timeout). When a test fails, the tail of every process's log is added to its report.
-
-Never wait with a bare sleep: other test runs share the machine, so poll with `wait_for` and a generous
-deadline; it returns as soon as the condition holds.
+SIGKILL after a timeout). When a test fails, the tail of every process's log is added to its report. The
+`processes` fixture and that report hook are in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -30,38 +26,16 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 
-__all__ = ["CeleryProcess", "Processes", "processes", "wait_for"]
+from helpers.polling import wait_for
 
-T = TypeVar("T")
-
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parent.parent
 REPO_DIR = TESTS_DIR.parent
 LOG_TAIL_LINES = 400
-
-
-def wait_for(
-    predicate: Callable[[], T],
-    timeout: float,
-    interval: float = 0.1,
-    message: str | Callable[[], str] = "the condition",
-) -> T:
-    """Call `predicate` until it returns something truthy and return that; after `timeout` seconds raise
-    AssertionError with `message` (a string or a callable producing one) and the last value seen."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            text = message() if callable(message) else message
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {text}; last value: {value!r}")
-        time.sleep(interval)
 
 
 class CeleryProcess:
@@ -307,34 +281,5 @@ def expand_node_name(node: str) -> str:
     return node.replace("%h", host).replace("%n", name).replace("%d", domain).replace("%%", "%")
 
 
-_PROCESSES_KEY = pytest.StashKey[Processes]()
-
-
-class _LogsOnFailure:
-    """Adds the tail of each process's log to the report of a failed test phase."""
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-        report = yield
-        manager = item.stash.get(_PROCESSES_KEY, None)
-        if manager is not None and report.failed:
-            for title, text in manager.log_sections():
-                report.sections.append((f"celery process {title}", text))
-        return report
-
-
-_PLUGIN_NAME = "celery_dbsched_procs_logs_on_failure"
-
-
-@pytest.fixture
-def processes(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Processes]:
-    """A `Processes` for this test; every process it started is stopped at teardown."""
-    plugins = request.config.pluginmanager
-    if not plugins.has_plugin(_PLUGIN_NAME):
-        plugins.register(_LogsOnFailure(), _PLUGIN_NAME)
-    manager = Processes(tmp_path / "procs")
-    request.node.stash[_PROCESSES_KEY] = manager
-    try:
-        yield manager
-    finally:
-        manager.stop_all()
+# Where the `processes` fixture keeps a test's Processes, for the report hook in conftest.py.
+PROCESSES_KEY = pytest.StashKey[Processes]()

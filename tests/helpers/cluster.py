@@ -2,7 +2,11 @@
 processes running tests/e2e_app.py on one test's database and broker, a sampler of the runs table, and the
 observations the tests make (runs, job events, waits that fail at once when a process died).
 
-    from cluster import Cluster, on, PG_RABBITMQ, cluster, e2e_database, processes  # fixtures re-exported
+    from helpers.cluster import PG_RABBITMQ, Cluster, on
+
+    @on(PG_RABBITMQ)
+    def test_something(cluster: Cluster) -> None:  # the `cluster` fixture is in tests/conftest.py
+        ...
 """
 
 from __future__ import annotations
@@ -13,21 +17,19 @@ import json
 import signal
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import procs
 import pytest
 from celery import Celery
-from conftest import Broker, Database
-from procs import CeleryProcess, Processes, wait_for
 
 from celery_dbsched import RunRecord
 from celery_dbsched.binding import forget_repository
 from celery_dbsched.repository import JobRepository
-
-processes = procs.processes  # the fixture
+from helpers.polling import wait_for
+from helpers.processes import CeleryProcess, Processes
+from helpers.services import Broker, Database
 
 APP = "e2e_app"
 
@@ -261,23 +263,7 @@ class Cluster:
             assert len(starts) == expected, f"run {run.id} ({now.status}) started {len(starts)} times: {starts}"
 
 
-@pytest.fixture
-def e2e_database(request: pytest.FixtureRequest, db_kind: str) -> Database:
-    database: Database = request.getfixturevalue(f"{db_kind}_database")
-    return database
-
-
-@pytest.fixture
-def cluster(e2e_database: Database, broker: Broker, processes: Processes, tmp_path: Path) -> Iterator[Cluster]:
-    # Requested after the database and broker, so torn down (processes stopped) before they are dropped.
-    cluster = Cluster(e2e_database, broker, processes, tmp_path)
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-
-
-def seconds(a: dt.datetime, b: dt.datetime) -> float:
+def seconds_between(a: dt.datetime, b: dt.datetime) -> float:
     return (b - a).total_seconds()
 
 
@@ -289,16 +275,16 @@ def assert_runs_spaced(runs: Sequence[RunRecord], every: float, *, lateness: flo
     for previous, run in itertools.pairwise(runs):
         assert previous.end_time is not None, f"run {previous.id} is {previous.status} but a later run exists"
         assert run.scheduled_for is not None and previous.scheduled_for is not None
-        step = seconds(previous.scheduled_for, run.scheduled_for)
+        step = seconds_between(previous.scheduled_for, run.scheduled_for)
         assert step >= every - CLOCK_TOLERANCE, f"run {run.id} is for a slot {step:.3f}s after run {previous.id}'s"
-        early = seconds(run.create_time, run.scheduled_for)
+        early = seconds_between(run.create_time, run.scheduled_for)
         assert early <= CLOCK_TOLERANCE, f"run {run.id} claimed {early:.3f}s before its slot"
         due = max(run.scheduled_for, previous.end_time)
-        late = seconds(due, run.create_time)
+        late = seconds_between(due, run.create_time)
         assert late <= lateness, f"run {run.id} claimed {late:.3f}s after it was due"
     if len(runs) > 1:
         assert runs[0].scheduled_for is not None and runs[-1].scheduled_for is not None
-        elapsed = seconds(runs[0].scheduled_for, runs[-1].scheduled_for)
+        elapsed = seconds_between(runs[0].scheduled_for, runs[-1].scheduled_for)
         assert len(runs) <= elapsed / every + 1 + CLOCK_TOLERANCE, f"{len(runs)} runs for slots {elapsed:.2f}s apart"
 
 

@@ -1,0 +1,146 @@
+"""The databases and brokers the suites run against, and whether each service answers.
+
+PostgreSQL, RabbitMQ and Redis are used for real. On a machine without them their tests are skipped with
+the reason printed; with DBSCHED_REQUIRE_SERVICES=1 (CI) a missing service fails those tests instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import quote, urlsplit
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from celery_dbsched.migrate import migrate
+from celery_dbsched.repository import JobRepository
+
+POSTGRES_URL = os.environ.get("DBSCHED_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+RABBITMQ_URL = os.environ.get("DBSCHED_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+REDIS_URL = os.environ.get("DBSCHED_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REQUIRE_SERVICES = os.environ.get("DBSCHED_REQUIRE_SERVICES", "").lower() in ("1", "true", "yes")
+SOAK = os.environ.get("DBSCHED_SOAK", "").lower() in ("1", "true", "yes")
+
+SERVICE_URLS = {"postgres": POSTGRES_URL, "rabbitmq": RABBITMQ_URL, "redis": REDIS_URL}
+_reachable: dict[str, str | None] = {}
+
+
+def probe(name: str) -> str | None:
+    """None when the service answers, else why not."""
+    if name in _reachable:
+        return _reachable[name]
+    url = SERVICE_URLS[name]
+    parts = urlsplit(url.replace("postgresql+psycopg", "postgresql"))
+    default_port = {"postgres": 5432, "rabbitmq": 5672, "redis": 6379}[name]
+    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
+    reason: str | None = None
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            pass
+        if name == "postgres":
+            engine = create_engine(url)
+            try:
+                with engine.connect() as conn:
+                    conn.execute(text("SELECT 1"))
+            finally:
+                engine.dispose()
+    except Exception as exc:
+        reason = f"{name} not reachable at {host}:{port} ({type(exc).__name__}: {exc})"
+    _reachable[name] = reason
+    return reason
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test with the reason, or fail it when the services are required (CI)."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{reason}; DBSCHED_REQUIRE_SERVICES is set, so this is a failure, not a skip")
+    pytest.skip(reason)
+
+
+def require_service(name: str) -> None:
+    reason = probe(name)
+    if reason is not None:
+        unavailable(f"{reason}; set DBSCHED_TEST_{name.upper()}_URL or start it to run these tests")
+
+
+@dataclass
+class Database:
+    """A database to test against: SQLite in a temporary folder, or a fresh schema in PostgreSQL."""
+
+    kind: str
+    url: str
+    schema: str | None = None
+    repositories: list[JobRepository] = field(default_factory=list)
+
+    def repository(self, **kwargs: Any) -> JobRepository:
+        repository = JobRepository(self.url, **kwargs)
+        self.repositories.append(repository)
+        return repository
+
+    def migrated_repository(self, **kwargs: Any) -> JobRepository:
+        repository = self.repository(**kwargs)
+        migrate(repository.engine)
+        return repository
+
+    def conf(self) -> dict[str, Any]:
+        """Celery settings that point an app at this database."""
+        return {"dbsched_database_url": self.url}
+
+
+def sqlite_database(folder: Path) -> Database:
+    """A SQLite file in `folder` (a test's tmp_path)."""
+    return Database("sqlite", f"sqlite:///{folder / 'dbsched.sqlite3'}")
+
+
+def make_postgres_database() -> Database:
+    require_service("postgres")
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    engine = create_engine(POSTGRES_URL)
+    with engine.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    engine.dispose()
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    url = f"{POSTGRES_URL}{separator}options={quote(f'-csearch_path={schema}')}"
+    return Database("postgres", url, schema)
+
+
+def drop_database(database: Database) -> None:
+    for repository in database.repositories:
+        repository.close()
+    if database.schema is not None:
+        engine = create_engine(POSTGRES_URL)
+        with engine.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{database.schema}" CASCADE'))
+        engine.dispose()
+
+
+@dataclass
+class Broker:
+    kind: str
+    settings: dict[str, Any]
+    queue: str
+
+    def conf(self) -> dict[str, Any]:
+        return {**self.settings, "task_default_queue": self.queue}
+
+
+def cleanup_queue(broker: Broker) -> None:
+    """Delete the broker's queue (nothing to do on the filesystem transport: its folder is the test's)."""
+    if broker.kind == "filesystem":
+        return
+    from kombu import Connection
+
+    try:
+        with Connection(broker.settings["broker_url"], connect_timeout=5) as conn:
+            channel = conn.channel()
+            try:
+                channel.queue_delete(broker.queue)
+            finally:
+                channel.close()
+    except Exception:
+        pass
