@@ -97,7 +97,7 @@ def jobs(ctx: click.Context) -> None:
         rows.append(
             [
                 job.name,
-                "paused" if job.paused else ("enabled" if job.enabled else "disabled"),
+                "paused" if job.paused else ("enabled" if job.policy.enabled else "disabled"),
                 _when(job.next_scheduled_run),
                 "due" if due <= 0 else f"in {due:.0f}s",
                 _schedule(job),

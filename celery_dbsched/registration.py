@@ -15,6 +15,7 @@ from typing import Any
 
 from .binding import repository_for
 from .job import FunctionJob, Job, JobContext, validate_description, validate_name
+from .policy import POLICY_NAMES, JobPolicy
 from .records import JobRecord
 from .registry import app_timezone, definition_of, registry_for
 from .schema import MISFIRE_RUN_ONCE
@@ -62,6 +63,8 @@ def job(
     `every` or `schedule` (a fixed cadence: a job due at T is next due at T + every). `next_run_in` is the
     delay before the very first run. Policies: see README.
     """
+    arguments = locals()
+    policies = {key: arguments[key] for key in POLICY_NAMES}  # the policy keywords, parsed by JobPolicy
     every_delta = parse_duration("every", every, None)
     threshold = parse_duration("interrupt_threshold", interrupt_threshold, None)
     first = parse_duration("next_run_in", next_run_in, None, zero_is_default=False)
@@ -74,6 +77,7 @@ def job(
         job_description = description if description is not None else (doc.splitlines()[0] if doc else None)
         if not job_description:
             raise ValueError(f"job {job_name!r}: give description= or a docstring")
+        policy = JobPolicy.parse(f"job {job_name!r}", policies)
         function_job = FunctionJob(
             func,
             name=validate_name(job_name),
@@ -83,12 +87,7 @@ def job(
             interrupt_threshold=threshold,
             schedule=schedule,
             timezone=timezone,
-            enabled=enabled,
-            misfire=misfire,
-            misfire_grace=misfire_grace,
-            max_active=max_active,
-            retry_backoff=retry_backoff,
-            expires=expires,
+            policy=policy,
         )
         register_job(app, function_job, next_run_in=first)
         return function_job

@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from .job import Job, JobDefinition, validate_name
+from .policy import POLICY_NAMES, JobPolicy
 from .records import JobRecord
 from .repository import JobRepository
 from .schedules import IntervalSchedule, parse_timezone, schedule_from
-from .schema import MISFIRE_RUN_ONCE
-from .settings import parse_backoff, parse_bool, parse_duration
+from .settings import parse_duration
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def definition_of(job: Job, timezone: str = "UTC") -> JobDefinition:
         every = parse_duration(f"{label} every", every, None)
     if isinstance(schedule, IntervalSchedule) and every is None:
         every = dt.timedelta(seconds=schedule.seconds)
-    backoff = getattr(job, "retry_backoff", None)
+    policy = JobPolicy.parse(label, {key: getattr(job, key) for key in POLICY_NAMES if hasattr(job, key)})
     return JobDefinition(
         name=name,
         description=getattr(job, "description", None),  # type: ignore[arg-type]  # validated there
@@ -128,10 +128,5 @@ def definition_of(job: Job, timezone: str = "UTC") -> JobDefinition:
         interrupt_threshold=parse_duration(
             f"{label} interrupt_threshold", getattr(job, "interrupt_threshold", None), None
         ),
-        enabled=parse_bool(f"{label} enabled", getattr(job, "enabled", True), True),
-        misfire=getattr(job, "misfire", MISFIRE_RUN_ONCE),
-        misfire_grace=parse_duration(f"{label} misfire_grace", getattr(job, "misfire_grace", None), None),
-        max_active=getattr(job, "max_active", 1),
-        retry_backoff=None if backoff is None else parse_backoff(f"{label} retry_backoff", backoff),
-        expires=parse_duration(f"{label} expires", getattr(job, "expires", None), None),
+        policy=policy,
     )

@@ -23,6 +23,7 @@ from . import timing
 from .engine import KeptConnections, make_engine
 from .errors import InvalidRunState, JobNotFound, RunNotFound, classify
 from .job import JobDefinition, JobStatus
+from .policy import POLICY_NAMES, JobPolicy
 from .records import (
     Claim,
     JobRecord,
@@ -217,17 +218,20 @@ class JobRepository:
         default_next_run_in: dt.timedelta | None = None,
         queue: str | None = None,
         interrupt_threshold: dt.timedelta | None = None,
-        **policies: Any,
+        **fields: Any,
     ) -> JobRecord:
         """Insert a job, or update an existing one's description and settings without touching its next
-        scheduled run (design §8). `policies` are the other `JobDefinition` fields (schedule, misfire, ...)."""
+        scheduled run (design §8). `fields` are the other `JobDefinition` fields (schedule, kind, ...) and the
+        `JobPolicy` fields (misfire, max_active, ...), as typed values."""
+        policy = JobPolicy(**{key: fields.pop(key) for key in POLICY_NAMES if key in fields})
         definition = JobDefinition(
             name=name,
             description=description,
             default_next_run_in=default_next_run_in,
             queue=queue,
             interrupt_threshold=interrupt_threshold,
-            **policies,
+            policy=policy,
+            **fields,
         )
         return self.define_job(definition, next_run_in=next_run_in)
 
@@ -669,7 +673,7 @@ class JobRepository:
             when = timing.retry_at(
                 now,
                 failure_count=job.failure_count,
-                backoff=job.retry_backoff or self.retry_backoff,
+                backoff=job.policy.retry_backoff or self.retry_backoff,
                 advances=job.advances_at_claim,
                 claimed_next_run=job.next_scheduled_run,
                 slots=job.cadence,

@@ -88,7 +88,7 @@ def test_new_job_without_next_run_in_is_due_now(repository: JobRepository) -> No
     assert job.name == "j"
     assert job.description == "the j job"
     assert job.failure_count == 0
-    assert job.enabled is True
+    assert job.policy.enabled is True
     assert job.default_next_run_in is None
     assert job.queue is None
     assert job.interrupt_threshold is None
@@ -272,7 +272,7 @@ def test_claim_skips_disabled_jobs(repository: JobRepository) -> None:
     add_job(repository, "on")
     set_job(repository, "off", enabled=False)
     assert [run.job_name for run in claim(repository)] == ["on"]
-    assert repository.lookup_job("off").enabled is False
+    assert repository.lookup_job("off").policy.enabled is False
     set_job(repository, "off", enabled=True)
     assert [run.job_name for run in claim(repository)] == ["off"]
 
