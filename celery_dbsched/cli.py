@@ -36,7 +36,7 @@ def _seconds(value: dt.timedelta | None) -> str:
 
 def _schedule(job: JobRecord) -> str:
     if job.schedule is None:
-        return "-" if job.default_next_run_in is None else f"every {_seconds(job.default_next_run_in)}"
+        return "-" if job.every is None else f"every {_seconds(job.every)}"
     spec = job.schedule.spec()
     if spec["type"] == "interval":
         return f"every {spec['seconds']:g}s"

@@ -232,7 +232,7 @@ class JobDefinition:
     description: str
     kind: str = KIND_JOB
     schedule: Schedule | None = None
-    default_next_run_in: dt.timedelta | None = None
+    every: dt.timedelta | None = None  # stored in the `default_next_run_in` column
     queue: str | None = None
     interrupt_threshold: dt.timedelta | None = None
     policy: JobPolicy = field(default_factory=JobPolicy)
@@ -254,9 +254,9 @@ class JobDefinition:
         if not isinstance(self.policy, JobPolicy):
             raise ValueError(f"{label}: policy must be a JobPolicy, got {self.policy!r}")
         self.policy.check(label)
-        if self.policy.max_active > 1 and self.schedule is None and self.default_next_run_in is None:
+        if self.policy.max_active > 1 and self.schedule is None and self.every is None:
             raise ValueError(f"{label}: max_active > 1 needs a schedule or `every`")
-        for attribute in ("default_next_run_in", "interrupt_threshold"):
+        for attribute in ("every", "interrupt_threshold"):
             value = getattr(self, attribute)
             if value is not None and (not isinstance(value, dt.timedelta) or value < dt.timedelta(0)):
                 raise ValueError(f"{label}: {attribute} must be a non-negative timedelta, got {value!r}")

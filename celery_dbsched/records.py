@@ -18,13 +18,17 @@ from .policy import JobPolicy, backoff_of, delta_of, seconds_of
 from .schedules import Schedule, schedule_from_spec
 from .schema import KIND_JOB, KIND_TASK
 
+# A job's `every` (its interval when it has no schedule) is stored in this column, named for Boundary's
+# "default next run in"; these records are the one place that maps the two.
+EVERY_COLUMN = "default_next_run_in"
+
 
 @dataclass(frozen=True)
 class JobRecord:
     name: str
     description: str
     next_scheduled_run: dt.datetime
-    default_next_run_in: dt.timedelta | None
+    every: dt.timedelta | None
     queue: str | None
     interrupt_threshold: dt.timedelta | None
     failure_count: int
@@ -47,7 +51,7 @@ class JobRecord:
             name=m["name"],
             description=m["description"],
             next_scheduled_run=m["next_scheduled_run"],
-            default_next_run_in=delta_of(m["default_next_run_in"]),
+            every=delta_of(m[EVERY_COLUMN]),
             queue=m["queue"],
             interrupt_threshold=delta_of(m["interrupt_threshold"]),
             failure_count=m["failure_count"],
@@ -70,7 +74,7 @@ class JobRecord:
 
     @property
     def cadence(self) -> Schedule | None:
-        return timing.cadence(self.schedule, self.default_next_run_in)
+        return timing.cadence(self.schedule, self.every)
 
     def next_slot(self, now: dt.datetime, anchor: dt.datetime | None) -> dt.datetime | None:
         """The job's next slot after `now` on its cadence (None when it has no schedule)."""
@@ -82,7 +86,7 @@ def definition_values(definition: JobDefinition) -> dict[str, Any]:
         "description": definition.description,
         "kind": definition.kind,
         "schedule": definition.schedule.to_json() if definition.schedule is not None else None,
-        "default_next_run_in": seconds_of(definition.default_next_run_in),
+        EVERY_COLUMN: seconds_of(definition.every),
         "queue": definition.queue,
         "interrupt_threshold": seconds_of(definition.interrupt_threshold),
         **definition.policy.columns(),
@@ -199,7 +203,7 @@ class StartedRun:
 
     run: RunRecord
     schedule: str | None
-    default_next_run_in: float | None
+    every: float | None  # seconds
     kind: str
     max_active: int
     retry_backoff_base: float | None
@@ -216,7 +220,7 @@ class StartedRun:
         return cls(
             run=RunRecord.from_row(row),
             schedule=m["job_schedule"],
-            default_next_run_in=m["job_default_next_run_in"],
+            every=m[f"job_{EVERY_COLUMN}"],
             kind=m["job_kind"],
             max_active=m["job_max_active"],
             retry_backoff_base=m["job_retry_backoff_base"],
@@ -227,15 +231,17 @@ class StartedRun:
             frozen=frozen,
         )
 
+    def column(self, name: str) -> Any:
+        """A fact of the job as the start statement read it, by its column name."""
+        return self.every if name == EVERY_COLUMN else getattr(self, name)
+
     @property
     def advances_at_claim(self) -> bool:
         return timing.advances_at_claim(self.kind, self.max_active)
 
     @property
     def cadence(self) -> Schedule | None:
-        return timing.cadence(
-            schedule_from_spec(self.schedule) if self.schedule else None, delta_of(self.default_next_run_in)
-        )
+        return timing.cadence(schedule_from_spec(self.schedule) if self.schedule else None, delta_of(self.every))
 
     @property
     def retry_backoff(self) -> tuple[dt.timedelta, dt.timedelta] | None:

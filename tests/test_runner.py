@@ -110,7 +110,7 @@ class Recorder(Job):
 
 def claim(repository: JobRepository, job: Job, **kwargs: Any) -> RunRecord:
     """Register `job` (due now) and claim its run as a beat would."""
-    repository.upsert_job(job.name, job.description, default_next_run_in=job.every, **kwargs)
+    repository.upsert_job(job.name, job.description, every=job.every, **kwargs)
     runs = [run for run in repository.run_jobs("beat-1", 100) if run.job_name == job.name]
     assert len(runs) == 1
     return runs[0]
