@@ -133,9 +133,7 @@ def wakeup(n: int, cfg: Config) -> dict[str, Any]:
     names = [f"bench.wake{k}" for k in range(samples)]
     writer = celery_dbsched.JobRepository(system.url)
     for name in names:
-        writer.upsert_job(
-            name, "woken up", next_run_in=dt.timedelta(hours=1), default_next_run_in=dt.timedelta(hours=1)
-        )
+        writer.upsert_job(name, "woken up", first_run_in=dt.timedelta(hours=1), every=dt.timedelta(hours=1))
     sent = Sent().connect()
     beat_app = system.app()
     scheduler = system.build(beat_app)

@@ -138,7 +138,7 @@ class Dbsched(System):
         repository = JobRepository(self.url)
         try:
             template = "bench.template"
-            repository.upsert_job(template, "benchmark job", default_next_run_in=dt.timedelta(seconds=INTERVAL))
+            repository.upsert_job(template, "benchmark job", every=dt.timedelta(seconds=INTERVAL))
             job = Table("dbsched_job", MetaData(), autoload_with=repository.engine)
             columns = [c.name for c in job.columns if c.name != "name"]
             quoted = ", ".join(f'"{c}"' for c in columns)
@@ -204,7 +204,7 @@ class Dbsched(System):
 
         if not hasattr(self, "_writer"):
             self._writer = repository_for(self.app())
-        self._writer.upsert_job(name, "added while the beat runs", default_next_run_in=dt.timedelta(seconds=INTERVAL))
+        self._writer.upsert_job(name, "added while the beat runs", every=dt.timedelta(seconds=INTERVAL))
 
     def cleanup(self) -> None:
         if not self.cfg.dbsched_url:

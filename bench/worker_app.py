@@ -68,11 +68,11 @@ def _empty_job(ctx: celery_dbsched.JobContext) -> None:
 if ROLE == "worker":
     for i in range(int(os.environ.get("BENCH_E2E_JOBS", "0"))):
         name = f"bench.e2e.{i}"
-        celery_dbsched.job(app, name=name, description="e2e latency", every=HOUR, next_run_in=HOUR)(
+        celery_dbsched.job(app, name=name, description="e2e latency", every=HOUR, first_run_in=HOUR)(
             _first_line_job(name)
         )
     for i in range(int(os.environ.get("BENCH_WORKER_JOBS", "0"))):
-        celery_dbsched.job(app, name=f"bench.w.{i}", description="empty", every=HOUR, next_run_in=HOUR)(_empty_job)
+        celery_dbsched.job(app, name=f"bench.w.{i}", description="empty", every=HOUR, first_run_in=HOUR)(_empty_job)
 
 
 _records: dict[int, Any] = {}

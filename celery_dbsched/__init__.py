@@ -22,6 +22,7 @@ from .errors import (
     SchemaMismatch,
 )
 from .job import Job, JobContext, JobStatus
+from .policy import JobPolicy
 from .records import JobRecord, RunRecord
 from .registration import job, register_job, update_job_next_run_in_at_least
 from .repository import JobRepository
@@ -41,6 +42,7 @@ __all__ = [
     "JobInterrupted",
     "JobNotFound",
     "JobPaused",
+    "JobPolicy",
     "JobRecord",
     "JobRepository",
     "JobStatus",

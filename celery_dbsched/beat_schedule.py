@@ -22,18 +22,20 @@ from typing import Any
 
 from . import __version__
 from .job import JobDefinition
+from .policy import POLICY_NAMES, JobPolicy
 from .registry import app_timezone
 from .repository import JobRepository
 from .schedules import Schedule, parse_timezone, schedule_from
-from .settings import parse_backoff, parse_bool, parse_duration
-from .states import JobKind, Misfire
+from .settings import parse_bool, parse_duration
+from .states import JobKind
 
 logger = logging.getLogger(__name__)
 
 # Keys of an entry that stock beat understands, and the policies we add (stock beat rejects unknown keys in
-# an entry, so policies for a project that may go back to stock beat belong in options["dbsched"]).
+# an entry, so policies for a project that may go back to stock beat belong in options["dbsched"]). An entry's
+# `expires` policy is its message option options["expires"], not a key of its own.
 _CELERY_KEYS = {"task", "schedule", "args", "kwargs", "options", "relative"}
-_POLICY_KEYS = {"enabled", "misfire", "misfire_grace", "max_active", "retry_backoff", "timezone", "description"}
+_POLICY_KEYS = (set(POLICY_NAMES) - {"expires"}) | {"timezone", "description"}
 _MESSAGE_OPTIONS = {
     "queue", "routing_key", "exchange", "priority", "expires", "headers", "serializer", "compression",
     "countdown", "eta", "time_limit", "soft_time_limit", "ignore_result", "shadow", "exchange_type",
@@ -122,19 +124,14 @@ def definition_from_entry(name: str, entry: object, timezone: str) -> JobDefinit
         if isinstance(expires_option, (int, float, dt.timedelta)) and not isinstance(expires_option, bool):
             expires = parse_duration(f"{label} options.expires", expires_option, None)
             options["expires"] = expires.total_seconds() if expires is not None else None
-        backoff = policies.get("retry_backoff")
+        policy = JobPolicy.parse(label, {**policies, "expires": expires})
         return JobDefinition(
             name=name,
             description=str(policies.get("description") or f"beat_schedule: {task}"),
             kind=JobKind.TASK,
             schedule=schedule,
             queue=options.get("queue"),
-            enabled=parse_bool(f"{label} enabled", policies.get("enabled"), True),
-            misfire=policies.get("misfire", Misfire.RUN_ONCE),
-            misfire_grace=parse_duration(f"{label} misfire_grace", policies.get("misfire_grace"), None),
-            max_active=policies.get("max_active", 1),
-            retry_backoff=None if backoff is None else parse_backoff(f"{label} retry_backoff", backoff),
-            expires=expires,
+            policy=policy,
             task=task,
             task_args=tuple(args),
             task_kwargs=dict(kwargs),
@@ -182,7 +179,7 @@ def sync_beat_schedule(app: Any, repository: JobRepository) -> list[str]:
         )
     if result.disabled:
         logger.warning("celery_dbsched: beat_schedule entries removed, disabled: %s", summarize_names(result.disabled))
-    return [d.name for d in found if d.enabled]
+    return [d.name for d in found if d.policy.enabled]
 
 
 def summarize_names(names: list[str], shown: int = 20) -> str:

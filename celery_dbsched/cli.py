@@ -36,7 +36,7 @@ def _seconds(value: dt.timedelta | None) -> str:
 
 def _schedule(job: JobRecord) -> str:
     if job.schedule is None:
-        return "-" if job.default_next_run_in is None else f"every {_seconds(job.default_next_run_in)}"
+        return "-" if job.every is None else f"every {_seconds(job.every)}"
     spec = job.schedule.spec()
     if spec["type"] == "interval":
         return f"every {spec['seconds']:g}s"
@@ -97,7 +97,7 @@ def jobs(ctx: click.Context) -> None:
         rows.append(
             [
                 job.name,
-                "paused" if job.paused else ("enabled" if job.enabled else "disabled"),
+                "paused" if job.paused else ("enabled" if job.policy.enabled else "disabled"),
                 _when(job.next_scheduled_run),
                 "due" if due <= 0 else f"in {due:.0f}s",
                 _schedule(job),

@@ -30,7 +30,7 @@ def trigger_job(app: Any, name: str) -> JobRecord:
     """Run the job now (once its current run, if any, has ended), and wake the beats."""
     repository = repository_for(app)
     job = repository.lookup_job(_name(name))
-    if job.paused or not job.enabled:
+    if job.paused or not job.policy.enabled:
         raise JobPaused(f"job {name!r} is {'paused' if job.paused else 'disabled'}; resume it to run it")
     return repository.update_job_next_run_in_at_least(name, dt.timedelta(0), run_now=True)
 

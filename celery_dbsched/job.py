@@ -13,6 +13,7 @@ from typing import Any
 
 from . import timing
 from .errors import JobInterrupted
+from .policy import POLICY_NAMES, JobPolicy
 from .schedules import Schedule
 from .schema import NAME_MAX_LENGTH, QUEUE_MAX_LENGTH
 from .settings import parse_duration
@@ -98,7 +99,7 @@ class Job(abc.ABC):
     attributes: `every` or `schedule` (seconds, a timedelta, or Celery's crontab/solar/schedule: the
     cadence used when `next_run_in()` returns None or raises), `timezone` (for crontabs; default the app's),
     `queue`, `interrupt_threshold`, and the policies `enabled`, `misfire`, `misfire_grace`, `max_active`,
-    `retry_backoff`, `expires`.
+    `retry_backoff`, `expires` (see `JobPolicy`).
     """
 
     name: str
@@ -141,7 +142,9 @@ class FunctionJob(Job):
         every: dt.timedelta | None,
         queue: str | None,
         interrupt_threshold: dt.timedelta | None,
-        **policies: Any,
+        schedule: Any = None,
+        timezone: str | None = None,
+        policy: JobPolicy | None = None,
     ) -> None:
         self.func = func
         self.name = name
@@ -149,10 +152,10 @@ class FunctionJob(Job):
         self.every = every
         self.queue = queue
         self.interrupt_threshold = interrupt_threshold
-        for attribute, value in policies.items():
-            if not hasattr(Job, attribute):
-                raise TypeError(f"unknown job option {attribute!r}")
-            setattr(self, attribute, value)
+        self.schedule = schedule
+        self.timezone = timezone
+        for attribute in POLICY_NAMES:  # read back like a Job subclass's attributes
+            setattr(self, attribute, getattr(policy or JobPolicy(), attribute))
         self.__doc__ = func.__doc__
         self.__wrapped__ = func
 
@@ -233,15 +236,10 @@ class JobDefinition:
     description: str
     kind: JobKind = JobKind.JOB
     schedule: Schedule | None = None
-    default_next_run_in: dt.timedelta | None = None
+    every: dt.timedelta | None = None  # stored in the `default_next_run_in` column
     queue: str | None = None
     interrupt_threshold: dt.timedelta | None = None
-    enabled: bool = True
-    misfire: Misfire = Misfire.RUN_ONCE
-    misfire_grace: dt.timedelta | None = None
-    max_active: int = 1
-    retry_backoff: tuple[dt.timedelta, dt.timedelta] | None = None
-    expires: dt.timedelta | None = None
+    policy: JobPolicy = field(default_factory=JobPolicy)
     task: str | None = None
     task_args: tuple[Any, ...] = ()
     task_kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -258,18 +256,12 @@ class JobDefinition:
             raise ValueError(f"{label}: a beat_schedule entry needs a task name, got {self.task!r}")
         if self.schedule is not None and not isinstance(self.schedule, Schedule):
             raise ValueError(f"{label}: schedule must be a Schedule, got {self.schedule!r}")
-        if self.misfire not in set(Misfire):
-            raise ValueError(f"{label}: misfire must be one of {', '.join(Misfire)}, got {self.misfire!r}")
-        object.__setattr__(self, "misfire", Misfire(self.misfire))
-        if (
-            isinstance(self.max_active, bool)
-            or not isinstance(self.max_active, int)
-            or not 1 <= self.max_active <= 1000
-        ):
-            raise ValueError(f"{label}: max_active must be a whole number from 1 to 1000, got {self.max_active!r}")
-        if self.max_active > 1 and self.schedule is None and self.default_next_run_in is None:
+        if not isinstance(self.policy, JobPolicy):
+            raise ValueError(f"{label}: policy must be a JobPolicy, got {self.policy!r}")
+        self.policy.check(label)
+        if self.policy.max_active > 1 and self.schedule is None and self.every is None:
             raise ValueError(f"{label}: max_active > 1 needs a schedule or `every`")
-        for attribute in ("default_next_run_in", "interrupt_threshold", "misfire_grace", "expires"):
+        for attribute in ("every", "interrupt_threshold"):
             value = getattr(self, attribute)
             if value is not None and (not isinstance(value, dt.timedelta) or value < dt.timedelta(0)):
                 raise ValueError(f"{label}: {attribute} must be a non-negative timedelta, got {value!r}")
@@ -287,4 +279,4 @@ class JobDefinition:
     def advances_at_claim(self) -> bool:
         """Runs that nobody waits for (plain tasks) or that may overlap move the schedule when claimed;
         other jobs are rescheduled when their run ends."""
-        return timing.advances_at_claim(self.kind, self.max_active)
+        return timing.advances_at_claim(self.kind, self.policy.max_active)

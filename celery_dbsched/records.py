@@ -14,16 +14,13 @@ from sqlalchemy import Row
 
 from . import timing
 from .job import JobDefinition, JobStatus
+from .policy import JobPolicy, backoff_of, delta_of, seconds_of
 from .schedules import Schedule, schedule_from_spec
-from .states import InterruptReason, JobKind, Misfire, RunState
+from .states import InterruptReason, JobKind, RunState
 
-
-def seconds_of(value: dt.timedelta | None) -> float | None:
-    return None if value is None else value.total_seconds()
-
-
-def delta_of(value: float | None) -> dt.timedelta | None:
-    return None if value is None else dt.timedelta(seconds=value)
+# A job's `every` (its interval when it has no schedule) is stored in this column, named for Boundary's
+# "default next run in"; these records are the one place that maps the two.
+EVERY_COLUMN = "default_next_run_in"
 
 
 @dataclass(frozen=True)
@@ -31,11 +28,10 @@ class JobRecord:
     name: str
     description: str
     next_scheduled_run: dt.datetime
-    default_next_run_in: dt.timedelta | None
+    every: dt.timedelta | None
     queue: str | None
     interrupt_threshold: dt.timedelta | None
     failure_count: int
-    enabled: bool
     create_time: dt.datetime
     update_time: dt.datetime
     kind: JobKind = JobKind.JOB
@@ -44,27 +40,21 @@ class JobRecord:
     task_args: tuple[Any, ...] = ()
     task_kwargs: dict[str, Any] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
-    misfire: Misfire = Misfire.RUN_ONCE
-    misfire_grace: dt.timedelta | None = None
-    max_active: int = 1
-    retry_backoff: tuple[dt.timedelta, dt.timedelta] | None = None
-    expires: dt.timedelta | None = None
+    policy: JobPolicy = field(default_factory=JobPolicy)
     paused: bool = False
     active_runs: int = 0  # queued or running runs holding a slot (kept by the database)
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> JobRecord:
         m = row._mapping
-        base, cap = m["retry_backoff_base"], m["retry_backoff_cap"]
         return cls(
             name=m["name"],
             description=m["description"],
             next_scheduled_run=m["next_scheduled_run"],
-            default_next_run_in=delta_of(m["default_next_run_in"]),
+            every=delta_of(m[EVERY_COLUMN]),
             queue=m["queue"],
             interrupt_threshold=delta_of(m["interrupt_threshold"]),
             failure_count=m["failure_count"],
-            enabled=bool(m["enabled"]),
             create_time=m["create_time"],
             update_time=m["update_time"],
             kind=JobKind(m["kind"]),
@@ -73,22 +63,18 @@ class JobRecord:
             task_args=tuple(json.loads(m["task_args"])) if m["task_args"] else (),
             task_kwargs=json.loads(m["task_kwargs"]) if m["task_kwargs"] else {},
             task_options=json.loads(m["task_options"]) if m["task_options"] else {},
-            misfire=Misfire(m["misfire"]),
-            misfire_grace=delta_of(m["misfire_grace"]),
-            max_active=m["max_active"],
-            retry_backoff=None if base is None else (dt.timedelta(seconds=base), dt.timedelta(seconds=cap)),
-            expires=delta_of(m["expires"]),
+            policy=JobPolicy.from_columns(m),
             paused=bool(m["paused"]),
             active_runs=m["active_runs"],
         )
 
     @property
     def advances_at_claim(self) -> bool:
-        return timing.advances_at_claim(self.kind, self.max_active)
+        return timing.advances_at_claim(self.kind, self.policy.max_active)
 
     @property
     def cadence(self) -> Schedule | None:
-        return timing.cadence(self.schedule, self.default_next_run_in)
+        return timing.cadence(self.schedule, self.every)
 
     def next_slot(self, now: dt.datetime, anchor: dt.datetime | None) -> dt.datetime | None:
         """The job's next slot after `now` on its cadence (None when it has no schedule)."""
@@ -96,21 +82,14 @@ class JobRecord:
 
 
 def definition_values(definition: JobDefinition) -> dict[str, Any]:
-    backoff = definition.retry_backoff
     return {
         "description": definition.description,
         "kind": definition.kind,
         "schedule": definition.schedule.to_json() if definition.schedule is not None else None,
-        "default_next_run_in": seconds_of(definition.default_next_run_in),
+        EVERY_COLUMN: seconds_of(definition.every),
         "queue": definition.queue,
         "interrupt_threshold": seconds_of(definition.interrupt_threshold),
-        "enabled": definition.enabled,
-        "misfire": definition.misfire,
-        "misfire_grace": seconds_of(definition.misfire_grace),
-        "max_active": definition.max_active,
-        "retry_backoff_base": None if backoff is None else backoff[0].total_seconds(),
-        "retry_backoff_cap": None if backoff is None else backoff[1].total_seconds(),
-        "expires": seconds_of(definition.expires),
+        **definition.policy.columns(),
         "task": definition.task,
         "task_args": json.dumps(list(definition.task_args)) if definition.kind == JobKind.TASK else None,
         "task_kwargs": json.dumps(dict(definition.task_kwargs)) if definition.kind == JobKind.TASK else None,
@@ -134,7 +113,7 @@ def changes(row: Row[Any], definition: JobDefinition, values: Mapping[str, Any],
     nsr = current.next_scheduled_run
     if definition.schedule != current.schedule and definition.schedule is not None:
         nsr = definition.schedule.next_after(now)
-    elif definition.enabled and not current.enabled:
+    elif definition.policy.enabled and not current.policy.enabled:
         nsr = timing.resume_at(current.cadence, nsr, now)
     if nsr != current.next_scheduled_run:
         updates["next_scheduled_run"] = nsr
@@ -230,7 +209,7 @@ class StartedRun:
 
     run: RunRecord
     schedule: str | None
-    default_next_run_in: float | None
+    every: float | None  # seconds
     kind: JobKind
     max_active: int
     retry_backoff_base: float | None
@@ -247,7 +226,7 @@ class StartedRun:
         return cls(
             run=RunRecord.from_row(row),
             schedule=m["job_schedule"],
-            default_next_run_in=m["job_default_next_run_in"],
+            every=m[f"job_{EVERY_COLUMN}"],
             kind=JobKind(m["job_kind"]),
             max_active=m["job_max_active"],
             retry_backoff_base=m["job_retry_backoff_base"],
@@ -258,18 +237,19 @@ class StartedRun:
             frozen=frozen,
         )
 
+    def column(self, name: str) -> Any:
+        """A fact of the job as the start statement read it, by its column name."""
+        return self.every if name == EVERY_COLUMN else getattr(self, name)
+
     @property
     def advances_at_claim(self) -> bool:
         return timing.advances_at_claim(self.kind, self.max_active)
 
     @property
     def cadence(self) -> Schedule | None:
-        return timing.cadence(
-            schedule_from_spec(self.schedule) if self.schedule else None, delta_of(self.default_next_run_in)
-        )
+        return timing.cadence(schedule_from_spec(self.schedule) if self.schedule else None, delta_of(self.every))
 
     @property
     def retry_backoff(self) -> tuple[dt.timedelta, dt.timedelta] | None:
         """The job's own backoff (None: the repository's)."""
-        base, cap = self.retry_backoff_base, self.retry_backoff_cap
-        return None if base is None or cap is None else (dt.timedelta(seconds=base), dt.timedelta(seconds=cap))
+        return backoff_of(self.retry_backoff_base, self.retry_backoff_cap)

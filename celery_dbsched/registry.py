@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from .job import Job, JobDefinition, validate_name
+from .policy import POLICY_NAMES, JobPolicy
 from .records import JobRecord
 from .repository import JobRepository
 from .schedules import IntervalSchedule, parse_timezone, schedule_from
-from .settings import parse_backoff, parse_bool, parse_duration
-from .states import Misfire
+from .settings import parse_duration
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +48,16 @@ class JobRegistry:
     def get(self, name: str) -> Job | None:
         return self._jobs.get(name)
 
-    def add(self, job: Job, next_run_in: dt.timedelta | None = None) -> None:
+    def add(self, job: Job, first_run_in: dt.timedelta | None = None) -> None:
         with self._lock:
             self._jobs[job.name] = job
-            self._first_run_in[job.name] = next_run_in
+            self._first_run_in[job.name] = first_run_in
             repository = self._repository
         if repository is not None:
             self._upsert(repository, job)
 
     def _upsert(self, repository: JobRepository, job: Job) -> JobRecord:
-        return repository.define_job(self.definition(job), next_run_in=self._first_run_in.get(job.name))
+        return repository.define_job(self.definition(job), first_run_in=self._first_run_in.get(job.name))
 
     def definition(self, job: Job) -> JobDefinition:
         return definition_of(job, self.timezone if self.app is None else app_timezone(self.app))
@@ -69,7 +69,7 @@ class JobRegistry:
             self._repository = repository
             jobs = list(self._jobs.values())
             first_run_in = dict(self._first_run_in)
-        repository.sync_jobs([self.definition(job) for job in jobs], next_run_in=first_run_in)
+        repository.sync_jobs([self.definition(job) for job in jobs], first_run_in=first_run_in)
 
     def detach(self) -> None:
         with self._lock:
@@ -118,20 +118,15 @@ def definition_of(job: Job, timezone: str = "UTC") -> JobDefinition:
         every = parse_duration(f"{label} every", every, None)
     if isinstance(schedule, IntervalSchedule) and every is None:
         every = dt.timedelta(seconds=schedule.seconds)
-    backoff = getattr(job, "retry_backoff", None)
+    policy = JobPolicy.parse(label, {key: getattr(job, key) for key in POLICY_NAMES if hasattr(job, key)})
     return JobDefinition(
         name=name,
         description=getattr(job, "description", None),  # type: ignore[arg-type]  # validated there
         schedule=schedule if schedule is not None else (IntervalSchedule(every.total_seconds()) if every else None),
-        default_next_run_in=every,
+        every=every,
         queue=getattr(job, "queue", None),
         interrupt_threshold=parse_duration(
             f"{label} interrupt_threshold", getattr(job, "interrupt_threshold", None), None
         ),
-        enabled=parse_bool(f"{label} enabled", getattr(job, "enabled", True), True),
-        misfire=getattr(job, "misfire", Misfire.RUN_ONCE),
-        misfire_grace=parse_duration(f"{label} misfire_grace", getattr(job, "misfire_grace", None), None),
-        max_active=getattr(job, "max_active", 1),
-        retry_backoff=None if backoff is None else parse_backoff(f"{label} retry_backoff", backoff),
-        expires=parse_duration(f"{label} expires", getattr(job, "expires", None), None),
+        policy=policy,
     )

@@ -23,6 +23,7 @@ from . import timing
 from .engine import KeptConnections, make_engine
 from .errors import InvalidRunState, JobNotFound, RunNotFound, classify
 from .job import JobDefinition, JobStatus
+from .policy import POLICY_NAMES, JobPolicy
 from .records import (
     Claim,
     JobRecord,
@@ -198,37 +199,40 @@ class JobRepository:
         name: str,
         description: str,
         *,
-        next_run_in: dt.timedelta | None = None,
-        default_next_run_in: dt.timedelta | None = None,
+        first_run_in: dt.timedelta | None = None,
+        every: dt.timedelta | None = None,
         queue: str | None = None,
         interrupt_threshold: dt.timedelta | None = None,
-        **policies: Any,
+        **fields: Any,
     ) -> JobRecord:
         """Insert a job, or update an existing one's description and settings without touching its next
-        scheduled run (design §8). `policies` are the other `JobDefinition` fields (schedule, misfire, ...)."""
+        scheduled run (design §8). `fields` are the other `JobDefinition` fields (schedule, kind, ...) and the
+        `JobPolicy` fields (misfire, max_active, ...), as typed values."""
+        policy = JobPolicy(**{key: fields.pop(key) for key in POLICY_NAMES if key in fields})
         definition = JobDefinition(
             name=name,
             description=description,
-            default_next_run_in=default_next_run_in,
+            every=every,
             queue=queue,
             interrupt_threshold=interrupt_threshold,
-            **policies,
+            policy=policy,
+            **fields,
         )
-        return self.define_job(definition, next_run_in=next_run_in)
+        return self.define_job(definition, first_run_in=first_run_in)
 
-    def define_job(self, definition: JobDefinition, *, next_run_in: dt.timedelta | None = None) -> JobRecord:
-        """The upsert behind registration. A new job is first due at now + `next_run_in`, else at its
+    def define_job(self, definition: JobDefinition, *, first_run_in: dt.timedelta | None = None) -> JobRecord:
+        """The upsert behind registration. A new job is first due at now + `first_run_in`, else at its
         schedule's first slot (now for intervals), else now. An existing job keeps its next run unless its
         schedule changed (then: the new schedule's next slot) or it is enabled again after being disabled
         (then: its next slot after now, so it does not fire at once for the time it was off)."""
-        timing.check_first_run(definition.name, next_run_in)
+        timing.check_first_run(definition.name, first_run_in)
         values = definition_values(definition)
         while True:
             with self._tx() as conn:
                 now = self._db_now(conn)
                 row = conn.execute(sql.locked_job(self.dialect, definition.name)).first()
                 if row is None:
-                    first = timing.first_run(definition.schedule, next_run_in, now)
+                    first = timing.first_run(definition.schedule, first_run_in, now)
                     inserted = conn.execute(sql.insert_job(self.dialect, definition.name, first, now, values)).first()
                     if inserted is None:
                         continue  # registered concurrently by another process: update it instead
@@ -243,7 +247,7 @@ class JobRepository:
         self,
         definitions: Sequence[JobDefinition],
         *,
-        next_run_in: Mapping[str, dt.timedelta | None] | None = None,
+        first_run_in: Mapping[str, dt.timedelta | None] | None = None,
         disable_missing: JobKind | None = None,
         source: str | None = None,
         fingerprint: str | None = None,
@@ -260,7 +264,7 @@ class JobRepository:
         at once are serialised on its `dbsched_sync` row (on SQLite, on the database's write lock)."""
         wanted = {definition.name: definition for definition in definitions}
         for definition in wanted.values():
-            timing.check_first_run(definition.name, (next_run_in or {}).get(definition.name))
+            timing.check_first_run(definition.name, (first_run_in or {}).get(definition.name))
         values = {name: definition_values(definition) for name, definition in wanted.items()}
         if source is None:
             # No digest to go by: compare without locking first, so that an unchanged registry is one read.
@@ -274,7 +278,7 @@ class JobRepository:
                 if stored is not None and stored == (fingerprint, self._count_kind(conn, disable_missing)):
                     return JobSync(unchanged=True)  # another process just synced the same
             now = self._db_now(conn)
-            done = self._store_sync(conn, wanted, values, next_run_in or {}, disable_missing, now)
+            done = self._store_sync(conn, wanted, values, first_run_in or {}, disable_missing, now)
             if source is not None and fingerprint is not None:
                 count = self._count_kind(conn, disable_missing)
                 conn.execute(sql.store_fingerprint(source, fingerprint, count, now))
@@ -285,13 +289,13 @@ class JobRepository:
         conn: Connection,
         wanted: Mapping[str, JobDefinition],
         values: Mapping[str, Mapping[str, Any]],
-        next_run_in: Mapping[str, dt.timedelta | None],
+        first_run_in: Mapping[str, dt.timedelta | None],
         kind: JobKind | None,
         now: dt.datetime,
     ) -> JobSync:
         """The writes of `sync_jobs`, in its transaction: insert the new, update the changed, disable the missing."""
         plan = plan_sync(self._rows_to_sync(conn, wanted, kind), wanted, values, kind)
-        added = self._insert_new(conn, [wanted[name] for name in plan.new], values, next_run_in, now)
+        added = self._insert_new(conn, [wanted[name] for name in plan.new], values, first_run_in, now)
         raced = sorted(set(plan.new) - set(added))  # inserted by another process meanwhile: compare them
         changed = self._update_changed(conn, plan.candidates + raced, wanted, values, now)
         disabled = self._disable(conn, plan.missing, kind, now) if kind else []
@@ -324,7 +328,7 @@ class JobRepository:
         conn: Connection,
         definitions: Sequence[JobDefinition],
         values: Mapping[str, Mapping[str, Any]],
-        next_run_in: Mapping[str, dt.timedelta | None],
+        first_run_in: Mapping[str, dt.timedelta | None],
         now: dt.datetime,
     ) -> list[str]:
         """Insert the new jobs in chunks; returns the names inserted (not those another process got to first)."""
@@ -334,7 +338,7 @@ class JobRepository:
         for start in range(0, len(definitions), chunk):
             rows = []
             for definition in definitions[start : start + chunk]:
-                first = timing.first_run(definition.schedule, next_run_in.get(definition.name), now)
+                first = timing.first_run(definition.schedule, first_run_in.get(definition.name), now)
                 soon = soon or self._is_soon(first, now)
                 row = {"name": definition.name, "next_scheduled_run": first, "create_time": now, "update_time": now}
                 rows.append({**row, **values[definition.name]})
@@ -653,7 +657,7 @@ class JobRepository:
             when = timing.retry_at(
                 now,
                 failure_count=job.failure_count,
-                backoff=job.retry_backoff or self.retry_backoff,
+                backoff=job.policy.retry_backoff or self.retry_backoff,
                 advances=job.advances_at_claim,
                 claimed_next_run=job.next_scheduled_run,
                 slots=job.cadence,
@@ -730,7 +734,7 @@ class JobRepository:
             backoff=started.retry_backoff or self.retry_backoff,
             backoff_cap=self.retry_backoff[1],
         )
-        facts = {f"f_{name}": getattr(started, name) for name in sql.FINISH_FACTS}
+        facts = {f"f_{name}": started.column(name) for name in sql.FINISH_FACTS}
         facts["f_failure_count"] = started.failure_count
         return window, facts
 

@@ -23,12 +23,12 @@ def advances_at_claim(kind: JobKind, max_active: int) -> bool:
     return kind == JobKind.TASK or max_active > 1
 
 
-def cadence(schedule: Schedule | None, default_next_run_in: dt.timedelta | None) -> Schedule | None:
+def cadence(schedule: Schedule | None, every: dt.timedelta | None) -> Schedule | None:
     """The slots a job keeps to: its schedule, else its `every` as an interval; None when it has neither."""
     if schedule is not None:
         return schedule
-    if default_next_run_in is not None and default_next_run_in > dt.timedelta(0):
-        return IntervalSchedule(default_next_run_in.total_seconds())
+    if every is not None and every > dt.timedelta(0):
+        return IntervalSchedule(every.total_seconds())
     return None
 
 
@@ -42,15 +42,15 @@ def pulled_in(when: dt.datetime, requested: dt.datetime | None) -> dt.datetime:
     return when if requested is None else min(when, requested)
 
 
-def check_first_run(name: str, next_run_in: dt.timedelta | None) -> None:
-    if next_run_in is not None and next_run_in < dt.timedelta(0):
-        raise ValueError(f"job {name!r}: next_run_in must not be negative")
+def check_first_run(name: str, first_run_in: dt.timedelta | None) -> None:
+    if first_run_in is not None and first_run_in < dt.timedelta(0):
+        raise ValueError(f"job {name!r}: first_run_in must not be negative")
 
 
-def first_run(schedule: Schedule | None, next_run_in: dt.timedelta | None, now: dt.datetime) -> dt.datetime:
-    """A new job is first due at now + `next_run_in`, else at its schedule's first slot, else now."""
-    if next_run_in is not None:
-        return now + next_run_in
+def first_run(schedule: Schedule | None, first_run_in: dt.timedelta | None, now: dt.datetime) -> dt.datetime:
+    """A new job is first due at now + `first_run_in`, else at its schedule's first slot, else now."""
+    if first_run_in is not None:
+        return now + first_run_in
     if schedule is not None:
         return schedule.first_slot(now)
     return now

@@ -88,4 +88,4 @@ class DatabaseVacuum(Job):
         return self.every
 
 
-register_job(app, DatabaseVacuum(), next_run_in=dt.timedelta(seconds=2))
+register_job(app, DatabaseVacuum(), first_run_in=dt.timedelta(seconds=2))

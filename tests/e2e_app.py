@@ -209,14 +209,14 @@ def register(spec: dict[str, Any]) -> None:
     spec = {"name": f"e2e.{spec['kind']}", **spec}
     kind = spec["kind"]
     if kind == "quick_class":
-        register_job(app, QuickCounter(spec), next_run_in=_seconds(spec.get("next_run_in")))
+        register_job(app, QuickCounter(spec), first_run_in=_seconds(spec.get("next_run_in")))
         return
     job(
         app,
         name=spec["name"],
         description=f"e2e: {kind}",
         every=spec.get("every"),
-        next_run_in=spec.get("next_run_in"),
+        first_run_in=spec.get("next_run_in"),
         queue=spec.get("queue"),
         interrupt_threshold=spec.get("interrupt_threshold"),
     )(_FUNCTION_KINDS[kind](spec))

@@ -79,7 +79,7 @@ def test_entries_become_task_jobs_named_by_their_key(database: Database) -> None
     for name, entry in ENTRIES.items():
         assert jobs[name].kind == "task"
         assert jobs[name].task == entry["task"]
-        assert jobs[name].enabled
+        assert jobs[name].policy.enabled
 
     assert jobs["every-30-seconds"].schedule == IntervalSchedule(30)
     assert jobs["every-30-seconds"].next_scheduled_run == T0  # an interval's first slot is at once
@@ -131,8 +131,8 @@ def test_entry_policies_in_the_entry_or_in_options_dbsched(database: Database) -
     repository = frozen_repository(database)
     assert sync_beat_schedule(app, repository) == ["b"]  # "a" is disabled
     a, b = repository.lookup_job("a"), repository.lookup_job("b")
-    assert (a.enabled, a.misfire, a.misfire_grace) == (False, "skip", seconds(5))
-    assert b.max_active == 3
+    assert (a.policy.enabled, a.policy.misfire, a.policy.misfire_grace) == (False, "skip", seconds(5))
+    assert b.policy.max_active == 3
     assert b.schedule is not None and b.schedule.spec()["timezone"] == "Asia/Tokyo"
     assert "dbsched" not in b.task_options  # ours, not sent with the task
     assert b.task_options == {"queue": "q"}
@@ -222,7 +222,7 @@ def test_resync_disables_removed_updates_changed_and_keeps_unchanged_next_runs(d
     assert after["change-schedule"].next_scheduled_run == T0 + seconds(20 + 900)  # recomputed
     assert after["new"].next_scheduled_run == dt.datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
-    assert after["remove"].enabled is False
+    assert after["remove"].policy.enabled is False
     assert [run.status for run in repository.list_runs("remove")] == ["dispatched"]  # history kept
     repository.frozen_now = T0 + seconds(3600)
     assert "remove" not in {run.job_name for run in repository.claim_runs("beat", 100).runs}
@@ -231,7 +231,7 @@ def test_resync_disables_removed_updates_changed_and_keeps_unchanged_next_runs(d
     app.conf.beat_schedule = {**app.conf.beat_schedule, "remove": {"task": "t.remove", "schedule": 60}}
     sync_beat_schedule(app, repository)
     back = repository.lookup_job("remove")
-    assert back.enabled is True
+    assert back.policy.enabled is True
     assert back.next_scheduled_run > T0 + seconds(3600)
 
 

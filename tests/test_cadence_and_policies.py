@@ -259,12 +259,12 @@ def test_disabled_job_is_never_claimed_and_enabling_it_does_not_fire_for_missed_
         s.tick()
     assert s.runs("off") == []
     assert len(s.runs("on")) == 10  # the control ran at every slot
-    assert s.job("off").enabled is False
+    assert s.job("off").policy.enabled is False
 
     now = T0 + seconds(10 * 60 + 30)
     s.freeze(now)
     job(app, name="off", description="disabled", every=60, enabled=True)(noop)  # re-registered, enabled
-    assert s.job("off").enabled is True
+    assert s.job("off").policy.enabled is True
     assert s.job("off").next_scheduled_run > now
     assert [r.job_name for r in s.tick()] == ["on"]  # not fired at once for the ten slots it was off
 
@@ -397,7 +397,7 @@ def test_per_job_retry_backoff_overrides_the_global_one(scheduler: TestScheduler
     job(app, name="own", description="own backoff", every=3600, retry_backoff=(100, 150))(boom)
     job(app, name="global", description="global backoff", every=3600)(boom)
     s = scheduler(app, retry_backoff=(5, 50))
-    assert s.job("own").retry_backoff == (seconds(100), seconds(150))
+    assert s.job("own").policy.retry_backoff == (seconds(100), seconds(150))
 
     assert {r.status for r in s.tick()} == {"failed"}
     assert s.job("own").next_scheduled_run == T0 + seconds(100)

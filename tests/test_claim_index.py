@@ -58,7 +58,7 @@ def due_now(repository: JobRepository, name: str) -> None:
 
 
 def test_the_counter_follows_every_transition(repository: JobRepository, checked: Callable[[str], None]) -> None:
-    repository.upsert_job("job", "a job", default_next_run_in=HOUR)
+    repository.upsert_job("job", "a job", every=HOUR)
     checked("registration")
     run = claim_one(repository, "job", server_id="beat")
     assert repository.lookup_job("job").active_runs == 1
@@ -88,7 +88,7 @@ def test_the_counter_follows_every_transition(repository: JobRepository, checked
     checked("cancel")
 
     # Two slots: each active run counts; the job stays claimable until both are taken.
-    repository.upsert_job("wide", "two at once", default_next_run_in=dt.timedelta(seconds=1), max_active=2)
+    repository.upsert_job("wide", "two at once", every=dt.timedelta(seconds=1), max_active=2)
     first = claim_one(repository, "wide", server_id="beat")
     repository.clock_shift += dt.timedelta(seconds=2)
     second = claim_one(repository, "wide", server_id="beat")
@@ -100,7 +100,7 @@ def test_the_counter_follows_every_transition(repository: JobRepository, checked
     checked("one of two ends")
 
     # A plain task: dispatched is final; a tracked task runs outside the slots (slot = -id).
-    repository.upsert_job("entry", "beat_schedule: t", kind="task", task="t", default_next_run_in=HOUR)
+    repository.upsert_job("entry", "beat_schedule: t", kind="task", task="t", every=HOUR)
     task_run = claim_one(repository, "entry", server_id="beat")
     checked("task claimed")
     repository.dispatch_run(task_run.id, "task-id")
@@ -121,7 +121,7 @@ def test_the_counter_follows_every_transition(repository: JobRepository, checked
 
 def test_an_operator_update_of_a_run_is_counted_too(repository: JobRepository, checked: Callable[[str], None]) -> None:
     """Kept by the database, not by this code: a run ended by hand frees the job's slot."""
-    repository.upsert_job("job", "a job", default_next_run_in=HOUR)
+    repository.upsert_job("job", "a job", every=HOUR)
     run = claim_one(repository, "job", server_id="beat")
     with repository.engine.begin() as conn:
         conn.execute(update(run_table).where(run_table.c.id == run.id).values(status="interrupted"))
@@ -133,7 +133,7 @@ def test_many_runs_claimed_in_one_statement_are_all_counted(
     repository: JobRepository, checked: Callable[[str], None]
 ) -> None:
     for n in range(50):
-        repository.upsert_job(f"j{n:02}", "a job", default_next_run_in=HOUR)
+        repository.upsert_job(f"j{n:02}", "a job", every=HOUR)
     assert len(repository.claim_runs("beat", 30).runs) == 30
     checked("a batch of 30")
     assert len(repository.claim_runs("beat", 30).runs) == 20  # the rest: the first 30 are no longer claimable
@@ -146,8 +146,8 @@ def test_many_runs_claimed_in_one_statement_are_all_counted(
 def test_a_job_with_several_slots_takes_its_own_next_free_slot(repository: JobRepository) -> None:
     """The free slot is searched among the job's own runs, whatever slots other jobs hold."""
     second = dt.timedelta(seconds=1)
-    repository.upsert_job("a", "two at once, every 10 s", default_next_run_in=10 * second, max_active=2)
-    repository.upsert_job("b", "two at once, every second", default_next_run_in=second, max_active=2)
+    repository.upsert_job("a", "two at once, every 10 s", every=10 * second, max_active=2)
+    repository.upsert_job("b", "two at once, every second", every=second, max_active=2)
     assert {(run.job_name, run.slot) for run in repository.claim_runs("beat", 10).runs} == {("a", 0), ("b", 0)}
     repository.clock_shift += 2 * second
     assert [(run.job_name, run.slot) for run in repository.claim_runs("beat", 10).runs] == [("b", 1)]

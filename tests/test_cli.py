@@ -101,11 +101,11 @@ def test_jobs_lists_names_next_runs_and_descriptions(database: Database) -> None
     repository.upsert_job(
         "reports.daily",
         "Builds the daily report",
-        next_run_in=dt.timedelta(hours=1),
-        default_next_run_in=dt.timedelta(days=1),
+        first_run_in=dt.timedelta(hours=1),
+        every=dt.timedelta(days=1),
         queue="reports",
     )
-    repository.upsert_job("cleanup", "Deletes old files", default_next_run_in=dt.timedelta(seconds=60))
+    repository.upsert_job("cleanup", "Deletes old files", every=dt.timedelta(seconds=60))
     result = ok(dbsched(database.url, "jobs"))
     lines = result.stdout.strip().splitlines()
     assert lines[0].split() == ["NAME", "STATE", "NEXT", "RUN", "SCHEDULE", "QUEUE", "FAILURES", "DESCRIPTION"]
@@ -130,7 +130,7 @@ def test_jobs_lists_names_next_runs_and_descriptions(database: Database) -> None
 def _history(repository: JobRepository) -> dict[str, int]:
     """a: completed (3/3), failed, queued; b: queued. Returns the run ids by role."""
     repository.upsert_job("a", "job a")
-    repository.upsert_job("b", "job b", next_run_in=dt.timedelta(hours=1))
+    repository.upsert_job("b", "job b", first_run_in=dt.timedelta(hours=1))
     ids: dict[str, int] = {}
     [run] = repository.claim_runs("beat-1", 10).runs
     repository.start_run(run.id, "worker-1")

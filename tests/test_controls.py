@@ -50,7 +50,7 @@ def test_paused_job_is_not_claimed(scheduler: TestSchedulerFactory) -> None:
         assert [r.job_name for r in s.tick()] == ["control"]
     assert s.runs("paused") == []
     assert s.job("paused").paused is True
-    assert s.job("paused").enabled is True  # paused is the operator's, not the code's `enabled`
+    assert s.job("paused").policy.enabled is True  # paused is the operator's, not the code's `enabled`
 
 
 def test_pause_lets_the_active_run_finish(scheduler: TestSchedulerFactory) -> None:

@@ -308,7 +308,7 @@ def test_a_worker_that_does_not_know_the_job_fails_the_run_naming_both_and_worke
     cluster.repo.upsert_job(
         "e2e.upgraded",
         "e2e: quick",
-        default_next_run_in=dt.timedelta(seconds=300),
+        every=dt.timedelta(seconds=300),
         schedule=IntervalSchedule(300),
     )
     old = cluster.worker([quick("e2e.known", 300)], name="old", concurrency=1, settings=settings)

@@ -322,7 +322,7 @@ def worker_side(database: Database, apps: Callable[..., Celery]) -> WorkerSide:
     app = apps(database.url, dbsched_monitor_interval=0.2)
     ran: list[int] = []
 
-    @job(app, name="hostile.registered", description="the only code this worker runs", next_run_in=3600)
+    @job(app, name="hostile.registered", description="the only code this worker runs", first_run_in=3600)
     def registered(ctx: JobContext) -> None:
         ran.append(ctx.run_id)
 
@@ -424,7 +424,7 @@ def test_a_real_worker_runs_only_json_run_messages_of_registered_jobs(
     )
     ran: list[int] = []
 
-    @job(app, name="hostile.registered", description="the only code this worker runs", next_run_in=3600)
+    @job(app, name="hostile.registered", description="the only code this worker runs", first_run_in=3600)
     def registered(ctx: JobContext) -> None:
         ran.append(ctx.run_id)
 

@@ -27,6 +27,7 @@ from celery_dbsched.registry import existing_registry, registry_for
 from celery_dbsched.testing import TestScheduler
 
 HOUR = dt.timedelta(hours=1)
+MINUTE = dt.timedelta(minutes=1)
 
 
 def sample(ctx: JobContext) -> None:
@@ -249,7 +250,7 @@ def test_the_decorator_options(app: Celery) -> None:
         app,
         name="opts",
         every=90,
-        next_run_in=dt.timedelta(minutes=5),
+        first_run_in=dt.timedelta(minutes=5),
         queue="slow",
         interrupt_threshold="45",  # type: ignore[arg-type]  # numeric strings are accepted too
     )(sample)
@@ -264,7 +265,7 @@ def test_zero_every_and_threshold_mean_unset(app: Celery) -> None:
     assert registered.interrupt_threshold is None
 
 
-@pytest.mark.parametrize("option", ["every", "next_run_in", "interrupt_threshold"])
+@pytest.mark.parametrize("option", ["every", "first_run_in", "interrupt_threshold"])
 @pytest.mark.parametrize("value", [-1, "soon", float("nan"), True, dt.timedelta(seconds=-1)])
 def test_the_decorator_validates_its_durations(app: Celery, option: str, value: Any) -> None:
     with pytest.raises(ValueError, match=option):
@@ -401,8 +402,8 @@ def test_register_job_rejects_a_bad_every(app: Celery, every: Any) -> None:
 
 
 def test_register_job_rejects_a_bad_first_run(app: Celery) -> None:
-    with pytest.raises(ValueError, match="next_run_in"):
-        register_job(app, Counter(), next_run_in=-1)
+    with pytest.raises(ValueError, match="first_run_in"):
+        register_job(app, Counter(), first_run_in=-1)
     assert existing_registry(app) is None
 
 
@@ -434,7 +435,7 @@ def test_pull_in_of_an_unknown_job(app: Celery, dbsched_scheduler: TestScheduler
 
 
 def test_pull_in_moves_a_registered_job_earlier(app: Celery, dbsched_scheduler: TestScheduler) -> None:
-    register_job(app, Counter(), next_run_in=HOUR)  # written through: the scheduler is open
+    register_job(app, Counter(), first_run_in=HOUR)  # written through: the scheduler is open
     assert dbsched_scheduler.job("counter").next_scheduled_run > dbsched_scheduler.now() + dt.timedelta(minutes=59)
     record = update_job_next_run_in_at_least(app, "counter", dt.timedelta(minutes=5))
     assert record.next_scheduled_run <= dbsched_scheduler.now() + dt.timedelta(minutes=5)
@@ -443,3 +444,36 @@ def test_pull_in_moves_a_registered_job_earlier(app: Celery, dbsched_scheduler: 
     assert later.next_scheduled_run == record.next_scheduled_run
     update_job_next_run_in_at_least(app, "counter", 0, run_now=True)
     assert [run.job_name for run in dbsched_scheduler.tick()] == ["counter"]
+
+
+# -- first_run_in, and next_run_in: its deprecated name ---------------------------------------------------------
+
+
+def test_first_run_in_is_the_delay_before_the_first_run(app: Celery, dbsched_scheduler: TestScheduler) -> None:
+    register_job(app, Counter(), first_run_in=HOUR)
+    job(app, name="function", every=60, first_run_in=2 * HOUR)(sample)
+    now = dbsched_scheduler.now()
+    assert now + 59 * MINUTE < dbsched_scheduler.job("counter").next_scheduled_run <= now + HOUR
+    assert now + 119 * MINUTE < dbsched_scheduler.job("function").next_scheduled_run <= now + 2 * HOUR
+
+
+@pytest.mark.parametrize("register", ["register_job", "job"])
+def test_next_run_in_still_works_with_a_deprecation_warning(
+    app: Celery, dbsched_scheduler: TestScheduler, register: str
+) -> None:
+    with pytest.warns(DeprecationWarning, match=r"next_run_in=.*deprecated; use first_run_in=") as warned:
+        if register == "register_job":
+            register_job(app, Counter(), next_run_in=HOUR)
+        else:
+            job(app, name="counter", every=60, next_run_in=HOUR)(sample)
+    assert [w.filename for w in warned] == [__file__]  # it points at the caller
+    now = dbsched_scheduler.now()
+    assert now + 59 * MINUTE < dbsched_scheduler.job("counter").next_scheduled_run <= now + HOUR
+
+
+def test_a_bad_next_run_in_is_named_as_given(app: Celery) -> None:
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="job 'counter' next_run_in"):
+        register_job(app, Counter(), next_run_in=-1)
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="first_run_in= only"):
+        register_job(app, Counter(), first_run_in=HOUR, next_run_in=HOUR)
+    assert existing_registry(app) is None

@@ -17,6 +17,7 @@ from sqlalchemy import select, update
 from celery_dbsched import (
     InvalidRunState,
     JobNotFound,
+    JobPolicy,
     JobRecord,
     JobRepository,
     JobStatus,
@@ -75,21 +76,21 @@ def within(repository: JobRepository, action: Callable[[], Any]) -> tuple[dt.dat
 # -- registration (design §8) ----------------------------------------------------------------------------------
 
 
-def test_new_job_without_next_run_in_is_due_now(repository: JobRepository) -> None:
+def test_new_job_without_first_run_in_is_due_now(repository: JobRepository) -> None:
     before, job, after = within(repository, lambda: add_job(repository, "j"))
     assert before <= job.next_scheduled_run <= after
     assert job.name == "j"
     assert job.description == "the j job"
     assert job.failure_count == 0
-    assert job.enabled is True
-    assert job.default_next_run_in is None
+    assert job.policy.enabled is True
+    assert job.every is None
     assert job.queue is None
     assert job.interrupt_threshold is None
     assert repository.lookup_job("j") == job
 
 
-def test_new_job_with_next_run_in_is_due_then_on_the_database_clock(repository: JobRepository) -> None:
-    before, job, after = within(repository, lambda: add_job(repository, "j", next_run_in=HOUR))
+def test_new_job_with_first_run_in_is_due_then_on_the_database_clock(repository: JobRepository) -> None:
+    before, job, after = within(repository, lambda: add_job(repository, "j", first_run_in=HOUR))
     assert before + HOUR <= job.next_scheduled_run <= after + HOUR
     assert job.next_scheduled_run.tzinfo is not None
     assert job.next_scheduled_run.utcoffset() == dt.timedelta(0)
@@ -99,23 +100,23 @@ def test_upsert_stores_the_job_settings(repository: JobRepository) -> None:
     job = add_job(
         repository,
         "j",
-        default_next_run_in=dt.timedelta(seconds=90),
+        every=dt.timedelta(seconds=90),
         queue="slow",
         interrupt_threshold=dt.timedelta(seconds=45),
     )
-    assert job.default_next_run_in == dt.timedelta(seconds=90)
+    assert job.every == dt.timedelta(seconds=90)
     assert job.queue == "slow"
     assert job.interrupt_threshold == dt.timedelta(seconds=45)
 
 
 def test_reupsert_keeps_next_scheduled_run_and_updates_description_and_settings(repository: JobRepository) -> None:
-    first = add_job(repository, "j", next_run_in=HOUR)
+    first = add_job(repository, "j", first_run_in=HOUR)
     repository.clock_shift = 10 * SECOND
     second = repository.upsert_job(
         "j",
         "a better description",
-        next_run_in=dt.timedelta(seconds=5),
-        default_next_run_in=MINUTE,
+        first_run_in=dt.timedelta(seconds=5),
+        every=MINUTE,
         queue="q2",
         interrupt_threshold=dt.timedelta(seconds=30),
     )
@@ -123,7 +124,7 @@ def test_reupsert_keeps_next_scheduled_run_and_updates_description_and_settings(
     assert second.create_time == first.create_time
     assert second.update_time >= first.update_time + 10 * SECOND - SLACK
     assert second.description == "a better description"
-    assert second.default_next_run_in == MINUTE
+    assert second.every == MINUTE
     assert second.queue == "q2"
     assert second.interrupt_threshold == dt.timedelta(seconds=30)
     assert [job.name for job in repository.list_jobs()] == ["j"]
@@ -132,7 +133,7 @@ def test_reupsert_keeps_next_scheduled_run_and_updates_description_and_settings(
 def test_reupsert_does_not_reset_a_job_that_is_due(repository: JobRepository) -> None:
     add_job(repository, "j")
     repository.clock_shift = HOUR
-    job = add_job(repository, "j", next_run_in=HOUR)
+    job = add_job(repository, "j", first_run_in=HOUR)
     assert job.next_scheduled_run < repository.database_now()
     assert claim_one(repository, "j").job_name == "j"
 
@@ -186,9 +187,9 @@ def test_upsert_accepts_a_queue_name_of_255_characters(repository: JobRepository
     assert add_job(repository, "j", queue="q" * 255).queue == "q" * 255
 
 
-def test_upsert_rejects_a_negative_next_run_in(repository: JobRepository) -> None:
-    with pytest.raises(ValueError, match="next_run_in"):
-        add_job(repository, "j", next_run_in=-SECOND)
+def test_upsert_rejects_a_negative_first_run_in(repository: JobRepository) -> None:
+    with pytest.raises(ValueError, match="first_run_in"):
+        add_job(repository, "j", first_run_in=-SECOND)
     assert repository.list_jobs() == []
 
 
@@ -208,7 +209,7 @@ def test_lookup_and_list_jobs(repository: JobRepository) -> None:
 def test_times_come_from_the_database_clock_plus_the_test_shift(repository: JobRepository) -> None:
     host_now = dt.datetime.now(dt.timezone.utc)
     repository.clock_shift = dt.timedelta(days=3)
-    before, job, after = within(repository, lambda: add_job(repository, "j", next_run_in=MINUTE))
+    before, job, after = within(repository, lambda: add_job(repository, "j", first_run_in=MINUTE))
     # Three days away from this host's clock: the times can only come from the (shifted) database clock.
     assert before >= host_now + dt.timedelta(days=3) - MINUTE
     assert before + MINUTE <= job.next_scheduled_run <= after + MINUTE
@@ -251,7 +252,7 @@ def test_claim_creates_a_queued_run_for_each_due_job(repository: JobRepository) 
 
 
 def test_claim_skips_jobs_not_yet_due(repository: JobRepository) -> None:
-    add_job(repository, "later", next_run_in=MINUTE)
+    add_job(repository, "later", first_run_in=MINUTE)
     add_job(repository, "now")
     assert [run.job_name for run in claim(repository)] == ["now"]
     repository.clock_shift = MINUTE - 5 * SECOND
@@ -265,7 +266,7 @@ def test_claim_skips_disabled_jobs(repository: JobRepository) -> None:
     add_job(repository, "on")
     set_job(repository, "off", enabled=False)
     assert [run.job_name for run in claim(repository)] == ["on"]
-    assert repository.lookup_job("off").enabled is False
+    assert repository.lookup_job("off").policy.enabled is False
     set_job(repository, "off", enabled=True)
     assert [run.job_name for run in claim(repository)] == ["off"]
 
@@ -467,7 +468,7 @@ def test_next_due_in_is_none_without_jobs(repository: JobRepository) -> None:
 
 
 def test_next_due_in_counts_down_on_the_database_clock(repository: JobRepository) -> None:
-    add_job(repository, "j", next_run_in=dt.timedelta(seconds=100))
+    add_job(repository, "j", first_run_in=dt.timedelta(seconds=100))
     due_in = repository.next_due_in()
     assert due_in is not None and 95 <= due_in <= 100
     repository.clock_shift = dt.timedelta(seconds=130)
@@ -476,8 +477,8 @@ def test_next_due_in_counts_down_on_the_database_clock(repository: JobRepository
 
 
 def test_next_due_in_takes_the_earliest_job(repository: JobRepository) -> None:
-    add_job(repository, "late", next_run_in=HOUR)
-    add_job(repository, "soon", next_run_in=dt.timedelta(seconds=50))
+    add_job(repository, "late", first_run_in=HOUR)
+    add_job(repository, "soon", first_run_in=dt.timedelta(seconds=50))
     due_in = repository.next_due_in()
     assert due_in is not None and 45 <= due_in <= 50
 
@@ -489,7 +490,7 @@ def test_next_due_in_excludes_jobs_with_an_active_run_and_disabled_jobs(reposito
     add_job(repository, "off")
     set_job(repository, "off", enabled=False)
     assert repository.next_due_in() is None
-    add_job(repository, "other", next_run_in=dt.timedelta(seconds=200))
+    add_job(repository, "other", first_run_in=dt.timedelta(seconds=200))
     due_in = repository.next_due_in()
     assert due_in is not None and 190 <= due_in <= 200
     repository.start_run(run.id, "w")
@@ -820,7 +821,7 @@ def test_fail_run_retries_no_later_than_the_jobs_next_slot(repository: JobReposi
     repository.retry_backoff = (dt.timedelta(seconds=10), HOUR)
     repository.frozen_now = repository.database_now()
     start = repository.frozen_now
-    add_job(repository, "j", default_next_run_in=dt.timedelta(seconds=30))
+    add_job(repository, "j", every=dt.timedelta(seconds=30))
     slots = []
     for _ in range(3):
         run = repository.start_run(claim_one(repository, "j").id, "w")
@@ -1085,7 +1086,7 @@ def test_every_interrupting_path_stores_its_reason(repository: JobRepository) ->
     assert repository.interrupt_run(run.id, InterruptReason.STALLED, "x").interrupt_reason is InterruptReason.STALLED
 
     for name in ("expired-by-monitor", "expired-at-start"):
-        repository.define_job(JobDefinition(name=name, description=name, expires=MINUTE, default_next_run_in=HOUR))
+        repository.define_job(JobDefinition(name=name, description=name, every=HOUR, policy=JobPolicy(expires=MINUTE)))
     claimed = {run.job_name: run for run in claim(repository)}
     by_monitor, at_start = claimed["expired-by-monitor"], claimed["expired-at-start"]
     repository.clock_shift += HOUR
@@ -1093,9 +1094,7 @@ def test_every_interrupting_path_stores_its_reason(repository: JobRepository) ->
         repository.start_run(at_start.id, "worker-1")  # too late: ended expired instead
     assert [r.id for r in repository.expire_runs()] == [by_monitor.id]
 
-    repository.define_job(
-        JobDefinition(name="orphan", description="orphan", kind=JobKind.TASK, task="t", default_next_run_in=HOUR)
-    )
+    repository.define_job(JobDefinition(name="orphan", description="orphan", kind=JobKind.TASK, task="t", every=HOUR))
     orphan = repository.dispatch_run(claim_one(repository, "orphan").id)
     repository.track_start(orphan.id, "gone@host", None)  # a worker that never sent a heartbeat
     repository.clock_shift += HOUR
@@ -1133,7 +1132,7 @@ def test_a_run_not_interrupted_has_no_interrupt_reason(repository: JobRepository
 
 
 def test_pull_in_only_ever_moves_the_next_run_earlier(repository: JobRepository) -> None:
-    add_job(repository, "j", next_run_in=HOUR)
+    add_job(repository, "j", first_run_in=HOUR)
     before, job, after = within(
         repository, lambda: repository.update_job_next_run_in_at_least("j", dt.timedelta(minutes=10))
     )
@@ -1145,20 +1144,20 @@ def test_pull_in_only_ever_moves_the_next_run_earlier(repository: JobRepository)
 
 
 def test_pull_in_of_zero_makes_the_job_due_at_once(repository: JobRepository) -> None:
-    add_job(repository, "j", next_run_in=HOUR)
+    add_job(repository, "j", first_run_in=HOUR)
     assert claim(repository) == []
     repository.update_job_next_run_in_at_least("j", dt.timedelta(0))
     assert claim_one(repository, "j").job_name == "j"
 
 
 def test_pull_in_with_run_now(repository: JobRepository) -> None:
-    add_job(repository, "j", next_run_in=HOUR)
+    add_job(repository, "j", first_run_in=HOUR)
     repository.update_job_next_run_in_at_least("j", dt.timedelta(0), run_now=True)
     assert claim_one(repository, "j").job_name == "j"
 
 
 def test_pull_in_errors(repository: JobRepository) -> None:
-    add_job(repository, "j", next_run_in=HOUR)
+    add_job(repository, "j", first_run_in=HOUR)
     scheduled = repository.lookup_job("j").next_scheduled_run
     with pytest.raises(JobNotFound):
         repository.update_job_next_run_in_at_least("nope", dt.timedelta(0))
@@ -1338,7 +1337,7 @@ def test_a_claim_skips_the_jobs_another_uncommitted_claim_holds_instead_of_waiti
     repository = postgres_database.migrated_repository()
     now = repository.database_now()
     add_job(repository, "a-blocker")
-    add_job(repository, "b-other", default_next_run_in=HOUR)
+    add_job(repository, "b-other", every=HOUR)
     set_job(repository, "a-blocker", next_scheduled_run=now - dt.timedelta(seconds=2))
     set_job(repository, "b-other", next_scheduled_run=now - dt.timedelta(seconds=1))
 
@@ -1373,7 +1372,7 @@ def test_a_run_that_ended_before_its_next_slot_is_not_passed_over(
     completing transaction's later statement ran after it. The next slot is counted from the end: it is due,
     not passed over as if the run had overrun it."""
     slot = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
-    add_job(repository, "cadence", default_next_run_in=dt.timedelta(seconds=1))
+    add_job(repository, "cadence", every=dt.timedelta(seconds=1))
     set_job(repository, "cadence", next_scheduled_run=slot)
     repository.frozen_now = slot + dt.timedelta(milliseconds=100)
     run = repository.start_run(claim_one(repository, "cadence").id, "worker-1")

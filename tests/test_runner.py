@@ -99,7 +99,7 @@ class Recorder(Job):
 
 def register_and_claim(repository: JobRepository, job: Job, **kwargs: Any) -> RunRecord:
     """Register `job` (due now) and claim its run as a beat would."""
-    repository.upsert_job(job.name, job.description, default_next_run_in=job.every, **kwargs)
+    repository.upsert_job(job.name, job.description, every=job.every, **kwargs)
     return claim_one(repository, job.name)
 
 

@@ -273,7 +273,7 @@ def test_tick_publishes_one_message_per_claimed_run(database: Database, make_sch
     repository.upsert_job("b", "job b")
     other = f"other-{uuid.uuid4().hex[:8]}"
     repository.upsert_job("routed", "job with a queue", queue=other)
-    repository.upsert_job("later", "not due", next_run_in=HOUR)
+    repository.upsert_job("later", "not due", first_run_in=HOUR)
     scheduler = make_scheduler(database.url, dbsched_server_id="beat-1")
 
     assert scheduler.tick() > 0
@@ -330,7 +330,7 @@ def test_tick_publishes_to_a_real_broker(
 def test_claims_earliest_due_first(sqlite_database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = sqlite_database.migrated_repository()
     for name, due_in in (("a", 30), ("b", 20), ("c", 10)):
-        repository.upsert_job(name, f"job {name}", next_run_in=dt.timedelta(seconds=due_in))
+        repository.upsert_job(name, f"job {name}", first_run_in=dt.timedelta(seconds=due_in))
     scheduler = make_scheduler(sqlite_database.url, dbsched_run_jobs_limit=1)
     scheduler.repository.clock_shift = dt.timedelta(minutes=1)
     order = []
@@ -351,7 +351,7 @@ def test_tick_sleeps_the_run_jobs_interval_when_nothing_is_due(
     scheduler = make_scheduler(database.url, dbsched_run_jobs_interval=3)
     # An empty database, then jobs that are not due, then a due job whose run is still active: never 0.
     returns = [scheduler.tick() for _ in range(5)]
-    repository.upsert_job("later", "not due", next_run_in=HOUR)
+    repository.upsert_job("later", "not due", first_run_in=HOUR)
     returns += [scheduler.tick() for _ in range(5)]
     repository.upsert_job("busy", "due but its run is active")
     assert scheduler.tick() > 0  # claims it
@@ -363,8 +363,8 @@ def test_tick_sleeps_the_run_jobs_interval_when_nothing_is_due(
 @pytest.mark.slow
 def test_tick_wakes_sooner_when_a_job_is_due_sooner(database: Database, make_scheduler: SchedulerFactory) -> None:
     repository = database.migrated_repository()
-    repository.upsert_job("soon", "due in 2 s", next_run_in=dt.timedelta(seconds=2))
-    repository.upsert_job("later", "due in an hour", next_run_in=HOUR)
+    repository.upsert_job("soon", "due in 2 s", first_run_in=dt.timedelta(seconds=2))
+    repository.upsert_job("later", "due in an hour", first_run_in=HOUR)
     scheduler = make_scheduler(database.url, dbsched_run_jobs_interval=30, beat_max_loop_interval=300)
     first = scheduler.tick()
     assert 0 < first <= 2.0
@@ -812,7 +812,7 @@ def test_celery_beat_with_bad_settings_exits_naming_the_key(
 @pytest.mark.postgres
 def test_run_now_wakes_a_sleeping_beat(postgres_database: Database, tmp_path: Path, processes: Processes) -> None:
     repository = postgres_database.migrated_repository()
-    repository.upsert_job("later", "due in an hour", next_run_in=HOUR)
+    repository.upsert_job("later", "due in an hour", first_run_in=HOUR)
     queue = f"q-{uuid.uuid4().hex[:8]}"
     broker_dir = tmp_path / "broker"
     env = _app_env(
@@ -833,7 +833,7 @@ def test_on_postgres_tick_sleeps_on_listen_and_a_notify_ends_it(
 ) -> None:
     scheduler = make_scheduler(postgres_database.url, dbsched_run_jobs_interval=5, dbsched_listen=True)
     repository = postgres_database.migrated_repository()
-    repository.upsert_job("later", "due in an hour", next_run_in=HOUR)
+    repository.upsert_job("later", "due in an hour", first_run_in=HOUR)
     began = time.monotonic()
     assert scheduler.tick() == pytest.approx(0.01)  # it slept the interval itself, on LISTEN
     assert time.monotonic() - began >= 4.5
@@ -853,7 +853,7 @@ def test_on_sqlite_tick_returns_the_sleep_for_celery(
     sqlite_database: Database, make_scheduler: SchedulerFactory
 ) -> None:
     scheduler = make_scheduler(sqlite_database.url, dbsched_run_jobs_interval=3, dbsched_listen=True)
-    sqlite_database.migrated_repository().upsert_job("later", "due in an hour", next_run_in=HOUR)
+    sqlite_database.migrated_repository().upsert_job("later", "due in an hour", first_run_in=HOUR)
     began = time.monotonic()
     assert scheduler.tick() == pytest.approx(3, abs=0.1)
     assert time.monotonic() - began < 2  # nothing to listen on: Celery's loop sleeps

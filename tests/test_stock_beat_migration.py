@@ -172,7 +172,7 @@ def _check_interval_runs(project: Project, beats_started: float) -> list[RunReco
 def _check_registered_schedules(project: Project) -> None:
     repo = project.repository
     nightly = repo.lookup_job("nightly")
-    assert nightly.kind == "task" and nightly.task == "migration_app.record" and nightly.enabled
+    assert nightly.kind == "task" and nightly.task == "migration_app.record" and nightly.policy.enabled
     assert nightly.schedule == CrontabSchedule(minute="30", hour="2", timezone="Europe/Berlin")
     berlin = ZoneInfo("Europe/Berlin")
     today = nightly.create_time.astimezone(berlin).date()
@@ -186,7 +186,7 @@ def _check_registered_schedules(project: Project) -> None:
     created = sunset.create_time
     celery_says = created + solar("sunset", 52.52, 13.40, nowfun=lambda: created).remaining_estimate(created)
     assert abs(sunset.next_scheduled_run - celery_says) < dt.timedelta(seconds=1)
-    assert repo.lookup_job("every-minute").enabled
+    assert repo.lookup_job("every-minute").policy.enabled
     # Stock beat adds celery.backend_cleanup for an app without an auto-expiring result backend; so do we.
     assert repo.lookup_job("celery.backend_cleanup").task == "celery.backend_cleanup"
 

@@ -139,9 +139,9 @@ def test_70000_entries_sync_start_claim_and_publish(database: Database) -> None:
             app.conf.beat_schedule = schedule
             assert len(sync_beat_schedule(app, repository)) == BIG
         assert max(sizes) < 30_000  # below PostgreSQL's 65,535 and SQLite's default 32,766
-        assert repository.lookup_job("entry-000001").enabled is False
+        assert repository.lookup_job("entry-000001").policy.enabled is False
         assert repository.lookup_job("entry-000002").task_args == ("changed",)
-        assert repository.lookup_job("added").enabled is True
+        assert repository.lookup_job("added").policy.enabled is True
         beat.close()
     finally:
         bind_repository(app, None)
@@ -216,7 +216,7 @@ def test_a_changed_schedule_writes_only_what_changed(database: Database) -> None
     assert after["entry-000007"].next_scheduled_run == before["entry-000007"].next_scheduled_run
     assert after["entry-000007"].update_time > before["entry-000007"].update_time
     assert after["entry-000008"].next_scheduled_run == T0 + dt.timedelta(seconds=30 + 90)
-    assert after["entry-000009"].enabled is False
+    assert after["entry-000009"].policy.enabled is False
     assert after["new-one"].next_scheduled_run == dt.datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 
@@ -239,14 +239,14 @@ def test_the_fingerprint_never_hides_a_change(database: Database) -> None:
         conn.execute(text("DELETE FROM dbsched_job WHERE name = 'entry-000003'"))
     assert not repository.sync_is_current(SYNC_SOURCE, fingerprint(app) or "", "task")
     sync_beat_schedule(app, repository)
-    assert repository.lookup_job("entry-000003").enabled is True
+    assert repository.lookup_job("entry-000003").policy.enabled is True
 
     # A value the fingerprint cannot digest faithfully: no shortcut, every start compares every entry.
     # (Here: kwargs whose keys cannot be sorted, which json.dumps stores as they are.)
     app.conf.beat_schedule = {"f": {"task": "t", "schedule": 60, "kwargs": {1: "a", "b": 2}}}
     assert fingerprint(app) is None
     sync_beat_schedule(app, repository)
-    assert repository.lookup_job("entry-000003").enabled is False
+    assert repository.lookup_job("entry-000003").policy.enabled is False
 
 
 def test_several_beats_syncing_one_schedule_at_once_agree(database: Database) -> None:
@@ -279,7 +279,7 @@ def test_several_beats_syncing_one_schedule_at_once_agree(database: Database) ->
     assert not errors, errors
     jobs = {j.name: j for j in repository.list_jobs()}
     assert len(jobs) == 500
-    assert all(j.enabled for j in jobs.values())
+    assert all(j.policy.enabled for j in jobs.values())
     for i in range(0, 300, 3):  # recomputed once, from the new schedule
         assert jobs[f"entry-{i:06d}"].next_scheduled_run == T0 + dt.timedelta(seconds=10 + 120)
     assert jobs["entry-000001"].next_scheduled_run == T0  # untouched

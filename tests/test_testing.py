@@ -215,7 +215,7 @@ def test_a_job_unknown_to_the_app_fails_its_run(app: Celery, dbsched_scheduler: 
 
 
 def test_a_job_registered_while_open_is_written_through(app: Celery, dbsched_scheduler: TestScheduler) -> None:
-    job(app, name="late", description="registered after the scheduler opened", next_run_in=HOUR)(lambda ctx: None)
+    job(app, name="late", description="registered after the scheduler opened", first_run_in=HOUR)(lambda ctx: None)
     assert dbsched_scheduler.job("late").description == "registered after the scheduler opened"
     assert dbsched_scheduler.tick() == []
     dbsched_scheduler.advance(HOUR)

@@ -17,9 +17,7 @@ HOUR = dt.timedelta(hours=1)
 
 
 def dispatched(repository: JobRepository, name: str = "entry") -> RunRecord:
-    repository.define_job(
-        JobDefinition(name=name, description=name, kind=JobKind.TASK, task="proj.t", default_next_run_in=HOUR)
-    )
+    repository.define_job(JobDefinition(name=name, description=name, kind=JobKind.TASK, task="proj.t", every=HOUR))
     [run] = [run for run in repository.claim_runs("beat-1", 10).runs if run.job_name == name]
     return repository.dispatch_run(run.id)
 
@@ -68,7 +66,7 @@ def test_tracking_a_run_in_the_wrong_state_says_why(repository: JobRepository) -
 
 
 def test_a_job_run_is_not_tracked_as_a_plain_task(repository: JobRepository) -> None:
-    repository.upsert_job("job", "a @job", default_next_run_in=HOUR)
+    repository.upsert_job("job", "a @job", every=HOUR)
     [run] = repository.claim_runs("beat-1", 10).runs
     with pytest.raises(InvalidRunState):
         repository.track_start(run.id, "worker-1", None)

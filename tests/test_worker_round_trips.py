@@ -138,7 +138,7 @@ def counted(postgres_database: Database) -> tuple[JobRepository, RoundTrips]:
 
 def add_and_claim(repository: JobRepository, name: str, **kwargs: Any) -> RunRecord:
     """Register a job due now and claim its run."""
-    repository.upsert_job(name, f"the {name} job", next_run_in=dt.timedelta(0), **kwargs)
+    repository.upsert_job(name, f"the {name} job", first_run_in=dt.timedelta(0), **kwargs)
     [run] = [run for run in repository.claim_runs("beat-1", 100).runs if run.job_name == name]
     return run
 
@@ -148,7 +148,7 @@ def claimed_job(
 ) -> Callable[[], RunRecord]:
     """Register and claim a job (not counted); return what a worker does with its run (counted)."""
     job = FunctionJob(body, name=name, description=name, every=HOUR, queue=None, interrupt_threshold=None)
-    run = add_and_claim(repository, name, default_next_run_in=HOUR, **kwargs)
+    run = add_and_claim(repository, name, every=HOUR, **kwargs)
 
     def execute() -> RunRecord:
         done = execute_run(repository, {name: job}.get, run.id, "worker-1", task_id="t-1", monitor_interval=1.0)
@@ -255,9 +255,7 @@ def tracked_app(counted: tuple[JobRepository, RoundTrips]) -> Iterator[Celery]:
 
 
 def dispatched_run(repository: JobRepository, name: str, task: str) -> RunRecord:
-    repository.define_job(
-        JobDefinition(name=name, description=name, kind=JobKind.TASK, task=task, default_next_run_in=HOUR)
-    )
+    repository.define_job(JobDefinition(name=name, description=name, kind=JobKind.TASK, task=task, every=HOUR))
     [run] = [run for run in repository.claim_runs("beat-1", 100).runs if run.job_name == name]
     return repository.dispatch_run(run.id)
 
@@ -303,12 +301,12 @@ def _job_state(repository: JobRepository, name: str) -> tuple[Any, ...]:
 
 
 SCENARIOS: dict[str, dict[str, Any]] = {
-    "every": {"default_next_run_in": dt.timedelta(minutes=10)},
+    "every": {"every": dt.timedelta(minutes=10)},
     "crontab": {"schedule": CrontabSchedule(minute="*/15")},
     "no-cadence": {},
-    "max-active-2": {"default_next_run_in": dt.timedelta(minutes=10), "max_active": 2},
-    "own-backoff": {"default_next_run_in": HOUR, "retry_backoff": (dt.timedelta(seconds=7), dt.timedelta(minutes=2))},
-    "slot-before-backoff": {"default_next_run_in": dt.timedelta(seconds=30)},
+    "max-active-2": {"every": dt.timedelta(minutes=10), "max_active": 2},
+    "own-backoff": {"every": HOUR, "retry_backoff": (dt.timedelta(seconds=7), dt.timedelta(minutes=2))},
+    "slot-before-backoff": {"every": dt.timedelta(seconds=30)},
 }
 
 
@@ -337,7 +335,7 @@ def test_the_one_statement_finish_matches_the_long_way(
     for twin in ("fast", "slow"):
         repository.frozen_now = T0
         name = f"{scenario}-{twin}"
-        repository.upsert_job(name, name, next_run_in=dt.timedelta(0), **SCENARIOS[scenario])
+        repository.upsert_job(name, name, first_run_in=dt.timedelta(0), **SCENARIOS[scenario])
         for attempt in range(2 if finish == "fail-twice" else 1):
             repository.frozen_now = T0 + dt.timedelta(hours=attempt)
             if attempt:
@@ -367,7 +365,7 @@ def test_the_one_statement_finish_matches_the_long_way(
 def test_a_cadence_changed_during_the_run_is_used_by_the_finish(postgres_database: Database) -> None:
     repository = postgres_database.migrated_repository()
     repository.frozen_now = T0
-    run = add_and_claim(repository, "changing", default_next_run_in=dt.timedelta(minutes=10))
+    run = add_and_claim(repository, "changing", every=dt.timedelta(minutes=10))
     repository.start_run(run.id, "worker-1")
     repository.upsert_job("changing", "changing", schedule=CrontabSchedule(minute="*/15"))  # a new deployment
     repository.frozen_now = T0 + dt.timedelta(minutes=1)
@@ -380,7 +378,7 @@ def test_a_cadence_changed_while_the_finish_waits_for_the_job_row(postgres_datab
     the statement undoes itself and the finish is done again with the new cadence."""
     repository = postgres_database.migrated_repository()
     repository.frozen_now = T0
-    run = add_and_claim(repository, "racing", default_next_run_in=dt.timedelta(minutes=10))
+    run = add_and_claim(repository, "racing", every=dt.timedelta(minutes=10))
     repository.start_run(run.id, "worker-1")
     repository.frozen_now = T0 + dt.timedelta(minutes=1)
     other = postgres_database.repository().engine.connect()
@@ -427,7 +425,7 @@ def test_a_finish_far_from_the_expected_time_goes_the_long_way(postgres_database
     moved an hour on a test hook the estimate does not know) is detected by the statement, which then
     changes nothing, and the long way is right."""
     repository = postgres_database.migrated_repository()
-    run = add_and_claim(repository, "far", default_next_run_in=dt.timedelta(minutes=10))
+    run = add_and_claim(repository, "far", every=dt.timedelta(minutes=10))
     started = repository.start_run(run.id, "worker-1")
     repository._started[run.id] = dataclasses_replace(repository._started[run.id], monotonic=time.monotonic() + 3600)
     done = repository.complete_run(run.id)
@@ -441,7 +439,7 @@ def test_a_finish_far_from_the_expected_time_goes_the_long_way(postgres_database
 
 def test_a_kept_connection_the_database_dropped_is_replaced_at_once(postgres_database: Database) -> None:
     repository = postgres_database.migrated_repository()
-    run = add_and_claim(repository, "dropped", default_next_run_in=HOUR)
+    run = add_and_claim(repository, "dropped", every=HOUR)
     repository.start_run(run.id, "worker-1")
     [(backend,)] = [tuple(row) for row in repository._one(select(text("pg_backend_pid()")))]
     with postgres_database.repository().engine.begin() as conn:
