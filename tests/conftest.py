@@ -6,6 +6,7 @@ the reason printed; with DBSCHED_REQUIRE_SERVICES=1 (CI) a missing service fails
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import uuid
@@ -19,8 +20,11 @@ import pytest
 from procs import processes  # noqa: F401 - the fixture of real celery worker/beat subprocesses, for every module
 from sqlalchemy import create_engine, text
 
+from celery_dbsched.binding import bind_repository
+from celery_dbsched.clock import Clock, TestClock
 from celery_dbsched.migrate import migrate
 from celery_dbsched.repository import JobRepository
+from celery_dbsched.settings import Settings
 from celery_dbsched.transport import filesystem_broker_settings
 
 POSTGRES_URL = os.environ.get("DBSCHED_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -105,19 +109,31 @@ class Database:
     schema: str | None = None
     repositories: list[JobRepository] = field(default_factory=list)
 
-    def repository(self, **kwargs: Any) -> JobRepository:
-        repository = JobRepository(self.url, **kwargs)
+    def repository(self, *, clock: Clock | None = None, **settings: Any) -> JobRepository:
+        """A repository on this database, built as the beat and the worker build theirs (`from_settings`):
+        `settings` are `Settings` fields (`listen` off unless given); `clock` a `TestClock` to move time."""
+        resolved = dataclasses.replace(Settings(database_url=self.url, listen=False), **settings)
+        repository = JobRepository.from_settings(resolved, clock=clock)
         self.repositories.append(repository)
         return repository
 
-    def migrated_repository(self, **kwargs: Any) -> JobRepository:
-        repository = self.repository(**kwargs)
+    def migrated_repository(self, *, clock: Clock | None = None, **settings: Any) -> JobRepository:
+        repository = self.repository(clock=clock, **settings)
         migrate(repository.engine)
         return repository
 
     def conf(self) -> dict[str, Any]:
         """Celery settings that point an app at this database."""
         return {"dbsched_database_url": self.url}
+
+
+def bind_clock(app: Any, clock: Clock) -> JobRepository:
+    """Bind to `app`, in this process, a repository built from its settings on `clock`, the way the beat and
+    the worker build theirs: the app's beat, worker and API then compute times with that clock.
+    `forget_repository(app)` closes it."""
+    repository = JobRepository.from_settings(Settings.from_mapping(app.conf), clock=clock)
+    bind_repository(app, repository)
+    return repository
 
 
 def make_postgres_database() -> Database:
@@ -172,9 +188,15 @@ def postgres_database() -> Iterator[Database]:
 
 
 @pytest.fixture
-def repository(database: Database) -> JobRepository:
-    """A migrated repository on each database."""
-    return database.migrated_repository()
+def clock() -> TestClock:
+    """The clock of the `repository` fixture: the database's, moved on by the test (`shift_to`, `freeze`)."""
+    return TestClock()
+
+
+@pytest.fixture
+def repository(database: Database, clock: TestClock) -> JobRepository:
+    """A migrated repository on each database, on the test's `clock`."""
+    return database.migrated_repository(clock=clock)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from celery_dbsched import (
     RunRecord,
     runner,
 )
+from celery_dbsched.clock import TestClock
 from celery_dbsched.job import FunctionJob
 from celery_dbsched.runner import ProgressMonitor, active_run_ids, cancel_active_runs, execute_run
 from celery_dbsched.schema import job_table
@@ -442,7 +443,8 @@ def test_the_monitor_writes_progress_while_the_job_runs(repository: JobRepositor
 
 def test_the_monitor_cancels_the_job_when_its_run_is_interrupted(database: Any) -> None:
     worker_repository = database.migrated_repository()
-    beat_repository = database.repository()  # another process's view: its own engine
+    six_minutes_on = TestClock(offset=dt.timedelta(minutes=6))  # past the interrupt threshold
+    beat_repository = database.repository(clock=six_minutes_on)  # another process's view: its own engine
 
     def wait_to_be_cancelled(job: Recorder, ctx: JobContext) -> None:
         if ctx.wait(DEADLINE):
@@ -453,7 +455,6 @@ def test_the_monitor_cancels_the_job_when_its_run_is_interrupted(database: Any) 
     background = Background(lambda: execute(worker_repository, {job.name: job}, run.id))
     assert job.started.wait(DEADLINE)
     # A beat's monitor finds the run stalled (its clock is past the threshold) and interrupts it.
-    beat_repository.clock_shift = dt.timedelta(minutes=6)
     [stalled] = beat_repository.interrupt_runs()
     assert stalled.id == run.id
     done = background.join()
@@ -562,14 +563,14 @@ def running(repository: JobRepository, job: Job) -> RunRecord:
     return repository.start_run(claim(repository, job).id, "worker-1")
 
 
-def test_monitor_check_writes_changed_progress_only(repository: JobRepository) -> None:
+def test_monitor_check_writes_changed_progress_only(repository: JobRepository, clock: TestClock) -> None:
     job = Recorder()
     run = running(repository, job)
     ctx = JobContext(run.id, job.name)
     monitor = ProgressMonitor(repository, job, ctx, 60)
     monitor.check()
     assert repository.lookup_run(run.id).update_time == run.update_time
-    repository.clock_shift = dt.timedelta(seconds=30)
+    clock.shift_to(dt.timedelta(seconds=30))
     job.progress = JobStatus(1, 2)
     monitor.check()
     stored = repository.lookup_run(run.id)

@@ -192,7 +192,7 @@ def test_advance_only_moves_forward(scheduler: TestScheduler) -> None:
         scheduler.advance(-1)
     with pytest.raises(ValueError, match="forward"):
         scheduler.advance(dt.timedelta(seconds=-1))
-    assert scheduler.repository.clock_shift == dt.timedelta(0)
+    assert scheduler.clock.offset == dt.timedelta(0)
 
 
 def test_a_failing_jobs_backoff_is_visible(app: Celery) -> None:
