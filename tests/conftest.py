@@ -20,6 +20,7 @@ import pytest
 from procs import processes  # noqa: F401 - the fixture of real celery worker/beat subprocesses, for every module
 from sqlalchemy import create_engine, text
 
+from celery_dbsched import runner
 from celery_dbsched.binding import bind_repository
 from celery_dbsched.clock import Clock, TestClock
 from celery_dbsched.migrate import migrate
@@ -185,6 +186,15 @@ def postgres_database() -> Iterator[Database]:
         yield db
     finally:
         drop_database(db)
+
+
+@pytest.fixture
+def shutdown_undone() -> Iterator[None]:
+    """For a test that begins this process's warm shutdown (an embedded worker stopping, or
+    `cancel_active_runs("shutdown")`): after it, the process is no longer shutting down, as the next test's
+    fresh process would not be."""
+    yield
+    runner._Process.shutting_down = False
 
 
 @pytest.fixture

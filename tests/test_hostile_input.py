@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, inspect, select, text
 
-from celery_dbsched import Job, JobContext, JobStatus, SchemaMismatch, job, register_job, runner
+from celery_dbsched import Job, JobContext, JobStatus, SchemaMismatch, job, register_job
 from celery_dbsched.binding import forget_repository, repository_for
 from celery_dbsched.cli import dbsched
 from celery_dbsched.errors import DatabaseUnavailable
@@ -61,14 +61,6 @@ TABLES = {"dbsched_job", "dbsched_job_run"}
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _not_shutting_down() -> Iterator[None]:
-    """An embedded worker's stop marks this process as shutting down (its runs are handed back): undo it."""
-    runner._Process.shutting_down = False
-    yield
-    runner._Process.shutting_down = False
 
 
 def _app(database_url: str, **conf: Any) -> Celery:
@@ -422,6 +414,7 @@ def _broker_conf(kind: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("broker_kind", ["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+@pytest.mark.usefixtures("shutdown_undone")  # the embedded worker's stop marks this process shutting down
 def test_a_real_worker_runs_only_json_run_messages_of_registered_jobs(
     sqlite_database: Database, apps: Callable[..., Celery], broker_kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -30,12 +30,6 @@ HOUR = dt.timedelta(hours=1)
 MINUTE = dt.timedelta(minutes=1)
 FAST = 0.05  # monitor interval for the threaded tests
 DEADLINE = 15.0
-
-
-@pytest.fixture(autouse=True)
-def _reset_shutdown() -> Iterator[None]:
-    yield
-    runner._Process.shutting_down = False
 
 
 def wait_for(predicate: Callable[[], Any], what: str, timeout: float = DEADLINE) -> Any:
@@ -361,6 +355,7 @@ def test_starting_and_finishing_wait_out_a_30s_outage(
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
 
+@pytest.mark.usefixtures("shutdown_undone")
 def test_retrying_gives_up_after_its_budget_and_at_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1000.0]
     monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])  # type: ignore[attr-defined]
@@ -629,6 +624,7 @@ def test_monitor_check_keeps_going_when_the_database_is_down(
 # -- shutdown (design §9) ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("shutdown_undone")
 def test_cancel_active_runs_at_shutdown_ends_the_run_interrupted(repository: JobRepository) -> None:
     def wait_to_be_cancelled(job: Recorder, ctx: JobContext) -> None:
         job.progress = JobStatus(1, 10)
@@ -670,6 +666,7 @@ def test_cancel_active_runs_for_another_reason_is_not_a_shutdown(repository: Job
     assert done.error == "cancelled: operator asked"
 
 
+@pytest.mark.usefixtures("shutdown_undone")
 def test_cancel_active_runs_without_runs() -> None:
     assert cancel_active_runs("shutdown") == 0
     assert runner.shutting_down()
