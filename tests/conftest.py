@@ -204,9 +204,11 @@ def clock() -> TestClock:
 
 
 @pytest.fixture
-def repository(database: Database, clock: TestClock) -> JobRepository:
-    """A migrated repository on each database, on the test's `clock`."""
-    return database.migrated_repository(clock=clock)
+def repository(request: pytest.FixtureRequest, database: Database, clock: TestClock) -> JobRepository:
+    """A migrated repository on each database, on the test's `clock`, with the `Settings` fields of the test's
+    `settings` marker (`@pytest.mark.settings(retry_backoff=...)`)."""
+    marker = request.node.get_closest_marker("settings")
+    return database.migrated_repository(clock=clock, **(marker.kwargs if marker else {}))
 
 
 @dataclass

@@ -330,9 +330,9 @@ def test_claim_never_makes_a_second_active_run(repository: JobRepository, clock:
     assert [r.id for r in all_runs(repository)] == [run.id]
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(0), HOUR))  # retry at once after a failure
 @pytest.mark.parametrize("finish", ["completed", "failed", "interrupted"])
 def test_a_job_whose_run_ended_is_claimable_again_when_due(repository: JobRepository, finish: str) -> None:
-    repository.retry_backoff = (dt.timedelta(0), HOUR)  # retry at once after a failure
     run = running_run(repository, "j")
     if finish == "completed":
         repository.complete_run(run.id, dt.timedelta(0))
@@ -699,8 +699,8 @@ def test_complete_run_with_zero_makes_the_job_due_at_once(repository: JobReposit
     assert claim_one(repository, "j").id > run.id
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(0), HOUR))
 def test_complete_run_resets_the_failure_count(repository: JobRepository) -> None:
-    repository.retry_backoff = (dt.timedelta(0), HOUR)
     run = running_run(repository, "j")
     repository.fail_run(run.id, "boom")
     run = repository.start_run(claim_one(repository, "j").id, "w")
@@ -815,18 +815,18 @@ def _assert_delays(actual: list[dt.timedelta], expected_seconds: list[float]) ->
         assert abs(got.total_seconds() - want) <= SLACK.total_seconds(), (actual, expected_seconds)
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=10), dt.timedelta(seconds=60)))
 def test_fail_run_backs_off_exponentially_up_to_the_cap(repository: JobRepository, clock: TestClock) -> None:
-    repository.retry_backoff = (dt.timedelta(seconds=10), dt.timedelta(seconds=60))
     add_job(repository, "j")
     delays = [_fail_once(repository, clock, "j") for _ in range(5)]
     _assert_delays(delays, [10, 20, 40, 60, 60])
     assert repository.lookup_job("j").failure_count == 5
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=10), HOUR))
 def test_fail_run_retries_no_later_than_the_jobs_next_slot(repository: JobRepository, clock: TestClock) -> None:
     """Backoff 10, 20, 40 s for a job every 30 s: never later than its next slot on its grid, which retries
     of the same slot do not move."""
-    repository.retry_backoff = (dt.timedelta(seconds=10), HOUR)
     start = repository.database_now()
     clock.freeze(start)
     add_job(repository, "j", default_next_run_in=dt.timedelta(seconds=30))
@@ -843,8 +843,8 @@ def test_fail_run_retries_no_later_than_the_jobs_next_slot(repository: JobReposi
     assert repository.lookup_job("j").next_scheduled_run == start + dt.timedelta(seconds=90)  # back on the grid
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(0), HOUR))
 def test_fail_run_with_a_zero_base_retries_at_once(repository: JobRepository) -> None:
-    repository.retry_backoff = (dt.timedelta(0), HOUR)
     run = running_run(repository, "j")
     repository.fail_run(run.id, "boom")
     due_in = repository.next_due_in()
@@ -852,8 +852,8 @@ def test_fail_run_with_a_zero_base_retries_at_once(repository: JobRepository) ->
     assert claim_one(repository, "j").id > run.id
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=30), HOUR))
 def test_failed_job_is_not_retried_before_the_backoff(repository: JobRepository, clock: TestClock) -> None:
-    repository.retry_backoff = (dt.timedelta(seconds=30), HOUR)
     run = running_run(repository, "j")
     repository.fail_run(run.id, "boom")
     clock.shift_to(dt.timedelta(seconds=25))
@@ -870,8 +870,8 @@ def test_the_default_backoff_is_ten_seconds(repository: JobRepository, clock: Te
 # -- interrupt_runs: stalled runs (design §5) ---------------------------------------------------------------------
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=10), HOUR))
 def test_a_stalled_running_run_is_interrupted_after_the_threshold(repository: JobRepository, clock: TestClock) -> None:
-    repository.retry_backoff = (dt.timedelta(seconds=10), HOUR)
     run = running_run(repository, "j")
     repository.update_progress(run.id, 1, 3)
     clock.shift_to(4 * MINUTE + 50 * SECOND)
@@ -902,8 +902,8 @@ def test_a_queued_run_no_worker_started_is_interrupted_too(repository: JobReposi
         repository.start_run(run.id, "late-worker")  # a late message is dropped
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=10), dt.timedelta(seconds=25)))
 def test_interrupted_stalled_runs_back_off(repository: JobRepository, clock: TestClock) -> None:
-    repository.retry_backoff = (dt.timedelta(seconds=10), dt.timedelta(seconds=25))
     add_job(repository, "j")
     delays = []
     for _ in range(3):
@@ -1047,8 +1047,8 @@ def test_interrupt_run_with_a_reason_and_detail(repository: JobRepository) -> No
     assert ended.error == "shutdown: worker w1 stopping"
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=40), HOUR))
 def test_interrupt_run_as_stalled_backs_off(repository: JobRepository) -> None:
-    repository.retry_backoff = (dt.timedelta(seconds=40), HOUR)
     run = running_run(repository, "j")
     ended = repository.interrupt_run(run.id, "stalled", "no progress")
     assert ended.error == "stalled: no progress"
@@ -1150,8 +1150,8 @@ def test_the_earliest_of_several_pull_ins_during_a_run_is_kept(repository: JobRe
     assert_close(repository.lookup_job("j").next_scheduled_run, repository.database_now() + 3 * MINUTE, 5 * SECOND)
 
 
+@pytest.mark.settings(retry_backoff=(HOUR, 2 * HOUR))
 def test_a_pull_in_during_a_run_is_not_lost_when_it_fails(repository: JobRepository) -> None:
-    repository.retry_backoff = (HOUR, 2 * HOUR)
     run = running_run(repository, "j")
     repository.update_job_next_run_in_at_least("j", dt.timedelta(0))
     repository.fail_run(run.id, "boom")
@@ -1173,8 +1173,8 @@ def test_a_pull_in_during_an_earlier_run_does_not_leak_into_the_next(repository:
 
 
 def _history(repository: JobRepository) -> dict[str, int]:
-    """a1 completed, b1 failed (by worker-1), then a2 running and b2 queued."""
-    repository.retry_backoff = (dt.timedelta(0), HOUR)
+    """a1 completed, b1 failed (by worker-1), then a2 running and b2 queued (b retried at once: a repository
+    with no retry backoff)."""
     add_job(repository, "a")
     add_job(repository, "b")
     a1, b1 = claim(repository)
@@ -1189,6 +1189,7 @@ def _history(repository: JobRepository) -> dict[str, int]:
     return {"a1": a1.id, "b1": b1.id, "a2": a2.id, "b2": b2.id}
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(0), HOUR))  # `_history` retries b at once
 def test_list_runs_newest_first_with_filters(repository: JobRepository) -> None:
     ids = _history(repository)
     assert [run.id for run in repository.list_runs()] == [ids["b2"], ids["a2"], ids["b1"], ids["a1"]]
@@ -1206,6 +1207,7 @@ def test_list_runs_rejects_an_unknown_status(repository: JobRepository) -> None:
         repository.list_runs(status="done")
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(0), HOUR))  # `_history` retries b at once
 def test_lookup_run(repository: JobRepository) -> None:
     ids = _history(repository)
     failed = repository.lookup_run(ids["b1"])
@@ -1216,6 +1218,7 @@ def test_lookup_run(repository: JobRepository) -> None:
         repository.lookup_run(max(ids.values()) + 1)
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(0), HOUR))  # `_history` retries b at once
 def test_prune_runs_deletes_only_final_runs_older_than_the_retention(
     repository: JobRepository, clock: TestClock
 ) -> None:

@@ -205,8 +205,8 @@ def test_a_failing_next_run_in_falls_back_to_every(repository: JobRepository, ne
     assert_delay(repository, done, dt.timedelta(minutes=7))
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=5), dt.timedelta(minutes=11)))
 def test_a_failing_next_run_in_without_every_uses_the_backoff_cap(repository: JobRepository) -> None:
-    repository.retry_backoff = (dt.timedelta(seconds=5), dt.timedelta(minutes=11))
     job = Recorder(next_run=RuntimeError("no idea"))
     run = claim(repository, job)
     done = execute(repository, {job.name: job}, run.id)
@@ -214,8 +214,8 @@ def test_a_failing_next_run_in_without_every_uses_the_backoff_cap(repository: Jo
     assert_delay(repository, done, dt.timedelta(minutes=11))
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=5), dt.timedelta(minutes=13)))
 def test_a_function_job_without_every_returning_none_uses_the_backoff_cap(repository: JobRepository) -> None:
-    repository.retry_backoff = (dt.timedelta(seconds=5), dt.timedelta(minutes=13))
     job = FunctionJob(lambda ctx: None, name="f", description="f", every=None, queue=None, interrupt_threshold=None)
     run = claim(repository, job)
     done = execute(repository, {job.name: job}, run.id)
@@ -237,8 +237,8 @@ def test_a_job_the_worker_does_not_know_fails_the_run_saying_so(repository: JobR
     assert repository.lookup_job("elsewhere").failure_count == 1
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=20), HOUR))
 def test_a_failing_job_ends_failed_with_its_traceback_and_final_progress(repository: JobRepository) -> None:
-    repository.retry_backoff = (dt.timedelta(seconds=20), HOUR)
 
     def explode_halfway(job: Recorder, ctx: JobContext) -> None:
         job.progress = JobStatus(2, 5)
