@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         r = run_table
         t0 = time.perf_counter()
         with repository.engine.begin() as conn:
-            cutoff = repository._now(-3600.0)
+            cutoff = repository.clock.now(-3600.0)
             one = conn.execute(delete(r).where(r.c.status.in_(FINAL), r.c.end_time < cutoff)).rowcount
         single = time.perf_counter() - t0
         repository.close()

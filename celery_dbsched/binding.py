@@ -20,14 +20,7 @@ def repository_for(app: Any, settings: Any = None) -> JobRepository:
         repository = _repositories.get(key)
         if repository is None:
             resolved = settings if settings is not None else Settings.from_mapping(app.conf)
-            repository = JobRepository(
-                resolved.database_url,
-                engine_options=resolved.engine_options,
-                interrupt_threshold=resolved.interrupt_threshold,
-                retry_backoff=resolved.retry_backoff,
-            )
-            if resolved.listen:
-                repository.wake_within = resolved.run_jobs_interval.total_seconds()
+            repository = JobRepository.from_settings(resolved)
             _repositories[key] = repository
         return repository
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,7 +205,8 @@ class Claim:
 @dataclass(frozen=True)
 class StartedRun:
     """A run this repository started, with what its finish needs: the job's cadence as the start statement
-    read it, and the start on both clocks (to tell the database's time at the finish within a second)."""
+    read it, and the start by this host's monotonic clock and the repository's clock `key` (to tell the
+    database's time at the finish within a second)."""
 
     run: RunRecord
     schedule: str | None
@@ -216,11 +217,10 @@ class StartedRun:
     retry_backoff_cap: float | None
     failure_count: int
     monotonic: float
-    clock_shift: dt.timedelta
-    frozen: bool
+    clock_key: Hashable
 
     @classmethod
-    def from_row(cls, row: Row[Any], *, monotonic: float, clock_shift: dt.timedelta, frozen: bool) -> StartedRun:
+    def from_row(cls, row: Row[Any], *, monotonic: float, clock_key: Hashable) -> StartedRun:
         """From a row of the start statement (`statements.start`): the run, and the job's facts as `job_*`."""
         m = row._mapping
         return cls(
@@ -233,8 +233,7 @@ class StartedRun:
             retry_backoff_cap=m["job_retry_backoff_cap"],
             failure_count=m["job_failure_count"],
             monotonic=monotonic,
-            clock_shift=clock_shift,
-            frozen=frozen,
+            clock_key=clock_key,
         )
 
     def column(self, name: str) -> Any:

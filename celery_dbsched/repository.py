@@ -1,7 +1,8 @@
 """`JobRepository`: the transactions of celery_dbsched, one method per state transition.
 
 Each method is one short transaction: it runs statements built in `statements`, applies the rules of
-`timing`, and returns records (`records`). Times are computed by the database (`db_now`), never by this host.
+`timing`, and returns records (`records`). Times are computed by the database, from the expressions of the
+repository's `clock` (`clock`), never by this host.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Float, Row, literal
+from sqlalchemy import Connection, Engine, Row
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.base import Executable
-from sqlalchemy.sql.elements import ColumnElement
 
 from . import statements as sql
 from . import timing
+from .clock import Clock, DatabaseClock
 from .engine import KeptConnections, make_engine
 from .errors import InvalidRunState, JobNotFound, RunNotFound, classify
 from .job import JobDefinition, JobStatus
@@ -34,8 +35,7 @@ from .records import (
     definition_values,
     plan_sync,
 )
-from .schema import UTCDateTime, db_now, db_time_at
-from .settings import DEFAULT_INTERRUPT_THRESHOLD, DEFAULT_RETRY_BACKOFF, mask_database_url
+from .settings import DEFAULT_INTERRUPT_THRESHOLD, DEFAULT_RETRY_BACKOFF, Settings, mask_database_url
 from .states import ACTIVE, InterruptReason, JobKind, RunState
 
 # Rows per statement when a sync writes many: with ~25 columns a row, far below PostgreSQL's 65,535 and
@@ -58,31 +58,47 @@ class JobRepository:
         self,
         url_or_engine: str | Engine,
         *,
+        clock: Clock | None = None,
         engine_options: Mapping[str, Any] | None = None,
         interrupt_threshold: dt.timedelta = DEFAULT_INTERRUPT_THRESHOLD,
         retry_backoff: tuple[dt.timedelta, dt.timedelta] = DEFAULT_RETRY_BACKOFF,
+        wake_within: dt.timedelta | None = None,
     ) -> None:
+        """`clock`: what times are computed with (`DatabaseClock` by default; tests give a `TestClock`).
+        `wake_within` (PostgreSQL): a job whose next run is set within this of now wakes the sleeping beats
+        (NOTIFY); beats sleep at most their run-jobs interval anyway, so later ones need no wake-up."""
         if isinstance(url_or_engine, Engine):
             self.engine = url_or_engine
             self._owns_engine = False
         else:
             self.engine = make_engine(url_or_engine, engine_options)
             self._owns_engine = True
+        self.clock = clock if clock is not None else DatabaseClock()
         self.interrupt_threshold = interrupt_threshold
         self.retry_backoff = retry_backoff
-        # Test hooks, never set in production: `clock_shift` is added to the database clock (time moves on
-        # without sleeping); `frozen_now` replaces it with a fixed time (schedule math at exact instants).
-        self.clock_shift = dt.timedelta(0)
-        self.frozen_now: dt.datetime | None = None
-        # PostgreSQL: a job whose next run is set within this many seconds of now wakes the sleeping beats
-        # (NOTIFY); beats sleep at most their run-jobs interval anyway, so later ones need no wake-up.
-        self.wake_within: float | None = None
+        self.wake_within = wake_within
         self._is_postgres = self.engine.dialect.name == "postgresql"
         # The worker side (start, progress, finish, tracking): one statement each, built once.
         self._kept = KeptConnections(self.engine) if self._is_postgres else None
         self._statements: dict[tuple[Any, ...], Executable] = {}
         self._started: dict[int, StartedRun] = {}
         self._started_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, clock: Clock | None = None, engine: Engine | None = None
+    ) -> JobRepository:
+        """The repository the settings describe (on `engine` when given, which it then does not own): the one
+        constructor path of the beat, the worker, `TestScheduler` and the tests. With `listen`, jobs due within
+        the run-jobs interval wake the beats."""
+        return cls(
+            engine if engine is not None else settings.database_url,
+            clock=clock,
+            engine_options=settings.engine_options,
+            interrupt_threshold=settings.interrupt_threshold,
+            retry_backoff=settings.retry_backoff,
+            wake_within=settings.run_jobs_interval if settings.listen else None,
+        )
 
     def __repr__(self) -> str:
         return f"<JobRepository {mask_database_url(self.engine.url)}>"
@@ -140,28 +156,15 @@ class JobRepository:
         raise AssertionError("unreachable")
 
     def _prepared(self, name: str, build: Callable[[], Any]) -> Any:
-        """The statement `name`, built once (per test clock: `_now` embeds the test hooks)."""
-        key = (name, self.clock_shift, self.frozen_now)
+        """The statement `name`, built once (per state of a test clock: the clock's expressions embed it)."""
+        key = (name, self.clock.key)
         statement = self._statements.get(key)
         if statement is None:
             statement = self._statements[key] = build()
         return statement
 
-    def _now(self, offset: float | ColumnElement[Any] | None = None) -> ColumnElement[dt.datetime]:
-        """The database's clock (plus `offset` seconds): every persisted time is computed from it."""
-        shift = self.clock_shift.total_seconds()
-        if self.frozen_now is not None:
-            base = literal(self.frozen_now, UTCDateTime())
-            total: Any = shift if offset is None else (offset + shift if shift else offset)
-            return db_time_at(base, literal(float(total), Float) if isinstance(total, (int, float)) else total)
-        if offset is None:
-            return db_now(literal(shift, Float)) if shift else db_now()
-        if isinstance(offset, (int, float)):
-            return db_now(literal(float(offset) + shift, Float))
-        return db_now(offset + shift) if shift else db_now(offset)
-
     def _db_now(self, conn: Connection) -> dt.datetime:
-        value = conn.execute(sql.database_now(self._now)).scalar_one()
+        value = conn.execute(sql.database_now(self.clock.now)).scalar_one()
         assert isinstance(value, dt.datetime)
         return value
 
@@ -182,7 +185,7 @@ class JobRepository:
         return None if row is None else JobRecord.from_row(row)
 
     def _is_soon(self, when: dt.datetime, now: dt.datetime) -> bool:
-        return self._is_postgres and self.wake_within is not None and (when - now).total_seconds() < self.wake_within
+        return self._is_postgres and self.wake_within is not None and when - now < self.wake_within
 
     def _wake_if_soon(self, conn: Connection, name: str, when: dt.datetime, now: dt.datetime) -> None:
         if self._is_soon(when, now):
@@ -313,7 +316,7 @@ class JobRepository:
 
     def _lock_source(self, conn: Connection, source: str) -> tuple[str | None, int] | None:
         """Hold the `source` row until commit (another process syncing the same source waits here)."""
-        conn.execute(sql.add_source(self.dialect, self._now, source))
+        conn.execute(sql.add_source(self.dialect, self.clock.now, source))
         row = conn.execute(sql.locked_source(self.dialect, source)).first()
         return None if row is None else (row[0], int(row[1]))
 
@@ -404,7 +407,7 @@ class JobRepository:
         seconds = delta.total_seconds()
         if seconds < 0:
             raise ValueError(f"delta must not be negative, got {delta}")
-        wanted = self._now(seconds)
+        wanted = self.clock.now(seconds)
         with self._tx() as conn:
             row = conn.execute(sql.pull_in_job(name, wanted)).first()
             if row is None:
@@ -418,7 +421,7 @@ class JobRepository:
         """Seconds until the earliest claimable job is due (<= 0: due now); None when there is none. One
         indexed query: this is what an idle beat tick costs."""
         with self._tx() as conn:
-            row = conn.execute(sql.next_due(self._now)).first()
+            row = conn.execute(sql.next_due(self.clock.now)).first()
         if row is None:
             return None
         due: dt.datetime = row[0]
@@ -442,7 +445,7 @@ class JobRepository:
             raise ValueError(f"limit must be at least 1, got {limit}")
         with self._tx() as conn:
             self._skip_misfired(conn, limit)
-            rows = conn.execute(sql.claim(self.dialect, self._now, server_id, limit)).all()
+            rows = conn.execute(sql.claim(self.dialect, self.clock.now, server_id, limit)).all()
             runs = sorted((RunRecord.from_row(row) for row in rows), key=lambda run: run.id)
             if runs and self._is_postgres:
                 runs = self._drop_stale_claims(conn, runs)
@@ -461,7 +464,7 @@ class JobRepository:
         return [run for run in runs if run.id not in stale]
 
     def _skip_misfired(self, conn: Connection, limit: int) -> None:
-        rows = conn.execute(sql.misfired(self._now, limit)).all()
+        rows = conn.execute(sql.misfired(self.clock.now, limit)).all()
         if not rows:
             return
         now = self._db_now(conn)
@@ -479,7 +482,7 @@ class JobRepository:
         runs, and one update of all their next slots; returns the jobs as read."""
         if not runs:
             return {}
-        rows = conn.execute(sql.claimed_jobs_advancing(self.dialect, self._now, [run.id for run in runs])).all()
+        rows = conn.execute(sql.claimed_jobs_advancing(self.dialect, self.clock.now, [run.id for run in runs])).all()
         jobs: dict[str, JobRecord] = {}
         slots: list[tuple[str, dt.datetime]] = []
         for row in rows:
@@ -500,7 +503,7 @@ class JobRepository:
         On PostgreSQL the gate is one statement that also returns the job's cadence, for the finish."""
         if self._is_postgres:
             rows = self._one(
-                self._prepared("start", lambda: sql.start(self._now)),
+                self._prepared("start", lambda: sql.start(self.clock.now)),
                 {"run_id": run_id, "run_worker": worker, "run_task_id": task_id},
             )
             if rows:
@@ -509,9 +512,7 @@ class JobRepository:
         return self._start_run_in_tx(run_id, worker, task_id)
 
     def _remember_start(self, row: Row[Any]) -> RunRecord:
-        started = StartedRun.from_row(
-            row, monotonic=time.monotonic(), clock_shift=self.clock_shift, frozen=self.frozen_now is not None
-        )
+        started = StartedRun.from_row(row, monotonic=time.monotonic(), clock_key=self.clock.key)
         with self._started_lock:
             if len(self._started) >= _STARTED_KEPT:
                 self._started.pop(next(iter(self._started)))
@@ -525,9 +526,9 @@ class JobRepository:
     def _start_run_in_tx(self, run_id: int, worker: str, task_id: str | None) -> RunRecord:
         expired = None
         with self._tx() as conn:
-            row = conn.execute(sql.start_queued(self._now, run_id, worker, task_id)).first()
+            row = conn.execute(sql.start_queued(self.clock.now, run_id, worker, task_id)).first()
             if row is None:
-                expired = conn.execute(sql.expire_queued(self._now, run_id)).first()
+                expired = conn.execute(sql.expire_queued(self.clock.now, run_id)).first()
                 if expired is None:
                     self._run_or_raise(conn, run_id, RunState.QUEUED)
                 else:
@@ -543,7 +544,7 @@ class JobRepository:
         JobStatus(completed, total)
         if self._is_postgres:
             rows = self._one(
-                self._prepared("progress", lambda: sql.progress(self._now)),
+                self._prepared("progress", lambda: sql.progress(self.clock.now)),
                 {"run_id": run_id, "p_completed": completed, "p_total": total},
             )
             if not rows:
@@ -560,7 +561,7 @@ class JobRepository:
 
     def _update_progress_in_tx(self, run_id: int, completed: int, total: int) -> RunRecord:
         with self._tx() as conn:
-            row = conn.execute(sql.set_progress(self._now, run_id, completed, total)).first()
+            row = conn.execute(sql.set_progress(self.clock.now, run_id, completed, total)).first()
             if row is None:
                 row = conn.execute(sql.run(run_id)).first()
                 if row is None:
@@ -594,7 +595,7 @@ class JobRepository:
         if progress is not None:
             values["completed"] = progress.completed
             values["total"] = progress.total
-        row = conn.execute(sql.end_run(self._now, run_id, status, from_states, values)).first()
+        row = conn.execute(sql.end_run(self.clock.now, run_id, status, from_states, values)).first()
         if row is None:
             self._run_or_raise(conn, run_id, " or ".join(from_states))
         assert row is not None
@@ -694,7 +695,7 @@ class JobRepository:
             "run_id": run_id,
             "p_completed": None if progress is None else progress.completed,
             "p_total": None if progress is None else progress.total,
-            "w_wake": None if self.wake_within is None else dt.timedelta(seconds=self.wake_within),
+            "w_wake": self.wake_within,
         }
         if failed:
             params["run_error"] = sql.error_text(error or "failed")
@@ -709,7 +710,7 @@ class JobRepository:
             params.update(job_facts)
         params.update(w_slots=window.slots, w_lower=window.lower, w_upper=window.upper)
         params.update(w_delay=window.delay, w_use_next=window.use_next)
-        statement = self._prepared(f"finish-{failed}-{checked}", lambda: sql.finish(self._now, failed, checked))
+        statement = self._prepared(f"finish-{failed}-{checked}", lambda: sql.finish(self.clock.now, failed, checked))
         try:
             rows = self._one(statement, params)
         except _Recheck:
@@ -721,7 +722,7 @@ class JobRepository:
 
     def _finish_facts(self, started: StartedRun, failed: bool) -> tuple[timing.FinishWindow, dict[str, Any]] | None:
         """The window of a checked finish and the job facts it holds to (bound as `f_*`); None: go the long way."""
-        expected = self._expected_now(started)
+        expected = self.clock.expected_now(started.run.start_time, started.monotonic, started.clock_key)
         if started.run.scheduled_for is None or expected is None:
             return None
         window = timing.finish_window(
@@ -737,15 +738,6 @@ class JobRepository:
         facts = {f"f_{name}": started.column(name) for name in sql.FINISH_FACTS}
         facts["f_failure_count"] = started.failure_count
         return window, facts
-
-    def _expected_now(self, started: StartedRun) -> dt.datetime | None:
-        """The database's time now, as told by the start's time on both clocks (exact when a test froze it)."""
-        if self.frozen_now is not None:
-            return self.frozen_now + self.clock_shift
-        if started.frozen or started.run.start_time is None:
-            return None
-        elapsed = dt.timedelta(seconds=time.monotonic() - started.monotonic)
-        return started.run.start_time + elapsed + (self.clock_shift - started.clock_shift)
 
     def interrupt_run(
         self, run_id: int, reason: InterruptReason = InterruptReason.CANCELLED, detail: str = ""
@@ -784,10 +776,10 @@ class JobRepository:
         if server_id is None:
             reason = reason or InterruptReason.STALLED
             default = (threshold or self.interrupt_threshold).total_seconds()
-            statement = sql.interrupt_stalled(self._now, default, reason)
+            statement = sql.interrupt_stalled(self.clock.now, default, reason)
         else:
             reason = reason or InterruptReason.RESTART
-            statement = sql.interrupt_left_behind(self._now, server_id, threshold, reason)
+            statement = sql.interrupt_left_behind(self.clock.now, server_id, threshold, reason)
         with self._tx() as conn:
             runs = [RunRecord.from_row(row) for row in conn.execute(statement).all()]
             if reason == InterruptReason.STALLED:
@@ -795,14 +787,14 @@ class JobRepository:
                     self._retry(conn, run)
             elif runs:
                 # Due again at once. Other jobs still are (their next run moves when a run ends).
-                conn.execute(sql.due_again(self.dialect, self._now, {run.job_name for run in runs}))
+                conn.execute(sql.due_again(self.dialect, self.clock.now, {run.job_name for run in runs}))
         return runs
 
     def expire_runs(self) -> list[RunRecord]:
         """End `interrupted` (expired) the queued runs whose job sets `expires` and whose slot + expires has
         passed: better not at all than late."""
         with self._tx() as conn:
-            runs = [RunRecord.from_row(row) for row in conn.execute(sql.expire(self._now)).all()]
+            runs = [RunRecord.from_row(row) for row in conn.execute(sql.expire(self.clock.now)).all()]
             for run in runs:
                 self._skip_slot(conn, run)
         return runs
@@ -821,7 +813,7 @@ class JobRepository:
         tracking signals reports it (final; never blocks the job's next slot). A tracking worker may have
         started (or even finished) the task before the beat gets here: then the run is left as it is."""
         with self._tx() as conn:
-            row = conn.execute(sql.dispatch(self._now, run_id, task_id)).first()
+            row = conn.execute(sql.dispatch(self.clock.now, run_id, task_id)).first()
             if row is None:
                 row = conn.execute(sql.run(run_id)).first()
                 if (
@@ -841,7 +833,7 @@ class JobRepository:
         if not sent:
             return
         with self._tx() as conn:
-            for statement in sql.dispatch_many(self.dialect, self._now, sent):
+            for statement in sql.dispatch_many(self.dialect, self.clock.now, sent):
                 conn.execute(statement)
 
     # -- plain tasks tracked on workers ---------------------------------------------------------------
@@ -851,7 +843,7 @@ class JobRepository:
         `queued -> running` when the message beat the beat's own `dispatched` mark to the worker).
         It takes no slot (slot = -id), so it never blocks the entry's next slot, as under stock beat."""
         rows = self._one(
-            self._prepared("track-start", lambda: sql.track_start(self._now)),
+            self._prepared("track-start", lambda: sql.track_start(self.clock.now)),
             {"run_id": run_id, "run_worker": worker, "run_task_id": task_id},
         )
         if not rows:
@@ -861,10 +853,10 @@ class JobRepository:
     def track_end(self, run_id: int, error: str | None = None) -> RunRecord:
         """The tracked plain task ended: `running -> completed`, or `failed` with its error."""
         if error is None:
-            statement = self._prepared("track-completed", lambda: sql.track_end(self._now, RunState.COMPLETED))
+            statement = self._prepared("track-completed", lambda: sql.track_end(self.clock.now, RunState.COMPLETED))
             rows = self._one(statement, {"run_id": run_id})
         else:
-            statement = self._prepared("track-failed", lambda: sql.track_end(self._now, RunState.FAILED))
+            statement = self._prepared("track-failed", lambda: sql.track_end(self.clock.now, RunState.FAILED))
             rows = self._one(statement, {"run_id": run_id, "run_error": sql.error_text(error)})
         if not rows:
             self._raise_why_not(run_id, RunState.RUNNING)
@@ -873,7 +865,7 @@ class JobRepository:
     def heartbeat(self, server_id: str, kind: str, hostname: str, pid: int) -> None:
         """Record that a worker (or beat) is alive now."""
         self._one(
-            self._prepared("heartbeat", lambda: sql.heartbeat(self.dialect, self._now)),
+            self._prepared("heartbeat", lambda: sql.heartbeat(self.dialect, self.clock.now)),
             {"s_id": server_id, "s_kind": kind, "s_hostname": hostname, "s_pid": pid},
         )
 
@@ -881,7 +873,7 @@ class JobRepository:
         """Tracked plain tasks whose worker has not been seen for the threshold end `interrupted`."""
         limit = (threshold or self.interrupt_threshold).total_seconds()
         with self._tx() as conn:
-            rows = conn.execute(sql.interrupt_orphaned(self._now, limit)).all()
+            rows = conn.execute(sql.interrupt_orphaned(self.clock.now, limit)).all()
         return [RunRecord.from_row(row) for row in rows]
 
     # -- operator controls ----------------------------------------------------------------------------
@@ -908,7 +900,7 @@ class JobRepository:
         with self._tx() as conn:
             if self._job(conn, name) is None:
                 raise JobNotFound(name)
-            runs = [RunRecord.from_row(row) for row in conn.execute(sql.interrupt_job_runs(self._now, name)).all()]
+            runs = [RunRecord.from_row(row) for row in conn.execute(sql.interrupt_job_runs(self.clock.now, name)).all()]
             for run in runs:
                 self._skip_slot(conn, run)  # cancelled means not now: not claimed again at once
         return runs
@@ -917,7 +909,7 @@ class JobRepository:
         """Disable the jobs of `kind` that are not in `names` (entries removed from beat_schedule); their
         history stays. One statement and one bound parameter however many names."""
         with self._tx() as conn:
-            rows = conn.execute(sql.disable_jobs_not_in(self.dialect, self._now, kind, names)).all()
+            rows = conn.execute(sql.disable_jobs_not_in(self.dialect, self.clock.now, kind, names)).all()
         return sorted(row[0] for row in rows)
 
     # -- history ----------------------------------------------------------------------------------------
@@ -949,7 +941,7 @@ class JobRepository:
         while max_rows is None or total < max_rows:
             size = batch if max_rows is None else min(batch, max_rows - total)
             with self._tx() as conn:
-                result = conn.execute(sql.prune_batch(self.dialect, self._now, retention, size))
+                result = conn.execute(sql.prune_batch(self.dialect, self.clock.now, retention, size))
                 deleted = int(result.rowcount or 0)
             total += deleted
             if deleted < size:

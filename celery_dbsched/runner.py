@@ -74,7 +74,10 @@ class _ShutdownWaker:
 
     def _wait(self, read_fd: int) -> None:
         while os.read(read_fd, 1):
-            cancel_local_runs(InterruptReason.SHUTDOWN)
+            # `request` marked the process shutting down already, synchronously: only the runs are cancelled
+            # here, so that nothing sets the mark late from this thread.
+            for ctx in list(_active):
+                ctx.cancel(str(InterruptReason.SHUTDOWN), InterruptReason.SHUTDOWN)
 
     def request(self) -> None:
         """Signal-safe: mark the process shutting down and wake the cancelling thread."""

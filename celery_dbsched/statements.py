@@ -60,7 +60,7 @@ j, r, s = job_table, run_table, server_table
 
 
 class Now(Protocol):
-    """The database's clock (plus `offset` seconds), as an SQL expression: `JobRepository._now`."""
+    """The database's clock (plus `offset` seconds), as an SQL expression: `Clock.now` (the repository's clock)."""
 
     def __call__(self, offset: float | ColumnElement[Any] | None = None) -> ColumnElement[dt.datetime]: ...
 

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from .binding import bind_repository
+from .clock import TestClock
 from .migrate import migrate
 from .records import JobRecord, RunRecord
 from .registry import registry_for
@@ -40,7 +41,7 @@ class TestScheduler:
 
     `options` are the `dbsched_*` settings without the prefix (`interrupt_threshold=10`, ...); the app's
     own settings fill the rest. While it is open, the app's API (`update_job_next_run_in_at_least(app, ...)`)
-    talks to the same database and clock.
+    talks to the same database and clock. `clock` (a `TestClock`) is that clock: `advance` and `freeze` move it.
     """
 
     __test__ = False  # not a pytest test class
@@ -65,16 +66,10 @@ class TestScheduler:
         self.server_id = self.settings.server_id or "test-beat"
         self.worker_id = "test-worker"
         try:
-            self.repository = JobRepository(
-                database_url,
-                engine_options=self.settings.engine_options,
-                interrupt_threshold=self.settings.interrupt_threshold,
-                retry_backoff=self.settings.retry_backoff,
-            )
+            self.clock = TestClock() if now is None else TestClock(frozen_at=now)
+            self.repository = JobRepository.from_settings(self.settings, clock=self.clock)
             try:
                 migrate(self.repository.engine)
-                if now is not None:
-                    self.freeze(now)
                 install_worker(app)  # as registering a job does: the app's worker side, should a test start one
                 self.registry = registry_for(app)
                 self.registry.sync(self.repository)
@@ -145,14 +140,11 @@ class TestScheduler:
         seconds = delta.total_seconds() if isinstance(delta, dt.timedelta) else float(delta)
         if seconds < 0:
             raise ValueError("the clock only moves forward")
-        self.repository.clock_shift += dt.timedelta(seconds=seconds)
+        self.clock.advance(dt.timedelta(seconds=seconds))
 
     def freeze(self, at: dt.datetime) -> None:
         """Stop the database clock at `at` (aware); `advance` then moves it. For schedule math at exact times."""
-        if at.tzinfo is None:
-            raise ValueError("freeze() needs an aware datetime")
-        self.repository.clock_shift = dt.timedelta(0)
-        self.repository.frozen_now = at
+        self.clock.freeze(at)
 
     def monitor(self) -> list[RunRecord]:
         """One pass of the beat's monitor: interrupt stalled runs."""

@@ -18,6 +18,7 @@ from celery import Celery
 from helpers.apps import TestSchedulerFactory, make_app, memory_app
 from helpers.cluster import Cluster
 from helpers.processes import PROCESSES_KEY, Processes
+from helpers.repository import bind_clock
 from helpers.services import (
     REQUIRE_SERVICES,
     SERVICE_URLS,
@@ -36,6 +37,7 @@ from helpers.services import (
 
 from celery_dbsched import runner
 from celery_dbsched.binding import forget_repository
+from celery_dbsched.clock import TestClock
 from celery_dbsched.repository import JobRepository
 from celery_dbsched.scheduler import Scheduler
 from celery_dbsched.transport import filesystem_broker_settings
@@ -129,9 +131,26 @@ def postgres_database() -> Iterator[Database]:
 
 
 @pytest.fixture
-def repository(database: Database) -> JobRepository:
-    """A migrated repository on each database."""
-    return database.migrated_repository()
+def shutdown_undone() -> Iterator[None]:
+    """For a test that begins this process's warm shutdown (an embedded worker stopping, or
+    `cancel_local_runs(InterruptReason.SHUTDOWN)`): after it, the process is no longer shutting down, as the next test's
+    fresh process would not be."""
+    yield
+    runner._Process.shutting_down = False
+
+
+@pytest.fixture
+def clock() -> TestClock:
+    """The clock of the `repository` fixture: the database's, moved on by the test (`shift_to`, `freeze`)."""
+    return TestClock()
+
+
+@pytest.fixture
+def repository(request: pytest.FixtureRequest, database: Database, clock: TestClock) -> JobRepository:
+    """A migrated repository on each database, on the test's `clock`, with the `Settings` fields of the test's
+    `settings` marker (`@pytest.mark.settings(retry_backoff=...)`)."""
+    marker = request.node.get_closest_marker("settings")
+    return database.migrated_repository(clock=clock, **(marker.kwargs if marker else {}))
 
 
 # -- brokers and processes ------------------------------------------------------------------------------------
@@ -210,14 +229,17 @@ def scheduler(
 
 @pytest.fixture
 def make_scheduler() -> Iterator[Callable[..., Scheduler]]:
-    """`make_scheduler(database_url, lazy=False, **conf)`: a Scheduler built the way Celery beat builds it, for
-    a fresh `memory_app` (helpers/apps.py; conf overrides any of its settings); closed after the test."""
+    """`make_scheduler(database_url, lazy=False, clock=None, **conf)`: a Scheduler built the way Celery beat
+    builds it, for a fresh `memory_app` (helpers/apps.py; conf overrides any of its settings), its repository on
+    `clock` when given; closed after the test."""
     schedulers: list[Scheduler] = []
     apps: list[Celery] = []
 
-    def factory(database_url: str, *, lazy: bool = False, **conf: Any) -> Scheduler:
+    def factory(database_url: str, *, lazy: bool = False, clock: TestClock | None = None, **conf: Any) -> Scheduler:
         app = memory_app(database_url, main="sched", **conf)
         apps.append(app)
+        if clock is not None:
+            bind_clock(app, clock)
         scheduler = Scheduler(app=app, lazy=lazy)
         schedulers.append(scheduler)
         return scheduler
@@ -227,12 +249,3 @@ def make_scheduler() -> Iterator[Callable[..., Scheduler]]:
         scheduler.close()
     for app in apps:
         forget_repository(app)
-
-
-@pytest.fixture
-def not_shutting_down() -> Iterator[None]:
-    """An embedded worker's stop marks this process as shutting down (its runs are handed back): undo it before
-    and after the test."""
-    runner._Process.shutting_down = False
-    yield
-    runner._Process.shutting_down = False

@@ -25,6 +25,7 @@ from kombu import Connection
 
 from celery_dbsched.beat_schedule import default_entries, definitions, sync_beat_schedule
 from celery_dbsched.binding import bind_repository
+from celery_dbsched.clock import TestClock
 from celery_dbsched.errors import DbschedError
 from celery_dbsched.protocol import RUN_ID_HEADER
 from celery_dbsched.repository import JobRepository
@@ -36,9 +37,7 @@ T0 = dt.datetime(2026, 6, 1, 8, 0, tzinfo=UTC)
 
 
 def frozen_repository(database: Database, at: dt.datetime = T0) -> JobRepository:
-    repository = database.migrated_repository()
-    repository.frozen_now = at
-    return repository
+    return database.migrated_repository(clock=TestClock(frozen_at=at))
 
 
 ENTRIES: dict[str, dict[str, Any]] = {
@@ -196,7 +195,8 @@ def test_resync_disables_removed_updates_changed_and_keeps_unchanged_next_runs(d
             "remove": {"task": "t.remove", "schedule": 60},
         },
     )
-    repository = frozen_repository(database)
+    clock = TestClock(frozen_at=T0)
+    repository = database.migrated_repository(clock=clock)
     sync_beat_schedule(app, repository)
     claimed = repository.claim_runs("beat", 100).runs  # every interval entry is due at once
     assert sorted(run.job_name for run in claimed) == ["change-args", "change-schedule", "keep", "remove"]
@@ -205,7 +205,7 @@ def test_resync_disables_removed_updates_changed_and_keeps_unchanged_next_runs(d
     before = {job.name: job for job in repository.list_jobs()}
     assert before["keep"].next_scheduled_run == T0 + seconds(60)  # advanced at claim
 
-    repository.frozen_now = T0 + seconds(20)
+    clock.freeze(T0 + seconds(20))
     app.conf.beat_schedule = {
         "keep": {"task": "t.keep", "schedule": 60},
         "change-args": {"task": "t.args", "schedule": 600, "args": [2], "options": {"priority": 1}},
@@ -224,7 +224,7 @@ def test_resync_disables_removed_updates_changed_and_keeps_unchanged_next_runs(d
 
     assert after["remove"].policy.enabled is False
     assert [run.status for run in repository.list_runs("remove")] == ["dispatched"]  # history kept
-    repository.frozen_now = T0 + seconds(3600)
+    clock.freeze(T0 + seconds(3600))
     assert "remove" not in {run.job_name for run in repository.claim_runs("beat", 100).runs}
 
     # Put back later: enabled again, from its next slot (not at once for the hour it was gone).
@@ -237,10 +237,11 @@ def test_resync_disables_removed_updates_changed_and_keeps_unchanged_next_runs(d
 
 def test_resync_of_an_unchanged_schedule_is_idempotent(database: Database) -> None:
     app = make_app(beat_schedule=ENTRIES | {"sunrise": {"task": "t", "schedule": 3600}}, timezone="Asia/Tokyo")
-    repository = frozen_repository(database)
+    clock = TestClock(frozen_at=T0)
+    repository = database.migrated_repository(clock=clock)
     sync_beat_schedule(app, repository)
     first = repository.list_jobs()
-    repository.frozen_now = T0 + dt.timedelta(hours=5)
+    clock.freeze(T0 + dt.timedelta(hours=5))
     sync_beat_schedule(app, repository)
     assert repository.list_jobs() == first
 
@@ -326,7 +327,9 @@ def beats(database: Database) -> Iterator[BeatFactory]:
 
 def freeze_all(*schedulers: Scheduler, at: dt.datetime) -> None:
     for scheduler in schedulers:
-        scheduler.repository.frozen_now = at
+        clock = scheduler.repository.clock
+        assert isinstance(clock, TestClock)
+        clock.freeze(at)
 
 
 def test_tick_sends_the_entry_task_as_stock_beat_would_and_marks_it_dispatched(beats: BeatFactory) -> None:

@@ -16,6 +16,7 @@ from helpers.repository import claim_one
 from sqlalchemy import delete, event, select, text, update
 
 from celery_dbsched import JobRepository
+from celery_dbsched.clock import TestClock
 from celery_dbsched.engine import make_engine
 from celery_dbsched.migrate import current_revision, head_revision
 from celery_dbsched.schema import job_table, run_table
@@ -57,7 +58,9 @@ def due_now(repository: JobRepository, name: str) -> None:
     repository.update_job_next_run_in_at_least(name, dt.timedelta(0))
 
 
-def test_the_counter_follows_every_transition(repository: JobRepository, checked: Callable[[str], None]) -> None:
+def test_the_counter_follows_every_transition(
+    repository: JobRepository, clock: TestClock, checked: Callable[[str], None]
+) -> None:
     repository.upsert_job("job", "a job", every=HOUR)
     checked("registration")
     run = claim_one(repository, "job", server_id="beat")
@@ -90,7 +93,7 @@ def test_the_counter_follows_every_transition(repository: JobRepository, checked
     # Two slots: each active run counts; the job stays claimable until both are taken.
     repository.upsert_job("wide", "two at once", every=dt.timedelta(seconds=1), max_active=2)
     first = claim_one(repository, "wide", server_id="beat")
-    repository.clock_shift += dt.timedelta(seconds=2)
+    clock.advance(dt.timedelta(seconds=2))
     second = claim_one(repository, "wide", server_id="beat")
     assert {first.slot, second.slot} == {0, 1}
     assert repository.lookup_job("wide").active_runs == 2
@@ -143,15 +146,15 @@ def test_many_runs_claimed_in_one_statement_are_all_counted(
         checked(f"idle {n}")
 
 
-def test_a_job_with_several_slots_takes_its_own_next_free_slot(repository: JobRepository) -> None:
+def test_a_job_with_several_slots_takes_its_own_next_free_slot(repository: JobRepository, clock: TestClock) -> None:
     """The free slot is searched among the job's own runs, whatever slots other jobs hold."""
     second = dt.timedelta(seconds=1)
     repository.upsert_job("a", "two at once, every 10 s", every=10 * second, max_active=2)
     repository.upsert_job("b", "two at once, every second", every=second, max_active=2)
     assert {(run.job_name, run.slot) for run in repository.claim_runs("beat", 10).runs} == {("a", 0), ("b", 0)}
-    repository.clock_shift += 2 * second
+    clock.advance(2 * second)
     assert [(run.job_name, run.slot) for run in repository.claim_runs("beat", 10).runs] == [("b", 1)]
-    repository.clock_shift += 10 * second
+    clock.advance(10 * second)
     # a holds slot 0, b holds 0 and 1 (full): a's next free slot is 1; b's slot 1 is not a's.
     assert [(run.job_name, run.slot) for run in repository.claim_runs("beat", 10).runs] == [("a", 1)]
 

@@ -237,9 +237,9 @@ def test_commands_pause_resume_trigger_cancel(
 
     assert "paused sync" in ok(dbsched_cli(database, tmp_path, "pause", "sync"))
     assert s.job("sync").paused is True
-    s.repository.frozen_now = next_sync + seconds(150)  # (only this process's view) slots passed
+    s.clock.freeze(next_sync + seconds(150))  # (only this process's view) slots passed
     assert s.tick() == []
-    s.repository.frozen_now = None
+    s.clock.shift_to(dt.timedelta(0))
     s.repository.update_job_next_run_in_at_least("sync", dt.timedelta(0))  # due now, but paused
     assert s.tick() == []
 

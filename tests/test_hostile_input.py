@@ -56,7 +56,7 @@ from celery_dbsched.settings import (
 )
 from celery_dbsched.worker import DbschedWorkerStep, install_worker
 
-pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("not_shutting_down")]
+pytestmark = pytest.mark.faults
 
 PASSWORD = "s3cr3t-pw"
 TABLES = {"dbsched_job", "dbsched_job_run"}
@@ -408,6 +408,7 @@ def _broker_conf(kind: str) -> dict[str, Any]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("broker_kind", ["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+@pytest.mark.usefixtures("shutdown_undone")  # the embedded worker's stop marks this process shutting down
 def test_a_real_worker_runs_only_json_run_messages_of_registered_jobs(
     sqlite_database: Database, apps: Callable[..., Celery], broker_kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -11,10 +11,13 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from helpers.repository import bind_clock
 from helpers.services import Database
 from sqlalchemy import event
 
 from celery_dbsched import JobRepository
+from celery_dbsched.binding import forget_repository
+from celery_dbsched.clock import TestClock
 from celery_dbsched.scheduler import PRUNE_EVERY, Scheduler, prune_interval
 
 DAY = dt.timedelta(days=1)
@@ -53,9 +56,9 @@ class Deletes:
 
 
 @pytest.mark.slow
-def test_prunes_everything_old_in_bounded_batches(repository: JobRepository) -> None:
+def test_prunes_everything_old_in_bounded_batches(repository: JobRepository, clock: TestClock) -> None:
     old = _final_runs(repository, 23)
-    repository.clock_shift = 2 * DAY
+    clock.shift_to(2 * DAY)
     deletes = Deletes(repository)
     try:
         assert repository.prune_runs(DAY, batch=5) == 23
@@ -68,9 +71,9 @@ def test_prunes_everything_old_in_bounded_batches(repository: JobRepository) -> 
     assert repository.prune_runs(DAY, batch=5) == 0
 
 
-def test_an_exact_multiple_of_the_batch_ends_with_one_empty_batch(repository: JobRepository) -> None:
+def test_an_exact_multiple_of_the_batch_ends_with_one_empty_batch(repository: JobRepository, clock: TestClock) -> None:
     _final_runs(repository, 10)
-    repository.clock_shift = 2 * DAY
+    clock.shift_to(2 * DAY)
     deletes = Deletes(repository)
     try:
         assert repository.prune_runs(DAY, batch=5) == 10
@@ -79,29 +82,29 @@ def test_an_exact_multiple_of_the_batch_ends_with_one_empty_batch(repository: Jo
     assert deletes.rows == [5, 5, 0]
 
 
-def test_never_prunes_an_active_run_nor_a_recent_one(repository: JobRepository) -> None:
+def test_never_prunes_an_active_run_nor_a_recent_one(repository: JobRepository, clock: TestClock) -> None:
     old = _final_runs(repository, 12, jobs=3)
     # Active runs, claimed long ago: p0 running, p1 and p2 queued (claimed just now, after the loop above).
     active = repository.claim_runs("beat-1", 1000).runs
     assert {run.job_name for run in active} == {"p0", "p1", "p2"}
     running = next(run for run in active if run.job_name == "p0")
     repository.start_run(running.id, "w")
-    repository.clock_shift = 2 * DAY
+    clock.shift_to(2 * DAY)
     # A final run that ended recently (on the shifted clock): p0's run completes now.
     repository.complete_run(running.id, dt.timedelta(hours=1))
     assert repository.prune_runs(DAY, batch=4) == 12
     left = {run.id: run.status for run in repository.list_runs(limit=1000)}
     assert set(left).isdisjoint(old)
     assert left == {run.id: ("completed" if run.job_name == "p0" else "queued") for run in active}
-    repository.clock_shift = 30 * DAY
+    clock.shift_to(30 * DAY)
     assert repository.prune_runs(DAY, batch=4) == 1  # p0's run, now old; the queued ones stay
     assert {run.status for run in repository.list_runs(limit=1000)} == {"queued"}
 
 
-def test_max_rows_bounds_one_call_and_takes_the_oldest_first(repository: JobRepository) -> None:
+def test_max_rows_bounds_one_call_and_takes_the_oldest_first(repository: JobRepository, clock: TestClock) -> None:
     _final_runs(repository, 9)
     ended = {run.id: run.end_time for run in repository.list_runs(limit=1000)}
-    repository.clock_shift = 2 * DAY
+    clock.shift_to(2 * DAY)
     assert repository.prune_runs(DAY, batch=2, max_rows=5) == 5
     left = {run.id for run in repository.list_runs(limit=1000)}
     pruned = set(ended) - left
@@ -132,9 +135,9 @@ def test_the_beat_prunes_at_a_tenth_of_the_retention(database: Database) -> None
         dbsched_run_retention=dt.timedelta(seconds=10),  # prune every second
         dbsched_monitor_interval=dt.timedelta(seconds=0.05),
     )
+    bind_clock(app, TestClock(offset=DAY))  # on the beat's clock every run ended long ago
     scheduler = Scheduler(app=app)
     try:
-        scheduler.repository.clock_shift = DAY  # on the beat's clock every run ended long ago
         _final_runs(repository, 3, prefix="a")
         scheduler.tick()
         first_prune = time.monotonic()
@@ -151,3 +154,4 @@ def test_the_beat_prunes_at_a_tenth_of_the_retention(database: Database) -> None
         assert time.monotonic() - first_prune >= 0.9
     finally:
         scheduler.close()
+        forget_repository(app)

@@ -1,5 +1,5 @@
 """JobRepository: every state transition, on SQLite and PostgreSQL (the `repository` fixture runs each test on
-both). Time is moved with `repository.clock_shift`, never by sleeping."""
+both). Time is moved with the repository's `clock` (a `TestClock`), never by sleeping."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from celery_dbsched import (
     RunRecord,
     SchemaMismatch,
 )
+from celery_dbsched.clock import TestClock
 from celery_dbsched.job import JobDefinition
 from celery_dbsched.schema import job_table, run_table
 from celery_dbsched.states import InterruptReason, JobKind, RunState
@@ -109,9 +110,11 @@ def test_upsert_stores_the_job_settings(repository: JobRepository) -> None:
     assert job.interrupt_threshold == dt.timedelta(seconds=45)
 
 
-def test_reupsert_keeps_next_scheduled_run_and_updates_description_and_settings(repository: JobRepository) -> None:
+def test_reupsert_keeps_next_scheduled_run_and_updates_description_and_settings(
+    repository: JobRepository, clock: TestClock
+) -> None:
     first = add_job(repository, "j", first_run_in=HOUR)
-    repository.clock_shift = 10 * SECOND
+    clock.shift_to(10 * SECOND)
     second = repository.upsert_job(
         "j",
         "a better description",
@@ -130,9 +133,9 @@ def test_reupsert_keeps_next_scheduled_run_and_updates_description_and_settings(
     assert [job.name for job in repository.list_jobs()] == ["j"]
 
 
-def test_reupsert_does_not_reset_a_job_that_is_due(repository: JobRepository) -> None:
+def test_reupsert_does_not_reset_a_job_that_is_due(repository: JobRepository, clock: TestClock) -> None:
     add_job(repository, "j")
-    repository.clock_shift = HOUR
+    clock.shift_to(HOUR)
     job = add_job(repository, "j", first_run_in=HOUR)
     assert job.next_scheduled_run < repository.database_now()
     assert claim_one(repository, "j").job_name == "j"
@@ -206,26 +209,26 @@ def test_lookup_and_list_jobs(repository: JobRepository) -> None:
 # -- database clock (design §1) --------------------------------------------------------------------------------
 
 
-def test_times_come_from_the_database_clock_plus_the_test_shift(repository: JobRepository) -> None:
+def test_times_come_from_the_database_clock_plus_the_test_shift(repository: JobRepository, clock: TestClock) -> None:
     host_now = dt.datetime.now(dt.timezone.utc)
-    repository.clock_shift = dt.timedelta(days=3)
+    clock.shift_to(dt.timedelta(days=3))
     before, job, after = within(repository, lambda: add_job(repository, "j", first_run_in=MINUTE))
     # Three days away from this host's clock: the times can only come from the (shifted) database clock.
     assert before >= host_now + dt.timedelta(days=3) - MINUTE
     assert before + MINUTE <= job.next_scheduled_run <= after + MINUTE
     assert before <= job.create_time <= after
-    repository.clock_shift += 2 * MINUTE
+    clock.advance(2 * MINUTE)
     queued = claim_one(repository, "j")
     before, run, after = within(repository, lambda: repository.start_run(queued.id, "w"))
     assert before <= run.start_time <= after
     assert queued.create_time <= run.start_time
 
 
-def test_database_now_is_aware_utc(repository: JobRepository) -> None:
+def test_database_now_is_aware_utc(repository: JobRepository, clock: TestClock) -> None:
     now = repository.database_now()
     assert now.utcoffset() == dt.timedelta(0)
     assert abs(now - dt.datetime.now(dt.timezone.utc)) < MINUTE  # the test databases run on this machine
-    repository.clock_shift = HOUR
+    clock.shift_to(HOUR)
     assert_close(repository.database_now(), now + HOUR, slack=MINUTE)
 
 
@@ -251,13 +254,13 @@ def test_claim_creates_a_queued_run_for_each_due_job(repository: JobRepository) 
     assert repository.lookup_run(run.id) == run
 
 
-def test_claim_skips_jobs_not_yet_due(repository: JobRepository) -> None:
+def test_claim_skips_jobs_not_yet_due(repository: JobRepository, clock: TestClock) -> None:
     add_job(repository, "later", first_run_in=MINUTE)
     add_job(repository, "now")
     assert [run.job_name for run in claim(repository)] == ["now"]
-    repository.clock_shift = MINUTE - 5 * SECOND
+    clock.shift_to(MINUTE - 5 * SECOND)
     assert claim(repository) == []
-    repository.clock_shift = MINUTE + SECOND
+    clock.shift_to(MINUTE + SECOND)
     assert [run.job_name for run in claim(repository)] == ["later"]
 
 
@@ -310,20 +313,20 @@ def test_claim_rejects_a_limit_below_one(repository: JobRepository, limit: int) 
     assert all_runs(repository) == []
 
 
-def test_claim_never_makes_a_second_active_run(repository: JobRepository) -> None:
+def test_claim_never_makes_a_second_active_run(repository: JobRepository, clock: TestClock) -> None:
     add_job(repository, "j")
     run = claim_one(repository, "j")
     assert claim(repository) == []  # queued run
     assert claim(repository, "beat-2") == []
     repository.start_run(run.id, "w")
-    repository.clock_shift = HOUR  # still due, still running
+    clock.shift_to(HOUR)  # still due, still running
     assert claim(repository) == []
     assert [r.id for r in all_runs(repository)] == [run.id]
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(0), HOUR))  # retry at once after a failure
 @pytest.mark.parametrize("finish", ["completed", "failed", "interrupted"])
 def test_a_job_whose_run_ended_is_claimable_again_when_due(repository: JobRepository, finish: str) -> None:
-    repository.retry_backoff = (dt.timedelta(0), HOUR)  # retry at once after a failure
     run = running_run(repository, "j")
     if finish == "completed":
         repository.complete_run(run.id, dt.timedelta(0))
@@ -336,11 +339,11 @@ def test_a_job_whose_run_ended_is_claimable_again_when_due(repository: JobReposi
     assert repository.lookup_run(run.id).status == finish
 
 
-def test_a_completed_job_is_not_claimed_before_its_next_run(repository: JobRepository) -> None:
+def test_a_completed_job_is_not_claimed_before_its_next_run(repository: JobRepository, clock: TestClock) -> None:
     run = running_run(repository, "j")
     repository.complete_run(run.id, MINUTE)
     assert claim(repository) == []
-    repository.clock_shift = MINUTE + SECOND
+    clock.shift_to(MINUTE + SECOND)
     assert claim_one(repository, "j").job_name == "j"
 
 
@@ -467,11 +470,11 @@ def test_next_due_in_is_none_without_jobs(repository: JobRepository) -> None:
     assert repository.next_due_in() is None
 
 
-def test_next_due_in_counts_down_on_the_database_clock(repository: JobRepository) -> None:
+def test_next_due_in_counts_down_on_the_database_clock(repository: JobRepository, clock: TestClock) -> None:
     add_job(repository, "j", first_run_in=dt.timedelta(seconds=100))
     due_in = repository.next_due_in()
     assert due_in is not None and 95 <= due_in <= 100
-    repository.clock_shift = dt.timedelta(seconds=130)
+    clock.shift_to(dt.timedelta(seconds=130))
     due_in = repository.next_due_in()
     assert due_in is not None and -35 <= due_in <= -29  # negative: overdue
 
@@ -502,10 +505,10 @@ def test_next_due_in_excludes_jobs_with_an_active_run_and_disabled_jobs(reposito
 # -- start_run (design §3) --------------------------------------------------------------------------------------
 
 
-def test_start_run_moves_queued_to_running(repository: JobRepository) -> None:
+def test_start_run_moves_queued_to_running(repository: JobRepository, clock: TestClock) -> None:
     add_job(repository, "j")
     queued = claim_one(repository, "j")
-    repository.clock_shift = 5 * SECOND
+    clock.shift_to(5 * SECOND)
     before, run, after = within(repository, lambda: repository.start_run(queued.id, "worker-9", "task-1"))
     assert run.status == "running"
     assert run.worker == "worker-9"
@@ -584,35 +587,35 @@ def test_update_progress_stores_the_values(repository: JobRepository) -> None:
     assert repository.lookup_run(run.id).progress == JobStatus(3, 10)
 
 
-def test_update_time_moves_only_when_progress_changes(repository: JobRepository) -> None:
+def test_update_time_moves_only_when_progress_changes(repository: JobRepository, clock: TestClock) -> None:
     run = running_run(repository, "j")
     started = run.update_time
-    repository.clock_shift = 10 * SECOND
+    clock.shift_to(10 * SECOND)
     unchanged = repository.update_progress(run.id, 0, 0)  # the values a run starts with
     assert unchanged.update_time == started
     changed = repository.update_progress(run.id, 1, 10)
     assert changed.update_time >= started + 10 * SECOND - SLACK
-    repository.clock_shift = 20 * SECOND
+    clock.shift_to(20 * SECOND)
     assert repository.update_progress(run.id, 1, 10).update_time == changed.update_time
     assert repository.lookup_run(run.id).update_time == changed.update_time
     moved = repository.update_progress(run.id, 1, 11)  # a new total is a change too
     assert moved.update_time >= changed.update_time + 10 * SECOND - SLACK
 
 
-def test_unchanged_progress_does_not_keep_a_run_alive(repository: JobRepository) -> None:
+def test_unchanged_progress_does_not_keep_a_run_alive(repository: JobRepository, clock: TestClock) -> None:
     run = running_run(repository, "j")
     repository.update_progress(run.id, 1, 5)
     for minutes in (2, 4, 6):
-        repository.clock_shift = minutes * MINUTE
+        clock.shift_to(minutes * MINUTE)
         repository.update_progress(run.id, 1, 5)
     [stalled] = repository.interrupt_runs()
     assert stalled.id == run.id
 
 
-def test_changing_progress_keeps_a_run_alive(repository: JobRepository) -> None:
+def test_changing_progress_keeps_a_run_alive(repository: JobRepository, clock: TestClock) -> None:
     run = running_run(repository, "j")
     for step, minutes in enumerate((2, 4, 6, 8), start=1):
-        repository.clock_shift = minutes * MINUTE
+        clock.shift_to(minutes * MINUTE)
         repository.update_progress(run.id, step, 10)
         assert repository.interrupt_runs() == []
     assert repository.run_status(run.id) == "running"
@@ -661,9 +664,9 @@ def test_progress_of_a_run_that_is_not_running(repository: JobRepository) -> Non
 # -- complete_run ----------------------------------------------------------------------------------------------
 
 
-def test_complete_run_schedules_the_next_run_on_the_database_clock(repository: JobRepository) -> None:
+def test_complete_run_schedules_the_next_run_on_the_database_clock(repository: JobRepository, clock: TestClock) -> None:
     run = running_run(repository, "j")
-    repository.clock_shift = 7 * SECOND
+    clock.shift_to(7 * SECOND)
     before, done, after = within(
         repository, lambda: repository.complete_run(run.id, dt.timedelta(minutes=10), progress=JobStatus(4, 4))
     )
@@ -691,8 +694,8 @@ def test_complete_run_with_zero_makes_the_job_due_at_once(repository: JobReposit
     assert claim_one(repository, "j").id > run.id
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(0), HOUR))
 def test_complete_run_resets_the_failure_count(repository: JobRepository) -> None:
-    repository.retry_backoff = (dt.timedelta(0), HOUR)
     run = running_run(repository, "j")
     repository.fail_run(run.id, "boom")
     run = repository.start_run(claim_one(repository, "j").id, "w")
@@ -792,9 +795,9 @@ def test_fail_run_of_a_final_or_unknown_run(repository: JobRepository) -> None:
         repository.fail_run(run.id + 1000, "boom")
 
 
-def _fail_once(repository: JobRepository, name: str) -> dt.timedelta:
+def _fail_once(repository: JobRepository, clock: TestClock, name: str) -> dt.timedelta:
     """Claim, start and fail the job's run; returns the retry delay it got (next run - end time)."""
-    repository.clock_shift += dt.timedelta(days=1)  # beyond any delay: the job is due
+    clock.advance(dt.timedelta(days=1))  # beyond any delay: the job is due
     run = repository.start_run(claim_one(repository, name).id, "w")
     failed = repository.fail_run(run.id, "boom")
     assert failed.end_time is not None
@@ -807,20 +810,20 @@ def _assert_delays(actual: list[dt.timedelta], expected_seconds: list[float]) ->
         assert abs(got.total_seconds() - want) <= SLACK.total_seconds(), (actual, expected_seconds)
 
 
-def test_fail_run_backs_off_exponentially_up_to_the_cap(repository: JobRepository) -> None:
-    repository.retry_backoff = (dt.timedelta(seconds=10), dt.timedelta(seconds=60))
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=10), dt.timedelta(seconds=60)))
+def test_fail_run_backs_off_exponentially_up_to_the_cap(repository: JobRepository, clock: TestClock) -> None:
     add_job(repository, "j")
-    delays = [_fail_once(repository, "j") for _ in range(5)]
+    delays = [_fail_once(repository, clock, "j") for _ in range(5)]
     _assert_delays(delays, [10, 20, 40, 60, 60])
     assert repository.lookup_job("j").failure_count == 5
 
 
-def test_fail_run_retries_no_later_than_the_jobs_next_slot(repository: JobRepository) -> None:
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=10), HOUR))
+def test_fail_run_retries_no_later_than_the_jobs_next_slot(repository: JobRepository, clock: TestClock) -> None:
     """Backoff 10, 20, 40 s for a job every 30 s: never later than its next slot on its grid, which retries
     of the same slot do not move."""
-    repository.retry_backoff = (dt.timedelta(seconds=10), HOUR)
-    repository.frozen_now = repository.database_now()
-    start = repository.frozen_now
+    start = repository.database_now()
+    clock.freeze(start)
     add_job(repository, "j", every=dt.timedelta(seconds=30))
     slots = []
     for _ in range(3):
@@ -828,15 +831,15 @@ def test_fail_run_retries_no_later_than_the_jobs_next_slot(repository: JobReposi
         assert run.scheduled_for == start  # every retry is a late run of the first slot
         repository.fail_run(run.id, "boom")
         slots.append(repository.lookup_job("j").next_scheduled_run - start)
-        repository.frozen_now = repository.lookup_job("j").next_scheduled_run
+        clock.freeze(repository.lookup_job("j").next_scheduled_run)
     assert slots == [dt.timedelta(seconds=10), dt.timedelta(seconds=30), dt.timedelta(seconds=60)]
     run = repository.start_run(claim_one(repository, "j").id, "w")
     repository.complete_run(run.id)
     assert repository.lookup_job("j").next_scheduled_run == start + dt.timedelta(seconds=90)  # back on the grid
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(0), HOUR))
 def test_fail_run_with_a_zero_base_retries_at_once(repository: JobRepository) -> None:
-    repository.retry_backoff = (dt.timedelta(0), HOUR)
     run = running_run(repository, "j")
     repository.fail_run(run.id, "boom")
     due_in = repository.next_due_in()
@@ -844,31 +847,31 @@ def test_fail_run_with_a_zero_base_retries_at_once(repository: JobRepository) ->
     assert claim_one(repository, "j").id > run.id
 
 
-def test_failed_job_is_not_retried_before_the_backoff(repository: JobRepository) -> None:
-    repository.retry_backoff = (dt.timedelta(seconds=30), HOUR)
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=30), HOUR))
+def test_failed_job_is_not_retried_before_the_backoff(repository: JobRepository, clock: TestClock) -> None:
     run = running_run(repository, "j")
     repository.fail_run(run.id, "boom")
-    repository.clock_shift = dt.timedelta(seconds=25)
+    clock.shift_to(dt.timedelta(seconds=25))
     assert claim(repository) == []
-    repository.clock_shift = dt.timedelta(seconds=31)
+    clock.shift_to(dt.timedelta(seconds=31))
     assert claim_one(repository, "j").job_name == "j"
 
 
-def test_the_default_backoff_is_ten_seconds(repository: JobRepository) -> None:
+def test_the_default_backoff_is_ten_seconds(repository: JobRepository, clock: TestClock) -> None:
     add_job(repository, "j")
-    _assert_delays([_fail_once(repository, "j")], [10])
+    _assert_delays([_fail_once(repository, clock, "j")], [10])
 
 
 # -- interrupt_runs: stalled runs (design §5) ---------------------------------------------------------------------
 
 
-def test_a_stalled_running_run_is_interrupted_after_the_threshold(repository: JobRepository) -> None:
-    repository.retry_backoff = (dt.timedelta(seconds=10), HOUR)
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=10), HOUR))
+def test_a_stalled_running_run_is_interrupted_after_the_threshold(repository: JobRepository, clock: TestClock) -> None:
     run = running_run(repository, "j")
     repository.update_progress(run.id, 1, 3)
-    repository.clock_shift = 4 * MINUTE + 50 * SECOND
+    clock.shift_to(4 * MINUTE + 50 * SECOND)
     assert repository.interrupt_runs() == []
-    repository.clock_shift = 5 * MINUTE + 10 * SECOND
+    clock.shift_to(5 * MINUTE + 10 * SECOND)
     before, stalled, after = within(repository, repository.interrupt_runs)
     [interrupted] = stalled
     assert interrupted.id == run.id
@@ -883,10 +886,10 @@ def test_a_stalled_running_run_is_interrupted_after_the_threshold(repository: Jo
     assert repository.interrupt_runs() == []  # only once
 
 
-def test_a_queued_run_no_worker_started_is_interrupted_too(repository: JobRepository) -> None:
+def test_a_queued_run_no_worker_started_is_interrupted_too(repository: JobRepository, clock: TestClock) -> None:
     add_job(repository, "j")
     run = claim_one(repository, "j")
-    repository.clock_shift = 5 * MINUTE + SECOND
+    clock.shift_to(5 * MINUTE + SECOND)
     [interrupted] = repository.interrupt_runs()
     assert interrupted.id == run.id
     assert interrupted.error is not None and "no worker started it" in interrupted.error
@@ -894,62 +897,62 @@ def test_a_queued_run_no_worker_started_is_interrupted_too(repository: JobReposi
         repository.start_run(run.id, "late-worker")  # a late message is dropped
 
 
-def test_interrupted_stalled_runs_back_off(repository: JobRepository) -> None:
-    repository.retry_backoff = (dt.timedelta(seconds=10), dt.timedelta(seconds=25))
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=10), dt.timedelta(seconds=25)))
+def test_interrupted_stalled_runs_back_off(repository: JobRepository, clock: TestClock) -> None:
     add_job(repository, "j")
     delays = []
     for _ in range(3):
-        repository.clock_shift += HOUR
+        clock.advance(HOUR)
         run = claim_one(repository, "j")
-        repository.clock_shift += 10 * MINUTE
+        clock.advance(10 * MINUTE)
         [interrupted] = repository.interrupt_runs()
         assert interrupted.id == run.id and interrupted.end_time is not None
         delays.append(repository.lookup_job("j").next_scheduled_run - interrupted.end_time)
     _assert_delays(delays, [10, 20, 25])
 
 
-def test_interrupt_runs_honours_the_threshold_argument(repository: JobRepository) -> None:
+def test_interrupt_runs_honours_the_threshold_argument(repository: JobRepository, clock: TestClock) -> None:
     run = running_run(repository, "j")
-    repository.clock_shift = 9 * SECOND
+    clock.shift_to(9 * SECOND)
     assert repository.interrupt_runs(dt.timedelta(seconds=10)) == []
-    repository.clock_shift = 11 * SECOND
+    clock.shift_to(11 * SECOND)
     assert [r.id for r in repository.interrupt_runs(dt.timedelta(seconds=10))] == [run.id]
 
 
-def test_interrupt_runs_honours_the_repository_threshold(database: Any) -> None:
-    repository = database.migrated_repository(interrupt_threshold=dt.timedelta(seconds=20))
+def test_interrupt_runs_honours_the_repository_threshold(database: Any, clock: TestClock) -> None:
+    repository = database.migrated_repository(clock=clock, interrupt_threshold=dt.timedelta(seconds=20))
     run = running_run(repository, "j")
-    repository.clock_shift = 15 * SECOND
+    clock.shift_to(15 * SECOND)
     assert repository.interrupt_runs() == []
-    repository.clock_shift = 25 * SECOND
+    clock.shift_to(25 * SECOND)
     assert [r.id for r in repository.interrupt_runs()] == [run.id]
 
 
-def test_interrupt_runs_honours_a_per_job_threshold(repository: JobRepository) -> None:
+def test_interrupt_runs_honours_a_per_job_threshold(repository: JobRepository, clock: TestClock) -> None:
     quick = running_run(repository, "quick", interrupt_threshold=dt.timedelta(seconds=30))
     patient = running_run(repository, "patient", interrupt_threshold=dt.timedelta(minutes=10))
     default = running_run(repository, "default")
-    repository.clock_shift = 31 * SECOND
+    clock.shift_to(31 * SECOND)
     assert [r.id for r in repository.interrupt_runs()] == [quick.id]
-    repository.clock_shift = 6 * MINUTE
+    clock.shift_to(6 * MINUTE)
     assert [r.id for r in repository.interrupt_runs()] == [default.id]
-    repository.clock_shift = 9 * MINUTE
+    clock.shift_to(9 * MINUTE)
     assert repository.interrupt_runs() == []
-    repository.clock_shift = 11 * MINUTE
+    clock.shift_to(11 * MINUTE)
     assert [r.id for r in repository.interrupt_runs()] == [patient.id]
 
 
-def test_interrupt_runs_leaves_final_runs_alone(repository: JobRepository) -> None:
+def test_interrupt_runs_leaves_final_runs_alone(repository: JobRepository, clock: TestClock) -> None:
     run = running_run(repository, "j")
     repository.complete_run(run.id, dt.timedelta(days=30))
-    repository.clock_shift = dt.timedelta(days=1)
+    clock.shift_to(dt.timedelta(days=1))
     assert repository.interrupt_runs() == []
     assert repository.lookup_run(run.id).status == "completed"
 
 
-def test_a_progress_write_after_the_interruption_is_refused(repository: JobRepository) -> None:
+def test_a_progress_write_after_the_interruption_is_refused(repository: JobRepository, clock: TestClock) -> None:
     run = running_run(repository, "j")
-    repository.clock_shift = 6 * MINUTE
+    clock.shift_to(6 * MINUTE)
     repository.interrupt_runs()
     with pytest.raises(InvalidRunState) as excinfo:
         repository.update_progress(run.id, 1, 2)
@@ -1002,11 +1005,13 @@ def test_interrupt_runs_of_a_server_at_shutdown(repository: JobRepository) -> No
     assert claim_one(repository, "j").id > run.id
 
 
-def test_interrupt_runs_of_a_server_with_a_threshold_spares_fresh_runs(repository: JobRepository) -> None:
+def test_interrupt_runs_of_a_server_with_a_threshold_spares_fresh_runs(
+    repository: JobRepository, clock: TestClock
+) -> None:
     old = running_run(repository, "old", worker="w1")
-    repository.clock_shift = MINUTE
+    clock.shift_to(MINUTE)
     fresh = running_run(repository, "fresh", worker="w1")
-    repository.clock_shift = MINUTE + 10 * SECOND
+    clock.shift_to(MINUTE + 10 * SECOND)
     ended = repository.interrupt_runs(dt.timedelta(seconds=30), server_id="w1")
     assert [run.id for run in ended] == [old.id]
     assert repository.run_status(fresh.id) == "running"
@@ -1037,8 +1042,8 @@ def test_interrupt_run_with_a_reason_and_detail(repository: JobRepository) -> No
     assert ended.error == "shutdown: worker w1 stopping"
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=40), HOUR))
 def test_interrupt_run_as_stalled_backs_off(repository: JobRepository) -> None:
-    repository.retry_backoff = (dt.timedelta(seconds=40), HOUR)
     run = running_run(repository, "j")
     ended = repository.interrupt_run(run.id, InterruptReason.STALLED, "no progress")
     assert ended.error == "stalled: no progress"
@@ -1061,11 +1066,11 @@ def test_interrupt_run_of_a_final_or_unknown_run(repository: JobRepository) -> N
 # -- interrupt_reason: every path that interrupts a run writes its reason in its own column ----------------------
 
 
-def test_every_interrupting_path_stores_its_reason(repository: JobRepository) -> None:
+def test_every_interrupting_path_stores_its_reason(repository: JobRepository, clock: TestClock) -> None:
     run = running_run(repository, "stalled-running")
     add_job(repository, "stalled-queued")
     queued = claim_one(repository, "stalled-queued")
-    repository.clock_shift = HOUR
+    clock.shift_to(HOUR)
     assert {r.id for r in repository.interrupt_runs(dt.timedelta(minutes=5))} == {run.id, queued.id}
 
     run = running_run(repository, "shutdown", worker="w1")
@@ -1089,7 +1094,7 @@ def test_every_interrupting_path_stores_its_reason(repository: JobRepository) ->
         repository.define_job(JobDefinition(name=name, description=name, every=HOUR, policy=JobPolicy(expires=MINUTE)))
     claimed = {run.job_name: run for run in claim(repository)}
     by_monitor, at_start = claimed["expired-by-monitor"], claimed["expired-at-start"]
-    repository.clock_shift += HOUR
+    clock.advance(HOUR)
     with pytest.raises(InvalidRunState):
         repository.start_run(at_start.id, "worker-1")  # too late: ended expired instead
     assert [r.id for r in repository.expire_runs()] == [by_monitor.id]
@@ -1097,7 +1102,7 @@ def test_every_interrupting_path_stores_its_reason(repository: JobRepository) ->
     repository.define_job(JobDefinition(name="orphan", description="orphan", kind=JobKind.TASK, task="t", every=HOUR))
     orphan = repository.dispatch_run(claim_one(repository, "orphan").id)
     repository.track_start(orphan.id, "gone@host", None)  # a worker that never sent a heartbeat
-    repository.clock_shift += HOUR
+    clock.advance(HOUR)
     assert [r.id for r in repository.interrupt_orphaned(MINUTE)] == [orphan.id]
 
     runs = all_runs(repository)
@@ -1210,8 +1215,8 @@ def test_the_earliest_of_several_pull_ins_during_a_run_is_kept(repository: JobRe
     assert_close(repository.lookup_job("j").next_scheduled_run, repository.database_now() + 3 * MINUTE, 5 * SECOND)
 
 
+@pytest.mark.settings(retry_backoff=(HOUR, 2 * HOUR))
 def test_a_pull_in_during_a_run_is_not_lost_when_it_fails(repository: JobRepository) -> None:
-    repository.retry_backoff = (HOUR, 2 * HOUR)
     run = running_run(repository, "j")
     repository.update_job_next_run_in_at_least("j", dt.timedelta(0))
     repository.fail_run(run.id, "boom")
@@ -1233,8 +1238,8 @@ def test_a_pull_in_during_an_earlier_run_does_not_leak_into_the_next(repository:
 
 
 def _history(repository: JobRepository) -> dict[str, int]:
-    """a1 completed, b1 failed (by worker-1), then a2 running and b2 queued."""
-    repository.retry_backoff = (dt.timedelta(0), HOUR)
+    """a1 completed, b1 failed (by worker-1), then a2 running and b2 queued (b retried at once: a repository
+    with no retry backoff)."""
     add_job(repository, "a")
     add_job(repository, "b")
     a1, b1 = claim(repository)
@@ -1249,6 +1254,7 @@ def _history(repository: JobRepository) -> dict[str, int]:
     return {"a1": a1.id, "b1": b1.id, "a2": a2.id, "b2": b2.id}
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(0), HOUR))  # `_history` retries b at once
 def test_list_runs_newest_first_with_filters(repository: JobRepository) -> None:
     ids = _history(repository)
     assert [run.id for run in repository.list_runs()] == [ids["b2"], ids["a2"], ids["b1"], ids["a1"]]
@@ -1266,6 +1272,7 @@ def test_list_runs_rejects_an_unknown_status(repository: JobRepository) -> None:
         repository.list_runs(status="done")
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(0), HOUR))  # `_history` retries b at once
 def test_lookup_run(repository: JobRepository) -> None:
     ids = _history(repository)
     failed = repository.lookup_run(ids["b1"])
@@ -1276,15 +1283,18 @@ def test_lookup_run(repository: JobRepository) -> None:
         repository.lookup_run(max(ids.values()) + 1)
 
 
-def test_prune_runs_deletes_only_final_runs_older_than_the_retention(repository: JobRepository) -> None:
+@pytest.mark.settings(retry_backoff=(dt.timedelta(0), HOUR))  # `_history` retries b at once
+def test_prune_runs_deletes_only_final_runs_older_than_the_retention(
+    repository: JobRepository, clock: TestClock
+) -> None:
     ids = _history(repository)  # a1, b1 final; a2 running; b2 queued: all "old" after the shift below
-    repository.clock_shift = dt.timedelta(days=2)
+    clock.shift_to(dt.timedelta(days=2))
     repository.complete_run(ids["a2"], dt.timedelta(0))  # final, but ended recently
     assert repository.prune_runs(dt.timedelta(days=1)) == 2
     remaining = {run.id for run in repository.list_runs()}
     assert remaining == {ids["a2"], ids["b2"]}
     assert repository.prune_runs(dt.timedelta(days=1)) == 0
-    repository.clock_shift = dt.timedelta(days=4)
+    clock.shift_to(dt.timedelta(days=4))
     assert repository.prune_runs(dt.timedelta(days=1)) == 1  # a2; the queued b2 is never pruned
     assert [run.id for run in repository.list_runs()] == [ids["b2"]]
     assert [job.name for job in repository.list_jobs()] == ["a", "b"]
@@ -1311,13 +1321,13 @@ def test_missing_tables_raise_schema_mismatch(database: Any) -> None:
             call()
 
 
-def test_run_ids_are_never_reused_after_pruning(repository: JobRepository) -> None:
+def test_run_ids_are_never_reused_after_pruning(repository: JobRepository, clock: TestClock) -> None:
     """A late message names a run by id: pruning must not let that id come back as a newer run."""
     repository.upsert_job("reuse", "id reuse")
     first = repository.claim_runs("beat", 10).runs[0]
     repository.start_run(first.id, "w")
     repository.complete_run(first.id, dt.timedelta(0))
-    repository.clock_shift += dt.timedelta(days=30)
+    clock.advance(dt.timedelta(days=30))
     assert repository.prune_runs(dt.timedelta(days=1)) == 1
     second = repository.claim_runs("beat", 10).runs[0]
     assert second.id > first.id
@@ -1366,7 +1376,7 @@ def test_a_claim_skips_the_jobs_another_uncommitted_claim_holds_instead_of_waiti
 
 
 def test_a_run_that_ended_before_its_next_slot_is_not_passed_over(
-    repository: JobRepository, monkeypatch: pytest.MonkeyPatch
+    repository: JobRepository, clock: TestClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Found by the fault suite (200 jobs a second): the run ended (its end_time) before the next slot, but the
     completing transaction's later statement ran after it. The next slot is counted from the end: it is due,
@@ -1374,11 +1384,11 @@ def test_a_run_that_ended_before_its_next_slot_is_not_passed_over(
     slot = dt.datetime(2030, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc)
     add_job(repository, "cadence", every=dt.timedelta(seconds=1))
     set_job(repository, "cadence", next_scheduled_run=slot)
-    repository.frozen_now = slot + dt.timedelta(milliseconds=100)
+    clock.freeze(slot + dt.timedelta(milliseconds=100))
     run = repository.start_run(claim_one(repository, "cadence").id, "worker-1")
     assert run.scheduled_for == slot
 
-    repository.frozen_now = slot + dt.timedelta(milliseconds=990)  # the run ends 10 ms before the next slot
+    clock.freeze(slot + dt.timedelta(milliseconds=990))  # the run ends 10 ms before the next slot
     real_db_now = repository._db_now
     monkeypatch.setattr(repository, "_db_now", lambda conn: real_db_now(conn) + dt.timedelta(milliseconds=50))
     ended = repository.complete_run(run.id)

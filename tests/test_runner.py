@@ -23,6 +23,7 @@ from celery_dbsched import (
     RunRecord,
     runner,
 )
+from celery_dbsched.clock import TestClock
 from celery_dbsched.job import FunctionJob
 from celery_dbsched.runner import ProgressMonitor, active_run_ids, cancel_local_runs, execute_run
 from celery_dbsched.schema import job_table
@@ -33,9 +34,6 @@ MINUTE = dt.timedelta(minutes=1)
 FAST = 0.05  # monitor interval for the threaded tests
 DEADLINE = 15.0
 POLL = 0.01  # the runs here finish in milliseconds
-
-
-pytestmark = pytest.mark.usefixtures("not_shutting_down")
 
 
 class Background:
@@ -197,8 +195,8 @@ def test_a_failing_next_run_in_falls_back_to_every(repository: JobRepository, ne
     assert_delay(repository, done, dt.timedelta(minutes=7))
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=5), dt.timedelta(minutes=11)))
 def test_a_failing_next_run_in_without_every_uses_the_backoff_cap(repository: JobRepository) -> None:
-    repository.retry_backoff = (dt.timedelta(seconds=5), dt.timedelta(minutes=11))
     job = Recorder(next_run=RuntimeError("no idea"))
     run = register_and_claim(repository, job)
     done = execute(repository, {job.name: job}, run.id)
@@ -206,8 +204,8 @@ def test_a_failing_next_run_in_without_every_uses_the_backoff_cap(repository: Jo
     assert_delay(repository, done, dt.timedelta(minutes=11))
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=5), dt.timedelta(minutes=13)))
 def test_a_function_job_without_every_returning_none_uses_the_backoff_cap(repository: JobRepository) -> None:
-    repository.retry_backoff = (dt.timedelta(seconds=5), dt.timedelta(minutes=13))
     job = FunctionJob(lambda ctx: None, name="f", description="f", every=None, queue=None, interrupt_threshold=None)
     run = register_and_claim(repository, job)
     done = execute(repository, {job.name: job}, run.id)
@@ -229,8 +227,8 @@ def test_a_job_the_worker_does_not_know_fails_the_run_saying_so(repository: JobR
     assert repository.lookup_job("elsewhere").failure_count == 1
 
 
+@pytest.mark.settings(retry_backoff=(dt.timedelta(seconds=20), HOUR))
 def test_a_failing_job_ends_failed_with_its_traceback_and_final_progress(repository: JobRepository) -> None:
-    repository.retry_backoff = (dt.timedelta(seconds=20), HOUR)
 
     def explode_halfway(job: Recorder, ctx: JobContext) -> None:
         job.progress = JobStatus(2, 5)
@@ -347,6 +345,7 @@ def test_starting_and_finishing_wait_out_a_30s_outage(
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
 
 
+@pytest.mark.usefixtures("shutdown_undone")
 def test_retrying_gives_up_after_its_budget_and_at_shutdown(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1000.0]
     monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])  # type: ignore[attr-defined]
@@ -431,7 +430,8 @@ def test_the_monitor_writes_progress_while_the_job_runs(repository: JobRepositor
 
 def test_the_monitor_cancels_the_job_when_its_run_is_interrupted(database: Any) -> None:
     worker_repository = database.migrated_repository()
-    beat_repository = database.repository()  # another process's view: its own engine
+    six_minutes_on = TestClock(offset=dt.timedelta(minutes=6))  # past the interrupt threshold
+    beat_repository = database.repository(clock=six_minutes_on)  # another process's view: its own engine
 
     def wait_to_be_cancelled(job: Recorder, ctx: JobContext) -> None:
         if ctx.wait(DEADLINE):
@@ -442,7 +442,6 @@ def test_the_monitor_cancels_the_job_when_its_run_is_interrupted(database: Any) 
     background = Background(lambda: execute(worker_repository, {job.name: job}, run.id))
     assert job.started.wait(DEADLINE)
     # A beat's monitor finds the run stalled (its clock is past the threshold) and interrupts it.
-    beat_repository.clock_shift = dt.timedelta(minutes=6)
     [stalled] = beat_repository.interrupt_runs()
     assert stalled.id == run.id
     done = background.join()
@@ -556,14 +555,14 @@ def running(repository: JobRepository, job: Job) -> RunRecord:
     return repository.start_run(register_and_claim(repository, job).id, "worker-1")
 
 
-def test_monitor_check_writes_changed_progress_only(repository: JobRepository) -> None:
+def test_monitor_check_writes_changed_progress_only(repository: JobRepository, clock: TestClock) -> None:
     job = Recorder()
     run = running(repository, job)
     ctx = JobContext(run.id, job.name)
     monitor = ProgressMonitor(repository, job, ctx, 60)
     monitor.check()
     assert repository.lookup_run(run.id).update_time == run.update_time
-    repository.clock_shift = dt.timedelta(seconds=30)
+    clock.shift_to(dt.timedelta(seconds=30))
     job.progress = JobStatus(1, 2)
     monitor.check()
     stored = repository.lookup_run(run.id)
@@ -622,6 +621,7 @@ def test_monitor_check_keeps_going_when_the_database_is_down(
 # -- shutdown (design §9) ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("shutdown_undone")
 def test_cancel_local_runs_at_shutdown_ends_the_run_interrupted(repository: JobRepository) -> None:
     def wait_to_be_cancelled(job: Recorder, ctx: JobContext) -> None:
         job.progress = JobStatus(1, 10)
@@ -671,6 +671,7 @@ def test_cancel_local_runs_for_another_reason_is_not_a_shutdown(repository: JobR
     assert job.runs[0].cancel_reason == "operator asked"
 
 
+@pytest.mark.usefixtures("shutdown_undone")
 def test_cancel_local_runs_without_runs() -> None:
     assert cancel_local_runs(InterruptReason.SHUTDOWN) == 0
     assert runner.shutting_down()

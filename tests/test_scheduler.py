@@ -35,13 +35,16 @@ from helpers.processes import REPO_DIR, TESTS_DIR, Processes
 from helpers.services import POSTGRES_URL, RABBITMQ_URL, REDIS_URL, Broker, Database, require_service
 from kombu.utils.imports import symbol_by_name
 
+from celery_dbsched.clock import TestClock
 from celery_dbsched.errors import DatabaseUnavailable, SchemaMismatch
 from celery_dbsched.protocol import RUN_TASK_NAME
 from celery_dbsched.registry import existing_registry
 from celery_dbsched.scheduler import Scheduler
 from celery_dbsched.transport import filesystem_broker_settings
 
+MINUTE = dt.timedelta(minutes=1)
 HOUR = dt.timedelta(hours=1)
+DAY = dt.timedelta(days=1)
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -331,8 +334,7 @@ def test_claims_earliest_due_first(sqlite_database: Database, make_scheduler: Sc
     repository = sqlite_database.migrated_repository()
     for name, due_in in (("a", 30), ("b", 20), ("c", 10)):
         repository.upsert_job(name, f"job {name}", first_run_in=dt.timedelta(seconds=due_in))
-    scheduler = make_scheduler(sqlite_database.url, dbsched_run_jobs_limit=1)
-    scheduler.repository.clock_shift = dt.timedelta(minutes=1)
+    scheduler = make_scheduler(sqlite_database.url, clock=TestClock(offset=MINUTE), dbsched_run_jobs_limit=1)
     order = []
     for _ in range(3):
         assert scheduler.tick() == 0  # each tick claims a full batch of one
@@ -365,12 +367,13 @@ def test_tick_wakes_sooner_when_a_job_is_due_sooner(database: Database, make_sch
     repository = database.migrated_repository()
     repository.upsert_job("soon", "due in 2 s", first_run_in=dt.timedelta(seconds=2))
     repository.upsert_job("later", "due in an hour", first_run_in=HOUR)
-    scheduler = make_scheduler(database.url, dbsched_run_jobs_interval=30, beat_max_loop_interval=300)
+    clock = TestClock()
+    scheduler = make_scheduler(database.url, clock=clock, dbsched_run_jobs_interval=30, beat_max_loop_interval=300)
     first = scheduler.tick()
     assert 0 < first <= 2.0
     assert repository.list_runs() == []
     # Rather than sleep, move the scheduler's view of the database clock past the due time.
-    scheduler.repository.clock_shift = dt.timedelta(seconds=3)
+    clock.shift_to(dt.timedelta(seconds=3))
     assert 0 < scheduler.tick() <= 30
     assert [m.args[1] for m in drain(scheduler.app, default_queue(scheduler), 1)] == ["soon"]
 
@@ -414,8 +417,10 @@ def test_monitor_interrupts_stalled_runs(
     repository.start_run(runs["fresh"].id, "w1")
 
     caplog.set_level(logging.WARNING, logger="celery_dbsched")
-    scheduler = make_scheduler(database.url, dbsched_interrupt_threshold=600, dbsched_run_jobs_interval=1)
-    scheduler.repository.clock_shift = dt.timedelta(seconds=120)  # two minutes without progress
+    two_minutes_on = TestClock(offset=dt.timedelta(seconds=120))  # two minutes without progress
+    scheduler = make_scheduler(
+        database.url, clock=two_minutes_on, dbsched_interrupt_threshold=600, dbsched_run_jobs_interval=1
+    )
     assert scheduler.tick() > 0
 
     after = {name: repository.lookup_run(run.id) for name, run in runs.items()}
@@ -445,23 +450,23 @@ def test_monitor_prunes_history_past_retention(database: Database, make_schedule
         return {name for name, run in runs.items() if (run.id, run.create_time) in present}
 
     # Six days on, with the default retention of 7 days: kept.
-    keeps = make_scheduler(database.url, dbsched_interrupt_threshold=HOUR * 24 * 30)
-    keeps.repository.clock_shift = dt.timedelta(days=6)
+    keeps = make_scheduler(database.url, clock=TestClock(offset=DAY * 6), dbsched_interrupt_threshold=DAY * 30)
     keeps.tick()
     assert kept() == {"done", "failed", "active"}
 
     # Eight days on: the two finished runs go, the active one stays.
-    prunes = make_scheduler(database.url, dbsched_interrupt_threshold=HOUR * 24 * 30)
-    prunes.repository.clock_shift = dt.timedelta(days=8)
+    prunes = make_scheduler(database.url, clock=TestClock(offset=DAY * 8), dbsched_interrupt_threshold=DAY * 30)
     prunes.tick()
     assert kept() == {"active"}
 
     # A shorter retention setting is honoured.
     repository.complete_run(runs["active"].id, HOUR)
     short = make_scheduler(
-        database.url, dbsched_run_retention=dt.timedelta(days=1), dbsched_interrupt_threshold=HOUR * 24 * 30
+        database.url,
+        clock=TestClock(offset=DAY * 2),
+        dbsched_run_retention=DAY,
+        dbsched_interrupt_threshold=DAY * 30,
     )
-    short.repository.clock_shift = dt.timedelta(days=2)
     short.tick()
     assert kept() == set()
 

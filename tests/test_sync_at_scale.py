@@ -34,6 +34,7 @@ from sqlalchemy import Engine, column, event, select, table, text
 from celery_dbsched import job
 from celery_dbsched.beat_schedule import SYNC_SOURCE, fingerprint, sync_beat_schedule
 from celery_dbsched.binding import bind_repository
+from celery_dbsched.clock import TestClock
 from celery_dbsched.errors import DatabaseError, DatabaseUnavailable, is_outage
 from celery_dbsched.registry import registry_for
 from celery_dbsched.repository import JobRepository
@@ -103,8 +104,7 @@ def drain(queue: str) -> int:
 @pytest.mark.slow  # 70,000 entries
 def test_70000_entries_sync_start_claim_and_publish(database: Database) -> None:
     queue = f"scale-{uuid.uuid4().hex[:8]}"
-    repository = database.migrated_repository()
-    repository.frozen_now = T0
+    repository = database.migrated_repository(clock=TestClock(frozen_at=T0))
     app = scale_app(BIG, task_default_queue=queue, dbsched_listen=False, dbsched_server_id="beat-big")
     bind_repository(app, repository)
     try:
@@ -192,13 +192,13 @@ def test_job_registrations_sync_in_statements_independent_of_their_number(databa
 
 
 def test_a_changed_schedule_writes_only_what_changed(database: Database) -> None:
-    repository = database.migrated_repository()
-    repository.frozen_now = T0
+    clock = TestClock(frozen_at=T0)
+    repository = database.migrated_repository(clock=clock)
     app = scale_app(500)
     sync_beat_schedule(app, repository)
     before = {j.name: j for j in repository.list_jobs()}
 
-    repository.frozen_now = T0 + dt.timedelta(seconds=30)
+    clock.freeze(T0 + dt.timedelta(seconds=30))
     schedule = entries(500)
     schedule["entry-000007"]["args"] = ["new args"]  # settings only: next run kept
     schedule["entry-000008"]["schedule"] = 90.0  # schedule: next run recomputed
@@ -250,8 +250,7 @@ def test_the_fingerprint_never_hides_a_change(database: Database) -> None:
 
 
 def test_several_beats_syncing_one_schedule_at_once_agree(database: Database) -> None:
-    repository = database.migrated_repository()
-    repository.frozen_now = T0
+    repository = database.migrated_repository(clock=TestClock(frozen_at=T0))
     sync_beat_schedule(scale_app(300), repository)  # the schedule before the deploy
     schedule = entries(300)
     for i in range(0, 300, 3):
@@ -261,8 +260,7 @@ def test_several_beats_syncing_one_schedule_at_once_agree(database: Database) ->
     barrier = threading.Barrier(4)
 
     def start() -> None:
-        own = database.repository()
-        own.frozen_now = T0 + dt.timedelta(seconds=10)
+        own = database.repository(clock=TestClock(frozen_at=T0 + dt.timedelta(seconds=10)))
         app = scale_app(0)
         app.conf.beat_schedule = schedule
         try:

@@ -180,7 +180,7 @@ def test_advance_only_moves_forward(dbsched_scheduler: TestScheduler) -> None:
         dbsched_scheduler.advance(-1)
     with pytest.raises(ValueError, match="forward"):
         dbsched_scheduler.advance(dt.timedelta(seconds=-1))
-    assert dbsched_scheduler.repository.clock_shift == dt.timedelta(0)
+    assert dbsched_scheduler.clock.offset == dt.timedelta(0)
 
 
 def test_a_failing_jobs_backoff_is_visible(app: Celery) -> None:

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from celery_dbsched import InvalidRunState, JobRepository, RunNotFound, RunRecord
+from celery_dbsched.clock import TestClock
 from celery_dbsched.job import JobDefinition
 from celery_dbsched.schema import server_table
 from celery_dbsched.states import JobKind
@@ -73,7 +74,7 @@ def test_a_job_run_is_not_tracked_as_a_plain_task(repository: JobRepository) -> 
     assert repository.lookup_run(run.id).status == "queued"
 
 
-def test_heartbeat_records_a_server_then_moves_its_last_seen(repository: JobRepository) -> None:
+def test_heartbeat_records_a_server_then_moves_its_last_seen(repository: JobRepository, clock: TestClock) -> None:
     def servers() -> list[tuple[object, ...]]:
         with repository.engine.begin() as conn:
             rows = conn.execute(select(server_table).order_by(server_table.c.id)).all()
@@ -83,7 +84,7 @@ def test_heartbeat_records_a_server_then_moves_its_last_seen(repository: JobRepo
     [(server_id, kind, hostname, pid, start_time, first_seen)] = servers()
     assert (server_id, kind, hostname, pid) == ("worker@a", "worker", "host-a", 101)
     assert start_time == first_seen
-    repository.clock_shift = dt.timedelta(seconds=30)
+    clock.shift_to(dt.timedelta(seconds=30))
     repository.heartbeat("worker@a", "worker", "host-a", 202)
     repository.heartbeat("beat@b", "beat", "host-b", 7)
     [beat, worker] = servers()

@@ -34,6 +34,7 @@ from sqlalchemy import Engine, event, select, text, update
 import celery_dbsched.tracking as tracking
 from celery_dbsched import JobContext, JobRepository, JobStatus, RunRecord
 from celery_dbsched.binding import bind_repository
+from celery_dbsched.clock import TestClock
 from celery_dbsched.job import FunctionJob, JobDefinition
 from celery_dbsched.migrate import migrate
 from celery_dbsched.protocol import RUN_ID_HEADER
@@ -129,10 +130,9 @@ class RoundTrips:
 @pytest.fixture
 def counted(postgres_database: Database) -> tuple[JobRepository, RoundTrips]:
     """A worker's repository (wake-ups on, as with `dbsched_listen`), instrumented before its first connection."""
-    repository = postgres_database.repository()
+    repository = postgres_database.repository(listen=True, run_jobs_interval=dt.timedelta(seconds=5))
     trips = RoundTrips(repository.engine)
     migrate(repository.engine)
-    repository.wake_within = 5.0
     return repository, trips
 
 
@@ -317,9 +317,13 @@ def test_the_one_statement_finish_matches_the_long_way(
 ) -> None:
     """Twin jobs, run and finished at the same frozen instants, one through the one-statement finish and one
     the long way (the code that SQLite runs): their runs and jobs end up identical."""
-    repository = postgres_database.migrated_repository()
-    repository.wake_within = 5.0
-    repository.retry_backoff = (dt.timedelta(seconds=20), HOUR)
+    clock = TestClock(frozen_at=T0)
+    repository = postgres_database.migrated_repository(
+        clock=clock,
+        listen=True,  # wake-ups within 5 s
+        run_jobs_interval=dt.timedelta(seconds=5),
+        retry_backoff=(dt.timedelta(seconds=20), HOUR),
+    )
     long_way: list[int] = []
     one_statement = repository._finish_in_one_statement
 
@@ -333,11 +337,11 @@ def test_the_one_statement_finish_matches_the_long_way(
     monkeypatch.setattr(repository, "_finish_in_one_statement", finish_in_one_statement)
     results = {}
     for twin in ("fast", "slow"):
-        repository.frozen_now = T0
+        clock.freeze(T0)
         name = f"{scenario}-{twin}"
         repository.upsert_job(name, name, first_run_in=dt.timedelta(0), **SCENARIOS[scenario])
         for attempt in range(2 if finish == "fail-twice" else 1):
-            repository.frozen_now = T0 + dt.timedelta(hours=attempt)
+            clock.freeze(T0 + dt.timedelta(hours=attempt))
             if attempt:
                 with repository.engine.begin() as conn:  # due again for the second failure
                     conn.execute(update(job_table).where(job_table.c.name == name).values(next_scheduled_run=T0))
@@ -345,7 +349,7 @@ def test_the_one_statement_finish_matches_the_long_way(
             if twin == "slow":
                 long_way.append(run.id)
             repository.start_run(run.id, "worker-1")
-            repository.frozen_now += dt.timedelta(minutes=7, seconds=3)  # the run took a while
+            clock.advance(dt.timedelta(minutes=7, seconds=3))  # the run took a while
             if finish == "pulled-in":
                 repository.update_job_next_run_in_at_least(name, dt.timedelta(seconds=90))
             if finish.startswith("fail"):
@@ -363,12 +367,12 @@ def test_the_one_statement_finish_matches_the_long_way(
 
 
 def test_a_cadence_changed_during_the_run_is_used_by_the_finish(postgres_database: Database) -> None:
-    repository = postgres_database.migrated_repository()
-    repository.frozen_now = T0
+    clock = TestClock(frozen_at=T0)
+    repository = postgres_database.migrated_repository(clock=clock)
     run = add_and_claim(repository, "changing", every=dt.timedelta(minutes=10))
     repository.start_run(run.id, "worker-1")
     repository.upsert_job("changing", "changing", schedule=CrontabSchedule(minute="*/15"))  # a new deployment
-    repository.frozen_now = T0 + dt.timedelta(minutes=1)
+    clock.freeze(T0 + dt.timedelta(minutes=1))
     repository.complete_run(run.id)
     assert repository.lookup_job("changing").next_scheduled_run == T0 + dt.timedelta(minutes=15)
 
@@ -376,11 +380,11 @@ def test_a_cadence_changed_during_the_run_is_used_by_the_finish(postgres_databas
 def test_a_cadence_changed_while_the_finish_waits_for_the_job_row(postgres_database: Database) -> None:
     """The change commits after the finishing statement read the job, while it waits for the row's lock:
     the statement undoes itself and the finish is done again with the new cadence."""
-    repository = postgres_database.migrated_repository()
-    repository.frozen_now = T0
+    clock = TestClock(frozen_at=T0)
+    repository = postgres_database.migrated_repository(clock=clock)
     run = add_and_claim(repository, "racing", every=dt.timedelta(minutes=10))
     repository.start_run(run.id, "worker-1")
-    repository.frozen_now = T0 + dt.timedelta(minutes=1)
+    clock.freeze(T0 + dt.timedelta(minutes=1))
     other = postgres_database.repository().engine.connect()
     try:
         transaction = other.begin()

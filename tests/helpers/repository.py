@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from celery_dbsched.binding import bind_repository
+from celery_dbsched.clock import Clock
 from celery_dbsched.records import RunRecord
 from celery_dbsched.repository import JobRepository
+from celery_dbsched.settings import Settings
 
 
 def claim(repository: JobRepository, server_id: str = "beat-1", limit: int = 1000) -> list[RunRecord]:
@@ -15,3 +20,12 @@ def claim_one(repository: JobRepository, name: str, server_id: str = "beat-1") -
     runs = [run for run in claim(repository, server_id) if run.job_name == name]
     assert len(runs) == 1, f"expected to claim {name!r}, claimed {runs}"
     return runs[0]
+
+
+def bind_clock(app: Any, clock: Clock) -> JobRepository:
+    """Bind to `app`, in this process, a repository built from its settings on `clock`, the way the beat and
+    the worker build theirs: the app's beat, worker and API then compute times with that clock.
+    `forget_repository(app)` closes it."""
+    repository = JobRepository.from_settings(Settings.from_mapping(app.conf), clock=clock)
+    bind_repository(app, repository)
+    return repository

@@ -6,6 +6,7 @@ the reason printed; with DBSCHED_REQUIRE_SERVICES=1 (CI) a missing service fails
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import uuid
@@ -17,8 +18,10 @@ from urllib.parse import quote, urlsplit
 import pytest
 from sqlalchemy import create_engine, text
 
+from celery_dbsched.clock import Clock
 from celery_dbsched.migrate import migrate
 from celery_dbsched.repository import JobRepository
+from celery_dbsched.settings import Settings
 
 POSTGRES_URL = os.environ.get("DBSCHED_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 RABBITMQ_URL = os.environ.get("DBSCHED_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -77,13 +80,16 @@ class Database:
     schema: str | None = None
     repositories: list[JobRepository] = field(default_factory=list)
 
-    def repository(self, **kwargs: Any) -> JobRepository:
-        repository = JobRepository(self.url, **kwargs)
+    def repository(self, *, clock: Clock | None = None, **settings: Any) -> JobRepository:
+        """A repository on this database, built as the beat and the worker build theirs (`from_settings`):
+        `settings` are `Settings` fields (`listen` off unless given); `clock` a `TestClock` to move time."""
+        resolved = dataclasses.replace(Settings(database_url=self.url, listen=False), **settings)
+        repository = JobRepository.from_settings(resolved, clock=clock)
         self.repositories.append(repository)
         return repository
 
-    def migrated_repository(self, **kwargs: Any) -> JobRepository:
-        repository = self.repository(**kwargs)
+    def migrated_repository(self, *, clock: Clock | None = None, **settings: Any) -> JobRepository:
+        repository = self.repository(clock=clock, **settings)
         migrate(repository.engine)
         return repository
 
