@@ -104,8 +104,8 @@ def is_outage(error: BaseException) -> bool:
     later may work, rather than that the statement itself was refused (a bad statement, too many parameters,
     a schema or data problem), which retrying cannot fix. Decided by the driver's SQLSTATE or result code and
     exception class; the message only where the driver gives neither."""
-    sqlstate = getattr(error, "sqlstate", None)
-    if isinstance(sqlstate, str) and len(sqlstate) == 5:
+    sqlstate = _sqlstate(error)
+    if sqlstate is not None:
         return sqlstate[:2] in _OUTAGE_SQLSTATE_CLASSES or sqlstate in _OUTAGE_SQLSTATES
     code = getattr(error, "sqlite_errorcode", None)
     if isinstance(error, sqlite3.Error) and isinstance(code, int):
@@ -139,27 +139,19 @@ def _sqlite_message(error: BaseException | None) -> str | None:
     return str(error).lower() if isinstance(error, sqlite3.Error) else None
 
 
-def _is_missing_table(error: BaseException | None) -> bool:
-    sqlstate = _sqlstate(error)
-    if sqlstate is not None:
-        return sqlstate == _UNDEFINED_TABLE
+def _is_missing(error: BaseException | None, sqlstate: str, sqlite_text: str) -> bool:
+    """A table or column this code needs is not there: the schema is older than the code (not an outage)."""
+    found = _sqlstate(error)
+    if found is not None:
+        return found == sqlstate
     message = _sqlite_message(error)
-    return message is not None and "no such table" in message
-
-
-def _is_missing_column(error: BaseException | None) -> bool:
-    """A column this code needs is not there: the schema is older than the code (not an outage)."""
-    sqlstate = _sqlstate(error)
-    if sqlstate is not None:
-        return sqlstate == _UNDEFINED_COLUMN
-    message = _sqlite_message(error)
-    return message is not None and "no such column" in message
+    return message is not None and sqlite_text in message
 
 
 def _schema_error(error: BaseException | None) -> SchemaMismatch | None:
-    if _is_missing_table(error):
+    if _is_missing(error, _UNDEFINED_TABLE, "no such table"):
         return SchemaMismatch("the celery_dbsched tables are missing: run `celery -A proj dbsched migrate`")
-    if _is_missing_column(error):
+    if _is_missing(error, _UNDEFINED_COLUMN, "no such column"):
         return SchemaMismatch(
             f"the database schema is older than this celery_dbsched ({str(error).strip().splitlines()[0]}): "
             "run `celery -A proj dbsched migrate`"

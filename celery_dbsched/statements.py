@@ -411,6 +411,17 @@ def run_status() -> Select[Any]:
     return select(r.c.status).where(r.c.id == bindparam("run_id"))
 
 
+def _started(at: ColumnElement[dt.datetime]) -> dict[str, Any]:
+    """The values of a run that a worker starts (`run_worker`, `run_task_id`: bound at execution)."""
+    return {
+        "status": RunState.RUNNING,
+        "worker": bindparam("run_worker"),
+        "task_id": bindparam("run_task_id"),
+        "start_time": at,
+        "update_time": at,
+    }
+
+
 def start(now: Now) -> Any:
     """PostgreSQL, one statement: `queued -> running` unless expired (counted from the claim, as in
     `start_queued`), returning the run and its job's facts for the finish (`job_*`). Bound: `run_id`,
@@ -424,13 +435,7 @@ def start(now: Now) -> Any:
             j.c.name == r.c.job_name,
             or_(j.c.expires.is_(None), r.c.create_time >= now(-j.c.expires)),
         )
-        .values(
-            status=RunState.RUNNING,
-            worker=bindparam("run_worker"),
-            task_id=bindparam("run_task_id"),
-            start_time=at,
-            update_time=at,
-        )
+        .values(**_started(at))
         .returning(
             *r.c,
             *(j.c[name].label(f"job_{name}") for name in FINISH_FACTS),
@@ -691,15 +696,7 @@ def track_start(now: Now) -> Any:
         .where(
             r.c.id == bindparam("run_id"), _status_is((RunState.QUEUED, RunState.DISPATCHED)), r.c.kind == JobKind.TASK
         )
-        .values(
-            status=RunState.RUNNING,
-            worker=bindparam("run_worker"),
-            task_id=bindparam("run_task_id"),
-            start_time=at,
-            update_time=at,
-            end_time=None,
-            slot=-r.c.id,
-        )
+        .values(**_started(at), end_time=None, slot=-r.c.id)
         .returning(*r.c)
     )
 
