@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .binding import repository_for
+from .errors import NoCadenceWarning
 from .job import FunctionJob, Job, JobContext, validate_description, validate_name
 from .policy import POLICY_NAMES, JobPolicy
 from .records import JobRecord
@@ -72,6 +73,11 @@ def job(
     `every` or `schedule` (a fixed cadence: a job due at T is next due at T + every). `first_run_in` is the
     delay before the very first run (`next_run_in`: its deprecated name). Policies: see README.
     """
+    if not hasattr(app, "conf"):  # `@job` without parentheses passes the function as the app
+        raise TypeError(
+            f"job() takes the Celery app first, got {app!r}: write @job(app, every=...) above the function, "
+            "not a bare @job"
+        )
     arguments = locals()
     policies = {key: arguments[key] for key in POLICY_NAMES}  # the policy keywords, parsed by JobPolicy
     every_delta = parse_duration("every", every, None)
@@ -87,6 +93,14 @@ def job(
         if not job_description:
             raise ValueError(f"job {job_name!r}: give description= or a docstring")
         policy = JobPolicy.parse(f"job {job_name!r}", policies)
+        if every_delta is None and schedule is None:
+            warnings.warn(
+                f"job {job_name!r} has neither every= nor schedule=: after a run whose function returns no delay "
+                "it runs again only after the retry backoff's cap (dbsched_retry_backoff, 1 hour by default); "
+                "give every= or schedule=",
+                NoCadenceWarning,
+                stacklevel=2,
+            )
         function_job = FunctionJob(
             func,
             name=validate_name(job_name),

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import math
 import os
 import socket
@@ -198,6 +199,7 @@ class Settings:
         def get(key: str) -> Any:
             return conf.get(key)
 
+        _refuse_unknown_keys(conf)
         url = parse_database_url("dbsched_database_url", get("dbsched_database_url"))
         engine_options = get("dbsched_engine_options")
         if engine_options is None:
@@ -244,6 +246,22 @@ class Settings:
 
     def beat_server_id(self) -> str:
         return self.server_id or default_server_id()
+
+
+SETTING_PREFIX = "dbsched_"
+KNOWN_KEYS = tuple(SETTING_PREFIX + f.name for f in fields(Settings))
+
+
+def _refuse_unknown_keys(conf: Mapping[str, Any]) -> None:
+    """A `dbsched_*` key that is not a setting is a typo, not something to ignore: ValueError naming the
+    closest setting."""
+    for key in conf:
+        if isinstance(key, str) and key.lower().startswith(SETTING_PREFIX) and key not in KNOWN_KEYS:
+            # Compared without the prefix, which every key shares and which would make any two look alike.
+            names = [known[len(SETTING_PREFIX) :] for known in KNOWN_KEYS]
+            close = difflib.get_close_matches(key.lower()[len(SETTING_PREFIX) :], names, n=1, cutoff=0.6)
+            hint = f"did you mean {SETTING_PREFIX}{close[0]}?" if close else f"the settings are {', '.join(KNOWN_KEYS)}"
+            raise ValueError(f"{key}: not a celery_dbsched setting; {hint}")
 
 
 _SETTINGS_ATTRIBUTE = "_dbsched_settings"

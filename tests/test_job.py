@@ -6,10 +6,12 @@ import dataclasses
 import datetime as dt
 import threading
 import time
+import warnings
 from typing import Any
 
 import pytest
 from celery import Celery
+from celery.schedules import crontab
 
 import celery_dbsched
 from celery_dbsched import (
@@ -22,6 +24,7 @@ from celery_dbsched import (
     register_job,
     update_job_next_run_in_at_least,
 )
+from celery_dbsched.errors import NoCadenceWarning
 from celery_dbsched.job import FunctionJob
 from celery_dbsched.registry import existing_registry, registry_for
 from celery_dbsched.testing import TestScheduler
@@ -324,7 +327,8 @@ def test_a_function_job_returning_a_bad_delay_fails(app: Celery, value: Any) -> 
 
 
 def test_a_function_job_without_every_has_no_next_run_of_its_own(app: Celery) -> None:
-    registered = job(app, name="no-every")(sample)
+    with pytest.warns(NoCadenceWarning):
+        registered = job(app, name="no-every")(sample)
     assert registered.next_run_in() is None  # its return value decides, else its schedule
 
 
@@ -477,3 +481,33 @@ def test_a_bad_next_run_in_is_named_as_given(app: Celery) -> None:
     with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="first_run_in= only"):
         register_job(app, Counter(), first_run_in=HOUR, next_run_in=HOUR)
     assert existing_registry(app) is None
+
+
+def test_a_bare_job_decorator_is_a_type_error_naming_the_right_form(app: Celery) -> None:
+    with pytest.raises(TypeError, match=r"write @job\(app, every=...\) above the function, not a bare @job"):
+
+        @job  # type: ignore[arg-type]
+        def forgotten(ctx: JobContext) -> None:
+            """Forgotten."""
+
+    assert len(registry_for(app)) == 0
+
+
+def test_a_function_job_with_neither_every_nor_schedule_warns_naming_the_fix(app: Celery) -> None:
+    with pytest.warns(NoCadenceWarning) as warned:
+        job(app, name="hourly-by-accident")(sample)
+    [warning] = warned.list
+    assert str(warning.message) == (
+        "job 'hourly-by-accident' has neither every= nor schedule=: after a run whose function returns no delay it "
+        "runs again only after the retry backoff's cap (dbsched_retry_backoff, 1 hour by default); give every= or "
+        "schedule="
+    )
+    assert warning.filename == __file__  # points at the registration, not at celery_dbsched
+    assert "hourly-by-accident" in registry_for(app)  # registered all the same, as documented
+
+
+@pytest.mark.parametrize("cadence", [{"every": 60}, {"schedule": crontab(minute=0)}], ids=["every", "schedule"])
+def test_a_function_job_with_a_cadence_does_not_warn(app: Celery, cadence: dict[str, Any]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoCadenceWarning)
+        job(app, name="cadenced", **cadence)(sample)

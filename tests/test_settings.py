@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import socket
 from typing import Any
 
@@ -43,7 +44,21 @@ def test_defaults() -> None:
 
 
 def test_unrelated_keys_are_ignored() -> None:
-    assert Settings.from_mapping({"broker_url": "memory://", "dbsched_unknown": 1}) == Settings.from_mapping({})
+    assert Settings.from_mapping({"broker_url": "memory://", "beat_dbsched_x": 1}) == Settings.from_mapping({})
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("dbsched_run_job_interval", "did you mean dbsched_run_jobs_interval?"),
+        ("dbsched_databse_url", "did you mean dbsched_database_url?"),
+        ("DBSCHED_MONITOR_INTERVAL", "did you mean dbsched_monitor_interval?"),
+        ("dbsched_unknown", "the settings are dbsched_database_url, dbsched_engine_options,"),
+    ],
+)
+def test_an_unknown_dbsched_key_is_a_value_error_naming_the_closest_setting(key: str, hint: str) -> None:
+    with pytest.raises(ValueError, match=f"^{key}: not a celery_dbsched setting; {re.escape(hint)}"):
+        Settings.from_mapping({"broker_url": "memory://", key: 1})
 
 
 def test_settings_are_immutable() -> None:
