@@ -52,15 +52,36 @@ def _sqlite_on_begin(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# The install line for the driver each supported URL needs (the extra is in pyproject.toml).
+POSTGRES_INSTALL = 'pip install "celery-dbsched[postgres]" (from a checkout: pip install -e ".[postgres]")'
+
+
 def make_engine(url: str, engine_options: Mapping[str, Any] | None = None) -> Engine:
-    """An engine for PostgreSQL (psycopg 3) or SQLite (WAL, busy timeout, immediate transactions)."""
+    """An engine for PostgreSQL (psycopg 3) or SQLite (WAL, busy timeout, immediate transactions). A driver
+    that is not installed, or that SQLAlchemy does not know, is a ValueError naming the install line."""
     parsed = make_url(url)
     try:
         return _make_engine(parsed, engine_options)
     except NoSuchModuleError:
-        raise ValueError(f"dbsched_database_url: no database driver {parsed.drivername!r} is installed") from None
+        raise ValueError(
+            f"dbsched_database_url: SQLAlchemy has no database driver {parsed.drivername!r}; use "
+            f"postgresql+psycopg:// ({POSTGRES_INSTALL}) or sqlite:///"
+        ) from None
+    except ImportError as exc:  # the driver's module (SQLAlchemy imports it in create_engine) is missing
+        raise ValueError(f"dbsched_database_url: {_missing_driver(parsed, exc)}") from None
     except (TypeError, ArgumentError) as exc:  # an option create_engine does not take, or of the wrong type
         raise ValueError(f"dbsched_engine_options: not accepted by SQLAlchemy: {exc}") from None
+
+
+def _missing_driver(parsed: URL, exc: ImportError) -> str:
+    missing = exc.name or str(exc)
+    driver = parsed.get_driver_name()
+    if parsed.get_backend_name() == "postgresql" and driver == "psycopg":
+        return f"the PostgreSQL driver psycopg is not installed (no module {missing!r}): {POSTGRES_INSTALL}"
+    return (
+        f"the database driver {driver!r} is not installed (no module {missing!r}): install it, or use "
+        f"postgresql+psycopg:// ({POSTGRES_INSTALL})"
+    )
 
 
 def _make_engine(parsed: URL, engine_options: Mapping[str, Any] | None) -> Engine:

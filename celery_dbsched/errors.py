@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from sqlalchemy.exc import DBAPIError
@@ -62,6 +64,68 @@ class JobPaused(DbschedError):
     """The job is paused or disabled, so it cannot be triggered."""
 
 
+class NoCadenceWarning(UserWarning):
+    """A `@job` function registered with neither `every` nor `schedule`: unless it returns the delay to its
+    next run each time, it runs again only after the retry backoff's cap (an hour by default)."""
+
+
+class CannotStart(SystemExit):
+    """A beat or worker cannot start for a reason that waiting will not fix (a bad setting, a missing driver,
+    a database that refuses the role or has no such database, a wrong schema). A SystemExit with code 1, so
+    that Celery stops the process without printing a traceback; `str()` is the one line logged for it."""
+
+    def __init__(self, process: str, cause: BaseException | str) -> None:
+        super().__init__(1)
+        self.process = process
+        self.message = f"celery_dbsched: the {process} cannot start: {one_line(str(cause))}"
+        if isinstance(cause, BaseException):
+            self.__cause__ = cause
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def cannot_start(process: str, cause: BaseException | str, log: logging.Logger) -> NoReturn:
+    """Log the one line that says why `process` cannot start, at CRITICAL, and exit with code 1."""
+    error = CannotStart(process, cause)
+    log.critical("%s", error.message)
+    raise error
+
+
+def one_line(text: str) -> str:
+    """A driver's message on one line (libpq's span several: the hint after a tab on the next line)."""
+    return " ".join(text.split())
+
+
+class Outage:
+    """One database outage, said once: ERROR when it starts, DEBUG while it lasts, WARNING when it ends. The
+    wait before the next try doubles from half a second up to a cap. The beat's tick and the worker's start
+    wait out an outage through it."""
+
+    def __init__(self, log: logging.Logger, waiting: str) -> None:
+        self._log = log
+        self._waiting = waiting  # what the process does meanwhile, for the first line
+        self.since: float | None = None
+        self._backoff = 0.0
+
+    def failed(self, exc: BaseException, cap: float) -> float:
+        """Record a failed try; returns the seconds to wait before the next."""
+        if self.since is None:
+            self.since = time.monotonic()
+            self._log.error("celery_dbsched: %s; %s (an outage is waited out)", one_line(str(exc)), self._waiting)
+        else:
+            self._log.debug("celery_dbsched: database still unavailable: %s", one_line(str(exc)))
+        self._backoff = min(max(self._backoff * 2, 0.5), cap)
+        return self._backoff
+
+    def ended(self) -> None:
+        """A try worked: say how long the outage lasted, if there was one."""
+        if self.since is not None:
+            self._log.warning("celery_dbsched: database back after %.1fs", time.monotonic() - self.since)
+            self.since = None
+            self._backoff = 0.0
+
+
 # PostgreSQL SQLSTATE classes and codes that are about the server or the connection, not the statement: the
 # same statement may well work when retried (https://www.postgresql.org/docs/current/errcodes-appendix.html).
 _OUTAGE_SQLSTATE_CLASSES = {
@@ -96,6 +160,17 @@ _PERMANENT_MESSAGES = (
     "too many sql variables",  # SQLite: more than 32,766 bound parameters
     "syntax error",
 )
+# libpq's reasons for refusing a connection that no retry fixes (psycopg gives no SQLSTATE for a failed
+# connection, only the server's FATAL message): a role or database that does not exist, a wrong password,
+# no pg_hba.conf entry, a role not allowed to log in or to connect to that database.
+_REFUSED_CONNECTION_MESSAGES = (
+    "does not exist",
+    "password authentication failed",
+    "no pg_hba.conf entry",
+    "is not permitted to log in",
+    "permission denied for database",
+    "authentication failed",
+)
 _OUTAGE_MESSAGES = ("locked", "busy", "disk i/o", "unable to open", "connection", "server closed", "timeout")
 
 
@@ -114,7 +189,7 @@ def is_outage(error: BaseException) -> bool:
     if name in ("ProgrammingError", "DataError", "IntegrityError", "NotSupportedError"):
         return False
     message = str(error).lower()
-    if any(text in message for text in _PERMANENT_MESSAGES):
+    if any(text in message for text in _PERMANENT_MESSAGES) or _refused_connection(error):
         return False
     if isinstance(error, sqlite3.InterfaceError):  # a value of a type SQLite cannot bind
         return False
@@ -123,9 +198,17 @@ def is_outage(error: BaseException) -> bool:
     return any(text in message for text in _OUTAGE_MESSAGES)
 
 
+def _refused_connection(error: BaseException | None) -> bool:
+    """The server answered a connection attempt with a refusal that recurs (FATAL: role "x" does not exist,
+    password authentication failed, ...), rather than not answering: a misconfiguration, not an outage."""
+    message = str(error).lower()
+    return "fatal:" in message and any(text in message for text in _REFUSED_CONNECTION_MESSAGES)
+
+
 # PostgreSQL SQLSTATEs of a schema older than the code (not an outage).
 _UNDEFINED_TABLE = "42P01"
 _UNDEFINED_COLUMN = "42703"
+_INVALID_SCHEMA_NAME = "3F000"  # the search_path names no schema that exists ("no schema has been selected")
 
 
 def _sqlstate(error: BaseException | None) -> str | None:
@@ -159,6 +242,13 @@ def _schema_error(error: BaseException | None) -> SchemaMismatch | None:
     return None
 
 
+def _reason(error: BaseException | None) -> str:
+    """A driver error in one line: PostgreSQL's primary message without the statement excerpt (LINE ...)
+    that follows it; else (no server message, e.g. a failed connection) the whole text, on one line."""
+    primary = getattr(getattr(error, "diag", None), "message_primary", None)
+    return one_line(primary if isinstance(primary, str) and primary else str(error))
+
+
 def classify(exc: DBAPIError) -> DbschedError:
     """What a driver error means to callers (the one mapping): the schema is not the one this code needs, the
     database cannot be reached (worth waiting for), or a statement was refused. Decided by the driver's
@@ -166,8 +256,21 @@ def classify(exc: DBAPIError) -> DbschedError:
     mismatch = _schema_error(exc.orig)
     if mismatch is not None:
         return mismatch
+    reason = _reason(exc.orig)
+    if _refused_connection(exc.orig):
+        return DatabaseError(
+            f"the database refused the connection ({reason}): not an outage, so waiting will not fix it; fix the "
+            "user, password or database name in dbsched_database_url, or create that role or database"
+        )
     if exc.connection_invalidated or is_outage(exc.orig if exc.orig is not None else exc):
-        return DatabaseUnavailable(f"database unavailable: {exc.orig}")
+        return DatabaseUnavailable(f"database unavailable: {reason}")
+    if _sqlstate(exc.orig) == _INVALID_SCHEMA_NAME:
+        return DatabaseError(
+            f"the database has no schema to use ({reason}): create the schema named by the search_path of "
+            "dbsched_database_url (or dbsched_engine_options), or fix that search_path"
+        )
     return DatabaseError(
-        f"database error (not an outage: retrying the same statement will fail the same way): {exc.orig}"
+        f"database error (not an outage: retrying the same statement will fail the same way): {reason}; if the "
+        "schema was changed by hand run `celery -A proj dbsched migrate`, else report this line as a "
+        "celery_dbsched bug"
     )

@@ -10,9 +10,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
-from .errors import DatabaseUnavailable, SchemaMismatch
+from .errors import SchemaMismatch, classify
 
 VERSION_TABLE = "dbsched_alembic_version"
 _LOCK_KEY = zlib.crc32(b"celery_dbsched.migrate")
@@ -75,11 +75,13 @@ def check_schema(engine: Engine) -> None:
 
 
 def prepare_schema(engine: Engine, auto_migrate: bool) -> None:
-    """At beat/worker start: migrate (`dbsched_auto_migrate`, the default) or insist the schema is current."""
+    """At beat/worker start: migrate (`dbsched_auto_migrate`, the default) or insist the schema is current. A
+    database error comes out typed (`errors.classify`): an outage (DatabaseUnavailable) is worth waiting for,
+    a refused connection or a missing schema (DatabaseError) is not."""
     try:
         if auto_migrate:
             migrate(engine)
         else:
             check_schema(engine)
-    except (OperationalError, InterfaceError) as exc:
-        raise DatabaseUnavailable(f"database unavailable: {exc.orig}") from exc
+    except DBAPIError as exc:
+        raise classify(exc) from exc

@@ -17,7 +17,7 @@ from celery import beat
 
 from .beat_schedule import summarize_names, sync_beat_schedule
 from .binding import repository_for
-from .errors import DatabaseError, DatabaseUnavailable
+from .errors import CannotStart, DatabaseError, DatabaseUnavailable, Outage, SchemaMismatch, cannot_start
 from .migrate import prepare_schema
 from .protocol import run_headers
 from .publisher import RunPublisher
@@ -52,15 +52,19 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
     """A Celery beat scheduler whose schedule lives in the database."""
 
     def __init__(self, app: Any, *args: Any, lazy: bool = False, **kwargs: Any) -> None:
-        # Celery also builds a lazy instance just for the banner: parse settings (no I/O), open nothing.
-        self.settings = settings_for(app)
+        # Celery also builds a lazy instance just for the banner: parse settings (no I/O), open nothing. A bad
+        # setting stops the beat there, in one line (CannotStart: no traceback).
+        try:
+            self.settings = settings_for(app)
+        except ValueError as exc:
+            cannot_start("beat", exc, logger)
         self.server_id = self.settings.beat_server_id()
         self._repository: JobRepository | None = None
         self._prepared = False  # the start-up (`prepare`) has run to its end
         self._next_monitor = 0.0
         self._next_prune = 0.0
-        self._db_failing_since: float | None = None
-        self._db_backoff = 0.0
+        self._outage = Outage(logger, "the beat keeps trying, backing off up to the run-jobs interval")
+        self._fatal: CannotStart | None = None  # a start-up that failed for good on a tick: the beat exits 1
         self._db_refused_since: float | None = None
         self._broker_failing_since: float | None = None
         self._unpublished = 0
@@ -77,30 +81,25 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
 
     def setup_schedule(self) -> None:
         """At start: `prepare`. A database that is down is waited for (each tick tries the start-up again); a
-        wrong schema, a bad entry or a statement the database refuses is fatal (the beat exits non-zero)."""
+        missing driver, a refused connection, a wrong schema, a bad entry or a statement the database refuses
+        is fatal: one line at CRITICAL, and the beat exits 1 (`CannotStart`)."""
         try:
             self.prepare()
         except DatabaseUnavailable as exc:
-            logger.error("celery_dbsched: database unavailable at start, will keep trying: %s", exc)
+            self._outage.failed(exc, self._interval())
 
     def prepare(self) -> None:
         """The start-up: prepare the schema, register the jobs this app knows and its `beat_schedule` entries,
         end the runs a previous life of this server id left queued. Called by `setup_schedule`, and by `tick`
-        until it has succeeded once."""
+        until it has succeeded once. An outage raises DatabaseUnavailable; anything that retrying cannot fix
+        raises CannotStart, logged."""
         try:
             self._start(self.repository)
         except DatabaseUnavailable:
             raise
-        except DatabaseError as exc:
+        except (DatabaseError, SchemaMismatch, ValueError) as exc:
             # Not an outage: every retry of the start-up would fail the same way. Say so and stop.
-            logger.error(
-                "celery_dbsched: the database refused a statement at start-up; this is not an outage and retrying "
-                "will not fix it, so the beat stops. Fix the cause (a schema changed by hand: run "
-                "`celery -A proj dbsched migrate`; otherwise report it as a celery_dbsched bug with this "
-                "message): %s",
-                exc,
-            )
-            raise
+            cannot_start("beat", exc, logger)
 
     def _start(self, repository: JobRepository) -> None:
         prepare_schema(repository.engine, self.settings.auto_migrate)
@@ -124,25 +123,28 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             self._repository = repository_for(self.app, self.settings)
         return self._repository
 
+    def _interval(self) -> float:
+        return min(self.settings.run_jobs_interval.total_seconds(), float(self.max_interval))
+
     def tick(self, *args: Any, **kwargs: Any) -> float:
         """Claim and publish what is due; return the seconds to sleep (at most the run-jobs interval)."""
-        interval = min(self.settings.run_jobs_interval.total_seconds(), float(self.max_interval))
+        interval = self._interval()
         try:
             if not self._prepared:
                 self.prepare()  # the database was down at start
             self._maybe_monitor()
             sleep = self._dispatch_due(interval)
         except DatabaseUnavailable as exc:
-            return self._database_down(exc, interval)
-        except DatabaseError as exc:
-            if not self._prepared:
-                raise  # the start-up, retried after an outage at start: fatal, as it is at start (logged)
+            return self._outage.failed(exc, interval)
+        except CannotStart as exc:
+            # The start-up, retried after an outage at start, failed for good (logged). Celery's loop ends on
+            # a SystemExit but exits 0: `close` raises it again so that the beat exits 1.
+            self._fatal = exc
+            raise
+        except (DatabaseError, SchemaMismatch) as exc:
             return self._database_refused(exc)
         self._db_refused_since = None
-        if self._db_failing_since is not None:
-            logger.warning("celery_dbsched: database back after %.1fs", time.monotonic() - self._db_failing_since)
-            self._db_failing_since = None
-            self._db_backoff = 0.0
+        self._outage.ended()
         return self._sleep(sleep)
 
     def _sleep(self, seconds: float) -> float:
@@ -169,6 +171,8 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         if self._wakeup is not None:
             self._wakeup.close()
         super().close()
+        if self._fatal is not None:
+            raise self._fatal
 
     def _finish_next_claim(self) -> None:
         """At shutdown: publish a batch claimed ahead (left queued, it would wait for this server id's next
@@ -256,6 +260,11 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         """Publish each claimed run (on the beat's thread: the producer is never shared), then mark the plain
         tasks sent `dispatched` in one statement for the whole batch."""
         runs = claim.runs
+        if runs:  # the audit trail: one line per batch; one per run at DEBUG, looked up once per batch
+            logger.info(
+                "celery_dbsched: claimed %d run(s): %s", len(runs), summarize_names([r.job_name for r in runs], 10)
+            )
+        each = logger.isEnabledFor(logging.DEBUG)
         broker_error: Exception | None = None
         dispatched: list[tuple[int, str | None]] = []
         self._publisher.new_batch()
@@ -268,6 +277,10 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
                             dispatched.append((run.id, task_id))
                     else:
                         self._send(run)
+                    if each:
+                        logger.debug(
+                            "celery_dbsched: sent %s%s", run.label(), f" to queue {run.queue}" if run.queue else ""
+                        )
                     continue
                 except Exception as exc:
                     broker_error = exc
@@ -276,7 +289,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             try:
                 self.repository.fail_run(run.id, f"not published: {broker_error!r}")
             except DatabaseError as exc:
-                logger.error("could not end unpublished run %s (%s); the monitor will", run.id, exc)
+                logger.error("celery_dbsched: could not end unpublished %s (%s); the monitor will", run.label(), exc)
         if dispatched:
             self._mark_dispatched(dispatched)
         if broker_error is None and runs and self._broker_failing_since is not None:
@@ -303,14 +316,13 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         if self._broker_failing_since is None:
             self._broker_failing_since = time.monotonic()
             logger.error(
-                "celery_dbsched: could not publish run %s of %r: %s; until publishing works again, runs that "
-                "cannot be published end `failed` (not published) and are retried with the backoff",
-                run.id,
-                run.job_name,
+                "celery_dbsched: could not publish %s: %s; until publishing works again, runs that cannot be "
+                "published end `failed` (not published) and are retried with the backoff",
+                run.label(),
                 exc,
             )
         else:
-            logger.debug("celery_dbsched: could not publish run %s of %r: %s", run.id, run.job_name, exc)
+            logger.debug("celery_dbsched: could not publish %s: %s", run.label(), exc)
 
     def _send(self, run: RunRecord) -> None:
         self._publisher.publish(self.producer, run.id, run.job_name, run.queue)
@@ -338,7 +350,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             return
         repository = self.repository
         for run in repository.interrupt_runs() + repository.expire_runs() + repository.interrupt_orphaned():
-            logger.warning("run %s of job %r interrupted: %s", run.id, run.job_name, run.error)
+            logger.warning("celery_dbsched: %s interrupted: %s", run.label(), run.error)
         if now >= self._next_prune:
             pruned = repository.prune_runs(self.settings.run_retention, max_rows=PRUNE_MAX_ROWS)
             if pruned:
@@ -347,15 +359,6 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             self._next_prune = now + (0.0 if pruned >= PRUNE_MAX_ROWS else prune_interval(self.settings.run_retention))
         self._next_monitor = now + self.settings.monitor_interval.total_seconds()
 
-    def _database_down(self, exc: Exception, interval: float) -> float:
-        if self._db_failing_since is None:
-            self._db_failing_since = time.monotonic()
-            logger.error("celery_dbsched: database unavailable, backing off: %s", exc)
-        else:
-            logger.debug("celery_dbsched: database still unavailable: %s", exc)
-        self._db_backoff = min(max(self._db_backoff * 2, 0.5), interval)
-        return self._db_backoff
-
     def _database_refused(self, exc: Exception) -> float:
         """The database refused a statement for a reason that retrying cannot fix (not an outage): logged at
         ERROR each time, tried again only every REFUSED_RETRY seconds (in case an operator fixes the data)."""
@@ -363,11 +366,9 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         if self._db_refused_since is None:
             self._db_refused_since = now
         logger.error(
-            "celery_dbsched: the database refused a statement (failing for %.0fs; not an outage, so not retried "
-            "as one: trying again in %.0fs). If the schema was changed by hand run `celery -A proj dbsched "
-            "migrate`; otherwise report it as a celery_dbsched bug with this message: %s",
+            "celery_dbsched: %s (failing for %.0fs; trying again in %.0fs)",
+            exc,
             now - self._db_refused_since,
             REFUSED_RETRY,
-            exc,
         )
         return REFUSED_RETRY

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 import weakref
 from typing import Any
 
@@ -19,6 +20,7 @@ from celery.exceptions import InvalidTaskError, Reject
 from celery.worker.request import Request
 
 from .binding import repository_for
+from .errors import DatabaseError, DatabaseUnavailable, Outage, SchemaMismatch, cannot_start
 from .migrate import prepare_schema
 from .protocol import JSON_CONTENT_TYPE, RUN_SERIALIZER, RUN_TASK_NAME, run_args, valid_run_id
 from .registry import registry_for
@@ -94,18 +96,33 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
     label = "celery_dbsched"
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
-        # Bad settings stop the worker here, at start, naming the key.
-        self.settings = settings_for(worker.app)
+        # Bad settings stop the worker here, at start, in one line naming the key (CannotStart: exit 1).
+        try:
+            self.settings = settings_for(worker.app)
+        except ValueError as exc:
+            cannot_start("worker", exc, logger)
         self.repository: JobRepository | None = None
 
     def start(self, worker: Any) -> None:
+        """Prepare the schema, store the jobs, end the runs this node left behind. A database that is down is
+        waited for (one ERROR line, then DEBUG per try, WARNING when it is back; the worker consumes once it
+        is); anything that retrying cannot fix is one CRITICAL line and exit 1."""
         app = worker.app
         shutdown_waker.start()
-        repository = repository_for(app, self.settings)
-        prepare_schema(repository.engine, self.settings.auto_migrate)
-        registry_for(app).sync(repository)
+        outage = Outage(logger, "the worker waits for it before it consumes, trying again with a backoff")
+        while True:
+            try:
+                repository = repository_for(app, self.settings)
+                prepare_schema(repository.engine, self.settings.auto_migrate)
+                registry_for(app).sync(repository)
+                left = repository.interrupt_runs(server_id=worker.hostname, reason=InterruptReason.RESTART)
+                break
+            except DatabaseUnavailable as exc:
+                _sleep_unless_stopping(outage.failed(exc, self.settings.run_jobs_interval.total_seconds()))
+            except (DatabaseError, SchemaMismatch, ValueError) as exc:
+                cannot_start("worker", exc, logger)
+        outage.ended()
         self.repository = repository
-        left = repository.interrupt_runs(server_id=worker.hostname, reason=InterruptReason.RESTART)
         if left:
             logger.warning(
                 "ended %d run(s) that %s left running: %s",
@@ -132,6 +149,21 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def shutdown(self, worker: Any) -> None:
         self.stop(worker)
+
+
+def _sleep_unless_stopping(seconds: float) -> None:
+    """Sleep, in short steps; a warm or cold shutdown asked meanwhile (Celery's signal handlers only set a flag)
+    ends the worker's start with its exit code."""
+    from celery.worker import state
+
+    deadline = time.monotonic() + seconds
+    while True:
+        for flag in (state.should_terminate, state.should_stop):
+            if flag is not None and flag is not False:
+                raise SystemExit(0 if flag is True else flag)
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(min(0.1, max(deadline - time.monotonic(), 0.0)))
 
 
 def _signal_runs_to_stop() -> None:

@@ -530,7 +530,7 @@ def outage_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ou
         yield OutageBroker("redis", redis.url, redis.stop, redis.start, "redis (private, killed)")
         return
     require_service("rabbitmq")
-    from test_scheduler import TcpProxy  # the proxy of the scheduler's own broker-outage test
+    from helpers.proxy import TcpProxy
 
     real = urlsplit(RABBITMQ_URL)
     proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 5672))

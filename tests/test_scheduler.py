@@ -10,6 +10,7 @@ back, so the errors are the ones a real outage raises.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import importlib.metadata
 import json
@@ -25,21 +26,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from celery import Celery
 from celery.utils.imports import load_extension_class_names
 from helpers.polling import wait_for
 from helpers.processes import REPO_DIR, TESTS_DIR, Processes
+from helpers.proxy import TcpProxy, closed_port, host_port, with_port
 from helpers.services import POSTGRES_URL, RABBITMQ_URL, REDIS_URL, Broker, Database, require_service
 from kombu.utils.imports import symbol_by_name
 
 from celery_dbsched.clock import TestClock
-from celery_dbsched.errors import DatabaseUnavailable, SchemaMismatch
+from celery_dbsched.errors import CannotStart, DatabaseUnavailable
 from celery_dbsched.protocol import RUN_TASK_NAME
+from celery_dbsched.records import RunRecord
 from celery_dbsched.registry import existing_registry
 from celery_dbsched.scheduler import Scheduler
+from celery_dbsched.states import RunState
 from celery_dbsched.transport import filesystem_broker_settings
 
 MINUTE = dt.timedelta(minutes=1)
@@ -80,90 +83,6 @@ def drain(app: Celery, queue: str, expected: int, *, timeout: float = 60.0, quie
         finally:
             simple.close()
     return found
-
-
-class TcpProxy:
-    """127.0.0.1:<port> forwarded to a real server. `down()` closes the port and cuts every open connection,
-    as a crashed server does; `up()` listens on the same port again."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self._connections: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
-        self.port = 0
-        self.up()
-
-    def up(self) -> None:
-        assert self._listener is None
-        listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
-        listener.settimeout(0.1)
-        self.port = listener.getsockname()[1]
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def down(self) -> None:
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
-        with self._lock:
-            connections = list(self._connections)
-            self._connections.clear()
-        for conn in connections:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            conn.close()
-
-    close = down
-
-    def _accept(self, listener: socket.socket) -> None:
-        while self._listener is listener:
-            try:
-                client, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            client.settimeout(None)
-            with self._lock:
-                self._connections.update((client, upstream))
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
-def _host_port(url: str, default_port: int) -> tuple[str, int]:
-    parts = urlsplit(url)
-    return parts.hostname or "127.0.0.1", parts.port or default_port
-
-
-def _with_port(url: str, port: int) -> str:
-    """The same URL (credentials, path, query) pointed at 127.0.0.1:port."""
-    parts = urlsplit(url)
-    credentials = parts.netloc.rpartition("@")[0]
-    netloc = f"{credentials}@127.0.0.1:{port}" if credentials else f"127.0.0.1:{port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _closed_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        return int(s.getsockname()[1])
 
 
 SchedulerFactory = Callable[..., Scheduler]
@@ -248,25 +167,94 @@ def test_bad_settings_fail_at_construction_naming_the_key(
     if key == "dbsched_database_url":
         conf = {}
         url = str(value)
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(CannotStart, match=f"the beat cannot start: {key}"):
         make_scheduler(url, lazy=lazy, **conf)
     assert not (tmp_path / "db.sqlite3").exists()
 
 
 def test_without_auto_migrate_a_missing_schema_fails_at_start(tmp_path: Path, make_scheduler: SchedulerFactory) -> None:
     url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
-    with pytest.raises(SchemaMismatch, match="dbsched migrate"):
+    with pytest.raises(CannotStart, match="dbsched migrate"):
         make_scheduler(url, dbsched_auto_migrate=False)
     # With the default (auto-migrate on) the same start creates the schema.
     make_scheduler(url).tick()
 
 
 def test_unsupported_database_fails_at_start(make_scheduler: SchedulerFactory) -> None:
-    with pytest.raises(ValueError, match="dbsched_database_url"):
+    with pytest.raises(CannotStart, match="dbsched_database_url"):
         make_scheduler("mysql://root@127.0.0.1/x")
 
 
 # --- tick: claiming and publishing ---------------------------------------------------------------------------
+
+
+def test_each_claimed_batch_is_an_info_line_and_each_run_a_debug_line(
+    database: Database, make_scheduler: SchedulerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The audit trail (issue 11): what stock beat's "Sending due task" line gives, per batch and per run."""
+    repository = database.migrated_repository()
+    repository.upsert_job("audit.a", "job a")
+    repository.upsert_job("audit.b", "job b", queue="elsewhere")
+    scheduler = make_scheduler(database.url)
+    caplog.set_level(logging.DEBUG, logger="celery_dbsched")
+    scheduler.tick()
+    runs = {run.job_name: run for run in repository.list_runs()}
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    [claimed] = [m for level, m in messages if level == logging.INFO and "claimed" in m]
+    assert claimed in (
+        "celery_dbsched: claimed 2 run(s): audit.a, audit.b",
+        "celery_dbsched: claimed 2 run(s): audit.b, audit.a",
+    )
+    sent = sorted(m for level, m in messages if level == logging.DEBUG and m.startswith("celery_dbsched: sent "))
+    assert sent == [
+        f"celery_dbsched: sent {runs['audit.a'].label()}",
+        f"celery_dbsched: sent {runs['audit.b'].label()} to queue elsewhere",
+    ]
+    assert sent[0].startswith(f"celery_dbsched: sent run {runs['audit.a'].id} of job 'audit.a'")
+
+
+def test_the_per_run_debug_line_costs_nothing_when_debug_is_off(
+    database: Database,
+    make_scheduler: SchedulerFactory,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    repository = database.migrated_repository()
+    repository.upsert_job("quiet", "job quiet")
+    scheduler = make_scheduler(database.url)
+    caplog.set_level(logging.INFO, logger="celery_dbsched")
+
+    def label(run: RunRecord) -> str:
+        raise AssertionError("a run's label was built for a log line that is off")
+
+    monkeypatch.setattr(RunRecord, "label", label)
+    scheduler.tick()
+    assert [run.job_name for run in repository.list_runs()] == ["quiet"]
+    assert "celery_dbsched: claimed 1 run(s): quiet" in caplog.messages
+
+
+def test_a_run_label_names_its_id_job_and_slot_in_utc() -> None:
+    slot = dt.datetime(2026, 12, 5, 9, 0, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+    run = RunRecord(
+        id=12,
+        job_name="x",
+        status=RunState.QUEUED,
+        queue=None,
+        claimed_by="b",
+        worker=None,
+        task_id=None,
+        completed=0,
+        total=0,
+        error=None,
+        requested_next_run=None,
+        create_time=slot,
+        start_time=None,
+        update_time=slot,
+        end_time=None,
+        scheduled_for=slot,
+    )
+    assert run.label() == "run 12 of job 'x' (slot 2026-12-05 08:00:00 UTC)"
+    assert dataclasses.replace(run, scheduled_for=None).label() == "run 12 of job 'x'"
 
 
 @pytest.mark.slow
@@ -430,7 +418,7 @@ def test_monitor_interrupts_stalled_runs(
     assert after["stalled-queued"].error == "stalled: no worker started it within the interrupt threshold"
     assert after["fresh"].status == "running"
     logged = " ".join(r.getMessage() for r in caplog.records)
-    assert f"run {runs['stalled-running'].id} of job 'stalled-running' interrupted" in logged
+    assert f"{runs['stalled-running'].label()} interrupted" in logged
 
 
 @pytest.mark.slow
@@ -547,9 +535,9 @@ def test_broker_outage_fails_runs_then_publishing_resumes(
 ) -> None:
     require_service(kind)
     real_url = RABBITMQ_URL if kind == "rabbitmq" else REDIS_URL
-    proxy = TcpProxy(_host_port(real_url, 5672 if kind == "rabbitmq" else 6379))
+    proxy = TcpProxy(host_port(real_url, 5672 if kind == "rabbitmq" else 6379))
     queue = f"dbsched-test-{uuid.uuid4().hex[:12]}"
-    proxied = _with_port(real_url, proxy.port)
+    proxied = with_port(real_url, proxy.port)
     repository = sqlite_database.migrated_repository()
     for name in ("a", "b"):
         repository.upsert_job(name, f"job {name}")
@@ -611,7 +599,7 @@ def test_unreachable_broker_fails_the_runs_without_raising(
     repository.upsert_job("a", "job a")
     scheduler = make_scheduler(
         sqlite_database.url,
-        broker_url=f"amqp://guest:guest@127.0.0.1:{_closed_port()}//",
+        broker_url=f"amqp://guest:guest@127.0.0.1:{closed_port()}//",
         broker_connection_timeout=1,
         broker_connection_max_retries=1,
     )
@@ -623,7 +611,7 @@ def test_unreachable_broker_fails_the_runs_without_raising(
 
 
 def _proxied_postgres(database: Database, proxy: TcpProxy) -> str:
-    return _with_port(database.url, proxy.port)
+    return with_port(database.url, proxy.port)
 
 
 @pytest.mark.postgres
@@ -631,7 +619,7 @@ def test_database_outage_backs_off_and_logs_once(
     postgres_database: Database, make_scheduler: SchedulerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     repository = postgres_database.migrated_repository()
-    proxy = TcpProxy(_host_port(POSTGRES_URL, 5432))
+    proxy = TcpProxy(host_port(POSTGRES_URL, 5432))
     try:
         caplog.set_level(logging.DEBUG, logger="celery_dbsched")
         scheduler = make_scheduler(
@@ -664,7 +652,7 @@ def test_database_outage_backs_off_and_logs_once(
 def test_database_down_at_start_is_waited_for(
     postgres_database: Database, make_scheduler: SchedulerFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    proxy = TcpProxy(_host_port(POSTGRES_URL, 5432))
+    proxy = TcpProxy(host_port(POSTGRES_URL, 5432))
     proxy.down()
     try:
         caplog.set_level(logging.DEBUG, logger="celery_dbsched")
@@ -685,7 +673,7 @@ def test_database_down_at_start_is_waited_for(
 
 def test_database_down_is_a_typed_error_not_a_crash(tmp_path: Path, make_scheduler: SchedulerFactory) -> None:
     # Without PostgreSQL: a port nobody listens on. The scheduler starts, ticks back off, nothing raises.
-    url = f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/x?connect_timeout=2"
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{closed_port()}/x?connect_timeout=2"
     scheduler = make_scheduler(url, dbsched_run_jobs_interval=2)
     assert all(0 < scheduler.tick() <= 2 for _ in range(3))
     with pytest.raises(DatabaseUnavailable):

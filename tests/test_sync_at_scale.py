@@ -396,7 +396,8 @@ def test_a_beat_whose_start_up_is_refused_exits_and_says_why(database: Database,
     log = beat.log()
     assert not beat.alive(), f"the beat kept running:\n{log[-5000:]}"
     assert beat.returncode not in (0, None), log[-5000:]
-    assert "not an outage" in log and "ERROR" in log, log[-5000:]
+    assert "CRITICAL/MainProcess] celery_dbsched: the beat cannot start: " in log, log[-5000:]
+    assert "not an outage" in log and "Traceback" not in log, log[-5000:]
     assert "database unavailable" not in log, log[-5000:]
 
 
