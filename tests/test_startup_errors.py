@@ -46,7 +46,9 @@ def exit_code(process: CeleryProcess, timeout: float = 60) -> int:
 def problem_lines(process: CeleryProcess) -> list[str]:
     """The log lines that say something went wrong."""
     return [
-        line for line in process.log().splitlines() if re.search(r"ERROR|CRITICAL|Error:|Traceback|Exception", line)
+        line
+        for line in process.log().splitlines()
+        if re.search(r"ERROR|CRITICAL|Error:|Traceback|Exception|cannot start", line)
     ]
 
 
@@ -151,3 +153,14 @@ def test_a_beat_that_waited_out_an_outage_then_meets_a_permanent_error_exits_1(
     log = beat.log()
     assert "CRITICAL/MainProcess] celery_dbsched: the beat cannot start: " + expected in log, log
     assert len(problem_lines(beat)) == 2 and "Traceback" not in log, log  # the outage, then the refusal
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_misspelt_setting_is_one_line_naming_the_right_key(
+    processes: Processes, postgres_database: Database, command: str
+) -> None:
+    settings = '{"dbsched_run_job_interval": 2}'
+    process = start(processes, command, postgres_database.url, {"DBSCHED_TEST_APP_SETTINGS": settings})
+    assert exit_code(process) == 1
+    expected = "dbsched_run_job_interval: not a celery_dbsched setting; did you mean dbsched_run_jobs_interval?"
+    assert_one_line(process, expected, command)
