@@ -395,6 +395,7 @@ def cancel(ctx: click.Context, name: str, wait: bool, timeout: float) -> None:
 @click.pass_context
 def remove(ctx: click.Context, name: str, purge: bool) -> None:
     """Remove job NAME, no longer in the code: disable it (history kept), or --purge to delete it."""
+    ctx.obj.app.loader.import_default_modules()  # the app's job modules, as a worker imports them: is NAME declared?
     job: JobRecord = _control(ctx, lambda app, job_name: remove_job(app, job_name, purge=purge), name)
     if purge:
         click.echo(f"purged {name} and its run history")
