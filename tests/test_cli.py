@@ -360,9 +360,9 @@ def _utc(value: dt.datetime | None) -> str:
     return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def test_run_of_an_unknown_id_is_an_error(sqlite_database: Database) -> None:
-    sqlite_database.migrated_repository()
-    assert "Error: run 424242 not found" in clean_error(dbsched(sqlite_database.url, "run", "424242")).stderr
+def test_run_of_an_unknown_id_is_an_error(database: Database) -> None:
+    database.migrated_repository()
+    assert "Error: run 424242 not found" in clean_error(dbsched(database.url, "run", "424242")).stderr
 
 
 def test_read_only_commands_never_create_the_database(tmp_path: Path) -> None:
@@ -404,18 +404,18 @@ def test_remove_disables_a_job_keeping_its_history_and_purge_deletes_it(database
     assert "job 'nope' not found" in clean_error(dbsched(database.url, "remove", "nope")).stderr
 
 
-def test_remove_refuses_what_the_app_still_declares(sqlite_database: Database) -> None:
-    repository = sqlite_database.migrated_repository()
+def test_remove_refuses_what_the_app_still_declares(database: Database) -> None:
+    repository = database.migrated_repository()
     repository.upsert_job("load.00", "in the code", every=dt.timedelta(hours=1))
     repository.upsert_job("nightly", "an entry", every=dt.timedelta(hours=1), kind=JobKind.TASK, task="celery.ping")
     entry = {"beat_schedule": {"nightly": {"task": "celery.ping", "schedule": 3600}}}
     env = {"DBSCHED_TEST_APP_LOAD_JOBS": "1"}
-    result = clean_error(dbsched(sqlite_database.url, "remove", "nightly", settings=entry))
+    result = clean_error(dbsched(database.url, "remove", "nightly", settings=entry))
     assert result.stderr == (
         "Error: 'nightly' is a beat_schedule entry of this app: the next beat start recreates it; delete it from "
         "beat_schedule first, or pause it: celery -A proj dbsched pause nightly\n"
     )
-    result = clean_error(dbsched(sqlite_database.url, "remove", "load.00", env=env))
+    result = clean_error(dbsched(database.url, "remove", "load.00", env=env))
     assert result.stderr == (
         "Error: job 'load.00' is still in this app's code (@job / register_job): the next worker start enables it "
         "again; delete it from the code first, or pause it: celery -A proj dbsched pause load.00\n"
@@ -437,11 +437,11 @@ def test_cancel_says_what_happens_to_each_run(database: Database) -> None:
     assert ok(dbsched(database.url, "cancel", "b")).stdout == "b has no active run\n"
 
 
-def test_cancel_wait_gives_up_after_its_timeout_when_no_worker_stops_the_run(sqlite_database: Database) -> None:
-    repository = sqlite_database.migrated_repository()
+def test_cancel_wait_gives_up_after_its_timeout_when_no_worker_stops_the_run(database: Database) -> None:
+    repository = database.migrated_repository()
     ids = _history(repository)
     repository.start_run(ids["a-queued"], "worker-gone")
-    result = clean_error(dbsched(sqlite_database.url, "cancel", "a", "--wait", "--timeout", "0.5"))
+    result = clean_error(dbsched(database.url, "cancel", "a", "--wait", "--timeout", "0.5"))
     assert result.stderr == (
         f"Error: run {ids['a-queued']} of a is still running on worker-gone after 0.5 s: the job does not check "
         "ctx.cancelled often enough, or its worker is gone (it is recorded interrupted either way)\n"
