@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .controls import cancel_job, pause_job, resume_job, trigger_job
+from .controls import cancel_job, pause_job, remove_job, resume_job, trigger_job
 from .errors import (
     DatabaseError,
     DatabaseUnavailable,
@@ -55,6 +55,7 @@ __all__ = [
     "pause_job",
     "progress",
     "register_job",
+    "remove_job",
     "resume_job",
     "trigger_job",
     "update_job_next_run_in_at_least",

@@ -146,6 +146,11 @@ def _entries(app: Any) -> dict[str, Any]:
     return {**default_entries(app), **dict(app.conf.beat_schedule or {})}
 
 
+def entry_names(app: Any) -> set[str]:
+    """The names of the jobs a beat of `app` syncs from its `beat_schedule` (and Celery's own entries)."""
+    return set(_entries(app))
+
+
 def definitions(app: Any) -> list[JobDefinition]:
     timezone = app_timezone(app)
     return [definition_from_entry(name, entry, timezone) for name, entry in _entries(app).items()]

@@ -1,21 +1,30 @@
-"""`celery -A proj dbsched ...`: migrate the schema and look at jobs and runs without writing SQL."""
+"""`celery -A proj dbsched ...`: migrate the schema, read jobs and runs, and control jobs without writing SQL.
+How things are shown (times, durations, tables) is `display`; what the controls do is `controls`."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Callable, Sequence
+import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import click
+from sqlalchemy.engine import make_url
 
+from . import display
 from .binding import repository_for
-from .controls import cancel_job, pause_job, resume_job, trigger_job
+from .controls import cancel_job, pause_job, remove_job, resume_job, trigger_job
 from .errors import DbschedError
 from .migrate import current_revision, head_revision, migrate
-from .records import JobRecord
+from .records import JobRecord, RunRecord
 from .repository import JobRepository
-from .settings import Settings, mask_database_url
-from .states import RunState
+from .schedules import parse_timezone
+from .settings import Settings, mask_database_url, settings_for
+from .states import JobKind, RunState
+
+_HISTORY_NOT_KEPT = "not kept: a run stores its latest progress only (completed/total above)"
 
 
 def _repository(ctx: click.Context) -> JobRepository:
@@ -26,37 +35,66 @@ def _repository(ctx: click.Context) -> JobRepository:
         raise click.ClickException(str(exc)) from exc
 
 
-def _when(value: dt.datetime | None) -> str:
-    return "-" if value is None else value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+def _existing_repository(ctx: click.Context) -> JobRepository:
+    """The repository of a command that reads or changes what is stored: on SQLite, a database file that does
+    not exist is an error, and nothing is created (it would hold nothing, and a wrong path would go unnoticed).
+    The settings are checked first, so that a bad one is what is reported."""
+    try:
+        url = make_url(Settings.from_mapping(ctx.obj.app.conf).database_url)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    path = url.database or ""
+    if url.get_backend_name() != "sqlite" or path.startswith("file:") or os.path.exists(path):
+        return _repository(ctx)
+    missing = _missing_folders(os.path.dirname(os.path.abspath(path)))
+    try:
+        _repository(ctx)  # its errors first (engine options, ...); building the engine connects to nothing
+    finally:
+        for folder in missing:  # but it makes the file's folder: take back what it made
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+    raise click.ClickException(
+        f"no database at {path} (dbsched_database_url): nothing is stored there; check the setting, "
+        "or create it with `celery -A proj dbsched migrate` (workers and beats also create it at start)"
+    )
 
 
-def _seconds(value: dt.timedelta | None) -> str:
-    return "-" if value is None else f"{value.total_seconds():g}s"
+def _missing_folders(folder: str) -> list[str]:
+    """`folder` and those of its parents that do not exist, deepest first."""
+    missing = []
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
 
 
-def _schedule(job: JobRecord) -> str:
-    if job.schedule is None:
-        return "-" if job.every is None else f"every {_seconds(job.every)}"
-    spec = job.schedule.spec()
-    if spec["type"] == "interval":
-        return f"every {spec['seconds']:g}s"
-    if spec["type"] == "crontab":
-        fields = " ".join(spec[k] for k in ("minute", "hour", "day_of_month", "month_of_year", "day_of_week"))
-        return f"cron {fields} {spec['timezone']}"
-    return f"{spec['event']} at {spec['lat']:g},{spec['lon']:g}"
+def _reading(action: Callable[[], Any]) -> Any:
+    try:
+        return action()
+    except DbschedError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(cell) for cell in row] for row in rows]
-    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    return "\n".join(lines)
+def _zone(value: str) -> Any:
+    try:
+        return parse_timezone(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+_tz_option = click.option(
+    "--tz",
+    "zone",
+    default="UTC",
+    show_default=True,
+    callback=lambda ctx, param, value: _zone(value),
+    help="show times in this IANA zone (e.g. Europe/Berlin)",
+)
 
 
 @click.group(name="dbsched")
 def dbsched() -> None:
-    """celery_dbsched: the database-backed scheduler (times in UTC)."""
+    """celery_dbsched: the database-backed scheduler (times in UTC unless --tz)."""
 
 
 @dbsched.command()
@@ -81,86 +119,208 @@ def migrate_command(ctx: click.Context) -> None:
 migrate_command.name = "migrate"
 
 
+# -- jobs -----------------------------------------------------------------------------------------------------
+
+
+def _unknown_tasks(app: Any, records: list[JobRecord]) -> dict[str, str]:
+    """The enabled beat_schedule entries whose task this app does not know (its modules imported as a beat's
+    and worker's are), by job name: their runs are sent and never run."""
+    entries = [job for job in records if job.kind == JobKind.TASK and job.policy.enabled and job.task]
+    if not entries:
+        return {}
+    app.loader.import_default_modules()
+    return {job.name: str(job.task) for job in entries if job.task not in app.tasks}
+
+
+def _state(job: JobRecord, orphaned: bool, unknown: bool) -> str:
+    if job.paused:
+        return "paused"
+    if not job.policy.enabled:
+        return "disabled"
+    return "orphaned" if orphaned else ("unknown-task" if unknown else "enabled")
+
+
+def _last(run: RunRecord | None, now: dt.datetime) -> str:
+    if run is None:
+        return "-"
+    if run.end_time is None:
+        return f"{run.status} for {display.duration(now - (run.start_time or run.create_time))}"
+    return f"{run.status} {display.ago(run.end_time, now)}"
+
+
 @dbsched.command()
+@_tz_option
 @click.pass_context
-def jobs(ctx: click.Context) -> None:
-    """List the registered jobs and when each runs next."""
-    repository = _repository(ctx)
-    try:
-        records = repository.list_jobs()
-        now = repository.database_now()
-    except DbschedError as exc:
-        raise click.ClickException(str(exc)) from exc
-    rows = []
-    for job in records:
-        due = (job.next_scheduled_run - now).total_seconds()
-        rows.append(
-            [
-                job.name,
-                "paused" if job.paused else ("enabled" if job.policy.enabled else "disabled"),
-                _when(job.next_scheduled_run),
-                "due" if due <= 0 else f"in {due:.0f}s",
-                _schedule(job),
-                job.queue or "-",
-                job.failure_count,
-                job.description,
-            ]
-        )
-    headers = ["name", "state", "next run", "", "schedule", "queue", "failures", "description"]
-    click.echo(_table(headers, rows) if rows else "no jobs registered")
+def jobs(ctx: click.Context, zone: Any) -> None:
+    """List the jobs: state, next run, last outcome, schedule. Flags jobs that look removed from the code
+    (orphaned) and beat_schedule entries whose task this app does not know."""
+    repository = _existing_repository(ctx)
+    records, now, last, orphaned = _reading(
+        lambda: (repository.list_jobs(), repository.database_now(), repository.last_runs(), repository.orphaned_jobs())
+    )
+    if not records:
+        click.echo("no jobs registered")
+        return
+    unknown = _unknown_tasks(ctx.obj.app, records)
+    states = {job.name: _state(job, job.name in orphaned, job.name in unknown) for job in records}
+    rows = [
+        [
+            job.name,
+            states[job.name],
+            display.when(job.next_scheduled_run, zone),
+            states[job.name] if not job.policy.enabled or job.paused else display.relative(job.next_scheduled_run, now),
+            _last(last.get(job.name), now),
+            display.schedule(job),
+            job.queue or "-",
+            job.failure_count,
+            job.description,
+        ]
+        for job in records
+    ]
+    headers = ["NAME", "STATE", f"NEXT RUN ({display.zone_name(zone)})", "DUE", "LAST RUN", "SCHEDULE", "QUEUE"]
+    click.echo(display.table([*headers, "FAILURES", "DESCRIPTION"], rows))
+    notes = [_orphaned_note(name, orphaned[name], zone) for name in sorted(orphaned) if states.get(name) == "orphaned"]
+    notes += [
+        f"unknown-task: {name}: this app does not know the task {task!r}: its runs are sent and never run "
+        "(check the task name and the workers' imports)"
+        for name, task in sorted(unknown.items())
+        if states.get(name) == "unknown-task"
+    ]
+    if notes:
+        click.echo("\n" + "\n".join(notes))
+
+
+def _orphaned_note(name: str, registered: dt.datetime | None, zone: Any) -> str:
+    last = "never by a worker of this version" if registered is None else display.when(registered, zone)
+    return (
+        f"orphaned: {name}: last registered {last}; the workers started since do not have it in their code, "
+        f"so its runs fail. Remove it: celery -A proj dbsched remove {name}"
+    )
+
+
+# -- runs -----------------------------------------------------------------------------------------------------
+
+
+def _run_duration(run: RunRecord, now: dt.datetime) -> str:
+    if run.start_time is None:
+        return "-"
+    return display.duration((run.end_time or now) - run.start_time)
+
+
+def _since(ctx: click.Context, param: Any, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            display.parse_since(value, dt.datetime.now(dt.timezone.utc))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc).removeprefix("--since: ")) from exc
+    return value
 
 
 @dbsched.command()
 @click.option("--job", "job_name", default=None, help="only this job's runs")
 @click.option("--status", type=click.Choice([s.value for s in RunState]), default=None, help="only runs in this state")
+@click.option("--since", default=None, callback=_since, help="only runs claimed since: 30m, 1h, 2d, or an ISO time")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
+@_tz_option
 @click.pass_context
-def runs(ctx: click.Context, job_name: str | None, status: str | None, limit: int) -> None:
-    """List runs, newest first: state, progress, who claimed and ran them, errors."""
-    repository = _repository(ctx)
-    try:
+def runs(
+    ctx: click.Context, job_name: str | None, status: str | None, since: str | None, limit: int, zone: Any
+) -> None:
+    """List runs, newest first: state, progress, times, duration, who claimed and ran them, errors."""
+    repository = _existing_repository(ctx)
+
+    def read() -> tuple[list[RunRecord], dt.datetime]:
         if job_name is not None:
             repository.lookup_job(job_name)
-        records = repository.list_runs(job_name=job_name, status=status, limit=limit)
-    except DbschedError as exc:
-        raise click.ClickException(str(exc)) from exc
+        now = repository.database_now()
+        start = None if since is None else display.parse_since(since, now, zone)
+        return repository.list_runs(job_name=job_name, status=status, limit=limit, since=start), now
+
+    records, now = _reading(read)
     rows = [
         [
             run.id,
             run.job_name,
             run.status,
             f"{run.completed}/{run.total}",
-            _when(run.create_time),
-            _when(run.start_time),
-            _when(run.end_time),
+            display.when(run.create_time, zone),
+            display.when(run.start_time, zone),
+            display.when(run.end_time, zone),
+            _run_duration(run, now),
             run.claimed_by,
             run.worker or "-",
             (run.error or "").strip().splitlines()[-1][:80] if run.error else "",
         ]
         for run in records
     ]
-    headers = ["id", "job", "status", "progress", "claimed", "started", "ended", "claimed by", "worker", "error"]
-    click.echo(_table(headers, rows) if rows else "no runs")
+    label = f"({display.zone_name(zone)})"
+    headers = ["ID", "JOB", "STATUS", "PROGRESS", f"CLAIMED {label}", f"STARTED {label}", f"ENDED {label}"]
+    click.echo(display.table([*headers, "DURATION", "CLAIMED BY", "WORKER", "ERROR"], rows) if rows else "no runs")
 
 
-def _cancelled(name: str, runs: Any) -> str:
-    if runs:
-        return f"cancelled run(s) {', '.join(str(run.id) for run in runs)} of {name}"
-    return f"{name} has no active run"
+@dbsched.command(name="run")
+@click.argument("run_id", metavar="ID", type=click.IntRange(min=1))
+@_tz_option
+@click.pass_context
+def run_command(ctx: click.Context, run_id: int, zone: Any) -> None:
+    """Show run ID: every field, its full error (traceback) and how long it took."""
+    repository = _existing_repository(ctx)
+    run, stopped, now = _reading(
+        lambda: (repository.lookup_run(run_id), repository.run_stopped_time(run_id), repository.database_now())
+    )
+    label = f"({display.zone_name(zone)})"
+    fields: list[tuple[str, object]] = [
+        ("run", run.id),
+        ("job", f"{run.job_name} ({run.kind})"),
+        ("status", run.status + (f" ({run.interrupt_reason})" if run.interrupt_reason else "")),
+        ("progress", f"{run.completed}/{run.total}"),
+        ("progress history", _HISTORY_NOT_KEPT),
+        (f"scheduled for {label}", display.when(run.scheduled_for, zone)),
+        (f"claimed {label}", display.when(run.create_time, zone)),
+        (f"started {label}", display.when(run.start_time, zone)),
+        (f"last progress {label}", display.when(run.update_time, zone)),
+        (f"ended {label}", display.when(run.end_time, zone)),
+        (f"code stopped {label}", display.when(stopped, zone)),
+        ("duration", _run_duration(run, now) + _unfinished(run)),
+        ("claimed by", run.claimed_by),
+        ("worker", run.worker or "-"),
+        ("queue", run.queue or "-"),
+        ("task id", run.task_id or "-"),
+        ("slot", run.slot),
+        (f"pull-in requested {label}", display.when(run.requested_next_run, zone)),
+    ]
+    width = max(len(name) for name, _ in fields) + 1
+    click.echo("\n".join(f"{name + ':':<{width}} {value}" for name, value in fields))
+    click.echo("error:" + ("\n" + run.error.rstrip() if run.error else " -"))
 
 
-# The control commands: name, the function in controls.py, help, and what each prints on success.
+def _unfinished(run: RunRecord) -> str:
+    if run.start_time is None:
+        return " (not started)"
+    return " (still running)" if run.end_time is None else ""
+
+
+# -- controls -------------------------------------------------------------------------------------------------
+
+# The simple control commands: name, the function in controls.py, help, and what each prints on success.
 _CONTROL_COMMANDS: list[tuple[str, Callable[[Any, str], Any], str, Callable[[str, Any], str]]] = [
     ("pause", pause_job, "Stop claiming job NAME (its running run goes on).", lambda name, _: f"paused {name}"),
     (
         "resume",
         resume_job,
         "Claim job NAME again, from its next slot.",
-        lambda name, job: f"resumed {name}; next run {_when(job.next_scheduled_run)} UTC",
+        lambda name, job: f"resumed {name}; next run {display.when(job.next_scheduled_run)} UTC",
     ),
     ("trigger", trigger_job, "Run job NAME now.", lambda name, _: f"triggered {name}"),
-    ("cancel", cancel_job, "Interrupt the active run(s) of job NAME.", _cancelled),
 ]
+
+
+def _control(ctx: click.Context, action: Callable[[Any, str], Any], name: str) -> Any:
+    _existing_repository(ctx)  # validates the settings first, with a clear message
+    try:
+        return action(ctx.obj.app, name)
+    except (DbschedError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _add_control_command(
@@ -169,15 +329,78 @@ def _add_control_command(
     @click.argument("name")
     @click.pass_context
     def control(ctx: click.Context, name: str) -> None:
-        _repository(ctx)  # validates the settings first, with a clear message
-        try:
-            result = action(ctx.obj.app, name)
-        except (DbschedError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from exc
-        click.echo(report(name, result))
+        click.echo(report(name, _control(ctx, action, name)))
 
     dbsched.command(name=command_name, help=help_text)(control)
 
 
 for _spec in _CONTROL_COMMANDS:
     _add_control_command(*_spec)
+
+
+def _cancel_report(run: RunRecord, monitor_interval: dt.timedelta) -> str:
+    if run.start_time is None:
+        return f"cancelled run {run.id} of {run.job_name}: it was queued and will not start"
+    if run.kind == JobKind.TASK:
+        return (
+            f"cancelled run {run.id} of {run.job_name}: recorded interrupted; a plain task is not stopped on "
+            f"{run.worker}"
+        )
+    return (
+        f"cancelling run {run.id} of {run.job_name} on {run.worker}: the worker notices within its monitor "
+        f"interval ({display.duration(monitor_interval)}) and the job stops at its next check of ctx.cancelled"
+    )
+
+
+def _wait_stopped(repository: JobRepository, run: RunRecord, timeout: float) -> str:
+    started = time.monotonic()
+    while True:
+        if _reading(lambda: repository.run_stopped_time(run.id)) is not None:
+            return f"run {run.id} of {run.job_name} stopped after {display.duration(time.monotonic() - started)}"
+        if time.monotonic() - started >= timeout:
+            raise click.ClickException(
+                f"run {run.id} of {run.job_name} is still running on {run.worker} after {display.duration(timeout)}: "
+                "the job does not check ctx.cancelled often enough, or its worker is gone (it is recorded "
+                "interrupted either way)"
+            )
+        time.sleep(0.2)
+
+
+@dbsched.command()
+@click.argument("name")
+@click.option("--wait", is_flag=True, help="wait until the job's code has stopped on its worker")
+@click.option(
+    "--timeout", type=click.FloatRange(min=0), default=300.0, show_default=True, help="seconds --wait waits at most"
+)
+@click.pass_context
+def cancel(ctx: click.Context, name: str, wait: bool, timeout: float) -> None:
+    """Interrupt the active run(s) of job NAME."""
+    cancelled: list[RunRecord] = _control(ctx, cancel_job, name)
+    if not cancelled:
+        click.echo(f"{name} has no active run")
+        return
+    interval = settings_for(ctx.obj.app).monitor_interval
+    for run in cancelled:
+        click.echo(_cancel_report(run, interval))
+    if wait:
+        repository = _repository(ctx)
+        for run in cancelled:
+            if run.start_time is not None and run.kind == JobKind.JOB:
+                click.echo(_wait_stopped(repository, run, timeout))
+
+
+@dbsched.command()
+@click.argument("name")
+@click.option("--purge", is_flag=True, help="delete the job and its run history instead of disabling it")
+@click.pass_context
+def remove(ctx: click.Context, name: str, purge: bool) -> None:
+    """Remove job NAME, no longer in the code: disable it (history kept), or --purge to delete it."""
+    ctx.obj.app.loader.import_default_modules()  # the app's job modules, as a worker imports them: is NAME declared?
+    job: JobRecord = _control(ctx, lambda app, job_name: remove_job(app, job_name, purge=purge), name)
+    if purge:
+        click.echo(f"purged {name} and its run history")
+        return
+    runs = _reading(lambda: _repository(ctx).list_runs(job_name=name, limit=1))
+    kept = f"its history is kept (celery -A proj dbsched runs --job {name})" if runs else "it has no runs"
+    active = " Its active run goes on: celery -A proj dbsched cancel " + name + " stops it." if job.active_runs else ""
+    click.echo(f"removed {name}: disabled, never claimed again; {kept}; --purge deletes it.{active}")

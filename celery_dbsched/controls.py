@@ -1,4 +1,4 @@
-"""Operator controls, as Python functions and as `celery -A proj dbsched pause|resume|trigger|cancel NAME`."""
+"""Operator controls, as Python functions and as `celery -A proj dbsched pause|resume|trigger|cancel|remove NAME`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import datetime as dt
 from typing import Any
 
 from .binding import repository_for
-from .errors import JobPaused
+from .errors import DbschedError, JobPaused
 from .records import JobRecord, RunRecord
+from .registry import existing_registry
 
 
 def _name(name: object) -> str:
@@ -38,3 +39,24 @@ def trigger_job(app: Any, name: str) -> JobRecord:
 def cancel_job(app: Any, name: str) -> list[RunRecord]:
     """Interrupt the job's queued and running runs (the worker cancels the job's context)."""
     return repository_for(app).interrupt_job_runs(_name(name))
+
+
+def remove_job(app: Any, name: str, *, purge: bool = False) -> JobRecord:
+    """Take a job that is no longer declared out of the schedule: disable it (never claimed again, history
+    kept), or with `purge` delete it and its history (refused while it has a queued or running run). A job
+    this app still declares is refused: the next worker or beat start would enable it again."""
+    from .beat_schedule import entry_names  # not at import: beat_schedule reads the package's version
+
+    _name(name)
+    if name in entry_names(app):
+        raise DbschedError(
+            f"{name!r} is a beat_schedule entry of this app: the next beat start recreates it; delete it from "
+            f"beat_schedule first, or pause it: celery -A proj dbsched pause {name}"
+        )
+    registry = existing_registry(app)
+    if registry is not None and name in registry:
+        raise DbschedError(
+            f"job {name!r} is still in this app's code (@job / register_job): the next worker start enables it "
+            f"again; delete it from the code first, or pause it: celery -A proj dbsched pause {name}"
+        )
+    return repository_for(app).remove_job(name, purge=purge)

@@ -22,7 +22,7 @@ from . import statements as sql
 from . import timing
 from .clock import Clock, DatabaseClock
 from .engine import KeptConnections, make_engine
-from .errors import InvalidRunState, JobNotFound, RunNotFound, classify
+from .errors import DbschedError, InvalidRunState, JobNotFound, RunNotFound, classify
 from .job import JobDefinition, JobStatus
 from .policy import POLICY_NAMES, JobPolicy
 from .records import (
@@ -912,6 +912,57 @@ class JobRepository:
             rows = conn.execute(sql.disable_jobs_not_in(self.dialect, self.clock.now, kind, names)).all()
         return sorted(row[0] for row in rows)
 
+    def remove_job(self, name: str, *, purge: bool = False) -> JobRecord:
+        """Take a job out of the schedule: disable it (never claimed again; its history kept), or with `purge`
+        delete it and its history. A run still active goes on (`purge` refuses: cancel it first). A `@job` or
+        `beat_schedule` entry still declared is enabled again by the next worker or beat start that syncs it.
+        Returns the job as it was (purged) or is now (disabled)."""
+        with self._tx() as conn:
+            job = self._job(conn, name)
+            if job is None:
+                raise JobNotFound(name)
+            if not purge:
+                values = {"enabled": False, "update_time": self._db_now(conn)}
+                return JobRecord.from_row(conn.execute(sql.update_job(name, values)).one())
+            if not conn.execute(sql.delete_idle_job(name)).rowcount:
+                raise DbschedError(f"job {name!r} has a queued or running run; cancel it first: dbsched cancel {name}")
+        return job
+
+    def mark_registered(self, names: Sequence[str]) -> None:
+        """A worker started with these `@job`s in its code (one statement, the names as one parameter)."""
+        with self._tx() as conn:
+            conn.execute(sql.mark_registered(self.dialect, self.clock.now, names))
+
+    def orphaned_jobs(self, grace: dt.timedelta | None = None) -> dict[str, dt.datetime | None]:
+        """The enabled `@job`s that look removed from the code: no worker registered them within `grace`
+        (default: the interrupt threshold, time for a rolling restart) before the latest worker start that
+        registered any job. By name: when each was last registered (None: never by a worker of this version).
+        Empty until a worker has registered its jobs. For `dbsched jobs` and `dbsched status`."""
+        seconds = (grace if grace is not None else self.interrupt_threshold).total_seconds()
+        with self._tx() as conn:
+            rows = conn.execute(sql.orphaned_jobs(seconds)).all()
+        return {row.name: row.registered_time for row in rows}
+
+    def last_runs(self) -> dict[str, RunRecord]:
+        """Each job's latest run, by job name."""
+        with self._tx() as conn:
+            rows = conn.execute(sql.last_runs()).all()
+        return {run.job_name: run for run in map(RunRecord.from_row, rows)}
+
+    def mark_run_stopped(self, run_id: int) -> None:
+        """The worker's code of a run that was ended under it has returned (`run_stopped_time`)."""
+        with self._tx() as conn:
+            conn.execute(sql.mark_run_stopped(self.clock.now, run_id))
+
+    def run_stopped_time(self, run_id: int) -> dt.datetime | None:
+        """When the worker's code of the run returned after the run was ended under it (None: not seen)."""
+        with self._tx() as conn:
+            row = conn.execute(sql.run_stopped_time(run_id)).first()
+        if row is None:
+            raise RunNotFound(run_id)
+        value: dt.datetime | None = row[0]
+        return value
+
     # -- history ----------------------------------------------------------------------------------------
 
     def lookup_run(self, run_id: int) -> RunRecord:
@@ -921,12 +972,19 @@ class JobRepository:
             raise RunNotFound(run_id)
         return RunRecord.from_row(row)
 
-    def list_runs(self, job_name: str | None = None, status: str | None = None, limit: int = 100) -> list[RunRecord]:
-        """Newest first."""
+    def list_runs(
+        self,
+        job_name: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        *,
+        since: dt.datetime | None = None,
+    ) -> list[RunRecord]:
+        """Newest first; `since`: only runs claimed at or after it."""
         if status is not None and status not in set(RunState):
             raise ValueError(f"unknown run status {status!r}; one of {', '.join(RunState)}")
         with self._tx() as conn:
-            rows = conn.execute(sql.runs(job_name, status, limit)).all()
+            rows = conn.execute(sql.runs(job_name, status, limit, since)).all()
         return [RunRecord.from_row(row) for row in rows]
 
     def prune_runs(self, retention: dt.timedelta, *, batch: int = PRUNE_BATCH, max_rows: int | None = None) -> int:

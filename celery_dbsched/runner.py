@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
-from .errors import DatabaseError, DatabaseUnavailable, InvalidRunState, JobInterrupted, RunNotFound
+from .errors import DatabaseError, DatabaseUnavailable, DbschedError, InvalidRunState, JobInterrupted, RunNotFound
 from .job import Job, JobContext, JobStatus
 from .records import RunRecord
 from .repository import JobRepository
@@ -323,6 +323,7 @@ def execute_run(
             error = "".join(traceback.format_exception(exc)).strip()
             logger.error("run %s of job %r failed: %s", run.id, job.name, exc)
             return _finish(
+                repository,
                 "failing the run",
                 ctx,
                 lambda: repository.fail_run(run.id, error, progress=status_of(job, ctx)),
@@ -333,6 +334,7 @@ def execute_run(
             return _finish_interrupted(repository, job, ctx)
         delay = next_delay(job, ctx)
         return _finish(
+            repository,
             "completing the run",
             ctx,
             lambda: repository.complete_run(run.id, delay, progress=status_of(job, ctx)),
@@ -344,13 +346,24 @@ def execute_run(
             _active.discard(ctx)
 
 
-def _finish(what: str, ctx: JobContext, action: Callable[[], RunRecord], outage: float) -> RunRecord | None:
+def _finish(
+    repository: JobRepository, what: str, ctx: JobContext, action: Callable[[], RunRecord], outage: float
+) -> RunRecord | None:
     try:
         return _retrying(what, action, outage)
     except (InvalidRunState, RunNotFound) as exc:
         # Interrupted (or its job deleted) while the job was finishing: that stands, the result is discarded.
         logger.warning("run %s of job %r ended before the job did: %s", ctx.run_id, ctx.job_name, exc)
+        _stopped(repository, ctx.run_id)
         return None
+
+
+def _stopped(repository: JobRepository, run_id: int) -> None:
+    """The code of a run ended under it has returned: say so for `dbsched cancel --wait` (best effort)."""
+    try:
+        repository.mark_run_stopped(run_id)
+    except DbschedError as exc:
+        logger.warning("run %s: its stop was not recorded: %s", run_id, exc)
 
 
 def _finish_interrupted(repository: JobRepository, job: Job, ctx: JobContext) -> RunRecord | None:
@@ -367,6 +380,7 @@ def _finish_interrupted(repository: JobRepository, job: Job, ctx: JobContext) ->
             repository.interrupt_threshold.total_seconds(),
         )
     except InvalidRunState:
+        _stopped(repository, ctx.run_id)
         return repository.lookup_run(ctx.run_id)
     except RunNotFound:  # its job was deleted meanwhile (the runs go with it): nothing left to end
         return None

@@ -176,6 +176,9 @@ job_table = Table(
     # Added by revision 0003: the job's queued and running runs that hold a slot, counted by triggers on the
     # runs table (never written by this code), so that "claimable" is a condition on the job row alone.
     Column("active_runs", Integer, nullable=False, server_default="0"),
+    # Added by revision 0006: when a worker last started with this `@job` in its code (NULL: none since 0006);
+    # a job no worker registered for a while is orphaned (`JobRepository.orphaned_jobs`).
+    Column("registered_time", UTCDateTime, nullable=True),
     CheckConstraint("length(name) > 0", name="dbsched_job_name_not_empty"),
 )
 # An enabled, unpaused job with a free slot. The due index holds only such jobs: claims and the idle tick's
@@ -221,6 +224,8 @@ run_table = Table(
     Column("scheduled_for", UTCDateTime, nullable=True),  # the job's due time this run was claimed for
     # Added by revision 0005: why an interrupted run was interrupted (NULL for every other state).
     Column("interrupt_reason", String(16), nullable=True),
+    # Added by revision 0006: when the code of a run interrupted under its worker actually returned.
+    Column("stopped_time", UTCDateTime, nullable=True),
     CheckConstraint(_one_of("status", RunState), name="dbsched_job_run_status_valid"),
     CheckConstraint(_one_of("interrupt_reason", InterruptReason), name="dbsched_job_run_interrupt_reason_valid"),
     CheckConstraint("completed >= 0 and total >= 0 and completed <= total", name="dbsched_job_run_progress_valid"),

@@ -43,7 +43,7 @@ from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeEngine
 
-from .schema import UTCDateTime, claimable, job_table, least, run_table, server_table, sync_table
+from .schema import UTCDateTime, claimable, db_time_at, job_table, least, run_table, server_table, sync_table
 from .settings import DEFAULT_MISFIRE_GRACE
 from .states import ACTIVE, FINAL, InterruptReason, JobKind, Misfire, RunState
 
@@ -749,12 +749,56 @@ def interrupt_job_runs(now: Now, job_name: str) -> Any:
     )
 
 
+def mark_registered(dialect: str, now: Now, names: Iterable[str]) -> Any:
+    """A worker started with these `@job`s in its code: stamp their `registered_time` (one parameter)."""
+    return (
+        update(j)
+        .where(j.c.kind == JobKind.JOB, j.c.name.in_(values_of(dialect, names, j.c.name)))
+        .values(registered_time=now())
+    )
+
+
+def orphaned_jobs(grace: float) -> Select[Any]:
+    """The enabled `@job`s that no worker registered within `grace` seconds before the latest registration of
+    any job (its name and when it was last registered, NULL: never since revision 0006); nothing before any
+    worker registered a job."""
+    latest = select(func.max(j.c.registered_time)).where(j.c.kind == JobKind.JOB).scalar_subquery()
+    last = func.coalesce(j.c.registered_time, j.c.create_time)
+    return (
+        select(j.c.name, j.c.registered_time)
+        .where(j.c.kind == JobKind.JOB, j.c.enabled, last < db_time_at(latest, -grace))
+        .order_by(j.c.name)
+    )
+
+
+def last_runs() -> Select[Any]:
+    """Each job's latest run (through the runs-by-job index)."""
+    latest = select(func.max(r.c.id)).group_by(r.c.job_name).scalar_subquery()
+    return select(r).where(r.c.id.in_(latest))
+
+
+def mark_run_stopped(now: Now, run_id: int) -> Any:
+    """The code of a run that ended under its worker (cancelled, interrupted) has returned."""
+    return update(r).where(r.c.id == run_id, r.c.stopped_time.is_(None)).values(stopped_time=now())
+
+
+def run_stopped_time(run_id: int) -> Select[Any]:
+    return select(r.c.stopped_time).where(r.c.id == run_id)
+
+
+def delete_idle_job(name: str) -> Any:
+    """Delete a job that has no queued or running run, and its history (the runs cascade)."""
+    return delete(j).where(j.c.name == name, j.c.active_runs == 0)
+
+
 # -- history ---------------------------------------------------------------------------------------------------
 
 
-def runs(job_name: str | None, status: str | None, limit: int) -> Select[Any]:
-    """Newest first."""
+def runs(job_name: str | None, status: str | None, limit: int, since: dt.datetime | None = None) -> Select[Any]:
+    """Newest first; `since`: claimed at or after."""
     query = select(r).order_by(r.c.id.desc()).limit(limit)
+    if since is not None:
+        query = query.where(r.c.create_time >= since)
     if job_name is not None:
         query = query.where(r.c.job_name == job_name)
     if status is not None:

@@ -8,6 +8,7 @@
 - DBSCHED_TEST_APP_LOAD_JOBS=N: register N jobs `load.NN`, due every second, that log each start and end (with
   run id, pid and a monotonic time) to DBSCHED_TEST_APP_JOB_LOG. Without it the app registers no job: the
   beat tests rely on a beat that knows no job code.
+- DBSCHED_TEST_APP_SLOW_JOB=1: register `slow.job` (hourly), which waits until its run is cancelled.
 """
 
 from __future__ import annotations
@@ -66,3 +67,11 @@ def _make_load_job(index: int) -> None:
 
 for _index in range(int(os.environ.get("DBSCHED_TEST_APP_LOAD_JOBS", "0"))):
     _make_load_job(_index)
+
+
+if os.environ.get("DBSCHED_TEST_APP_SLOW_JOB"):
+
+    @job(app, name="slow.job", description="waits until cancelled", every=dt.timedelta(hours=1))
+    def slow_job(ctx: JobContext) -> None:
+        while not ctx.wait(0.1):
+            pass

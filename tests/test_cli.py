@@ -15,13 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
+from zoneinfo import ZoneInfo
 
 import pytest
-from helpers.processes import REPO_DIR, TESTS_DIR
+from helpers.polling import wait_for
+from helpers.processes import REPO_DIR, TESTS_DIR, Processes
 from helpers.services import Database
+from sqlalchemy import select
 
 from celery_dbsched.migrate import head_revision
 from celery_dbsched.repository import JobRepository
+from celery_dbsched.schema import job_table
+from celery_dbsched.states import JobKind
 
 pytestmark = pytest.mark.processes  # every command runs `celery ... dbsched` as a subprocess
 
@@ -39,13 +44,27 @@ class Result:
 
     def rows(self) -> list[list[str]]:
         """The table's data rows, split on whitespace (ids, names and states hold no spaces)."""
-        lines = self.stdout.strip().splitlines()
+        lines = self.stdout.strip().split("\n\n")[0].splitlines()  # the notes after a blank line are not rows
         assert lines and lines[0].startswith(("ID", "NAME")), self.output
         return [line.split() for line in lines[1:]]
 
+    @property
+    def notes(self) -> list[str]:
+        """The lines after the table's blank line."""
+        _, _, notes = self.stdout.strip().partition("\n\n")
+        return notes.splitlines()
 
-def dbsched(database_url: str, *args: str, settings: dict[str, Any] | None = None, cwd: Path | None = None) -> Result:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DBSCHED_TEST_APP_")}
+
+def dbsched(
+    database_url: str,
+    *args: str,
+    settings: dict[str, Any] | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Result:
+    """`celery -A cli_app dbsched ARGS` on `database_url`, with `settings` merged into the app's conf and `env`
+    (other DBSCHED_TEST_APP_* variables, see tests/cli_app.py)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DBSCHED_TEST_APP_")}, **(env or {})}
     env.update(PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO_DIR)]), DBSCHED_TEST_APP_DB=database_url)
     if settings:
         env["DBSCHED_TEST_APP_SETTINGS"] = json.dumps(settings)
@@ -101,27 +120,107 @@ def test_jobs_lists_names_next_runs_and_descriptions(database: Database) -> None
     repository.upsert_job(
         "reports.daily",
         "Builds the daily report",
-        first_run_in=dt.timedelta(hours=1),
+        first_run_in=dt.timedelta(hours=13, minutes=55),
         every=dt.timedelta(days=1),
         queue="reports",
     )
     repository.upsert_job("cleanup", "Deletes old files", every=dt.timedelta(seconds=60))
+    repository.upsert_job("paused.job", "Paused", every=dt.timedelta(seconds=60))
+    repository.set_paused("paused.job", True)
+    repository.upsert_job("off.job", "Disabled", every=dt.timedelta(seconds=60), enabled=False)
     result = ok(dbsched(database.url, "jobs"))
     lines = result.stdout.strip().splitlines()
-    assert lines[0].split() == ["NAME", "STATE", "NEXT", "RUN", "SCHEDULE", "QUEUE", "FAILURES", "DESCRIPTION"]
-    assert [line.split()[0] for line in lines[1:]] == ["cleanup", "reports.daily"]  # by name
+    assert re.split(r"\s{2,}", lines[0]) == [
+        "NAME", "STATE", "NEXT RUN (UTC)", "DUE", "LAST RUN", "SCHEDULE", "QUEUE", "FAILURES", "DESCRIPTION"
+    ]  # fmt: skip
+    assert [line.split()[0] for line in lines[1:]] == ["cleanup", "off.job", "paused.job", "reports.daily"]
 
-    def next_run(name: str) -> str:
+    def next_run(name: str, zone: str = "UTC") -> str:
         when = repository.lookup_job(name).next_scheduled_run
-        return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        return when.astimezone(ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M:%S")
 
-    cleanup, daily = lines[1], lines[2]
-    assert next_run("cleanup") in cleanup and " due " in cleanup
-    assert re.search(r"\benabled\b", cleanup), cleanup
-    assert re.search(r"\bevery 60s\s+-\s+0\s+Deletes old files$", cleanup), cleanup
-    assert next_run("reports.daily") in daily
-    assert re.search(r"in 3[56]\d\ds", daily), daily
-    assert re.search(r"\bevery 86400s\s+reports\s+0\s+Builds the daily report$", daily), daily
+    cleanup, off, paused, daily = (re.split(r"\s{2,}", line) for line in lines[1:])
+    assert cleanup[:5] == ["cleanup", "enabled", next_run("cleanup"), "due", "-"]
+    assert cleanup[5:] == ["every 1 min", "-", "0", "Deletes old files"]
+    assert off[:4] == ["off.job", "disabled", next_run("off.job"), "disabled"]
+    assert paused[:4] == ["paused.job", "paused", next_run("paused.job"), "paused"]  # not "due"
+    assert daily[:3] == ["reports.daily", "enabled", next_run("reports.daily")]
+    assert daily[3] in ("in 13 h 54 min", "in 13 h 55 min"), daily  # as people read it, not "in 50085s"
+    assert daily[5:] == ["every 1 d", "reports", "0", "Builds the daily report"]
+
+    berlin = ok(dbsched(database.url, "jobs", "--tz", "Europe/Berlin")).stdout.splitlines()
+    assert "NEXT RUN (Europe/Berlin)" in berlin[0]
+    assert next_run("reports.daily", "Europe/Berlin") in berlin[4]
+
+
+def test_jobs_with_an_unknown_zone_is_a_usage_error(sqlite_database: Database) -> None:
+    sqlite_database.migrated_repository()
+    result = dbsched(sqlite_database.url, "jobs", "--tz", "Mars/Olympus")
+    assert result.returncode == 2, result
+    assert "Invalid value for '--tz': unknown timezone 'Mars/Olympus'" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_jobs_shows_each_jobs_last_outcome(database: Database) -> None:
+    repository = database.migrated_repository()
+    _history(repository)
+    repository.upsert_job("c", "job c", first_run_in=dt.timedelta(hours=1))
+    result = ok(dbsched(database.url, "jobs"))
+    last = {line.split()[0]: re.split(r"\s{2,}", line)[4] for line in result.stdout.splitlines()[1:]}
+    assert re.fullmatch(r"queued for \d+(\.\d)? s", last["a"]), last  # its newest run; still active
+    assert re.fullmatch(r"queued for \d+(\.\d)? s", last["b"]), last
+    assert last["c"] == "-"
+    [run] = repository.list_runs(job_name="b", limit=1)
+    repository.start_run(run.id, "worker-3")
+    repository.fail_run(run.id, "boom")
+    last_b = re.split(r"\s{2,}", ok(dbsched(database.url, "jobs")).stdout.splitlines()[2])[4]
+    assert re.fullmatch(r"failed \d+(\.\d)? s ago", last_b), last_b
+
+
+def test_jobs_flags_a_beat_schedule_entry_whose_task_the_app_does_not_know(database: Database) -> None:
+    repository = database.migrated_repository()
+    every = dt.timedelta(minutes=5)
+    for name, task in (("entry.known", "celery.backend_cleanup"), ("entry.typo", "reports.tasks.nigthly")):
+        repository.upsert_job(name, f"beat_schedule: {task}", every=every, kind=JobKind.TASK, task=task)
+    repository.upsert_job("entry.off", "off", every=every, kind=JobKind.TASK, task="gone", enabled=False)
+    result = ok(dbsched(database.url, "jobs"))
+    assert {row[0]: row[1] for row in result.rows()} == {
+        "entry.known": "enabled",
+        "entry.off": "disabled",  # not sent anyway
+        "entry.typo": "unknown-task",
+    }
+    assert result.notes == [
+        "unknown-task: entry.typo: this app does not know the task 'reports.tasks.nigthly': its runs are sent and "
+        "never run (check the task name and the workers' imports)"
+    ]
+
+
+def test_jobs_flags_a_job_no_worker_registered_since_the_latest_worker_start(database: Database) -> None:
+    repository = database.migrated_repository()
+    for name in ("kept", "gone", "before"):
+        repository.upsert_job(name, name, every=dt.timedelta(minutes=5))
+    assert repository.orphaned_jobs() == {}  # no worker has registered anything yet: nothing to judge by
+    repository.mark_registered(["kept", "gone"])  # a worker started with both
+    assert repository.orphaned_jobs() == {}  # "before" was created within the grace of that start
+    an_hour_ago = repository.database_now() - dt.timedelta(hours=1)
+    with repository.engine.begin() as conn:  # that worker started an hour ago; "before" predates it
+        conn.execute(job_table.update().values(create_time=an_hour_ago))
+        conn.execute(
+            job_table.update().where(job_table.c.registered_time.is_not(None)).values(registered_time=an_hour_ago)
+        )
+    repository.mark_registered(["kept"])  # now a worker started without "gone" in its code
+    assert repository.orphaned_jobs() == {"before": None, "gone": an_hour_ago}
+    repository.set_paused("before", True)
+
+    result = ok(dbsched(database.url, "jobs"))
+    assert {row[0]: row[1] for row in result.rows()} == {"before": "paused", "gone": "orphaned", "kept": "enabled"}
+    when = an_hour_ago.strftime("%Y-%m-%d %H:%M:%S")
+    assert result.notes == [
+        f"orphaned: gone: last registered {when}; the workers started since do not have it in their code, so its "
+        "runs fail. Remove it: celery -A proj dbsched remove gone"
+    ]
+    ok(dbsched(database.url, "remove", "gone"))
+    assert repository.orphaned_jobs() == {"before": None}  # disabled: no longer retried, no longer flagged
 
 
 # --- runs ---------------------------------------------------------------------------------------------------
@@ -187,6 +286,196 @@ def test_runs_with_an_invalid_status_is_a_usage_error(sqlite_database: Database)
     assert result.returncode == 2
     assert "Invalid value for '--status'" in result.stderr and "'exploded'" in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_runs_show_durations_and_filter_by_since(database: Database) -> None:
+    repository = database.migrated_repository()
+    ids = _history(repository)
+    result = ok(dbsched(database.url, "runs"))
+    header = re.split(r"\s{2,}", result.stdout.splitlines()[0])
+    assert header == [
+        "ID", "JOB", "STATUS", "PROGRESS", "CLAIMED (UTC)", "STARTED (UTC)", "ENDED (UTC)", "DURATION", "CLAIMED BY",
+        "WORKER", "ERROR",
+    ]  # fmt: skip
+    durations = {int(line.split()[0]): re.split(r"\s{2,}", line)[7] for line in result.stdout.splitlines()[1:]}
+    assert re.fullmatch(r"\d+\.\d s|\d s", durations[ids["a-completed"]]), durations  # started to ended
+    assert durations[ids["b-queued"]] == "-"  # never started
+
+    assert len(ok(dbsched(database.url, "runs", "--since", "1h")).rows()) == 4
+    assert len(ok(dbsched(database.url, "runs", "--since", "90s", "--job", "a")).rows()) == 3
+    tomorrow = (repository.database_now() + dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M")
+    assert ok(dbsched(database.url, "runs", "--since", tomorrow)).stdout.strip() == "no runs"
+    yesterday = (repository.database_now() - dt.timedelta(days=1)).isoformat()
+    assert len(ok(dbsched(database.url, "runs", "--since", yesterday)).rows()) == 4
+
+
+def test_runs_since_something_else_is_a_usage_error(sqlite_database: Database) -> None:
+    sqlite_database.migrated_repository()
+    result = dbsched(sqlite_database.url, "runs", "--since", "yesterday")
+    assert result.returncode == 2, result
+    assert (
+        "Invalid value for '--since': expected a duration such as 30m, 1h, 2d or an ISO time such as "
+        "2026-12-05T08:00, got 'yesterday'"
+    ) in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_run_shows_every_field_and_the_whole_traceback(database: Database) -> None:
+    repository = database.migrated_repository()
+    ids = _history(repository)
+    failed = repository.lookup_run(ids["a-failed"])
+    result = dbsched(database.url, "run", str(failed.id))
+    assert (result.returncode, result.stderr) == (0, ""), result  # the traceback shown is the run's own
+    fields = dict(re.split(r":\s+", line, maxsplit=1) for line in result.stdout.split("\nerror:")[0].splitlines())
+    assert fields == {
+        "run": str(failed.id),
+        "job": "a (job)",
+        "status": "failed",
+        "progress": "0/0",
+        "progress history": "not kept: a run stores its latest progress only (completed/total above)",
+        "scheduled for (UTC)": _utc(failed.scheduled_for),
+        "claimed (UTC)": _utc(failed.create_time),
+        "started (UTC)": _utc(failed.start_time),
+        "last progress (UTC)": _utc(failed.update_time),
+        "ended (UTC)": _utc(failed.end_time),
+        "code stopped (UTC)": "-",
+        "duration": fields["duration"],
+        "claimed by": "beat-1",
+        "worker": "worker-2",
+        "queue": "-",
+        "task id": "-",
+        "slot": "0",
+        "pull-in requested (UTC)": "-",
+    }
+    assert re.fullmatch(r"\d+(\.\d)? s", fields["duration"]), fields
+    assert result.stdout.endswith("error:\nTraceback (most recent call last):\n  ...\nValueError: bad thing\n")
+
+    queued = ok(dbsched(database.url, "run", str(ids["b-queued"]), "--tz", "Asia/Tokyo")).stdout
+    assert re.search(r"^status: +queued$", queued, re.M) and re.search(r"^duration: +- \(not started\)$", queued, re.M)
+    assert "claimed (Asia/Tokyo):" in queued and queued.endswith("error: -\n")
+
+
+def _utc(value: dt.datetime | None) -> str:
+    assert value is not None
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def test_run_of_an_unknown_id_is_an_error(database: Database) -> None:
+    database.migrated_repository()
+    assert "Error: run 424242 not found" in clean_error(dbsched(database.url, "run", "424242")).stderr
+
+
+def test_read_only_commands_never_create_the_database(tmp_path: Path) -> None:
+    path = tmp_path / "not" / "there.sqlite3"
+    for args in (("jobs",), ("runs",), ("run", "1"), ("pause", "x"), ("cancel", "x"), ("remove", "x")):
+        result = clean_error(dbsched(f"sqlite:///{path}", *args))
+        assert result.stderr.strip() == (
+            f"Error: no database at {path} (dbsched_database_url): nothing is stored there; check the setting, or "
+            "create it with `celery -A proj dbsched migrate` (workers and beats also create it at start)"
+        ), args
+    assert not (tmp_path / "not").exists()
+
+
+# --- remove and cancel --------------------------------------------------------------------------------------
+
+
+def test_remove_disables_a_job_keeping_its_history_and_purge_deletes_it(database: Database) -> None:
+    repository = database.migrated_repository()
+    ids = _history(repository)
+    repository.upsert_job("idle", "never ran", every=dt.timedelta(hours=1))
+    removed = ok(dbsched(database.url, "remove", "a"))
+    assert removed.stdout == (
+        "removed a: disabled, never claimed again; its history is kept (celery -A proj dbsched runs --job a); "
+        "--purge deletes it. Its active run goes on: celery -A proj dbsched cancel a stops it.\n"
+    )
+    assert not repository.lookup_job("a").policy.enabled
+    assert len(ok(dbsched(database.url, "runs", "--job", "a")).rows()) == 3
+    assert ok(dbsched(database.url, "remove", "idle")).stdout == (
+        "removed idle: disabled, never claimed again; it has no runs; --purge deletes it.\n"
+    )
+
+    refused = clean_error(dbsched(database.url, "remove", "a", "--purge"))
+    assert refused.stderr == "Error: job 'a' has a queued or running run; cancel it first: dbsched cancel a\n"
+    ok(dbsched(database.url, "cancel", "a"))
+    assert ok(dbsched(database.url, "remove", "a", "--purge")).stdout == "purged a and its run history\n"
+    assert "job 'a' not found" in clean_error(dbsched(database.url, "runs", "--job", "a")).stderr
+    assert [run.job_name for run in repository.list_runs()] == ["b"]
+    assert ids["a-completed"] not in {run.id for run in repository.list_runs()}
+    assert "job 'nope' not found" in clean_error(dbsched(database.url, "remove", "nope")).stderr
+
+
+def test_remove_refuses_what_the_app_still_declares(database: Database) -> None:
+    repository = database.migrated_repository()
+    repository.upsert_job("load.00", "in the code", every=dt.timedelta(hours=1))
+    repository.upsert_job("nightly", "an entry", every=dt.timedelta(hours=1), kind=JobKind.TASK, task="celery.ping")
+    entry = {"beat_schedule": {"nightly": {"task": "celery.ping", "schedule": 3600}}}
+    env = {"DBSCHED_TEST_APP_LOAD_JOBS": "1"}
+    result = clean_error(dbsched(database.url, "remove", "nightly", settings=entry))
+    assert result.stderr == (
+        "Error: 'nightly' is a beat_schedule entry of this app: the next beat start recreates it; delete it from "
+        "beat_schedule first, or pause it: celery -A proj dbsched pause nightly\n"
+    )
+    result = clean_error(dbsched(database.url, "remove", "load.00", env=env))
+    assert result.stderr == (
+        "Error: job 'load.00' is still in this app's code (@job / register_job): the next worker start enables it "
+        "again; delete it from the code first, or pause it: celery -A proj dbsched pause load.00\n"
+    )
+    assert repository.lookup_job("load.00").policy.enabled and repository.lookup_job("nightly").policy.enabled
+
+
+def test_cancel_says_what_happens_to_each_run(database: Database) -> None:
+    repository = database.migrated_repository()
+    ids = _history(repository)
+    repository.start_run(ids["a-queued"], "worker-9")
+    result = ok(dbsched(database.url, "cancel", "a", settings={"dbsched_monitor_interval": 45}))
+    assert result.stdout == (
+        f"cancelling run {ids['a-queued']} of a on worker-9: the worker notices within its monitor interval "
+        "(45 s) and the job stops at its next check of ctx.cancelled\n"
+    )
+    result = ok(dbsched(database.url, "cancel", "b"))
+    assert result.stdout == f"cancelled run {ids['b-queued']} of b: it was queued and will not start\n"
+    assert ok(dbsched(database.url, "cancel", "b")).stdout == "b has no active run\n"
+
+
+def test_cancel_wait_gives_up_after_its_timeout_when_no_worker_stops_the_run(database: Database) -> None:
+    repository = database.migrated_repository()
+    ids = _history(repository)
+    repository.start_run(ids["a-queued"], "worker-gone")
+    result = clean_error(dbsched(database.url, "cancel", "a", "--wait", "--timeout", "0.5"))
+    assert result.stderr == (
+        f"Error: run {ids['a-queued']} of a is still running on worker-gone after 0.5 s: the job does not check "
+        "ctx.cancelled often enough, or its worker is gone (it is recorded interrupted either way)\n"
+    )
+
+
+@pytest.mark.slow
+def test_cancel_wait_returns_once_the_worker_has_stopped_the_job(database: Database, processes: Processes) -> None:
+    repository = database.migrated_repository()
+    settings = {"dbsched_monitor_interval": 0.5}
+    env = {
+        "DBSCHED_TEST_APP_DB": database.url,
+        "DBSCHED_TEST_APP_BROKER_DIR": str(processes.folder / "broker"),
+        "DBSCHED_TEST_APP_SLOW_JOB": "1",
+        "DBSCHED_TEST_APP_SETTINGS": json.dumps(settings),
+    }
+    worker = processes.start_worker("cli_app", env=env, embedded_beat="celery_dbsched.Scheduler")
+
+    def running() -> list[Any]:
+        processes.check_alive(worker)
+        return repository.list_runs(job_name="slow.job", status="running")
+
+    [run] = wait_for(running, 60, message="slow.job running")
+    with repository.engine.begin() as conn:  # the worker stamped the jobs it registered at its start
+        assert conn.execute(select(job_table.c.registered_time).where(job_table.c.name == "slow.job")).scalar()
+    result = ok(dbsched(database.url, "cancel", "slow.job", "--wait", "--timeout", "60", settings=settings))
+    first, second = result.stdout.splitlines()
+    assert first == (
+        f"cancelling run {run.id} of slow.job on {worker.node}: the worker notices within its monitor interval "
+        "(0.5 s) and the job stops at its next check of ctx.cancelled"
+    )
+    assert re.fullmatch(rf"run {run.id} of slow.job stopped after \d+(\.\d)? s", second), second
+    assert repository.run_stopped_time(run.id) is not None
+    assert "code stopped (UTC):" in ok(dbsched(database.url, "run", str(run.id))).stdout
 
 
 # --- settings and secrets ------------------------------------------------------------------------------------

@@ -20,19 +20,28 @@ from helpers.processes import REPO_DIR, TESTS_DIR
 from helpers.services import Database
 
 from celery_dbsched import (
+    DbschedError,
     JobContext,
     JobNotFound,
     JobPaused,
     cancel_job,
     job,
     pause_job,
+    remove_job,
     resume_job,
     trigger_job,
 )
+from celery_dbsched.registry import registry_for
 
 UTC = dt.timezone.utc
 T0 = dt.datetime(2026, 2, 2, 9, 0, tzinfo=UTC)
-CONTROLS = {"pause": pause_job, "resume": resume_job, "trigger": trigger_job, "cancel": cancel_job}
+CONTROLS = {
+    "pause": pause_job,
+    "resume": resume_job,
+    "trigger": trigger_job,
+    "cancel": cancel_job,
+    "remove": remove_job,
+}
 
 
 # --- the functions ------------------------------------------------------------------------------------
@@ -187,6 +196,23 @@ def test_cancel_stops_a_running_job_and_it_waits_for_its_next_slot(scheduler: Te
     assert s.job("long").next_scheduled_run == T0 + seconds(60)
 
 
+def test_remove_job_takes_out_a_job_gone_from_the_code(scheduler: TestSchedulerFactory) -> None:
+    old = make_app()
+    job(old, name="gone", description="deleted from the code since", every=60)(noop)
+    scheduler(old)  # a worker of the old code registered it
+    new = make_app()
+    job(new, name="kept", description="still in the code", every=60)(noop)
+    s = scheduler(new)
+    with pytest.raises(DbschedError, match=r"^job 'kept' is still in this app's code \(@job / register_job\)"):
+        remove_job(new, "kept")
+    assert remove_job(new, "gone").policy.enabled is False
+    assert [run.job_name for run in s.tick()] == ["kept"]  # "gone" is never claimed again
+    assert s.repository.list_runs(job_name="gone") == []
+    # A worker that still has it in its code enables it again: what `remove` refuses a declared job for.
+    registry_for(old).sync(s.repository)
+    assert s.job("gone").policy.enabled is True
+
+
 @pytest.mark.parametrize("control", list(CONTROLS))
 def test_unknown_and_empty_names(scheduler: TestSchedulerFactory, control: str) -> None:
     app = make_app()
@@ -264,7 +290,7 @@ def test_commands_pause_resume_trigger_cancel(
     s.repository.update_job_next_run_in_at_least("reports.hourly", dt.timedelta(0))
     [queued] = s.claim()
     out = ok(dbsched_cli(database, tmp_path, "cancel", "reports.hourly"))
-    assert f"cancelled run(s) {queued.id} of reports.hourly" in out
+    assert out == f"cancelled run {queued.id} of reports.hourly: it was queued and will not start\n"
     cancelled = s.repository.lookup_run(queued.id)
     assert cancelled.status == "interrupted"
     assert cancelled.error is not None and cancelled.error.startswith("cancelled")

@@ -213,3 +213,47 @@ def test_0005_moves_the_interrupt_reason_into_its_column(database: Any) -> None:
         assert {run.error or "": run.interrupt_reason for run in repository.list_runs("j")} == found  # again
     finally:
         engine.dispose()
+
+
+def test_0006_adds_the_registration_and_stop_stamps_in_place(database: Any) -> None:
+    """0006 adds `dbsched_job.registered_time` and `dbsched_job_run.stopped_time` (NULL for what exists) without
+    copying the tables, so the active-run triggers of 0003 still count; a downgrade drops both."""
+    import datetime as dt
+
+    from alembic import command
+
+    from celery_dbsched.migrate import _config
+
+    engine = make_engine(database.url)
+    repository = JobRepository(engine)
+    try:
+        with engine.begin() as conn:
+            command.upgrade(_config(conn), "0005")
+            conn.execute(
+                text(
+                    "INSERT INTO dbsched_job (name, description, next_scheduled_run, create_time, update_time) "
+                    "VALUES ('j', 'old', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
+        assert migrate(engine) == "0005"
+        [run] = repository.claim_runs("beat", 10).runs
+        assert repository.lookup_job("j").active_runs == 1  # the trigger survived the upgrade
+        repository.start_run(run.id, "w1")
+        repository.interrupt_job_runs("j")
+        assert repository.lookup_job("j").active_runs == 0
+        assert repository.run_stopped_time(run.id) is None
+        repository.mark_run_stopped(run.id)
+        stopped = repository.run_stopped_time(run.id)
+        assert stopped is not None and abs(stopped - repository.database_now()) < dt.timedelta(minutes=1)
+        repository.mark_registered(["j"])
+        assert repository.orphaned_jobs() == {}
+
+        with engine.begin() as conn:
+            command.downgrade(_config(conn), "0005")
+        assert "registered_time" not in {column["name"] for column in inspect(engine).get_columns("dbsched_job")}
+        assert "stopped_time" not in {column["name"] for column in inspect(engine).get_columns("dbsched_job_run")}
+        assert migrate(engine) == "0005"
+        assert repository.run_stopped_time(run.id) is None  # back at head: the runs kept, the stamp not
+    finally:
+        repository.close()
+        engine.dispose()

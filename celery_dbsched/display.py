@@ -1,0 +1,88 @@
+"""How the `dbsched` command shows things to people: times in a zone, durations as people read them
+(`13 h 54 min`), schedules, tables; and what it reads from them (`--since 2h`). Pure functions, no I/O."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Sequence
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from .records import JobRecord
+
+UTC = ZoneInfo("UTC")
+_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SINCE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$")
+
+
+def when(value: dt.datetime | None, zone: dt.tzinfo = UTC) -> str:
+    """A time in `zone`, to the second ("-" for none)."""
+    return "-" if value is None else value.astimezone(zone).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def zone_name(zone: dt.tzinfo) -> str:
+    return getattr(zone, "key", None) or str(zone)
+
+
+def duration(value: dt.timedelta | float) -> str:
+    """A length of time as people read it: `0.4 s`, `42 s`, `5 min 3 s`, `13 h 54 min`, `2 d 3 h` (the
+    smaller unit truncated and left out when zero)."""
+    seconds = value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
+    if seconds < 0:
+        return f"-{duration(-seconds)}"
+    if seconds < 10:
+        return f"{seconds:.1f} s".replace(".0 s", " s")
+    whole = int(seconds)
+    for size, unit, smaller, small_unit in ((86400, "d", 3600, "h"), (3600, "h", 60, "min"), (60, "min", 1, "s")):
+        if whole >= size:
+            rest = (whole % size) // smaller
+            return f"{whole // size} {unit}" + (f" {rest} {small_unit}" if rest else "")
+    return f"{whole} s"
+
+
+def relative(target: dt.datetime, now: dt.datetime) -> str:
+    """`due` (now or past), else `in 13 h 54 min`."""
+    ahead = (target - now).total_seconds()
+    return "due" if ahead <= 0 else f"in {duration(ahead)}"
+
+
+def ago(past: dt.datetime, now: dt.datetime) -> str:
+    return f"{duration(max(0.0, (now - past).total_seconds()))} ago"
+
+
+def schedule(job: JobRecord) -> str:
+    """A job's cadence: `every 5 min`, `cron 0 2 * * * Europe/Berlin`, `sunrise at 52.5,13.4`, `-` (none)."""
+    if job.schedule is None:
+        return "-" if job.every is None else f"every {duration(job.every)}"
+    spec = job.schedule.spec()
+    if spec["type"] == "interval":
+        return f"every {duration(spec['seconds'])}"
+    if spec["type"] == "crontab":
+        fields = " ".join(spec[k] for k in ("minute", "hour", "day_of_month", "month_of_year", "day_of_week"))
+        return f"cron {fields} {spec['timezone']}"
+    return f"{spec['event']} at {spec['lat']:g},{spec['lon']:g}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns under the headers as given, two spaces apart, no trailing blanks."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def parse_since(text: str, now: dt.datetime, zone: dt.tzinfo = UTC) -> dt.datetime:
+    """`--since`: a duration back from `now` (`90s`, `30m`, `1h`, `2d`, `1w`) or an ISO time (`2026-12-05`,
+    `2026-12-05T08:00`, with an offset or read in `zone`). ValueError with the accepted forms otherwise."""
+    match = _SINCE.match(text)
+    if match:
+        return now - dt.timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    try:
+        parsed = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"--since: expected a duration such as 30m, 1h, 2d or an ISO time such as 2026-12-05T08:00, got {text!r}"
+        ) from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=zone)
