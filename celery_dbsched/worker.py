@@ -115,7 +115,7 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 repository = repository_for(app, self.settings)
                 prepare_schema(repository.engine, self.settings.auto_migrate)
                 registry_for(app).sync(repository)
-                repository.mark_registered([job.name for job in registry_for(app)])  # what `dbsched jobs` calls orphaned
+                repository.mark_registered([job.name for job in registry_for(app)])  # for `dbsched jobs`: orphaned
                 left = repository.interrupt_runs(server_id=worker.hostname, reason=InterruptReason.RESTART)
                 break
             except DatabaseUnavailable as exc:
