@@ -862,6 +862,17 @@ class JobRepository:
             self._raise_why_not(run_id, RunState.RUNNING)
         return RunRecord.from_row(rows[0])
 
+    def track_refused(self, run_id: int, worker: str, task_id: str | None, error: str) -> RunRecord:
+        """A worker with the tracking signals refused a plain task's message (an unknown or invalid task): the
+        run that was sent (`dispatched`, or still `queued`) ends `failed` with `error`, never having started."""
+        rows = self._one(
+            self._prepared("track-refused", lambda: sql.track_refused(self.clock.now)),
+            {"run_id": run_id, "run_worker": worker, "run_task_id": task_id, "run_error": sql.error_text(error)},
+        )
+        if not rows:
+            self._raise_why_not(run_id, RunState.DISPATCHED)
+        return RunRecord.from_row(rows[0])
+
     def heartbeat(self, server_id: str, kind: str, hostname: str, pid: int) -> None:
         """Record that a worker (or beat) is alive now."""
         self._one(

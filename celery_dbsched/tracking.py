@@ -3,8 +3,10 @@
     app.conf.imports = [..., "celery_dbsched.tracking"]      # or: import celery_dbsched.tracking
 
 Workers without it run the tasks as they always did; their runs stay `dispatched`. With it, Celery's task
-signals move the run `running` when the task starts and `completed`/`failed` when it ends, and the worker
-writes a heartbeat: a run whose worker stops answering for the interrupt threshold ends `interrupted`.
+signals move the run `running` when the task starts and `completed`/`failed` when it ends, a message the
+worker refuses (`task_unknown`: no such task on this worker; `task_rejected`: an invalid message) ends its
+run `failed` naming the task and the worker, and the worker writes a heartbeat: a run whose worker stops
+answering for the interrupt threshold ends `interrupted`.
 Tasks may report progress with `celery_dbsched.progress(completed, total)`.
 """
 
@@ -41,7 +43,7 @@ def _on_task_prerun(sender: Any = None, task_id: str | None = None, task: Any = 
             run_id, task.request.hostname or socket.gethostname(), task_id
         )
     except DbschedError as exc:
-        logger.warning("run %s of %s not tracked: %s", run_id, task.name, exc)
+        logger.warning("run %s of task %r not tracked: %s", run_id, task.name, exc)
 
 
 def _on_task_success(sender: Any = None, **kwargs: Any) -> None:
@@ -60,7 +62,36 @@ def _end(task: Any, error: str | None) -> None:
     try:
         repository_for(task.app, settings_for(task.app)).track_end(run_id, error)
     except DbschedError as exc:
-        logger.warning("run %s of %s: end not recorded: %s", run_id, getattr(task, "name", "?"), exc)
+        logger.warning("run %s of task %r: end not recorded: %s", run_id, getattr(task, "name", "?"), exc)
+
+
+def _on_task_unknown(sender: Any = None, message: Any = None, name: object = None, **kwargs: Any) -> None:
+    hostname = getattr(sender, "hostname", None)
+    _refused(sender, message, f"task {name!r} is not registered on worker {hostname!r}: {UNKNOWN_TASK_FIX}")
+
+
+def _on_task_rejected(sender: Any = None, message: Any = None, exc: object = None, **kwargs: Any) -> None:
+    headers = getattr(message, "headers", None) or {}
+    why = f": {exc}" if exc is not None else ""
+    hostname = getattr(sender, "hostname", None)
+    _refused(sender, message, f"task {headers.get('task')!r} was rejected by worker {hostname!r}{why}")
+
+
+UNKNOWN_TASK_FIX = "the worker discarded its message; import the task's module on the workers of its queue"
+
+
+def _refused(consumer: Any, message: Any, error: str) -> None:
+    """A worker refused a plain task's message without running it (Celery discards it): its run fails."""
+    run_id = header_run_id(message)
+    if run_id is None or consumer is None:
+        return
+    headers = getattr(message, "headers", None) or {}
+    worker = str(getattr(consumer, "hostname", None) or socket.gethostname())
+    logger.warning("run %s of task %r failed: %s", run_id, headers.get("task"), error)
+    try:
+        repository_for(consumer.app, settings_for(consumer.app)).track_refused(run_id, worker, headers.get("id"), error)
+    except DbschedError as exc:
+        logger.warning("run %s of task %r: failure not recorded: %s", run_id, headers.get("task"), exc)
 
 
 def progress(completed: int, total: int) -> None:
@@ -73,7 +104,7 @@ def progress(completed: int, total: int) -> None:
     try:
         repository_for(task.app, settings_for(task.app)).update_progress(run_id, status.completed, status.total)
     except DbschedError as exc:
-        logger.warning("run %s: progress not recorded: %s", run_id, exc)
+        logger.warning("run %s of task %r: progress not recorded: %s", run_id, task.name, exc)
 
 
 class _Heartbeat(threading.Thread):
@@ -117,5 +148,7 @@ def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
 signals.task_prerun.connect(_on_task_prerun, weak=False)
 signals.task_success.connect(_on_task_success, weak=False)
 signals.task_failure.connect(_on_task_failure, weak=False)
+signals.task_unknown.connect(_on_task_unknown, weak=False)
+signals.task_rejected.connect(_on_task_rejected, weak=False)
 signals.worker_ready.connect(_on_worker_ready, weak=False)
 signals.worker_shutdown.connect(_on_worker_shutdown, weak=False)

@@ -34,7 +34,7 @@ from sqlalchemy import func, inspect, select, text
 from celery_dbsched import Job, JobContext, JobStatus, SchemaMismatch, job, register_job
 from celery_dbsched.binding import forget_repository, repository_for
 from celery_dbsched.cli import dbsched
-from celery_dbsched.errors import DatabaseUnavailable
+from celery_dbsched.errors import DatabaseUnavailable, JobNotRegistered
 from celery_dbsched.job import JobDefinition
 from celery_dbsched.migrate import VERSION_TABLE, _config, check_schema, current_revision, head_revision, migrate
 from celery_dbsched.protocol import MAX_RUN_ID, RUN_TASK_NAME, valid_run_id
@@ -392,7 +392,8 @@ def test_the_job_named_in_a_message_never_chooses_the_code(
     repository.upsert_job("hostile.not-in-code", "registered by another deployment")
     foreign = worker_side.queued_run("hostile.not-in-code")
     caplog.set_level(logging.ERROR)
-    assert worker_side.deliver(foreign, "hostile.registered") == "failed"
+    with pytest.raises(JobNotRegistered, match=r"'hostile\.not-in-code' is not registered on worker"):
+        worker_side.deliver(foreign, "hostile.registered")  # its task fails
     run = repository.lookup_run(foreign)
     assert run.status == "failed" and "'hostile.not-in-code' is not registered on worker" in (run.error or "")
     assert any("not registered on worker" in r.getMessage() for r in caplog.records)
@@ -635,7 +636,9 @@ def test_huge_but_accepted_settings_work_without_overflow(database: Database, ap
         assert 0 < sleep <= scheduler.max_interval
         repository = scheduler.repository
         [run] = repository.list_runs()
-        assert app.tasks[RUN_TASK_NAME].apply(args=[run.id, run.job_name]).get() == "failed"
+        with pytest.raises(RuntimeError, match="boom"):  # the task fails with the job's exception
+            app.tasks[RUN_TASK_NAME].apply(args=[run.id, run.job_name]).get()
+        assert repository.lookup_run(run.id).status == "failed"
         record = repository.lookup_job("hostile.fails")
         assert record.failure_count == 1
         assert record.next_scheduled_run - repository.database_now() > dt.timedelta(days=365)
