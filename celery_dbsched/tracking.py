@@ -22,9 +22,9 @@ from typing import Any
 from celery import current_task, signals
 
 from .binding import repository_for
-from .errors import DbschedError
+from .errors import DbschedError, JobNotRegistered
 from .job import JobStatus
-from .protocol import header_run_id
+from .protocol import JSON_CONTENT_TYPE, RUN_TASK_NAME, header_run_id, valid_run_id
 from .settings import settings_for
 
 logger = logging.getLogger(__name__)
@@ -66,18 +66,24 @@ def _end(task: Any, error: str | None) -> None:
 
 
 def _on_task_unknown(sender: Any = None, message: Any = None, name: object = None, **kwargs: Any) -> None:
-    hostname = getattr(sender, "hostname", None)
-    _refused(sender, message, f"task {name!r} is not registered on worker {hostname!r}: {UNKNOWN_TASK_FIX}")
+    worker = _worker(sender)
+    if name == RUN_TASK_NAME:  # a job's run, on a worker with no job registered on its app
+        _refused_job_run(sender, message, worker)
+    else:
+        _refused(sender, message, f"task {name!r} is not registered on worker {worker!r}: {UNKNOWN_TASK_FIX}")
 
 
 def _on_task_rejected(sender: Any = None, message: Any = None, exc: object = None, **kwargs: Any) -> None:
     headers = getattr(message, "headers", None) or {}
     why = f": {exc}" if exc is not None else ""
-    hostname = getattr(sender, "hostname", None)
-    _refused(sender, message, f"task {headers.get('task')!r} was rejected by worker {hostname!r}{why}")
+    _refused(sender, message, f"task {headers.get('task')!r} was rejected by worker {_worker(sender)!r}{why}")
 
 
 UNKNOWN_TASK_FIX = "the worker discarded its message; import the task's module on the workers of its queue"
+
+
+def _worker(consumer: Any) -> str:
+    return str(getattr(consumer, "hostname", None) or socket.gethostname())
 
 
 def _refused(consumer: Any, message: Any, error: str) -> None:
@@ -86,12 +92,40 @@ def _refused(consumer: Any, message: Any, error: str) -> None:
     if run_id is None or consumer is None:
         return
     headers = getattr(message, "headers", None) or {}
-    worker = str(getattr(consumer, "hostname", None) or socket.gethostname())
     logger.warning("run %s of task %r failed: %s", run_id, headers.get("task"), error)
     try:
-        repository_for(consumer.app, settings_for(consumer.app)).track_refused(run_id, worker, headers.get("id"), error)
+        repository_for(consumer.app, settings_for(consumer.app)).track_refused(
+            run_id, _worker(consumer), headers.get("id"), error
+        )
     except DbschedError as exc:
         logger.warning("run %s of task %r: failure not recorded: %s", run_id, headers.get("task"), exc)
+
+
+def _refused_job_run(consumer: Any, message: Any, worker: str) -> None:
+    """A job's run message on a worker without the run task (Celery discards it): the run, still queued, fails
+    as on a worker without the job's code, and is retried after the backoff."""
+    run = _run_of_message(message)
+    if run is None or consumer is None:
+        return
+    run_id, job_name = run
+    error = str(JobNotRegistered(job_name, worker))
+    logger.warning("run %s of job %r failed: %s", run_id, job_name, error)
+    try:
+        repository_for(consumer.app, settings_for(consumer.app)).refuse_run(run_id, worker, error)
+    except DbschedError as exc:
+        logger.warning("run %s of job %r: failure not recorded: %s", run_id, job_name, exc)
+
+
+def _run_of_message(message: Any) -> tuple[int, str] | None:
+    """The run id and job name a run message carries (JSON only, as run messages are), or None."""
+    if getattr(message, "content_type", None) != JSON_CONTENT_TYPE:
+        return None
+    try:
+        args = message.decode()[0]  # JSON (checked above): nothing is unpickled; decompressed if need be
+        run_id, job_name = valid_run_id(args[0]), args[1]
+    except Exception:  # a malformed message: Celery has logged it; nothing to fail
+        return None
+    return None if run_id is None else (run_id, str(job_name))
 
 
 def progress(completed: int, total: int) -> None:

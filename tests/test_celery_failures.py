@@ -96,7 +96,12 @@ def _broker_conf(kind: str) -> dict[str, Any]:
 
 
 @pytest.fixture(params=["memory", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
-def app(request: pytest.FixtureRequest, sqlite_database: Database) -> Iterator[Celery]:
+def broker_conf(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return _broker_conf(request.param)
+
+
+@pytest.fixture
+def app(broker_conf: dict[str, Any], sqlite_database: Database) -> Iterator[Celery]:
     """An app with a result backend (so that task states are stored) and a plain task no worker has."""
     app = memory_app(
         sqlite_database.url,
@@ -105,7 +110,7 @@ def app(request: pytest.FixtureRequest, sqlite_database: Database) -> Iterator[C
         worker_hijack_root_logger=False,  # keep pytest's log capture
         dbsched_retry_backoff=BACKOFF,
         beat_schedule={"nightly.missing": {"task": "proj.not_on_any_worker", "schedule": 3600.0}},
-        **_broker_conf(request.param),
+        **broker_conf,
     )
 
     @job(app, name="report.fails", description="raises its own error", first_run_in=0)
@@ -121,7 +126,7 @@ def app(request: pytest.FixtureRequest, sqlite_database: Database) -> Iterator[C
         return None
 
     yield app
-    if request.param != "memory":
+    if broker_conf["broker_url"] != "memory://":
         with app.connection_for_write() as conn:
             conn.default_channel.queue_delete(app.conf.task_default_queue)
     registry_for(app).detach()
@@ -203,3 +208,41 @@ def test_a_failed_run_is_a_failed_celery_task_and_an_unknown_task_fails_its_run(
     assert missing.error is not None and missing.start_time is None
     assert f"task 'proj.not_on_any_worker' is not registered on worker '{worker_name}'" in missing.error
     assert missing.worker == worker_name
+
+
+def test_a_run_sent_to_a_worker_without_any_job_fails_at_once(
+    app: Celery, broker_conf: dict[str, Any], sqlite_database: Database
+) -> None:
+    """A worker whose app registers no job has no run task: Celery discards the run's message. With tracking
+    loaded the run fails at once, as on a worker without the job's code, instead of waiting to be found
+    stalled."""
+    from celery.contrib.testing.worker import start_worker
+
+    jobless = memory_app(
+        sqlite_database.url,
+        main="jobless",
+        task_default_queue=app.conf.task_default_queue,  # consumes the jobs' queue
+        worker_hijack_root_logger=False,
+        dbsched_retry_backoff=BACKOFF,
+        **broker_conf,
+    )
+    repository = repository_for(app)
+    scheduler = Scheduler(app=app)
+    try:
+        with start_worker(
+            jobless, pool="solo", perform_ping_check=False, loglevel="INFO", shutdown_timeout=10
+        ) as worker:
+            scheduler.tick()
+            runs = wait_for(lambda: _final(app, "report.works", "report.fails"), 30, message="the runs to end")
+            worker_name = worker.hostname
+    finally:
+        scheduler.close()
+        forget_repository(jobless)
+    for name in ("report.works", "report.fails"):
+        run = runs[name]
+        assert run.status == "failed" and run.start_time is None and run.worker == worker_name
+        assert run.error == str(JobNotRegistered(name, worker_name))
+        assert repository.lookup_job(name).failure_count == 1  # retried after the backoff
+        assert repository.lookup_job(name).next_scheduled_run - repository.database_now() > dt.timedelta(
+            seconds=BACKOFF[0] - 60
+        )
