@@ -29,6 +29,7 @@ class Wakeup:
         self.engine = engine
         self.enabled = engine.dialect.name == "postgresql"
         self._connection: Any = None  # the pool's proxy, kept checked out while listening
+        self.channel: str | None = None  # the channel listened on, once listening (for log lines)
         self._retry_at = 0.0
 
     def wait(self, seconds: float) -> bool | None:
@@ -61,6 +62,7 @@ class Wakeup:
             if not re.fullmatch(r"[a-z0-9_]+", channel):
                 raise ValueError(f"unexpected wake-up channel {channel!r}")
             driver.execute(f"LISTEN {channel}")
+            self.channel = channel
         except Exception as exc:
             logger.debug("celery_dbsched: cannot listen for wake-ups yet: %s", exc)
             self._retry_at = time.monotonic() + RECONNECT_AFTER

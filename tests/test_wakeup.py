@@ -34,6 +34,8 @@ def test_a_notify_for_another_schema_does_not_wake_a_beat(postgres_database: Dat
     our_beat, their_beat = Wakeup(ours.engine), Wakeup(theirs.engine)
     try:
         assert our_beat.wait(0.01) is False and their_beat.wait(0.01) is False  # both listening now
+        assert our_beat.channel and their_beat.channel and our_beat.channel != their_beat.channel
+        assert our_beat.channel.startswith("dbsched_wakeup_")
 
         theirs.update_job_next_run_in_at_least("later", dt.timedelta(0), run_now=True)
         assert their_beat.wait(10) is True  # the other deployment's beat is woken
