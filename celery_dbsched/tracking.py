@@ -75,11 +75,13 @@ def _on_task_unknown(sender: Any = None, message: Any = None, name: object = Non
 
 def _on_task_rejected(sender: Any = None, message: Any = None, exc: object = None, **kwargs: Any) -> None:
     headers = getattr(message, "headers", None) or {}
-    why = f": {exc}" if exc is not None else ""
-    _refused(sender, message, f"task {headers.get('task')!r} was rejected by worker {_worker(sender)!r}{why}")
+    why = f" ({exc})" if exc is not None else ""
+    rejected = f"task {headers.get('task')!r} was rejected by worker {_worker(sender)!r} as invalid{why}"
+    _refused(sender, message, f"{rejected}: {REJECTED_TASK_FIX}")
 
 
 UNKNOWN_TASK_FIX = "the worker discarded its message; import the task's module on the workers of its queue"
+REJECTED_TASK_FIX = "the worker discarded its message and logged it; fix what the log names in the entry's options"
 
 
 def _worker(consumer: Any) -> str:

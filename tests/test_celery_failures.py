@@ -27,6 +27,7 @@ import celery_dbsched.tracking  # noqa: F401 - the tracking signals, as a worker
 from celery_dbsched import JobContext, job
 from celery_dbsched.binding import forget_repository, repository_for
 from celery_dbsched.errors import JobInterrupted, JobNotRegistered
+from celery_dbsched.protocol import RUN_ID_HEADER
 from celery_dbsched.records import RunRecord
 from celery_dbsched.registry import registry_for
 from celery_dbsched.scheduler import Scheduler
@@ -246,3 +247,30 @@ def test_a_run_sent_to_a_worker_without_any_job_fails_at_once(
         assert repository.lookup_job(name).next_scheduled_run - repository.database_now() > dt.timedelta(
             seconds=BACKOFF[0] - 60
         )
+
+
+def a_registered_task() -> None:
+    """A plain task this worker has."""
+
+
+def test_a_plain_task_message_the_worker_rejects_fails_its_run(app: Celery) -> None:
+    """A message the worker refuses as invalid (Celery's `task_rejected`: here an ETA that is no date)."""
+    from celery.contrib.testing.worker import start_worker
+
+    app.task(name="proj.registered")(a_registered_task)
+    repository = repository_for(app)
+    Scheduler(app=app).close()  # syncs the beat_schedule
+    [run] = [run for run in repository.claim_runs("a-beat", 10).runs if run.job_name == "nightly.missing"]
+    embedded = start_worker(app, pool="solo", perform_ping_check=False, loglevel="INFO", shutdown_timeout=10)
+    with embedded as worker:
+        sent = app.send_task("proj.registered", headers={RUN_ID_HEADER: run.id, "eta": "not a date"})
+        failed = wait_for(lambda: _final(app, "nightly.missing"), 30, message="the run to end")["nightly.missing"]
+        worker_name = worker.hostname
+    assert failed.status == "failed" and failed.start_time is None and failed.task_id == sent.id
+    rejected = (
+        f"task 'proj.registered' was rejected by worker '{worker_name}' as invalid (invalid ETA value 'not a date'"
+    )
+    assert failed.error is not None and failed.error.startswith(rejected), failed.error
+    assert failed.error.endswith(
+        "): the worker discarded its message and logged it; fix what the log names in the entry's options"
+    )
