@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import json
 import logging
 import traceback
 from collections.abc import Iterator
@@ -27,10 +28,12 @@ import celery_dbsched.tracking  # noqa: F401 - the tracking signals, as a worker
 from celery_dbsched import JobContext, job
 from celery_dbsched.binding import forget_repository, repository_for
 from celery_dbsched.errors import JobInterrupted, JobNotRegistered
-from celery_dbsched.protocol import RUN_ID_HEADER
+from celery_dbsched.protocol import RUN_ID_HEADER, RUN_TASK_NAME
 from celery_dbsched.records import RunRecord
 from celery_dbsched.registry import registry_for
+from celery_dbsched.runner import cancel_local_runs
 from celery_dbsched.scheduler import Scheduler
+from celery_dbsched.states import InterruptReason
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("shutdown_undone")]  # the worker's stop: a shutdown
 
@@ -274,3 +277,22 @@ def test_a_plain_task_message_the_worker_rejects_fails_its_run(app: Celery) -> N
     assert failed.error.endswith(
         "): the worker discarded its message and logged it; fix what the log names in the entry's options"
     )
+
+
+def test_a_run_handed_back_at_shutdown_still_shows_under_its_job_name(app: Celery) -> None:
+    """A worker in warm shutdown sends a run's message again for another worker: the same run, the same name."""
+    repository = repository_for(app)
+    Scheduler(app=app).close()  # syncs the jobs
+    [run] = [run for run in repository.claim_runs("a-beat", 10).runs if run.job_name == "report.works"]
+    cancel_local_runs(InterruptReason.SHUTDOWN)  # this process is shutting down
+    assert app.tasks[RUN_TASK_NAME].apply(args=[run.id, "report.works"]).get() is None
+    with app.connection_for_read() as conn:
+        queue = conn.SimpleQueue(app.amqp.queues[app.conf.task_default_queue])
+        try:
+            message = queue.get(timeout=10)
+            message.ack()
+        finally:
+            queue.close()
+    assert message.headers["task"] == RUN_TASK_NAME and message.headers["shadow"] == "report.works"
+    assert json.loads(message.body)[0] == [run.id, "report.works"]
+    assert repository.lookup_run(run.id).status == "queued"  # left for another worker
