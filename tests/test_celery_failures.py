@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from celery import Celery, signals
-from helpers.apps import memory_app
+from helpers.apps import memory_app, next_message
 from helpers.polling import wait_for
 from helpers.services import RABBITMQ_URL, Database, require_service
 
@@ -286,13 +286,7 @@ def test_a_run_handed_back_at_shutdown_still_shows_under_its_job_name(app: Celer
     [run] = [run for run in repository.claim_runs("a-beat", 10).runs if run.job_name == "report.works"]
     cancel_local_runs(InterruptReason.SHUTDOWN)  # this process is shutting down
     assert app.tasks[RUN_TASK_NAME].apply(args=[run.id, "report.works"]).get() is None
-    with app.connection_for_read() as conn:
-        queue = conn.SimpleQueue(app.amqp.queues[app.conf.task_default_queue])
-        try:
-            message = queue.get(timeout=10)
-            message.ack()
-        finally:
-            queue.close()
+    message = next_message(app)
     assert message.headers["task"] == RUN_TASK_NAME and message.headers["shadow"] == "report.works"
     assert json.loads(message.body)[0] == [run.id, "report.works"]
     assert repository.lookup_run(run.id).status == "queued"  # left for another worker

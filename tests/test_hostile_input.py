@@ -25,7 +25,7 @@ from celery import Celery
 from celery.apps.beat import Beat
 from celery.beat import Service
 from click.testing import CliRunner
-from helpers.apps import memory_app
+from helpers.apps import memory_app, next_message
 from helpers.services import RABBITMQ_URL, Database, require_service
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -474,13 +474,7 @@ def test_the_beat_publishes_run_messages_as_json_whatever_the_task_serializer(
     try:
         scheduler.repository.upsert_job("hostile.'; drop table dbsched_job; --", "due now")
         scheduler.tick()
-        with app.connection_for_read() as conn:
-            simple = conn.SimpleQueue(app.amqp.queues[app.conf.task_default_queue])
-            try:
-                message = simple.get(timeout=5)
-                message.ack()
-            finally:
-                simple.close()
+        message = next_message(app, timeout=5)
     finally:
         scheduler.close()
     assert message.headers["task"] == RUN_TASK_NAME
