@@ -45,6 +45,24 @@ class JobInterrupted(DbschedError):
     """Raised inside a job when its run was interrupted (stalled, cancelled or worker shutdown)."""
 
 
+class JobNotRegistered(DbschedError, LookupError):
+    """A worker took a run of a job whose code it does not have (the run fails, and its Celery task)."""
+
+    def __init__(self, name: str, worker: str) -> None:
+        super().__init__(name, worker)  # picklable as (name, worker): a prefork child sends it to its parent
+        self.name = name
+        self.worker = worker
+
+    def __str__(self) -> str:
+        return (
+            f"job {self.name!r} is not registered on worker {self.worker!r}; import the module that registers it "
+            "on this worker, or route the job's queue to workers that do"
+        )
+
+    def __repr__(self) -> str:  # as Celery's task failure line shows it
+        return f"{type(self).__name__}({str(self)!r})"
+
+
 class SchemaMismatch(DbschedError):
     """The database schema is not the one this version of celery_dbsched needs."""
 

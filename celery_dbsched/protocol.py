@@ -1,8 +1,9 @@
 """The messages between beat and worker: what a beat publishes for a run and what a worker accepts.
 
-A job's run is the task `RUN_TASK_NAME` with args `[run id, job name]`, serialized as JSON. A plain task sent
-for a `beat_schedule` entry is the entry's own task, with the run id in the header `RUN_ID_HEADER` (read by
-workers that load `celery_dbsched.tracking`). Both sides import this module; it imports nothing of theirs.
+A job's run is the task `RUN_TASK_NAME` with args `[run id, job name]`, serialized as JSON, shown under its
+job's name (Celery's `shadow`). A plain task sent for a `beat_schedule` entry is the entry's own task, with the
+run id in the header `RUN_ID_HEADER` (read by workers that load `celery_dbsched.tracking`). Both sides import
+this module; it imports nothing of theirs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ def run_args(run_id: int, job_name: object) -> list[Any]:
     """The args of a run message. The job name is informational: a worker runs the job the database says the
     run belongs to."""
     return [run_id, job_name]
+
+
+def run_shadow(job_name: object) -> str | None:
+    """The name Celery shows for a run's task in its logs, events and monitors (Flower, `inspect active`): the
+    job's name, as Celery's `shadow` option (None when the message's job name is not a name)."""
+    return job_name if isinstance(job_name, str) and job_name else None
 
 
 def run_headers(run_id: int) -> dict[str, int]:

@@ -39,7 +39,7 @@ from celery.utils.time import add_seconds_to_datetime, maybe_make_aware, subtrac
 from dateutil.parser import isoparse  # type: ignore[import-untyped]
 from kombu.common import Broadcast
 
-from .protocol import RUN_SERIALIZER, RUN_TASK_NAME, run_args
+from .protocol import RUN_SERIALIZER, RUN_TASK_NAME, run_args, run_shadow
 
 _MISSING: Any = object()
 _EMBED: dict[str, None] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -130,7 +130,7 @@ class RunPublisher:
         task_id = self._task_id()
         args = run_args(run_id, job_name)
         # ignore_result None: as send_task without the option (the worker's task decides).
-        headers = _message_headers(RUN_TASK_NAME, task_id, self._origin, repr(args), "{}")
+        headers = _message_headers(RUN_TASK_NAME, task_id, self._origin, repr(args), "{}", shadow=run_shadow(job_name))
         body: tuple[list[Any], dict[str, Any], dict[str, None]] = (args, {}, _EMBED)
         properties = {"correlation_id": task_id, "reply_to": self.app.thread_oid, **route.properties}
         self._send(producer, RUN_TASK_NAME, route, queue, RUN_SERIALIZER, body, headers, properties)
@@ -449,7 +449,12 @@ class RunPublisher:
     def _send_task(self, producer: Any, run_id: int, job_name: str, queue: str | None) -> str:
         options: dict[str, Any] = {"queue": queue} if queue else {}
         result = self.app.send_task(
-            RUN_TASK_NAME, args=run_args(run_id, job_name), producer=producer, serializer=RUN_SERIALIZER, **options
+            RUN_TASK_NAME,
+            args=run_args(run_id, job_name),
+            shadow=run_shadow(job_name),
+            producer=producer,
+            serializer=RUN_SERIALIZER,
+            **options,
         )
         return str(result.id)
 

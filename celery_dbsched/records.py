@@ -156,6 +156,10 @@ def plan_sync(
     return SyncPlan(new, sorted(candidates), sorted(missing))
 
 
+def _utc(when: dt.datetime) -> str:
+    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 @dataclass(frozen=True)
 class RunRecord:
     id: int
@@ -196,10 +200,6 @@ class RunRecord:
         """How log lines name a run: its id, job and slot."""
         slot = "" if self.scheduled_for is None else f" (slot {_utc(self.scheduled_for)})"
         return f"run {self.id} of job {self.job_name!r}{slot}"
-
-
-def _utc(when: dt.datetime) -> str:
-    return when.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 @dataclass(frozen=True)

@@ -586,8 +586,11 @@ class JobRepository:
         error: str | None = None,
         progress: JobStatus | None = None,
         interrupt_reason: InterruptReason | None = None,
+        worker: str | None = None,
     ) -> RunRecord:
         values: dict[str, Any] = {}
+        if worker is not None:
+            values["worker"] = worker
         if interrupt_reason is not None:
             values["interrupt_reason"] = interrupt_reason
         if error is not None:
@@ -677,6 +680,16 @@ class JobRepository:
         self._forget_start(run_id)
         with self._tx() as conn:
             run = self._end_run(conn, run_id, RunState.FAILED, ACTIVE, error=error or "failed", progress=progress)
+            self._retry(conn, run)
+        return run
+
+    def refuse_run(self, run_id: int, worker: str, error: str) -> RunRecord:
+        """`queued -> failed`: a worker refused the run's message without starting it (it does not have the run
+        task); the job is retried after the backoff. Never a run that started: a second delivery of its
+        message to such a worker leaves it alone (InvalidRunState)."""
+        self._forget_start(run_id)
+        with self._tx() as conn:
+            run = self._end_run(conn, run_id, RunState.FAILED, (RunState.QUEUED,), error=error, worker=worker)
             self._retry(conn, run)
         return run
 
@@ -860,6 +873,17 @@ class JobRepository:
             rows = self._one(statement, {"run_id": run_id, "run_error": sql.error_text(error)})
         if not rows:
             self._raise_why_not(run_id, RunState.RUNNING)
+        return RunRecord.from_row(rows[0])
+
+    def track_refused(self, run_id: int, worker: str, task_id: str | None, error: str) -> RunRecord:
+        """A worker with the tracking signals refused a plain task's message (an unknown or invalid task): the
+        run that was sent (`dispatched`, or still `queued`) ends `failed` with `error`, never having started."""
+        rows = self._one(
+            self._prepared("track-refused", lambda: sql.track_refused(self.clock.now)),
+            {"run_id": run_id, "run_worker": worker, "run_task_id": task_id, "run_error": sql.error_text(error)},
+        )
+        if not rows:
+            self._raise_why_not(run_id, RunState.DISPATCHED)
         return RunRecord.from_row(rows[0])
 
     def heartbeat(self, server_id: str, kind: str, hostname: str, pid: int) -> None:

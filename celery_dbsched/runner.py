@@ -19,7 +19,15 @@ import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
-from .errors import DatabaseError, DatabaseUnavailable, DbschedError, InvalidRunState, JobInterrupted, RunNotFound
+from .errors import (
+    DatabaseError,
+    DatabaseUnavailable,
+    DbschedError,
+    InvalidRunState,
+    JobInterrupted,
+    JobNotRegistered,
+    RunNotFound,
+)
 from .job import Job, JobContext, JobStatus
 from .records import RunRecord
 from .repository import JobRepository
@@ -94,7 +102,7 @@ def active_run_ids() -> list[int]:
     return sorted(ctx.run_id for ctx in list(_active))
 
 
-def status_of(job: Job, ctx: JobContext) -> JobStatus | None:
+def status_of(job: Job, ctx: JobContext, label: str) -> JobStatus | None:
     """What the run reports: `ctx.progress()` if used, else `job.status()`; None when that misbehaves."""
     reported = ctx.reported_progress
     if reported is not None:
@@ -102,10 +110,10 @@ def status_of(job: Job, ctx: JobContext) -> JobStatus | None:
     try:
         status: object = job.status()
     except Exception:
-        logger.exception("job %r: status() raised; progress not written", job.name)
+        logger.exception("%s: status() raised; progress not written", label)
         return None
     if not isinstance(status, JobStatus):
-        logger.error("job %r: status() returned %r, not a JobStatus", job.name, status)
+        logger.error("%s: status() returned %r, not a JobStatus", label, status)
         return None
     return status
 
@@ -145,8 +153,11 @@ class ProgressMonitor:
     a check in progress, so that none runs after the run's finish): a thread of its own per run cost more than
     an empty job."""
 
-    def __init__(self, repository: JobRepository, job: Job, ctx: JobContext, interval: float) -> None:
+    def __init__(
+        self, repository: JobRepository, job: Job, ctx: JobContext, interval: float, *, label: str | None = None
+    ) -> None:
         self.repository = repository
+        self.label = label or f"run {ctx.run_id} of job {ctx.job_name!r}"
         self.job = job
         self.ctx = ctx
         self.interval = interval
@@ -171,7 +182,7 @@ class ProgressMonitor:
                 self.check()
 
     def check(self) -> None:
-        status = status_of(self.job, self.ctx)
+        status = status_of(self.job, self.ctx, self.label)
         try:
             if status is not None and status != self.written:
                 self.repository.update_progress(self.ctx.run_id, status.completed, status.total)
@@ -186,7 +197,7 @@ class ProgressMonitor:
         except DatabaseError as exc:
             # Not the job's fault: keep running, try again next interval, say so once.
             if not self._db_error_logged:
-                logger.warning("run %s: progress not written (%s); retrying", self.ctx.run_id, exc)
+                logger.warning("%s: progress not written (%s); retrying", self.label, exc)
                 self._db_error_logged = True
 
     def _cancel(self) -> None:
@@ -195,7 +206,7 @@ class ProgressMonitor:
             reason = f"run is {run.status}" + (f" ({run.error})" if run.error else "")
         except Exception:
             reason = "run is no longer running"
-        logger.warning("run %s of job %r: %s; cancelling the job", self.ctx.run_id, self.ctx.job_name, reason)
+        logger.warning("%s: %s; cancelling the job", self.label, reason)
         self.ctx.cancel(reason)
 
 
@@ -235,7 +246,7 @@ class _Watcher:
             try:
                 monitor.check_unless_stopped()
             except Exception:
-                logger.exception("run %s: progress check failed", monitor.ctx.run_id)
+                logger.exception("%s: progress check failed", monitor.label)
             with self._cond:
                 if not monitor.stopped:
                     heapq.heappush(self._due, (time.monotonic() + monitor.interval, next(self._order), monitor))
@@ -263,7 +274,7 @@ class _Watcher:
 _watcher = _Watcher()
 
 
-def next_delay(job: Job, ctx: JobContext) -> dt.timedelta | None:
+def next_delay(job: Job, ctx: JobContext, label: str) -> dt.timedelta | None:
     """design §6: the job's own delay (relative to now); None means its schedule's next slot. If asking
     raises, the error is logged and the job's configured cadence is used."""
     if ctx.next_run_in is not None:
@@ -278,7 +289,7 @@ def next_delay(job: Job, ctx: JobContext) -> dt.timedelta | None:
             raise ValueError(f"next_run_in() returned a negative delay {delay}")
         return delay
     except Exception:
-        logger.exception("job %r: next_run_in() failed; using its schedule or `every`", job.name)
+        logger.exception("%s: next_run_in() failed; using its schedule or `every`", label)
         return None
 
 
@@ -290,54 +301,71 @@ def execute_run(
     *,
     task_id: str | None = None,
     monitor_interval: float = 30.0,
+    raise_failure: bool = False,
 ) -> RunRecord | None:
     """Start, run and finish one run. Returns the final run, or None when the message was dropped because
-    the run was not `queued` (a duplicate delivery, an expired or unknown run: design §3)."""
+    the run was not `queued` (a duplicate delivery, an expired or unknown run: design §3).
+
+    A failed run is logged with its traceback at ERROR; with `raise_failure` (the worker's task) it is raised
+    instead, once recorded: the job's own exception, or `JobNotRegistered`, so that Celery reports the task
+    failed (and logs the traceback). An interrupted run is not raised: it is no failure of the job."""
     outage = repository.interrupt_threshold.total_seconds()
     try:
-        run = _retrying("starting the run", lambda: repository.start_run(run_id, worker, task_id), outage)
+        run = _retrying(f"starting run {run_id}", lambda: repository.start_run(run_id, worker, task_id), outage)
     except (RunNotFound, InvalidRunState) as exc:
         logger.warning("dropping the message for run %s: %s", run_id, exc)
         return None
+    label = run.label()
     job = jobs(run.job_name)
     if job is None:
-        message = f"job {run.job_name!r} is not registered on worker {worker!r}"
-        logger.error("run %s: %s", run_id, message)
-        return _retrying("failing the run", lambda: repository.fail_run(run_id, message), outage)
+        unknown = JobNotRegistered(run.job_name, worker)
+        failed = _retrying(f"failing {label}", lambda: repository.fail_run(run_id, str(unknown)), outage)
+        _log_failure(label, unknown, raise_failure)
+        if raise_failure:
+            raise unknown
+        return failed
 
     ctx = JobContext(run.id, run.job_name)
-    monitor = ProgressMonitor(repository, job, ctx, monitor_interval)
+    monitor = ProgressMonitor(repository, job, ctx, monitor_interval, label=label)
     with _active_lock:
         _active.add(ctx)
     monitor.start()
-    logger.info("run %s of job %r started on %s", run.id, run.job_name, worker)
+    logger.info("%s started on %s", label, worker)
     try:
         try:
             job.run(ctx)
         except BaseException as exc:
             monitor.stop()
             if ctx.cancelled or isinstance(exc, JobInterrupted):
-                return _finish_interrupted(repository, job, ctx)
+                return _finish_interrupted(repository, label, ctx)
             if not isinstance(exc, Exception):
                 raise
             error = "".join(traceback.format_exception(exc)).strip()
-            logger.error("run %s of job %r failed: %s", run.id, job.name, exc)
-            return _finish(
+            ended = _finish(
                 repository,
-                "failing the run",
-                ctx,
-                lambda: repository.fail_run(run.id, error, progress=status_of(job, ctx)),
+                run.id,
+                f"failing {label}",
+                label,
+                lambda: repository.fail_run(run.id, error, progress=status_of(job, ctx, label)),
                 outage,
             )
+            if ended is None:  # interrupted meanwhile: that stands
+                logger.warning("%s: the job raised after its run ended: %r", label, exc)
+                return None
+            _log_failure(label, exc, raise_failure)
+            if raise_failure:
+                raise
+            return ended
         monitor.stop()
         if ctx.cancelled:
-            return _finish_interrupted(repository, job, ctx)
-        delay = next_delay(job, ctx)
+            return _finish_interrupted(repository, label, ctx)
+        delay = next_delay(job, ctx, label)
         return _finish(
             repository,
-            "completing the run",
-            ctx,
-            lambda: repository.complete_run(run.id, delay, progress=status_of(job, ctx)),
+            run.id,
+            f"completing {label}",
+            label,
+            lambda: repository.complete_run(run.id, delay, progress=status_of(job, ctx, label)),
             outage,
         )
     finally:
@@ -346,15 +374,29 @@ def execute_run(
             _active.discard(ctx)
 
 
+def _log_failure(label: str, exc: Exception, raised: bool) -> None:
+    """A failed run, recorded. Its traceback is logged once, at ERROR: here, or by Celery when it is `raised`
+    to fail the task (this line then says which run it was)."""
+    if raised:
+        logger.warning("%s failed: %s; its task fails with it", label, exc)
+    else:
+        logger.error("%s failed: %s", label, exc, exc_info=exc)
+
+
 def _finish(
-    repository: JobRepository, what: str, ctx: JobContext, action: Callable[[], RunRecord], outage: float
+    repository: JobRepository,
+    run_id: int,
+    what: str,
+    label: str,
+    action: Callable[[], RunRecord],
+    outage: float,
 ) -> RunRecord | None:
     try:
         return _retrying(what, action, outage)
     except (InvalidRunState, RunNotFound) as exc:
         # Interrupted (or its job deleted) while the job was finishing: that stands, the result is discarded.
-        logger.warning("run %s of job %r ended before the job did: %s", ctx.run_id, ctx.job_name, exc)
-        _stopped(repository, ctx.run_id)
+        logger.warning("%s ended before the job did: %s", label, exc)
+        _stopped(repository, run_id)
         return None
 
 
@@ -366,16 +408,16 @@ def _stopped(repository: JobRepository, run_id: int) -> None:
         logger.warning("run %s: its stop was not recorded: %s", run_id, exc)
 
 
-def _finish_interrupted(repository: JobRepository, job: Job, ctx: JobContext) -> RunRecord | None:
+def _finish_interrupted(repository: JobRepository, label: str, ctx: JobContext) -> RunRecord | None:
     """The job stopped because its run was cancelled. If the run is still ours (shutdown, or the job raised
     JobInterrupted on its own), end it `interrupted`; otherwise whoever interrupted it already did."""
     kind = ctx.interrupt_reason or InterruptReason.CANCELLED
     reason = ctx.cancel_reason or str(kind)
     detail = "" if reason == kind else reason
-    logger.warning("run %s of job %r stopped: %s", ctx.run_id, job.name, reason)
+    logger.warning("%s stopped: %s", label, reason)
     try:
         return _retrying(
-            "interrupting the run",
+            f"interrupting {label}",
             lambda: repository.interrupt_run(ctx.run_id, kind, detail),
             repository.interrupt_threshold.total_seconds(),
         )

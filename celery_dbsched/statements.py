@@ -180,9 +180,17 @@ def update_job(name: str, changed: Mapping[str, Any]) -> Any:
     return update(j).where(j.c.name == name).values(**changed).returning(*j.c)
 
 
+def wakeup_channel() -> ColumnElement[str]:
+    """The LISTEN/NOTIFY channel of the beats of this schema (PostgreSQL): `WAKEUP_CHANNEL`, `_` and a hash of
+    the current schema. A channel is per database, so deployments that share a database in schemas of their
+    own never wake each other. Computed by the server, for the sender and the listener alike."""
+    schema = func.convert_to(func.coalesce(func.current_schema(), ""), "UTF8")
+    return func.concat(f"{WAKEUP_CHANNEL}_", func.left(func.encode(func.sha256(schema), "hex"), 16))
+
+
 def notify(name: Any) -> Select[Any]:
-    """Wake the sleeping beats (PostgreSQL NOTIFY, sent at commit)."""
-    return select(func.pg_notify(WAKEUP_CHANNEL, name))
+    """Wake the sleeping beats of this schema (PostgreSQL NOTIFY, sent at commit)."""
+    return select(func.pg_notify(wakeup_channel(), name))
 
 
 def count_jobs(kind: JobKind | None) -> Select[Any]:
@@ -587,7 +595,7 @@ def finish(now: Now, failed: bool, checked: bool) -> Any:
     wake = case(
         (
             scheduled_cte.c.next_scheduled_run < now() + cast(bindparam("w_wake"), Interval()),
-            func.pg_notify(WAKEUP_CHANNEL, scheduled_cte.c.name),
+            func.pg_notify(wakeup_channel(), scheduled_cte.c.name),
         )
     )
     return select(ended, recheck.label("_recheck"), wake.label("_wake")).select_from(
@@ -708,6 +716,26 @@ def track_end(now: Now, status: RunState) -> Any:
         values["error"] = bindparam("run_error", type_=Text)
     return (
         update(r).where(r.c.id == bindparam("run_id"), r.c.status == RunState.RUNNING).values(**values).returning(*r.c)
+    )
+
+
+def track_refused(now: Now) -> Any:
+    """`dispatched|queued -> failed` of a plain task whose message a worker refused without starting it (an
+    unknown or invalid task). Bound: `run_id`, `run_worker`, `run_task_id`, `run_error`."""
+    return (
+        update(r)
+        .where(
+            r.c.id == bindparam("run_id"), _status_is((RunState.QUEUED, RunState.DISPATCHED)), r.c.kind == JobKind.TASK
+        )
+        .values(
+            status=RunState.FAILED,
+            worker=bindparam("run_worker"),
+            task_id=bindparam("run_task_id"),
+            error=bindparam("run_error", type_=Text),
+            update_time=now(),
+            end_time=now(),
+        )
+        .returning(*r.c)
     )
 
 

@@ -1,18 +1,21 @@
-"""How a beat sleeps: on PostgreSQL it waits on `LISTEN dbsched_wakeup`, so a trigger, a newly registered
-due job or a run that ends with its next run due sooner wakes it at once instead of at the end of its
-run-jobs interval (without polling faster). Elsewhere (SQLite) the beat just sleeps.
+"""How a beat sleeps: on PostgreSQL it waits on `LISTEN` on its schema's channel (`dbsched_wakeup_<hash of
+the schema>`, `statements.wakeup_channel`), so a trigger, a newly registered due job or a run that ends with
+its next run due sooner wakes it at once instead of at the end of its run-jobs interval (without polling
+faster), and a deployment in another schema of the same database never does. Elsewhere (SQLite) the beat
+just sleeps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import time
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
-from .statements import WAKEUP_CHANNEL
+from .statements import wakeup_channel
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +29,7 @@ class Wakeup:
         self.engine = engine
         self.enabled = engine.dialect.name == "postgresql"
         self._connection: Any = None  # the pool's proxy, kept checked out while listening
+        self.channel: str | None = None  # the channel listened on, once listening (for log lines)
         self._retry_at = 0.0
 
     def wait(self, seconds: float) -> bool | None:
@@ -54,13 +58,21 @@ class Wakeup:
             connection = self.engine.raw_connection()
             driver: Any = connection.driver_connection
             driver.autocommit = True
-            driver.execute(f"LISTEN {WAKEUP_CHANNEL}")
+            channel = driver.execute(self._channel_query()).fetchone()[0]
+            if not re.fullmatch(r"[a-z0-9_]+", channel):
+                raise ValueError(f"unexpected wake-up channel {channel!r}")
+            driver.execute(f"LISTEN {channel}")
+            self.channel = channel
         except Exception as exc:
             logger.debug("celery_dbsched: cannot listen for wake-ups yet: %s", exc)
             self._retry_at = time.monotonic() + RECONNECT_AFTER
             return None
         self._connection = connection
         return driver
+
+    def _channel_query(self) -> str:
+        compiled = select(wakeup_channel()).compile(dialect=self.engine.dialect, compile_kwargs={"literal_binds": True})
+        return str(compiled)
 
     def _drop(self) -> None:
         connection, self._connection = self._connection, None

@@ -22,7 +22,7 @@ from celery.worker.request import Request
 from .binding import repository_for
 from .errors import DatabaseError, DatabaseUnavailable, Outage, SchemaMismatch, cannot_start
 from .migrate import prepare_schema
-from .protocol import JSON_CONTENT_TYPE, RUN_SERIALIZER, RUN_TASK_NAME, run_args, valid_run_id
+from .protocol import JSON_CONTENT_TYPE, RUN_SERIALIZER, RUN_TASK_NAME, run_args, run_shadow, valid_run_id
 from .registry import registry_for
 from .repository import JobRepository
 from .runner import execute_run, shutdown_waker, shutting_down
@@ -54,7 +54,12 @@ class JsonOnlyRequest(Request):  # type: ignore[misc]
 
 def _run_job(task: Any, run_id: object, job_name: object = None) -> str | None:
     """The task body. `job_name` in the message is informational: the job that runs is the one the
-    database says the run belongs to, looked up in this worker's registry (never code named by a message)."""
+    database says the run belongs to, looked up in this worker's registry (never code named by a message).
+
+    A failed run fails the task with the job's exception (or `JobNotRegistered`), once the run is recorded
+    `failed`: Celery logs its traceback, sends `task_failure` and, with a result backend, stores FAILURE. The
+    retry is the job's backoff, never Celery's: the message is acknowledged, not redelivered. An interrupted
+    run (cancelled, shut down, stalled) ends the task normally, returning "interrupted"."""
     checked = valid_run_id(run_id)
     if checked is None:
         logger.error("dropping a run message with a malformed run id %.100r (job %.100r)", run_id, job_name)
@@ -74,6 +79,7 @@ def _run_job(task: Any, run_id: object, job_name: object = None) -> str | None:
         worker,
         task_id=task.request.id,
         monitor_interval=settings.monitor_interval.total_seconds(),
+        raise_failure=True,
     )
     return None if result is None else result.status
 
@@ -83,10 +89,17 @@ def _hand_back(task: Any, run_id: int, job_name: object) -> None:
     for another worker (or this one, restarted). Reject(requeue) would do the same with a traceback each."""
     queue = (task.request.delivery_info or {}).get("routing_key")
     try:
-        task.apply_async(args=run_args(run_id, job_name), queue=queue or None, serializer=RUN_SERIALIZER)
+        task.apply_async(
+            args=run_args(run_id, job_name),
+            shadow=run_shadow(job_name),
+            queue=queue or None,
+            serializer=RUN_SERIALIZER,
+        )
     except Exception as exc:
-        raise Reject(f"worker shutting down; run {run_id} left for another worker ({exc})", requeue=True) from exc
-    logger.info("worker shutting down: run %s handed back to the queue", run_id)
+        raise Reject(
+            f"worker shutting down; run {run_id} of job {job_name!r} left for another worker ({exc})", requeue=True
+        ) from exc
+    logger.info("worker shutting down: run %s of job %r handed back to the queue", run_id, job_name)
 
 
 class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -129,7 +142,7 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 "ended %d run(s) that %s left running: %s",
                 len(left),
                 worker.hostname,
-                ", ".join(str(run.id) for run in left),
+                ", ".join(run.label() for run in left),
             )
         _pools[:] = [worker.pool] if getattr(worker, "pool", None) is not None else []
         logger.info("celery_dbsched: %d job(s) registered on %s", len(registry_for(app)), worker.hostname)
@@ -146,7 +159,7 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
             logger.warning("could not end this worker's runs at shutdown (%s); the monitor will", exc)
             return
         for run in ended:
-            logger.warning("run %s of job %r interrupted: worker shutdown", run.id, run.job_name)
+            logger.warning("%s interrupted: worker shutdown", run.label())
 
     def shutdown(self, worker: Any) -> None:
         self.stop(worker)
@@ -219,7 +232,12 @@ def install_worker(app: Any) -> None:
         name=RUN_TASK_NAME,
         bind=True,
         acks_late=True,
+        # A failure is acknowledged (never redelivered: the job's backoff retries it), and stored as FAILURE
+        # where a result backend is configured; without one nothing is stored.
+        acks_on_failure_or_timeout=True,
+        acks_on_failure=True,
         ignore_result=True,
+        store_errors_even_if_ignored=True,
         serializer=RUN_SERIALIZER,
         shared=False,
         Request=JsonOnlyRequest,

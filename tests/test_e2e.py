@@ -15,6 +15,7 @@ Workers killed, stopped warm, restarted, running older code or on a skewed clock
 from __future__ import annotations
 
 import itertools
+import re
 import socket
 
 import pytest
@@ -119,9 +120,11 @@ def test_a_stalled_job_is_interrupted_and_its_context_cancelled(cluster: Cluster
 
 @on(SQLITE_FS)
 def test_a_failing_job_is_retried_with_backoff_and_keeps_its_final_status(cluster: Cluster) -> None:
-    cluster.worker(
+    worker = cluster.worker(
         [{"kind": "fail", "name": "e2e.fail", "every": 300}, quick("e2e.steady", 2.0)],
         settings={"dbsched_retry_backoff": [0.4, 30]},
+        pool="prefork",  # the job's exception fails the task in a pool child, reported by the parent
+        concurrency=2,
     )
     cluster.beat(settings={"dbsched_retry_backoff": [0.4, 30]})
 
@@ -142,6 +145,16 @@ def test_a_failing_job_is_retried_with_backoff_and_keeps_its_final_status(cluste
         assert f"RuntimeError: e2e failure in run {run.id}" in run.error
         assert "Traceback" in run.error
     cluster.assert_started_once(failed)
+
+    # Each failure failed its Celery task, under the job's name: the traceback logged once, at ERROR, and a
+    # line naming the run. The retries are the backoff's: Celery retried nothing.
+    log = worker.log()
+    for run in failed:
+        failure = f"ERROR/ForkPoolWorker-[0-9]+\\] Task e2e\\.fail\\[{run.task_id}\\] raised unexpected: RuntimeError"
+        assert len(re.findall(failure, log)) == 1, log
+        assert log.count(f"RuntimeError: e2e failure in run {run.id}\n") == 1, log  # the traceback's end
+        assert f"run {run.id} of job 'e2e.fail' (slot " in log, log
+    assert "Retry in" not in log, log
 
     # The failing job's retries do not make the other job run before its time.
     steady = cluster.runs("e2e.steady")

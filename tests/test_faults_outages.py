@@ -312,7 +312,7 @@ def first_claims_after(cluster: Cluster, jobs: Sequence[str], moment: dt.datetim
 def listening_beats(pg: PrivatePostgres, database: str) -> int:
     count: int = pg.scalar(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND backend_type = 'client backend' AND query = 'LISTEN dbsched_wakeup'",
+        "AND backend_type = 'client backend' AND query LIKE 'LISTEN dbsched\\_wakeup\\_%'",
         database,
     )
     return count

@@ -204,7 +204,7 @@ def test_a_worker_restarted_with_the_same_name_ends_the_runs_it_left_running(clu
     # Ended by the restart, well before the job's 120 s threshold.
     assert seconds_between(restarted_at, ended.end_time) < 30
     assert not [e for e in cluster.events(run.id) if e["event"] == "cancelled"]  # it was killed, not told
-    assert f"ended 1 run(s) that {restarted.node} left running: {run.id}" in restarted.log()
+    assert f"ended 1 run(s) that {restarted.node} left running: {run.label()}" in restarted.log()
 
     # And it is due again at once: the restarted worker runs it.
     again = cluster.wait_run("e2e.long", lambda r: r.id > run.id and r.status == "running", timeout=30)

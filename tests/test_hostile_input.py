@@ -26,7 +26,7 @@ from celery import Celery
 from celery.apps.beat import Beat
 from celery.beat import Service
 from click.testing import CliRunner
-from helpers.apps import memory_app
+from helpers.apps import memory_app, next_message
 from helpers.polling import wait_for
 from helpers.services import RABBITMQ_URL, Database, require_service
 from hypothesis import HealthCheck, given, settings
@@ -36,7 +36,7 @@ from sqlalchemy import func, inspect, select, text
 from celery_dbsched import Job, JobContext, JobStatus, SchemaMismatch, job, register_job
 from celery_dbsched.binding import forget_repository, repository_for
 from celery_dbsched.cli import dbsched
-from celery_dbsched.errors import CannotStart, DatabaseUnavailable
+from celery_dbsched.errors import CannotStart, DatabaseUnavailable, JobNotRegistered
 from celery_dbsched.job import JobDefinition
 from celery_dbsched.migrate import VERSION_TABLE, _config, check_schema, current_revision, head_revision, migrate
 from celery_dbsched.protocol import MAX_RUN_ID, RUN_TASK_NAME, valid_run_id
@@ -394,7 +394,8 @@ def test_the_job_named_in_a_message_never_chooses_the_code(
     repository.upsert_job("hostile.not-in-code", "registered by another deployment")
     foreign = worker_side.queued_run("hostile.not-in-code")
     caplog.set_level(logging.ERROR)
-    assert worker_side.deliver(foreign, "hostile.registered") == "failed"
+    with pytest.raises(JobNotRegistered, match=r"'hostile\.not-in-code' is not registered on worker"):
+        worker_side.deliver(foreign, "hostile.registered")  # its task fails
     run = repository.lookup_run(foreign)
     assert run.status == "failed" and "'hostile.not-in-code' is not registered on worker" in (run.error or "")
     assert any("not registered on worker" in r.getMessage() for r in caplog.records)
@@ -475,13 +476,7 @@ def test_the_beat_publishes_run_messages_as_json_whatever_the_task_serializer(
     try:
         scheduler.repository.upsert_job("hostile.'; drop table dbsched_job; --", "due now")
         scheduler.tick()
-        with app.connection_for_read() as conn:
-            simple = conn.SimpleQueue(app.amqp.queues[app.conf.task_default_queue])
-            try:
-                message = simple.get(timeout=5)
-                message.ack()
-            finally:
-                simple.close()
+        message = next_message(app, timeout=5)
     finally:
         scheduler.close()
     assert message.headers["task"] == RUN_TASK_NAME
@@ -637,7 +632,9 @@ def test_huge_but_accepted_settings_work_without_overflow(database: Database, ap
         assert 0 < sleep <= scheduler.max_interval
         repository = scheduler.repository
         [run] = repository.list_runs()
-        assert app.tasks[RUN_TASK_NAME].apply(args=[run.id, run.job_name]).get() == "failed"
+        with pytest.raises(RuntimeError, match="boom"):  # the task fails with the job's exception
+            app.tasks[RUN_TASK_NAME].apply(args=[run.id, run.job_name]).get()
+        assert repository.lookup_run(run.id).status == "failed"
         record = repository.lookup_job("hostile.fails")
         assert record.failure_count == 1
         assert record.next_scheduled_run - repository.database_now() > dt.timedelta(days=365)

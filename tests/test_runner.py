@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import pickle
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +27,7 @@ from celery_dbsched import (
     runner,
 )
 from celery_dbsched.clock import TestClock
+from celery_dbsched.errors import JobNotRegistered
 from celery_dbsched.job import FunctionJob
 from celery_dbsched.runner import ProgressMonitor, active_run_ids, cancel_local_runs, execute_run
 from celery_dbsched.schema import job_table
@@ -247,6 +251,70 @@ def test_a_failing_job_ends_failed_with_its_traceback_and_final_progress(reposit
     assert repository.lookup_run(run.id).progress == JobStatus(2, 5)
     assert repository.lookup_job(job.name).failure_count == 1
     assert_delay(repository, done, dt.timedelta(seconds=20))
+
+
+def test_a_failure_is_logged_once_with_its_traceback_and_names_the_run(
+    repository: JobRepository, caplog: pytest.LogCaptureFixture
+) -> None:
+    def explode(job: Recorder, ctx: JobContext) -> None:
+        raise RuntimeError("boom")
+
+    job = Recorder(body=explode)
+    run = register_and_claim(repository, job)
+    caplog.set_level(logging.INFO, logger="celery_dbsched")
+    done = execute(repository, {job.name: job}, run.id)
+    assert done is not None and done.status == "failed"
+    [failure] = [r for r in caplog.records if r.exc_info]
+    assert failure.levelno == logging.ERROR and failure.exc_info is not None and failure.exc_info[0] is RuntimeError
+    assert failure.getMessage() == f"{done.label()} failed: boom"
+    assert done.scheduled_for is not None
+    assert done.label() == f"run {done.id} of job 'recorder' (slot {done.scheduled_for:%Y-%m-%d %H:%M:%S} UTC)"
+
+
+def test_with_raise_failure_the_failure_is_raised_once_recorded(
+    repository: JobRepository, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's task: the job's own exception fails the task (Celery logs its traceback, not us)."""
+
+    def explode(job: Recorder, ctx: JobContext) -> None:
+        raise KeyError("item 3")
+
+    job = Recorder(body=explode)
+    run = register_and_claim(repository, job)
+    caplog.set_level(logging.INFO, logger="celery_dbsched")
+    with pytest.raises(KeyError, match="item 3") as raised:
+        execute(repository, {job.name: job}, run.id, raise_failure=True)
+    assert any(frame.name == "explode" for frame in traceback.extract_tb(raised.tb))
+    recorded = repository.lookup_run(run.id)
+    assert recorded.status == "failed" and "KeyError: 'item 3'" in (recorded.error or "")
+    assert repository.lookup_job(job.name).failure_count == 1
+    assert not any(r.exc_info for r in caplog.records)
+    assert f"{recorded.label()} failed: 'item 3'; its task fails with it" in caplog.text
+
+    # A job this worker does not have: JobNotRegistered, picklable (a prefork child sends it to its parent).
+    unknown = register_and_claim(repository, Recorder(name="elsewhere"))
+    with pytest.raises(JobNotRegistered) as not_here:
+        execute(repository, {}, unknown.id, raise_failure=True)
+    assert repository.lookup_run(unknown.id).error == str(not_here.value)
+    again = pickle.loads(pickle.dumps(not_here.value))
+    assert (
+        str(again)
+        == str(not_here.value)
+        == (
+            "job 'elsewhere' is not registered on worker 'worker-1'; import the module that registers it on this "
+            "worker, or route the job's queue to workers that do"
+        )
+    )
+
+    # An interrupted run is not raised.
+    def stop(job: Recorder, ctx: JobContext) -> None:
+        raise JobInterrupted("asked to stop")
+
+    stopping = Recorder(name="stops", body=stop)
+    stopped = execute(
+        repository, {stopping.name: stopping}, register_and_claim(repository, stopping).id, raise_failure=True
+    )
+    assert stopped is not None and stopped.status == "interrupted"
 
 
 def test_a_job_failing_with_a_nul_in_its_message_ends_failed(repository: JobRepository) -> None:

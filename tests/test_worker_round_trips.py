@@ -41,6 +41,7 @@ from celery_dbsched.protocol import RUN_ID_HEADER
 from celery_dbsched.runner import execute_run
 from celery_dbsched.schedules import CrontabSchedule
 from celery_dbsched.schema import job_table, run_table
+from celery_dbsched.statements import wakeup_channel
 from celery_dbsched.states import JobKind
 
 pytestmark = pytest.mark.postgres
@@ -185,7 +186,8 @@ def test_a_run_due_again_at_once_wakes_the_beats_in_its_finish(counted: tuple[Jo
     execute = claimed_job(repository, lambda ctx: dt.timedelta(0), "again")
     listener = repository.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
     try:
-        listener.execute(text("LISTEN dbsched_wakeup"))
+        channel = listener.execute(select(wakeup_channel())).scalar_one()  # this schema's (test_wakeup.py)
+        listener.execute(text(f"LISTEN {channel}"))
         done, by_events, wire = trips.counting(execute)
         assert done.status == "completed"
         assert_budget(trips, by_events, wire, START + FINISH)

@@ -48,3 +48,15 @@ def memory_app(database_url: str, *, main: str = "test", **conf: Any) -> Celery:
             **conf,
         },
     )
+
+
+def next_message(app: Celery, timeout: float = 10.0) -> Any:
+    """The next message on the app's default queue (kombu's Message), acknowledged."""
+    with app.connection_for_read() as conn:
+        queue = conn.SimpleQueue(app.amqp.queues[app.conf.task_default_queue])
+        try:
+            message = queue.get(timeout=timeout)
+            message.ack()
+        finally:
+            queue.close()
+    return message
