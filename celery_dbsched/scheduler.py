@@ -25,7 +25,6 @@ from .records import Claim, JobRecord, RunRecord
 from .registry import existing_registry
 from .repository import JobRepository
 from .settings import mask_database_url, settings_for
-from .statements import WAKEUP_CHANNEL
 from .states import JobKind
 from .wakeup import Wakeup
 
@@ -152,7 +151,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         then only sleeps MIN_SLEEP. Elsewhere return the time for Celery's loop to sleep."""
         if self._wakeup is None or seconds <= MIN_SLEEP:
             return seconds
-        logger.debug("celery_dbsched: sleeping up to %.2fs on LISTEN %s", seconds, WAKEUP_CHANNEL)
+        logger.debug("celery_dbsched: sleeping up to %.2fs on LISTEN %s", seconds, self._wakeup.channel or "(not yet)")
         woken = self._wakeup.wait(seconds)
         if woken is None:
             return seconds
