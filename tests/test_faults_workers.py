@@ -319,7 +319,10 @@ def test_a_worker_that_does_not_know_the_job_fails_the_run_naming_both_and_worke
     run = cluster.wait_run("e2e.upgraded", failed)
     assert run.error is not None
     assert "'e2e.upgraded'" in run.error and f"'{old.node}'" in run.error, run.error
-    assert run.error == f"job 'e2e.upgraded' is not registered on worker '{old.node}'"
+    assert run.error == (
+        f"job 'e2e.upgraded' is not registered on worker '{old.node}'; import the module that registers it on this "
+        "worker, or route the job's queue to workers that do"
+    )
     assert run.worker == old.node
     assert cluster.events(run.id) == []
     known = cluster.wait_run("e2e.known", lambda run: run.status == "completed")
