@@ -9,6 +9,7 @@ import re
 
 import pytest
 from helpers.repository import claim, claim_one
+from helpers.shapes import BEAT_KEYS, JOB_KEYS, RUN_KEYS, STATUS_KEYS, WORKER_KEYS
 from sqlalchemy import text
 
 from celery_dbsched import JobRepository, observe
@@ -20,17 +21,6 @@ from celery_dbsched.scheduler import ClaimWindow
 from celery_dbsched.states import RunState
 
 MIN = dt.timedelta(minutes=1)
-
-SERVER_KEYS = ["id", "role", "host", "pid", "version", "started", "last_seen", "heartbeat_interval", "alive"]
-SERVER_KEYS += ["silent_for"]
-BEAT_KEYS = [*SERVER_KEYS, "last_tick", "claims_last_minute", "claim_lag_p50", "claim_lag_max"]
-WORKER_KEYS = [*SERVER_KEYS, "runs_in_flight"]
-RUN_KEYS = ["id", "job", "kind", "status", "interrupt_reason", "completed", "total", "scheduled_for", "claimed"]
-RUN_KEYS += ["started", "updated", "ended", "duration", "claimed_by", "worker", "queue", "task_id", "slot", "error"]
-STATUS_KEYS = ["now", "healthy", "problems", "beats", "workers", "due", "active", "stalled", "failures_last_hour"]
-STATUS_KEYS += ["orphaned_jobs"]
-JOB_KEYS = ["name", "kind", "state", "description", "schedule", "next_run", "due", "queue", "task", "failure_count"]
-JOB_KEYS += ["active_runs", "max_active", "last_run"]
 
 
 def _beat(repository: JobRepository, server_id: str = "beat-1", pid: int = 11, **stats: float) -> None:
