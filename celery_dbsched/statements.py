@@ -746,6 +746,11 @@ def track_refused(now: Now) -> Any:
     )
 
 
+def runs_in_flight(worker: Any) -> Select[Any]:
+    """How many runs are `running` on `worker`: a count over the active runs only (their partial index)."""
+    return select(func.count()).where(r.c.status == RunState.RUNNING, r.c.worker == worker)
+
+
 def heartbeat(dialect: str, now: Now, role: str) -> Executable:
     """Record that a server is alive now, with what `dbsched status` shows of it. Bound: `s_id`, `s_kind`,
     `s_hostname`, `s_pid`, `s_version`, `s_interval`; for a beat `s_claims`, `s_lag_p50`, `s_lag_max` (its
@@ -767,8 +772,7 @@ def heartbeat(dialect: str, now: Now, role: str) -> Executable:
         values["claim_lag_p50"] = bindparam("s_lag_p50", type_=Float)
         values["claim_lag_max"] = bindparam("s_lag_max", type_=Float)
     else:
-        running = select(func.count()).where(r.c.status == RunState.RUNNING, r.c.worker == bindparam("s_id"))
-        values["runs_in_flight"] = running.scalar_subquery()
+        values["runs_in_flight"] = runs_in_flight(bindparam("s_id")).scalar_subquery()
     stmt = insert(dialect, s).values(**values)
     new_process = or_(s.c.pid != stmt.excluded.pid, s.c.hostname != stmt.excluded.hostname)
     updated = {name: stmt.excluded[name] for name in values if name not in ("id", "start_time")}
