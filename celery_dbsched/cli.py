@@ -350,8 +350,11 @@ def _server_state(server: Server, zone: Any) -> str:
     return "alive" if server.alive else f"silent since {display.when(server.last_seen, zone)}"
 
 
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else display.duration(value)
+def _lag(value: float | None) -> str:
+    """A claim lag: milliseconds matter below a second."""
+    if value is None:
+        return "-"
+    return f"{value * 1000:.0f} ms" if value < 1 else display.duration(value)
 
 
 def _fleet_lines(status: Status, zone: Any) -> list[str]:
@@ -378,7 +381,7 @@ def _fleet_lines(status: Status, zone: Any) -> list[str]:
                 display.when(server.last_seen, zone),
             ]
             if title == "beats":
-                row += [server.claims_last_minute or 0, _seconds(server.claim_lag_p50), _seconds(server.claim_lag_max)]
+                row += [server.claims_last_minute or 0, _lag(server.claim_lag_p50), _lag(server.claim_lag_max)]
             else:
                 row += ["-" if server.runs_in_flight is None else server.runs_in_flight]
             rows.append([*row, _server_state(server, zone)])

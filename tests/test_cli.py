@@ -26,6 +26,7 @@ from sqlalchemy import select
 
 from celery_dbsched.clock import TestClock
 from celery_dbsched.migrate import head_revision
+from celery_dbsched.records import ClaimStats
 from celery_dbsched.repository import JobRepository
 from celery_dbsched.schema import job_table
 from celery_dbsched.states import JobKind
@@ -513,7 +514,7 @@ def test_status_with_a_job_waiting_past_max_lag_is_unhealthy(database: Database)
     repository = database.migrated_repository()
     # A job due ten minutes ago (the repository's clock ten minutes back), and a beat that just wrote its row.
     database.migrated_repository(clock=TestClock(offset=-dt.timedelta(minutes=10))).upsert_job("late", "late job")
-    repository.heartbeat("beat-1", "beat", "host-b", 11, interval=60.0)
+    repository.heartbeat("beat-1", "beat", "host-b", 11, interval=60.0, claims=ClaimStats(3, 0.012, 1.5))
 
     result = unhealthy(dbsched(database.url, "status"))  # default --max-lag: threshold + monitor (5 min 30 s)
     [line] = result.stderr.splitlines()
@@ -527,7 +528,7 @@ def test_status_with_a_job_waiting_past_max_lag_is_unhealthy(database: Database)
 
     healthy = ok(dbsched(database.url, "status", "--max-lag", "1h"))
     assert healthy.stderr == "" and healthy.stdout.splitlines()[-1] == "healthy"
-    assert re.search(r"^  beat-1 +host-b +11 +\S+ .* alive$", healthy.stdout, re.M), healthy.stdout
+    assert re.search(r"^  beat-1 +host-b +11 +\S+ .* 3 +12 ms +1.5 s +alive$", healthy.stdout, re.M), healthy.stdout
     ok(dbsched(database.url, "status", "--max-lag", "off"))
 
 
