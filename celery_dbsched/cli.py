@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import time
 from collections.abc import Callable
@@ -13,11 +14,12 @@ from typing import Any
 import click
 from sqlalchemy.engine import make_url
 
-from . import display
+from . import display, observe
 from .binding import repository_for
 from .controls import cancel_job, pause_job, remove_job, resume_job, trigger_job
 from .errors import DbschedError
 from .migrate import current_revision, head_revision, migrate
+from .observe import Server, Status
 from .records import JobRecord, RunRecord
 from .repository import JobRepository
 from .schedules import parse_timezone
@@ -92,6 +94,15 @@ _tz_option = click.option(
 )
 
 
+_json_option = click.option(
+    "--json", "as_json", is_flag=True, help="print JSON instead (its shape: README, Status and health)"
+)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
 @click.group(name="dbsched")
 def dbsched() -> None:
     """celery_dbsched: the database-backed scheduler (times in UTC unless --tz)."""
@@ -150,19 +161,24 @@ def _last(run: RunRecord | None, now: dt.datetime) -> str:
 
 @dbsched.command()
 @_tz_option
+@_json_option
 @click.pass_context
-def jobs(ctx: click.Context, zone: Any) -> None:
+def jobs(ctx: click.Context, zone: Any, as_json: bool) -> None:
     """List the jobs: state, next run, last outcome, schedule. Flags jobs that look removed from the code
     (orphaned) and beat_schedule entries whose task this app does not know."""
     repository = _existing_repository(ctx)
     records, now, last, orphaned = _reading(
         lambda: (repository.list_jobs(), repository.database_now(), repository.last_runs(), repository.orphaned_jobs())
     )
+    unknown = _unknown_tasks(ctx.obj.app, records)
+    states = {job.name: _state(job, job.name in orphaned, job.name in unknown) for job in records}
+    if as_json:
+        listed = [observe.job_json(job, states[job.name], last.get(job.name), now) for job in records]
+        _echo_json({"now": now.isoformat(), "jobs": listed})
+        return
     if not records:
         click.echo("no jobs registered")
         return
-    unknown = _unknown_tasks(ctx.obj.app, records)
-    states = {job.name: _state(job, job.name in orphaned, job.name in unknown) for job in records}
     rows = [
         [
             job.name,
@@ -222,9 +238,16 @@ def _since(ctx: click.Context, param: Any, value: str | None) -> str | None:
 @click.option("--since", default=None, callback=_since, help="only runs claimed since: 30m, 1h, 2d, or an ISO time")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
 @_tz_option
+@_json_option
 @click.pass_context
 def runs(
-    ctx: click.Context, job_name: str | None, status: str | None, since: str | None, limit: int, zone: Any
+    ctx: click.Context,
+    job_name: str | None,
+    status: str | None,
+    since: str | None,
+    limit: int,
+    zone: Any,
+    as_json: bool,
 ) -> None:
     """List runs, newest first: state, progress, times, duration, who claimed and ran them, errors."""
     repository = _existing_repository(ctx)
@@ -237,6 +260,9 @@ def runs(
         return repository.list_runs(job_name=job_name, status=status, limit=limit, since=start), now
 
     records, now = _reading(read)
+    if as_json:
+        _echo_json({"now": now.isoformat(), "runs": [observe.run_json(run, now) for run in records]})
+        return
     rows = [
         [
             run.id,
@@ -261,13 +287,17 @@ def runs(
 @dbsched.command(name="run")
 @click.argument("run_id", metavar="ID", type=click.IntRange(min=1))
 @_tz_option
+@_json_option
 @click.pass_context
-def run_command(ctx: click.Context, run_id: int, zone: Any) -> None:
+def run_command(ctx: click.Context, run_id: int, zone: Any, as_json: bool) -> None:
     """Show run ID: every field, its full error (traceback) and how long it took."""
     repository = _existing_repository(ctx)
     run, stopped, now = _reading(
         lambda: (repository.lookup_run(run_id), repository.run_stopped_time(run_id), repository.database_now())
     )
+    if as_json:
+        _echo_json({**observe.run_json(run, now), "stopped": None if stopped is None else stopped.isoformat()})
+        return
     label = f"({display.zone_name(zone)})"
     fields: list[tuple[str, object]] = [
         ("run", run.id),
@@ -298,6 +328,146 @@ def _unfinished(run: RunRecord) -> str:
     if run.start_time is None:
         return " (not started)"
     return " (still running)" if run.end_time is None else ""
+
+
+# -- status ---------------------------------------------------------------------------------------------------
+
+EXIT_UNHEALTHY = 69  # EX_UNAVAILABLE, as `celery inspect ping` exits when no node replies
+
+
+def _max_lag(ctx: click.Context, param: Any, value: str | None) -> dt.timedelta | None:
+    if value is None:
+        return None
+    if value.strip().lower() in ("off", "none"):
+        return dt.timedelta.max
+    lag = display.parse_duration(value)
+    if lag is None:
+        raise click.BadParameter(f"expected a duration such as 90s, 5m or 1h (or off), got {value!r}")
+    return lag
+
+
+def _server_state(server: Server, zone: Any) -> str:
+    return "alive" if server.alive else f"silent since {display.when(server.last_seen, zone)}"
+
+
+def _lag(value: float | None) -> str:
+    """A claim lag: milliseconds matter below a second."""
+    if value is None:
+        return "-"
+    return f"{value * 1000:.0f} ms" if value < 1 else display.duration(value)
+
+
+def _fleet_lines(status: Status, zone: Any) -> list[str]:
+    label = f"({display.zone_name(zone)})"
+    lines = []
+    for title, servers in (("beats", status.fleet.beats), ("workers", status.fleet.workers)):
+        alive = sum(server.alive for server in servers)
+        lines.append(f"{title}: {alive} alive, {len(servers) - alive} silent")
+        if not servers:
+            continue
+        headers = ["ID", "HOST", "PID", "VERSION", f"STARTED {label}", f"LAST SEEN {label}"]
+        if title == "beats":
+            headers += ["CLAIMS/MIN", "LAG P50", "LAG MAX", "STATE"]
+        else:
+            headers += ["IN FLIGHT", "STATE"]
+        rows = []
+        for server in servers:
+            row: list[Any] = [
+                server.id,
+                server.host,
+                server.pid,
+                server.version or "-",
+                display.when(server.started, zone),
+                display.when(server.last_seen, zone),
+            ]
+            if title == "beats":
+                row += [server.claims_last_minute or 0, _lag(server.claim_lag_p50), _lag(server.claim_lag_max)]
+            else:
+                row += ["-" if server.runs_in_flight is None else server.runs_in_flight]
+            rows.append([*row, _server_state(server, zone)])
+        lines += ["  " + line for line in display.table(headers, rows).splitlines()]
+    return lines
+
+
+def _count(listed: observe.RunList) -> str:
+    return f"{listed.count}{'+' if listed.capped else ''}"
+
+
+def _run_lines(title: str, listed: observe.RunList, now: dt.datetime) -> list[str]:
+    lines = [f"{title}: {_count(listed)}"]
+    if listed.runs:
+        rows = [
+            [
+                run.id,
+                run.job_name,
+                run.status + (f" ({run.interrupt_reason})" if run.interrupt_reason else ""),
+                f"{run.completed}/{run.total}",
+                display.ago(run.update_time, now),
+                run.worker or run.claimed_by,
+                (run.error or "").strip().splitlines()[-1][:60] if run.error else "",
+            ]
+            for run in listed.runs
+        ]
+        table = display.table(["ID", "JOB", "STATUS", "PROGRESS", "LAST CHANGE", "WORKER", "ERROR"], rows)
+        lines += ["  " + line for line in table.splitlines()]
+        if listed.count > len(listed.runs):
+            lines.append(f"  ... and {listed.count - len(listed.runs)} more")
+    return lines
+
+
+def _status_text(status: Status, zone: Any, problems: list[str]) -> str:
+    due = status.due
+    lines = _fleet_lines(status, zone)
+    if due.count:
+        lines.append(
+            f"due and not claimed: {due.count}{'+' if due.capped else ''} job(s); the oldest, {due.earliest_job}, "
+            f"has waited {display.duration(due.lateness)}"
+        )
+    else:
+        lines.append("due and not claimed: 0")
+    lines += _run_lines("active runs", status.active, status.now)
+    lines += _run_lines(
+        "stalled runs (past their interrupt threshold, not interrupted yet)", status.stalled, status.now
+    )
+    lines += _run_lines("failures in the last hour", status.failures, status.now)
+    if status.orphaned:
+        lines.append(f"orphaned jobs: {', '.join(sorted(status.orphaned))} (see `dbsched jobs`)")
+    lines.append("healthy" if not problems else f"unhealthy: {len(problems)} problem(s)")
+    return "\n".join(lines)
+
+
+@dbsched.command()
+@click.option(
+    "--max-lag",
+    callback=_max_lag,
+    default=None,
+    help="unhealthy when a due job has waited longer than this (90s, 5m, 1h; off) "
+    "[default: the interrupt threshold plus the monitor interval]",
+)
+@_tz_option
+@_json_option
+@click.pass_context
+def status(ctx: click.Context, max_lag: dt.timedelta | None, zone: Any, as_json: bool) -> None:
+    """The scheduler at a glance: beats and workers, due jobs not claimed, active, stalled and failed runs.
+
+    Exit status, for liveness and readiness probes: 0 healthy; 69 unhealthy (no beat alive, or a due job has
+    waited longer than --max-lag), with one line per reason on stderr; 1 error (the database cannot be read);
+    2 usage."""
+    repository = _existing_repository(ctx)
+    if max_lag is None:
+        settings = settings_for(ctx.obj.app)
+        max_lag = settings.interrupt_threshold + settings.monitor_interval
+    lag = None if max_lag == dt.timedelta.max else max_lag
+    current: Status = _reading(lambda: observe.status(repository))
+    problems = current.problems(lag)
+    if as_json:
+        _echo_json(current.as_json(lag))
+    else:
+        click.echo(_status_text(current, zone, problems))
+    for problem in problems:
+        click.echo(f"unhealthy: {problem}", err=True)
+    if problems:
+        ctx.exit(EXIT_UNHEALTHY)
 
 
 # -- controls -------------------------------------------------------------------------------------------------

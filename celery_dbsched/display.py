@@ -73,12 +73,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def parse_duration(text: str) -> dt.timedelta | None:
+    """A duration as people write it: `90s`, `30m`, `1h`, `2d`, `1w` (None: not one)."""
+    match = _SINCE.match(text)
+    return None if match is None else dt.timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+
+
 def parse_since(text: str, now: dt.datetime, zone: dt.tzinfo = UTC) -> dt.datetime:
     """`--since`: a duration back from `now` (`90s`, `30m`, `1h`, `2d`, `1w`) or an ISO time (`2026-12-05`,
     `2026-12-05T08:00`, with an offset or read in `zone`). ValueError with the accepted forms otherwise."""
-    match = _SINCE.match(text)
-    if match:
-        return now - dt.timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    ago = parse_duration(text)
+    if ago is not None:
+        return now - ago
     try:
         parsed = dt.datetime.fromisoformat(text.strip())
     except ValueError:

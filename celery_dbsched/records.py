@@ -124,6 +124,16 @@ def changes(row: Row[Any], definition: JobDefinition, values: Mapping[str, Any],
 
 
 @dataclass(frozen=True)
+class ClaimStats:
+    """What a beat claimed over the last minute: how many runs, and their claim lag (claimed at minus the slot
+    each was claimed for) in seconds, median and maximum (None: nothing claimed). Written with its heartbeat."""
+
+    count: int = 0
+    lag_p50: float | None = None
+    lag_max: float | None = None
+
+
+@dataclass(frozen=True)
 class JobSync:
     """What `JobRepository.sync_jobs` did (names sorted); `unchanged`: nothing to do, found in one read."""
 

@@ -8,6 +8,7 @@ repository's `clock` (`clock`), never by this host.
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,6 +28,7 @@ from .job import JobDefinition, JobStatus
 from .policy import POLICY_NAMES, JobPolicy
 from .records import (
     Claim,
+    ClaimStats,
     JobRecord,
     JobSync,
     RunRecord,
@@ -44,6 +46,10 @@ SYNC_CHUNK = 500
 SYNC_JSON_CHUNK = 5_000  # rows per statement when they travel as one JSON parameter (PostgreSQL)
 # Runs one pruning transaction deletes at most (JobRepository.prune_runs).
 PRUNE_BATCH = 5_000
+try:  # what each server row records as the version it runs
+    PACKAGE_VERSION = importlib.metadata.version("celery-dbsched")
+except importlib.metadata.PackageNotFoundError:  # imported from a checkout without installing it
+    PACKAGE_VERSION = "unknown"
 _STARTED_KEPT = 10_000  # runs started and not finished yet by this repository, remembered for their finish
 
 
@@ -886,11 +892,33 @@ class JobRepository:
             self._raise_why_not(run_id, RunState.DISPATCHED)
         return RunRecord.from_row(rows[0])
 
-    def heartbeat(self, server_id: str, kind: str, hostname: str, pid: int) -> None:
-        """Record that a worker (or beat) is alive now."""
+    def heartbeat(
+        self,
+        server_id: str,
+        kind: str,
+        hostname: str,
+        pid: int,
+        *,
+        interval: float | None = None,
+        claims: ClaimStats | None = None,
+    ) -> None:
+        """Record that a worker (or beat) is alive now: one statement. `interval`: the longest it goes between
+        two heartbeats; `claims` (beats): what it claimed over the last minute. A worker's runs in flight are
+        counted by the statement."""
+        role = "beat" if kind == "beat" else "worker"
+        params: dict[str, Any] = {
+            "s_id": server_id,
+            "s_kind": kind,
+            "s_hostname": hostname,
+            "s_pid": pid,
+            "s_version": PACKAGE_VERSION,
+            "s_interval": interval,
+        }
+        if role == "beat":
+            stats = claims or ClaimStats()
+            params.update(s_claims=stats.count, s_lag_p50=stats.lag_p50, s_lag_max=stats.lag_max)
         self._one(
-            self._prepared("heartbeat", lambda: sql.heartbeat(self.dialect, self.clock.now)),
-            {"s_id": server_id, "s_kind": kind, "s_hostname": hostname, "s_pid": pid},
+            self._prepared(f"heartbeat-{role}", lambda: sql.heartbeat(self.dialect, self.clock.now, role)), params
         )
 
     def interrupt_orphaned(self, threshold: dt.timedelta | None = None) -> list[RunRecord]:
@@ -1029,6 +1057,45 @@ class JobRepository:
             if deleted < size:
                 break
         return total
+
+    def prune_servers(self, retention: dt.timedelta) -> int:
+        """Delete the rows of servers (beats, workers) not seen for `retention`; returns how many."""
+        with self._tx() as conn:
+            return int(conn.execute(sql.prune_servers(self.clock.now, retention)).rowcount or 0)
+
+    # -- what the scheduler is doing (read by celery_dbsched.observe; every read bounded) --------------------
+
+    def server_rows(self, limit: int) -> tuple[list[Row[Any]], dt.datetime]:
+        """The server rows (at most `limit`), beats first, and the database's time."""
+        with self._tx() as conn:
+            return list(conn.execute(sql.servers(limit)).all()), self._db_now(conn)
+
+    def due_backlog(self, cap: int) -> tuple[int, dt.datetime | None, str | None, dt.datetime]:
+        """Claimable jobs due now (counted up to `cap` + 1), the earliest next run of a claimable job and its
+        name, and now."""
+        with self._tx() as conn:
+            count, earliest, name, now = conn.execute(sql.due_backlog(self.clock.now, cap)).one()
+        return int(count), earliest, name, now
+
+    def _counted_runs(self, statements: tuple[Any, Any]) -> tuple[int, list[RunRecord]]:
+        count, listed = statements
+        with self._tx() as conn:
+            total = int(conn.execute(count).scalar_one())
+            runs = [RunRecord.from_row(row) for row in conn.execute(listed).all()]
+        return total, runs
+
+    def active_runs(self, cap: int, limit: int) -> tuple[int, list[RunRecord]]:
+        """The queued and running runs: how many (up to `cap` + 1), and the `limit` most recently claimed."""
+        return self._counted_runs(sql.active_runs(cap, limit))
+
+    def stalled_runs(self, cap: int, limit: int) -> tuple[int, list[RunRecord]]:
+        """Active runs past their interrupt threshold, not interrupted yet (no beat's monitor got to them)."""
+        threshold = self.interrupt_threshold.total_seconds()
+        return self._counted_runs(sql.stalled_runs(self.clock.now, threshold, cap, limit))
+
+    def failures_since(self, since: dt.timedelta, cap: int, limit: int) -> tuple[int, list[RunRecord]]:
+        """Runs that ended failed (or interrupted stalled or expired) within `since`: how many, the latest."""
+        return self._counted_runs(sql.failures_since(self.clock.now, since.total_seconds(), cap, limit))
 
     def database_now(self) -> dt.datetime:
         with self._tx() as conn:

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import socket
+import statistics
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -21,7 +25,7 @@ from .errors import CannotStart, DatabaseError, DatabaseUnavailable, Outage, Sch
 from .migrate import prepare_schema
 from .protocol import run_headers
 from .publisher import RunPublisher
-from .records import Claim, JobRecord, RunRecord
+from .records import Claim, ClaimStats, JobRecord, RunRecord
 from .registry import existing_registry
 from .repository import JobRepository
 from .settings import mask_database_url, settings_for
@@ -47,6 +51,41 @@ MIN_SLEEP = 0.01  # never return 0 from tick unless a full batch says more is du
 CLAIM_BATCH = 2000
 
 
+CLAIM_WINDOW = 60.0  # seconds of claims a beat's heartbeat reports (claims and claim lag "in the last minute")
+_CLAIM_WINDOW_KEPT = 10_000  # lags kept at most: the median and maximum of a busier minute are of its latest
+
+
+class ClaimWindow:
+    """The claim lags of the runs a beat claimed over the last minute, kept in memory from its claims (the
+    runs' claim and slot times, both the database's): its heartbeat reports them, so no statement is added per
+    claim and no runs are read back."""
+
+    def __init__(self, seconds: float = CLAIM_WINDOW) -> None:
+        self.seconds = seconds
+        self._lags: deque[tuple[float, float]] = deque(maxlen=_CLAIM_WINDOW_KEPT)
+        self._count: deque[tuple[float, int]] = deque()
+
+    def add(self, runs: list[RunRecord], at: float) -> None:
+        if not runs:
+            return
+        self._count.append((at, len(runs)))
+        for run in runs:
+            if run.scheduled_for is not None:
+                self._lags.append((at, max(0.0, (run.create_time - run.scheduled_for).total_seconds())))
+
+    def stats(self, at: float) -> ClaimStats:
+        start = at - self.seconds
+        while self._lags and self._lags[0][0] < start:
+            self._lags.popleft()
+        while self._count and self._count[0][0] < start:
+            self._count.popleft()
+        lags = [lag for _, lag in self._lags]
+        count = sum(n for _, n in self._count)
+        if not lags:
+            return ClaimStats(count)
+        return ClaimStats(count, statistics.median(lags), max(lags))
+
+
 class Scheduler(beat.Scheduler):  # type: ignore[misc]
     """A Celery beat scheduler whose schedule lives in the database."""
 
@@ -62,6 +101,8 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         self._prepared = False  # the start-up (`prepare`) has run to its end
         self._next_monitor = 0.0
         self._next_prune = 0.0
+        self._next_heartbeat = 0.0
+        self._claims = ClaimWindow()
         self._outage = Outage(logger, "the beat keeps trying, backing off up to the run-jobs interval")
         self._fatal: CannotStart | None = None  # a start-up that failed for good on a tick: the beat exits 1
         self._db_refused_since: float | None = None
@@ -133,6 +174,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
                 self.prepare()  # the database was down at start
             self._maybe_monitor()
             sleep = self._dispatch_due(interval)
+            self._maybe_heartbeat(interval)
         except DatabaseUnavailable as exc:
             return self._outage.failed(exc, interval)
         except CannotStart as exc:
@@ -259,6 +301,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         """Publish each claimed run (on the beat's thread: the producer is never shared), then mark the plain
         tasks sent `dispatched` in one statement for the whole batch."""
         runs = claim.runs
+        self._claims.add(runs, time.monotonic())
         if runs:  # the audit trail: one line per batch; one per run at DEBUG, looked up once per batch
             logger.info(
                 "celery_dbsched: claimed %d run(s): %s", len(runs), summarize_names([r.job_name for r in runs], 10)
@@ -343,6 +386,23 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             entry=job.name,
         )
 
+    def _maybe_heartbeat(self, interval: float) -> None:
+        """The beat's server row, from its tick, at most once per run-jobs interval (one statement): alive now,
+        and what it claimed over the last minute. Ticks are at most an interval apart, so rows are at most two
+        intervals apart; the row records the interval (`dbsched status`: silent after three)."""
+        now = time.monotonic()
+        if now < self._next_heartbeat:
+            return
+        self.repository.heartbeat(
+            self.server_id,
+            "beat",
+            socket.gethostname(),
+            os.getpid(),
+            interval=interval,
+            claims=self._claims.stats(now),
+        )
+        self._next_heartbeat = now + interval
+
     def _maybe_monitor(self) -> None:
         now = time.monotonic()
         if now < self._next_monitor:
@@ -354,6 +414,13 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             pruned = repository.prune_runs(self.settings.run_retention, max_rows=PRUNE_MAX_ROWS)
             if pruned:
                 logger.info("celery_dbsched: pruned %d finished run(s)", pruned)
+            servers = repository.prune_servers(self.settings.server_retention)
+            if servers:
+                logger.info(
+                    "celery_dbsched: pruned %d server row(s) silent for over %s",
+                    servers,
+                    self.settings.server_retention,
+                )
             # More left than one prune may take (a backlog): go on at the next monitor step.
             self._next_prune = now + (0.0 if pruned >= PRUNE_MAX_ROWS else prune_interval(self.settings.run_retention))
         self._next_monitor = now + self.settings.monitor_interval.total_seconds()

@@ -271,4 +271,17 @@ server_table = Table(
     Column("pid", Integer, nullable=False),
     Column("start_time", UTCDateTime, nullable=False),
     Column("last_seen", UTCDateTime, nullable=False),
+    # Added by revision 0007 (what `dbsched status` shows; celery_dbsched.observe reads them):
+    Column("version", String(64), nullable=True),  # the celery_dbsched version the process runs
+    # Seconds between two heartbeats of this process at most: it is silent once 3 of them were missed.
+    Column("heartbeat_interval", Float, nullable=True),
+    # Beats, over the minute before the heartbeat: runs claimed, and the claim lag (claimed at minus the slot
+    # the run was claimed for) in seconds, median and maximum (NULL: nothing claimed). Kept by the beat in
+    # memory from the runs it claimed, written with its heartbeat: no statement per claim, no read of runs.
+    Column("claims_last_minute", Integer, nullable=True),
+    Column("claim_lag_p50", Float, nullable=True),
+    Column("claim_lag_max", Float, nullable=True),
+    # Workers: their runs `running` when the heartbeat was written (counted over the active runs only).
+    Column("runs_in_flight", Integer, nullable=True),
 )
+Index("dbsched_server_last_seen", server_table.c.last_seen)

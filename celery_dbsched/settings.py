@@ -25,6 +25,7 @@ DEFAULT_MONITOR_INTERVAL = dt.timedelta(seconds=30)
 DEFAULT_INTERRUPT_THRESHOLD = dt.timedelta(minutes=5)
 DEFAULT_RETRY_BACKOFF = (dt.timedelta(seconds=10), dt.timedelta(hours=1))
 DEFAULT_RUN_RETENTION = dt.timedelta(days=7)
+DEFAULT_SERVER_RETENTION = dt.timedelta(days=1)
 # A slot that is later than this counts as missed for the `skip` misfire policy (per job: misfire_grace).
 DEFAULT_MISFIRE_GRACE = dt.timedelta(minutes=1)
 
@@ -189,6 +190,7 @@ class Settings:
     interrupt_threshold: dt.timedelta = DEFAULT_INTERRUPT_THRESHOLD
     retry_backoff: tuple[dt.timedelta, dt.timedelta] = DEFAULT_RETRY_BACKOFF
     run_retention: dt.timedelta = DEFAULT_RUN_RETENTION
+    server_retention: dt.timedelta = DEFAULT_SERVER_RETENTION
     auto_migrate: bool = True
     listen: bool = True
 
@@ -233,6 +235,9 @@ class Settings:
             retry_backoff=parse_backoff("dbsched_retry_backoff", get("dbsched_retry_backoff")),
             run_retention=_required_duration(
                 "dbsched_run_retention", get("dbsched_run_retention"), DEFAULT_RUN_RETENTION
+            ),
+            server_retention=_required_duration(
+                "dbsched_server_retention", get("dbsched_server_retention"), DEFAULT_SERVER_RETENTION
             ),
             auto_migrate=parse_bool("dbsched_auto_migrate", get("dbsched_auto_migrate"), True),
             listen=parse_bool("dbsched_listen", get("dbsched_listen"), True),

@@ -17,6 +17,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Float,
     Integer,
     Interval,
     String,
@@ -603,16 +604,22 @@ def finish(now: Now, failed: bool, checked: bool) -> Any:
     )
 
 
-def interrupt_stalled(now: Now, default_threshold: float, reason: InterruptReason) -> Any:
-    """End `interrupted` every active run whose `update_time` is older than its job's interrupt threshold
-    (else `default_threshold` seconds); returns them."""
+def stalled(now: Now, default_threshold: float) -> ColumnElement[bool]:
+    """An active run whose `update_time` is older than its job's interrupt threshold (else `default_threshold`
+    seconds): what the monitor interrupts, and what `dbsched status` shows as stalled until it does."""
     per_job = select(j.c.interrupt_threshold).where(j.c.name == r.c.job_name).scalar_subquery()
-    condition = and_(
+    return and_(
         r.c.status.in_(ACTIVE),
         # A tracked plain task reports no progress: its liveness is its worker's (interrupt_orphaned).
         or_(r.c.kind != JobKind.TASK, r.c.status == RunState.QUEUED),
         r.c.update_time < now(-func.coalesce(per_job, default_threshold)),
     )
+
+
+def interrupt_stalled(now: Now, default_threshold: float, reason: InterruptReason) -> Any:
+    """End `interrupted` every active run whose `update_time` is older than its job's interrupt threshold
+    (else `default_threshold` seconds); returns them."""
+    condition = stalled(now, default_threshold)
     error = case(
         (r.c.status == RunState.QUEUED, f"{reason}: no worker started it within the interrupt threshold"),
         else_=f"{reason}: no progress within the interrupt threshold",
@@ -739,20 +746,38 @@ def track_refused(now: Now) -> Any:
     )
 
 
-def heartbeat(dialect: str, now: Now) -> Executable:
-    """Record that a server is alive now. Bound: `s_id`, `s_kind`, `s_hostname`, `s_pid`."""
+def runs_in_flight(worker: Any) -> Select[Any]:
+    """How many runs are `running` on `worker`: a count over the active runs only (their partial index)."""
+    return select(func.count()).where(r.c.status == RunState.RUNNING, r.c.worker == worker)
+
+
+def heartbeat(dialect: str, now: Now, role: str) -> Executable:
+    """Record that a server is alive now, with what `dbsched status` shows of it. Bound: `s_id`, `s_kind`,
+    `s_hostname`, `s_pid`, `s_version`, `s_interval`; for a beat `s_claims`, `s_lag_p50`, `s_lag_max` (its
+    claims over the last minute); a worker's runs in flight are counted here, over the active runs only (the
+    partial index of active runs). A row whose host or pid changed is a new process: its start time too."""
     at = now()
-    stmt = insert(dialect, s).values(
-        id=bindparam("s_id"),
-        kind=bindparam("s_kind"),
-        hostname=bindparam("s_hostname"),
-        pid=bindparam("s_pid"),
-        start_time=at,
-        last_seen=at,
-    )
-    upsert: Executable = stmt.on_conflict_do_update(
-        index_elements=[s.c.id], set_={"last_seen": stmt.excluded.last_seen, "pid": stmt.excluded.pid}
-    )
+    values: dict[str, Any] = {
+        "id": bindparam("s_id"),
+        "kind": bindparam("s_kind"),
+        "hostname": bindparam("s_hostname"),
+        "pid": bindparam("s_pid"),
+        "start_time": at,
+        "last_seen": at,
+        "version": bindparam("s_version", type_=String),
+        "heartbeat_interval": bindparam("s_interval", type_=Float),
+    }
+    if role == "beat":
+        values["claims_last_minute"] = bindparam("s_claims", type_=Integer)
+        values["claim_lag_p50"] = bindparam("s_lag_p50", type_=Float)
+        values["claim_lag_max"] = bindparam("s_lag_max", type_=Float)
+    else:
+        values["runs_in_flight"] = runs_in_flight(bindparam("s_id")).scalar_subquery()
+    stmt = insert(dialect, s).values(**values)
+    new_process = or_(s.c.pid != stmt.excluded.pid, s.c.hostname != stmt.excluded.hostname)
+    updated = {name: stmt.excluded[name] for name in values if name not in ("id", "start_time")}
+    updated["start_time"] = case((new_process, stmt.excluded.start_time), else_=s.c.start_time)
+    upsert: Executable = stmt.on_conflict_do_update(index_elements=[s.c.id], set_=updated)
     return upsert
 
 
@@ -846,6 +871,67 @@ def prune_batch(dialect: str, now: Now, retention: dt.timedelta, size: int) -> A
     if _is_postgres(dialect):
         oldest = oldest.with_for_update(skip_locked=True)
     return delete(r).where(r.c.id.in_(oldest.scalar_subquery()))
+
+
+def prune_servers(now: Now, retention: dt.timedelta) -> Any:
+    """Delete the rows of servers not seen for `retention` (through the `last_seen` index)."""
+    return delete(s).where(s.c.last_seen < now(-retention.total_seconds()))
+
+
+# -- what the scheduler is doing (celery_dbsched.observe) -------------------------------------------------------
+# Each statement is bounded: an index range or a LIMIT, and a count only over a LIMITed subquery (never a
+# count over the runs table).
+
+
+def _capped_count(query: Select[Any], cap: int) -> Any:
+    """How many rows `query` has, counting at most `cap` + 1 (more than `cap`: at least that many)."""
+    return select(func.count()).select_from(query.limit(cap + 1).subquery()).scalar_subquery()
+
+
+def servers(limit: int) -> Select[Any]:
+    """The server rows, beats first, most recently seen first."""
+    return select(s).order_by(s.c.kind, s.c.last_seen.desc(), s.c.id).limit(limit)
+
+
+def due_backlog(now: Now, cap: int) -> Select[Any]:
+    """The claimable jobs due now (counted up to `cap` + 1), the earliest next run of a claimable job and that
+    job's name, and now: range scans of the claimable index."""
+    at = now()
+    due = select(j.c.name).where(claimable, j.c.next_scheduled_run <= at)
+
+    def first(col: Any) -> Any:
+        return select(col).where(claimable).order_by(j.c.next_scheduled_run, j.c.name).limit(1).scalar_subquery()
+
+    return select(_capped_count(due, cap), first(j.c.next_scheduled_run), first(j.c.name), at)
+
+
+def active_runs(cap: int, limit: int) -> tuple[Select[Any], Select[Any]]:
+    """The active runs (counted up to `cap` + 1) and the `limit` most recently claimed of them."""
+    active = select(r.c.id).where(r.c.status.in_(ACTIVE))
+    listed = select(r).where(r.c.status.in_(ACTIVE)).order_by(r.c.id.desc()).limit(limit)
+    return select(_capped_count(active, cap)), listed
+
+
+def stalled_runs(now: Now, default_threshold: float, cap: int, limit: int) -> tuple[Select[Any], Select[Any]]:
+    """The stalled runs not interrupted yet (counted up to `cap` + 1), and the `limit` longest silent of them."""
+    condition = stalled(now, default_threshold)
+    listed = select(r).where(condition).order_by(r.c.update_time).limit(limit)
+    return select(_capped_count(select(r.c.id).where(condition), cap)), listed
+
+
+FAILURE_REASONS = (InterruptReason.STALLED, InterruptReason.EXPIRED)
+
+
+def failures_since(now: Now, seconds: float, cap: int, limit: int) -> tuple[Select[Any], Select[Any]]:
+    """Runs that ended `failed`, or `interrupted` stalled or expired, in the last `seconds` (counted up to
+    `cap` + 1), and the `limit` latest: a range of the end-time index."""
+    failed = or_(
+        r.c.status == RunState.FAILED,
+        and_(r.c.status == RunState.INTERRUPTED, r.c.interrupt_reason.in_(FAILURE_REASONS)),
+    )
+    condition = and_(r.c.end_time >= now(-seconds), failed)
+    listed = select(r).where(condition).order_by(r.c.end_time.desc()).limit(limit)
+    return select(_capped_count(select(r.c.id).where(condition), cap)), listed
 
 
 def database_now(now: Now) -> Select[Any]:

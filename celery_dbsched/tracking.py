@@ -13,9 +13,7 @@ Tasks may report progress with `celery_dbsched.progress(completed, total)`.
 from __future__ import annotations
 
 import logging
-import os
 import socket
-import threading
 import traceback
 from typing import Any
 
@@ -26,6 +24,7 @@ from .errors import DbschedError, JobNotRegistered
 from .job import JobStatus
 from .protocol import JSON_CONTENT_TYPE, RUN_TASK_NAME, header_run_id, valid_run_id
 from .settings import settings_for
+from .worker import start_heartbeat, stop_heartbeats
 
 logger = logging.getLogger(__name__)
 
@@ -143,42 +142,13 @@ def progress(completed: int, total: int) -> None:
         logger.warning("run %s of task %r: progress not recorded: %s", run_id, task.name, exc)
 
 
-class _Heartbeat(threading.Thread):
-    def __init__(self, app: Any, hostname: str, interval: float) -> None:
-        super().__init__(name="dbsched-heartbeat", daemon=True)
-        self.app, self.hostname, self.interval = app, hostname, interval
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        failing = False
-        while True:
-            try:
-                repository_for(self.app, settings_for(self.app)).heartbeat(
-                    self.hostname, "worker", socket.gethostname(), os.getpid()
-                )
-                failing = False
-            except DbschedError as exc:
-                if not failing:
-                    logger.warning("celery_dbsched heartbeat not written (%s); retrying", exc)
-                failing = True
-            if self.stopped.wait(self.interval):
-                return
-
-
-_heartbeats: list[_Heartbeat] = []
-
-
 def _on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
-    app, hostname = sender.app, sender.hostname
-    interval = min(settings_for(app).monitor_interval, settings_for(app).interrupt_threshold / 3).total_seconds()
-    heartbeat = _Heartbeat(app, hostname, interval)
-    heartbeat.start()
-    _heartbeats.append(heartbeat)
+    # A worker with jobs writes its heartbeat from its bootstep already; one without (plain tasks only) from here.
+    start_heartbeat(sender.app, sender.hostname)
 
 
 def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
-    for heartbeat in _heartbeats:
-        heartbeat.stopped.set()
+    stop_heartbeats()
 
 
 signals.task_prerun.connect(_on_task_prerun, weak=False)

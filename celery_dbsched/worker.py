@@ -11,6 +11,8 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import threading
 import time
 import weakref
 from typing import Any
@@ -20,13 +22,13 @@ from celery.exceptions import InvalidTaskError, Reject
 from celery.worker.request import Request
 
 from .binding import repository_for
-from .errors import DatabaseError, DatabaseUnavailable, Outage, SchemaMismatch, cannot_start
+from .errors import DatabaseError, DatabaseUnavailable, DbschedError, Outage, SchemaMismatch, cannot_start
 from .migrate import prepare_schema
 from .protocol import JSON_CONTENT_TYPE, RUN_SERIALIZER, RUN_TASK_NAME, run_args, run_shadow, valid_run_id
 from .registry import registry_for
 from .repository import JobRepository
 from .runner import execute_run, shutdown_waker, shutting_down
-from .settings import default_server_id, settings_for
+from .settings import Settings, default_server_id, settings_for
 from .states import InterruptReason
 
 logger = logging.getLogger(__name__)
@@ -102,6 +104,60 @@ def _hand_back(task: Any, run_id: int, job_name: object) -> None:
     logger.info("worker shutting down: run %s of job %r handed back to the queue", run_id, job_name)
 
 
+def heartbeat_interval(settings: Settings) -> float:
+    """Seconds between a worker's heartbeats: its monitor interval, at most a third of the interrupt threshold
+    (a plain task's run is interrupted when its worker is silent for the threshold)."""
+    return min(settings.monitor_interval, settings.interrupt_threshold / 3).total_seconds()
+
+
+class _Heartbeat(threading.Thread):
+    """Writes the worker's server row every `heartbeat_interval` (role, host, pid, version, runs in flight)."""
+
+    def __init__(self, app: Any, hostname: str) -> None:
+        super().__init__(name="dbsched-heartbeat", daemon=True)
+        self.app, self.hostname = app, hostname
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        failing = False
+        settings = settings_for(self.app)
+        interval = heartbeat_interval(settings)
+        while True:
+            try:
+                repository_for(self.app, settings).heartbeat(
+                    self.hostname, "worker", socket.gethostname(), os.getpid(), interval=interval
+                )
+                failing = False
+            except DbschedError as exc:
+                if not failing:
+                    logger.warning("celery_dbsched heartbeat not written (%s); retrying", exc)
+                failing = True
+            if self.stopped.wait(interval):
+                return
+
+
+_heartbeats: dict[tuple[int, str], _Heartbeat] = {}
+_heartbeats_lock = threading.Lock()
+
+
+def start_heartbeat(app: Any, hostname: str) -> None:
+    """Start writing this worker's heartbeat (once per app and node: the bootstep and `celery_dbsched.tracking`
+    both ask)."""
+    with _heartbeats_lock:
+        running = _heartbeats.get((id(app), hostname))
+        if running is not None and running.is_alive() and not running.stopped.is_set():
+            return
+        heartbeat = _heartbeats[(id(app), hostname)] = _Heartbeat(app, hostname)
+    heartbeat.start()
+
+
+def stop_heartbeats() -> None:
+    with _heartbeats_lock:
+        for heartbeat in _heartbeats.values():
+            heartbeat.stopped.set()
+        _heartbeats.clear()
+
+
 class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Starts after the pool, stops before it: at stop the pool is still waiting for our runs."""
 
@@ -137,6 +193,7 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 cannot_start("worker", exc, logger)
         outage.ended()
         self.repository = repository
+        start_heartbeat(app, worker.hostname)
         if left:
             logger.warning(
                 "ended %d run(s) that %s left running: %s",
@@ -151,6 +208,7 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
         """Warm shutdown: the runs still running on this node end `interrupted` (shutdown) so that another
         worker takes their jobs at once (design §9)."""
         _signal_runs_to_stop()
+        stop_heartbeats()
         if self.repository is None:
             return
         try:

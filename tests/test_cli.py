@@ -21,9 +21,12 @@ import pytest
 from helpers.polling import wait_for
 from helpers.processes import REPO_DIR, TESTS_DIR, Processes
 from helpers.services import Database
+from helpers.shapes import BEAT_KEYS, JOB_KEYS, RUN_KEYS, STATUS_KEYS, WORKER_KEYS
 from sqlalchemy import select
 
+from celery_dbsched.clock import TestClock
 from celery_dbsched.migrate import head_revision
+from celery_dbsched.records import ClaimStats
 from celery_dbsched.repository import JobRepository
 from celery_dbsched.schema import job_table
 from celery_dbsched.states import JobKind
@@ -476,6 +479,167 @@ def test_cancel_wait_returns_once_the_worker_has_stopped_the_job(database: Datab
     assert re.fullmatch(rf"run {run.id} of slow.job stopped after \d+(\.\d)? s", second), second
     assert repository.run_stopped_time(run.id) is not None
     assert "code stopped (UTC):" in ok(dbsched(database.url, "run", str(run.id))).stdout
+
+
+# --- status and --json ---------------------------------------------------------------------------------------
+
+START_A_BEAT = "start one: celery -A proj beat -S celery_dbsched.Scheduler"
+
+
+def unhealthy(result: Result) -> Result:
+    """What a probe sees: exit status 69 (EX_UNAVAILABLE, as `celery inspect ping` with no reply), a reason
+    per line on stderr, no traceback."""
+    assert result.returncode == 69, result
+    assert "Traceback" not in result.output and "Error:" not in result.stderr, result.output
+    return result
+
+
+def json_of(result: Result) -> Any:
+    """The JSON a `--json` command printed (a run's error may hold a traceback: it is data there)."""
+    assert (result.returncode, result.stderr) == (0, ""), result
+    return json.loads(result.stdout)
+
+
+def test_status_without_any_beat_is_unhealthy(database: Database) -> None:
+    database.migrated_repository()
+    result = unhealthy(dbsched(database.url, "status"))
+    assert result.stderr == (
+        f"unhealthy: no beat is alive: no beat has written a heartbeat (or its row was pruned); {START_A_BEAT}\n"
+    )
+    assert result.stdout.splitlines()[0] == "beats: 0 alive, 0 silent"
+    assert result.stdout.splitlines()[-1] == "unhealthy: 1 problem(s)"
+
+
+def test_status_with_a_job_waiting_past_max_lag_is_unhealthy(database: Database) -> None:
+    repository = database.migrated_repository()
+    # A job due ten minutes ago (the repository's clock ten minutes back), and a beat that just wrote its row.
+    database.migrated_repository(clock=TestClock(offset=-dt.timedelta(minutes=10))).upsert_job("late", "late job")
+    repository.heartbeat("beat-1", "beat", "host-b", 11, interval=60.0, claims=ClaimStats(3, 0.012, 1.5))
+
+    result = unhealthy(dbsched(database.url, "status"))  # default --max-lag: threshold + monitor (5 min 30 s)
+    [line] = result.stderr.splitlines()
+    assert re.fullmatch(
+        r"unhealthy: job 'late' has been due for 10 min( \d+ s)?, longer than --max-lag 5 min 30 s \(1 job\(s\) "
+        r"due and not claimed\): the beats do not keep up, or cannot reach the database or the broker",
+        line,
+    ), line
+    assert re.search(r"^due and not claimed: 1 job\(s\); the oldest, late, has waited 10 min", result.stdout, re.M)
+    unhealthy(dbsched(database.url, "status", "--max-lag", "1m"))
+
+    healthy = ok(dbsched(database.url, "status", "--max-lag", "1h"))
+    assert healthy.stderr == "" and healthy.stdout.splitlines()[-1] == "healthy"
+    assert re.search(r"^  beat-1 +host-b +11 +\S+ .* 3 +12 ms +1.5 s +alive$", healthy.stdout, re.M), healthy.stdout
+    ok(dbsched(database.url, "status", "--max-lag", "off"))
+
+
+def test_status_max_lag_that_is_no_duration_is_a_usage_error(sqlite_database: Database) -> None:
+    sqlite_database.migrated_repository()
+    result = dbsched(sqlite_database.url, "status", "--max-lag", "soon")
+    assert result.returncode == 2, result
+    assert "Invalid value for '--max-lag': expected a duration such as 90s, 5m or 1h (or off), got 'soon'" in (
+        result.stderr
+    )
+
+
+def test_status_json_has_the_documented_shape(database: Database) -> None:
+    repository = database.migrated_repository()
+    ids = _history(repository)
+    repository.heartbeat("beat-1", "beat", "host-b", 11, interval=60.0)
+    repository.heartbeat("worker-1", "worker", "host-w", 12, interval=60.0)
+    data = json_of(dbsched(database.url, "status", "--json", "--max-lag", "1h"))
+    assert list(data) == STATUS_KEYS
+    assert (data["healthy"], data["problems"]) == (True, [])
+    assert [list(beat) for beat in data["beats"]] == [BEAT_KEYS]
+    assert [list(worker) for worker in data["workers"]] == [WORKER_KEYS]
+    assert data["due"]["count"] == 0
+    assert {run["id"] for run in data["active"]["runs"]} == {ids["a-queued"], ids["b-queued"]}
+    assert [run["id"] for run in data["failures_last_hour"]["runs"]] == [ids["a-failed"]]
+    assert all(list(run) == RUN_KEYS for run in data["active"]["runs"])
+
+
+def test_status_json_when_unhealthy_still_prints_the_json(database: Database) -> None:
+    database.migrated_repository()
+    result = unhealthy(dbsched(database.url, "status", "--json"))
+    data = json.loads(result.stdout)
+    assert data["healthy"] is False and data["problems"] == [result.stderr.removeprefix("unhealthy: ").rstrip("\n")]
+
+
+def test_jobs_runs_and_run_as_json(database: Database) -> None:
+    repository = database.migrated_repository()
+    ids = _history(repository)
+    jobs = json_of(dbsched(database.url, "jobs", "--json"))
+    assert list(jobs) == ["now", "jobs"]
+    assert [job["name"] for job in jobs["jobs"]] == ["a", "b"]
+    assert all(list(job) == JOB_KEYS for job in jobs["jobs"])
+    a = jobs["jobs"][0]
+    assert (a["state"], a["schedule"], a["last_run"]["id"], a["last_run"]["status"]) == (
+        "enabled",
+        "-",
+        ids["a-queued"],
+        "queued",
+    )
+    runs = json_of(dbsched(database.url, "runs", "--json", "--job", "a"))
+    assert list(runs) == ["now", "runs"]
+    assert [run["id"] for run in runs["runs"]] == [ids["a-queued"], ids["a-failed"], ids["a-completed"]]
+    assert all(list(run) == RUN_KEYS for run in runs["runs"])
+    failed = json_of(dbsched(database.url, "run", str(ids["a-failed"]), "--json"))
+    assert list(failed) == [*RUN_KEYS, "stopped"]
+    assert (failed["status"], failed["worker"], failed["claimed_by"]) == ("failed", "worker-2", "beat-1")
+    assert failed["error"] == "Traceback (most recent call last):\n  ...\nValueError: bad thing\n"
+    assert failed["duration"] >= 0 and failed["ended"].endswith("+00:00")
+    empty = json_of(dbsched(database.url, "runs", "--json", "--job", "b", "--status", "failed"))
+    assert empty["runs"] == []
+
+
+@pytest.mark.slow
+def test_status_sees_a_real_beat_and_worker_and_a_killed_beat(database: Database, processes: Processes) -> None:
+    repository = database.migrated_repository()
+    settings = {"dbsched_monitor_interval": 0.5, "dbsched_run_jobs_interval": 0.5}
+    env = {
+        "DBSCHED_TEST_APP_DB": database.url,
+        "DBSCHED_TEST_APP_BROKER_DIR": str(processes.folder / "broker"),
+        "DBSCHED_TEST_APP_SLOW_JOB": "1",
+        "DBSCHED_TEST_APP_SETTINGS": json.dumps(settings),
+    }
+    worker = processes.start_worker("cli_app", env=env)  # no celery_dbsched.tracking: the bootstep writes its row
+    beat_env = {**env, "DBSCHED_TEST_APP_SETTINGS": json.dumps({**settings, "dbsched_server_id": "beat-under-test"})}
+    beat = processes.start_beat("cli_app", env=beat_env)
+
+    def servers() -> dict[str, Any] | None:
+        processes.check_alive(worker, beat)
+        data = json.loads(dbsched(database.url, "status", "--json", "--max-lag", "off", settings=settings).stdout)
+        [beat_row] = data["beats"] or [None]
+        workers = data["workers"]
+        if beat_row is None or not beat_row["claims_last_minute"] or not workers or not workers[0]["runs_in_flight"]:
+            return None
+        return data
+
+    data = wait_for(servers, 90, message="the beat's claims and the worker's run in flight in their rows")
+    [beat_row], [worker_row] = data["beats"], data["workers"]
+    assert (beat_row["id"], beat_row["pid"], beat_row["alive"], beat_row["version"]) == (
+        "beat-under-test",
+        beat.pid,
+        True,
+        "0.1.0",
+    )
+    assert beat_row["claim_lag_p50"] is not None and beat_row["claim_lag_max"] >= beat_row["claim_lag_p50"] >= 0
+    assert beat_row["heartbeat_interval"] == 0.5
+    assert (worker_row["id"], worker_row["role"], worker_row["runs_in_flight"]) == (worker.node, "worker", 1)
+    assert [run["job"] for run in data["active"]["runs"]] == ["slow.job"]
+    ok(dbsched(database.url, "status", settings=settings))
+
+    beat.kill()
+    result = wait_for(
+        lambda: (lambda r: r if r.returncode == 69 else None)(dbsched(database.url, "status", settings=settings)),
+        30,
+        message="status unhealthy once the killed beat is silent",
+    )
+    assert re.fullmatch(
+        rf"unhealthy: no beat is alive: the last one seen, beat-under-test, has been silent for \d+(\.\d)? s; "
+        rf"{re.escape(START_A_BEAT)}\n",
+        result.stderr,
+    ), result.stderr
+    assert repository.lookup_job("slow.job").active_runs == 1  # the worker goes on: only the beat is gone
 
 
 # --- settings and secrets ------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from celery_dbsched.settings import (
     DEFAULT_RUN_JOBS_INTERVAL,
     DEFAULT_RUN_JOBS_LIMIT,
     DEFAULT_RUN_RETENTION,
+    DEFAULT_SERVER_RETENTION,
     MAX_DURATION,
     MAX_RUN_JOBS_LIMIT,
     Settings,
@@ -547,6 +548,7 @@ EXPECTED: dict[str, tuple[str, dict[str, Any]]] = {
     "dbsched_monitor_interval": ("monitor_interval", _durations(DEFAULT_MONITOR_INTERVAL)),
     "dbsched_interrupt_threshold": ("interrupt_threshold", _durations(DEFAULT_INTERRUPT_THRESHOLD)),
     "dbsched_run_retention": ("run_retention", _durations(DEFAULT_RUN_RETENTION)),
+    "dbsched_server_retention": ("server_retention", _durations(DEFAULT_SERVER_RETENTION)),
     "dbsched_run_jobs_limit": ("run_jobs_limit", _durations(DEFAULT_RUN_JOBS_LIMIT)),
     # A zero backoff base is kept (retry at once, Boundary's behaviour); the cap stays the default.
     "dbsched_retry_backoff": (
@@ -566,6 +568,7 @@ LARGEST: dict[str, tuple[Any, Any]] = {
     "dbsched_monitor_interval": (MAX_SECONDS, MAX_DURATION),
     "dbsched_interrupt_threshold": (MAX_SECONDS, MAX_DURATION),
     "dbsched_run_retention": (MAX_SECONDS, MAX_DURATION),
+    "dbsched_server_retention": (MAX_SECONDS, MAX_DURATION),
     "dbsched_run_jobs_limit": (MAX_RUN_JOBS_LIMIT, MAX_RUN_JOBS_LIMIT),
     "dbsched_retry_backoff": ((MAX_SECONDS, MAX_SECONDS), (MAX_DURATION, MAX_DURATION)),
     "dbsched_server_id": ("s" * 255, "s" * 255),

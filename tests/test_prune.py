@@ -5,6 +5,7 @@ recent one; the beat prunes at a cadence derived from the retention."""
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
 import uuid
 from typing import Any
@@ -15,7 +16,7 @@ from helpers.repository import bind_clock
 from helpers.services import Database
 from sqlalchemy import event
 
-from celery_dbsched import JobRepository
+from celery_dbsched import JobRepository, observe
 from celery_dbsched.binding import forget_repository
 from celery_dbsched.clock import TestClock
 from celery_dbsched.scheduler import PRUNE_EVERY, Scheduler, prune_interval
@@ -154,6 +155,29 @@ def test_the_beat_prunes_at_a_tenth_of_the_retention(database: Database) -> None
             time.sleep(0.05)
             scheduler.tick()
         assert time.monotonic() - first_prune >= 0.9
+    finally:
+        scheduler.close()
+        forget_repository(app)
+
+
+def test_the_beat_writes_its_row_and_prunes_the_rows_of_dead_servers(database: Database) -> None:
+    repository = database.migrated_repository()
+    repository.heartbeat("celery@gone", "worker", "old-host", 1, interval=1.0)  # seen a day ago, on the beat's clock
+    app = Celery(f"prune-{uuid.uuid4().hex[:8]}", set_as_current=False)
+    app.conf.update(
+        broker_url="memory://",
+        dbsched_database_url=database.url,
+        dbsched_listen=False,
+        dbsched_server_id="beat-prunes",
+        dbsched_server_retention=dt.timedelta(hours=1),
+    )
+    bind_clock(app, TestClock(offset=DAY))
+    scheduler = Scheduler(app=app)
+    try:
+        scheduler.tick()  # the first tick runs the monitor step, which prunes, then writes the beat's heartbeat
+        [beat] = observe.fleet(repository).servers
+        assert (beat.id, beat.role, beat.pid, beat.heartbeat_interval) == ("beat-prunes", "beat", os.getpid(), 5.0)
+        assert beat.claims_last_minute == 0 and beat.claim_lag_p50 is None
     finally:
         scheduler.close()
         forget_repository(app)

@@ -77,7 +77,8 @@ def test_a_job_run_is_not_tracked_as_a_plain_task(repository: JobRepository) -> 
 def test_heartbeat_records_a_server_then_moves_its_last_seen(repository: JobRepository, clock: TestClock) -> None:
     def servers() -> list[tuple[object, ...]]:
         with repository.engine.begin() as conn:
-            rows = conn.execute(select(server_table).order_by(server_table.c.id)).all()
+            columns = ("id", "kind", "hostname", "pid", "start_time", "last_seen")
+            rows = conn.execute(select(*(server_table.c[c] for c in columns)).order_by(server_table.c.id)).all()
         return [tuple(row) for row in rows]
 
     repository.heartbeat("worker@a", "worker", "host-a", 101)
@@ -85,9 +86,12 @@ def test_heartbeat_records_a_server_then_moves_its_last_seen(repository: JobRepo
     assert (server_id, kind, hostname, pid) == ("worker@a", "worker", "host-a", 101)
     assert start_time == first_seen
     clock.shift_to(dt.timedelta(seconds=30))
-    repository.heartbeat("worker@a", "worker", "host-a", 202)
+    repository.heartbeat("worker@a", "worker", "host-a", 101)
     repository.heartbeat("beat@b", "beat", "host-b", 7)
     [beat, worker] = servers()
     assert beat[:4] == ("beat@b", "beat", "host-b", 7)
-    assert worker[:5] == ("worker@a", "worker", "host-a", 202, start_time)  # same start, new pid
+    assert worker[:5] == ("worker@a", "worker", "host-a", 101, start_time)  # the same process: same start
     assert worker[5] - first_seen >= dt.timedelta(seconds=29)  # type: ignore[operator]
+    repository.heartbeat("worker@a", "worker", "host-a", 202)  # restarted under the same node name
+    [_, restarted] = servers()
+    assert restarted[3] == 202 and restarted[4] == restarted[5] > start_time  # type: ignore[operator]
