@@ -29,7 +29,9 @@ from .records import (
     Claim,
     JobRecord,
     JobSync,
+    MetricsFigures,
     RunRecord,
+    ServerSeen,
     StartedRun,
     changes,
     definition_values,
@@ -44,6 +46,7 @@ SYNC_CHUNK = 500
 SYNC_JSON_CHUNK = 5_000  # rows per statement when they travel as one JSON parameter (PostgreSQL)
 # Runs one pruning transaction deletes at most (JobRepository.prune_runs).
 PRUNE_BATCH = 5_000
+METRICS_SERVERS = 1_000  # servers a metrics scrape shows at most (the most recently seen)
 _STARTED_KEPT = 10_000  # runs started and not finished yet by this repository, remembered for their finish
 
 
@@ -1029,6 +1032,21 @@ class JobRepository:
             if deleted < size:
                 break
         return total
+
+    # -- metrics -----------------------------------------------------------------------------------------
+
+    def metrics_figures(self, *, servers_limit: int = METRICS_SERVERS) -> MetricsFigures:
+        """What a metrics scrape shows of the database, in one read-only transaction of four bounded, indexed
+        queries (never a count over the history)."""
+        with self._tx() as conn:
+            active = {str(status): int(count) for status, count in conn.execute(sql.metrics_active_runs()).all()}
+            stalled = conn.execute(
+                sql.metrics_stalled_runs(self.clock.now, self.interrupt_threshold.total_seconds())
+            ).scalar_one()
+            due, earliest, now = conn.execute(sql.metrics_due_unclaimed(self.clock.now)).one()
+            servers = [ServerSeen(*row) for row in conn.execute(sql.metrics_servers(servers_limit)).all()]
+        lateness = max((now - earliest).total_seconds(), 0.0) if earliest is not None else 0.0
+        return MetricsFigures(active, int(stalled), int(due), lateness, servers, now)
 
     def database_now(self) -> dt.datetime:
         with self._tx() as conn:

@@ -30,6 +30,10 @@ DEFAULT_MISFIRE_GRACE = dt.timedelta(minutes=1)
 
 MAX_DURATION = dt.timedelta(days=36500)
 MAX_RUN_JOBS_LIMIT = 100_000
+# Distinct job names a process gives a metric label of their own; the others share the label "other".
+DEFAULT_METRICS_JOB_LABELS = 500
+MAX_METRICS_JOB_LABELS = 100_000
+DEFAULT_METRICS_ADDRESS = "0.0.0.0"
 
 
 def parse_duration(
@@ -91,6 +95,21 @@ def parse_positive_int(key: str, value: object, default: int, maximum: int) -> i
     if number > maximum:
         raise ValueError(f"{key}: at most {maximum}, got {value!r}")
     return number
+
+
+def parse_port(key: str, value: object) -> int | None:
+    """A TCP port (1 to 65535); None or 0 -> None (off)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{key}: expected a port number (1 to 65535, 0 for off), got {value!r}")
+    try:
+        port = int(value)
+    except ValueError:
+        raise ValueError(f"{key}: expected a port number (1 to 65535, 0 for off), got {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{key}: expected a port number (1 to 65535, 0 for off), got {value!r}")
+    return port or None
 
 
 def parse_backoff(key: str, value: object) -> tuple[dt.timedelta, dt.timedelta]:
@@ -191,6 +210,9 @@ class Settings:
     run_retention: dt.timedelta = DEFAULT_RUN_RETENTION
     auto_migrate: bool = True
     listen: bool = True
+    metrics_port: int | None = None  # a beat or worker serves Prometheus metrics on it (celery_dbsched.metrics)
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
+    metrics_job_labels: int = DEFAULT_METRICS_JOB_LABELS
 
     @classmethod
     def from_mapping(cls, conf: Mapping[str, Any]) -> Settings:
@@ -211,6 +233,9 @@ class Settings:
             raise ValueError(f"dbsched_server_id: expected a non-empty string, got {server_id!r}")
         if server_id is not None and len(server_id) > 255:
             raise ValueError("dbsched_server_id: at most 255 characters")
+        metrics_address = get("dbsched_metrics_address")
+        if metrics_address is not None and (not isinstance(metrics_address, str) or not metrics_address.strip()):
+            raise ValueError(f"dbsched_metrics_address: expected a host name or IP address, got {metrics_address!r}")
         return cls(
             database_url=url or default_database_url(),
             engine_options=dict(engine_options),
@@ -236,6 +261,14 @@ class Settings:
             ),
             auto_migrate=parse_bool("dbsched_auto_migrate", get("dbsched_auto_migrate"), True),
             listen=parse_bool("dbsched_listen", get("dbsched_listen"), True),
+            metrics_port=parse_port("dbsched_metrics_port", get("dbsched_metrics_port")),
+            metrics_address=(metrics_address or DEFAULT_METRICS_ADDRESS).strip(),
+            metrics_job_labels=parse_positive_int(
+                "dbsched_metrics_job_labels",
+                get("dbsched_metrics_job_labels"),
+                DEFAULT_METRICS_JOB_LABELS,
+                MAX_METRICS_JOB_LABELS,
+            ),
         )
 
     def __repr__(self) -> str:

@@ -603,16 +603,22 @@ def finish(now: Now, failed: bool, checked: bool) -> Any:
     )
 
 
-def interrupt_stalled(now: Now, default_threshold: float, reason: InterruptReason) -> Any:
-    """End `interrupted` every active run whose `update_time` is older than its job's interrupt threshold
-    (else `default_threshold` seconds); returns them."""
+def _stalled(now: Now, default_threshold: float) -> ColumnElement[bool]:
+    """An active run whose `update_time` is older than its job's interrupt threshold (else `default_threshold`
+    seconds): not started, or no progress, within it (through the partial index of active runs)."""
     per_job = select(j.c.interrupt_threshold).where(j.c.name == r.c.job_name).scalar_subquery()
-    condition = and_(
+    return and_(
         r.c.status.in_(ACTIVE),
         # A tracked plain task reports no progress: its liveness is its worker's (interrupt_orphaned).
         or_(r.c.kind != JobKind.TASK, r.c.status == RunState.QUEUED),
         r.c.update_time < now(-func.coalesce(per_job, default_threshold)),
     )
+
+
+def interrupt_stalled(now: Now, default_threshold: float, reason: InterruptReason) -> Any:
+    """End `interrupted` every active run whose `update_time` is older than its job's interrupt threshold
+    (else `default_threshold` seconds); returns them."""
+    condition = _stalled(now, default_threshold)
     error = case(
         (r.c.status == RunState.QUEUED, f"{reason}: no worker started it within the interrupt threshold"),
         else_=f"{reason}: no progress within the interrupt threshold",
@@ -854,3 +860,29 @@ def database_now(now: Now) -> Select[Any]:
 
 def ping() -> Executable:
     return text("SELECT 1")
+
+
+# -- metrics (celery_dbsched.metrics: what a scrape reads; bounded, indexed) -------------------------------------
+# The integrator may swap these for the read model of celery_dbsched.observe when it lands.
+
+
+def metrics_active_runs() -> Select[Any]:
+    """Active runs by status (through the partial index of active runs: as many rows as runs in flight)."""
+    return select(r.c.status, func.count()).where(r.c.status.in_(ACTIVE)).group_by(r.c.status)
+
+
+def metrics_stalled_runs(now: Now, default_threshold: float) -> Select[Any]:
+    """How many active runs the next monitor step of a beat will end `interrupted` (stalled)."""
+    return select(func.count()).select_from(r).where(_stalled(now, default_threshold))
+
+
+def metrics_due_unclaimed(now: Now) -> Select[Any]:
+    """Claimable jobs whose next run has come (none of their runs holds the slot), and the earliest such next
+    run, with now (a range of the claimable index: bounded by the number of jobs, never by runs)."""
+    columns = (func.min(j.c.next_scheduled_run), now().label("now"))
+    return select(func.count()).add_columns(*columns).where(claimable, j.c.next_scheduled_run <= now())
+
+
+def metrics_servers(limit: int) -> Select[Any]:
+    """The most recently seen servers (beats and workers) and when."""
+    return select(s.c.id, s.c.kind, s.c.last_seen).order_by(s.c.last_seen.desc()).limit(limit)

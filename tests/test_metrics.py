@@ -1,0 +1,267 @@
+"""Prometheus metrics (celery_dbsched.metrics): what a scrape shows, read as Prometheus reads it
+(prometheus_client.parser). The real beat and prefork worker serving them: tests/test_metrics_processes.py."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import urllib.request
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers.proxy import closed_port
+from helpers.repository import claim_one
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from celery_dbsched import JobContext, JobRepository, JobStatus
+from celery_dbsched.clock import TestClock
+from celery_dbsched.errors import CannotStart
+from celery_dbsched.job import FunctionJob
+from celery_dbsched.metrics import (
+    OTHER,
+    PROCESS,
+    BeatMetrics,
+    JobLabels,
+    RunMetrics,
+    metrics_app,
+)
+from celery_dbsched.records import RunRecord
+from celery_dbsched.runner import execute_run
+from celery_dbsched.settings import Settings
+
+HOUR = dt.timedelta(hours=1)
+MINUTE = dt.timedelta(minutes=1)
+
+
+def parse(text: str) -> list[Sample]:
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def value(samples: Iterable[Sample], name: str, **labels: str) -> float | None:
+    """The sample `name` whose labels include `labels` (None when there is none)."""
+    for sample in samples:
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+            return float(sample.value)
+    return None
+
+
+def scrape_asgi(app: Any) -> tuple[int, str, str]:
+    """GET /metrics through the ASGI app: status, content type, body."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/metrics", "query_string": b"", "headers": []}
+    asyncio.run(app(scope, receive, send))
+    headers = dict(sent[0]["headers"])
+    return sent[0]["status"], headers[b"content-type"].decode(), b"".join(m.get("body", b"") for m in sent[1:]).decode()
+
+
+def scrape(repository: JobRepository) -> list[Sample]:
+    status, content_type, body = scrape_asgi(metrics_app(repository))
+    assert status == 200
+    assert content_type.startswith("text/plain; version=")  # the Prometheus text format
+    return parse(body)
+
+
+def function_job(name: str, body: Any) -> FunctionJob:
+    return FunctionJob(body, name=name, description=name, every=HOUR, queue=None, interrupt_threshold=None)
+
+
+def process_value(name: str, **labels: str) -> float:
+    return PROCESS.get_sample_value(name, labels) or 0.0
+
+
+# -- settings ---------------------------------------------------------------------------------------------------
+
+
+def test_the_metrics_settings() -> None:
+    assert Settings.from_mapping({}).metrics_port is None
+    assert Settings.from_mapping({"dbsched_metrics_port": 0}).metrics_port is None
+    settings = Settings.from_mapping({"dbsched_metrics_port": "9808", "dbsched_metrics_address": "127.0.0.1"})
+    assert (settings.metrics_port, settings.metrics_address) == (9808, "127.0.0.1")
+    assert Settings.from_mapping({}).metrics_address == "0.0.0.0"
+    assert Settings.from_mapping({}).metrics_job_labels == 500
+    assert Settings.from_mapping({"dbsched_metrics_job_labels": 3}).metrics_job_labels == 3
+    port_error = r"^dbsched_metrics_port: expected a port number \(1 to 65535, 0 for off\)"
+    for bad in (70000, -1, "http", 1.5, True):
+        with pytest.raises(ValueError, match=port_error):
+            Settings.from_mapping({"dbsched_metrics_port": bad})
+    with pytest.raises(ValueError, match=r"^dbsched_metrics_address: expected a host name or IP address"):
+        Settings.from_mapping({"dbsched_metrics_address": ""})
+    with pytest.raises(ValueError, match="did you mean dbsched_metrics_port"):
+        Settings.from_mapping({"dbsched_metric_port": 9808})
+
+
+# -- labels -----------------------------------------------------------------------------------------------------
+
+
+def test_job_labels_are_capped_the_same_way_in_every_process() -> None:
+    """The first `limit` names in name order keep their own label (whatever order runs come in); the others,
+    and names the registry does not know, share `other`."""
+    labels = JobLabels(lambda: ["c", "a", "b", "a"], limit=2)
+    assert [labels(name) for name in ("c", "b", "a", "unknown")] == [OTHER, "b", "a", OTHER]
+    assert JobLabels(lambda: ["x"], limit=5)("x") == "x"
+
+
+# -- counted in the process ---------------------------------------------------------------------------------------
+
+
+def test_a_worker_counts_runs_by_job_and_outcome_with_their_durations(repository: JobRepository) -> None:
+    def ok(ctx: JobContext) -> None:
+        ctx.progress(1, 1)
+
+    def boom(ctx: JobContext) -> None:
+        raise RuntimeError("boom")
+
+    jobs = {name: function_job(name, body) for name, body in (("metrics.ok", ok), ("metrics.boom", boom))}
+    observer = RunMetrics(JobLabels(lambda: ["metrics.ok"], limit=1))  # metrics.boom is beyond the cap
+    before = {
+        "started_ok": process_value("dbsched_runs_started_total", job="metrics.ok"),
+        "started_other": process_value("dbsched_runs_started_total", job=OTHER),
+        "completed": process_value("dbsched_runs_ended_total", job="metrics.ok", outcome="completed"),
+        "failed": process_value("dbsched_runs_ended_total", job=OTHER, outcome="failed"),
+        "durations": process_value("dbsched_run_duration_seconds_count", job="metrics.ok"),
+    }
+    for name in jobs:
+        repository.upsert_job(name, "a job", every=HOUR)
+        run = claim_one(repository, name)
+        execute_run(repository, jobs.get, run.id, "worker-1", monitor_interval=0.05, observer=observer)
+    assert process_value("dbsched_runs_started_total", job="metrics.ok") == before["started_ok"] + 1
+    assert process_value("dbsched_runs_started_total", job=OTHER) == before["started_other"] + 1
+    assert process_value("dbsched_runs_ended_total", job="metrics.ok", outcome="completed") == before["completed"] + 1
+    assert process_value("dbsched_runs_ended_total", job=OTHER, outcome="failed") == before["failed"] + 1
+    assert process_value("dbsched_run_duration_seconds_count", job="metrics.ok") == before["durations"] + 1
+    assert PROCESS.get_sample_value("dbsched_runs_started_total", {"job": "metrics.boom"}) is None
+
+
+def _run(run_id: int, slot: dt.datetime, claimed: dt.datetime) -> RunRecord:
+    return RunRecord(
+        id=run_id,
+        job_name=f"job-{run_id}",
+        status="queued",  # type: ignore[arg-type]
+        queue=None,
+        claimed_by="beat-1",
+        worker=None,
+        task_id=None,
+        completed=0,
+        total=0,
+        error=None,
+        requested_next_run=None,
+        create_time=claimed,
+        start_time=None,
+        update_time=claimed,
+        end_time=None,
+        scheduled_for=slot,
+    )
+
+
+def test_a_beat_counts_each_batch_it_publishes_and_the_claim_lag() -> None:
+    sent, unpublished = process_value("dbsched_runs_sent_total"), process_value("dbsched_runs_unpublished_total")
+    lag_count = process_value("dbsched_claim_lag_seconds_count")
+    lag_sum = process_value("dbsched_claim_lag_seconds_sum")
+    late_bucket = process_value("dbsched_claim_lag_seconds_bucket", le="2.5")
+    slot = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    beat = BeatMetrics("beat-under-test")
+    beat.published([_run(1, slot, slot + dt.timedelta(seconds=2)), _run(2, slot, slot + dt.timedelta(seconds=40))], 1)
+    beat.ticked()
+    assert process_value("dbsched_runs_sent_total") == sent + 1
+    assert process_value("dbsched_runs_unpublished_total") == unpublished + 1
+    assert process_value("dbsched_claim_lag_seconds_count") == lag_count + 2
+    assert process_value("dbsched_claim_lag_seconds_sum") == pytest.approx(lag_sum + 42)
+    assert process_value("dbsched_claim_lag_seconds_bucket", le="2.5") == late_bucket + 1
+    last_tick = process_value("dbsched_beat_last_tick_timestamp_seconds", beat="beat-under-test")
+    assert abs(last_tick - dt.datetime.now(dt.timezone.utc).timestamp()) < 60
+
+
+# -- read from the database at the scrape -------------------------------------------------------------------------
+
+
+def test_a_scrape_shows_what_the_database_says(repository: JobRepository, clock: TestClock) -> None:
+    repository.upsert_job("metrics.due", "a job", every=HOUR)
+    repository.upsert_job("metrics.later", "a job", every=HOUR, first_run_in=HOUR)
+    repository.upsert_job("metrics.paused", "a job", every=HOUR)
+    repository.set_paused("metrics.paused", True)
+    clock.advance(2 * MINUTE)
+    samples = scrape(repository)
+    assert value(samples, "dbsched_database_up") == 1
+    assert value(samples, "dbsched_jobs_due_unclaimed") == 1  # not the later one, nor the paused one
+    assert value(samples, "dbsched_jobs_due_oldest_lateness_seconds") == pytest.approx(120, abs=10)
+    assert value(samples, "dbsched_runs_active", status="queued") == 0
+    assert value(samples, "dbsched_runs_stalled") == 0
+
+    run = claim_one(repository, "metrics.due")
+    samples = scrape(repository)
+    assert value(samples, "dbsched_jobs_due_unclaimed") == 0
+    assert value(samples, "dbsched_jobs_due_oldest_lateness_seconds") == 0
+    assert value(samples, "dbsched_runs_active", status="queued") == 1
+
+    repository.start_run(run.id, "worker-1@host")
+    repository.heartbeat("worker-1@host", "worker", "host", 123)
+    samples = scrape(repository)
+    assert value(samples, "dbsched_runs_active", status="queued") == 0
+    assert value(samples, "dbsched_runs_active", status="running") == 1
+    seen = value(samples, "dbsched_server_last_seen_timestamp_seconds", server="worker-1@host", kind="worker")
+    assert seen is not None and abs(seen - repository.database_now().timestamp()) < 60
+
+    clock.advance(repository.interrupt_threshold + MINUTE)  # no progress since: the next monitor step ends it
+    assert value(scrape(repository), "dbsched_runs_stalled") == 1
+    repository.update_progress(run.id, 1, 2)
+    assert value(scrape(repository), "dbsched_runs_stalled") == 0
+    assert repository.lookup_run(run.id).progress == JobStatus(1, 2)
+
+
+def test_the_web_apps_scrape_has_only_the_database_figures_outside_multiprocess_mode(
+    repository: JobRepository,
+) -> None:
+    """The web process runs no job: counters at zero there would read as 'nothing happens'."""
+    names = {sample.name for sample in scrape(repository)}
+    assert "dbsched_runs_active" in names
+    assert not {name for name in names if name.startswith(("dbsched_runs_sent", "dbsched_claim_lag"))}
+
+
+def test_a_database_that_does_not_answer_is_database_up_0_not_a_failed_scrape(tmp_path: Path) -> None:
+    repository = JobRepository(f"sqlite:///{tmp_path / 'missing' / 'db.sqlite3'}")
+    samples = scrape(repository)
+    assert value(samples, "dbsched_database_up") == 0
+    assert value(samples, "dbsched_runs_active", status="running") is None
+
+
+# -- the exporter of a beat ---------------------------------------------------------------------------------------
+
+
+def test_a_beat_serves_its_figures_and_the_databases_on_its_port(make_scheduler: Any, tmp_path: Path) -> None:
+    port = closed_port()
+    scheduler = make_scheduler(
+        f"sqlite:///{tmp_path / 'db.sqlite3'}", dbsched_metrics_port=port, dbsched_metrics_address="127.0.0.1"
+    )
+    scheduler.tick()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        samples = parse(response.read().decode())
+    assert value(samples, "dbsched_database_up") == 1
+    tick = value(samples, "dbsched_beat_last_tick_timestamp_seconds", beat=scheduler.server_id)
+    assert tick is not None and abs(tick - dt.datetime.now(dt.timezone.utc).timestamp()) < 60
+    assert value(samples, "dbsched_runs_sent_total") is not None
+
+
+def test_a_beat_whose_metrics_port_is_taken_cannot_start(make_scheduler: Any, tmp_path: Path) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(CannotStart) as raised:
+            make_scheduler(
+                f"sqlite:///{tmp_path / 'db.sqlite3'}", dbsched_metrics_port=port, dbsched_metrics_address="127.0.0.1"
+            )
+    assert str(raised.value) == (
+        f"celery_dbsched: the beat cannot start: dbsched_metrics_port: cannot serve metrics on 127.0.0.1:{port} "
+        "(Address already in use); choose a free port (each beat and worker on a host needs its own), or 0 to turn "
+        "the exporter off"
+    )
