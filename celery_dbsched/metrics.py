@@ -27,6 +27,7 @@ else a private directory the worker makes before prometheus-client is imported a
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
 import threading
@@ -70,13 +71,17 @@ RUN_DURATION = Histogram(
     buckets=DURATION_BUCKETS,
     registry=PROCESS,
 )
-RUNS_SENT = Counter("dbsched_runs_sent", "Run messages (and plain tasks) a beat published.", registry=PROCESS)
+# The beat's figures are labelled by beat (its server id): besides telling beats apart, a labelled metric opens
+# no multiprocess file until used, so a worker that imports this module opens none before its pool and an
+# embedded beat fork (a child that inherits such a file cannot close it: billiard closed its descriptor).
+RUNS_SENT = Counter("dbsched_runs_sent", "Run messages (and plain tasks) a beat published.", ["beat"], registry=PROCESS)
 RUNS_UNPUBLISHED = Counter(
-    "dbsched_runs_unpublished", "Claimed runs a beat could not publish (ended failed).", registry=PROCESS
+    "dbsched_runs_unpublished", "Claimed runs a beat could not publish (ended failed).", ["beat"], registry=PROCESS
 )
 CLAIM_LAG = Histogram(
     "dbsched_claim_lag_seconds",
     "How late a beat claimed runs: claimed at minus the slot they were claimed for.",
+    ["beat"],
     buckets=CLAIM_LAG_BUCKETS,
     registry=PROCESS,
 )
@@ -87,6 +92,21 @@ BEAT_LAST_TICK = Gauge(
     multiprocess_mode="mostrecent",
     registry=PROCESS,
 )
+
+
+_worker_serves = False  # this process is (or was forked from) a worker whose exporter serves its figures
+
+
+def worker_serves() -> None:
+    """Called by a worker that starts an exporter, before its pool and embedded beat (`-B`) fork: a beat
+    embedded in it counts into the same multiprocess directory, served by the worker's exporter, and starts
+    no exporter of its own (it would take the same port)."""
+    global _worker_serves
+    _worker_serves = True
+
+
+def served_by_worker() -> bool:
+    return _worker_serves
 
 
 def multiprocess_mode() -> bool:
@@ -136,18 +156,44 @@ class BeatMetrics:
 
     def __init__(self, server_id: str) -> None:
         self._tick = BEAT_LAST_TICK.labels(server_id)
+        self._sent = RUNS_SENT.labels(server_id)
+        self._unpublished = RUNS_UNPUBLISHED.labels(server_id)
+        self._lag = CLAIM_LAG.labels(server_id)
 
     def ticked(self) -> None:
         self._tick.set(time.time())
 
     def published(self, runs: Sequence[RunRecord], unpublished: int) -> None:
         if unpublished:
-            RUNS_UNPUBLISHED.inc(unpublished)
+            self._unpublished.inc(unpublished)
         if len(runs) > unpublished:
-            RUNS_SENT.inc(len(runs) - unpublished)
-        for run in runs:
-            if run.scheduled_for is not None:
-                CLAIM_LAG.observe(max((run.create_time - run.scheduled_for).total_seconds(), 0.0))
+            self._sent.inc(len(runs) - unpublished)
+        observe_many(
+            self._lag,
+            [max((r.create_time - r.scheduled_for).total_seconds(), 0.0) for r in runs if r.scheduled_for is not None],
+        )
+
+
+def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
+    """`histogram.observe(amount)` for each amount, written once per bucket and once for the sum rather than
+    twice per amount (a beat observes a batch of up to 2,000 claim lags; in multiprocess mode each write is a
+    locked write to a memory-mapped file). Through the histogram's buckets and sum as `observe` updates them
+    (prometheus-client's layout since 0.4); `observe` one by one where they are not there."""
+    bounds: Sequence[float] | None = getattr(histogram, "_upper_bounds", None)
+    buckets: Sequence[Any] | None = getattr(histogram, "_buckets", None)
+    total: Any = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for amount in amounts:
+            histogram.observe(amount)
+        return
+    counts = [0] * len(bounds)
+    for amount in amounts:
+        counts[bisect.bisect_left(bounds, amount)] += 1  # the first bound >= amount; the last is +Inf
+    if amounts:
+        total.inc(sum(amounts))
+    for bucket, count in zip(buckets, counts, strict=True):
+        if count:
+            bucket.inc(count)
 
 
 class DatabaseCollector(Collector):

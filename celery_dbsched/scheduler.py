@@ -134,13 +134,14 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         if self.settings.metrics_port is None or self._metrics is not None:
             return
         try:
-            from .metrics import BeatMetrics, serve
+            from .metrics import BeatMetrics, serve, served_by_worker
         except ImportError as exc:
             cannot_start("beat", metrics_not_installed(exc), logger)
-        try:
-            self._metrics_server = serve(self.settings, self.repository)
-        except ValueError as exc:
-            cannot_start("beat", exc, logger)
+        if not served_by_worker():  # else embedded in a worker (`-B`), whose exporter serves its counts
+            try:
+                self._metrics_server = serve(self.settings, self.repository)
+            except ValueError as exc:
+                cannot_start("beat", exc, logger)
         self._metrics = BeatMetrics(self.server_id)
 
     @property

@@ -132,7 +132,7 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
         and the run metrics the children inherit. The exporter itself starts with the step."""
         prepare_metrics_dir()
         try:
-            from .metrics import JobLabels, RunMetrics, multiprocess_mode
+            from .metrics import JobLabels, RunMetrics, multiprocess_mode, worker_serves
         except ImportError as exc:
             cannot_start("worker", metrics_not_installed(exc), logger)
         pool = getattr(worker, "pool_cls", None)
@@ -144,6 +144,7 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 f"{MULTIPROC_ENV} to an empty directory in the worker's environment",
                 logger,
             )
+        worker_serves()
         app = worker.app
         limit = self.settings.metrics_job_labels
         _observers[app] = RunMetrics(JobLabels(lambda: [job.name for job in registry_for(app)], limit))

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers.proxy import closed_port
 from helpers.repository import claim_one
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -21,12 +22,14 @@ from celery_dbsched.clock import TestClock
 from celery_dbsched.errors import CannotStart
 from celery_dbsched.job import FunctionJob
 from celery_dbsched.metrics import (
+    CLAIM_LAG_BUCKETS,
     OTHER,
     PROCESS,
     BeatMetrics,
     JobLabels,
     RunMetrics,
     metrics_app,
+    observe_many,
 )
 from celery_dbsched.records import RunRecord
 from celery_dbsched.runner import execute_run
@@ -163,22 +166,45 @@ def _run(run_id: int, slot: dt.datetime, claimed: dt.datetime) -> RunRecord:
     )
 
 
+BEAT = "beat-under-test"
+
+
 def test_a_beat_counts_each_batch_it_publishes_and_the_claim_lag() -> None:
-    sent, unpublished = process_value("dbsched_runs_sent_total"), process_value("dbsched_runs_unpublished_total")
-    lag_count = process_value("dbsched_claim_lag_seconds_count")
-    lag_sum = process_value("dbsched_claim_lag_seconds_sum")
-    late_bucket = process_value("dbsched_claim_lag_seconds_bucket", le="2.5")
+    sent = process_value("dbsched_runs_sent_total", beat=BEAT)
+    unpublished = process_value("dbsched_runs_unpublished_total", beat=BEAT)
+    lag_count = process_value("dbsched_claim_lag_seconds_count", beat=BEAT)
+    lag_sum = process_value("dbsched_claim_lag_seconds_sum", beat=BEAT)
+    late_bucket = process_value("dbsched_claim_lag_seconds_bucket", beat=BEAT, le="2.5")
     slot = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    beat = BeatMetrics("beat-under-test")
+    beat = BeatMetrics(BEAT)
     beat.published([_run(1, slot, slot + dt.timedelta(seconds=2)), _run(2, slot, slot + dt.timedelta(seconds=40))], 1)
     beat.ticked()
-    assert process_value("dbsched_runs_sent_total") == sent + 1
-    assert process_value("dbsched_runs_unpublished_total") == unpublished + 1
-    assert process_value("dbsched_claim_lag_seconds_count") == lag_count + 2
-    assert process_value("dbsched_claim_lag_seconds_sum") == pytest.approx(lag_sum + 42)
-    assert process_value("dbsched_claim_lag_seconds_bucket", le="2.5") == late_bucket + 1
-    last_tick = process_value("dbsched_beat_last_tick_timestamp_seconds", beat="beat-under-test")
+    assert process_value("dbsched_runs_sent_total", beat=BEAT) == sent + 1
+    assert process_value("dbsched_runs_unpublished_total", beat=BEAT) == unpublished + 1
+    assert process_value("dbsched_claim_lag_seconds_count", beat=BEAT) == lag_count + 2
+    assert process_value("dbsched_claim_lag_seconds_sum", beat=BEAT) == pytest.approx(lag_sum + 42)
+    assert process_value("dbsched_claim_lag_seconds_bucket", beat=BEAT, le="2.5") == late_bucket + 1
+    last_tick = process_value("dbsched_beat_last_tick_timestamp_seconds", beat=BEAT)
     assert abs(last_tick - dt.datetime.now(dt.timezone.utc).timestamp()) < 60
+
+
+def test_observing_a_batch_at_once_is_observing_each_amount() -> None:
+    amounts = [0.0, 0.01, 0.011, 0.3, 2.5, 2.5000001, 59.0, 299.0, 301.0, 1e9]
+
+    def histogram_after(observe: Callable[[Histogram], None]) -> list[tuple[str, dict[str, str], float]]:
+        registry = CollectorRegistry()
+        observe(Histogram("lag", "lag", buckets=CLAIM_LAG_BUCKETS, registry=registry))
+        samples = [sample for family in registry.collect() for sample in family.samples]
+        return [(s.name, s.labels, s.value) for s in samples if not s.name.endswith("_created")]
+
+    def each(histogram: Histogram) -> None:
+        for amount in amounts:
+            histogram.observe(amount)
+
+    expected = histogram_after(each)
+    assert histogram_after(lambda histogram: observe_many(histogram, amounts)) == expected
+    assert ("lag_count", {}, len(amounts)) in expected
+    assert histogram_after(lambda histogram: observe_many(histogram, [])) == histogram_after(lambda histogram: None)
 
 
 # -- read from the database at the scrape -------------------------------------------------------------------------
@@ -248,7 +274,8 @@ def test_a_beat_serves_its_figures_and_the_databases_on_its_port(make_scheduler:
     assert value(samples, "dbsched_database_up") == 1
     tick = value(samples, "dbsched_beat_last_tick_timestamp_seconds", beat=scheduler.server_id)
     assert tick is not None and abs(tick - dt.datetime.now(dt.timezone.utc).timestamp()) < 60
-    assert value(samples, "dbsched_runs_sent_total") is not None
+    assert value(samples, "dbsched_runs_sent_total", beat=scheduler.server_id) == 0  # nothing was due
+    assert value(samples, "dbsched_jobs_due_unclaimed") == 0
 
 
 def test_a_beat_whose_metrics_port_is_taken_cannot_start(make_scheduler: Any, tmp_path: Path) -> None:

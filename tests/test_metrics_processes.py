@@ -83,3 +83,14 @@ def test_a_beat_and_a_prefork_worker_serve_what_happens(cluster: Cluster) -> Non
     assert private_dir.is_dir()
     assert cluster.stop(worker) == 0
     assert not private_dir.exists()
+
+
+@on(PG_FS)
+def test_a_worker_with_an_embedded_beat_serves_both_on_its_one_port(cluster: Cluster) -> None:
+    port = closed_port()
+    worker = cluster.worker([quick("e2e.a", 0.5)], settings=metrics(port), embedded_beat="celery_dbsched.Scheduler")
+    cluster.wait_runs("e2e.a", 3, lambda run: run.status == "completed")
+    samples = scrape(port)
+    assert total(samples, "dbsched_runs_sent_total") >= 3  # counted by the beat process, served by the worker
+    assert total(samples, "dbsched_runs_ended_total", job="e2e.a", outcome="completed") >= 3
+    assert "cannot start" not in worker.log()
