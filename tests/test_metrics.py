@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
+import json
+import re
 import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -34,8 +37,10 @@ from celery_dbsched.metrics import (
 from celery_dbsched.records import RunRecord
 from celery_dbsched.runner import execute_run
 from celery_dbsched.settings import Settings
+from celery_dbsched.states import RunState
 
 HOUR = dt.timedelta(hours=1)
+T = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 MINUTE = dt.timedelta(minutes=1)
 
 
@@ -292,3 +297,27 @@ def test_a_beat_whose_metrics_port_is_taken_cannot_start(make_scheduler: Any, tm
         "(Address already in use); choose a free port (each beat and worker on a host needs its own), or 0 to turn "
         "the exporter off"
     )
+
+
+# -- the example dashboard --------------------------------------------------------------------------------------
+
+
+def test_the_grafana_dashboard_uses_the_names_a_scrape_shows(repository: JobRepository) -> None:
+    """Every series docs/grafana-dashboard.json queries is one that the beat's or the web page's scrape shows."""
+    dashboard = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"dbsched_[a-z_]+", target["expr"])
+    }
+    repository.heartbeat("worker-1@host", "worker", "host", 1)
+    BeatMetrics("dashboard-beat").published([_run(1, T, T)], 0)
+    worker = RunMetrics(JobLabels(lambda: ["j"], 1))
+    worker.started(_run(2, T, T))
+    worker.ended(dataclasses.replace(_run(2, T, T), status=RunState.COMPLETED, start_time=T, end_time=T + MINUTE))
+    shown = {sample.name for sample in scrape(repository)} | {
+        sample.name for family in PROCESS.collect() for sample in family.samples
+    }
+    assert queried <= shown, queried - shown
+    assert len(queried) >= 12
