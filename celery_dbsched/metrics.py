@@ -163,11 +163,12 @@ class BeatMetrics:
     def ticked(self) -> None:
         self._tick.set(time.time())
 
-    def published(self, runs: Sequence[RunRecord], unpublished: int) -> None:
+    def published(self, runs: Sequence[RunRecord], sent: int, unpublished: int) -> None:
+        """A claimed batch: `sent` of its runs published, `unpublished` not (the broker failed)."""
         if unpublished:
             self._unpublished.inc(unpublished)
-        if len(runs) > unpublished:
-            self._sent.inc(len(runs) - unpublished)
+        if sent:
+            self._sent.inc(sent)
         observe_many(
             self._lag,
             [max((r.create_time - r.scheduled_for).total_seconds(), 0.0) for r in runs if r.scheduled_for is not None],

@@ -298,7 +298,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
                 "celery_dbsched: claimed %d run(s): %s", len(runs), summarize_names([r.job_name for r in runs], 10)
             )
         each = logger.isEnabledFor(logging.DEBUG)
-        unpublished = 0
+        sent = unpublished = 0
         broker_error: Exception | None = None
         dispatched: list[tuple[int, str | None]] = []
         self._publisher.new_batch()
@@ -309,8 +309,10 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
                         task_id = self._send_task(run, claim.jobs.get(run.job_name))
                         if task_id is not None:
                             dispatched.append((run.id, task_id))
+                            sent += 1
                     else:
                         self._send(run)
+                        sent += 1
                     if each:
                         logger.debug(
                             "celery_dbsched: sent %s%s", run.label(), f" to queue {run.queue}" if run.queue else ""
@@ -328,7 +330,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         if dispatched:
             self._mark_dispatched(dispatched)
         if self._metrics is not None and runs:
-            self._metrics.published(runs, unpublished)
+            self._metrics.published(runs, sent, unpublished)
         if broker_error is None and runs and self._broker_failing_since is not None:
             logger.warning(
                 "celery_dbsched: publishing works again after %.1fs; %d run(s) were not published meanwhile "

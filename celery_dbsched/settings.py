@@ -31,7 +31,7 @@ DEFAULT_MISFIRE_GRACE = dt.timedelta(minutes=1)
 MAX_DURATION = dt.timedelta(days=36500)
 MAX_RUN_JOBS_LIMIT = 100_000
 # Distinct job names a process gives a metric label of their own; the others share the label "other".
-DEFAULT_METRICS_JOB_LABELS = 500
+DEFAULT_METRICS_JOB_LABELS = 200  # a histogram of 12 buckets per job: about 3,000 series a worker at most
 MAX_METRICS_JOB_LABELS = 100_000
 DEFAULT_METRICS_ADDRESS = "0.0.0.0"
 

@@ -7,20 +7,26 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
+import os
 import re
 import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from celery.concurrency.prefork import TaskPool as PreforkPool
+from celery.concurrency.thread import TaskPool as ThreadsPool
+from helpers.apps import memory_app
 from helpers.proxy import closed_port
 from helpers.repository import claim_one
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from celery_dbsched import JobContext, JobRepository, JobStatus
+from celery_dbsched import JobContext, JobRepository, JobStatus, metrics
+from celery_dbsched import worker as worker_module
 from celery_dbsched.clock import TestClock
 from celery_dbsched.errors import CannotStart
 from celery_dbsched.job import FunctionJob
@@ -38,6 +44,7 @@ from celery_dbsched.records import RunRecord
 from celery_dbsched.runner import execute_run
 from celery_dbsched.settings import Settings
 from celery_dbsched.states import RunState
+from celery_dbsched.worker import MULTIPROC_ENV, DbschedWorkerStep
 
 HOUR = dt.timedelta(hours=1)
 T = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -96,7 +103,7 @@ def test_the_metrics_settings() -> None:
     settings = Settings.from_mapping({"dbsched_metrics_port": "9808", "dbsched_metrics_address": "127.0.0.1"})
     assert (settings.metrics_port, settings.metrics_address) == (9808, "127.0.0.1")
     assert Settings.from_mapping({}).metrics_address == "0.0.0.0"
-    assert Settings.from_mapping({}).metrics_job_labels == 500
+    assert Settings.from_mapping({}).metrics_job_labels == 200
     assert Settings.from_mapping({"dbsched_metrics_job_labels": 3}).metrics_job_labels == 3
     port_error = r"^dbsched_metrics_port: expected a port number \(1 to 65535, 0 for off\)"
     for bad in (70000, -1, "http", 1.5, True):
@@ -182,7 +189,8 @@ def test_a_beat_counts_each_batch_it_publishes_and_the_claim_lag() -> None:
     late_bucket = process_value("dbsched_claim_lag_seconds_bucket", beat=BEAT, le="2.5")
     slot = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
     beat = BeatMetrics(BEAT)
-    beat.published([_run(1, slot, slot + dt.timedelta(seconds=2)), _run(2, slot, slot + dt.timedelta(seconds=40))], 1)
+    batch = [_run(1, slot, slot + dt.timedelta(seconds=2)), _run(2, slot, slot + dt.timedelta(seconds=40))]
+    beat.published(batch, 1, 1)  # one sent, one not (the broker failed)
     beat.ticked()
     assert process_value("dbsched_runs_sent_total", beat=BEAT) == sent + 1
     assert process_value("dbsched_runs_unpublished_total", beat=BEAT) == unpublished + 1
@@ -299,6 +307,32 @@ def test_a_beat_whose_metrics_port_is_taken_cannot_start(make_scheduler: Any, tm
     )
 
 
+# -- the exporter of a worker ----------------------------------------------------------------------------------
+
+
+def test_a_prefork_worker_refuses_to_start_when_prometheus_client_is_already_in_single_process_mode(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Here prometheus-client was imported without PROMETHEUS_MULTIPROC_DIR (this test process), as when an app
+    imports it itself: a prefork worker's children would count runs nobody serves, so it says so and stops; a
+    threads worker counts in its one process."""
+    monkeypatch.setattr(metrics, "_worker_serves", False)
+    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    app = memory_app(f"sqlite:///{tmp_path / 'db.sqlite3'}", dbsched_metrics_port=closed_port())
+    with pytest.raises(CannotStart) as raised:
+        DbschedWorkerStep(SimpleNamespace(app=app, hostname="w", pool_cls=PreforkPool))
+    assert str(raised.value) == (
+        "celery_dbsched: the worker cannot start: dbsched_metrics_port: prometheus_client was imported before the "
+        "worker started, without PROMETHEUS_MULTIPROC_DIR: the runs of the prefork pool's children would not be "
+        "counted; set PROMETHEUS_MULTIPROC_DIR to an empty directory in the worker's environment"
+    )
+    assert MULTIPROC_ENV not in os.environ  # too late to set it: nothing left behind
+
+    DbschedWorkerStep(SimpleNamespace(app=app, hostname="w", pool_cls=ThreadsPool))
+    assert isinstance(worker_module._observers.get(app), RunMetrics)
+    assert metrics.served_by_worker()  # a beat embedded in it (-B) starts no exporter of its own
+
+
 # -- the example dashboard --------------------------------------------------------------------------------------
 
 
@@ -312,7 +346,7 @@ def test_the_grafana_dashboard_uses_the_names_a_scrape_shows(repository: JobRepo
         for name in re.findall(r"dbsched_[a-z_]+", target["expr"])
     }
     repository.heartbeat("worker-1@host", "worker", "host", 1)
-    BeatMetrics("dashboard-beat").published([_run(1, T, T)], 0)
+    BeatMetrics("dashboard-beat").published([_run(1, T, T)], 1, 0)
     worker = RunMetrics(JobLabels(lambda: ["j"], 1))
     worker.started(_run(2, T, T))
     worker.ended(dataclasses.replace(_run(2, T, T), status=RunState.COMPLETED, start_time=T, end_time=T + MINUTE))
