@@ -97,21 +97,6 @@ def parse_positive_int(key: str, value: object, default: int, maximum: int) -> i
     return number
 
 
-def parse_port(key: str, value: object) -> int | None:
-    """A TCP port (1 to 65535); None or 0 -> None (off)."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{key}: expected a port number (1 to 65535, 0 for off), got {value!r}")
-    try:
-        port = int(value)
-    except ValueError:
-        raise ValueError(f"{key}: expected a port number (1 to 65535, 0 for off), got {value!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{key}: expected a port number (1 to 65535, 0 for off), got {value!r}")
-    return port or None
-
-
 def parse_backoff(key: str, value: object) -> tuple[dt.timedelta, dt.timedelta]:
     """`(base, cap)` or a lone base; unlike other durations a base of 0 is kept: it retries at once."""
     if value is None:
@@ -261,7 +246,8 @@ class Settings:
             ),
             auto_migrate=parse_bool("dbsched_auto_migrate", get("dbsched_auto_migrate"), True),
             listen=parse_bool("dbsched_listen", get("dbsched_listen"), True),
-            metrics_port=parse_port("dbsched_metrics_port", get("dbsched_metrics_port")),
+            # 0 or unset: no exporter.
+            metrics_port=parse_positive_int("dbsched_metrics_port", get("dbsched_metrics_port"), 0, 65535) or None,
             metrics_address=(metrics_address or DEFAULT_METRICS_ADDRESS).strip(),
             metrics_job_labels=parse_positive_int(
                 "dbsched_metrics_job_labels",

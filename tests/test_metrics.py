@@ -20,7 +20,7 @@ from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.concurrency.thread import TaskPool as ThreadsPool
 from helpers.apps import memory_app
 from helpers.proxy import closed_port
-from helpers.repository import claim_one
+from helpers.repository import claim_one, queued_run
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -105,10 +105,16 @@ def test_the_metrics_settings() -> None:
     assert Settings.from_mapping({}).metrics_address == "0.0.0.0"
     assert Settings.from_mapping({}).metrics_job_labels == 200
     assert Settings.from_mapping({"dbsched_metrics_job_labels": 3}).metrics_job_labels == 3
-    port_error = r"^dbsched_metrics_port: expected a port number \(1 to 65535, 0 for off\)"
-    for bad in (70000, -1, "http", 1.5, True):
-        with pytest.raises(ValueError, match=port_error):
+    for bad, error in (
+        (70000, "at most 65535, got 70000"),
+        (-1, "must not be negative, got -1"),
+        ("http", "expected a whole number, got 'http'"),
+        (1.5, "expected a whole number, got 1.5"),
+        (True, "expected a whole number, got True"),
+    ):
+        with pytest.raises(ValueError) as raised:
             Settings.from_mapping({"dbsched_metrics_port": bad})
+        assert str(raised.value) == f"dbsched_metrics_port: {error}"
     with pytest.raises(ValueError, match=r"^dbsched_metrics_address: expected a host name or IP address"):
         Settings.from_mapping({"dbsched_metrics_address": ""})
     with pytest.raises(ValueError, match="did you mean dbsched_metrics_port"):
@@ -158,24 +164,7 @@ def test_a_worker_counts_runs_by_job_and_outcome_with_their_durations(repository
 
 
 def _run(run_id: int, slot: dt.datetime, claimed: dt.datetime) -> RunRecord:
-    return RunRecord(
-        id=run_id,
-        job_name=f"job-{run_id}",
-        status="queued",  # type: ignore[arg-type]
-        queue=None,
-        claimed_by="beat-1",
-        worker=None,
-        task_id=None,
-        completed=0,
-        total=0,
-        error=None,
-        requested_next_run=None,
-        create_time=claimed,
-        start_time=None,
-        update_time=claimed,
-        end_time=None,
-        scheduled_for=slot,
-    )
+    return queued_run(run_id, f"job-{run_id}", slot, claimed)
 
 
 BEAT = "beat-under-test"
