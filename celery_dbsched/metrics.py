@@ -43,12 +43,11 @@ from prometheus_client.registry import Collector
 from .errors import DbschedError
 from .records import RunRecord
 from .repository import JobRepository
-from .settings import Settings
+from .settings import PROMETHEUS_MULTIPROC_ENV, Settings
 from .states import ACTIVE
 
 logger = logging.getLogger(__name__)
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 OTHER = "other"  # the job label of the jobs beyond dbsched_metrics_job_labels
 
 # Seconds. Claim lag: a beat claims within its run-jobs interval (5 s by default) when it keeps up.
@@ -294,7 +293,7 @@ def serve(settings: Settings, repository: JobRepository | None) -> Any:
         "celery_dbsched: metrics on http://%s:%d/metrics%s",
         settings.metrics_address,
         settings.metrics_port,
-        f" (multiprocess: {os.environ.get(MULTIPROC_ENV)})" if multiprocess_mode() else "",
+        f" (multiprocess: {os.environ.get(PROMETHEUS_MULTIPROC_ENV)})" if multiprocess_mode() else "",
     )
     return server
 

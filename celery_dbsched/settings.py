@@ -34,6 +34,8 @@ MAX_RUN_JOBS_LIMIT = 100_000
 DEFAULT_METRICS_JOB_LABELS = 200  # a histogram of 12 buckets per job: about 3,000 series a worker at most
 MAX_METRICS_JOB_LABELS = 100_000
 DEFAULT_METRICS_ADDRESS = "0.0.0.0"
+# prometheus-client's multiprocess directory, read from the environment once, when it is imported.
+PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def parse_duration(

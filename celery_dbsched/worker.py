@@ -30,7 +30,7 @@ from .protocol import JSON_CONTENT_TYPE, RUN_SERIALIZER, RUN_TASK_NAME, run_args
 from .registry import registry_for
 from .repository import JobRepository
 from .runner import RunObserver, execute_run, shutdown_waker, shutting_down
-from .settings import default_server_id, settings_for
+from .settings import PROMETHEUS_MULTIPROC_ENV, default_server_id, settings_for
 from .states import InterruptReason
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ _CHILD_CANCEL_SIGNAL = signal.SIGURG
 _pools: list[Any] = []  # the worker's pool, to find prefork children at shutdown
 # The run metrics of each app whose worker serves metrics (dbsched_metrics_port); made before the pool forks.
 _observers: weakref.WeakKeyDictionary[Any, RunObserver] = weakref.WeakKeyDictionary()
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's; read before it is imported
 
 
 class JsonOnlyRequest(Request):  # type: ignore[misc]
@@ -140,8 +139,8 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
             cannot_start(
                 "worker",
                 "dbsched_metrics_port: prometheus_client was imported before the worker started, without "
-                f"{MULTIPROC_ENV}: the runs of the prefork pool's children would not be counted; set "
-                f"{MULTIPROC_ENV} to an empty directory in the worker's environment",
+                f"{PROMETHEUS_MULTIPROC_ENV}: the runs of the prefork pool's children would not be counted; set "
+                f"{PROMETHEUS_MULTIPROC_ENV} to an empty directory in the worker's environment",
                 logger,
             )
         worker_serves()
@@ -214,10 +213,11 @@ def prepare_metrics_dir() -> None:
     process serves what prefork children count: PROMETHEUS_MULTIPROC_DIR when set (wiping it between runs is
     the deployment's), else a private directory made here, before prometheus-client is imported (it reads the
     variable once, at import), and removed when the worker exits."""
-    if MULTIPROC_ENV in os.environ or MULTIPROC_ENV.lower() in os.environ or "prometheus_client" in sys.modules:
+    named = {PROMETHEUS_MULTIPROC_ENV, PROMETHEUS_MULTIPROC_ENV.lower()} & set(os.environ)
+    if named or "prometheus_client" in sys.modules:
         return
     path = tempfile.mkdtemp(prefix="dbsched-metrics-")
-    os.environ[MULTIPROC_ENV] = path
+    os.environ[PROMETHEUS_MULTIPROC_ENV] = path
     owner = os.getpid()
 
     def remove() -> None:

@@ -42,9 +42,9 @@ from celery_dbsched.metrics import (
 )
 from celery_dbsched.records import RunRecord
 from celery_dbsched.runner import execute_run
-from celery_dbsched.settings import Settings
+from celery_dbsched.settings import PROMETHEUS_MULTIPROC_ENV, Settings
 from celery_dbsched.states import RunState
-from celery_dbsched.worker import MULTIPROC_ENV, DbschedWorkerStep
+from celery_dbsched.worker import DbschedWorkerStep
 
 HOUR = dt.timedelta(hours=1)
 T = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -306,7 +306,7 @@ def test_a_prefork_worker_refuses_to_start_when_prometheus_client_is_already_in_
     imports it itself: a prefork worker's children would count runs nobody serves, so it says so and stops; a
     threads worker counts in its one process."""
     monkeypatch.setattr(metrics, "_worker_serves", False)
-    monkeypatch.delenv(MULTIPROC_ENV, raising=False)
+    monkeypatch.delenv(PROMETHEUS_MULTIPROC_ENV, raising=False)
     app = memory_app(f"sqlite:///{tmp_path / 'db.sqlite3'}", dbsched_metrics_port=closed_port())
     with pytest.raises(CannotStart) as raised:
         DbschedWorkerStep(SimpleNamespace(app=app, hostname="w", pool_cls=PreforkPool))
@@ -315,7 +315,7 @@ def test_a_prefork_worker_refuses_to_start_when_prometheus_client_is_already_in_
         "worker started, without PROMETHEUS_MULTIPROC_DIR: the runs of the prefork pool's children would not be "
         "counted; set PROMETHEUS_MULTIPROC_DIR to an empty directory in the worker's environment"
     )
-    assert MULTIPROC_ENV not in os.environ  # too late to set it: nothing left behind
+    assert PROMETHEUS_MULTIPROC_ENV not in os.environ  # too late to set it: nothing left behind
 
     DbschedWorkerStep(SimpleNamespace(app=app, hostname="w", pool_cls=ThreadsPool))
     assert isinstance(worker_module._observers.get(app), RunMetrics)
