@@ -110,6 +110,14 @@ def cannot_start(process: str, cause: BaseException | str, log: logging.Logger) 
     raise error
 
 
+def metrics_not_installed(exc: ImportError) -> str:
+    """The start-up error of a beat or worker given `dbsched_metrics_port` without prometheus-client."""
+    return (
+        f"dbsched_metrics_port is set but prometheus-client is not installed (no module {exc.name!r}): "
+        'pip install "celery-dbsched[metrics]", or set dbsched_metrics_port = 0'
+    )
+
+
 def one_line(text: str) -> str:
     """A driver's message on one line (libpq's span several: the hint after a tab on the next line)."""
     return " ".join(text.split())

@@ -271,3 +271,25 @@ class StartedRun:
     def retry_backoff(self) -> tuple[dt.timedelta, dt.timedelta] | None:
         """The job's own backoff (None: the repository's)."""
         return backoff_of(self.retry_backoff_base, self.retry_backoff_cap)
+
+
+@dataclass(frozen=True)
+class ServerSeen:
+    """A beat or worker and when it last wrote its server row."""
+
+    id: str
+    kind: str
+    last_seen: dt.datetime
+
+
+@dataclass(frozen=True)
+class MetricsFigures:
+    """What the database says at a metrics scrape (`JobRepository.metrics_figures`): runs in flight by status,
+    the stalled ones, the jobs due and not claimed and how late the earliest is, and the servers last seen."""
+
+    active_runs: dict[str, int]
+    stalled_runs: int
+    due_unclaimed: int
+    oldest_lateness: float  # seconds; 0 when nothing is due
+    servers: list[ServerSeen]
+    now: dt.datetime

@@ -31,7 +31,9 @@ from .records import (
     ClaimStats,
     JobRecord,
     JobSync,
+    MetricsFigures,
     RunRecord,
+    ServerSeen,
     StartedRun,
     changes,
     definition_values,
@@ -50,6 +52,7 @@ try:  # what each server row records as the version it runs
     PACKAGE_VERSION = importlib.metadata.version("celery-dbsched")
 except importlib.metadata.PackageNotFoundError:  # imported from a checkout without installing it
     PACKAGE_VERSION = "unknown"
+METRICS_SERVERS = 1_000  # servers a metrics scrape shows at most (the most recently seen)
 _STARTED_KEPT = 10_000  # runs started and not finished yet by this repository, remembered for their finish
 
 
@@ -1096,6 +1099,21 @@ class JobRepository:
     def failures_since(self, since: dt.timedelta, cap: int, limit: int) -> tuple[int, list[RunRecord]]:
         """Runs that ended failed (or interrupted stalled or expired) within `since`: how many, the latest."""
         return self._counted_runs(sql.failures_since(self.clock.now, since.total_seconds(), cap, limit))
+
+    # -- metrics -----------------------------------------------------------------------------------------
+
+    def metrics_figures(self, *, servers_limit: int = METRICS_SERVERS) -> MetricsFigures:
+        """What a metrics scrape shows of the database, in one read-only transaction of four bounded, indexed
+        queries (never a count over the history)."""
+        with self._tx() as conn:
+            active = {str(status): int(count) for status, count in conn.execute(sql.metrics_active_runs()).all()}
+            stalled = conn.execute(
+                sql.metrics_stalled_runs(self.clock.now, self.interrupt_threshold.total_seconds())
+            ).scalar_one()
+            due, earliest, now = conn.execute(sql.metrics_due_unclaimed(self.clock.now)).one()
+            servers = [ServerSeen(*row) for row in conn.execute(sql.metrics_servers(servers_limit)).all()]
+        lateness = max((now - earliest).total_seconds(), 0.0) if earliest is not None else 0.0
+        return MetricsFigures(active, int(stalled), int(due), lateness, servers, now)
 
     def database_now(self) -> dt.datetime:
         with self._tx() as conn:

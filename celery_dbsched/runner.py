@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from .errors import (
     DatabaseError,
@@ -293,6 +293,21 @@ def next_delay(job: Job, ctx: JobContext, label: str) -> dt.timedelta | None:
         return None
 
 
+class RunObserver(Protocol):
+    """Told of each run this process starts and of its final record (`metrics.RunMetrics`)."""
+
+    def started(self, run: RunRecord) -> None: ...
+
+    def ended(self, run: RunRecord) -> None: ...
+
+
+def _observed(observer: RunObserver | None, run: RunRecord | None) -> RunRecord | None:
+    """`run`, once `observer` was told it ended (when both are given)."""
+    if observer is not None and run is not None:
+        observer.ended(run)
+    return run
+
+
 def execute_run(
     repository: JobRepository,
     jobs: Callable[[str], Job | None],
@@ -302,6 +317,7 @@ def execute_run(
     task_id: str | None = None,
     monitor_interval: float = 30.0,
     raise_failure: bool = False,
+    observer: RunObserver | None = None,
 ) -> RunRecord | None:
     """Start, run and finish one run. Returns the final run, or None when the message was dropped because
     the run was not `queued` (a duplicate delivery, an expired or unknown run: design §3).
@@ -315,11 +331,14 @@ def execute_run(
     except (RunNotFound, InvalidRunState) as exc:
         logger.warning("dropping the message for run %s: %s", run_id, exc)
         return None
+    if observer is not None:
+        observer.started(run)
     label = run.label()
     job = jobs(run.job_name)
     if job is None:
         unknown = JobNotRegistered(run.job_name, worker)
         failed = _retrying(f"failing {label}", lambda: repository.fail_run(run_id, str(unknown)), outage)
+        _observed(observer, failed)
         _log_failure(label, unknown, raise_failure)
         if raise_failure:
             raise unknown
@@ -337,7 +356,7 @@ def execute_run(
         except BaseException as exc:
             monitor.stop()
             if ctx.cancelled or isinstance(exc, JobInterrupted):
-                return _finish_interrupted(repository, label, ctx)
+                return _observed(observer, _finish_interrupted(repository, label, ctx))
             if not isinstance(exc, Exception):
                 raise
             error = "".join(traceback.format_exception(exc)).strip()
@@ -352,15 +371,16 @@ def execute_run(
             if ended is None:  # interrupted meanwhile: that stands
                 logger.warning("%s: the job raised after its run ended: %r", label, exc)
                 return None
+            _observed(observer, ended)
             _log_failure(label, exc, raise_failure)
             if raise_failure:
                 raise
             return ended
         monitor.stop()
         if ctx.cancelled:
-            return _finish_interrupted(repository, label, ctx)
+            return _observed(observer, _finish_interrupted(repository, label, ctx))
         delay = next_delay(job, ctx, label)
-        return _finish(
+        completed = _finish(
             repository,
             run.id,
             f"completing {label}",
@@ -368,6 +388,7 @@ def execute_run(
             lambda: repository.complete_run(run.id, delay, progress=status_of(job, ctx, label)),
             outage,
         )
+        return _observed(observer, completed)
     finally:
         monitor.stop()
         with _active_lock:

@@ -15,13 +15,21 @@ import statistics
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import beat
 
 from .beat_schedule import summarize_names, sync_beat_schedule
 from .binding import repository_for
-from .errors import CannotStart, DatabaseError, DatabaseUnavailable, Outage, SchemaMismatch, cannot_start
+from .errors import (
+    CannotStart,
+    DatabaseError,
+    DatabaseUnavailable,
+    Outage,
+    SchemaMismatch,
+    cannot_start,
+    metrics_not_installed,
+)
 from .migrate import prepare_schema
 from .protocol import run_headers
 from .publisher import RunPublisher
@@ -31,6 +39,9 @@ from .repository import JobRepository
 from .settings import mask_database_url, settings_for
 from .states import JobKind
 from .wakeup import Wakeup
+
+if TYPE_CHECKING:
+    from .metrics import BeatMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +125,8 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         self._next_claim: Future[Claim] | None = None
         self._marks: list[Future[None]] = []  # `dispatched` marks made on the claim threads
         self._wakeup: Wakeup | None = None
+        self._metrics: BeatMetrics | None = None
+        self._metrics_server: Any = None
         self._closed = False
         super().__init__(app, *args, lazy=lazy, **kwargs)
 
@@ -122,7 +135,9 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
     def setup_schedule(self) -> None:
         """At start: `prepare`. A database that is down is waited for (each tick tries the start-up again); a
         missing driver, a refused connection, a wrong schema, a bad entry or a statement the database refuses
-        is fatal: one line at CRITICAL, and the beat exits 1 (`CannotStart`)."""
+        is fatal: one line at CRITICAL, and the beat exits 1 (`CannotStart`). So is a metrics exporter
+        (`dbsched_metrics_port`) that cannot start."""
+        self._start_metrics()
         try:
             self.prepare()
         except DatabaseUnavailable as exc:
@@ -156,6 +171,20 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         if self.settings.listen and self._wakeup is None:
             self._wakeup = Wakeup(repository.engine)
 
+    def _start_metrics(self) -> None:
+        if self.settings.metrics_port is None or self._metrics is not None:
+            return
+        try:
+            from .metrics import BeatMetrics, serve, served_by_worker
+        except ImportError as exc:
+            cannot_start("beat", metrics_not_installed(exc), logger)
+        if not served_by_worker():  # else embedded in a worker (`-B`), whose exporter serves its counts
+            try:
+                self._metrics_server = serve(self.settings, self.repository)
+            except ValueError as exc:
+                cannot_start("beat", exc, logger)
+        self._metrics = BeatMetrics(self.server_id)
+
     @property
     def repository(self) -> JobRepository:
         """The app's repository in this process; getting it opens no connection (`prepare` does the I/O)."""
@@ -169,6 +198,8 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
     def tick(self, *args: Any, **kwargs: Any) -> float:
         """Claim and publish what is due; return the seconds to sleep (at most the run-jobs interval)."""
         interval = self._interval()
+        if self._metrics is not None:
+            self._metrics.ticked()
         try:
             if not self._prepared:
                 self.prepare()  # the database was down at start
@@ -211,6 +242,9 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         self._finish_next_claim()
         if self._wakeup is not None:
             self._wakeup.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         super().close()
         if self._fatal is not None:
             raise self._fatal
@@ -307,6 +341,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
                 "celery_dbsched: claimed %d run(s): %s", len(runs), summarize_names([r.job_name for r in runs], 10)
             )
         each = logger.isEnabledFor(logging.DEBUG)
+        sent = unpublished = 0
         broker_error: Exception | None = None
         dispatched: list[tuple[int, str | None]] = []
         self._publisher.new_batch()
@@ -317,8 +352,10 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
                         task_id = self._send_task(run, claim.jobs.get(run.job_name))
                         if task_id is not None:
                             dispatched.append((run.id, task_id))
+                            sent += 1
                     else:
                         self._send(run)
+                        sent += 1
                     if each:
                         logger.debug(
                             "celery_dbsched: sent %s%s", run.label(), f" to queue {run.queue}" if run.queue else ""
@@ -328,12 +365,15 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
                     broker_error = exc
                     self._broker_down(run, exc)
             self._unpublished += 1
+            unpublished += 1
             try:
                 self.repository.fail_run(run.id, f"not published: {broker_error!r}")
             except DatabaseError as exc:
                 logger.error("celery_dbsched: could not end unpublished %s (%s); the monitor will", run.label(), exc)
         if dispatched:
             self._mark_dispatched(dispatched)
+        if self._metrics is not None and runs:
+            self._metrics.published(runs, sent, unpublished)
         if broker_error is None and runs and self._broker_failing_since is not None:
             logger.warning(
                 "celery_dbsched: publishing works again after %.1fs; %d run(s) were not published meanwhile "

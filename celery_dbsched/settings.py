@@ -31,6 +31,12 @@ DEFAULT_MISFIRE_GRACE = dt.timedelta(minutes=1)
 
 MAX_DURATION = dt.timedelta(days=36500)
 MAX_RUN_JOBS_LIMIT = 100_000
+# Distinct job names a process gives a metric label of their own; the others share the label "other".
+DEFAULT_METRICS_JOB_LABELS = 200  # a histogram of 12 buckets per job: about 3,000 series a worker at most
+MAX_METRICS_JOB_LABELS = 100_000
+DEFAULT_METRICS_ADDRESS = "0.0.0.0"
+# prometheus-client's multiprocess directory, read from the environment once, when it is imported.
+PROMETHEUS_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def parse_duration(
@@ -193,6 +199,9 @@ class Settings:
     server_retention: dt.timedelta = DEFAULT_SERVER_RETENTION
     auto_migrate: bool = True
     listen: bool = True
+    metrics_port: int | None = None  # a beat or worker serves Prometheus metrics on it (celery_dbsched.metrics)
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
+    metrics_job_labels: int = DEFAULT_METRICS_JOB_LABELS
 
     @classmethod
     def from_mapping(cls, conf: Mapping[str, Any]) -> Settings:
@@ -213,6 +222,9 @@ class Settings:
             raise ValueError(f"dbsched_server_id: expected a non-empty string, got {server_id!r}")
         if server_id is not None and len(server_id) > 255:
             raise ValueError("dbsched_server_id: at most 255 characters")
+        metrics_address = get("dbsched_metrics_address")
+        if metrics_address is not None and (not isinstance(metrics_address, str) or not metrics_address.strip()):
+            raise ValueError(f"dbsched_metrics_address: expected a host name or IP address, got {metrics_address!r}")
         return cls(
             database_url=url or default_database_url(),
             engine_options=dict(engine_options),
@@ -241,6 +253,15 @@ class Settings:
             ),
             auto_migrate=parse_bool("dbsched_auto_migrate", get("dbsched_auto_migrate"), True),
             listen=parse_bool("dbsched_listen", get("dbsched_listen"), True),
+            # 0 or unset: no exporter.
+            metrics_port=parse_positive_int("dbsched_metrics_port", get("dbsched_metrics_port"), 0, 65535) or None,
+            metrics_address=(metrics_address or DEFAULT_METRICS_ADDRESS).strip(),
+            metrics_job_labels=parse_positive_int(
+                "dbsched_metrics_job_labels",
+                get("dbsched_metrics_job_labels"),
+                DEFAULT_METRICS_JOB_LABELS,
+                MAX_METRICS_JOB_LABELS,
+            ),
         )
 
     def __repr__(self) -> str:

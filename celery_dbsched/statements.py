@@ -940,3 +940,29 @@ def database_now(now: Now) -> Select[Any]:
 
 def ping() -> Executable:
     return text("SELECT 1")
+
+
+# -- metrics (celery_dbsched.metrics: what a scrape reads; bounded, indexed) -------------------------------------
+# The integrator may swap these for the read model of celery_dbsched.observe when it lands.
+
+
+def metrics_active_runs() -> Select[Any]:
+    """Active runs by status (through the partial index of active runs: as many rows as runs in flight)."""
+    return select(r.c.status, func.count()).where(r.c.status.in_(ACTIVE)).group_by(r.c.status)
+
+
+def metrics_stalled_runs(now: Now, default_threshold: float) -> Select[Any]:
+    """How many active runs the next monitor step of a beat will end `interrupted` (stalled)."""
+    return select(func.count()).select_from(r).where(stalled(now, default_threshold))
+
+
+def metrics_due_unclaimed(now: Now) -> Select[Any]:
+    """Claimable jobs whose next run has come (none of their runs holds the slot), and the earliest such next
+    run, with now (a range of the claimable index: bounded by the number of jobs, never by runs)."""
+    columns = (func.min(j.c.next_scheduled_run), now().label("now"))
+    return select(func.count()).add_columns(*columns).where(claimable, j.c.next_scheduled_run <= now())
+
+
+def metrics_servers(limit: int) -> Select[Any]:
+    """The most recently seen servers (beats and workers) and when."""
+    return select(s.c.id, s.c.kind, s.c.last_seen).order_by(s.c.last_seen.desc()).limit(limit)

@@ -7,11 +7,15 @@ cancels the runs' contexts in this process, and in prefork children through SIGU
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
+import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -22,13 +26,21 @@ from celery.exceptions import InvalidTaskError, Reject
 from celery.worker.request import Request
 
 from .binding import repository_for
-from .errors import DatabaseError, DatabaseUnavailable, DbschedError, Outage, SchemaMismatch, cannot_start
+from .errors import (
+    DatabaseError,
+    DatabaseUnavailable,
+    DbschedError,
+    Outage,
+    SchemaMismatch,
+    cannot_start,
+    metrics_not_installed,
+)
 from .migrate import prepare_schema
 from .protocol import JSON_CONTENT_TYPE, RUN_SERIALIZER, RUN_TASK_NAME, run_args, run_shadow, valid_run_id
 from .registry import registry_for
 from .repository import JobRepository
-from .runner import execute_run, shutdown_waker, shutting_down
-from .settings import Settings, default_server_id, settings_for
+from .runner import RunObserver, execute_run, shutdown_waker, shutting_down
+from .settings import PROMETHEUS_MULTIPROC_ENV, Settings, default_server_id, settings_for
 from .states import InterruptReason
 
 logger = logging.getLogger(__name__)
@@ -38,6 +50,8 @@ logger = logging.getLogger(__name__)
 # left alone and ignored by default, so a child that has not installed our handler yet is not hurt by it.
 _CHILD_CANCEL_SIGNAL = signal.SIGURG
 _pools: list[Any] = []  # the worker's pool, to find prefork children at shutdown
+# The run metrics of each app whose worker serves metrics (dbsched_metrics_port); made before the pool forks.
+_observers: weakref.WeakKeyDictionary[Any, RunObserver] = weakref.WeakKeyDictionary()
 
 
 class JsonOnlyRequest(Request):  # type: ignore[misc]
@@ -82,6 +96,7 @@ def _run_job(task: Any, run_id: object, job_name: object = None) -> str | None:
         task_id=task.request.id,
         monitor_interval=settings.monitor_interval.total_seconds(),
         raise_failure=True,
+        observer=_observers.get(app),
     )
     return None if result is None else result.status
 
@@ -171,6 +186,31 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
         except ValueError as exc:
             cannot_start("worker", exc, logger)
         self.repository: JobRepository | None = None
+        self.metrics_server: Any = None
+        if self.settings.metrics_port is not None:
+            self._prepare_metrics(worker)
+
+    def _prepare_metrics(self, worker: Any) -> None:
+        """Before the pool forks (steps are made before any starts): prometheus-client in multiprocess mode,
+        and the run metrics the children inherit. The exporter itself starts with the step."""
+        prepare_metrics_dir()
+        try:
+            from .metrics import JobLabels, RunMetrics, multiprocess_mode, worker_serves
+        except ImportError as exc:
+            cannot_start("worker", metrics_not_installed(exc), logger)
+        pool = getattr(worker, "pool_cls", None)
+        if not multiprocess_mode() and "prefork" in f"{getattr(pool, '__module__', '')}":
+            cannot_start(
+                "worker",
+                "dbsched_metrics_port: prometheus_client was imported before the worker started, without "
+                f"{PROMETHEUS_MULTIPROC_ENV}: the runs of the prefork pool's children would not be counted; set "
+                f"{PROMETHEUS_MULTIPROC_ENV} to an empty directory in the worker's environment",
+                logger,
+            )
+        worker_serves()
+        app = worker.app
+        limit = self.settings.metrics_job_labels
+        _observers[app] = RunMetrics(JobLabels(lambda: [job.name for job in registry_for(app)], limit))
 
     def start(self, worker: Any) -> None:
         """Prepare the schema, store the jobs, end the runs this node left behind. A database that is down is
@@ -178,6 +218,13 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
         is); anything that retrying cannot fix is one CRITICAL line and exit 1."""
         app = worker.app
         shutdown_waker.start()
+        if self.settings.metrics_port is not None and self.metrics_server is None:
+            from .metrics import serve
+
+            try:
+                self.metrics_server = serve(self.settings, None)
+            except ValueError as exc:
+                cannot_start("worker", exc, logger)
         outage = Outage(logger, "the worker waits for it before it consumes, trying again with a backoff")
         while True:
             try:
@@ -221,6 +268,29 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def shutdown(self, worker: Any) -> None:
         self.stop(worker)
+        server, self.metrics_server = self.metrics_server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+def prepare_metrics_dir() -> None:
+    """With the metrics exporter on, a worker runs prometheus-client in multiprocess mode, so that its main
+    process serves what prefork children count: PROMETHEUS_MULTIPROC_DIR when set (wiping it between runs is
+    the deployment's), else a private directory made here, before prometheus-client is imported (it reads the
+    variable once, at import), and removed when the worker exits."""
+    named = {PROMETHEUS_MULTIPROC_ENV, PROMETHEUS_MULTIPROC_ENV.lower()} & set(os.environ)
+    if named or "prometheus_client" in sys.modules:
+        return
+    path = tempfile.mkdtemp(prefix="dbsched-metrics-")
+    os.environ[PROMETHEUS_MULTIPROC_ENV] = path
+    owner = os.getpid()
+
+    def remove() -> None:
+        if os.getpid() == owner:  # not in a forked child that exits through atexit
+            shutil.rmtree(path, ignore_errors=True)
+
+    atexit.register(remove)
 
 
 def _sleep_unless_stopping(seconds: float) -> None:

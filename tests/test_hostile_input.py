@@ -46,6 +46,8 @@ from celery_dbsched.scheduler import Scheduler
 from celery_dbsched.schema import NAME_MAX_LENGTH, job_table, run_table
 from celery_dbsched.settings import (
     DEFAULT_INTERRUPT_THRESHOLD,
+    DEFAULT_METRICS_ADDRESS,
+    DEFAULT_METRICS_JOB_LABELS,
     DEFAULT_MONITOR_INTERVAL,
     DEFAULT_RETRY_BACKOFF,
     DEFAULT_RUN_JOBS_INTERVAL,
@@ -53,6 +55,7 @@ from celery_dbsched.settings import (
     DEFAULT_RUN_RETENTION,
     DEFAULT_SERVER_RETENTION,
     MAX_DURATION,
+    MAX_METRICS_JOB_LABELS,
     MAX_RUN_JOBS_LIMIT,
     Settings,
     default_database_url,
@@ -560,6 +563,9 @@ EXPECTED: dict[str, tuple[str, dict[str, Any]]] = {
     "dbsched_server_id": ("server_id", {**_strings(None), "junk-string": "soon"}),
     "dbsched_database_url": ("database_url", _strings(default_database_url())),
     "dbsched_engine_options": ("engine_options", {**_strings({}), "dict": {"a": 1}}),
+    "dbsched_metrics_port": ("metrics_port", _durations(None)),  # 0/unset: no exporter
+    "dbsched_metrics_address": ("metrics_address", {**_strings(DEFAULT_METRICS_ADDRESS), "junk-string": "soon"}),
+    "dbsched_metrics_job_labels": ("metrics_job_labels", _durations(DEFAULT_METRICS_JOB_LABELS)),
 }
 
 # Per key, the largest accepted value and what it becomes.
@@ -573,6 +579,8 @@ LARGEST: dict[str, tuple[Any, Any]] = {
     "dbsched_retry_backoff": ((MAX_SECONDS, MAX_SECONDS), (MAX_DURATION, MAX_DURATION)),
     "dbsched_server_id": ("s" * 255, "s" * 255),
     "dbsched_database_url": ("sqlite:///" + "d" * 10_000, "sqlite:///" + "d" * 10_000),
+    "dbsched_metrics_port": (65535, 65535),
+    "dbsched_metrics_job_labels": (MAX_METRICS_JOB_LABELS, MAX_METRICS_JOB_LABELS),
 }
 
 SETTING_CASES = [

@@ -33,6 +33,7 @@ from celery.utils.imports import load_extension_class_names
 from helpers.polling import wait_for
 from helpers.processes import REPO_DIR, TESTS_DIR, Processes
 from helpers.proxy import TcpProxy, closed_port, host_port, with_port
+from helpers.repository import queued_run
 from helpers.services import POSTGRES_URL, RABBITMQ_URL, REDIS_URL, Broker, Database, require_service
 from kombu.utils.imports import symbol_by_name
 
@@ -42,7 +43,6 @@ from celery_dbsched.protocol import RUN_TASK_NAME
 from celery_dbsched.records import RunRecord
 from celery_dbsched.registry import existing_registry
 from celery_dbsched.scheduler import Scheduler
-from celery_dbsched.states import RunState
 from celery_dbsched.transport import filesystem_broker_settings
 
 MINUTE = dt.timedelta(minutes=1)
@@ -235,24 +235,7 @@ def test_the_per_run_debug_line_costs_nothing_when_debug_is_off(
 
 def test_a_run_label_names_its_id_job_and_slot_in_utc() -> None:
     slot = dt.datetime(2026, 12, 5, 9, 0, tzinfo=dt.timezone(dt.timedelta(hours=1)))
-    run = RunRecord(
-        id=12,
-        job_name="x",
-        status=RunState.QUEUED,
-        queue=None,
-        claimed_by="b",
-        worker=None,
-        task_id=None,
-        completed=0,
-        total=0,
-        error=None,
-        requested_next_run=None,
-        create_time=slot,
-        start_time=None,
-        update_time=slot,
-        end_time=None,
-        scheduled_for=slot,
-    )
+    run = queued_run(12, "x", slot, slot, claimed_by="b")
     assert run.label() == "run 12 of job 'x' (slot 2026-12-05 08:00:00 UTC)"
     assert dataclasses.replace(run, scheduled_for=None).label() == "run 12 of job 'x'"
 

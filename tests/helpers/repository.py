@@ -1,7 +1,8 @@
-"""Claiming runs on a `JobRepository` as a beat does."""
+"""Claiming runs on a `JobRepository` as a beat does, and claimed runs made without one."""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from celery_dbsched.binding import bind_repository
@@ -9,6 +10,7 @@ from celery_dbsched.clock import Clock
 from celery_dbsched.records import RunRecord
 from celery_dbsched.repository import JobRepository
 from celery_dbsched.settings import Settings
+from celery_dbsched.states import RunState
 
 
 def claim(repository: JobRepository, server_id: str = "beat-1", limit: int = 1000) -> list[RunRecord]:
@@ -20,6 +22,30 @@ def claim_one(repository: JobRepository, name: str, server_id: str = "beat-1") -
     runs = [run for run in claim(repository, server_id) if run.job_name == name]
     assert len(runs) == 1, f"expected to claim {name!r}, claimed {runs}"
     return runs[0]
+
+
+def queued_run(
+    run_id: int, job_name: str, slot: dt.datetime | None, claimed: dt.datetime, claimed_by: str = "beat-1"
+) -> RunRecord:
+    """A run as a beat's claim returns it (queued, for `slot`, claimed at `claimed`), without a database."""
+    return RunRecord(
+        id=run_id,
+        job_name=job_name,
+        status=RunState.QUEUED,
+        queue=None,
+        claimed_by=claimed_by,
+        worker=None,
+        task_id=None,
+        completed=0,
+        total=0,
+        error=None,
+        requested_next_run=None,
+        create_time=claimed,
+        start_time=None,
+        update_time=claimed,
+        end_time=None,
+        scheduled_for=slot,
+    )
 
 
 def bind_clock(app: Any, clock: Clock) -> JobRepository:
