@@ -31,7 +31,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/dashboard.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import Config, drop_database, ensure_database
+from bench.common import Config, drop_database, ensure_database, fresh_schema, template_columns
 
 DATABASE = "dashboard"
 BUDGET_MS = 300.0  # issue 12 §3: every page and JSON endpoint answers in < 300 ms server-side
@@ -51,33 +51,21 @@ def _name_sql(expression: str) -> str:
 def fill(url: str, jobs: int, runs: int, *, log: Callable[[str], None] = print) -> dict[str, float]:
     """Make the schema at `url` (a database or a test schema) hold `jobs` jobs, `runs` ended runs and an active
     run for one job in ACTIVE_EVERY; returns the seconds each step took."""
-    from sqlalchemy import MetaData, Table, text
+    from sqlalchemy import text
 
     from celery_dbsched import JobRepository
-    from celery_dbsched.engine import make_engine
-    from celery_dbsched.migrate import migrate
     from celery_dbsched.schedules import IntervalSchedule
     from celery_dbsched.schema import run_table
 
     took: dict[str, float] = {}
     started = time.monotonic()
-    engine = make_engine(url)
-    try:
-        existing = MetaData()
-        existing.reflect(engine)
-        existing.drop_all(engine)
-        migrate(engine)
-    finally:
-        engine.dispose()
+    fresh_schema(url)
     repository = JobRepository(url)
     try:
         template = "bench.template"
         repository.upsert_job(template, "dashboard benchmark job", schedule=IntervalSchedule(300.0))
-        job = Table("dbsched_job", MetaData(), autoload_with=repository.engine)
         varied = ("name", "next_scheduled_run", "paused", "enabled", "failure_count", "registered_time")
-        columns = [c.name for c in job.columns if c.name not in varied]
-        quoted = ", ".join(f'"{c}"' for c in columns)
-        picked = ", ".join(f't."{c}"' for c in columns)
+        quoted, picked = template_columns(repository.engine, varied)
         with repository.engine.begin() as conn:
             # Due over the next hour; one in 1,000 overdue by 5 min; 1 % paused, 0.5 % disabled, 2 % failing.
             conn.execute(
