@@ -316,10 +316,10 @@ def watch(ctx: click.Context, job_name: str | None, once: bool, interval: float,
     repository = _existing_repository(ctx)
     if job_name is not None:
         _reading(lambda: repository.lookup_job(job_name))
-    view.watch(
-        lambda: view.render(_reading(lambda: repository.watch_frame(job_name)), zone, job_name),
-        interval=interval,
-        once=once,
+    _reading(
+        lambda: view.watch(
+            lambda: view.render(repository.watch_frame(job_name), zone, job_name), interval=interval, once=once
+        )
     )
 
 

@@ -291,7 +291,10 @@ class WatchRun:
     interrupt_threshold: dt.timedelta
 
     def stalled_for(self, now: dt.datetime) -> dt.timedelta | None:
-        """How long it has gone without progress, when that is past its threshold (else None)."""
+        """How long it has gone without progress, when that is past its threshold (else None). A running plain
+        task reports no progress: its liveness is its worker's (the fleet line), as for the stall check."""
+        if self.run.kind == JobKind.TASK and self.run.status == RunState.RUNNING:
+            return None
         quiet = now - self.run.update_time
         return quiet if quiet > self.interrupt_threshold else None
 

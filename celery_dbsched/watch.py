@@ -3,7 +3,8 @@
 At the top the fleet line (the beats and workers of the server rows, alive or silent since when; the active runs),
 under it the active runs with their progress bars, under them the latest outcomes, newest first. On a terminal
 the view is redrawn in place every `interval` seconds until Ctrl-C; elsewhere (a pipe, a file) each refresh is
-printed after the last. What one refresh reads is `JobRepository.watch_frame`: four bounded, indexed statements.
+printed after the last. While the database is unavailable the last frame stays under a line that says so, and
+each refresh tries again. What one refresh reads is `JobRepository.watch_frame`: four bounded, indexed statements.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import display
+from .errors import DatabaseUnavailable
 from .records import RunRecord, WatchFrame, WatchRun, WatchServer
 from .states import RunState
 
@@ -84,7 +86,8 @@ def _active_row(item: WatchRun, now: dt.datetime) -> list[RenderableType]:
         age, where = display.run_duration(run, now), run.worker or "-"
     progress = Text(display.ago(run.update_time, now))
     if stalled is not None:
-        progress = Text(f"STALLED: no progress for {display.duration(stalled)}", style="bold red")
+        what = "not started" if run.status == RunState.QUEUED else "no progress"
+        progress = Text(f"STALLED: {what} for {display.duration(stalled)}", style="bold red")
     return [str(run.id), run.job_name, Text(run.status), _bar(run), _done(run), age, progress, where]
 
 
@@ -136,24 +139,43 @@ def render(frame: WatchFrame, zone: dt.tzinfo, job_name: str | None = None) -> R
     )
 
 
+class _Refresh:
+    """`read()` for the live view: while the database is unavailable (an outage), the last frame under a line
+    that says so; it goes on trying at each refresh. Any other error ends the view."""
+
+    def __init__(self, read: Callable[[], RenderableType], interval: float) -> None:
+        self.read, self.interval = read, interval
+        self.last: RenderableType | None = None
+
+    def __call__(self) -> RenderableType:
+        try:
+            self.last = self.read()
+            return self.last
+        except DatabaseUnavailable as exc:
+            note = Text(f"{exc}; trying again every {self.interval:g} s (Ctrl-C ends)", style="bold red")
+            return note if self.last is None else Group(note, self.last)
+
+
 def watch(
     read: Callable[[], RenderableType], *, interval: float, once: bool = False, console: Console | None = None
 ) -> None:
     """Show `read()`: once, or again every `interval` seconds (in place on a terminal) until Ctrl-C, which ends
-    it quietly with the last frame left on the screen."""
+    it quietly with the last frame left on the screen. Once, every error of `read` is raised; live, an outage
+    is shown and waited out (`_Refresh`)."""
     console = console or Console(highlight=False)
     if once:
         console.print(read())
         return
+    refresh = _Refresh(read, interval)
     try:
         if not console.is_terminal:
             while True:
-                console.print(read())
+                console.print(refresh())
                 console.print()
                 time.sleep(interval)
-        with Live(read(), console=console, auto_refresh=False) as live:
+        with Live(refresh(), console=console, auto_refresh=False) as live:
             while True:
                 time.sleep(interval)
-                live.update(read(), refresh=True)
+                live.update(refresh(), refresh=True)
     except KeyboardInterrupt:
         return

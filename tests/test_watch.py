@@ -17,7 +17,8 @@ import threading
 import pytest
 from helpers.polling import wait_for
 from helpers.processes import REPO_DIR
-from helpers.repository import claim
+from helpers.proxy import TcpProxy, host_port, with_port
+from helpers.repository import claim, claim_one
 from helpers.services import Database
 from rich.console import Console
 from sqlalchemy import event
@@ -26,7 +27,7 @@ from test_cli import clean_error, cli_env, dbsched, ok
 from celery_dbsched import watch
 from celery_dbsched.clock import TestClock
 from celery_dbsched.repository import JobRepository
-from celery_dbsched.states import InterruptReason
+from celery_dbsched.states import InterruptReason, JobKind
 
 sys.path.insert(0, str(REPO_DIR))
 
@@ -75,6 +76,29 @@ def line_of(text: str, *cells: str | int) -> str:
     return lines[0]
 
 
+class Output:
+    """What a process writes to file descriptor `fd` (a pipe, a pty's master), read by a thread as it comes."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.seen = bytearray()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except OSError:  # the process closed the terminal
+                return
+            if not chunk:
+                return
+            self.seen.extend(chunk)
+
+    def text(self) -> str:
+        return self.seen.decode(errors="replace")
+
+
 # -- what a frame shows ---------------------------------------------------------------------------------------
 
 
@@ -120,14 +144,22 @@ def test_a_stalled_run_and_a_silent_worker_are_named(database: Database) -> None
     repository = database.migrated_repository(clock=clock)
     ids = busy(repository)
     repository.heartbeat("w2@host", "worker", "host", 4343)
+    repository.upsert_job("nightly.export", "a plain task", kind=JobKind.TASK, task="proj.export")
+    task_run = claim_one(repository, "nightly.export")  # with export.csv, due again after its cancel
+    repository.dispatch_run(task_run.id, "task-1")
+    repository.track_start(task_run.id, "w2@host", "task-1")
     clock.advance(dt.timedelta(minutes=10))  # past the 5 min interrupt threshold: no progress, no heartbeat
     repository.heartbeat("w2@host", "worker", "host", 4343)
 
     out = shown(repository)
 
     fleet = out.splitlines()[0]
-    assert "workers: 1 alive, 1 silent (w1@host since " in fleet and "active runs: 1 (1 stalled)" in fleet, fleet
+    assert "workers: 1 alive, 1 silent (w1@host since " in fleet and "active runs: 3 (2 stalled)" in fleet, fleet
     assert "STALLED: no progress for 10 min" in line_of(out, ids["running"], "report.daily")
+    assert "STALLED: not started for 10 min" in line_of(out, "export.csv", "queued")
+    # A running plain task reports no progress: its worker's heartbeat says it is alive.
+    assert "STALLED" not in line_of(out, task_run.id, "nightly.export")
+    assert "w2@host" in line_of(out, task_run.id, "nightly.export")
 
 
 def test_more_active_runs_than_shown_are_said(repository: JobRepository) -> None:
@@ -170,20 +202,8 @@ def test_ctrl_c_ends_the_live_view_cleanly(sqlite_database: Database) -> None:
         cwd=tempfile.gettempdir(),
     )
     os.close(slave)
-    seen = bytearray()
-
-    def drain() -> None:
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # the process closed the terminal
-                return
-            if not chunk:
-                return
-            seen.extend(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
+    output = Output(master)
+    seen = output.seen
     try:
         # Redrawn in place: the cursor moves up over the last frame before the next one is drawn.
         wait_for(lambda: seen.count(b"report.daily") >= 3 and b"\x1b[" in seen, 60, message="three frames")
@@ -193,11 +213,52 @@ def test_ctrl_c_ends_the_live_view_cleanly(sqlite_database: Database) -> None:
         if process.poll() is None:
             process.kill()
         process.wait()
-        reader.join(10)
+        output.thread.join(10)
         os.close(master)
-    text = seen.decode(errors="replace")
+    text = output.text()
     assert "Traceback" not in text and "Aborted" not in text, text[-2000:]
     assert "report.daily" in text.rsplit("\x1b[?25h", 1)[0], "the last frame stays on the screen"
+
+
+@pytest.mark.processes
+@pytest.mark.postgres
+def test_an_outage_is_shown_and_waited_out(postgres_database: Database) -> None:
+    """PostgreSQL behind a proxy that goes down and comes back: the view says the database is unavailable,
+    keeps trying, shows frames again once it answers, and still ends with status 0 on Ctrl-C."""
+    busy(postgres_database.migrated_repository())
+    proxy = TcpProxy(host_port(postgres_database.url, 5432))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "cli_app", "dbsched", "watch", "--interval", "0.2"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=cli_env(with_port(postgres_database.url, proxy.port), env={"COLUMNS": "160"}),
+        cwd=tempfile.gettempdir(),
+    )
+    assert process.stdout is not None
+    output = Output(process.stdout.fileno())
+    seen = output.seen
+    try:
+        wait_for(lambda: b"report.daily" in seen, 60, message="a first frame")
+        proxy.down()
+        wait_for(lambda: b"database unavailable" in seen, 60, message="the outage shown")
+        assert process.poll() is None
+        proxy.up()
+        outage = seen.rindex(b"database unavailable")
+        wait_for(lambda: b"Active runs" in seen[seen.rindex(b"database unavailable") :], 60, message="frames again")
+        assert outage > 0
+        process.send_signal(signal.SIGINT)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        proxy.close()
+        output.thread.join(10)
+    text = output.text()
+    assert "trying again every 0.2 s (Ctrl-C ends)" in text
+    assert "Traceback" not in text and "Aborted" not in text, text[-3000:]
+    assert not [line for line in text.splitlines() if line.startswith("Error:")], text[-3000:]
 
 
 # -- cost at scale ----------------------------------------------------------------------------------------------
