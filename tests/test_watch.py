@@ -76,12 +76,24 @@ def line_of(text: str, *cells: str | int) -> str:
     return lines[0]
 
 
-class Output:
-    """What a process writes to file descriptor `fd` (a pipe, a pty's master), read by a thread as it comes."""
+class Watching:
+    """`celery -A cli_app dbsched watch --interval 0.2` on `database_url`, its output on a pty (`terminal`: as in a
+    terminal) or a pipe, read by a thread as it comes (`seen`). A context manager: killed at the end if running."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self, database_url: str, *, terminal: bool) -> None:
         self.seen = bytearray()
+        env = cli_env(database_url, env={"COLUMNS": "160", "LINES": "40", "TERM": "xterm-256color"})
+        env.pop("NO_COLOR", None)
+        self.fd, writer = pty.openpty() if terminal else os.pipe()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "cli_app", "dbsched", "watch", "--interval", "0.2"],
+            stdin=writer if terminal else subprocess.DEVNULL,
+            stdout=writer,
+            stderr=writer,
+            env=env,
+            cwd=tempfile.gettempdir(),
+        )
+        os.close(writer)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -95,8 +107,27 @@ class Output:
                 return
             self.seen.extend(chunk)
 
+    def __enter__(self) -> Watching:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.thread.join(10)
+        os.close(self.fd)
+
+    def interrupt(self) -> int:
+        """Ctrl-C (SIGINT, as the terminal sends it); the exit status."""
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(30)
+
     def text(self) -> str:
-        return self.seen.decode(errors="replace")
+        """All it wrote, checked clean: no traceback, no `Aborted!`, no `Error:` line."""
+        text = self.seen.decode(errors="replace")
+        assert "Traceback" not in text and "Aborted" not in text, text[-3000:]
+        assert not [line for line in text.splitlines() if line.startswith("Error:")], text[-3000:]
+        return text
 
 
 # -- what a frame shows ---------------------------------------------------------------------------------------
@@ -190,34 +221,12 @@ def test_ctrl_c_ends_the_live_view_cleanly(sqlite_database: Database) -> None:
     """On a terminal (a pty) the view is redrawn in place; SIGINT, as Ctrl-C sends it, ends it with status 0,
     no traceback and no `Aborted!`."""
     busy(sqlite_database.migrated_repository())
-    master, slave = pty.openpty()
-    env = cli_env(sqlite_database.url, env={"COLUMNS": "160", "LINES": "40", "TERM": "xterm-256color"})
-    env.pop("NO_COLOR", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "cli_app", "dbsched", "watch", "--interval", "0.2"],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env=env,
-        cwd=tempfile.gettempdir(),
-    )
-    os.close(slave)
-    output = Output(master)
-    seen = output.seen
-    try:
+    with Watching(sqlite_database.url, terminal=True) as watching:
+        seen = watching.seen
         # Redrawn in place: the cursor moves up over the last frame before the next one is drawn.
         wait_for(lambda: seen.count(b"report.daily") >= 3 and b"\x1b[" in seen, 60, message="three frames")
-        process.send_signal(signal.SIGINT)
-        assert process.wait(30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-        output.thread.join(10)
-        os.close(master)
-    text = output.text()
-    assert "Traceback" not in text and "Aborted" not in text, text[-2000:]
-    assert "report.daily" in text.rsplit("\x1b[?25h", 1)[0], "the last frame stays on the screen"
+        assert watching.interrupt() == 0
+    assert "report.daily" in watching.text().rsplit("\x1b[?25h", 1)[0], "the last frame stays on the screen"
 
 
 @pytest.mark.processes
@@ -227,38 +236,19 @@ def test_an_outage_is_shown_and_waited_out(postgres_database: Database) -> None:
     keeps trying, shows frames again once it answers, and still ends with status 0 on Ctrl-C."""
     busy(postgres_database.migrated_repository())
     proxy = TcpProxy(host_port(postgres_database.url, 5432))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "cli_app", "dbsched", "watch", "--interval", "0.2"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=cli_env(with_port(postgres_database.url, proxy.port), env={"COLUMNS": "160"}),
-        cwd=tempfile.gettempdir(),
-    )
-    assert process.stdout is not None
-    output = Output(process.stdout.fileno())
-    seen = output.seen
     try:
-        wait_for(lambda: b"report.daily" in seen, 60, message="a first frame")
-        proxy.down()
-        wait_for(lambda: b"database unavailable" in seen, 60, message="the outage shown")
-        assert process.poll() is None
-        proxy.up()
-        outage = seen.rindex(b"database unavailable")
-        wait_for(lambda: b"Active runs" in seen[seen.rindex(b"database unavailable") :], 60, message="frames again")
-        assert outage > 0
-        process.send_signal(signal.SIGINT)
-        assert process.wait(30) == 0
+        with Watching(with_port(postgres_database.url, proxy.port), terminal=False) as watching:
+            seen = watching.seen
+            wait_for(lambda: b"report.daily" in seen, 60, message="a first frame")
+            proxy.down()
+            wait_for(lambda: b"database unavailable" in seen, 60, message="the outage shown")
+            assert watching.process.poll() is None
+            proxy.up()
+            wait_for(lambda: b"Active runs" in seen[seen.rindex(b"database unavailable") :], 60, message="frames again")
+            assert watching.interrupt() == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
         proxy.close()
-        output.thread.join(10)
-    text = output.text()
-    assert "trying again every 0.2 s (Ctrl-C ends)" in text
-    assert "Traceback" not in text and "Aborted" not in text, text[-3000:]
-    assert not [line for line in text.splitlines() if line.startswith("Error:")], text[-3000:]
+    assert "trying again every 0.2 s (Ctrl-C ends)" in watching.text()
 
 
 # -- cost at scale ----------------------------------------------------------------------------------------------
