@@ -179,6 +179,10 @@ def statements(jobs: int, now: dt.datetime) -> dict[str, tuple[str, Any]]:
             "dbsched runs --since 1h",
             sql.runs(None, None, 50, now - dt.timedelta(hours=1)),
         ),
+        "runs: failed, claimed in the last minute (none)": (
+            "dbsched runs --status failed --since 1m",
+            sql.runs(None, "failed", 50, now - dt.timedelta(minutes=1)),
+        ),
         "watch: servers": ("dbsched watch", sql.watch_servers()),
         "watch: active runs": ("dbsched watch", sql.watch_active_runs(None, 31)),
         "watch: recent outcomes": ("dbsched watch", sql.watch_recent_runs(None, 15)),
@@ -251,12 +255,13 @@ def measure(url: str, jobs: int, repeat: int) -> list[Timing]:
     return timings
 
 
-def report(timings: list[Timing], jobs: int, runs: int, took: dict[str, float]) -> str:
+def report(timings: list[Timing], jobs: int, runs: int, took: dict[str, float], note: str = "") -> str:
     """The results as markdown: a table, then each plan."""
     fill_text = ", ".join(f"{step} {seconds:.1f} s" for step, seconds in took.items())
     lines = [
         f"# dbsched read paths at {jobs:,} jobs / {runs:,} runs (PostgreSQL)",
         "",
+        *([note, ""] if note else []),
         f"Fill: {fill_text}. Server-side time = planning + execution (EXPLAIN ANALYZE); wall = the statement run",
         f"through SQLAlchemy with its rows fetched. Over budget ({BUDGET_MS:g} ms server-side, max): **SLOW**.",
         "",
@@ -283,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db-prefix", default=Config.db_prefix)
     parser.add_argument("--url", default=None, help="fill this database or schema instead (kept: its owner drops it)")
     parser.add_argument("--keep", action="store_true", help="keep the filled database")
+    parser.add_argument("--note", default="", help="a line under the title (where and how it was measured)")
     parser.add_argument("--out", default=None, help="write the markdown here (and the numbers as .json beside it)")
     args = parser.parse_args(argv)
 
@@ -294,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.url is None and not args.keep:
             drop_database(cfg, DATABASE)
-    text = report(timings, args.jobs, args.runs, took)
+    text = report(timings, args.jobs, args.runs, took, args.note)
     print(text)
     if args.out:
         with open(args.out, "w") as out:
