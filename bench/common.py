@@ -94,6 +94,34 @@ def drop_database(cfg: Config, name: str) -> None:
         engine.dispose()
 
 
+def fresh_schema(url: str) -> None:
+    """Drop whatever tables the database (or schema) at `url` has, so that a schema change on a branch needs
+    no edit here, and migrate it to the package's head."""
+    from sqlalchemy import MetaData
+
+    from celery_dbsched.engine import make_engine
+    from celery_dbsched.migrate import migrate
+
+    engine = make_engine(url)
+    try:
+        existing = MetaData()
+        existing.reflect(engine)
+        existing.drop_all(engine)
+        migrate(engine)
+    finally:
+        engine.dispose()
+
+
+def template_columns(engine: Any, varied: tuple[str, ...]) -> tuple[str, str]:
+    """The columns of `dbsched_job` but `varied`, for copying a template job N times with INSERT ... SELECT
+    generate_series: as a quoted list (`"a", "b"`) and as picked from the template `t` (`t."a", t."b"`)."""
+    from sqlalchemy import MetaData, Table
+
+    job = Table("dbsched_job", MetaData(), autoload_with=engine)
+    columns = [c.name for c in job.columns if c.name not in varied]
+    return ", ".join(f'"{c}"' for c in columns), ", ".join(f't."{c}"' for c in columns)
+
+
 # -- the publish counter ---------------------------------------------------------------------------------
 
 

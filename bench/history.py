@@ -39,7 +39,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/history.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO_ROOT, Config, ensure_database, log, percentile
+from bench.common import REPO_ROOT, Config, ensure_database, fresh_schema, log, percentile, template_columns
 
 PREFIX = "hist.e"
 STOP = -1
@@ -50,29 +50,17 @@ STOP = -1
 
 def setup(url: str, jobs: int, every: float) -> None:
     """Empty the database, migrate, store N jobs whose first due times are spread evenly over one interval."""
-    from sqlalchemy import MetaData, Table, text
+    from sqlalchemy import text
 
     from celery_dbsched import JobRepository
-    from celery_dbsched.engine import make_engine
-    from celery_dbsched.migrate import migrate
     from celery_dbsched.schedules import IntervalSchedule
 
-    engine = make_engine(url)
-    try:
-        existing = MetaData()
-        existing.reflect(engine)
-        existing.drop_all(engine)
-        migrate(engine)
-    finally:
-        engine.dispose()
+    fresh_schema(url)
     repository = JobRepository(url)
     try:
         template = "hist.template"
         repository.upsert_job(template, "history benchmark job", schedule=IntervalSchedule(every))
-        job = Table("dbsched_job", MetaData(), autoload_with=repository.engine)
-        columns = [c.name for c in job.columns if c.name not in ("name", "next_scheduled_run")]
-        quoted = ", ".join(f'"{c}"' for c in columns)
-        picked = ", ".join(f't."{c}"' for c in columns)
+        quoted, picked = template_columns(repository.engine, ("name", "next_scheduled_run"))
         with repository.engine.begin() as conn:
             # First due 2 s from now + i * every / N: a steady N / every runs per second.
             conn.execute(

@@ -17,7 +17,7 @@ import types
 import uuid
 from typing import Any
 
-from .common import IDLE_AHEAD, INTERVAL, TASK, Config, ensure_database
+from .common import IDLE_AHEAD, INTERVAL, TASK, Config, ensure_database, fresh_schema, template_columns
 
 UTC = dt.timezone.utc
 BATCH = 2000
@@ -115,23 +115,11 @@ class Dbsched(System):
     def reset(self) -> None:
         """Drop whatever tables the database has (so a schema change on a branch needs no edit here) and
         migrate to the package's head."""
-        from sqlalchemy import MetaData
-
-        from celery_dbsched.engine import make_engine
-        from celery_dbsched.migrate import migrate
-
         self.prepare_store()
-        engine = make_engine(self.url)
-        try:
-            existing = MetaData()
-            existing.reflect(engine)
-            existing.drop_all(engine)
-            migrate(engine)
-        finally:
-            engine.dispose()
+        fresh_schema(self.url)
 
     def populate(self, n: int, due: bool) -> None:
-        from sqlalchemy import MetaData, Table, text
+        from sqlalchemy import text
 
         from celery_dbsched import JobRepository
 
@@ -139,10 +127,7 @@ class Dbsched(System):
         try:
             template = "bench.template"
             repository.upsert_job(template, "benchmark job", every=dt.timedelta(seconds=INTERVAL))
-            job = Table("dbsched_job", MetaData(), autoload_with=repository.engine)
-            columns = [c.name for c in job.columns if c.name != "name"]
-            quoted = ", ".join(f'"{c}"' for c in columns)
-            picked = ", ".join(f't."{c}"' for c in columns)
+            quoted, picked = template_columns(repository.engine, ("name",))
             offset = -1.0 if due else IDLE_AHEAD
             with repository.engine.begin() as conn:
                 conn.execute(

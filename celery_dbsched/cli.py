@@ -217,12 +217,6 @@ def _orphaned_note(name: str, registered: dt.datetime | None, zone: Any) -> str:
 # -- runs -----------------------------------------------------------------------------------------------------
 
 
-def _run_duration(run: RunRecord, now: dt.datetime) -> str:
-    if run.start_time is None:
-        return "-"
-    return display.duration((run.end_time or now) - run.start_time)
-
-
 def _since(ctx: click.Context, param: Any, value: str | None) -> str | None:
     if value is not None:
         try:
@@ -272,10 +266,10 @@ def runs(
             display.when(run.create_time, zone),
             display.when(run.start_time, zone),
             display.when(run.end_time, zone),
-            _run_duration(run, now),
+            display.run_duration(run, now),
             run.claimed_by,
             run.worker or "-",
-            (run.error or "").strip().splitlines()[-1][:80] if run.error else "",
+            display.error_line(run.error),
         ]
         for run in records
     ]
@@ -311,7 +305,7 @@ def run_command(ctx: click.Context, run_id: int, zone: Any, as_json: bool) -> No
         (f"last progress {label}", display.when(run.update_time, zone)),
         (f"ended {label}", display.when(run.end_time, zone)),
         (f"code stopped {label}", display.when(stopped, zone)),
-        ("duration", _run_duration(run, now) + _unfinished(run)),
+        ("duration", display.run_duration(run, now) + _unfinished(run)),
         ("claimed by", run.claimed_by),
         ("worker", run.worker or "-"),
         ("queue", run.queue or "-"),
@@ -468,6 +462,35 @@ def status(ctx: click.Context, max_lag: dt.timedelta | None, zone: Any, as_json:
         click.echo(f"unhealthy: {problem}", err=True)
     if problems:
         ctx.exit(EXIT_UNHEALTHY)
+
+
+# -- watch ----------------------------------------------------------------------------------------------------
+
+
+@dbsched.command()
+@click.option("--job", "job_name", default=None, help="only this job's runs")
+@click.option("--once", is_flag=True, help="print one frame and exit (for scripts)")
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="seconds between refreshes"
+)
+@_tz_option
+@click.pass_context
+def watch(ctx: click.Context, job_name: str | None, once: bool, interval: float, zone: Any) -> None:
+    """Watch the scheduler live: the fleet, active runs with their progress, the latest outcomes (Ctrl-C ends)."""
+    try:
+        from . import watch as view
+    except ImportError as exc:
+        raise click.ClickException(
+            f"dbsched watch needs rich ({exc}); install it: pip install 'celery-dbsched[watch]'"
+        ) from exc
+    repository = _existing_repository(ctx)
+    if job_name is not None:
+        _reading(lambda: repository.lookup_job(job_name))
+    _reading(
+        lambda: view.watch(
+            lambda: view.render(repository.watch_frame(job_name), zone, job_name), interval=interval, once=once
+        )
+    )
 
 
 # -- controls -------------------------------------------------------------------------------------------------

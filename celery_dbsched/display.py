@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from .records import JobRecord
+from .records import JobRecord, RunRecord
 
 UTC = ZoneInfo("UTC")
 _UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -49,6 +49,19 @@ def relative(target: dt.datetime, now: dt.datetime) -> str:
 
 def ago(past: dt.datetime, now: dt.datetime) -> str:
     return f"{duration(max(0.0, (now - past).total_seconds()))} ago"
+
+
+def run_duration(run: RunRecord, now: dt.datetime) -> str:
+    """How long a run ran (until now while it runs); "-" before it started."""
+    if run.start_time is None:
+        return "-"
+    return duration((run.end_time or now) - run.start_time)
+
+
+def error_line(error: str | None, width: int = 80) -> str:
+    """The last line of a run's error (a traceback ends with the exception), cut to `width`; "" for none."""
+    lines = (error or "").strip().splitlines()
+    return lines[-1][:width] if lines else ""
 
 
 def schedule(job: JobRecord) -> str:

@@ -293,3 +293,52 @@ class MetricsFigures:
     oldest_lateness: float  # seconds; 0 when nothing is due
     servers: list[ServerSeen]
     now: dt.datetime
+
+
+# -- what `dbsched watch` shows (issue 12 §2) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WatchServer:
+    """A server row as stored: a worker or beat, and when it was last seen."""
+
+    id: str
+    kind: str
+    hostname: str
+    pid: int
+    start_time: dt.datetime
+    last_seen: dt.datetime
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> WatchServer:
+        m = row._mapping
+        return cls(**{name: m[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class WatchRun:
+    """An active run and the threshold past which, without progress, it counts as stalled."""
+
+    run: RunRecord
+    interrupt_threshold: dt.timedelta
+
+    def stalled_for(self, now: dt.datetime) -> dt.timedelta | None:
+        """How long it has gone without progress, when that is past its threshold (else None). A running plain
+        task reports no progress: its liveness is its worker's (the fleet line), as for the stall check."""
+        if self.run.kind == JobKind.TASK and self.run.status == RunState.RUNNING:
+            return None
+        quiet = now - self.run.update_time
+        return quiet if quiet > self.interrupt_threshold else None
+
+
+@dataclass(frozen=True)
+class WatchFrame:
+    """One refresh of `dbsched watch`, read in one transaction: the database's time, the server rows, the
+    oldest active runs (`more_active`: there are more than those), the latest ended runs (newest first)."""
+
+    now: dt.datetime
+    servers: list[WatchServer]
+    active: list[WatchRun]
+    more_active: bool
+    recent: list[RunRecord]
+    silent_after: dt.timedelta  # a server not seen for this long is silent

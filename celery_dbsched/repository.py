@@ -25,7 +25,7 @@ from .clock import Clock, DatabaseClock
 from .engine import KeptConnections, make_engine
 from .errors import DbschedError, InvalidRunState, JobNotFound, RunNotFound, classify
 from .job import JobDefinition, JobStatus
-from .policy import POLICY_NAMES, JobPolicy
+from .policy import POLICY_NAMES, JobPolicy, delta_of
 from .records import (
     Claim,
     ClaimStats,
@@ -35,6 +35,9 @@ from .records import (
     RunRecord,
     ServerSeen,
     StartedRun,
+    WatchFrame,
+    WatchRun,
+    WatchServer,
     changes,
     definition_values,
     plan_sync,
@@ -1122,3 +1125,18 @@ class JobRepository:
     def ping(self) -> None:
         with self._tx() as conn:
             conn.execute(sql.ping())
+
+    def watch_frame(self, job_name: str | None = None, *, active_limit: int = 30, recent_limit: int = 15) -> WatchFrame:
+        """What `dbsched watch` shows at one refresh, in one transaction of four bounded, indexed statements:
+        the database's time, the server rows, the oldest `active_limit` active runs, the latest `recent_limit`
+        ended runs (of `job_name` when given)."""
+        with self._tx() as conn:
+            now = self._db_now(conn)
+            servers = [WatchServer.from_row(row) for row in conn.execute(sql.watch_servers())]
+            rows = conn.execute(sql.watch_active_runs(job_name, active_limit + 1)).all()
+            recent = [RunRecord.from_row(row) for row in conn.execute(sql.watch_recent_runs(job_name, recent_limit))]
+        active = [
+            WatchRun(RunRecord.from_row(row), delta_of(row.job_interrupt_threshold) or self.interrupt_threshold)
+            for row in rows[:active_limit]
+        ]
+        return WatchFrame(now, servers, active, len(rows) > active_limit, recent, self.interrupt_threshold)

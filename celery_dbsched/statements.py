@@ -966,3 +966,35 @@ def metrics_due_unclaimed(now: Now) -> Select[Any]:
 def metrics_servers(limit: int) -> Select[Any]:
     """The most recently seen servers (beats and workers) and when."""
     return select(s.c.id, s.c.kind, s.c.last_seen).order_by(s.c.last_seen.desc()).limit(limit)
+
+
+# What `dbsched watch` reads each refresh (issue 12 §2): a handful of bounded statements, each through an index
+# (tests/test_watch.py states the plans): the server rows, the active runs, the latest outcomes.
+WATCH_SERVERS_LIMIT = 1_000
+
+
+def watch_servers() -> Select[Any]:
+    """The server rows (beats and workers), at most `WATCH_SERVERS_LIMIT`: a small table."""
+    return select(s).order_by(s.c.kind, s.c.id).limit(WATCH_SERVERS_LIMIT)
+
+
+def watch_active_runs(job_name: str | None, limit: int) -> Select[Any]:
+    """The oldest `limit` queued and running runs (of `job_name`), with their job's interrupt threshold as
+    `job_interrupt_threshold`: read through the partial indexes of active runs, however long the history."""
+    threshold = select(j.c.interrupt_threshold).where(j.c.name == r.c.job_name).scalar_subquery()
+    query = (
+        select(r, threshold.label("job_interrupt_threshold"))
+        .where(r.c.status.in_(ACTIVE))
+        .order_by(r.c.id)
+        .limit(limit)
+    )
+    return query if job_name is None else query.where(r.c.job_name == job_name)
+
+
+def watch_recent_runs(job_name: str | None, limit: int) -> Select[Any]:
+    """The `limit` latest ended runs: by end time through the end-time index; of one job, newest first through
+    the runs-by-job index (its ended runs end in about the order they were claimed)."""
+    query = select(r).where(r.c.end_time.is_not(None)).limit(limit)
+    if job_name is None:
+        return query.order_by(r.c.end_time.desc())
+    return query.where(r.c.job_name == job_name).order_by(r.c.id.desc())

@@ -7,6 +7,7 @@ the RabbitMQ measures are skipped by the harness when RabbitMQ does not answer.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sys
 import uuid
@@ -17,7 +18,7 @@ from helpers.services import POSTGRES_URL, REDIS_URL, Database
 
 sys.path.insert(0, str(REPO_DIR))
 
-from bench import history, run
+from bench import dashboard, history, run
 from bench.common import Config
 from bench.systems import SYSTEMS
 
@@ -117,3 +118,24 @@ def test_history_runs_for_20_seconds(postgres_database: Database, tmp_path: Path
         assert "*Plot not written: matplotlib is not installed.*" in out.read_text()
     else:
         assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_dashboard_bench_times_every_read_statement_at_a_tiny_size(postgres_database: Database, tmp_path: Path) -> None:
+    """bench/dashboard.py end to end at 300 jobs / 3,000 runs, in the test's schema: every statement of the
+    jobs, runs and watch paths timed under EXPLAIN ANALYZE, with its plan; the report and the numbers written."""
+    out = tmp_path / "dashboard.md"
+    status = dashboard.main(
+        ["--jobs", "300", "--runs", "3000", "--repeat", "1", "--url", postgres_database.url, "--out", str(out)]
+    )
+    assert status == 0
+    results = json.loads(out.with_suffix(".json").read_text())
+    names = [timing["name"] for timing in results["timings"]]
+    assert names == list(dashboard.statements(300, dt.datetime.now(dt.timezone.utc)))
+    for timing in results["timings"]:
+        assert timing["plan"] and len(timing["samples_ms"]) == 1, timing
+    by_name = {timing["name"]: timing for timing in results["timings"]}
+    assert by_name["jobs: all jobs (unpaged)"]["rows"] == 300
+    assert by_name["watch: active runs"]["rows"] == 3  # one job in 100 has an active run
+    assert by_name["watch: recent outcomes"]["rows"] == 15
+    report = out.read_text()
+    assert "# dbsched read paths at 300 jobs / 3,000 runs (PostgreSQL)" in report and "## watch: servers" in report

@@ -67,19 +67,26 @@ def dbsched(
 ) -> Result:
     """`celery -A cli_app dbsched ARGS` on `database_url`, with `settings` merged into the app's conf and `env`
     (other DBSCHED_TEST_APP_* variables, see tests/cli_app.py)."""
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DBSCHED_TEST_APP_")}, **(env or {})}
-    env.update(PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO_DIR)]), DBSCHED_TEST_APP_DB=database_url)
-    if settings:
-        env["DBSCHED_TEST_APP_SETTINGS"] = json.dumps(settings)
     completed = subprocess.run(
         [sys.executable, "-m", "celery", "-A", "cli_app", "dbsched", *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=cli_env(database_url, settings, env),
         cwd=cwd or tempfile.gettempdir(),  # nothing the CLI might write lands in the repository
         timeout=120,
     )
     return Result(args, completed.returncode, completed.stdout, completed.stderr)
+
+
+def cli_env(
+    database_url: str, settings: dict[str, Any] | None = None, env: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of `celery -A cli_app ...` on `database_url` (see `dbsched`)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DBSCHED_TEST_APP_")}, **(env or {})}
+    env.update(PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO_DIR)]), DBSCHED_TEST_APP_DB=database_url)
+    if settings:
+        env["DBSCHED_TEST_APP_SETTINGS"] = json.dumps(settings)
+    return env
 
 
 def ok(result: Result) -> Result:
