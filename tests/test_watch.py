@@ -280,11 +280,14 @@ def test_each_refresh_statement_reads_through_an_index_at_scale(postgres_databas
     the runs-by-job index), each bounded by its LIMIT."""
     dashboard.fill(postgres_database.url, 2_000, 200_000, log=lambda line: None)
     repository = postgres_database.repository()
+    # Either partial index of active runs serves them: which one the planner takes depends on ANALYZE's sample
+    # (seen to change between runs), and both are bounded by the active runs, never by the history.
+    active = ("Index Scan using dbsched_job_run_active_update on", "Index Scan using dbsched_job_run_active_slot on")
     expected = {
-        "watch: active runs": "Index Scan using dbsched_job_run_active_update on dbsched_job_run",
-        "watch --job: active runs": "Index Scan using dbsched_job_run_active_slot on dbsched_job_run",
-        "watch: recent outcomes": "Index Scan Backward using dbsched_job_run_end on dbsched_job_run",
-        "watch --job: recent outcomes": "Index Scan Backward using dbsched_job_run_job on dbsched_job_run",
+        "watch: active runs": active,
+        "watch --job: active runs": active,
+        "watch: recent outcomes": ("Index Scan Backward using dbsched_job_run_end on dbsched_job_run",),
+        "watch --job: recent outcomes": ("Index Scan Backward using dbsched_job_run_job on dbsched_job_run",),
     }
     now = repository.database_now()
     with repository.engine.connect() as conn:
@@ -295,5 +298,5 @@ def test_each_refresh_statement_reads_through_an_index_at_scale(postgres_databas
             assert "Seq Scan on dbsched_job_run" not in plan, f"{name}:\n{plan}"
             assert "Seq Scan on dbsched_job " not in plan, f"{name}:\n{plan}"
             if name in expected:
-                assert expected[name] in plan, f"{name}:\n{plan}"
+                assert any(scan in plan for scan in expected[name]), f"{name}:\n{plan}"
     assert "watch: servers" in dashboard.statements(2_000, now)  # the fifth: the small server table
