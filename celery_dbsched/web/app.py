@@ -132,7 +132,8 @@ def _choice(params: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> st
 
 async def _fields(request: Request) -> tuple[dict[str, Any], bool]:
     """An action's fields, from a form or a JSON object, and whether it came from a form (a page)."""
-    if request.headers.get("content-type", "").startswith("application/json"):
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/json"):
         try:
             data = await request.json()
         except ValueError:
@@ -140,8 +141,10 @@ async def _fields(request: Request) -> tuple[dict[str, Any], bool]:
         if not isinstance(data, dict):
             raise BadRequest("the body must be a JSON object")
         return data, False
-    form = await request.form()
-    return {key: value for key, value in form.items() if isinstance(value, str)}, True
+    if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        form = await request.form()
+        return {key: value for key, value in form.items() if isinstance(value, str)}, True
+    return {}, False
 
 
 def _back(path: str | None, default: str) -> str:
