@@ -16,15 +16,15 @@ from helpers.apps import seconds
 from helpers.repository import claim_one
 from starlette.testclient import TestClient
 
+from celery_dbsched.cli import WEB_TOKEN_ENV, web_token
 from celery_dbsched.clock import TestClock
 from celery_dbsched.records import RunRecord
 from celery_dbsched.repository import JobRepository
 from celery_dbsched.schedules import CrontabSchedule, IntervalSchedule
+from celery_dbsched.settings import Settings
 from celery_dbsched.states import RunState
 from celery_dbsched.web import check_bind, create_app
 from celery_dbsched.web.auth import NO_TOKEN
-
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # TestClient on httpx
 
 TOKEN = "test-token-0123456789"
 XSS = "<script>alert('x')</script>"
@@ -445,3 +445,18 @@ def test_beyond_loopback_needs_a_token(host: str) -> None:
     ):
         check_bind(host, None)
     check_bind(host, TOKEN)
+
+
+# --- the token setting -----------------------------------------------------------------------------------------
+
+
+def test_the_token_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings.from_mapping({"dbsched_web_token": TOKEN})
+    assert settings.web_token == TOKEN and TOKEN not in repr(settings) and "web_token='***'" in repr(settings)
+    with pytest.raises(ValueError, match=r"^dbsched_web_token: at least 16 characters") as refused:
+        Settings.from_mapping({"dbsched_web_token": "hunter2"})
+    assert "hunter2" not in str(refused.value)
+    monkeypatch.delenv(WEB_TOKEN_ENV, raising=False)
+    assert web_token(settings) == TOKEN
+    monkeypatch.setenv(WEB_TOKEN_ENV, "from-the-environment-0123")
+    assert web_token(settings) == "from-the-environment-0123"  # the environment wins

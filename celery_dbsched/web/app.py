@@ -147,6 +147,13 @@ async def _fields(request: Request) -> tuple[dict[str, Any], bool]:
     return {}, False
 
 
+def _page_url(path: str, params: Mapping[str, Any], key: str, value: object) -> str | None:
+    """The next page's link: the same query with the keyset `key` set to `value` (None: no next page)."""
+    if value is None:
+        return None
+    return f"{path}?" + urlencode({**{k: v for k, v in params.items() if k != key}, key: value})
+
+
 def _back(path: str | None, default: str) -> str:
     """A same-site path to return to (never another site: `//host` or a scheme)."""
     if path and path.startswith("/") and not path.startswith("//") and "\\" not in path:
@@ -376,11 +383,7 @@ class Dashboard:
             }
             for job in data["jobs"]
         ]
-        next_url = None
-        if data["next"]:
-            next_url = "/jobs?" + urlencode(
-                {**{k: v for k, v in params.items() if k != "after"}, "after": data["next"]}
-            )
+        next_url = _page_url("/jobs", params, "after", data["next"])
         return self.render(
             request,
             "jobs.html",
@@ -480,11 +483,7 @@ class Dashboard:
     async def runs_page(self, request: Request) -> Response:
         params = request.query_params
         data = await self.read(lambda: self._read_runs(params, True))
-        next_url = None
-        if data["next"]:
-            next_url = "/runs?" + urlencode(
-                {**{k: v for k, v in params.items() if k != "before"}, "before": data["next"]}
-            )
+        next_url = _page_url("/runs", params, "before", data["next"])
         return self.render(
             request,
             "runs.html",
