@@ -376,6 +376,7 @@ def test_api_actions_with_the_token(populated: JobRepository, client: Client) ->
     assert api.post("/api/jobs/fly", json={"name": "flaky"}).status_code == 404
     (busy,) = repository.active_runs("busy")
     assert api.post(f"/api/runs/{busy.id}/cancel").json()["run"]["status"] == "interrupted"
+    assert repository.lookup_job("busy").next_scheduled_run > repository.database_now()  # not claimed again at once
     again = api.post(f"/api/runs/{busy.id}/cancel")
     assert again.status_code == 409 and "interrupted" in again.json()["error"]
 
