@@ -16,6 +16,7 @@ from helpers.apps import seconds
 from helpers.repository import claim_one
 from starlette.testclient import TestClient
 
+from celery_dbsched import repository as repository_module
 from celery_dbsched.cli import WEB_TOKEN_ENV, web_token
 from celery_dbsched.clock import TestClock
 from celery_dbsched.records import RunRecord
@@ -272,6 +273,27 @@ def test_runs_page_by_keyset_and_filters(populated: JobRepository, client: Clien
     assert len(web.get("/api/runs?job=steady&until=2026-12-05T08:03:00Z").json()["runs"]) == 2
     assert web.get("/api/runs?since=2026-12-05T09:00:00Z").json()["runs"] == []
     assert 'id="next-page"' in web.get("/runs?limit=2").text
+
+
+def test_a_filtered_history_page_scans_a_bounded_window(
+    populated: JobRepository, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No index serves a status, worker or time filter: each page scans at most RUNS_SCAN_WINDOW run ids, and
+    a page that found nothing there still links to the older ones."""
+    monkeypatch.setattr(repository_module, "RUNS_SCAN_WINDOW", 2)
+    web = client()
+    pages: list[list[str]] = []
+    before: int | None = None
+    while True:
+        page = web.get("/api/runs", params={"status": "completed", **({"before": before} if before else {})}).json()
+        pages.append([run["job"] for run in page["runs"]])
+        before = page["next"]
+        if before is None:
+            break
+    assert pages == [[], ["flaky", "steady"], ["steady", "steady"]]  # ids 6-5, 4-3, 2-1
+    empty = web.get("/runs?status=completed").text
+    assert "No runs match among the latest runs searched" in empty and 'id="next-page"' in empty
+    assert len(web.get("/api/runs?job=steady").json()["runs"]) == 3  # by job: the job's index, no window
 
 
 # --- authentication and actions ----------------------------------------------------------------------------

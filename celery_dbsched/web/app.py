@@ -406,7 +406,7 @@ class Dashboard:
         return {
             "job": job,
             "active": self.repository.active_runs(name, ACTIVE_LIMIT),
-            "history": self.repository.runs_page(job_name=name, before=before, limit=limit + 1),
+            "history": self.repository.runs_page(job_name=name, before=before, limit=limit),
             "now": self.repository.database_now(),
         }
 
@@ -425,9 +425,7 @@ class Dashboard:
         history = data["history"]
         job = data["job"]
         schedule_text, zone = present.schedule_field(job)
-        next_url = None
-        if len(history) > limit:
-            next_url = "/job?" + urlencode({"name": name, "before": history[limit - 1].id})
+        next_url = _page_url("/job", {"name": name}, "before", history.next_before)
         return self.render(
             request,
             "job.html",
@@ -435,7 +433,7 @@ class Dashboard:
             state=present.job_state(job, data["now"], LATE_AFTER),
             slots=present.next_slots(job),
             active=data["active"],
-            history=history[:limit],
+            history=history.runs,
             next_url=next_url,
             now=data["now"],
             schedule_text=schedule_text,
@@ -455,8 +453,8 @@ class Dashboard:
                 "job": present.job_json(data["job"], now, LATE_AFTER),
                 "next_slots": [present.iso(slot) for slot in present.next_slots(data["job"])],
                 "active": [present.run_json(run, now) for run in data["active"]],
-                "runs": [present.run_json(run, now) for run in history[:limit]],
-                "next": history[limit - 1].id if len(history) > limit else None,
+                "runs": [present.run_json(run, now) for run in history.runs],
+                "next": history.next_before,
             }
         )
 
@@ -474,11 +472,9 @@ class Dashboard:
     def _read_runs(self, params: Mapping[str, Any], with_active: bool) -> dict[str, Any]:
         now = self.repository.database_now()
         query = self._runs_query(params, now)
-        limit = query["limit"]
-        runs = self.repository.runs_page(**{**query, "limit": limit + 1})
+        page = self.repository.runs_page(**query)
         active = self.repository.active_runs(query["job_name"], ACTIVE_LIMIT) if with_active else []
-        following = runs[limit - 1].id if len(runs) > limit else None
-        return {"runs": runs[:limit], "active": active, "now": now, "next": following}
+        return {"runs": page.runs, "active": active, "now": now, "next": page.next_before}
 
     async def runs_page(self, request: Request) -> Response:
         params = request.query_params
