@@ -8,12 +8,15 @@ import base64
 import datetime as dt
 import logging
 import re
+import sys
 from collections.abc import Callable
+from types import SimpleNamespace
 from urllib.parse import quote
 
 import pytest
 from helpers.apps import seconds
 from helpers.repository import claim_one
+from starlette.responses import PlainTextResponse
 from starlette.testclient import TestClient
 
 from celery_dbsched import repository as repository_module
@@ -451,6 +454,24 @@ def test_an_edit_holds_until_the_code_is_synced_again(populated: JobRepository, 
     assert repository.lookup_job("steady").policy.max_active == 3
     repository.upsert_job("steady", declared.description, every=declared.every)  # a worker start's sync
     assert repository.lookup_job("steady").policy.max_active == 1
+
+
+def test_metrics_are_served_behind_the_token(repository: JobRepository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/metrics is `celery_dbsched.metrics.metrics_app(repository)` (issue 12 §4), here a stand-in."""
+    served: list[JobRepository] = []
+
+    def metrics_app(repo: JobRepository) -> PlainTextResponse:
+        served.append(repo)
+        return PlainTextResponse("dbsched_active_runs 0\n")
+
+    monkeypatch.setitem(sys.modules, "celery_dbsched.metrics", SimpleNamespace(metrics_app=metrics_app))
+    assert TestClient(create_app(repository)).get("/metrics").text == "dbsched_active_runs 0\n"
+    assert served == [repository]
+    guarded = TestClient(create_app(repository, token=TOKEN))
+    assert guarded.get("/metrics").status_code == 401
+    assert guarded.get("/metrics", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
+    monkeypatch.setitem(sys.modules, "celery_dbsched.metrics", None)  # not installed
+    assert TestClient(create_app(repository)).get("/metrics").status_code == 404
 
 
 # --- binding -------------------------------------------------------------------------------------------------

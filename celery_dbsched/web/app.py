@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import importlib
-import importlib.util
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -621,13 +620,27 @@ def _unauthorized(message: str = "authentication required: the dashboard's token
     return JSONResponse({"error": message}, status_code=401, headers={"www-authenticate": 'Basic realm="dbsched"'})
 
 
-def _metrics_route() -> list[Mount]:
-    """/metrics, when `celery_dbsched.metrics` (issue 12 §4) is installed beside this app."""
-    if importlib.util.find_spec("celery_dbsched.metrics") is None:
+class _Guarded:
+    """An ASGI app behind the dashboard's token (when one is configured): 401 without it."""
+
+    def __init__(self, app: ASGIApp, auth: Auth) -> None:
+        self.app, self.auth = app, auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.auth.enabled and self.auth.identify(Request(scope)) is None:
+            await _unauthorized()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _metrics_routes(repository: JobRepository, auth: Auth) -> list[Route]:
+    """/metrics (issue 12 §4), when `celery_dbsched.metrics` and its prometheus-client are installed; behind
+    the token like every other endpoint (Prometheus: `authorization: {credentials: TOKEN}`)."""
+    try:
+        metrics = importlib.import_module("celery_dbsched.metrics")
+    except ImportError:
         return []
-    metrics = importlib.import_module("celery_dbsched.metrics")
-    factory = getattr(metrics, "metrics_app", None)
-    return [] if factory is None else [Mount("/metrics", app=factory())]
+    return [Route("/metrics", _Guarded(metrics.metrics_app(repository), auth))]
 
 
 class SecurityHeaders:
@@ -678,7 +691,7 @@ def create_app(
         Route("/api/jobs/{verb}", board.action("job action", board.job_action), methods=["POST"]),
         Route("/api/runs/{run_id}/cancel", board.action("cancel", board.cancel_run), methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
-        *_metrics_route(),
+        *_metrics_routes(repository, board.auth),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)])
     app.state.dashboard = board
