@@ -8,6 +8,7 @@ import base64
 import datetime as dt
 import logging
 import re
+import socket
 import sys
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -170,6 +171,17 @@ def test_bad_parameters_answer_400_with_the_reason(populated: JobRepository, cli
     assert web.get("/api/jobs?after=garbage").status_code == 400
     assert web.get("/api/job?name=nope").json() == {"error": "job 'nope' not found"}
     assert web.get("/job?name=nope").status_code == 404
+
+
+def test_a_database_outage_answers_503() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    down = JobRepository(f"postgresql+psycopg://postgres@127.0.0.1:{port}/test?connect_timeout=2")
+    web = TestClient(create_app(down))
+    answer = web.get("/api/jobs")
+    assert answer.status_code == 503 and "database unavailable" in answer.json()["error"]
+    page = web.get("/jobs")
+    assert page.status_code == 503 and "database unavailable" in page.text
 
 
 # --- the JSON API ------------------------------------------------------------------------------------------

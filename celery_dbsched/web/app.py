@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import display
 from ..controls import trigger
-from ..errors import DbschedError, JobNotFound, RunNotFound
+from ..errors import DatabaseError, DatabaseUnavailable, DbschedError, JobNotFound, RunNotFound
 from ..records import JobRecord
 from ..repository import JobRepository
 from ..schedules import CrontabSchedule, IntervalSchedule
@@ -270,10 +270,8 @@ class Dashboard:
                 return RedirectResponse(f"/login?{urlencode({'next': here})}", status_code=303)
             try:
                 return await handler(request)
-            except BadRequest as exc:
-                return self.render(request, "error.html", status=400, message=str(exc))
-            except (JobNotFound, RunNotFound) as exc:
-                return self.render(request, "error.html", status=404, message=str(exc))
+            except (ValueError, DbschedError) as exc:
+                return self.render(request, "error.html", status=_status_of(exc), message=str(exc))
 
         return wrapped
 
@@ -286,10 +284,8 @@ class Dashboard:
                 return _unauthorized()
             try:
                 return await handler(request)
-            except BadRequest as exc:
-                return JSONResponse({"error": str(exc)}, status_code=400)
-            except (JobNotFound, RunNotFound) as exc:
-                return JSONResponse({"error": str(exc)}, status_code=404)
+            except (ValueError, DbschedError) as exc:
+                return JSONResponse({"error": str(exc)}, status_code=_status_of(exc))
 
         return wrapped
 
@@ -302,6 +298,9 @@ class Dashboard:
         async def wrapped(request: Request) -> Response:
             identity = request.state.identity = self.auth.identify(request)
             address = request.client.host if request.client else "-"
+            what = request.path_params.get("verb", name)
+            values: dict[str, Any] = {}
+            from_form = False
             try:
                 if not self.auth.enabled:
                     raise Refused(403, NO_TOKEN)
@@ -317,17 +316,16 @@ class Dashboard:
                 message, payload = await do(request, values, identity)
             except Refused as refused:
                 logger.warning(
-                    "dashboard: %s refused for %s from %s: %s", name, _who(identity), address, refused.message
+                    "dashboard: %s refused for %s from %s: %s", what, _who(identity), address, refused.message
                 )
                 if refused.status == 401:
                     return _unauthorized(refused.message)
                 return JSONResponse({"error": refused.message}, status_code=refused.status)
-            except (JobNotFound, RunNotFound) as exc:
-                return JSONResponse({"error": str(exc)}, status_code=404)
-            except (BadRequest, ValueError, DbschedError) as exc:
-                if "from_form" in locals() and from_form:
-                    return self._back_with(values, f"{name} failed: {exc}")
-                return JSONResponse({"error": str(exc)}, status_code=400 if isinstance(exc, ValueError) else 409)
+            except (ValueError, DbschedError) as exc:
+                logger.warning("dashboard: %s by %s from %s failed: %s", what, _who(identity), address, exc)
+                if from_form:
+                    return self._back_with(values, f"{what} failed: {exc}")
+                return JSONResponse({"error": str(exc)}, status_code=_status_of(exc))
             logger.warning("dashboard: %s by %s from %s", message, _who(identity), address)
             if from_form:
                 return self._back_with(values, message)
@@ -610,6 +608,18 @@ class Dashboard:
         run = await self.read(lambda: self.repository.cancel_run(run_id, detail))
         now = await self.read(self.repository.database_now)
         return f"cancelled run {run.id} of {run.job_name}", {"run": present.run_json(run, now)}
+
+
+def _status_of(exc: Exception) -> int:
+    """The HTTP status of an error: what was asked cannot be read (400), does not exist (404), is not possible
+    now (409), or the database is down (503)."""
+    if isinstance(exc, ValueError):
+        return 400
+    if isinstance(exc, (JobNotFound, RunNotFound)):
+        return 404
+    if isinstance(exc, DatabaseUnavailable):
+        return 503
+    return 500 if isinstance(exc, DatabaseError) else 409
 
 
 def _who(identity: Identity | None) -> str:
