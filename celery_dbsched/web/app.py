@@ -75,7 +75,8 @@ def _environment() -> jinja2.Environment:
     )
     env.filters["when"] = lambda value: display.when(value)
     env.filters["duration"] = display.duration
-    env.filters["schedule_words"] = display.schedule
+    env.filters["schedule_words"] = display.schedule_words
+    env.filters["schedule"] = display.schedule
     env.filters["percent"] = lambda value: "-" if value is None else f"{value * 100:.0f}%"
     env.filters["error_summary"] = present.error_summary
     env.globals["run_duration"] = lambda run, now: (

@@ -89,6 +89,7 @@ def job_json(
         "kind": job.kind.value,
         "state": job_state(job, now, late_after),
         "schedule": display.schedule(job),
+        "schedule_words": display.schedule_words(job),
         "schedule_spec": None if job.schedule is None else job.schedule.spec(),
         "every": seconds(job.every),
         "next_run": iso(job.next_scheduled_run),
