@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .controls import cancel_job, pause_job, remove_job, resume_job, trigger_job
+from .controls import cancel_job, cancel_run, pause_job, remove_job, resume_job, trigger_job
 from .errors import (
     DatabaseError,
     DatabaseUnavailable,
@@ -53,6 +53,7 @@ __all__ = [
     "Scheduler",
     "SchemaMismatch",
     "cancel_job",
+    "cancel_run",
     "job",
     "pause_job",
     "progress",

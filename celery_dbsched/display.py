@@ -77,6 +77,75 @@ def schedule(job: JobRecord) -> str:
     return f"{spec['event']} at {spec['lat']:g},{spec['lon']:g}"
 
 
+_DAYS = ("Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December")  # fmt: skip
+_STEP = re.compile(r"^\*/(\d+)$")
+
+
+def _numbers(field: str) -> list[int] | None:
+    """`5` or `1,15,30` as numbers (None for anything else: ranges, steps, names, `*`)."""
+    parts = field.split(",")
+    return [int(part) for part in parts] if all(part.isdigit() for part in parts) else None
+
+
+def _days(day_of_week: str) -> str | None:
+    if day_of_week == "*":
+        return ""
+    if day_of_week == "1-5":
+        return "Monday to Friday"
+    days = _numbers(day_of_week)
+    if days is None or any(day > 7 for day in days):
+        return None
+    return "on " + ", ".join(_DAYS[day % 7] for day in days)
+
+
+def _crontab_words(spec: dict[str, Any]) -> str | None:
+    """The common crontab shapes in words (`at 02:30 Monday to Friday`), None for the others."""
+    minute, hour = spec["minute"], spec["hour"]
+    minutes, hours = _numbers(minute), _numbers(hour)
+    minute_step, hour_step = _STEP.match(minute), _STEP.match(hour)
+    if minute == "*" and hour == "*":
+        time = "every minute"
+    elif minute_step and hour == "*":
+        time = f"every {minute_step.group(1)} min"
+    elif minutes and hour == "*":
+        time = "every hour at " + ", ".join(f":{m:02d}" for m in minutes)
+    elif minutes and len(minutes) == 1 and hour_step:
+        time = f"every {hour_step.group(1)} h at :{minutes[0]:02d}"
+    elif minutes and hours and len(minutes) * len(hours) <= 4:
+        time = "at " + ", ".join(f"{h:02d}:{m:02d}" for h in hours for m in minutes)
+    else:
+        return None
+    days = _days(spec["day_of_week"])
+    month_days, months = _numbers(spec["day_of_month"]), _numbers(spec["month_of_year"])
+    if days is None or (spec["day_of_month"] != "*" and month_days is None):
+        return None
+    if spec["month_of_year"] != "*" and (months is None or any(not 1 <= m <= 12 for m in months)):
+        return None
+    when = [time]
+    if time.startswith("at ") and not (month_days or days or months):
+        when.append("every day")
+    if month_days:
+        when.append("on day " + ", ".join(map(str, month_days)) + " of the month")
+    if days:
+        when.append(days)
+    if months:
+        when.append("in " + ", ".join(_MONTHS[m - 1] for m in months))
+    return " ".join(when)
+
+
+def schedule_words(job: JobRecord) -> str:
+    """A job's cadence as people say it: `every 5 min`, `at 02:00 Monday to Friday (Europe/Berlin)`; a crontab
+    of another shape as `schedule` writes it."""
+    if job.schedule is not None and job.schedule.spec()["type"] == "crontab":
+        spec = job.schedule.spec()
+        words = _crontab_words(spec)
+        if words is not None:
+            return f"{words} ({spec['timezone']})"
+    return schedule(job)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Left-aligned columns under the headers as given, two spaces apart, no trailing blanks."""
     cells = [[str(cell) for cell in row] for row in rows]

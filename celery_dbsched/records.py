@@ -298,9 +298,59 @@ class MetricsFigures:
 # -- what `dbsched watch` shows (issue 12 §2) -------------------------------------------------------------------
 
 
+def definition_of(job: JobRecord, **replaced: Any) -> JobDefinition:
+    """The definition a stored job was registered with, with `replaced` fields (an operator's edit)."""
+    values: dict[str, Any] = {
+        "name": job.name,
+        "description": job.description,
+        "kind": job.kind,
+        "schedule": job.schedule,
+        "every": job.every,
+        "queue": job.queue,
+        "interrupt_threshold": job.interrupt_threshold,
+        "policy": job.policy,
+        "task": job.task,
+        "task_args": job.task_args,
+        "task_kwargs": job.task_kwargs,
+        "task_options": job.task_options,
+    }
+    values.update(replaced)
+    return JobDefinition(**values)
+
+
 @dataclass(frozen=True)
-class WatchServer:
-    """A server row as stored: a worker or beat, and when it was last seen."""
+class RunSummary:
+    """A run without its error or progress: what a job's recent history (outcome, sparkline) needs."""
+
+    id: int
+    job_name: str
+    status: RunState
+    create_time: dt.datetime
+    start_time: dt.datetime | None
+    end_time: dt.datetime | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> RunSummary:
+        m = row._mapping
+        return cls(m["id"], m["job_name"], RunState(m["status"]), m["create_time"], m["start_time"], m["end_time"])
+
+    @property
+    def duration(self) -> dt.timedelta | None:
+        """How long it ran (None: not started, or not ended)."""
+        return None if self.start_time is None or self.end_time is None else self.end_time - self.start_time
+
+
+@dataclass(frozen=True)
+class RunsPage:
+    """A page of run history, newest first, and the `before` of the next page (None: no older runs)."""
+
+    runs: list[RunRecord]
+    next_before: int | None
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """A beat's or worker's row (`dbsched_server`)."""
 
     id: str
     kind: str
@@ -310,7 +360,7 @@ class WatchServer:
     last_seen: dt.datetime
 
     @classmethod
-    def from_row(cls, row: Row[Any]) -> WatchServer:
+    def from_row(cls, row: Row[Any]) -> ServerRecord:
         m = row._mapping
         return cls(**{name: m[name] for name in cls.__dataclass_fields__})
 
@@ -337,8 +387,27 @@ class WatchFrame:
     oldest active runs (`more_active`: there are more than those), the latest ended runs (newest first)."""
 
     now: dt.datetime
-    servers: list[WatchServer]
+    servers: list[ServerRecord]
     active: list[WatchRun]
     more_active: bool
     recent: list[RunRecord]
     silent_after: dt.timedelta  # a server not seen for this long is silent
+
+
+@dataclass(frozen=True)
+class DashboardCounts:
+    """The dashboard's headline numbers, each counted up to a cap (`capped`: a count that reached it)."""
+
+    now: dt.datetime
+    active: int
+    due: int
+    oldest_due: dt.datetime | None
+    failed_last_hour: int
+    cap: int
+
+    @classmethod
+    def from_row(cls, row: Row[Any], cap: int) -> DashboardCounts:
+        m = row._mapping
+        # The counts read at most cap + 1 rows (statements._capped_count): shown as the cap, and "+".
+        active, due, failed = (min(int(m[key]), cap) for key in ("active", "due", "failed_last_hour"))
+        return cls(m["now"], active, due, m["oldest_due"], failed, cap)

@@ -29,16 +29,20 @@ from .policy import POLICY_NAMES, JobPolicy, delta_of
 from .records import (
     Claim,
     ClaimStats,
+    DashboardCounts,
     JobRecord,
     JobSync,
     MetricsFigures,
     RunRecord,
+    RunsPage,
+    RunSummary,
+    ServerRecord,
     ServerSeen,
     StartedRun,
     WatchFrame,
     WatchRun,
-    WatchServer,
     changes,
+    definition_of,
     definition_values,
     plan_sync,
 )
@@ -56,6 +60,9 @@ try:  # what each server row records as the version it runs
 except importlib.metadata.PackageNotFoundError:  # imported from a checkout without installing it
     PACKAGE_VERSION = "unknown"
 METRICS_SERVERS = 1_000  # servers a metrics scrape shows at most (the most recently seen)
+# Run ids a filtered page of history scans at most (JobRepository.runs_page): no index serves a status,
+# worker or time filter, so a page is bounded by the ids it looks at rather than by the runs it finds.
+RUNS_SCAN_WINDOW = 100_000
 _STARTED_KEPT = 10_000  # runs started and not finished yet by this repository, remembered for their finish
 
 
@@ -765,10 +772,16 @@ class JobRepository:
         return window, facts
 
     def interrupt_run(
-        self, run_id: int, reason: InterruptReason = InterruptReason.CANCELLED, detail: str = ""
+        self,
+        run_id: int,
+        reason: InterruptReason = InterruptReason.CANCELLED,
+        detail: str = "",
+        *,
+        skip_slot: bool = False,
     ) -> RunRecord:
         """End one active run `interrupted` for `reason` (its error text: the reason, then `detail`); the
-        worker running it sees that and cancels the job."""
+        worker running it sees that and cancels the job. `skip_slot`: its job moves to its next slot (not
+        claimed again at once), as after an operator's cancel."""
         self._forget_start(run_id)
         with self._tx() as conn:
             run = self._end_run(
@@ -781,6 +794,8 @@ class JobRepository:
             )
             if reason == InterruptReason.STALLED:
                 self._retry(conn, run)
+            elif skip_slot:
+                self._skip_slot(conn, run)
         return run
 
     def interrupt_runs(
@@ -963,6 +978,11 @@ class JobRepository:
                 self._skip_slot(conn, run)  # cancelled means not now: not claimed again at once
         return runs
 
+    def cancel_run(self, run_id: int, detail: str = "by an operator") -> RunRecord:
+        """Interrupt (cancelled) one queued or running run, as `interrupt_job_runs` does the job's all: its
+        worker cancels the job's context, and its job is not claimed again at once (its next slot)."""
+        return self.interrupt_run(run_id, InterruptReason.CANCELLED, detail, skip_slot=True)
+
     def disable_jobs_not_in(self, kind: JobKind, names: Sequence[str]) -> list[str]:
         """Disable the jobs of `kind` that are not in `names` (entries removed from beat_schedule); their
         history stays. One statement and one bound parameter however many names."""
@@ -1132,7 +1152,7 @@ class JobRepository:
         ended runs (of `job_name` when given)."""
         with self._tx() as conn:
             now = self._db_now(conn)
-            servers = [WatchServer.from_row(row) for row in conn.execute(sql.watch_servers())]
+            servers = [ServerRecord.from_row(row) for row in conn.execute(sql.watch_servers())]
             rows = conn.execute(sql.watch_active_runs(job_name, active_limit + 1)).all()
             recent = [RunRecord.from_row(row) for row in conn.execute(sql.watch_recent_runs(job_name, recent_limit))]
         active = [
@@ -1140,3 +1160,103 @@ class JobRepository:
             for row in rows[:active_limit]
         ]
         return WatchFrame(now, servers, active, len(rows) > active_limit, recent, self.interrupt_threshold)
+
+    # -- the dashboard's reads (celery_dbsched.web) ------------------------------------------------------
+
+    def jobs_page(
+        self,
+        *,
+        search: str | None = None,
+        state: str | None = None,
+        sort: str = "name",
+        descending: bool = False,
+        after: Sequence[Any] | None = None,
+        limit: int = 50,
+        late_after: dt.timedelta = dt.timedelta(minutes=1),
+    ) -> list[JobRecord]:
+        """One page of jobs (`statements.jobs_page`): ValueError for an unknown state or sort."""
+        if state is not None and state not in sql.JOB_FILTERS:
+            raise ValueError(f"unknown job state {state!r}; one of {', '.join(sql.JOB_FILTERS)}")
+        if sort not in sql.JOB_SORTS:
+            raise ValueError(f"unknown sort {sort!r}; one of {', '.join(sql.JOB_SORTS)}")
+        statement = sql.jobs_page(
+            self.clock.now,
+            search=search,
+            state=state,
+            sort=sort,
+            descending=descending,
+            after=after,
+            limit=limit,
+            late_after=late_after.total_seconds(),
+        )
+        with self._tx() as conn:
+            return [JobRecord.from_row(row) for row in conn.execute(statement).all()]
+
+    def recent_runs(self, names: Sequence[str], per_job: int = 20) -> dict[str, list[RunSummary]]:
+        """The latest `per_job` runs of each named job, newest first, by job name (one bounded query)."""
+        found: dict[str, list[RunSummary]] = {name: [] for name in names}
+        if not names:
+            return found
+        with self._tx() as conn:
+            rows = conn.execute(sql.recent_runs_of(self.dialect, names, per_job)).all()
+        for run in sorted(map(RunSummary.from_row, rows), key=lambda run: -run.id):
+            found[run.job_name].append(run)
+        return found
+
+    def active_runs_of(self, job_name: str | None = None, limit: int = 200) -> list[RunRecord]:
+        """Queued and running runs (of one job), newest first, at most `limit`."""
+        with self._tx() as conn:
+            return [RunRecord.from_row(row) for row in conn.execute(sql.active_runs_of(job_name, limit)).all()]
+
+    def runs_page(
+        self,
+        *,
+        job_name: str | None = None,
+        status: str | None = None,
+        worker: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> RunsPage:
+        """One page of runs, newest first, older than run id `before` (`statements.runs_page`), and the `before`
+        of the next page. Filtered by anything but the job (no index serves those), a page scans at most
+        RUNS_SCAN_WINDOW run ids: it may hold fewer than `limit` runs, or none, and still have a next page."""
+        if status is not None and status not in set(RunState):
+            raise ValueError(f"unknown run status {status!r}; one of {', '.join(RunState)}")
+        floor: int | None = None
+        with self._tx() as conn:
+            if any(value is not None for value in (status, worker, since, until)):
+                newest, oldest = conn.execute(sql.run_id_range()).one()
+                top = before if before is not None else (newest or 0) + 1
+                floor = max(top - RUNS_SCAN_WINDOW, oldest or 0)
+            statement = sql.runs_page(
+                job_name=job_name,
+                status=status,
+                worker=worker,
+                since=since,
+                until=until,
+                before=before,
+                at_least=floor,
+                limit=limit + 1,
+            )
+            runs = [RunRecord.from_row(row) for row in conn.execute(statement).all()]
+        if len(runs) > limit:
+            return RunsPage(runs[:limit], runs[limit - 1].id)
+        return RunsPage(runs, floor if floor is not None and floor > (oldest or 0) else None)
+
+    def servers(self, limit: int = 1000) -> list[ServerRecord]:
+        """The beats' and workers' rows: the one read of the fleet (issue 12 §1 makes them richer)."""
+        with self._tx() as conn:
+            return [ServerRecord.from_row(row) for row in conn.execute(sql.servers(limit)).all()]
+
+    def dashboard_counts(self, cap: int = 10_000) -> DashboardCounts:
+        """Active runs, jobs due and not claimed (and the oldest due time), failures in the last hour."""
+        with self._tx() as conn:
+            return DashboardCounts.from_row(conn.execute(sql.dashboard_counts(self.clock.now, cap)).one(), cap)
+
+    def edit_job(self, name: str, **replaced: Any) -> JobRecord:
+        """An operator's edit of a stored job's schedule and policies (`JobDefinition` fields), stored as a
+        registration stores it (`define_job`: a changed schedule moves the next run to its next slot). The
+        code's declaration wins again at the next start that syncs the job (see the README)."""
+        return self.define_job(definition_of(self.lookup_job(name), **replaced))

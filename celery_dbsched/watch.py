@@ -21,7 +21,7 @@ from rich.text import Text
 
 from . import display
 from .errors import DatabaseUnavailable
-from .records import RunRecord, WatchFrame, WatchRun, WatchServer
+from .records import RunRecord, ServerRecord, WatchFrame, WatchRun
 from .states import RunState
 
 SILENT_NAMED = 3  # silent servers named on the fleet line, the rest counted
@@ -34,7 +34,7 @@ _OUTCOME_STYLES = {
 }
 
 
-def _servers(kind: str, servers: Sequence[WatchServer], frame: WatchFrame, zone: dt.tzinfo) -> str:
+def _servers(kind: str, servers: Sequence[ServerRecord], frame: WatchFrame, zone: dt.tzinfo) -> str:
     mine = [server for server in servers if server.kind == kind]
     if not mine:
         return f"{kind}s: none seen"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery.schedules import crontab
@@ -21,10 +22,12 @@ from helpers.services import Database
 
 from celery_dbsched import (
     DbschedError,
+    InvalidRunState,
     JobContext,
     JobNotFound,
     JobPaused,
     cancel_job,
+    cancel_run,
     job,
     pause_job,
     remove_job,
@@ -145,12 +148,17 @@ def test_trigger_refuses_paused_and_disabled_jobs(scheduler: TestSchedulerFactor
     assert s.job("paused").next_scheduled_run == T0 + seconds(3600)
 
 
-def test_cancel_interrupts_a_queued_run(scheduler: TestSchedulerFactory) -> None:
+def _two_queued(scheduler: TestSchedulerFactory) -> tuple[Any, Any, dict[str, Any]]:
+    """An app with jobs `c` and `control`, its TestScheduler, and their queued runs by job name."""
     app = make_app()
     job(app, name="c", description="c", every=60)(noop)
     job(app, name="control", description="control", every=60)(noop)
     s = scheduler(app)
-    runs = {r.job_name: r for r in s.claim()}
+    return app, s, {r.job_name: r for r in s.claim()}
+
+
+def test_cancel_interrupts_a_queued_run(scheduler: TestSchedulerFactory) -> None:
+    app, s, runs = _two_queued(scheduler)
     [cancelled] = cancel_job(app, "c")
     assert cancelled.id == runs["c"].id
     assert cancelled.status == "interrupted"
@@ -158,6 +166,16 @@ def test_cancel_interrupts_a_queued_run(scheduler: TestSchedulerFactory) -> None
     assert s.run(runs["c"]) is None  # a worker that receives the message now drops it
     assert s.repository.lookup_run(runs["control"].id).status == "queued"
     assert cancel_job(app, "c") == []  # nothing active any more
+
+
+def test_cancel_run_interrupts_one_run(scheduler: TestSchedulerFactory) -> None:
+    app, s, runs = _two_queued(scheduler)
+    cancelled = cancel_run(app, runs["c"].id)
+    assert cancelled.status == "interrupted" and cancelled.error == "cancelled: by an operator"
+    assert s.repository.lookup_run(runs["control"].id).status == "queued"
+    assert s.job("c").next_scheduled_run > T0  # its next slot, not due again at once
+    with pytest.raises(InvalidRunState, match=f"run {runs['c'].id} is interrupted, not queued or running"):
+        cancel_run(app, runs["c"].id)
 
 
 def test_cancel_stops_a_running_job_and_it_waits_for_its_next_slot(scheduler: TestSchedulerFactory) -> None:

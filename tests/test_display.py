@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from celery_dbsched import display
+from celery_dbsched.schedules import CrontabSchedule, IntervalSchedule
 
 NOW = dt.datetime(2026, 12, 5, 8, 0, tzinfo=dt.timezone.utc)
 
@@ -78,3 +80,33 @@ def test_since_anything_else_is_one_clear_error(text: str) -> None:
     assert str(excinfo.value) == (
         f"--since: expected a duration such as 30m, 1h, 2d or an ISO time such as 2026-12-05T08:00, got {text!r}"
     )
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"minute": "0", "hour": "2"}, "at 02:00 every day (UTC)"),
+        ({"minute": "*/15"}, "every 15 min (UTC)"),
+        (
+            {"minute": "30", "hour": "9", "day_of_week": "1-5", "timezone": "Europe/Berlin"},
+            "at 09:30 Monday to Friday (Europe/Berlin)",
+        ),
+        ({"minute": "0", "hour": "*/6"}, "every 6 h at :00 (UTC)"),
+        ({"minute": "5"}, "every hour at :05 (UTC)"),
+        ({}, "every minute (UTC)"),
+        (
+            {"minute": "0", "hour": "0", "day_of_month": "1", "month_of_year": "1,7"},
+            "at 00:00 on day 1 of the month in January, July (UTC)",
+        ),
+        ({"minute": "0", "hour": "8", "day_of_week": "0,6"}, "at 08:00 on Sunday, Saturday (UTC)"),
+        ({"minute": "0-10", "hour": "3"}, "cron 0-10 3 * * * UTC"),  # other shapes: as `dbsched jobs` writes them
+        ({"minute": "0", "hour": "9", "day_of_week": "mon"}, "cron 0 9 * * mon UTC"),
+    ],
+)
+def test_crontabs_in_words(fields: dict[str, str], words: str) -> None:
+    job = SimpleNamespace(schedule=CrontabSchedule(**fields), every=None)
+    assert display.schedule_words(job) == words
+
+
+def test_intervals_in_words() -> None:
+    assert display.schedule_words(SimpleNamespace(schedule=IntervalSchedule(300.0), every=None)) == "every 5 min"

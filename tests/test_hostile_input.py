@@ -566,6 +566,8 @@ EXPECTED: dict[str, tuple[str, dict[str, Any]]] = {
     "dbsched_metrics_port": ("metrics_port", _durations(None)),  # 0/unset: no exporter
     "dbsched_metrics_address": ("metrics_address", {**_strings(DEFAULT_METRICS_ADDRESS), "junk-string": "soon"}),
     "dbsched_metrics_job_labels": ("metrics_job_labels", _durations(DEFAULT_METRICS_JOB_LABELS)),
+    # The dashboard's token: a string of at least 16 characters ("soon" is too short).
+    "dbsched_web_token": ("web_token", _strings(None)),
 }
 
 # Per key, the largest accepted value and what it becomes.
@@ -581,6 +583,7 @@ LARGEST: dict[str, tuple[Any, Any]] = {
     "dbsched_database_url": ("sqlite:///" + "d" * 10_000, "sqlite:///" + "d" * 10_000),
     "dbsched_metrics_port": (65535, 65535),
     "dbsched_metrics_job_labels": (MAX_METRICS_JOB_LABELS, MAX_METRICS_JOB_LABELS),
+    "dbsched_web_token": ("t" * 10_000, "t" * 10_000),
 }
 
 SETTING_CASES = [
