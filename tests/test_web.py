@@ -370,7 +370,7 @@ def test_actions_from_the_page_are_done_and_logged(
     web.post("/api/jobs/resume", data={"csrf": csrf, "name": "steady", "next": back})
     assert repository.lookup_job("steady").paused is False
 
-    (busy,) = repository.active_runs("busy")
+    (busy,) = repository.active_runs_of("busy")
     cancel_page = web.get("/job?name=busy").text
     assert f'action="/api/runs/{busy.id}/cancel"' in cancel_page
     web.post(f"/api/runs/{busy.id}/cancel", data={"csrf": csrf, "next": "/job?name=busy"})
@@ -414,7 +414,7 @@ def test_api_actions_with_the_token(populated: JobRepository, client: Client) ->
     assert refused.status_code == 409 and "is paused; resume it to run it" in refused.json()["error"]
     assert api.post("/api/jobs/trigger", json={"name": "nope"}).status_code == 404
     assert api.post("/api/jobs/fly", json={"name": "flaky"}).status_code == 404
-    (busy,) = repository.active_runs("busy")
+    (busy,) = repository.active_runs_of("busy")
     assert api.post(f"/api/runs/{busy.id}/cancel").json()["run"]["status"] == "interrupted"
     assert repository.lookup_job("busy").next_scheduled_run > repository.database_now()  # not claimed again at once
     again = api.post(f"/api/runs/{busy.id}/cancel")
