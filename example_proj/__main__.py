@@ -2,8 +2,9 @@
 
 Prints, every two seconds, each job's active run with its progress and its latest finished runs, and serves
 the dashboard (`celery -A example_proj dbsched web`) on http://127.0.0.1:8555 (`--web-port`; 0: no page; the
-actions' token is `example` unless DBSCHED_WEB_TOKEN is set). Stops (warm shutdown) after `--seconds` (default
-60; 0 runs until Ctrl-C). The worker's log goes to .example_data/worker.log, the page's to .example_data/web.log.
+actions' token is `example-dashboard-token` unless DBSCHED_WEB_TOKEN is set). Stops (warm shutdown) after
+`--seconds` (default 60; 0 runs until Ctrl-C). The worker's log goes to .example_data/worker.log, the page's to
+.example_data/web.log.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def show(started: float) -> None:
 
 
 WEB_PORT = 8555
-WEB_TOKEN = "example"  # loopback only; the page asks for it before an action
+WEB_TOKEN = "example-dashboard-token"  # loopback only; the page asks for it before an action
 
 
 def start_web(port: int) -> subprocess.Popen[bytes] | None:
