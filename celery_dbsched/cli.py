@@ -21,7 +21,7 @@ from .migrate import current_revision, head_revision, migrate
 from .records import JobRecord, RunRecord
 from .repository import JobRepository
 from .schedules import parse_timezone
-from .settings import Settings, mask_database_url, settings_for
+from .settings import Settings, mask_database_url, parse_web_token, settings_for
 from .states import JobKind, RunState
 
 _HISTORY_NOT_KEPT = "not kept: a run stores its latest progress only (completed/total above)"
@@ -404,3 +404,40 @@ def remove(ctx: click.Context, name: str, purge: bool) -> None:
     kept = f"its history is kept (celery -A proj dbsched runs --job {name})" if runs else "it has no runs"
     active = " Its active run goes on: celery -A proj dbsched cancel " + name + " stops it." if job.active_runs else ""
     click.echo(f"removed {name}: disabled, never claimed again; {kept}; --purge deletes it.{active}")
+
+
+# -- the dashboard --------------------------------------------------------------------------------------------
+
+WEB_TOKEN_ENV = "DBSCHED_WEB_TOKEN"
+
+
+def web_token(settings: Settings) -> str | None:
+    """The dashboard's token: the environment's DBSCHED_WEB_TOKEN when set, else `dbsched_web_token`."""
+    return parse_web_token(WEB_TOKEN_ENV, os.environ.get(WEB_TOKEN_ENV)) or settings.web_token
+
+
+@dbsched.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to serve on")
+@click.option("--port", type=click.IntRange(0, 65535), default=8555, show_default=True)
+@click.pass_context
+def web(ctx: click.Context, host: str, port: int) -> None:
+    """Serve the dashboard: jobs, runs, fleet, a JSON API, and (with the token) actions. Needs the `web` extra."""
+    try:
+        import uvicorn
+
+        from .web import check_bind, create_app
+    except ImportError as exc:
+        raise click.ClickException(
+            f"the dashboard needs the web extra ({exc.name} is missing): pip install 'celery-dbsched[web]'"
+        ) from None
+    try:
+        settings = Settings.from_mapping(ctx.obj.app.conf)
+        token = web_token(settings)
+        check_bind(host, token)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    repository = _existing_repository(ctx)
+    app = create_app(repository, token=token, silent_after=settings.interrupt_threshold)
+    access = "actions need the token" if token else "read-only: no token (dbsched_web_token / DBSCHED_WEB_TOKEN)"
+    click.echo(f"celery_dbsched dashboard on http://{host}:{port}/ ({access})")
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -9,6 +9,7 @@ from .binding import repository_for
 from .errors import DbschedError, JobPaused
 from .records import JobRecord, RunRecord
 from .registry import existing_registry
+from .repository import JobRepository
 
 
 def _name(name: object) -> str:
@@ -29,7 +30,11 @@ def resume_job(app: Any, name: str) -> JobRecord:
 
 def trigger_job(app: Any, name: str) -> JobRecord:
     """Run the job now (once its current run, if any, has ended), and wake the beats."""
-    repository = repository_for(app)
+    return trigger(repository_for(app), name)
+
+
+def trigger(repository: JobRepository, name: str) -> JobRecord:
+    """`trigger_job` on a repository (the dashboard's): JobPaused for a paused or disabled job."""
     job = repository.lookup_job(_name(name))
     if job.paused or not job.policy.enabled:
         raise JobPaused(f"job {name!r} is {'paused' if job.paused else 'disabled'}; resume it to run it")
@@ -39,6 +44,11 @@ def trigger_job(app: Any, name: str) -> JobRecord:
 def cancel_job(app: Any, name: str) -> list[RunRecord]:
     """Interrupt the job's queued and running runs (the worker cancels the job's context)."""
     return repository_for(app).interrupt_job_runs(_name(name))
+
+
+def cancel_run(app: Any, run_id: int) -> RunRecord:
+    """Interrupt one queued or running run (the worker cancels the job's context)."""
+    return repository_for(app).cancel_run(run_id)
 
 
 def remove_job(app: Any, name: str, *, purge: bool = False) -> JobRecord:

@@ -261,3 +261,79 @@ class StartedRun:
     def retry_backoff(self) -> tuple[dt.timedelta, dt.timedelta] | None:
         """The job's own backoff (None: the repository's)."""
         return backoff_of(self.retry_backoff_base, self.retry_backoff_cap)
+
+
+def definition_of(job: JobRecord, **replaced: Any) -> JobDefinition:
+    """The definition a stored job was registered with, with `replaced` fields (an operator's edit)."""
+    values: dict[str, Any] = {
+        "name": job.name,
+        "description": job.description,
+        "kind": job.kind,
+        "schedule": job.schedule,
+        "every": job.every,
+        "queue": job.queue,
+        "interrupt_threshold": job.interrupt_threshold,
+        "policy": job.policy,
+        "task": job.task,
+        "task_args": job.task_args,
+        "task_kwargs": job.task_kwargs,
+        "task_options": job.task_options,
+    }
+    values.update(replaced)
+    return JobDefinition(**values)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A run without its error or progress: what a job's recent history (outcome, sparkline) needs."""
+
+    id: int
+    job_name: str
+    status: RunState
+    create_time: dt.datetime
+    start_time: dt.datetime | None
+    end_time: dt.datetime | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> RunSummary:
+        m = row._mapping
+        return cls(m["id"], m["job_name"], RunState(m["status"]), m["create_time"], m["start_time"], m["end_time"])
+
+    @property
+    def duration(self) -> dt.timedelta | None:
+        """How long it ran (None: not started, or not ended)."""
+        return None if self.start_time is None or self.end_time is None else self.end_time - self.start_time
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """A beat's or worker's row (`dbsched_server`)."""
+
+    id: str
+    kind: str
+    hostname: str
+    pid: int
+    start_time: dt.datetime
+    last_seen: dt.datetime
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> ServerRecord:
+        m = row._mapping
+        return cls(**{name: m[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class DashboardCounts:
+    """The dashboard's headline numbers, each counted up to a cap (`capped`: a count that reached it)."""
+
+    now: dt.datetime
+    active: int
+    due: int
+    oldest_due: dt.datetime | None
+    failed_last_hour: int
+    cap: int
+
+    @classmethod
+    def from_row(cls, row: Row[Any], cap: int) -> DashboardCounts:
+        m = row._mapping
+        return cls(m["now"], m["active"], m["due"], m["oldest_due"], m["failed_last_hour"], cap)

@@ -27,11 +27,15 @@ from .job import JobDefinition, JobStatus
 from .policy import POLICY_NAMES, JobPolicy
 from .records import (
     Claim,
+    DashboardCounts,
     JobRecord,
     JobSync,
     RunRecord,
+    RunSummary,
+    ServerRecord,
     StartedRun,
     changes,
+    definition_of,
     definition_values,
     plan_sync,
 )
@@ -929,6 +933,22 @@ class JobRepository:
                 self._skip_slot(conn, run)  # cancelled means not now: not claimed again at once
         return runs
 
+    def cancel_run(self, run_id: int, detail: str = "by an operator") -> RunRecord:
+        """Interrupt (cancelled) one queued or running run, as `interrupt_job_runs` does the job's all: its
+        worker cancels the job's context, and its job is not claimed again at once (its next slot)."""
+        self._forget_start(run_id)
+        with self._tx() as conn:
+            run = self._end_run(
+                conn,
+                run_id,
+                RunState.INTERRUPTED,
+                ACTIVE,
+                error=f"{InterruptReason.CANCELLED}: {detail}",
+                interrupt_reason=InterruptReason.CANCELLED,
+            )
+            self._skip_slot(conn, run)
+        return run
+
     def disable_jobs_not_in(self, kind: JobKind, names: Sequence[str]) -> list[str]:
         """Disable the jobs of `kind` that are not in `names` (entries removed from beat_schedule); their
         history stays. One statement and one bound parameter however many names."""
@@ -1037,3 +1057,86 @@ class JobRepository:
     def ping(self) -> None:
         with self._tx() as conn:
             conn.execute(sql.ping())
+
+    # -- the dashboard's reads (celery_dbsched.web) ------------------------------------------------------
+
+    def jobs_page(
+        self,
+        *,
+        search: str | None = None,
+        state: str | None = None,
+        sort: str = "name",
+        descending: bool = False,
+        after: Sequence[Any] | None = None,
+        limit: int = 50,
+        late_after: dt.timedelta = dt.timedelta(minutes=1),
+    ) -> list[JobRecord]:
+        """One page of jobs (`statements.jobs_page`): ValueError for an unknown state or sort."""
+        if state is not None and state not in sql.JOB_FILTERS:
+            raise ValueError(f"unknown job state {state!r}; one of {', '.join(sql.JOB_FILTERS)}")
+        if sort not in sql.JOB_SORTS:
+            raise ValueError(f"unknown sort {sort!r}; one of {', '.join(sql.JOB_SORTS)}")
+        statement = sql.jobs_page(
+            self.clock.now,
+            search=search,
+            state=state,
+            sort=sort,
+            descending=descending,
+            after=after,
+            limit=limit,
+            late_after=late_after.total_seconds(),
+        )
+        with self._tx() as conn:
+            return [JobRecord.from_row(row) for row in conn.execute(statement).all()]
+
+    def recent_runs(self, names: Sequence[str], per_job: int = 20) -> dict[str, list[RunSummary]]:
+        """The latest `per_job` runs of each named job, newest first, by job name (one bounded query)."""
+        found: dict[str, list[RunSummary]] = {name: [] for name in names}
+        if not names:
+            return found
+        with self._tx() as conn:
+            rows = conn.execute(sql.recent_runs_of(self.dialect, names, per_job)).all()
+        for run in sorted(map(RunSummary.from_row, rows), key=lambda run: -run.id):
+            found[run.job_name].append(run)
+        return found
+
+    def active_runs(self, job_name: str | None = None, limit: int = 200) -> list[RunRecord]:
+        """Queued and running runs (of one job), newest first, at most `limit`."""
+        with self._tx() as conn:
+            return [RunRecord.from_row(row) for row in conn.execute(sql.active_runs(job_name, limit)).all()]
+
+    def runs_page(
+        self,
+        *,
+        job_name: str | None = None,
+        status: str | None = None,
+        worker: str | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        before: int | None = None,
+        limit: int = 50,
+    ) -> list[RunRecord]:
+        """One page of runs, newest first, older than run id `before` (`statements.runs_page`)."""
+        if status is not None and status not in set(RunState):
+            raise ValueError(f"unknown run status {status!r}; one of {', '.join(RunState)}")
+        statement = sql.runs_page(
+            job_name=job_name, status=status, worker=worker, since=since, until=until, before=before, limit=limit
+        )
+        with self._tx() as conn:
+            return [RunRecord.from_row(row) for row in conn.execute(statement).all()]
+
+    def servers(self, limit: int = 1000) -> list[ServerRecord]:
+        """The beats' and workers' rows: the one read of the fleet (issue 12 §1 makes them richer)."""
+        with self._tx() as conn:
+            return [ServerRecord.from_row(row) for row in conn.execute(sql.servers(limit)).all()]
+
+    def dashboard_counts(self, cap: int = 10_000) -> DashboardCounts:
+        """Active runs, jobs due and not claimed (and the oldest due time), failures in the last hour."""
+        with self._tx() as conn:
+            return DashboardCounts.from_row(conn.execute(sql.dashboard_counts(self.clock.now, cap)).one(), cap)
+
+    def edit_job(self, name: str, **replaced: Any) -> JobRecord:
+        """An operator's edit of a stored job's schedule and policies (`JobDefinition` fields), stored as a
+        registration stores it (`define_job`: a changed schedule moves the next run to its next slot). The
+        code's declaration wins again at the next start that syncs the job (see the README)."""
+        return self.define_job(definition_of(self.lookup_job(name), **replaced))

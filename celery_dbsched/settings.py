@@ -134,6 +134,24 @@ def parse_bool(key: str, value: object, default: bool) -> bool:
     raise ValueError(f"{key}: expected true or false, got {value!r}")
 
 
+WEB_TOKEN_MIN_LENGTH = 16
+
+
+def parse_web_token(key: str, value: object) -> str | None:
+    """The dashboard's token: None, or a string of at least 16 characters (it guards the actions); the error
+    never repeats the value."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{key}: expected a string, got {type(value).__name__}")
+    if len(value.strip()) < WEB_TOKEN_MIN_LENGTH or value != value.strip():
+        raise ValueError(
+            f"{key}: at least {WEB_TOKEN_MIN_LENGTH} characters, without leading or trailing blanks; make one with: "
+            "python -c 'import secrets; print(secrets.token_urlsafe(24))'"
+        )
+    return value
+
+
 def parse_database_url(key: str, value: object) -> str | None:
     """A URL string or a `sqlalchemy.URL` (its password kept); the error never repeats the value, which may hold
     a password."""
@@ -191,6 +209,8 @@ class Settings:
     run_retention: dt.timedelta = DEFAULT_RUN_RETENTION
     auto_migrate: bool = True
     listen: bool = True
+    # The dashboard's (`dbsched web`) token: actions need it; None: read-only (env DBSCHED_WEB_TOKEN also sets it).
+    web_token: str | None = None
 
     @classmethod
     def from_mapping(cls, conf: Mapping[str, Any]) -> Settings:
@@ -236,12 +256,14 @@ class Settings:
             ),
             auto_migrate=parse_bool("dbsched_auto_migrate", get("dbsched_auto_migrate"), True),
             listen=parse_bool("dbsched_listen", get("dbsched_listen"), True),
+            web_token=parse_web_token("dbsched_web_token", get("dbsched_web_token")),
         )
 
     def __repr__(self) -> str:
-        # The URL's password is masked: settings end up in logs and tracebacks.
+        # The URL's password and the web token are masked: settings end up in logs and tracebacks.
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values["database_url"] = mask_database_url(self.database_url)
+        values["web_token"] = None if self.web_token is None else "***"
         return f"Settings({', '.join(f'{name}={value!r}' for name, value in values.items())})"
 
     def beat_server_id(self) -> str:

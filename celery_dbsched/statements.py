@@ -35,6 +35,7 @@ from sqlalchemy import (
     select,
     text,
     true,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -854,3 +855,128 @@ def database_now(now: Now) -> Select[Any]:
 
 def ping() -> Executable:
     return text("SELECT 1")
+
+
+# -- the dashboard's reads (celery_dbsched.web): bounded, keyset-paged, never a count over the runs table -------
+
+JOB_SORTS = ("name", "next_run")
+JOB_FILTERS = ("enabled", "paused", "running", "failing", "late")
+
+
+def _job_filter(state: str, now: Now, late_after: float) -> ColumnElement[bool]:
+    """A job state of the dashboard's filter: `late` is claimable and due more than `late_after` seconds ago."""
+    conditions: dict[str, ColumnElement[bool]] = {
+        "enabled": and_(j.c.enabled, ~j.c.paused),
+        "paused": j.c.paused,
+        "running": j.c.active_runs > 0,
+        "failing": j.c.failure_count > 0,
+        "late": and_(claimable, j.c.next_scheduled_run < now(-late_after)),
+    }
+    return conditions[state]
+
+
+def _job_sort_key(sort: str) -> list[Any]:
+    return [j.c.name] if sort == "name" else [j.c.next_scheduled_run, j.c.name]
+
+
+def jobs_page(
+    now: Now,
+    *,
+    search: str | None,
+    state: str | None,
+    sort: str,
+    descending: bool,
+    after: Sequence[Any] | None,
+    limit: int,
+    late_after: float,
+) -> Select[Any]:
+    """One page of jobs, in `sort` order (name, or next run then name), after the keyset `after` (the sort
+    key of the previous page's last job): `limit` rows at most. `search`: a part of the name or description,
+    any case."""
+    key = _job_sort_key(sort)
+    query = select(j)
+    if search:
+        needle = search.lower()
+        query = query.where(
+            or_(
+                func.lower(j.c.name).contains(needle, autoescape=True),
+                func.lower(j.c.description).contains(needle, autoescape=True),
+            )
+        )
+    if state is not None:
+        query = query.where(_job_filter(state, now, late_after))
+    if after is not None:
+        position = tuple_(*key)
+        bound = tuple_(*(literal(value, column.type) for value, column in zip(after, key, strict=True)))
+        query = query.where(position < bound if descending else position > bound)
+    return query.order_by(*(column.desc() if descending else column for column in key)).limit(limit)
+
+
+_RECENT_COLUMNS = (r.c.id, r.c.job_name, r.c.status, r.c.create_time, r.c.start_time, r.c.end_time)
+
+
+def recent_runs_of(dialect: str, names: Sequence[str], per_job: int) -> Select[Any]:
+    """The latest `per_job` runs of each named job (the names as one parameter), without their errors: a
+    lateral index scan per job on PostgreSQL (bounded however many runs a job has), a window on SQLite."""
+    if _is_postgres(dialect):
+        recent = (
+            select(*_RECENT_COLUMNS).where(r.c.job_name == j.c.name).order_by(r.c.id.desc()).limit(per_job)
+        ).lateral("recent")
+        return (
+            select(*recent.c)
+            .select_from(j.join(recent, true()))
+            .where(j.c.name.in_(values_of(dialect, names, j.c.name)))
+        )
+    rank = func.row_number().over(partition_by=r.c.job_name, order_by=r.c.id.desc()).label("rank")
+    ranked = select(*_RECENT_COLUMNS, rank).where(r.c.job_name.in_(values_of(dialect, names, r.c.job_name))).subquery()
+    return select(*(ranked.c[c.name] for c in _RECENT_COLUMNS)).where(ranked.c.rank <= per_job)
+
+
+def active_runs(job_name: str | None, limit: int) -> Select[Any]:
+    """Queued and running runs, newest first (through the partial indexes on active runs)."""
+    query = select(r).where(r.c.status.in_(ACTIVE)).order_by(r.c.id.desc()).limit(limit)
+    return query if job_name is None else query.where(r.c.job_name == job_name)
+
+
+def runs_page(
+    *,
+    job_name: str | None,
+    status: str | None,
+    worker: str | None,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    before: int | None,
+    limit: int,
+) -> Select[Any]:
+    """One page of runs, newest first, older than run id `before` (the keyset), claimed within [since, until]."""
+    query = runs(job_name, status, limit, since)
+    if worker is not None:
+        query = query.where(r.c.worker == worker)
+    if until is not None:
+        query = query.where(r.c.create_time <= until)
+    return query if before is None else query.where(r.c.id < before)
+
+
+def servers(limit: int) -> Select[Any]:
+    """The beats' and workers' rows (`dbsched_server`), by kind and id."""
+    return select(s).order_by(s.c.kind, s.c.id).limit(limit)
+
+
+def _capped_count(query: Select[Any], cap: int) -> Select[Any]:
+    """How many rows `query` has, counting at most `cap` (a bounded read however large the table)."""
+    return select(func.count()).select_from(query.limit(cap).subquery())
+
+
+def dashboard_counts(now: Now, cap: int) -> Select[Any]:
+    """In one statement: the active runs, the jobs due and not claimed and the oldest of their due times, and
+    the runs that failed in the last hour; each count stops at `cap`."""
+    due = and_(claimable, j.c.next_scheduled_run <= now())
+    failed = and_(r.c.end_time >= now(-3600), r.c.status == RunState.FAILED)
+    oldest_due = select(j.c.next_scheduled_run).where(due).order_by(j.c.next_scheduled_run, j.c.name).limit(1)
+    return select(
+        now().label("now"),
+        _capped_count(select(r.c.id).where(r.c.status.in_(ACTIVE)), cap).scalar_subquery().label("active"),
+        _capped_count(select(j.c.name).where(due), cap).scalar_subquery().label("due"),
+        oldest_due.scalar_subquery().label("oldest_due"),
+        _capped_count(select(r.c.id).where(failed), cap).scalar_subquery().label("failed_last_hour"),
+    )

@@ -1,0 +1,687 @@
+"""The dashboard's Starlette app: pages and JSON API over one `JobRepository` (`create_app`).
+
+Reads are open when no token is configured (the dashboard is then read-only) and need the token when one is;
+actions always need it, and pass the CSRF checks (`auth`). Every query is bounded and keyset-paged
+(`JobRepository.jobs_page`, `runs_page`, ...); nothing counts the runs table."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import importlib
+import importlib.util
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlencode
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import display
+from ..controls import trigger
+from ..errors import DbschedError, JobNotFound, RunNotFound
+from ..records import JobRecord
+from ..repository import JobRepository
+from ..schedules import CrontabSchedule, IntervalSchedule
+from ..settings import DEFAULT_INTERRUPT_THRESHOLD, parse_backoff, parse_duration
+from ..statements import JOB_FILTERS
+from ..states import JobKind, Misfire, RunState
+from . import present
+from .auth import CSRF_FIELD, CSRF_HEADER, NO_TOKEN, SESSION_COOKIE, SESSION_SECONDS, Auth, Identity, cross_site
+
+logger = logging.getLogger("celery_dbsched.web")
+
+HERE = Path(__file__).parent
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+ACTIVE_LIMIT = 200
+RECENT_PER_JOB = 20
+FLASH_COOKIE = "dbsched_flash"
+LATE_AFTER = dt.timedelta(minutes=1)
+SECURITY_HEADERS = {
+    # Everything the page loads is served here: no CDN, no inline script.
+    "content-security-policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+}
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class BadRequest(ValueError):
+    """A query parameter or form field the dashboard cannot read: 400 with the message."""
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True, undefined=jinja2.StrictUndefined
+    )
+    env.filters["when"] = lambda value: display.when(value)
+    env.filters["duration"] = display.duration
+    env.filters["schedule_words"] = display.schedule
+    env.filters["percent"] = lambda value: "-" if value is None else f"{value * 100:.0f}%"
+    env.filters["error_summary"] = present.error_summary
+    env.globals["run_duration"] = lambda run, now: (
+        "-" if run.start_time is None else display.duration((run.end_time or now) - run.start_time)
+    )
+    env.globals["relative"] = display.relative
+    env.globals["ago"] = display.ago
+    env.globals["quote"] = lambda value: quote(str(value), safe="")
+    return env
+
+
+# -- reading requests ---------------------------------------------------------------------------------------
+
+
+def _text(params: Mapping[str, Any], key: str) -> str | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"{key}: expected text, got {value!r}")
+    return value.strip() or None
+
+
+def _int(params: Mapping[str, Any], key: str, default: int | None, low: int, high: int) -> int | None:
+    value = params.get(key)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise BadRequest(f"{key}: expected a whole number, got {value!r}") from None
+    if not low <= number <= high:
+        raise BadRequest(f"{key}: expected {low} to {high}, got {number}")
+    return number
+
+
+def _time(params: Mapping[str, Any], key: str, now: dt.datetime) -> dt.datetime | None:
+    value = _text(params, key)
+    if value is None:
+        return None
+    try:
+        return display.parse_since(value, now)
+    except ValueError as exc:
+        raise BadRequest(str(exc).replace("--since", key)) from None
+
+
+def _choice(params: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str | None:
+    value = _text(params, key)
+    if value is not None and value not in choices:
+        raise BadRequest(f"{key}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+async def _fields(request: Request) -> tuple[dict[str, Any], bool]:
+    """An action's fields, from a form or a JSON object, and whether it came from a form (a page)."""
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            data = await request.json()
+        except ValueError:
+            raise BadRequest("the body is not JSON") from None
+        if not isinstance(data, dict):
+            raise BadRequest("the body must be a JSON object")
+        return data, False
+    form = await request.form()
+    return {key: value for key, value in form.items() if isinstance(value, str)}, True
+
+
+def _back(path: str | None, default: str) -> str:
+    """A same-site path to return to (never another site: `//host` or a scheme)."""
+    if path and path.startswith("/") and not path.startswith("//") and "\\" not in path:
+        return path
+    return default
+
+
+# -- the edit form -------------------------------------------------------------------------------------------
+
+
+def _duration_field(key: str, value: object) -> dt.timedelta | None:
+    if value is None or value == "":
+        return None
+    return parse_duration(key, value, None)
+
+
+def edit_changes(job: JobRecord, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The `JobDefinition` fields an edit sets, from the fields given (a missing key: unchanged). ValueError
+    naming the field for a value it cannot read; the definition checks the rest."""
+    changed: dict[str, Any] = {}
+    if "schedule" in values:
+        text = str(values["schedule"] or "").strip()
+        zone = str(values.get("timezone") or "UTC").strip()
+        fields = text.split()
+        if not text:
+            if job.schedule is not None:
+                raise ValueError("schedule: give seconds (an interval) or five crontab fields")
+        elif len(fields) == 5:
+            minute, hour, day_of_month, month_of_year, day_of_week = fields
+            changed["schedule"] = CrontabSchedule(minute, hour, day_of_week, day_of_month, month_of_year, zone)
+        elif len(fields) == 1:
+            interval = _duration_field("schedule", text)
+            if interval is None:
+                raise ValueError("schedule: an interval must be more than 0 seconds")
+            if job.schedule is None:
+                changed["every"] = interval
+            else:
+                changed["schedule"] = IntervalSchedule(interval.total_seconds())
+        else:
+            raise ValueError(f"schedule: give seconds (an interval) or five crontab fields, got {text!r}")
+    policy: dict[str, Any] = {}
+    if "enabled" in values:
+        value = values["enabled"]
+        policy["enabled"] = value if isinstance(value, bool) else str(value).lower() in ("on", "true", "1", "yes")
+    if "misfire" in values:
+        if values["misfire"] not in set(Misfire):
+            raise ValueError(f"misfire: one of {', '.join(Misfire)}, got {values['misfire']!r}")
+        policy["misfire"] = Misfire(values["misfire"])
+    for key in ("misfire_grace", "expires"):
+        if key in values:
+            policy[key] = _duration_field(key, values[key])
+    if "max_active" in values:
+        try:
+            policy["max_active"] = int(values["max_active"])
+        except (TypeError, ValueError):
+            raise ValueError(f"max_active: a whole number from 1 to 1000, got {values['max_active']!r}") from None
+    if "retry_backoff_base" in values or "retry_backoff_cap" in values:
+        base, cap = values.get("retry_backoff_base"), values.get("retry_backoff_cap")
+        empty = (None, "")
+        policy["retry_backoff"] = (
+            None if base in empty and cap in empty else parse_backoff("retry_backoff", (base or 0, cap or None))
+        )
+    if policy:
+        changed["policy"] = dataclasses.replace(job.policy, **policy)
+    if "interrupt_threshold" in values:
+        changed["interrupt_threshold"] = _duration_field("interrupt_threshold", values["interrupt_threshold"])
+    return changed
+
+
+# -- the app -------------------------------------------------------------------------------------------------
+
+
+class Dashboard:
+    """The handlers, over one repository; `silent_after`: a server not seen for this long is silent."""
+
+    def __init__(self, repository: JobRepository, auth: Auth, silent_after: dt.timedelta) -> None:
+        self.repository = repository
+        self.auth = auth
+        self.silent_after = silent_after
+        self.env = _environment()
+
+    # -- plumbing
+
+    async def read(self, call: Callable[[], Any]) -> Any:
+        return await run_in_threadpool(call)
+
+    def render(self, request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+        identity = request.state.identity
+        context.setdefault("nav", "")
+        flash = request.cookies.get(FLASH_COOKIE)
+        flash = None if flash is None else unquote(flash)
+        body = self.env.get_template(template).render(
+            request=request,
+            identity=identity,
+            token_enabled=self.auth.enabled,
+            can_act=identity is not None,
+            csrf=self.auth.csrf_token(identity),
+            csrf_field=CSRF_FIELD,
+            flash=flash,
+            here=request.url.path + (f"?{request.url.query}" if request.url.query else ""),
+            **context,
+        )
+        response = HTMLResponse(body, status_code=status)
+        if FLASH_COOKIE in request.cookies:
+            response.delete_cookie(FLASH_COOKIE, path="/")
+        return response
+
+    def page(self, handler: Handler) -> Handler:
+        """A page: with a token configured, only for a signed-in operator (else to the login page)."""
+
+        async def wrapped(request: Request) -> Response:
+            request.state.identity = self.auth.identify(request)
+            if self.auth.enabled and request.state.identity is None:
+                here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                return RedirectResponse(f"/login?{urlencode({'next': here})}", status_code=303)
+            try:
+                return await handler(request)
+            except BadRequest as exc:
+                return self.render(request, "error.html", status=400, message=str(exc))
+            except (JobNotFound, RunNotFound) as exc:
+                return self.render(request, "error.html", status=404, message=str(exc))
+
+        return wrapped
+
+    def api(self, handler: Handler) -> Handler:
+        """A JSON read: with a token configured, only with credentials (401 otherwise)."""
+
+        async def wrapped(request: Request) -> Response:
+            request.state.identity = self.auth.identify(request)
+            if self.auth.enabled and request.state.identity is None:
+                return _unauthorized()
+            try:
+                return await handler(request)
+            except BadRequest as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
+            except (JobNotFound, RunNotFound) as exc:
+                return JSONResponse({"error": str(exc)}, status_code=404)
+
+        return wrapped
+
+    def action(
+        self, name: str, do: Callable[[Request, dict[str, Any], Identity], Awaitable[tuple[str, Any]]]
+    ) -> Handler:
+        """An action: a token configured (else 403), credentials (else 401), not cross-site and with the
+        session's CSRF token (else 403); logged with who did it. From a page's form: back to the page."""
+
+        async def wrapped(request: Request) -> Response:
+            identity = request.state.identity = self.auth.identify(request)
+            address = request.client.host if request.client else "-"
+            try:
+                if not self.auth.enabled:
+                    raise Refused(403, NO_TOKEN)
+                if identity is None:
+                    raise Refused(401, "authentication required: sign in with the dashboard's token")
+                reason = cross_site(request)
+                if reason is not None:
+                    raise Refused(403, f"cross-site request refused ({reason})")
+                values, from_form = await _fields(request)
+                given = request.headers.get(CSRF_HEADER) or values.get(CSRF_FIELD)
+                if not self.auth.csrf_ok(identity, given if isinstance(given, str) else None):
+                    raise Refused(403, "missing or wrong CSRF token: reload the page and try again")
+                message, payload = await do(request, values, identity)
+            except Refused as refused:
+                logger.warning(
+                    "dashboard: %s refused for %s from %s: %s", name, _who(identity), address, refused.message
+                )
+                if refused.status == 401:
+                    return _unauthorized(refused.message)
+                return JSONResponse({"error": refused.message}, status_code=refused.status)
+            except (JobNotFound, RunNotFound) as exc:
+                return JSONResponse({"error": str(exc)}, status_code=404)
+            except (BadRequest, ValueError, DbschedError) as exc:
+                if "from_form" in locals() and from_form:
+                    return self._back_with(values, f"{name} failed: {exc}")
+                return JSONResponse({"error": str(exc)}, status_code=400 if isinstance(exc, ValueError) else 409)
+            logger.warning("dashboard: %s by %s from %s", message, _who(identity), address)
+            if from_form:
+                return self._back_with(values, message)
+            return JSONResponse({"ok": True, "message": message, **payload})
+
+        return wrapped
+
+    def _back_with(self, values: Mapping[str, Any], message: str) -> Response:
+        response = RedirectResponse(_back(_text(values, "next"), "/jobs"), status_code=303)
+        response.set_cookie(FLASH_COOKIE, quote(message[:500]), max_age=60, httponly=True, samesite="strict")
+        return response
+
+    # -- pages and their JSON
+
+    def _jobs_query(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        sort = _choice(params, "sort", ("name", "-name", "next_run", "-next_run")) or "name"
+        after = _text(params, "after")
+        query: dict[str, Any] = {
+            "search": _text(params, "q"),
+            "state": _choice(params, "state", JOB_FILTERS),
+            "sort": sort.lstrip("-"),
+            "descending": sort.startswith("-"),
+            "limit": _int(params, "limit", PAGE_SIZE, 1, MAX_PAGE_SIZE),
+        }
+        try:
+            query["after"] = None if after is None else present.decode_cursor(after, sort.lstrip("-"))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        return query
+
+    def _read_jobs(self, query: dict[str, Any]) -> dict[str, Any]:
+        limit = query["limit"]
+        rows = self.repository.jobs_page(**{**query, "limit": limit + 1}, late_after=LATE_AFTER)
+        jobs = rows[:limit]
+        recent = self.repository.recent_runs([job.name for job in jobs], RECENT_PER_JOB)
+        now = self.repository.database_now()
+        sort = query["sort"]
+        following = present.job_cursor(jobs[-1], sort) if len(rows) > limit else None
+        return {"jobs": jobs, "recent": recent, "now": now, "next": following}
+
+    async def jobs_page(self, request: Request) -> Response:
+        params = request.query_params
+        query = self._jobs_query(params)
+        data = await self.read(lambda: self._read_jobs(query))
+        rows = [
+            {
+                "job": job,
+                "state": present.job_state(job, data["now"], LATE_AFTER),
+                "recent": data["recent"][job.name],
+                "rate": present.success_rate(data["recent"][job.name]),
+                "spark": present.sparkline_points(present.durations(data["recent"][job.name])),
+            }
+            for job in data["jobs"]
+        ]
+        next_url = None
+        if data["next"]:
+            next_url = "/jobs?" + urlencode(
+                {**{k: v for k, v in params.items() if k != "after"}, "after": data["next"]}
+            )
+        return self.render(
+            request,
+            "jobs.html",
+            rows=rows,
+            now=data["now"],
+            params=params,
+            next_url=next_url,
+            nav="jobs",
+            spark=(present.SPARK_WIDTH, present.SPARK_HEIGHT),
+        )
+
+    async def jobs_api(self, request: Request) -> Response:
+        query = self._jobs_query(request.query_params)
+        data = await self.read(lambda: self._read_jobs(query))
+        jobs = [present.job_json(job, data["now"], LATE_AFTER, data["recent"][job.name]) for job in data["jobs"]]
+        return JSONResponse({"jobs": jobs, "next": data["next"]})
+
+    def _read_job(self, name: str, before: int | None, limit: int) -> dict[str, Any]:
+        job = self.repository.lookup_job(name)
+        return {
+            "job": job,
+            "active": self.repository.active_runs(name, ACTIVE_LIMIT),
+            "history": self.repository.runs_page(job_name=name, before=before, limit=limit + 1),
+            "now": self.repository.database_now(),
+        }
+
+    def _job_params(self, params: Mapping[str, Any]) -> tuple[str, int | None, int]:
+        name = _text(params, "name")
+        if name is None:
+            raise BadRequest("name: which job? e.g. /job?name=nightly-report")
+        before = _int(params, "before", None, 1, 2**62)
+        limit = _int(params, "limit", PAGE_SIZE, 1, MAX_PAGE_SIZE)
+        assert limit is not None
+        return name, before, limit
+
+    async def job_page(self, request: Request) -> Response:
+        name, before, limit = self._job_params(request.query_params)
+        data = await self.read(lambda: self._read_job(name, before, limit))
+        history = data["history"]
+        job = data["job"]
+        schedule_text, zone = present.schedule_field(job)
+        next_url = None
+        if len(history) > limit:
+            next_url = "/job?" + urlencode({"name": name, "before": history[limit - 1].id})
+        return self.render(
+            request,
+            "job.html",
+            job=job,
+            state=present.job_state(job, data["now"], LATE_AFTER),
+            slots=present.next_slots(job),
+            active=data["active"],
+            history=history[:limit],
+            next_url=next_url,
+            now=data["now"],
+            schedule_text=schedule_text,
+            schedule_zone=zone,
+            editable_schedule=job.schedule is None or job.schedule.spec()["type"] != "solar",
+            misfires=[m.value for m in Misfire],
+            is_task=job.kind == JobKind.TASK,
+            nav="jobs",
+        )
+
+    async def job_api(self, request: Request) -> Response:
+        name, before, limit = self._job_params(request.query_params)
+        data = await self.read(lambda: self._read_job(name, before, limit))
+        now, history = data["now"], data["history"]
+        return JSONResponse(
+            {
+                "job": present.job_json(data["job"], now, LATE_AFTER),
+                "next_slots": [present.iso(slot) for slot in present.next_slots(data["job"])],
+                "active": [present.run_json(run, now) for run in data["active"]],
+                "runs": [present.run_json(run, now) for run in history[:limit]],
+                "next": history[limit - 1].id if len(history) > limit else None,
+            }
+        )
+
+    def _runs_query(self, params: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
+        return {
+            "job_name": _text(params, "job"),
+            "status": _choice(params, "status", tuple(RunState)),
+            "worker": _text(params, "worker"),
+            "since": _time(params, "since", now),
+            "until": _time(params, "until", now),
+            "before": _int(params, "before", None, 1, 2**62),
+            "limit": _int(params, "limit", PAGE_SIZE, 1, MAX_PAGE_SIZE),
+        }
+
+    def _read_runs(self, params: Mapping[str, Any], with_active: bool) -> dict[str, Any]:
+        now = self.repository.database_now()
+        query = self._runs_query(params, now)
+        limit = query["limit"]
+        runs = self.repository.runs_page(**{**query, "limit": limit + 1})
+        active = self.repository.active_runs(query["job_name"], ACTIVE_LIMIT) if with_active else []
+        following = runs[limit - 1].id if len(runs) > limit else None
+        return {"runs": runs[:limit], "active": active, "now": now, "next": following}
+
+    async def runs_page(self, request: Request) -> Response:
+        params = request.query_params
+        data = await self.read(lambda: self._read_runs(params, True))
+        next_url = None
+        if data["next"]:
+            next_url = "/runs?" + urlencode(
+                {**{k: v for k, v in params.items() if k != "before"}, "before": data["next"]}
+            )
+        return self.render(
+            request,
+            "runs.html",
+            **data,
+            params=params,
+            next_url=next_url,
+            statuses=[s.value for s in RunState],
+            nav="runs",
+        )
+
+    async def runs_api(self, request: Request) -> Response:
+        data = await self.read(lambda: self._read_runs(request.query_params, False))
+        return JSONResponse(
+            {"runs": [present.run_json(run, data["now"]) for run in data["runs"]], "next": data["next"]}
+        )
+
+    async def active_api(self, request: Request) -> Response:
+        """The live list: what the pages poll to move their progress bars."""
+        job_name = _text(request.query_params, "job")
+
+        def read() -> tuple[list[Any], dt.datetime]:
+            return self.repository.active_runs(job_name, ACTIVE_LIMIT), self.repository.database_now()
+
+        runs, now = await self.read(read)
+        return JSONResponse({"runs": [present.run_json(run, now) for run in runs], "now": present.iso(now)})
+
+    def _read_status(self) -> dict[str, Any]:
+        return {"servers": self.repository.servers(), "counts": self.repository.dashboard_counts()}
+
+    async def fleet_page(self, request: Request) -> Response:
+        data = await self.read(self._read_status)
+        now = data["counts"].now
+        servers = [(server, present.server_alive(server, now, self.silent_after)) for server in data["servers"]]
+        return self.render(request, "fleet.html", servers=servers, counts=data["counts"], now=now, nav="fleet")
+
+    async def status_api(self, request: Request) -> Response:
+        data = await self.read(self._read_status)
+        counts = data["counts"]
+        now = counts.now
+        return JSONResponse(
+            {
+                "now": present.iso(now),
+                "servers": [present.server_json(server, now, self.silent_after) for server in data["servers"]],
+                "active_runs": counts.active,
+                "due_not_claimed": counts.due,
+                "oldest_due": present.iso(counts.oldest_due),
+                "oldest_lateness": None if counts.oldest_due is None else (now - counts.oldest_due).total_seconds(),
+                "failed_last_hour": counts.failed_last_hour,
+                "count_cap": counts.cap,
+            }
+        )
+
+    # -- sign in
+
+    async def login_page(self, request: Request) -> Response:
+        request.state.identity = self.auth.identify(request)
+        return self.render(request, "login.html", next=_back(request.query_params.get("next"), "/jobs"), error=None)
+
+    async def login(self, request: Request) -> Response:
+        request.state.identity = None
+        address = request.client.host if request.client else "-"
+        form = await request.form()
+        token, user = str(form.get("token") or ""), str(form.get("user") or "").strip()[:64] or "operator"
+        back = _back(str(form.get("next") or ""), "/jobs")
+        reason = cross_site(request)
+        if reason is not None or not self.auth.enabled or not self.auth.is_token(token):
+            why = (
+                f"cross-site request refused ({reason})"
+                if reason
+                else (NO_TOKEN if not self.auth.enabled else "wrong token")
+            )
+            logger.warning("dashboard: sign-in refused for %s from %s: %s", user, address, why)
+            return self.render(
+                request, "login.html", status=403 if reason or not self.auth.enabled else 401, next=back, error=why
+            )
+        logger.warning("dashboard: %s signed in from %s", user, address)
+        response = RedirectResponse(back, status_code=303)
+        response.set_cookie(
+            SESSION_COOKIE,
+            self.auth.session_cookie(user),
+            max_age=SESSION_SECONDS,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        if cross_site(request) is not None:
+            return JSONResponse({"error": "cross-site request refused"}, status_code=403)
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    # -- actions
+
+    async def job_action(self, request: Request, values: dict[str, Any], identity: Identity) -> tuple[str, Any]:
+        verb = request.path_params["verb"]
+        name = _text(values, "name")
+        if name is None:
+            raise BadRequest("name: which job?")
+        if verb == "trigger":
+            job = await self.read(lambda: trigger(self.repository, name))
+            message = f"triggered {name}"
+        elif verb in ("pause", "resume"):
+            job = await self.read(lambda: self.repository.set_paused(name, verb == "pause"))
+            message = f"{verb}d {name}"
+        elif verb == "edit":
+
+            def edit() -> JobRecord:
+                changes = edit_changes(self.repository.lookup_job(name), values)
+                return self.repository.edit_job(name, **changes) if changes else self.repository.lookup_job(name)
+
+            job = await self.read(edit)
+            message = (
+                f"edited {name}: schedule {display.schedule(job)}, next run {display.when(job.next_scheduled_run)} UTC"
+            )
+        else:
+            raise Refused(404, f"no action {verb!r}; one of trigger, pause, resume, edit")
+        now = await self.read(self.repository.database_now)
+        return message, {"job": present.job_json(job, now, LATE_AFTER)}
+
+    async def cancel_run(self, request: Request, values: dict[str, Any], identity: Identity) -> tuple[str, Any]:
+        try:
+            run_id = int(request.path_params["run_id"])
+        except ValueError:
+            raise BadRequest("run id: a whole number") from None
+        detail = f"by {identity.user} (dashboard)"
+        run = await self.read(lambda: self.repository.cancel_run(run_id, detail))
+        now = await self.read(self.repository.database_now)
+        return f"cancelled run {run.id} of {run.job_name}", {"run": present.run_json(run, now)}
+
+
+def _who(identity: Identity | None) -> str:
+    return "nobody" if identity is None else f"{identity.user} ({identity.via})"
+
+
+def _unauthorized(message: str = "authentication required: the dashboard's token, as HTTP basic or bearer") -> Response:
+    return JSONResponse({"error": message}, status_code=401, headers={"www-authenticate": 'Basic realm="dbsched"'})
+
+
+def _metrics_route() -> list[Mount]:
+    """/metrics, when `celery_dbsched.metrics` (issue 12 §4) is installed beside this app."""
+    if importlib.util.find_spec("celery_dbsched.metrics") is None:
+        return []
+    metrics = importlib.import_module("celery_dbsched.metrics")
+    factory = getattr(metrics, "metrics_app", None)
+    return [] if factory is None else [Mount("/metrics", app=factory())]
+
+
+class SecurityHeaders:
+    """Adds SECURITY_HEADERS to every response (an ASGI middleware)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for key, value in SECURITY_HEADERS.items():
+                    headers.setdefault(key, value)
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def create_app(
+    repository: JobRepository, *, token: str | None = None, silent_after: dt.timedelta = DEFAULT_INTERRUPT_THRESHOLD
+) -> Starlette:
+    """The dashboard over `repository`. `token`: actions (and reads) need it; None: read-only, open reads.
+    `silent_after`: a beat or worker not seen for this long is shown silent (the interrupt threshold)."""
+    board = Dashboard(repository, Auth(token), silent_after)
+
+    async def home(request: Request) -> Response:
+        return RedirectResponse("/jobs", status_code=303)
+
+    routes = [
+        Route("/", home),
+        Route("/jobs", board.page(board.jobs_page)),
+        Route("/job", board.page(board.job_page)),
+        Route("/runs", board.page(board.runs_page)),
+        Route("/fleet", board.page(board.fleet_page)),
+        Route("/login", board.login_page, methods=["GET"]),
+        Route("/login", board.login, methods=["POST"]),
+        Route("/logout", board.logout, methods=["POST"]),
+        Route("/api/jobs", board.api(board.jobs_api)),
+        Route("/api/job", board.api(board.job_api)),
+        Route("/api/runs", board.api(board.runs_api)),
+        Route("/api/runs/active", board.api(board.active_api)),
+        Route("/api/status", board.api(board.status_api)),
+        Route("/api/jobs/{verb}", board.action("job action", board.job_action), methods=["POST"]),
+        Route("/api/runs/{run_id}/cancel", board.action("cancel", board.cancel_run), methods=["POST"]),
+        Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
+        *_metrics_route(),
+    ]
+    app = Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)])
+    app.state.dashboard = board
+    return app
