@@ -60,7 +60,10 @@ def start_web(port: int) -> subprocess.Popen[bytes] | None:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     finally:
         log.close()
-    print(f"dashboard: http://127.0.0.1:{port} (token: {env['DBSCHED_WEB_TOKEN']}; log: {DATA_DIR / 'web.log'})")
+    print(
+        f"dashboard: http://127.0.0.1:{port} (token: {env['DBSCHED_WEB_TOKEN']}; log: {DATA_DIR / 'web.log'})",
+        flush=True,
+    )
     return server
 
 
