@@ -757,10 +757,16 @@ class JobRepository:
         return window, facts
 
     def interrupt_run(
-        self, run_id: int, reason: InterruptReason = InterruptReason.CANCELLED, detail: str = ""
+        self,
+        run_id: int,
+        reason: InterruptReason = InterruptReason.CANCELLED,
+        detail: str = "",
+        *,
+        skip_slot: bool = False,
     ) -> RunRecord:
         """End one active run `interrupted` for `reason` (its error text: the reason, then `detail`); the
-        worker running it sees that and cancels the job."""
+        worker running it sees that and cancels the job. `skip_slot`: its job moves to its next slot (not
+        claimed again at once), as after an operator's cancel."""
         self._forget_start(run_id)
         with self._tx() as conn:
             run = self._end_run(
@@ -773,6 +779,8 @@ class JobRepository:
             )
             if reason == InterruptReason.STALLED:
                 self._retry(conn, run)
+            elif skip_slot:
+                self._skip_slot(conn, run)
         return run
 
     def interrupt_runs(
@@ -936,18 +944,7 @@ class JobRepository:
     def cancel_run(self, run_id: int, detail: str = "by an operator") -> RunRecord:
         """Interrupt (cancelled) one queued or running run, as `interrupt_job_runs` does the job's all: its
         worker cancels the job's context, and its job is not claimed again at once (its next slot)."""
-        self._forget_start(run_id)
-        with self._tx() as conn:
-            run = self._end_run(
-                conn,
-                run_id,
-                RunState.INTERRUPTED,
-                ACTIVE,
-                error=f"{InterruptReason.CANCELLED}: {detail}",
-                interrupt_reason=InterruptReason.CANCELLED,
-            )
-            self._skip_slot(conn, run)
-        return run
+        return self.interrupt_run(run_id, InterruptReason.CANCELLED, detail, skip_slot=True)
 
     def disable_jobs_not_in(self, kind: JobKind, names: Sequence[str]) -> list[str]:
         """Disable the jobs of `kind` that are not in `names` (entries removed from beat_schedule); their

@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -564,3 +566,48 @@ def test_database_password_never_appears_in_output(postgres_database: Database) 
     assert report.returncode == 0, report.stderr
     assert "dbsched_database_url" in report.stdout
     assert PASSWORD not in report.stdout + report.stderr and encoded not in report.stdout + report.stderr
+
+
+# --- web (issue 12 §3) -------------------------------------------------------------------------------------
+
+WEB_TOKEN = "cli-test-token-0123456789"
+
+
+def test_web_refuses_a_public_address_without_a_token(sqlite_database: Database) -> None:
+    ok(dbsched(sqlite_database.url, "migrate"))
+    result = clean_error(dbsched(sqlite_database.url, "web", "--host", "0.0.0.0"))
+    assert (
+        "Error: refusing to serve the dashboard on 0.0.0.0 without authentication: set dbsched_web_token (or "
+        "DBSCHED_WEB_TOKEN), or bind a loopback address (--host 127.0.0.1)"
+    ) in result.stderr
+    short = clean_error(dbsched(sqlite_database.url, "web", env={"DBSCHED_WEB_TOKEN": "short"}))
+    assert "DBSCHED_WEB_TOKEN: at least 16 characters" in short.stderr and "short" not in short.stderr.split(":")[-1]
+
+
+def _get(url: str, token: str | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+    except OSError:
+        return 0, None
+
+
+def test_web_serves_the_dashboard(sqlite_database: Database, processes: Processes) -> None:
+    ok(dbsched(sqlite_database.url, "migrate"))
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    env = {"DBSCHED_TEST_APP_DB": sqlite_database.url, "DBSCHED_WEB_TOKEN": WEB_TOKEN}
+    web = processes.start_celery(["-A", "cli_app", "dbsched", "web", "--port", str(port)], env=env, name="web")
+    base = f"http://127.0.0.1:{port}"
+
+    def answered() -> Any:
+        status, body = _get(f"{base}/api/status", WEB_TOKEN)
+        return body if status == 200 else None
+
+    body = wait_for(answered, timeout=60, message=web.describe)
+    assert set(body) >= {"servers", "active_runs", "due_not_claimed", "failed_last_hour"}
+    assert _get(f"{base}/api/jobs")[0] == 401
+    assert f"celery_dbsched dashboard on http://127.0.0.1:{port}/ (actions need the token)" in web.log()

@@ -558,6 +558,8 @@ EXPECTED: dict[str, tuple[str, dict[str, Any]]] = {
     "dbsched_server_id": ("server_id", {**_strings(None), "junk-string": "soon"}),
     "dbsched_database_url": ("database_url", _strings(default_database_url())),
     "dbsched_engine_options": ("engine_options", {**_strings({}), "dict": {"a": 1}}),
+    # The dashboard's token: a string of at least 16 characters ("soon" is too short).
+    "dbsched_web_token": ("web_token", _strings(None)),
 }
 
 # Per key, the largest accepted value and what it becomes.
@@ -570,6 +572,7 @@ LARGEST: dict[str, tuple[Any, Any]] = {
     "dbsched_retry_backoff": ((MAX_SECONDS, MAX_SECONDS), (MAX_DURATION, MAX_DURATION)),
     "dbsched_server_id": ("s" * 255, "s" * 255),
     "dbsched_database_url": ("sqlite:///" + "d" * 10_000, "sqlite:///" + "d" * 10_000),
+    "dbsched_web_token": ("t" * 10_000, "t" * 10_000),
 }
 
 SETTING_CASES = [

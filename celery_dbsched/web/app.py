@@ -132,7 +132,8 @@ def _choice(params: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> st
 
 async def _fields(request: Request) -> tuple[dict[str, Any], bool]:
     """An action's fields, from a form or a JSON object, and whether it came from a form (a page)."""
-    if request.headers.get("content-type", "").startswith("application/json"):
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/json"):
         try:
             data = await request.json()
         except ValueError:
@@ -140,8 +141,17 @@ async def _fields(request: Request) -> tuple[dict[str, Any], bool]:
         if not isinstance(data, dict):
             raise BadRequest("the body must be a JSON object")
         return data, False
-    form = await request.form()
-    return {key: value for key, value in form.items() if isinstance(value, str)}, True
+    if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+        form = await request.form()
+        return {key: value for key, value in form.items() if isinstance(value, str)}, True
+    return {}, False
+
+
+def _page_url(path: str, params: Mapping[str, Any], key: str, value: object) -> str | None:
+    """The next page's link: the same query with the keyset `key` set to `value` (None: no next page)."""
+    if value is None:
+        return None
+    return f"{path}?" + urlencode({**{k: v for k, v in params.items() if k != key}, key: value})
 
 
 def _back(path: str | None, default: str) -> str:
@@ -373,11 +383,7 @@ class Dashboard:
             }
             for job in data["jobs"]
         ]
-        next_url = None
-        if data["next"]:
-            next_url = "/jobs?" + urlencode(
-                {**{k: v for k, v in params.items() if k != "after"}, "after": data["next"]}
-            )
+        next_url = _page_url("/jobs", params, "after", data["next"])
         return self.render(
             request,
             "jobs.html",
@@ -477,11 +483,7 @@ class Dashboard:
     async def runs_page(self, request: Request) -> Response:
         params = request.query_params
         data = await self.read(lambda: self._read_runs(params, True))
-        next_url = None
-        if data["next"]:
-            next_url = "/runs?" + urlencode(
-                {**{k: v for k, v in params.items() if k != "before"}, "before": data["next"]}
-            )
+        next_url = _page_url("/runs", params, "before", data["next"])
         return self.render(
             request,
             "runs.html",

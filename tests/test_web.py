@@ -1,0 +1,463 @@
+"""Issue 12 §3: the dashboard (`celery_dbsched.web`), through Starlette's TestClient on SQLite and PostgreSQL:
+every page answers and shows the data, the JSON API's shapes, paging, the token (401/403), CSRF refusals,
+escaping. The real browser tests are elsewhere (Playwright); `dbsched web` as a process is in test_cli.py."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import logging
+import re
+from collections.abc import Callable
+from urllib.parse import quote
+
+import pytest
+from helpers.apps import seconds
+from helpers.repository import claim_one
+from starlette.testclient import TestClient
+
+from celery_dbsched.cli import WEB_TOKEN_ENV, web_token
+from celery_dbsched.clock import TestClock
+from celery_dbsched.records import RunRecord
+from celery_dbsched.repository import JobRepository
+from celery_dbsched.schedules import CrontabSchedule, IntervalSchedule
+from celery_dbsched.settings import Settings
+from celery_dbsched.states import RunState
+from celery_dbsched.web import check_bind, create_app
+from celery_dbsched.web.auth import NO_TOKEN
+
+TOKEN = "test-token-0123456789"
+XSS = "<script>alert('x')</script>"
+T0 = dt.datetime(2026, 12, 5, 8, 0, tzinfo=dt.timezone.utc)
+
+Client = Callable[..., TestClient]
+
+
+@pytest.fixture
+def client(repository: JobRepository) -> Client:
+    def make(token: str | None = None, **headers: str) -> TestClient:
+        return TestClient(create_app(repository, token=token), headers=headers, follow_redirects=False)
+
+    return make
+
+
+def _run(
+    repository: JobRepository, clock: TestClock, name: str, at: dt.datetime, outcome: str, took: float = 2.0
+) -> RunRecord:
+    """One run of `name` claimed at `at`, started, and ended `took` seconds later: completed, failed, or left
+    running (`running`, with progress 3/10)."""
+    clock.freeze(at)
+    run = claim_one(repository, name)
+    repository.start_run(run.id, "worker@host")
+    if outcome == "running":
+        return repository.update_progress(run.id, 3, 10)
+    clock.freeze(at + seconds(took))
+    if outcome == "failed":
+        return repository.fail_run(run.id, f"Traceback (most recent call last):\n  ...\nValueError: {XSS} broke")
+    return repository.complete_run(run.id)
+
+
+@pytest.fixture
+def populated(repository: JobRepository, clock: TestClock) -> JobRepository:
+    """Jobs: `steady` (3 completed runs), `flaky` (completed, then failed), `busy` (running, 3/10), `cron` (a
+    crontab, never run), and one named with a script tag (due and not claimed: late); a worker's server row.
+    Each job is created before its own runs and paused while the others are claimed (a claim takes all that
+    is due)."""
+    clock.freeze(T0)
+    repository.upsert_job("steady", "the steady job", every=seconds(60))
+    for i, took in enumerate((1.0, 3.0, 2.0)):
+        _run(repository, clock, "steady", T0 + seconds(120 * i), "completed", took)
+    repository.set_paused("steady", True)
+    clock.freeze(T0 + seconds(300))
+    repository.upsert_job("flaky", "the flaky job", every=seconds(60))
+    _run(repository, clock, "flaky", T0 + seconds(400), "completed")
+    _run(repository, clock, "flaky", T0 + seconds(600), "failed")
+    repository.set_paused("flaky", True)
+    repository.upsert_job("busy", "the busy job", every=seconds(60))
+    _run(repository, clock, "busy", T0 + seconds(700), "running")
+    repository.set_paused("steady", False)
+    repository.set_paused("flaky", False)
+    repository.upsert_job(XSS, "a hostile name", every=seconds(60))
+    repository.upsert_job("cron", "nightly", schedule=CrontabSchedule(minute="0", hour="2"))
+    repository.heartbeat("worker@host", "worker", "host", 4242)
+    clock.freeze(T0 + seconds(800))
+    return repository
+
+
+def _csrf(page: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert match, page
+    return match.group(1)
+
+
+def _signed_in(make: Client, user: str = "ann") -> TestClient:
+    web = make(TOKEN)
+    response = web.post("/login", data={"token": TOKEN, "user": user, "next": "/jobs"})
+    assert response.status_code == 303, response.text
+    return web
+
+
+# --- pages ---------------------------------------------------------------------------------------------------
+
+
+def test_every_page_answers_and_shows_the_data(populated: JobRepository, client: Client) -> None:
+    web = client()
+    jobs = web.get("/jobs")
+    assert jobs.status_code == 200
+    for name in ("steady", "flaky", "busy", "cron"):
+        assert f'data-job="{name}"' in jobs.text
+    assert "every 1 min" in jobs.text and "cron 0 2 * * * UTC" in jobs.text
+    assert re.search(r'<tr class="job-row" data-job="busy" data-state="running">', jobs.text)
+    steady = jobs.text[jobs.text.index('data-job="steady"') :]
+    assert "100%" in steady.split("</tr>")[0] and "<polyline points=" in steady.split("</tr>")[0]
+    flaky = jobs.text[jobs.text.index('data-job="flaky"') :].split("</tr>")[0]
+    assert "50%" in flaky and "failed" in flaky
+
+    detail = web.get("/job?name=busy")
+    assert detail.status_code == 200
+    assert len(re.findall(r"<li>", detail.text.split('id="next-slots"')[1].split("</ol>")[0])) == 5
+    active = detail.text.split('id="active-runs"')[1].split("</table>")[0]
+    assert 'value="3" max="10"' in active and "3/10" in active
+    failed = web.get("/job?name=flaky").text.split('id="history"')[1]
+    assert '<details class="traceback"><summary>ValueError:' in failed
+
+    runs = web.get("/runs")
+    assert runs.status_code == 200
+    assert 'data-status="running"' in runs.text.split('id="active-runs"')[1].split("</table>")[0]
+    assert runs.text.count('class="run-row') == 6 + 1  # six in the history, one active
+
+    fleet = web.get("/fleet")
+    assert fleet.status_code == 200
+    assert 'data-server-id="worker@host" data-alive="true"' in fleet.text
+    assert web.get("/").headers["location"] == "/jobs"
+
+
+def test_pages_load_nothing_from_elsewhere(populated: JobRepository, client: Client) -> None:
+    web = client()
+    page = web.get("/jobs")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY"
+    assert not re.search(r'(src|href)="(https?:)?//', page.text)
+    assert "<script>" not in page.text  # no inline script: the CSP forbids it
+    for asset in ("/static/dbsched.js", "/static/dbsched.css"):
+        assert web.get(asset).status_code == 200
+
+
+def test_a_script_in_a_name_or_an_error_is_shown_as_text(populated: JobRepository, client: Client) -> None:
+    repository = populated
+    web = client()
+    escaped = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"
+    for path in ("/jobs", f"/job?name={quote(XSS)}", "/runs", "/job?name=flaky", "/runs?status=failed"):
+        page = web.get(path)
+        assert page.status_code == 200, path
+        assert XSS not in page.text, path
+    assert escaped in web.get("/jobs").text
+    assert escaped in web.get("/job?name=flaky").text
+    assert web.get("/api/jobs?q=script").json()["jobs"][0]["name"] == XSS
+    assert repository.lookup_job(XSS).name == XSS
+
+
+def test_bad_parameters_answer_400_with_the_reason(populated: JobRepository, client: Client) -> None:
+    web = client()
+    page = web.get("/jobs?state=sleepy")
+    assert page.status_code == 400
+    assert "state: expected one of enabled, paused, running, failing, late, got &#39;sleepy&#39;" in page.text
+    assert web.get("/api/runs?since=yesterday").json()["error"].startswith("since: expected a duration")
+    assert web.get("/api/jobs?after=garbage").status_code == 400
+    assert web.get("/api/job?name=nope").json() == {"error": "job 'nope' not found"}
+    assert web.get("/job?name=nope").status_code == 404
+
+
+# --- the JSON API ------------------------------------------------------------------------------------------
+
+
+def test_api_shapes(populated: JobRepository, client: Client) -> None:
+    web = client()
+    jobs = web.get("/api/jobs").json()
+    assert set(jobs) == {"jobs", "next"}
+    steady = next(job for job in jobs["jobs"] if job["name"] == "steady")
+    assert set(steady) >= {
+        "name", "description", "kind", "state", "schedule", "schedule_spec", "every", "next_run", "enabled",
+        "paused", "active_runs", "failure_count", "queue", "interrupt_threshold", "policy", "last_run",
+        "success_rate", "durations",
+    }  # fmt: skip
+    assert steady["durations"] == [1.0, 3.0, 2.0] and steady["success_rate"] == 1.0
+    assert steady["last_run"]["status"] == "completed"
+    assert set(steady["policy"]) == {"misfire", "misfire_grace", "max_active", "retry_backoff", "expires"}
+
+    job = web.get("/api/job?name=busy").json()
+    assert set(job) == {"job", "next_slots", "active", "runs", "next"}
+    assert len(job["next_slots"]) == 5
+    (active,) = job["active"]
+    assert active["progress"] == {"completed": 3, "total": 10} and active["status"] == "running"
+    assert set(active) == {
+        "id", "job", "status", "interrupt_reason", "progress", "claimed", "started", "updated", "ended",
+        "duration", "claimed_by", "worker", "queue", "task_id", "scheduled_for", "error",
+    }  # fmt: skip
+
+    runs = web.get("/api/runs?job=flaky").json()
+    assert [run["status"] for run in runs["runs"]] == ["failed", "completed"]
+    assert runs["runs"][0]["error"].endswith(f"ValueError: {XSS} broke")
+    assert [run["job"] for run in web.get("/api/runs/active").json()["runs"]] == ["busy"]
+
+    status = web.get("/api/status").json()
+    assert status["active_runs"] == 1 and status["failed_last_hour"] == 1
+    assert status["servers"] == [
+        {
+            "id": "worker@host",
+            "kind": "worker",
+            "hostname": "host",
+            "pid": 4242,
+            "started": status["servers"][0]["started"],
+            "last_seen": status["servers"][0]["last_seen"],
+            "alive": True,
+        }
+    ]
+    assert status["due_not_claimed"] >= 1 and status["oldest_lateness"] > 0
+
+
+def test_jobs_filter_search_and_sort(populated: JobRepository, client: Client) -> None:
+    repository = populated
+    repository.set_paused("steady", True)
+    web = client()
+
+    def names(query: str) -> list[str]:
+        return [job["name"] for job in web.get(f"/api/jobs?{query}").json()["jobs"]]
+
+    assert names("state=paused") == ["steady"]
+    assert names("state=running") == ["busy"]
+    assert names("state=failing") == ["flaky"]
+    assert "cron" not in names("state=late") and XSS in names("state=late")
+    assert "steady" not in names("state=enabled")
+    assert names("q=NIGHT") == ["cron"]  # the description, any case
+    assert names("q=%25") == []  # a LIKE wildcard is searched for, not obeyed
+    assert names("sort=-name") == sorted(names("sort=name"), reverse=True)
+    by_next = web.get("/api/jobs?sort=next_run").json()["jobs"]
+    assert [job["next_run"] for job in by_next] == sorted(job["next_run"] for job in by_next)
+
+
+@pytest.mark.parametrize("sort", ["name", "-name", "next_run", "-next_run"])
+def test_jobs_pages_by_keyset(repository: JobRepository, clock: TestClock, client: Client, sort: str) -> None:
+    clock.freeze(T0)
+    for i in range(7):
+        repository.upsert_job(f"job-{i}", "x", every=seconds(60), first_run_in=seconds(i % 3 * 10))
+    web = client()
+    seen: list[str] = []
+    cursor: str | None = None
+    for _ in range(4):
+        page = web.get("/api/jobs", params={"sort": sort, "limit": 3, **({"after": cursor} if cursor else {})}).json()
+        seen += [job["name"] for job in page["jobs"]]
+        cursor = page["next"]
+        if cursor is None:
+            break
+    assert sorted(seen) == [f"job-{i}" for i in range(7)] and len(seen) == 7
+    html = web.get(f"/jobs?sort={sort}&limit=3")
+    assert 'id="next-page"' in html.text
+
+
+def test_runs_page_by_keyset_and_filters(populated: JobRepository, client: Client) -> None:
+    web = client()
+    ids: list[int] = []
+    before: int | None = None
+    while True:
+        page = web.get("/api/runs", params={"limit": 2, **({"before": before} if before else {})}).json()
+        ids += [run["id"] for run in page["runs"]]
+        before = page["next"]
+        if before is None:
+            break
+    assert ids == sorted(ids, reverse=True) and len(ids) == 6
+    assert [run["status"] for run in web.get("/api/runs?status=failed").json()["runs"]] == ["failed"]
+    assert len(web.get("/api/runs?worker=worker@host").json()["runs"]) == 6
+    assert web.get("/api/runs?worker=other").json()["runs"] == []
+    assert len(web.get("/api/runs?job=steady&until=2026-12-05T08:03:00Z").json()["runs"]) == 2
+    assert web.get("/api/runs?since=2026-12-05T09:00:00Z").json()["runs"] == []
+    assert 'id="next-page"' in web.get("/runs?limit=2").text
+
+
+# --- authentication and actions ----------------------------------------------------------------------------
+
+
+def test_without_a_token_the_dashboard_is_read_only(populated: JobRepository, client: Client) -> None:
+    web = client()
+    assert 'id="read-only"' in web.get("/jobs").text
+    page = web.get("/job?name=steady").text
+    assert 'id="actions-read-only"' in page and 'id="trigger-form"' not in page
+    response = web.post("/api/jobs/pause", json={"name": "steady"})
+    assert response.status_code == 403
+    assert response.json() == {"error": NO_TOKEN}
+    assert populated.lookup_job("steady").paused is False
+
+
+def test_with_a_token_everything_needs_it(populated: JobRepository, client: Client) -> None:
+    anonymous = client(TOKEN)
+    assert anonymous.get("/jobs").headers["location"] == "/login?next=%2Fjobs"
+    assert anonymous.get("/job?name=busy").headers["location"] == "/login?next=%2Fjob%3Fname%3Dbusy"
+    denied = anonymous.get("/api/jobs")
+    assert denied.status_code == 401 and denied.headers["www-authenticate"] == 'Basic realm="dbsched"'
+    assert anonymous.post("/api/jobs/pause", json={"name": "steady"}).status_code == 401
+    wrong = anonymous.post("/login", data={"token": "not-the-token-at-all", "user": "mallory"})
+    assert wrong.status_code == 401 and "wrong token" in wrong.text
+    assert client(TOKEN, authorization="Bearer wrong-token-xxxxxxxxx").get("/api/jobs").status_code == 401
+
+    assert client(TOKEN, authorization=f"Bearer {TOKEN}").get("/api/jobs").status_code == 200
+    basic = base64.b64encode(f"bob:{TOKEN}".encode()).decode()
+    assert client(TOKEN, authorization=f"Basic {basic}").get("/jobs").status_code == 200
+    web = _signed_in(client)
+    page = web.get("/jobs")
+    assert page.status_code == 200 and "signed in as ann" in page.text
+    assert web.post("/logout").headers["location"] == "/login"
+
+
+def test_actions_from_the_page_are_done_and_logged(
+    populated: JobRepository, client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    repository = populated
+    web = _signed_in(client)
+    page = web.get("/job?name=steady").text
+    csrf = _csrf(page)
+    back = "/job?name=steady"
+    caplog.set_level(logging.INFO, logger="celery_dbsched.web")
+
+    before = repository.lookup_job("cron").next_scheduled_run
+    done = web.post("/api/jobs/trigger", data={"csrf": csrf, "name": "cron", "next": back})
+    assert done.status_code == 303 and done.headers["location"] == back
+    assert repository.lookup_job("cron").next_scheduled_run < before
+    assert 'id="flash" role="status">triggered cron<' in web.get(back).text
+
+    web.post("/api/jobs/pause", data={"csrf": csrf, "name": "steady", "next": back})
+    assert repository.lookup_job("steady").paused is True
+    assert 'id="resume-form"' in web.get(back).text
+    web.post("/api/jobs/resume", data={"csrf": csrf, "name": "steady", "next": back})
+    assert repository.lookup_job("steady").paused is False
+
+    (busy,) = repository.active_runs("busy")
+    cancel_page = web.get("/job?name=busy").text
+    assert f'action="/api/runs/{busy.id}/cancel"' in cancel_page
+    web.post(f"/api/runs/{busy.id}/cancel", data={"csrf": csrf, "next": "/job?name=busy"})
+    cancelled = repository.lookup_run(busy.id)
+    assert cancelled.status == RunState.INTERRUPTED and cancelled.error == "cancelled: by ann (dashboard)"
+
+    lines = [record.getMessage() for record in caplog.records]
+    assert "dashboard: triggered cron by ann (cookie) from testclient" in lines
+    assert "dashboard: paused steady by ann (cookie) from testclient" in lines
+    assert f"dashboard: cancelled run {busy.id} of busy by ann (cookie) from testclient" in lines
+
+
+def test_a_forged_cross_site_post_is_refused(populated: JobRepository, client: Client) -> None:
+    repository = populated
+    web = _signed_in(client)
+    csrf = _csrf(web.get("/job?name=steady").text)
+    forged = [
+        ({"name": "steady"}, {}),  # no CSRF token: a form on another site cannot know it
+        ({"name": "steady", "csrf": "0" * 43}, {}),
+        ({"name": "steady", "csrf": csrf}, {"origin": "https://evil.example"}),
+        ({"name": "steady", "csrf": csrf}, {"sec-fetch-site": "cross-site"}),
+    ]
+    for data, headers in forged:
+        response = web.post("/api/jobs/pause", data=data, headers=headers)
+        assert response.status_code == 403, (data, headers)
+        assert response.json()["error"].startswith(("missing or wrong CSRF token", "cross-site request refused"))
+    assert repository.lookup_job("steady").paused is False
+    same_site = web.post(
+        "/api/jobs/pause", data={"name": "steady", "csrf": csrf}, headers={"origin": "http://testserver"}
+    )
+    assert same_site.status_code == 303 and repository.lookup_job("steady").paused is True
+
+
+def test_api_actions_with_the_token(populated: JobRepository, client: Client) -> None:
+    repository = populated
+    api = client(TOKEN, authorization=f"Bearer {TOKEN}")
+    paused = api.post("/api/jobs/pause", json={"name": "flaky"})
+    assert paused.status_code == 200
+    assert paused.json()["job"]["paused"] is True and paused.json()["message"] == "paused flaky"
+    refused = api.post("/api/jobs/trigger", json={"name": "flaky"})
+    assert refused.status_code == 409 and "is paused; resume it to run it" in refused.json()["error"]
+    assert api.post("/api/jobs/trigger", json={"name": "nope"}).status_code == 404
+    assert api.post("/api/jobs/fly", json={"name": "flaky"}).status_code == 404
+    (busy,) = repository.active_runs("busy")
+    assert api.post(f"/api/runs/{busy.id}/cancel").json()["run"]["status"] == "interrupted"
+    assert repository.lookup_job("busy").next_scheduled_run > repository.database_now()  # not claimed again at once
+    again = api.post(f"/api/runs/{busy.id}/cancel")
+    assert again.status_code == 409 and "interrupted" in again.json()["error"]
+
+
+def test_edit_a_jobs_schedule_and_policies(populated: JobRepository, client: Client) -> None:
+    repository = populated
+    api = client(TOKEN, authorization=f"Bearer {TOKEN}")
+    edited = api.post(
+        "/api/jobs/edit",
+        json={
+            "name": "cron",
+            "schedule": "*/15 * * * *",
+            "timezone": "Europe/Berlin",
+            "max_active": 2,
+            "expires": "30",
+        },
+    )
+    assert edited.status_code == 200, edited.text
+    job = repository.lookup_job("cron")
+    assert job.schedule == CrontabSchedule(minute="*/15", timezone="Europe/Berlin")
+    assert job.policy.max_active == 2 and job.policy.expires == seconds(30)
+    assert job.next_scheduled_run.minute % 15 == 0  # the new schedule's next slot
+
+    api.post(
+        "/api/jobs/edit", json={"name": "steady", "schedule": "300", "retry_backoff_base": 5, "retry_backoff_cap": 50}
+    )
+    steady = repository.lookup_job("steady")
+    assert steady.every == seconds(300) and steady.policy.retry_backoff == (seconds(5), seconds(50))
+
+    bad = api.post("/api/jobs/edit", json={"name": "cron", "max_active": 0})
+    assert bad.status_code == 400 and "max_active must be a whole number from 1 to 1000" in bad.json()["error"]
+    assert api.post("/api/jobs/edit", json={"name": "cron", "schedule": "1 2 3"}).status_code == 400
+    assert repository.lookup_job("cron").policy.max_active == 2
+
+    web = _signed_in(client)
+    page = web.get("/job?name=cron").text
+    form = {"csrf": _csrf(page), "name": "cron", "next": "/job?name=cron", "enabled": "off", "schedule": "600"}
+    web.post("/api/jobs/edit", data=form)
+    job = repository.lookup_job("cron")
+    assert job.schedule == IntervalSchedule(600.0) and job.policy.enabled is False
+
+
+def test_an_edit_holds_until_the_code_is_synced_again(populated: JobRepository, client: Client) -> None:
+    """What we chose (README, "Dashboard"): an edit is stored as a registration is, so the job's declaration
+    in code wins at the next sync of that job (a worker start for @job)."""
+    repository = populated
+    declared = repository.lookup_job("steady")
+    api = client(TOKEN, authorization=f"Bearer {TOKEN}")
+    api.post("/api/jobs/edit", json={"name": "steady", "max_active": 3})
+    assert repository.lookup_job("steady").policy.max_active == 3
+    repository.upsert_job("steady", declared.description, every=declared.every)  # a worker start's sync
+    assert repository.lookup_job("steady").policy.max_active == 1
+
+
+# --- binding -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.5"])
+def test_loopback_serves_without_a_token(host: str) -> None:
+    check_bind(host, None)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.4", "::", "example.com"])
+def test_beyond_loopback_needs_a_token(host: str) -> None:
+    with pytest.raises(
+        ValueError, match=f"refusing to serve the dashboard on {re.escape(host)} without authentication"
+    ):
+        check_bind(host, None)
+    check_bind(host, TOKEN)
+
+
+# --- the token setting -----------------------------------------------------------------------------------------
+
+
+def test_the_token_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings.from_mapping({"dbsched_web_token": TOKEN})
+    assert settings.web_token == TOKEN and TOKEN not in repr(settings) and "web_token='***'" in repr(settings)
+    with pytest.raises(ValueError, match=r"^dbsched_web_token: at least 16 characters") as refused:
+        Settings.from_mapping({"dbsched_web_token": "hunter2"})
+    assert "hunter2" not in str(refused.value)
+    monkeypatch.delenv(WEB_TOKEN_ENV, raising=False)
+    assert web_token(settings) == TOKEN
+    monkeypatch.setenv(WEB_TOKEN_ENV, "from-the-environment-0123")
+    assert web_token(settings) == "from-the-environment-0123"  # the environment wins
