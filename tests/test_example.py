@@ -15,9 +15,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
-from helpers.browser import free_port
 from helpers.polling import wait_for
 from helpers.processes import REPO_DIR, Processes
+from helpers.proxy import closed_port
 
 from celery_dbsched.repository import JobRepository
 
@@ -76,7 +76,7 @@ def _example_jobs_on_the_page(url: str) -> list[str] | None:
 
 def test_quick_start(tmp_path: Path) -> None:
     started = time.monotonic()
-    web = f"http://127.0.0.1:{free_port()}"
+    web = f"http://127.0.0.1:{closed_port()}"
     process = subprocess.Popen(
         [sys.executable, "-m", "example_proj", "--seconds", "25", "--web-port", web.rsplit(":", 1)[1]],
         cwd=tmp_path,

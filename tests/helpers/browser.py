@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import http.server
 import os
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -35,6 +34,7 @@ from urllib.parse import urlsplit
 
 from helpers.polling import wait_for
 from helpers.processes import REPO_DIR, CeleryProcess
+from helpers.proxy import closed_port
 from helpers.services import unavailable
 
 if TYPE_CHECKING:
@@ -67,14 +67,6 @@ def require_browser() -> None:
     reason = browser_missing()
     if reason is not None:
         unavailable(f"{reason}; the browser tests need it")
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now (the server binds it a moment later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def origin(url: str) -> str:
@@ -127,7 +119,7 @@ def start_web(
     """Start the dashboard on the cluster's database on a free loopback port (the jobs' code imported as the
     workers import it) and wait until it answers; `token` is the actions' token (DBSCHED_WEB_TOKEN), None for a
     read-only page."""
-    port = free_port()
+    port = closed_port()  # free now; the server binds it a moment later
     env = cluster.env(name, jobs, settings)
     env["DBSCHED_WEB_TOKEN"] = token or ""
     process = cluster.processes.start_celery(
