@@ -177,6 +177,29 @@ def test_pause_from_the_page_shows_the_job_paused_and_the_beat_no_longer_claims_
     page.goto(web.url + "/jobs?state=paused")
     assert page.locator("tr.job-row").evaluate_all("rows => rows.map(r => r.dataset.job)") == [PAUSABLE["name"]]
 
+    page.goto(web.url + job_path(PAUSABLE["name"]))
+    page.click("#resume")
+    assert page.inner_text("#flash") == f"resumed {PAUSABLE['name']}"
+    resumed_at = cluster.repo.database_now()
+    cluster.wait_run(PAUSABLE["name"], lambda run: run.create_time > resumed_at and run.status == "completed")
+
+
+@on(PG_FS)
+def test_cancel_from_the_page_stops_the_run_on_the_worker_and_its_row_goes(cluster: Cluster, browser: Browser) -> None:
+    web = dashboard(cluster, [LONG])
+    run = cluster.wait_run(LONG["name"], lambda run: run.status == "running" and run.completed > 0)
+    page = signed_in(browser, web)
+    page.goto(web.url + "/runs")
+    page.click(f'#active-body tr.run-row[data-run-id="{run.id}"] button.cancel')
+    assert page.inner_text("#flash") == f"cancelled run {run.id} of {LONG['name']}"
+
+    cancelled = cluster.event(run.id, "cancelled")  # the job's code saw it on the worker and stopped
+    assert cancelled["reason"] == "run is interrupted (cancelled: by browser-test (dashboard))"  # who did it
+    ended = cluster.repo.lookup_run(run.id)
+    assert (ended.status, ended.interrupt_reason) == ("interrupted", "cancelled")
+    assert page.locator(f'#active-body tr.run-row[data-run-id="{run.id}"]').count() == 0
+    assert page.locator("#no-active").is_visible()
+
 
 @on(PG_FS)
 def test_an_action_without_the_token_is_refused(cluster: Cluster, browser: Browser) -> None:
