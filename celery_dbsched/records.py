@@ -306,6 +306,14 @@ class RunSummary:
 
 
 @dataclass(frozen=True)
+class RunsPage:
+    """A page of run history, newest first, and the `before` of the next page (None: no older runs)."""
+
+    runs: list[RunRecord]
+    next_before: int | None
+
+
+@dataclass(frozen=True)
 class ServerRecord:
     """A beat's or worker's row (`dbsched_server`)."""
 

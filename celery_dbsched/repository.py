@@ -31,6 +31,7 @@ from .records import (
     JobRecord,
     JobSync,
     RunRecord,
+    RunsPage,
     RunSummary,
     ServerRecord,
     StartedRun,
@@ -48,6 +49,9 @@ SYNC_CHUNK = 500
 SYNC_JSON_CHUNK = 5_000  # rows per statement when they travel as one JSON parameter (PostgreSQL)
 # Runs one pruning transaction deletes at most (JobRepository.prune_runs).
 PRUNE_BATCH = 5_000
+# Run ids a filtered page of history scans at most (JobRepository.runs_page): no index serves a status,
+# worker or time filter, so a page is bounded by the ids it looks at rather than by the runs it finds.
+RUNS_SCAN_WINDOW = 100_000
 _STARTED_KEPT = 10_000  # runs started and not finished yet by this repository, remembered for their finish
 
 
@@ -1112,15 +1116,32 @@ class JobRepository:
         until: dt.datetime | None = None,
         before: int | None = None,
         limit: int = 50,
-    ) -> list[RunRecord]:
-        """One page of runs, newest first, older than run id `before` (`statements.runs_page`)."""
+    ) -> RunsPage:
+        """One page of runs, newest first, older than run id `before` (`statements.runs_page`), and the `before`
+        of the next page. Filtered by anything but the job (no index serves those), a page scans at most
+        RUNS_SCAN_WINDOW run ids: it may hold fewer than `limit` runs, or none, and still have a next page."""
         if status is not None and status not in set(RunState):
             raise ValueError(f"unknown run status {status!r}; one of {', '.join(RunState)}")
-        statement = sql.runs_page(
-            job_name=job_name, status=status, worker=worker, since=since, until=until, before=before, limit=limit
-        )
+        floor: int | None = None
         with self._tx() as conn:
-            return [RunRecord.from_row(row) for row in conn.execute(statement).all()]
+            if any(value is not None for value in (status, worker, since, until)):
+                newest, oldest = conn.execute(sql.run_id_range()).one()
+                top = before if before is not None else (newest or 0) + 1
+                floor = max(top - RUNS_SCAN_WINDOW, oldest or 0)
+            statement = sql.runs_page(
+                job_name=job_name,
+                status=status,
+                worker=worker,
+                since=since,
+                until=until,
+                before=before,
+                at_least=floor,
+                limit=limit + 1,
+            )
+            runs = [RunRecord.from_row(row) for row in conn.execute(statement).all()]
+        if len(runs) > limit:
+            return RunsPage(runs[:limit], runs[limit - 1].id)
+        return RunsPage(runs, floor if floor is not None and floor > (oldest or 0) else None)
 
     def servers(self, limit: int = 1000) -> list[ServerRecord]:
         """The beats' and workers' rows: the one read of the fleet (issue 12 §1 makes them richer)."""

@@ -946,15 +946,24 @@ def runs_page(
     since: dt.datetime | None,
     until: dt.datetime | None,
     before: int | None,
+    at_least: int | None,
     limit: int,
 ) -> Select[Any]:
-    """One page of runs, newest first, older than run id `before` (the keyset), claimed within [since, until]."""
+    """One page of runs, newest first, older than run id `before` (the keyset) and not older than run id
+    `at_least` (the window a filtered page scans at most), claimed within [since, until]."""
     query = runs(job_name, status, limit, since)
     if worker is not None:
         query = query.where(r.c.worker == worker)
     if until is not None:
         query = query.where(r.c.create_time <= until)
+    if at_least is not None:
+        query = query.where(r.c.id >= at_least)
     return query if before is None else query.where(r.c.id < before)
+
+
+def run_id_range() -> Select[Any]:
+    """The newest and the oldest run id (two ends of the primary key)."""
+    return select(func.max(r.c.id), func.min(r.c.id))
 
 
 def servers(limit: int) -> Select[Any]:

@@ -8,14 +8,19 @@ import base64
 import datetime as dt
 import logging
 import re
+import socket
+import sys
 from collections.abc import Callable
+from types import SimpleNamespace
 from urllib.parse import quote
 
 import pytest
 from helpers.apps import seconds
 from helpers.repository import claim_one
+from starlette.responses import PlainTextResponse
 from starlette.testclient import TestClient
 
+from celery_dbsched import repository as repository_module
 from celery_dbsched.cli import WEB_TOKEN_ENV, web_token
 from celery_dbsched.clock import TestClock
 from celery_dbsched.records import RunRecord
@@ -168,6 +173,17 @@ def test_bad_parameters_answer_400_with_the_reason(populated: JobRepository, cli
     assert web.get("/job?name=nope").status_code == 404
 
 
+def test_a_database_outage_answers_503() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    down = JobRepository(f"postgresql+psycopg://postgres@127.0.0.1:{port}/test?connect_timeout=2")
+    web = TestClient(create_app(down))
+    answer = web.get("/api/jobs")
+    assert answer.status_code == 503 and "database unavailable" in answer.json()["error"]
+    page = web.get("/jobs")
+    assert page.status_code == 503 and "database unavailable" in page.text
+
+
 # --- the JSON API ------------------------------------------------------------------------------------------
 
 
@@ -272,6 +288,27 @@ def test_runs_page_by_keyset_and_filters(populated: JobRepository, client: Clien
     assert len(web.get("/api/runs?job=steady&until=2026-12-05T08:03:00Z").json()["runs"]) == 2
     assert web.get("/api/runs?since=2026-12-05T09:00:00Z").json()["runs"] == []
     assert 'id="next-page"' in web.get("/runs?limit=2").text
+
+
+def test_a_filtered_history_page_scans_a_bounded_window(
+    populated: JobRepository, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No index serves a status, worker or time filter: each page scans at most RUNS_SCAN_WINDOW run ids, and
+    a page that found nothing there still links to the older ones."""
+    monkeypatch.setattr(repository_module, "RUNS_SCAN_WINDOW", 2)
+    web = client()
+    pages: list[list[str]] = []
+    before: int | None = None
+    while True:
+        page = web.get("/api/runs", params={"status": "completed", **({"before": before} if before else {})}).json()
+        pages.append([run["job"] for run in page["runs"]])
+        before = page["next"]
+        if before is None:
+            break
+    assert pages == [[], ["flaky", "steady"], ["steady", "steady"]]  # ids 6-5, 4-3, 2-1
+    empty = web.get("/runs?status=completed").text
+    assert "No runs match among the latest runs searched" in empty and 'id="next-page"' in empty
+    assert len(web.get("/api/runs?job=steady").json()["runs"]) == 3  # by job: the job's index, no window
 
 
 # --- authentication and actions ----------------------------------------------------------------------------
@@ -429,6 +466,24 @@ def test_an_edit_holds_until_the_code_is_synced_again(populated: JobRepository, 
     assert repository.lookup_job("steady").policy.max_active == 3
     repository.upsert_job("steady", declared.description, every=declared.every)  # a worker start's sync
     assert repository.lookup_job("steady").policy.max_active == 1
+
+
+def test_metrics_are_served_behind_the_token(repository: JobRepository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/metrics is `celery_dbsched.metrics.metrics_app(repository)` (issue 12 §4), here a stand-in."""
+    served: list[JobRepository] = []
+
+    def metrics_app(repo: JobRepository) -> PlainTextResponse:
+        served.append(repo)
+        return PlainTextResponse("dbsched_active_runs 0\n")
+
+    monkeypatch.setitem(sys.modules, "celery_dbsched.metrics", SimpleNamespace(metrics_app=metrics_app))
+    assert TestClient(create_app(repository)).get("/metrics").text == "dbsched_active_runs 0\n"
+    assert served == [repository]
+    guarded = TestClient(create_app(repository, token=TOKEN))
+    assert guarded.get("/metrics").status_code == 401
+    assert guarded.get("/metrics", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
+    monkeypatch.setitem(sys.modules, "celery_dbsched.metrics", None)  # not installed
+    assert TestClient(create_app(repository)).get("/metrics").status_code == 404
 
 
 # --- binding -------------------------------------------------------------------------------------------------

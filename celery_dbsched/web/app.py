@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import importlib
-import importlib.util
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -29,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import display
 from ..controls import trigger
-from ..errors import DbschedError, JobNotFound, RunNotFound
+from ..errors import DatabaseError, DatabaseUnavailable, DbschedError, JobNotFound, RunNotFound
 from ..records import JobRecord
 from ..repository import JobRepository
 from ..schedules import CrontabSchedule, IntervalSchedule
@@ -271,10 +270,8 @@ class Dashboard:
                 return RedirectResponse(f"/login?{urlencode({'next': here})}", status_code=303)
             try:
                 return await handler(request)
-            except BadRequest as exc:
-                return self.render(request, "error.html", status=400, message=str(exc))
-            except (JobNotFound, RunNotFound) as exc:
-                return self.render(request, "error.html", status=404, message=str(exc))
+            except (ValueError, DbschedError) as exc:
+                return self.render(request, "error.html", status=_status_of(exc), message=str(exc))
 
         return wrapped
 
@@ -287,10 +284,8 @@ class Dashboard:
                 return _unauthorized()
             try:
                 return await handler(request)
-            except BadRequest as exc:
-                return JSONResponse({"error": str(exc)}, status_code=400)
-            except (JobNotFound, RunNotFound) as exc:
-                return JSONResponse({"error": str(exc)}, status_code=404)
+            except (ValueError, DbschedError) as exc:
+                return JSONResponse({"error": str(exc)}, status_code=_status_of(exc))
 
         return wrapped
 
@@ -303,6 +298,9 @@ class Dashboard:
         async def wrapped(request: Request) -> Response:
             identity = request.state.identity = self.auth.identify(request)
             address = request.client.host if request.client else "-"
+            what = request.path_params.get("verb", name)
+            values: dict[str, Any] = {}
+            from_form = False
             try:
                 if not self.auth.enabled:
                     raise Refused(403, NO_TOKEN)
@@ -318,17 +316,16 @@ class Dashboard:
                 message, payload = await do(request, values, identity)
             except Refused as refused:
                 logger.warning(
-                    "dashboard: %s refused for %s from %s: %s", name, _who(identity), address, refused.message
+                    "dashboard: %s refused for %s from %s: %s", what, _who(identity), address, refused.message
                 )
                 if refused.status == 401:
                     return _unauthorized(refused.message)
                 return JSONResponse({"error": refused.message}, status_code=refused.status)
-            except (JobNotFound, RunNotFound) as exc:
-                return JSONResponse({"error": str(exc)}, status_code=404)
-            except (BadRequest, ValueError, DbschedError) as exc:
-                if "from_form" in locals() and from_form:
-                    return self._back_with(values, f"{name} failed: {exc}")
-                return JSONResponse({"error": str(exc)}, status_code=400 if isinstance(exc, ValueError) else 409)
+            except (ValueError, DbschedError) as exc:
+                logger.warning("dashboard: %s by %s from %s failed: %s", what, _who(identity), address, exc)
+                if from_form:
+                    return self._back_with(values, f"{what} failed: {exc}")
+                return JSONResponse({"error": str(exc)}, status_code=_status_of(exc))
             logger.warning("dashboard: %s by %s from %s", message, _who(identity), address)
             if from_form:
                 return self._back_with(values, message)
@@ -406,7 +403,7 @@ class Dashboard:
         return {
             "job": job,
             "active": self.repository.active_runs(name, ACTIVE_LIMIT),
-            "history": self.repository.runs_page(job_name=name, before=before, limit=limit + 1),
+            "history": self.repository.runs_page(job_name=name, before=before, limit=limit),
             "now": self.repository.database_now(),
         }
 
@@ -425,9 +422,7 @@ class Dashboard:
         history = data["history"]
         job = data["job"]
         schedule_text, zone = present.schedule_field(job)
-        next_url = None
-        if len(history) > limit:
-            next_url = "/job?" + urlencode({"name": name, "before": history[limit - 1].id})
+        next_url = _page_url("/job", {"name": name}, "before", history.next_before)
         return self.render(
             request,
             "job.html",
@@ -435,7 +430,7 @@ class Dashboard:
             state=present.job_state(job, data["now"], LATE_AFTER),
             slots=present.next_slots(job),
             active=data["active"],
-            history=history[:limit],
+            history=history.runs,
             next_url=next_url,
             now=data["now"],
             schedule_text=schedule_text,
@@ -455,8 +450,8 @@ class Dashboard:
                 "job": present.job_json(data["job"], now, LATE_AFTER),
                 "next_slots": [present.iso(slot) for slot in present.next_slots(data["job"])],
                 "active": [present.run_json(run, now) for run in data["active"]],
-                "runs": [present.run_json(run, now) for run in history[:limit]],
-                "next": history[limit - 1].id if len(history) > limit else None,
+                "runs": [present.run_json(run, now) for run in history.runs],
+                "next": history.next_before,
             }
         )
 
@@ -474,11 +469,9 @@ class Dashboard:
     def _read_runs(self, params: Mapping[str, Any], with_active: bool) -> dict[str, Any]:
         now = self.repository.database_now()
         query = self._runs_query(params, now)
-        limit = query["limit"]
-        runs = self.repository.runs_page(**{**query, "limit": limit + 1})
+        page = self.repository.runs_page(**query)
         active = self.repository.active_runs(query["job_name"], ACTIVE_LIMIT) if with_active else []
-        following = runs[limit - 1].id if len(runs) > limit else None
-        return {"runs": runs[:limit], "active": active, "now": now, "next": following}
+        return {"runs": page.runs, "active": active, "now": now, "next": page.next_before}
 
     async def runs_page(self, request: Request) -> Response:
         params = request.query_params
@@ -617,6 +610,18 @@ class Dashboard:
         return f"cancelled run {run.id} of {run.job_name}", {"run": present.run_json(run, now)}
 
 
+def _status_of(exc: Exception) -> int:
+    """The HTTP status of an error: what was asked cannot be read (400), does not exist (404), is not possible
+    now (409), or the database is down (503)."""
+    if isinstance(exc, ValueError):
+        return 400
+    if isinstance(exc, (JobNotFound, RunNotFound)):
+        return 404
+    if isinstance(exc, DatabaseUnavailable):
+        return 503
+    return 500 if isinstance(exc, DatabaseError) else 409
+
+
 def _who(identity: Identity | None) -> str:
     return "nobody" if identity is None else f"{identity.user} ({identity.via})"
 
@@ -625,13 +630,27 @@ def _unauthorized(message: str = "authentication required: the dashboard's token
     return JSONResponse({"error": message}, status_code=401, headers={"www-authenticate": 'Basic realm="dbsched"'})
 
 
-def _metrics_route() -> list[Mount]:
-    """/metrics, when `celery_dbsched.metrics` (issue 12 §4) is installed beside this app."""
-    if importlib.util.find_spec("celery_dbsched.metrics") is None:
+class _Guarded:
+    """An ASGI app behind the dashboard's token (when one is configured): 401 without it."""
+
+    def __init__(self, app: ASGIApp, auth: Auth) -> None:
+        self.app, self.auth = app, auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.auth.enabled and self.auth.identify(Request(scope)) is None:
+            await _unauthorized()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _metrics_routes(repository: JobRepository, auth: Auth) -> list[Route]:
+    """/metrics (issue 12 §4), when `celery_dbsched.metrics` and its prometheus-client are installed; behind
+    the token like every other endpoint (Prometheus: `authorization: {credentials: TOKEN}`)."""
+    try:
+        metrics = importlib.import_module("celery_dbsched.metrics")
+    except ImportError:
         return []
-    metrics = importlib.import_module("celery_dbsched.metrics")
-    factory = getattr(metrics, "metrics_app", None)
-    return [] if factory is None else [Mount("/metrics", app=factory())]
+    return [Route("/metrics", _Guarded(metrics.metrics_app(repository), auth))]
 
 
 class SecurityHeaders:
@@ -682,7 +701,7 @@ def create_app(
         Route("/api/jobs/{verb}", board.action("job action", board.job_action), methods=["POST"]),
         Route("/api/runs/{run_id}/cancel", board.action("cancel", board.cancel_run), methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
-        *_metrics_route(),
+        *_metrics_routes(repository, board.auth),
     ]
     app = Starlette(routes=routes, middleware=[Middleware(SecurityHeaders)])
     app.state.dashboard = board
