@@ -342,6 +342,9 @@ def test_with_a_token_everything_needs_it(populated: JobRepository, client: Clie
     web = _signed_in(client)
     page = web.get("/jobs")
     assert page.status_code == 200 and "signed in as ann" in page.text
+    for elsewhere in ("//evil.example/", "https://evil.example/", "/\\evil.example"):
+        signed = client(TOKEN).post("/login", data={"token": TOKEN, "next": elsewhere})
+        assert signed.headers["location"] == "/jobs", elsewhere  # never sent on to another site
     assert web.post("/logout").headers["location"] == "/login"
 
 
