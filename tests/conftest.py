@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from helpers.apps import TestSchedulerFactory, make_app, memory_app
+from helpers.browser import Browser, launched
 from helpers.cluster import Cluster
 from helpers.processes import PROCESSES_KEY, Processes
 from helpers.repository import bind_clock
@@ -53,8 +54,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 # What a `unit` test uses none of: a service (PostgreSQL, RabbitMQ, Redis) or a subprocess; nor is it `slow`.
-NOT_UNIT_MARKERS = ("postgres", "rabbitmq", "redis", "e2e", "processes", "slow")
-NOT_UNIT_FIXTURES = frozenset({"postgres_database", "broker", "processes", "cluster"})
+NOT_UNIT_MARKERS = ("postgres", "rabbitmq", "redis", "e2e", "processes", "slow", "browser")
+NOT_UNIT_FIXTURES = frozenset({"postgres_database", "broker", "processes", "cluster", "browser"})
 
 
 def is_unit(item: pytest.Item) -> bool:
@@ -201,6 +202,16 @@ def cluster(e2e_database: Database, broker: Broker, processes: Processes, tmp_pa
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    """A headless Chromium (helpers/browser.py), its network cut to the origins a test allows; the test fails on
+    any console error, uncaught page error, dialog or request elsewhere (a CDN). Skipped without chromium or
+    playwright, failed instead with DBSCHED_REQUIRE_SERVICES=1 (CI)."""
+    with launched() as session:
+        yield session
+        session.check()
 
 
 # -- in-process beats and workers -----------------------------------------------------------------------------

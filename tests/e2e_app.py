@@ -13,7 +13,7 @@ Job kinds (all deterministic; times in seconds):
 
     quick        reports progress over `steps` steps of `step` seconds and completes
     quick_class  the same as a class-based `Job` whose progress the worker reads through `status()`
-    fail         reports 1 of 3 done, then always raises RuntimeError
+    fail         reports 1 of 3 done, then always raises RuntimeError(`message`, "{run_id}" replaced)
     stall        reports 0 of 10 once and never again; waits until its run is cancelled
     progress     `steps` steps of `step` seconds, reporting each, so values can be seen while it runs
     long         `seconds` long, progress changing every `step` (never stalled); stops when cancelled
@@ -131,11 +131,13 @@ class QuickCounter(Job):
 
 
 def _fail(spec: dict[str, Any]) -> Any:
+    message = spec.get("message", "e2e failure in run {run_id}")
+
     def run(ctx: JobContext) -> None:
         record(ctx, "start")
         ctx.progress(1, 3)
         record(ctx, "fail")
-        raise RuntimeError(f"e2e failure in run {ctx.run_id}")
+        raise RuntimeError(message.replace("{run_id}", str(ctx.run_id)))
 
     return run
 

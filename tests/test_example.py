@@ -10,15 +10,20 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
+from helpers.polling import wait_for
 from helpers.processes import REPO_DIR, Processes
+from helpers.proxy import closed_port
 
 from celery_dbsched.repository import JobRepository
 
 pytestmark = pytest.mark.e2e
+
+EXAMPLE_WEB_TOKEN = "example-dashboard-token"  # example_proj/__main__.py
 
 
 # What must never appear in a process's log under load.
@@ -58,16 +63,41 @@ def _example_env() -> dict[str, str]:
     return env
 
 
+def _example_jobs_on_the_page(url: str) -> list[str] | None:
+    """The job names the example's dashboard lists (its JSON API, with the example's token), or None while it
+    does not answer."""
+    request = urllib.request.Request(url + "/api/jobs", headers={"Authorization": f"Bearer {EXAMPLE_WEB_TOKEN}"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return [job["name"] for job in json.load(response)["jobs"]]
+    except OSError:
+        return None
+
+
 def test_quick_start(tmp_path: Path) -> None:
     started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "example_proj", "--seconds", "25"],
+    web = f"http://127.0.0.1:{closed_port()}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "example_proj", "--seconds", "25", "--web-port", web.rsplit(":", 1)[1]],
         cwd=tmp_path,
         env=_example_env(),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=240,
     )
+    try:
+        # While it runs, the dashboard serves the example's jobs.
+        on_page = wait_for(
+            lambda: process.poll() is None and _example_jobs_on_the_page(web), 60, 0.5, f"the dashboard at {web}"
+        )
+        stdout, stderr = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    assert "example.process_invoices" in on_page, on_page
+    assert f"dashboard: {web} (token: {EXAMPLE_WEB_TOKEN};" in result.stdout, result.stdout
     elapsed = time.monotonic() - started
     data = tmp_path / ".example_data"
     worker_log = (data / "worker.log").read_text(errors="replace") if (data / "worker.log").exists() else ""
