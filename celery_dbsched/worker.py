@@ -139,9 +139,9 @@ class _Heartbeat(threading.Thread):
         interval = heartbeat_interval(settings)
         while True:
             try:
-                repository_for(self.app, settings).heartbeat(
-                    self.hostname, "worker", socket.gethostname(), os.getpid(), interval=interval
-                )
+                repository = repository_for(self.app, settings)
+                with _no_fork_during(repository):
+                    repository.heartbeat(self.hostname, "worker", socket.gethostname(), os.getpid(), interval=interval)
                 failing = False
             except DbschedError as exc:
                 if not failing:
@@ -149,6 +149,19 @@ class _Heartbeat(threading.Thread):
                 failing = True
             if self.stopped.wait(interval):
                 return
+
+
+# A fork in the middle of a SQLite write by this thread (a prefork pool replacing a child) would copy SQLite's
+# in-process lock table with the write lock held by a thread the child does not have: the child's every
+# transaction would then wait on it until the busy timeout, again and again. Forks wait for the write to end.
+_sqlite_writing = threading.Lock()
+os.register_at_fork(
+    before=_sqlite_writing.acquire, after_in_parent=_sqlite_writing.release, after_in_child=_sqlite_writing.release
+)
+
+
+def _no_fork_during(repository: JobRepository) -> contextlib.AbstractContextManager[Any]:
+    return _sqlite_writing if repository.dialect == "sqlite" else contextlib.nullcontext()
 
 
 _heartbeats: dict[tuple[int, str], _Heartbeat] = {}
@@ -240,7 +253,6 @@ class DbschedWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 cannot_start("worker", exc, logger)
         outage.ended()
         self.repository = repository
-        start_heartbeat(app, worker.hostname)
         if left:
             logger.warning(
                 "ended %d run(s) that %s left running: %s",
@@ -346,6 +358,13 @@ def _on_pool_process_init(**kwargs: Any) -> None:
             logger.debug("celery_dbsched: repository not prepared in the pool process: %s", exc)
 
 
+def _on_worker_ready(sender: Any = None, **kwargs: Any) -> None:
+    """The heartbeat starts once every bootstep has started: after the embedded beat (`-B`) has forked, so that
+    no fork copies a write of it in progress (see `_sqlite_writing`)."""
+    if sender is not None and sender.app in _apps:
+        start_heartbeat(sender.app, sender.hostname)
+
+
 _signals_connected = False
 _apps: weakref.WeakSet[Any] = weakref.WeakSet()  # the apps install_worker put the wrapper task on
 
@@ -375,4 +394,5 @@ def install_worker(app: Any) -> None:
     if not _signals_connected:
         signals.worker_shutting_down.connect(_on_shutting_down, weak=False)
         signals.worker_process_init.connect(_on_pool_process_init, weak=False)
+        signals.worker_ready.connect(_on_worker_ready, weak=False)
         _signals_connected = True

@@ -9,6 +9,7 @@ import re
 
 import pytest
 from helpers.repository import claim, claim_one
+from helpers.services import Database
 from helpers.shapes import BEAT_KEYS, JOB_KEYS, RUN_KEYS, STATUS_KEYS, WORKER_KEYS
 from sqlalchemy import text
 
@@ -215,9 +216,8 @@ def test_every_count_is_over_a_limited_subquery(repository: JobRepository) -> No
 
 
 @pytest.mark.postgres
-def test_status_reads_use_indexes_not_scans_of_the_runs_table(repository: JobRepository) -> None:
-    if repository.dialect != "postgresql":
-        pytest.skip("PostgreSQL plans")
+def test_status_reads_use_indexes_not_scans_of_the_runs_table(postgres_database: Database) -> None:
+    repository = postgres_database.migrated_repository()  # plans are PostgreSQL's: no SQLite twin to skip
     repository.upsert_job("a", "plans")
     with repository.engine.begin() as conn:
         conn.execute(text("SET LOCAL enable_seqscan = off"))  # a scan is then only chosen where no index serves
