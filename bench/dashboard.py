@@ -160,6 +160,7 @@ def statements(jobs: int, now: dt.datetime) -> dict[str, tuple[str, Any]]:
     """The read statements of `dbsched jobs`, `dbsched runs` and `dbsched watch` (the status and web queries
     join them when they exist on this branch), by name: (what runs it, the statement)."""
     from celery_dbsched import statements as sql
+    from celery_dbsched.repository import SERVER_LIMIT
     from celery_dbsched.settings import DEFAULT_INTERRUPT_THRESHOLD
 
     some_job = job_name(max(1, jobs // 2))
@@ -183,7 +184,7 @@ def statements(jobs: int, now: dt.datetime) -> dict[str, tuple[str, Any]]:
             "dbsched runs --status failed --since 1m",
             sql.runs(None, "failed", 50, now - dt.timedelta(minutes=1)),
         ),
-        "watch: servers": ("dbsched watch", sql.watch_servers()),
+        "watch: servers": ("dbsched watch", sql.servers(SERVER_LIMIT)),
         "watch: active runs": ("dbsched watch", sql.watch_active_runs(None, 31)),
         "watch: recent outcomes": ("dbsched watch", sql.watch_recent_runs(None, 15)),
         "watch --job: active runs": ("dbsched watch --job", sql.watch_active_runs(active_job, 31)),

@@ -630,7 +630,7 @@ def web(ctx: click.Context, host: str, port: int) -> None:
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     repository = _existing_repository(ctx)
-    app = create_app(repository, token=token, silent_after=settings.interrupt_threshold)
+    app = create_app(repository, token=token)
     access = "actions need the token" if token else "read-only: no token (dbsched_web_token / DBSCHED_WEB_TOKEN)"
     click.echo(f"celery_dbsched dashboard on http://{host}:{port}/ ({access})")
     uvicorn.run(app, host=host, port=port, log_level="info")

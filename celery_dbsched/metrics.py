@@ -9,8 +9,8 @@ Two kinds of figures, under the names in the README's "Metrics" section:
   name order of the worker's registry, the same in every process of a worker); the rest share `other`. A run
   id is never a label.
 - **Read from the database at scrape time** (`DatabaseCollector`): runs in flight by status, stalled runs,
-  jobs due and not claimed and how late the earliest is, the servers' last heartbeats. Four bounded, indexed
-  queries per scrape (`JobRepository.metrics_figures`); a database that does not answer is
+  jobs due and not claimed and how late the earliest is, the servers' last heartbeats. What `dbsched status`
+  reads (`celery_dbsched.observe`: bounded, indexed queries); a database that does not answer is
   `dbsched_database_up 0`, not a failed scrape.
 
 Where they are served: `dbsched_metrics_port` starts an HTTP exporter in a beat (its figures and the
@@ -40,11 +40,11 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, start_http_server
 from prometheus_client.registry import Collector
 
+from . import observe
 from .errors import DbschedError
 from .records import RunRecord
 from .repository import JobRepository
 from .settings import PROMETHEUS_MULTIPROC_ENV, Settings
-from .states import ACTIVE
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def observe_many(histogram: Histogram, amounts: Sequence[float]) -> None:
 
 
 class DatabaseCollector(Collector):
-    """The database's figures, read at each scrape (`JobRepository.metrics_figures`)."""
+    """The database's figures, read at each scrape through the read model of `dbsched status` (`observe`)."""
 
     def __init__(self, repository: JobRepository) -> None:
         self.repository = repository
@@ -209,7 +209,10 @@ class DatabaseCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("dbsched_database_up", "1 when the scrape could read the scheduler's database.")
         try:
-            figures = self.repository.metrics_figures()
+            active = observe.active_by_status(self.repository)
+            stalled = observe.stalled_runs(self.repository, limit=0)
+            due = observe.due_backlog(self.repository)
+            fleet = observe.fleet(self.repository)
         except DbschedError as exc:
             if not self._failing:
                 logger.warning("celery_dbsched metrics: the database figures are left out: %s", exc)
@@ -220,33 +223,35 @@ class DatabaseCollector(Collector):
         self._failing = False
         up.add_metric([], 1)
         yield up
-        active = GaugeMetricFamily("dbsched_runs_active", "Runs queued or running now, by status.", labels=["status"])
-        for status in ACTIVE:
-            active.add_metric([str(status)], figures.active_runs.get(str(status), 0))
-        yield active
+        by_status = GaugeMetricFamily(
+            "dbsched_runs_active", "Runs queued or running now, by status.", labels=["status"]
+        )
+        for status, count in active.items():
+            by_status.add_metric([status], count)
+        yield by_status
         yield GaugeMetricFamily(
             "dbsched_runs_stalled",
             "Active runs without progress (or not started) within their interrupt threshold: the next monitor "
-            "step of a beat ends them.",
-            value=figures.stalled_runs,
+            f"step of a beat ends them (counted up to {observe.COUNT_CAP}).",
+            value=stalled.count,
         )
         yield GaugeMetricFamily(
             "dbsched_jobs_due_unclaimed",
-            "Jobs whose next run has come and that no beat has claimed yet.",
-            value=figures.due_unclaimed,
+            f"Jobs whose next run has come and that no beat has claimed yet (counted up to {observe.COUNT_CAP}).",
+            value=due.count,
         )
         yield GaugeMetricFamily(
             "dbsched_jobs_due_oldest_lateness_seconds",
             "How late the earliest due, unclaimed job is (0 when none is).",
-            value=figures.oldest_lateness,
+            value=due.lateness,
         )
         seen = GaugeMetricFamily(
             "dbsched_server_last_seen_timestamp_seconds",
             "When each beat or worker last wrote its heartbeat (Unix time).",
             labels=["server", "kind"],
         )
-        for server in figures.servers:
-            seen.add_metric([server.id, server.kind], server.last_seen.timestamp())
+        for server in fleet.servers:
+            seen.add_metric([server.id, server.role], server.last_seen.timestamp())
         yield seen
 
 

@@ -15,6 +15,7 @@ JSON; durations are seconds.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,11 +23,11 @@ from sqlalchemy import Row
 
 from .display import duration, schedule
 from .records import JobRecord, RunRecord
-from .repository import JobRepository
+from .repository import SERVER_LIMIT, JobRepository
+from .states import ACTIVE
 
 COUNT_CAP = 10_000  # counts stop there ("capped": at least that many): a count never scans without a bound
 LIST_LIMIT = 10  # runs listed per section of the status
-SERVER_LIMIT = 1_000  # server rows read at most (dead ones are pruned after dbsched_server_retention)
 SILENT_AFTER = 3  # heartbeats missed before a server counts as silent
 DEFAULT_HEARTBEAT = 30.0  # seconds, for a row written before revision 0007 (no interval recorded)
 FAILURE_WINDOW = dt.timedelta(hours=1)
@@ -113,6 +114,11 @@ class Fleet:
     def workers(self) -> list[Server]:
         return [server for server in self.servers if server.role != "beat"]
 
+    @classmethod
+    def of(cls, rows: Sequence[Row[Any]], now: dt.datetime) -> Fleet:
+        """The fleet of server rows read (`statements.servers`) at the database's time `now`."""
+        return cls([Server.from_row(row, now) for row in rows])
+
     def as_json(self) -> dict[str, Any]:
         return {
             "beats": [server.as_json() for server in self.beats],
@@ -122,8 +128,7 @@ class Fleet:
 
 def fleet(repository: JobRepository) -> Fleet:
     """Every server row (beats first, latest seen first), with whether it is alive by the database's clock."""
-    rows, now = repository.server_rows(SERVER_LIMIT)
-    return Fleet([Server.from_row(row, now) for row in rows])
+    return Fleet.of(*repository.server_rows(SERVER_LIMIT))
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,13 @@ class RunList:
 def active_runs(repository: JobRepository, limit: int = LIST_LIMIT) -> RunList:
     """Queued and running runs, the latest claimed first."""
     return RunList.of(repository.active_runs(COUNT_CAP, limit))
+
+
+def active_by_status(repository: JobRepository) -> dict[str, int]:
+    """How many runs are queued and how many running (every active status, 0 when none): through the partial
+    index of active runs, as many rows as runs in flight."""
+    counted = repository.active_by_status()
+    return {str(state): counted.get(str(state), 0) for state in ACTIVE}
 
 
 def stalled_runs(repository: JobRepository, limit: int = LIST_LIMIT) -> RunList:

@@ -273,28 +273,6 @@ class StartedRun:
         return backoff_of(self.retry_backoff_base, self.retry_backoff_cap)
 
 
-@dataclass(frozen=True)
-class ServerSeen:
-    """A beat or worker and when it last wrote its server row."""
-
-    id: str
-    kind: str
-    last_seen: dt.datetime
-
-
-@dataclass(frozen=True)
-class MetricsFigures:
-    """What the database says at a metrics scrape (`JobRepository.metrics_figures`): runs in flight by status,
-    the stalled ones, the jobs due and not claimed and how late the earliest is, and the servers last seen."""
-
-    active_runs: dict[str, int]
-    stalled_runs: int
-    due_unclaimed: int
-    oldest_lateness: float  # seconds; 0 when nothing is due
-    servers: list[ServerSeen]
-    now: dt.datetime
-
-
 # -- what `dbsched watch` shows (issue 12 §2) -------------------------------------------------------------------
 
 
@@ -349,23 +327,6 @@ class RunsPage:
 
 
 @dataclass(frozen=True)
-class ServerRecord:
-    """A beat's or worker's row (`dbsched_server`)."""
-
-    id: str
-    kind: str
-    hostname: str
-    pid: int
-    start_time: dt.datetime
-    last_seen: dt.datetime
-
-    @classmethod
-    def from_row(cls, row: Row[Any]) -> ServerRecord:
-        m = row._mapping
-        return cls(**{name: m[name] for name in cls.__dataclass_fields__})
-
-
-@dataclass(frozen=True)
 class WatchRun:
     """An active run and the threshold past which, without progress, it counts as stalled."""
 
@@ -383,31 +344,12 @@ class WatchRun:
 
 @dataclass(frozen=True)
 class WatchFrame:
-    """One refresh of `dbsched watch`, read in one transaction: the database's time, the server rows, the
-    oldest active runs (`more_active`: there are more than those), the latest ended runs (newest first)."""
+    """One refresh of `dbsched watch`, read in one transaction: the database's time, the server rows (as
+    `statements.servers` reads them: `observe.Fleet.of` makes them the fleet), the oldest active runs
+    (`more_active`: there are more than those), the latest ended runs (newest first)."""
 
     now: dt.datetime
-    servers: list[ServerRecord]
+    servers: list[Row[Any]]
     active: list[WatchRun]
     more_active: bool
     recent: list[RunRecord]
-    silent_after: dt.timedelta  # a server not seen for this long is silent
-
-
-@dataclass(frozen=True)
-class DashboardCounts:
-    """The dashboard's headline numbers, each counted up to a cap (`capped`: a count that reached it)."""
-
-    now: dt.datetime
-    active: int
-    due: int
-    oldest_due: dt.datetime | None
-    failed_last_hour: int
-    cap: int
-
-    @classmethod
-    def from_row(cls, row: Row[Any], cap: int) -> DashboardCounts:
-        m = row._mapping
-        # The counts read at most cap + 1 rows (statements._capped_count): shown as the cap, and "+".
-        active, due, failed = (min(int(m[key]), cap) for key in ("active", "due", "failed_last_hour"))
-        return cls(m["now"], active, due, m["oldest_due"], failed, cap)

@@ -29,15 +29,11 @@ from .policy import POLICY_NAMES, JobPolicy, delta_of
 from .records import (
     Claim,
     ClaimStats,
-    DashboardCounts,
     JobRecord,
     JobSync,
-    MetricsFigures,
     RunRecord,
     RunsPage,
     RunSummary,
-    ServerRecord,
-    ServerSeen,
     StartedRun,
     WatchFrame,
     WatchRun,
@@ -59,7 +55,7 @@ try:  # what each server row records as the version it runs
     PACKAGE_VERSION = importlib.metadata.version("celery-dbsched")
 except importlib.metadata.PackageNotFoundError:  # imported from a checkout without installing it
     PACKAGE_VERSION = "unknown"
-METRICS_SERVERS = 1_000  # servers a metrics scrape shows at most (the most recently seen)
+SERVER_LIMIT = 1_000  # server rows read at most (dead ones are pruned after dbsched_server_retention)
 # Run ids a filtered page of history scans at most (JobRepository.runs_page): no index serves a status,
 # worker or time filter, so a page is bounded by the ids it looks at rather than by the runs it finds.
 RUNS_SCAN_WINDOW = 100_000
@@ -1123,20 +1119,10 @@ class JobRepository:
         """Runs that ended failed (or interrupted stalled or expired) within `since`: how many, the latest."""
         return self._counted_runs(sql.failures_since(self.clock.now, since.total_seconds(), cap, limit))
 
-    # -- metrics -----------------------------------------------------------------------------------------
-
-    def metrics_figures(self, *, servers_limit: int = METRICS_SERVERS) -> MetricsFigures:
-        """What a metrics scrape shows of the database, in one read-only transaction of four bounded, indexed
-        queries (never a count over the history)."""
+    def active_by_status(self) -> dict[str, int]:
+        """The queued and the running runs, counted by status (the statuses with none are left out)."""
         with self._tx() as conn:
-            active = {str(status): int(count) for status, count in conn.execute(sql.metrics_active_runs()).all()}
-            stalled = conn.execute(
-                sql.metrics_stalled_runs(self.clock.now, self.interrupt_threshold.total_seconds())
-            ).scalar_one()
-            due, earliest, now = conn.execute(sql.metrics_due_unclaimed(self.clock.now)).one()
-            servers = [ServerSeen(*row) for row in conn.execute(sql.metrics_servers(servers_limit)).all()]
-        lateness = max((now - earliest).total_seconds(), 0.0) if earliest is not None else 0.0
-        return MetricsFigures(active, int(stalled), int(due), lateness, servers, now)
+            return {str(status): int(count) for status, count in conn.execute(sql.active_by_status()).all()}
 
     def database_now(self) -> dt.datetime:
         with self._tx() as conn:
@@ -1152,14 +1138,14 @@ class JobRepository:
         ended runs (of `job_name` when given)."""
         with self._tx() as conn:
             now = self._db_now(conn)
-            servers = [ServerRecord.from_row(row) for row in conn.execute(sql.watch_servers())]
+            servers = list(conn.execute(sql.servers(SERVER_LIMIT)).all())
             rows = conn.execute(sql.watch_active_runs(job_name, active_limit + 1)).all()
             recent = [RunRecord.from_row(row) for row in conn.execute(sql.watch_recent_runs(job_name, recent_limit))]
         active = [
             WatchRun(RunRecord.from_row(row), delta_of(row.job_interrupt_threshold) or self.interrupt_threshold)
             for row in rows[:active_limit]
         ]
-        return WatchFrame(now, servers, active, len(rows) > active_limit, recent, self.interrupt_threshold)
+        return WatchFrame(now, servers, active, len(rows) > active_limit, recent)
 
     # -- the dashboard's reads (celery_dbsched.web) ------------------------------------------------------
 
@@ -1244,16 +1230,6 @@ class JobRepository:
         if len(runs) > limit:
             return RunsPage(runs[:limit], runs[limit - 1].id)
         return RunsPage(runs, floor if floor is not None and floor > (oldest or 0) else None)
-
-    def servers(self, limit: int = 1000) -> list[ServerRecord]:
-        """The beats' and workers' rows: the one read of the fleet (issue 12 §1 makes them richer)."""
-        with self._tx() as conn:
-            return [ServerRecord.from_row(row) for row in conn.execute(sql.servers(limit)).all()]
-
-    def dashboard_counts(self, cap: int = 10_000) -> DashboardCounts:
-        """Active runs, jobs due and not claimed (and the oldest due time), failures in the last hour."""
-        with self._tx() as conn:
-            return DashboardCounts.from_row(conn.execute(sql.dashboard_counts(self.clock.now, cap)).one(), cap)
 
     def edit_job(self, name: str, **replaced: Any) -> JobRecord:
         """An operator's edit of a stored job's schedule and policies (`JobDefinition` fields), stored as a

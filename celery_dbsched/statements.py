@@ -943,40 +943,13 @@ def ping() -> Executable:
     return text("SELECT 1")
 
 
-# -- metrics (celery_dbsched.metrics: what a scrape reads; bounded, indexed) -------------------------------------
-# The integrator may swap these for the read model of celery_dbsched.observe when it lands.
-
-
-def metrics_active_runs() -> Select[Any]:
+def active_by_status() -> Select[Any]:
     """Active runs by status (through the partial index of active runs: as many rows as runs in flight)."""
     return select(r.c.status, func.count()).where(r.c.status.in_(ACTIVE)).group_by(r.c.status)
 
 
-def metrics_stalled_runs(now: Now, default_threshold: float) -> Select[Any]:
-    """How many active runs the next monitor step of a beat will end `interrupted` (stalled)."""
-    return select(func.count()).select_from(r).where(stalled(now, default_threshold))
-
-
-def metrics_due_unclaimed(now: Now) -> Select[Any]:
-    """Claimable jobs whose next run has come (none of their runs holds the slot), and the earliest such next
-    run, with now (a range of the claimable index: bounded by the number of jobs, never by runs)."""
-    columns = (func.min(j.c.next_scheduled_run), now().label("now"))
-    return select(func.count()).add_columns(*columns).where(claimable, j.c.next_scheduled_run <= now())
-
-
-def metrics_servers(limit: int) -> Select[Any]:
-    """The most recently seen servers (beats and workers) and when."""
-    return select(s.c.id, s.c.kind, s.c.last_seen).order_by(s.c.last_seen.desc()).limit(limit)
-
-
 # What `dbsched watch` reads each refresh (issue 12 §2): a handful of bounded statements, each through an index
-# (tests/test_watch.py states the plans): the server rows, the active runs, the latest outcomes.
-WATCH_SERVERS_LIMIT = 1_000
-
-
-def watch_servers() -> Select[Any]:
-    """The server rows (beats and workers), at most `WATCH_SERVERS_LIMIT`: a small table."""
-    return select(s).order_by(s.c.kind, s.c.id).limit(WATCH_SERVERS_LIMIT)
+# (tests/test_watch.py states the plans): the server rows (`servers`), the active runs, the latest outcomes.
 
 
 def watch_active_runs(job_name: str | None, limit: int) -> Select[Any]:
@@ -1108,18 +1081,3 @@ def runs_page(
 def run_id_range() -> Select[Any]:
     """The newest and the oldest run id (two ends of the primary key)."""
     return select(func.max(r.c.id), func.min(r.c.id))
-
-
-def dashboard_counts(now: Now, cap: int) -> Select[Any]:
-    """In one statement: the active runs, the jobs due and not claimed and the oldest of their due times, and
-    the runs that failed in the last hour; each count stops at `cap`."""
-    due = and_(claimable, j.c.next_scheduled_run <= now())
-    failed = and_(r.c.end_time >= now(-3600), r.c.status == RunState.FAILED)
-    oldest_due = select(j.c.next_scheduled_run).where(due).order_by(j.c.next_scheduled_run, j.c.name).limit(1)
-    return select(
-        now().label("now"),
-        _capped_count(select(r.c.id).where(r.c.status.in_(ACTIVE)), cap).label("active"),
-        _capped_count(select(j.c.name).where(due), cap).label("due"),
-        oldest_due.scalar_subquery().label("oldest_due"),
-        _capped_count(select(r.c.id).where(failed), cap).label("failed_last_hour"),
-    )

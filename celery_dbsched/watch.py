@@ -1,10 +1,11 @@
 """`celery -A proj dbsched watch`: the live terminal view (issue 12 §2), drawn with rich (extra `watch`).
 
-At the top the fleet line (the beats and workers of the server rows, alive or silent since when; the active runs),
-under it the active runs with their progress bars, under them the latest outcomes, newest first. On a terminal
-the view is redrawn in place every `interval` seconds until Ctrl-C; elsewhere (a pipe, a file) each refresh is
-printed after the last. While the database is unavailable the last frame stays under a line that says so, and
-each refresh tries again. What one refresh reads is `JobRepository.watch_frame`: four bounded, indexed statements.
+At the top the fleet line (the beats and workers, alive or silent since when as `observe.Fleet` tells them
+apart, and the active runs), under it the active runs with their progress bars, under them the latest outcomes,
+newest first. On a terminal the view is redrawn in place every `interval` seconds until Ctrl-C; elsewhere (a
+pipe, a file) each refresh is printed after the last. While the database is unavailable the last frame stays
+under a line that says so, and each refresh tries again. What one refresh reads is `JobRepository.watch_frame`:
+four bounded, indexed statements.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from rich.text import Text
 
 from . import display
 from .errors import DatabaseUnavailable
-from .records import RunRecord, ServerRecord, WatchFrame, WatchRun
+from .observe import Fleet, Server
+from .records import RunRecord, WatchFrame, WatchRun
 from .states import RunState
 
 SILENT_NAMED = 3  # silent servers named on the fleet line, the rest counted
@@ -34,11 +36,10 @@ _OUTCOME_STYLES = {
 }
 
 
-def _servers(kind: str, servers: Sequence[ServerRecord], frame: WatchFrame, zone: dt.tzinfo) -> str:
-    mine = [server for server in servers if server.kind == kind]
+def _servers(kind: str, mine: Sequence[Server], zone: dt.tzinfo) -> str:
     if not mine:
         return f"{kind}s: none seen"
-    silent = [server for server in mine if frame.now - server.last_seen > frame.silent_after]
+    silent = [server for server in mine if not server.alive]
     text = f"{kind}s: {len(mine) - len(silent)} alive"
     if silent:
         named = ", ".join(f"{one.id} since {display.when(one.last_seen, zone)}" for one in silent[:SILENT_NAMED])
@@ -54,10 +55,11 @@ def fleet_line(frame: WatchFrame, zone: dt.tzinfo, job_name: str | None = None) 
     active = f"active runs: {len(frame.active)}{'+' if frame.more_active else ''}"
     if stalled:
         active += f" ({stalled} stalled)"
+    fleet = Fleet.of(frame.servers, frame.now)
     parts = [
         f"{display.when(frame.now, zone)} {display.zone_name(zone)}",
-        _servers("beat", frame.servers, frame, zone),
-        _servers("worker", frame.servers, frame, zone),
+        _servers("beat", fleet.beats, zone),
+        _servers("worker", fleet.workers, zone),
         active,
     ]
     if job_name is not None:

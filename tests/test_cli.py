@@ -779,6 +779,6 @@ def test_web_serves_the_dashboard(sqlite_database: Database, processes: Processe
         return body if status == 200 else None
 
     body = wait_for(answered, timeout=60, message=web.describe)
-    assert set(body) >= {"servers", "active_runs", "due_not_claimed", "failed_last_hour"}
+    assert set(body) >= {"beats", "workers", "due", "active", "stalled", "failures_last_hour"}
     assert _get(f"{base}/api/jobs")[0] == 401
     assert f"celery_dbsched dashboard on http://127.0.0.1:{port}/ (actions need the token)" in web.log()

@@ -221,8 +221,9 @@ def test_status_reads_use_indexes_not_scans_of_the_runs_table(postgres_database:
     repository.upsert_job("a", "plans")
     with repository.engine.begin() as conn:
         conn.execute(text("SET LOCAL enable_seqscan = off"))  # a scan is then only chosen where no index serves
-        # ... and the count of a worker's runs in flight, in its heartbeat: over the active runs only.
-        for statement in [*_observe_statements(repository), sql.runs_in_flight("celery@w1")]:
+        # ... and the count of a worker's runs in flight, in its heartbeat, and the metrics' active runs by
+        # status: over the active runs only.
+        for statement in [*_observe_statements(repository), sql.runs_in_flight("celery@w1"), sql.active_by_status()]:
             compiled = statement.compile(conn, compile_kwargs={"literal_binds": True})  # type: ignore[attr-defined]
             plan = "\n".join(row[0] for row in conn.execute(text(f"EXPLAIN {compiled}")))
             assert "Seq Scan on dbsched_job_run" not in plan, plan

@@ -23,7 +23,7 @@ from starlette.testclient import TestClient
 from celery_dbsched import repository as repository_module
 from celery_dbsched.cli import WEB_TOKEN_ENV, web_token
 from celery_dbsched.clock import TestClock
-from celery_dbsched.records import RunRecord
+from celery_dbsched.records import ClaimStats, RunRecord
 from celery_dbsched.repository import JobRepository
 from celery_dbsched.schedules import CrontabSchedule, IntervalSchedule
 from celery_dbsched.settings import Settings
@@ -84,7 +84,7 @@ def populated(repository: JobRepository, clock: TestClock) -> JobRepository:
     repository.set_paused("flaky", False)
     repository.upsert_job(XSS, "a hostile name", every=seconds(60))
     repository.upsert_job("cron", "nightly", schedule=CrontabSchedule(minute="0", hour="2"))
-    repository.heartbeat("worker@host", "worker", "host", 4242)
+    repository.heartbeat("worker@host", "worker", "host", 4242, interval=60.0)  # alive: 100 s < 3 x 60 s
     clock.freeze(T0 + seconds(800))
     return repository
 
@@ -135,6 +135,41 @@ def test_every_page_answers_and_shows_the_data(populated: JobRepository, client:
     assert fleet.status_code == 200
     assert 'data-server-id="worker@host" data-alive="true"' in fleet.text
     assert web.get("/").headers["location"] == "/jobs"
+
+
+def _row(page: str, server_id: str) -> str:
+    return page.split(f'data-server-id="{server_id}"')[1].split("</tr>")[0]
+
+
+def test_the_fleet_shows_each_beats_claim_lag_and_who_is_silent(
+    repository: JobRepository, clock: TestClock, client: Client
+) -> None:
+    """The fleet page and /api/status read observe's fleet: silent after three missed heartbeats of the row's
+    own interval; a beat's claims and claim lag (p50 / max over the last minute), with the line the page draws
+    of it; a worker's runs in flight."""
+    clock.freeze(T0)
+    repository.heartbeat("old-beat@host", "beat", "host", 1, interval=5.0)
+    clock.freeze(T0 + seconds(16))  # its three heartbeats of 5 s missed
+    repository.heartbeat("beat@host", "beat", "host", 2, interval=5.0, claims=ClaimStats(12, 0.25, 1.5))
+    repository.heartbeat("worker@host", "worker", "host", 3, interval=2.0)
+    web = client()
+
+    page = web.get("/fleet").text
+
+    beat = _row(page, "beat@host")
+    assert 'data-alive="true" data-role="beat"' in beat
+    assert '<span class="lag-p50">0.250 s</span> / <span class="lag-max">1.500 s</span>' in beat
+    assert "12 claims/min" in beat and '<svg class="lag-line"' in beat and 'data-p50="0.25" data-max="1.5"' in beat
+    old = _row(page, "old-beat@host")
+    assert 'data-alive="false"' in old and "silent since 2026-12-05 08:00:00" in old
+    worker = _row(page, "worker@host")
+    assert 'data-alive="true" data-role="worker"' in worker and "0 in flight" in worker
+    assert "<svg" not in worker
+    status = web.get("/api/status").json()
+    alive = {server["id"]: server["alive"] for server in status["beats"] + status["workers"]}
+    assert alive == {"beat@host": True, "old-beat@host": False, "worker@host": True}
+    [lagging] = [server for server in status["beats"] if server["id"] == "beat@host"]
+    assert (lagging["claims_last_minute"], lagging["claim_lag_p50"], lagging["claim_lag_max"]) == (12, 0.25, 1.5)
 
 
 def test_pages_load_nothing_from_elsewhere(populated: JobRepository, client: Client) -> None:
@@ -216,20 +251,15 @@ def test_api_shapes(populated: JobRepository, client: Client) -> None:
     assert runs["runs"][0]["error"].endswith(f"ValueError: {XSS} broke")
     assert [run["job"] for run in web.get("/api/runs/active").json()["runs"]] == ["busy"]
 
+    # The JSON of `dbsched status --json`: one read model (observe) for the page, the API, the CLI and metrics.
     status = web.get("/api/status").json()
-    assert status["active_runs"] == 1 and status["failed_last_hour"] == 1
-    assert status["servers"] == [
-        {
-            "id": "worker@host",
-            "kind": "worker",
-            "hostname": "host",
-            "pid": 4242,
-            "started": status["servers"][0]["started"],
-            "last_seen": status["servers"][0]["last_seen"],
-            "alive": True,
-        }
+    assert status["active"]["count"] == 1 and status["failures_last_hour"]["count"] == 1
+    assert status["beats"] == []
+    assert [(worker["id"], worker["host"], worker["pid"], worker["alive"]) for worker in status["workers"]] == [
+        ("worker@host", "host", 4242, True)
     ]
-    assert status["due_not_claimed"] >= 1 and status["oldest_lateness"] > 0
+    assert status["due"]["count"] >= 1 and status["due"]["oldest_lateness"] > 0
+    assert status["healthy"] is False and status["problems"][0].startswith("no beat is alive")
 
 
 def test_jobs_filter_search_and_sort(populated: JobRepository, client: Client) -> None:

@@ -118,8 +118,17 @@ def test_each_page_loads_without_errors_and_is_photographed(cluster: Cluster, br
     screenshot(page, "runs")
 
     page.goto(web.url + "/fleet")
+    beat = page.locator('tr.server-row[data-alive="true"][data-role="beat"]')
+    assert beat.count() == 1  # the embedded beat, alive, with its claims and claim lag from its row
+    assert page.locator('tr.server-row[data-alive="true"][data-role="worker"]').count() == 1
+    assert beat.locator(".lag-p50").inner_text().endswith(" s")
+    # The claim lag line grows from the samples the open page takes (/api/status every 5 s).
+    page.wait_for_function(
+        "() => (document.querySelector('svg.lag-line .lag-p50-line')"
+        " ?.getAttribute('points') || '').split(' ').length >= 3",
+        timeout=30_000,
+    )
     screenshot(page, "fleet")
-    assert page.locator('tr.server-row[data-alive="true"]').count() >= 1
 
 
 @on(PG_FS)

@@ -26,13 +26,13 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import display
+from .. import display, observe
 from ..controls import trigger
 from ..errors import DatabaseError, DatabaseUnavailable, DbschedError, JobNotFound, RunNotFound
 from ..records import JobRecord
 from ..repository import JobRepository
 from ..schedules import CrontabSchedule, IntervalSchedule
-from ..settings import DEFAULT_INTERRUPT_THRESHOLD, parse_backoff, parse_duration
+from ..settings import parse_backoff, parse_duration
 from ..statements import JOB_FILTERS
 from ..states import JobKind, Misfire, RunState
 from . import present
@@ -47,6 +47,7 @@ ACTIVE_LIMIT = 200
 RECENT_PER_JOB = 20
 FLASH_COOKIE = "dbsched_flash"
 LATE_AFTER = dt.timedelta(minutes=1)
+LAG_POLL = 5  # seconds between the fleet page's polls of /api/status (its claim lag line's samples)
 SECURITY_HEADERS = {
     # Everything the page loads is served here: no CDN, no inline script.
     "content-security-policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
@@ -227,12 +228,11 @@ def edit_changes(job: JobRecord, values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class Dashboard:
-    """The handlers, over one repository; `silent_after`: a server not seen for this long is silent."""
+    """The handlers, over one repository."""
 
-    def __init__(self, repository: JobRepository, auth: Auth, silent_after: dt.timedelta) -> None:
+    def __init__(self, repository: JobRepository, auth: Auth) -> None:
         self.repository = repository
         self.auth = auth
-        self.silent_after = silent_after
         self.env = _environment()
 
     # -- plumbing
@@ -504,31 +504,14 @@ class Dashboard:
         runs, now = await self.read(read)
         return JSONResponse({"runs": [present.run_json(run, now) for run in runs], "now": present.iso(now)})
 
-    def _read_status(self) -> dict[str, Any]:
-        return {"servers": self.repository.servers(), "counts": self.repository.dashboard_counts()}
-
     async def fleet_page(self, request: Request) -> Response:
-        data = await self.read(self._read_status)
-        now = data["counts"].now
-        servers = [(server, present.server_alive(server, now, self.silent_after)) for server in data["servers"]]
-        return self.render(request, "fleet.html", servers=servers, counts=data["counts"], now=now, nav="fleet")
+        status = await self.read(lambda: observe.status(self.repository))
+        return self.render(request, "fleet.html", report=status, now=status.now, nav="fleet", lag_poll=LAG_POLL)
 
     async def status_api(self, request: Request) -> Response:
-        data = await self.read(self._read_status)
-        counts = data["counts"]
-        now = counts.now
-        return JSONResponse(
-            {
-                "now": present.iso(now),
-                "servers": [present.server_json(server, now, self.silent_after) for server in data["servers"]],
-                "active_runs": counts.active,
-                "due_not_claimed": counts.due,
-                "oldest_due": present.iso(counts.oldest_due),
-                "oldest_lateness": None if counts.oldest_due is None else (now - counts.oldest_due).total_seconds(),
-                "failed_last_hour": counts.failed_last_hour,
-                "count_cap": counts.cap,
-            }
-        )
+        """What `dbsched status --json` prints (`observe.Status.as_json`): one shape, one read."""
+        status = await self.read(lambda: observe.status(self.repository))
+        return JSONResponse(status.as_json())
 
     # -- sign in
 
@@ -675,12 +658,9 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
-def create_app(
-    repository: JobRepository, *, token: str | None = None, silent_after: dt.timedelta = DEFAULT_INTERRUPT_THRESHOLD
-) -> Starlette:
-    """The dashboard over `repository`. `token`: actions (and reads) need it; None: read-only, open reads.
-    `silent_after`: a beat or worker not seen for this long is shown silent (the interrupt threshold)."""
-    board = Dashboard(repository, Auth(token), silent_after)
+def create_app(repository: JobRepository, *, token: str | None = None) -> Starlette:
+    """The dashboard over `repository`. `token`: actions (and reads) need it; None: read-only, open reads."""
+    board = Dashboard(repository, Auth(token))
 
     async def home(request: Request) -> Response:
         return RedirectResponse("/jobs", status_code=303)

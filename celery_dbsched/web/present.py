@@ -1,5 +1,5 @@
 """What the dashboard shows, as pure functions of records: a job's state, its success rate and sparkline, its
-next slots, and the JSON shapes of the API (`job_json`, `run_json`, `server_json`). No I/O."""
+next slots, and the JSON shapes of the API (`job_json`, `run_json`; the fleet's is `observe`'s). No I/O."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import display
-from ..records import JobRecord, RunRecord, RunSummary, ServerRecord
+from ..records import JobRecord, RunRecord, RunSummary
 from ..schedules import CrontabSchedule, IntervalSchedule
 from ..states import RunState
 
@@ -136,22 +136,6 @@ def run_json(run: RunRecord, now: dt.datetime) -> dict[str, Any]:
         "task_id": run.task_id,
         "scheduled_for": iso(run.scheduled_for),
         "error": run.error,
-    }
-
-
-def server_alive(server: ServerRecord, now: dt.datetime, silent_after: dt.timedelta) -> bool:
-    return now - server.last_seen <= silent_after
-
-
-def server_json(server: ServerRecord, now: dt.datetime, silent_after: dt.timedelta) -> dict[str, Any]:
-    return {
-        "id": server.id,
-        "kind": server.kind,
-        "hostname": server.hostname,
-        "pid": server.pid,
-        "started": iso(server.start_time),
-        "last_seen": iso(server.last_seen),
-        "alive": server_alive(server, now, silent_after),
     }
 
 

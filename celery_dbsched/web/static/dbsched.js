@@ -1,6 +1,10 @@
 // celery_dbsched dashboard: live active runs. Written for this package (MIT, like it); no library, no CDN.
 // Every table with data-live="<url>" is refreshed from that JSON (/api/runs/active) every second: progress
 // bars move, new runs appear, ended ones go. Text is set with textContent only (never HTML).
+// The fleet page (table#fleet) polls /api/status every data-lag-poll seconds and keeps each beat's claim lag
+// (p50 and max over the last minute, from its server row) as samples while it is open: the lines of each
+// beat's svg.lag-line (p50 dark, max light, on the scale of the highest max) are drawn from the latest
+// LAG_SAMPLES of them, across its width (nothing is stored).
 "use strict";
 (function () {
   var PERIOD_MS = 1000;
@@ -113,7 +117,84 @@
       .then(function () { setTimeout(function () { poll(table); }, PERIOD_MS); });
   }
 
+  var LAG_SAMPLES = 120;
+  var SVG = "http://www.w3.org/2000/svg";
+
+  function number(text) {
+    return text === null || text === undefined || text === "" ? null : Number(text);
+  }
+
+  function seconds(value) {
+    return value === null || value === undefined ? "-" : value.toFixed(3) + " s";
+  }
+
+  function lagLine(svg, samples) {
+    var width = Number(svg.getAttribute("width")), height = Number(svg.getAttribute("height"));
+    var peak = null;
+    samples.forEach(function (s) { if (s.max !== null) peak = Math.max(peak || 0, s.max); });
+    var top = peak || 1;
+    var step = width / Math.max(samples.length - 1, 1);  // the samples kept span the width
+    var offset = width - step * (samples.length - 1);
+    while (svg.firstChild) svg.removeChild(svg.firstChild);
+    ["max", "p50"].forEach(function (key) {
+      var points = [];
+      samples.forEach(function (s, i) {
+        if (s[key] === null) return;
+        var x = offset + i * step, y = (height - 1 - (height - 2) * s[key] / top).toFixed(1);
+        if (!points.length && i === samples.length - 1) points.push((x - step).toFixed(1) + "," + y);  // one: a tick
+        points.push(x.toFixed(1) + "," + y);
+      });
+      var line = document.createElementNS(SVG, "polyline");
+      line.setAttribute("class", "lag-" + key + "-line");
+      line.setAttribute("points", points.join(" "));
+      svg.appendChild(line);
+    });
+    var title = document.createElementNS(SVG, "title");
+    title.textContent = "claim lag over the last " + samples.length + " samples: up to " + seconds(peak);
+    svg.appendChild(title);
+  }
+
+  function fleetLag(table) {
+    var period = 1000 * Number(table.getAttribute("data-lag-poll") || 5);
+    var samples = {};
+    Array.prototype.forEach.call(table.querySelectorAll("tr.server-row[data-role=beat]"), function (tr) {
+      var svg = tr.querySelector("svg.lag-line");
+      var id = tr.getAttribute("data-server-id");
+      samples[id] = [{ p50: number(svg.getAttribute("data-p50")), max: number(svg.getAttribute("data-max")) }];
+      lagLine(svg, samples[id]);
+    });
+    function rows() {
+      var found = {};
+      Array.prototype.forEach.call(table.querySelectorAll("tr.server-row[data-role=beat]"), function (tr) {
+        found[tr.getAttribute("data-server-id")] = tr;
+      });
+      return found;
+    }
+    function poll() {
+      fetch("/api/status", { credentials: "same-origin", headers: { Accept: "application/json" } })
+        .then(function (response) { return response.ok ? response.json() : null; })
+        .then(function (data) {
+          if (!data) return;
+          var beats = rows();
+          data.beats.forEach(function (beat) {
+            var tr = beats[beat.id];
+            if (!tr) return;  // a beat that started after the page loaded: shown at the next load
+            var kept = samples[beat.id] = (samples[beat.id] || []).concat([{ p50: beat.claim_lag_p50, max: beat.claim_lag_max }]);
+            if (kept.length > LAG_SAMPLES) kept.shift();
+            tr.querySelector(".lag-p50").textContent = seconds(beat.claim_lag_p50);
+            tr.querySelector(".lag-max").textContent = seconds(beat.claim_lag_max);
+            lagLine(tr.querySelector("svg.lag-line"), kept);
+          });
+        })
+        .catch(function () { /* the next poll tries again */ })
+        .then(function () { setTimeout(poll, period); });
+    }
+    setTimeout(poll, period);
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    var fleet = document.querySelector("table#fleet[data-lag-poll]");
+    if (fleet) fleetLag(fleet);
     Array.prototype.forEach.call(document.querySelectorAll("table[data-live]"), function (table) {
       setTimeout(function () { poll(table); }, PERIOD_MS);
     });
