@@ -20,6 +20,7 @@ from helpers.apps import seconds
 from helpers.processes import REPO_DIR
 from helpers.repository import claim_one
 from helpers.services import Database
+from sqlalchemy import text
 from starlette.responses import PlainTextResponse
 from starlette.testclient import TestClient
 
@@ -356,6 +357,16 @@ def test_history_filters_and_last_runs_read_through_indexes_at_scale(postgres_da
     assert len(last) == 2_000
     page = repository.runs_page(status="interrupted", limit=50)
     assert len(page.runs) == 50 and {run.status for run in page.runs} == {"interrupted"}
+
+
+def test_last_runs_probe_the_runs_by_job_index_per_job_on_sqlite(sqlite_database: Database) -> None:
+    repository = sqlite_database.migrated_repository()
+    with repository.engine.connect() as conn:
+        compiled = sql.last_runs(repository.dialect).compile(conn, compile_kwargs={"literal_binds": True})
+        plan = [row[3] for row in conn.execute(text(f"EXPLAIN QUERY PLAN {compiled}"))]
+    assert "CORRELATED SCALAR SUBQUERY 1" in plan, plan
+    assert "SEARCH dbsched_job_run USING COVERING INDEX dbsched_job_run_job (job_name=?)" in plan, plan
+    assert not any(step.startswith("SCAN dbsched_job_run") for step in plan), plan
 
 
 # --- authentication and actions ----------------------------------------------------------------------------
