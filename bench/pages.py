@@ -9,7 +9,8 @@ in this process: the time is the server's, routing to rendered body, with no net
 `dbsched status`, `dbsched jobs` and one frame of `dbsched watch`: one warm-up, then REPEAT times; p50 and max.
 Every statement a request issues is recorded (SQLAlchemy cursor events on the repository's engine): how many,
 their total time, and the slowest one with its plan (EXPLAIN ANALYZE of that statement with its parameters).
-Over the budget (300 ms, max): SLOW.
+Over the budget (300 ms, max): SLOW. Then, on the same fill, bench/dashboard.py's read statements under EXPLAIN
+ANALYZE (--no-statements skips them).
 
 It is a benchmark, not a test: `tests/test_bench_smoke.py` runs it at a tiny size.
 """
@@ -32,6 +33,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/pages.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import dashboard
 from bench.common import Config, drop_database, ensure_database
 from bench.dashboard import ACTIVE_EVERY, BUDGET_MS, fill, job_name
 
@@ -286,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filled", action="store_true", help="--url already holds the fill of --jobs/--runs")
     parser.add_argument("--keep", action="store_true", help="keep the filled database")
     parser.add_argument("--only", default=None, help="measure only the requests whose name contains this")
+    parser.add_argument(
+        "--no-statements", action="store_true", help="skip bench/dashboard.py's statements under EXPLAIN ANALYZE"
+    )
     parser.add_argument("--note", default="", help="a paragraph under the title (where and how it was measured)")
     parser.add_argument("--out", default=None, help="write the markdown here (and the numbers as .json beside it)")
     args = parser.parse_args(argv)
@@ -297,10 +302,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         took = {} if args.filled else fill(url, args.jobs, args.runs)
         timings = measure(url, args.jobs, args.repeat, args.only)
+        statements = [] if args.no_statements else dashboard.measure(url, args.jobs, args.repeat)
     finally:
         if args.url is None and not args.keep:
             drop_database(cfg, DATABASE)
     text = report(timings, args.jobs, args.runs, took, args.repeat, args.note)
+    if statements:  # the same fill's statements, one heading level down
+        below = dashboard.report(statements, args.jobs, args.runs, took)
+        text += "\n" + "\n".join("#" + line if line.startswith("#") else line for line in below.splitlines())
     print(text)
     if args.out:
         with open(args.out, "w") as out:
@@ -312,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             "budget_ms": BUDGET_MS,
             "fill_seconds": took,
             "timings": [asdict(t) for t in timings],
+            "statements": [asdict(t) for t in statements],
         }
         with open(os.path.splitext(args.out)[0] + ".json", "w") as out:
             json.dump(numbers, out, indent=1, default=str)
