@@ -17,17 +17,15 @@ It is a benchmark, not a test: `tests/test_bench_smoke.py` runs it at a tiny siz
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import io
-import json
 import os
 import statistics
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 if __package__ in (None, ""):  # `python bench/pages.py`
@@ -83,21 +81,13 @@ class Recorder:
 
 
 @dataclass
-class Timing:
-    name: str
-    path: str
-    p50_ms: float = 0.0
-    max_ms: float = 0.0
+class Timing(dashboard.Sampled):
+    """A request: also the statements it issued (their count and time, the slowest one; `plan` is its plan)."""
+
     statements: int = 0
     statements_ms: float = 0.0
     slowest_ms: float = 0.0
     slowest_sql: str = ""
-    plan: str = ""
-    samples_ms: list[float] = field(default_factory=list)
-
-    @property
-    def slow(self) -> bool:
-        return self.max_ms > BUDGET_MS
 
 
 def targets(client: Any, repository: Any, jobs: int) -> dict[str, tuple[str, Callable[[], Any]]]:
@@ -278,21 +268,12 @@ def report(timings: list[Timing], jobs: int, runs: int, took: dict[str, float], 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--jobs", type=int, default=100_000)
-    parser.add_argument("--runs", type=int, default=5_000_000)
-    parser.add_argument("--repeat", type=int, default=5, help="timed repetitions per request (after a warm-up)")
-    parser.add_argument("--pg", default=Config.pg_admin, help="the server (any database on it)")
-    parser.add_argument("--db-prefix", default=Config.db_prefix)
-    parser.add_argument("--url", default=None, help="fill this database or schema instead (kept: its owner drops it)")
+    parser = dashboard.arguments(__doc__, "timed repetitions per request (after a warm-up)")
     parser.add_argument("--filled", action="store_true", help="--url already holds the fill of --jobs/--runs")
-    parser.add_argument("--keep", action="store_true", help="keep the filled database")
     parser.add_argument("--only", default=None, help="measure only the requests whose name contains this")
     parser.add_argument(
         "--no-statements", action="store_true", help="skip bench/dashboard.py's statements under EXPLAIN ANALYZE"
     )
-    parser.add_argument("--note", default="", help="a paragraph under the title (where and how it was measured)")
-    parser.add_argument("--out", default=None, help="write the markdown here (and the numbers as .json beside it)")
     args = parser.parse_args(argv)
     if args.filled and args.url is None:
         parser.error("--filled needs --url (the database that holds the fill)")
@@ -312,8 +293,6 @@ def main(argv: list[str] | None = None) -> int:
         text += "\n" + "\n".join("#" + line if line.startswith("#") else line for line in below.splitlines())
     print(text)
     if args.out:
-        with open(args.out, "w") as out:
-            out.write(text + "\n")
         numbers = {
             "jobs": args.jobs,
             "runs": args.runs,
@@ -323,8 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             "timings": [asdict(t) for t in timings],
             "statements": [asdict(t) for t in statements],
         }
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as out:
-            json.dump(numbers, out, indent=1, default=str)
+        dashboard.write(args.out, text, numbers)
     slow = [t.name for t in timings if t.slow]
     if slow:
         print(f"over {BUDGET_MS:g} ms: {', '.join(slow)}", file=sys.stderr)
