@@ -167,7 +167,7 @@ def statements(jobs: int, now: dt.datetime) -> dict[str, tuple[str, Any]]:
     grace = DEFAULT_INTERRUPT_THRESHOLD.total_seconds()
     return {
         "jobs: all jobs (unpaged)": ("dbsched jobs", sql.all_jobs()),
-        "jobs: last run of each job": ("dbsched jobs", sql.last_runs()),
+        "jobs: last run of each job": ("dbsched jobs", sql.last_runs("postgresql")),
         "jobs: orphaned": ("dbsched jobs", sql.orphaned_jobs(grace)),
         "runs: latest 50": ("dbsched runs", sql.runs(None, None, 50)),
         "runs: latest 50 of a job": ("dbsched runs --job", sql.runs(some_job, None, 50)),

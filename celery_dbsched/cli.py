@@ -186,7 +186,7 @@ def jobs(ctx: click.Context, zone: Any, as_json: bool) -> None:
             display.when(job.next_scheduled_run, zone),
             states[job.name] if not job.policy.enabled or job.paused else display.relative(job.next_scheduled_run, now),
             _last(last.get(job.name), now),
-            display.schedule(job),
+            display.schedule(job) + (" (edited)" if job.overrides else ""),
             job.queue or "-",
             job.failure_count,
             job.description,
@@ -201,6 +201,12 @@ def jobs(ctx: click.Context, zone: Any, as_json: bool) -> None:
         "(check the task name and the workers' imports)"
         for name, task in sorted(unknown.items())
         if states.get(name) == "unknown-task"
+    ]
+    notes += [
+        f"edited: {job.name}: edited on the dashboard (overrides the code): {', '.join(job.edited_fields)}; "
+        'its page\'s "revert to code" drops the edit'
+        for job in records
+        if job.overrides
     ]
     if notes:
         click.echo("\n" + "\n".join(notes))

@@ -308,4 +308,5 @@ def job_json(job: JobRecord, state: str, last_run: RunRecord | None, now: dt.dat
         "active_runs": job.active_runs,
         "max_active": job.policy.max_active,
         "last_run": None if last_run is None else run_json(last_run, now),
+        "overrides": job.overrides_by_field(),  # an operator's edits on the dashboard ({}: none)
     }

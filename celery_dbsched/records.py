@@ -21,6 +21,9 @@ from .states import InterruptReason, JobKind, RunState
 # A job's `every` (its interval when it has no schedule) is stored in this column, named for Boundary's
 # "default next run in"; these records are the one place that maps the two.
 EVERY_COLUMN = "default_next_run_in"
+# An operator's edits (the dashboard's edit action), by column: {"column": {"code": value, "edited": value}},
+# JSON text; NULL: none. A sync stores the code's values with the edited ones over them (`synced_values`).
+OVERRIDES_COLUMN = "overrides"
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class JobRecord:
     policy: JobPolicy = field(default_factory=JobPolicy)
     paused: bool = False
     active_runs: int = 0  # queued or running runs holding a slot (kept by the database)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # an operator's edits, by column
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> JobRecord:
@@ -66,7 +70,17 @@ class JobRecord:
             policy=JobPolicy.from_columns(m),
             paused=bool(m["paused"]),
             active_runs=m["active_runs"],
+            overrides=overrides_of(m[OVERRIDES_COLUMN]),
         )
+
+    @property
+    def edited_fields(self) -> list[str]:
+        """The fields an operator edited on the dashboard, which override the code's declaration."""
+        return sorted(self.overrides_by_field())
+
+    def overrides_by_field(self) -> dict[str, dict[str, Any]]:
+        """An operator's edits, by field: the code's value and the edited one, as the columns store them (JSON)."""
+        return {field_of(column): dict(edit) for column, edit in sorted(self.overrides.items())}
 
     @property
     def advances_at_claim(self) -> bool:
@@ -97,23 +111,75 @@ def definition_values(definition: JobDefinition) -> dict[str, Any]:
     }
 
 
+def field_of(column: str) -> str:
+    """The `JobDefinition` (or `JobPolicy`) field a job column stores."""
+    return "every" if column == EVERY_COLUMN else column
+
+
+def overrides_of(text: str | None) -> dict[str, dict[str, Any]]:
+    loaded: dict[str, dict[str, Any]] = json.loads(text) if text else {}
+    return loaded
+
+
+def _overrides_text(overrides: Mapping[str, Mapping[str, Any]]) -> str | None:
+    return json.dumps(overrides, sort_keys=True) if overrides else None
+
+
+def synced_values(row: Row[Any], values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """What a sync of the code's `values` stores over `row`: those values with the operator's edits over them,
+    and the edits' record of the code's values brought up to date (for "revert to code")."""
+    overrides = overrides_of(row._mapping[OVERRIDES_COLUMN])
+    if not overrides:
+        return values
+    kept = {column: {"code": values[column], "edited": edit["edited"]} for column, edit in overrides.items()}
+    edited = {column: edit["edited"] for column, edit in kept.items()}
+    return {**values, **edited, OVERRIDES_COLUMN: _overrides_text(kept)}
+
+
+def edited_values(row: Row[Any], values: Mapping[str, Any]) -> dict[str, Any]:
+    """What an operator's edit (the job's `values` with the edited fields) stores over `row`: the values, and
+    each column it changes recorded as an override of the code's value (an edit back to the code's value
+    drops that override)."""
+    stored = row._mapping
+    overrides = overrides_of(stored[OVERRIDES_COLUMN])
+    for column, value in values.items():
+        if stored[column] == value:
+            continue
+        code = overrides[column]["code"] if column in overrides else stored[column]
+        if value == code:
+            overrides.pop(column, None)
+        else:
+            overrides[column] = {"code": code, "edited": value}
+    return {**values, OVERRIDES_COLUMN: _overrides_text(overrides)}
+
+
+def reverted_values(row: Row[Any]) -> dict[str, Any]:
+    """The code's values of the columns an operator edited, and no overrides: "revert to code"."""
+    overrides = overrides_of(row._mapping[OVERRIDES_COLUMN])
+    return {**{column: edit["code"] for column, edit in overrides.items()}, OVERRIDES_COLUMN: None}
+
+
 def _differs(row: Row[Any], values: Mapping[str, Any]) -> bool:
     stored = row._mapping
     return any(stored[key] != value for key, value in values.items())
 
 
-def changes(row: Row[Any], definition: JobDefinition, values: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
-    """What storing `definition` over the stored `row` changes (with `update_time`), or {}: its settings, and
-    its next run only when its schedule changed (the new schedule's next slot) or it is enabled again after
-    being disabled (its next slot after now, so it does not fire at once for the time it was off)."""
+def changes(row: Row[Any], values: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
+    """What storing `values` (`definition_values`, through `synced_values`, `edited_values`, `reverted_values`)
+    over the stored `row` changes (with `update_time`), or {}: its settings, and its next run only when its
+    schedule changed (the new schedule's next slot) or it is enabled again after being disabled (its next slot
+    after now, so it does not fire at once for the time it was off)."""
     if not _differs(row, values):
         return {}
     current = JobRecord.from_row(row)
     updates = dict(values)
     nsr = current.next_scheduled_run
-    if definition.schedule != current.schedule and definition.schedule is not None:
-        nsr = definition.schedule.next_after(now)
-    elif definition.policy.enabled and not current.policy.enabled:
+    spec = values.get("schedule", row._mapping["schedule"])
+    schedule = schedule_from_spec(spec) if spec else None
+    enabled = values.get("enabled", current.policy.enabled)
+    if schedule != current.schedule and schedule is not None:
+        nsr = schedule.next_after(now)
+    elif enabled and not current.policy.enabled:
         nsr = timing.resume_at(current.cadence, nsr, now)
     if nsr != current.next_scheduled_run:
         updates["next_scheduled_run"] = nsr
@@ -161,7 +227,9 @@ def plan_sync(
     kind: JobKind | None,
 ) -> SyncPlan:
     new = [name for name in wanted if name not in rows]
-    candidates = [name for name, row in rows.items() if name in wanted and _differs(row, values[name])]
+    candidates = [
+        name for name, row in rows.items() if name in wanted and _differs(row, synced_values(row, values[name]))
+    ]
     missing = [] if kind is None else [n for n, r in rows.items() if n not in wanted and r.kind == kind and r.enabled]
     return SyncPlan(new, sorted(candidates), sorted(missing))
 

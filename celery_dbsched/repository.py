@@ -44,7 +44,10 @@ from .records import (
     changes,
     definition_of,
     definition_values,
+    edited_values,
     plan_sync,
+    reverted_values,
+    synced_values,
 )
 from .settings import DEFAULT_INTERRUPT_THRESHOLD, DEFAULT_RETRY_BACKOFF, Settings, mask_database_url
 from .states import ACTIVE, InterruptReason, JobKind, RunState
@@ -60,8 +63,9 @@ try:  # what each server row records as the version it runs
 except importlib.metadata.PackageNotFoundError:  # imported from a checkout without installing it
     PACKAGE_VERSION = "unknown"
 METRICS_SERVERS = 1_000  # servers a metrics scrape shows at most (the most recently seen)
-# Run ids a filtered page of history scans at most (JobRepository.runs_page): no index serves a status,
-# worker or time filter, so a page is bounded by the ids it looks at rather than by the runs it finds.
+# Run ids a filtered page of history scans at most (JobRepository.runs_page): no index serves a worker or time
+# filter, so a page is bounded by the ids it looks at rather than by the runs it finds (a job or a status alone
+# is served by its index, dbsched_job_run_job or dbsched_job_run_status: no window).
 RUNS_SCAN_WINDOW = 100_000
 _STARTED_KEPT = 10_000  # runs started and not finished yet by this repository, remembered for their finish
 
@@ -260,10 +264,14 @@ class JobRepository:
                         continue  # registered concurrently by another process: update it instead
                     self._wake_if_soon(conn, definition.name, first, now)
                     return JobRecord.from_row(inserted)
-                changed = changes(row, definition, values, now)
-                if not changed:
-                    return JobRecord.from_row(row)
-                return JobRecord.from_row(conn.execute(sql.update_job(definition.name, changed)).one())
+                return self._store_over(conn, row, synced_values(row, values), now)
+
+    def _store_over(self, conn: Connection, row: Row[Any], values: Mapping[str, Any], now: dt.datetime) -> JobRecord:
+        """Store `values` over a job's locked `row` (`records.changes`): the job as it is afterwards."""
+        changed = changes(row, values, now)
+        if not changed:
+            return JobRecord.from_row(row)
+        return JobRecord.from_row(conn.execute(sql.update_job(row.name, changed)).one())
 
     def sync_jobs(
         self,
@@ -385,7 +393,7 @@ class JobRepository:
         for start in range(0, len(names), SYNC_CHUNK):
             groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for row in conn.execute(sql.locked_jobs(self.dialect, names[start : start + SYNC_CHUNK])):
-                changed = changes(row, wanted[row.name], values[row.name], now)
+                changed = changes(row, synced_values(row, values[row.name]), now)
                 if changed:
                     groups.setdefault(tuple(sorted(changed)), []).append({"b_name": row.name, **changed})
                     changed_names.append(row.name)
@@ -1022,9 +1030,10 @@ class JobRepository:
         return {row.name: row.registered_time for row in rows}
 
     def last_runs(self) -> dict[str, RunRecord]:
-        """Each job's latest run, by job name."""
+        """Each job's latest run, by job name: one probe of the runs-by-job index per job, however long the
+        history (`statements.last_runs`)."""
         with self._tx() as conn:
-            rows = conn.execute(sql.last_runs()).all()
+            rows = conn.execute(sql.last_runs(self.dialect)).all()
         return {run.job_name: run for run in map(RunRecord.from_row, rows)}
 
     def mark_run_stopped(self, run_id: int) -> None:
@@ -1220,13 +1229,13 @@ class JobRepository:
         limit: int = 50,
     ) -> RunsPage:
         """One page of runs, newest first, older than run id `before` (`statements.runs_page`), and the `before`
-        of the next page. Filtered by anything but the job (no index serves those), a page scans at most
+        of the next page. Filtered by a worker or a time (no index serves those), a page scans at most
         RUNS_SCAN_WINDOW run ids: it may hold fewer than `limit` runs, or none, and still have a next page."""
         if status is not None and status not in set(RunState):
             raise ValueError(f"unknown run status {status!r}; one of {', '.join(RunState)}")
         floor: int | None = None
         with self._tx() as conn:
-            if any(value is not None for value in (status, worker, since, until)):
+            if any(value is not None for value in (worker, since, until)):
                 newest, oldest = conn.execute(sql.run_id_range()).one()
                 top = before if before is not None else (newest or 0) + 1
                 floor = max(top - RUNS_SCAN_WINDOW, oldest or 0)
@@ -1257,6 +1266,21 @@ class JobRepository:
 
     def edit_job(self, name: str, **replaced: Any) -> JobRecord:
         """An operator's edit of a stored job's schedule and policies (`JobDefinition` fields), stored as a
-        registration stores it (`define_job`: a changed schedule moves the next run to its next slot). The
-        code's declaration wins again at the next start that syncs the job (see the README)."""
-        return self.define_job(definition_of(self.lookup_job(name), **replaced))
+        registration stores it (a changed schedule moves the next run to its next slot) and recorded as
+        overrides of the code's values: the next sync of the job keeps them (`records.synced_values`) until
+        `revert_job`. JobNotFound when there is no such job."""
+        return self._edit(
+            name, lambda row: edited_values(row, definition_values(definition_of(JobRecord.from_row(row), **replaced)))
+        )
+
+    def revert_job(self, name: str) -> JobRecord:
+        """Drop an operator's edits of a job: its edited fields get the code's values again (as its last sync
+        stored them). JobNotFound when there is no such job."""
+        return self._edit(name, reverted_values)
+
+    def _edit(self, name: str, values_over: Callable[[Row[Any]], Mapping[str, Any]]) -> JobRecord:
+        with self._tx() as conn:
+            row = conn.execute(sql.locked_job(self.dialect, name)).first()
+            if row is None:
+                raise JobNotFound(name)
+            return self._store_over(conn, row, values_over(row), self._db_now(conn))

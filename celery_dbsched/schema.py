@@ -179,6 +179,9 @@ job_table = Table(
     # Added by revision 0006: when a worker last started with this `@job` in its code (NULL: none since 0006);
     # a job no worker registered for a while is orphaned (`JobRepository.orphaned_jobs`).
     Column("registered_time", UTCDateTime, nullable=True),
+    # Added by revision 0007: an operator's edits (the dashboard), JSON {"column": {"code": .., "edited": ..}};
+    # a sync keeps them over the code's values (records.synced_values). NULL: none.
+    Column("overrides", Text, nullable=True),
     CheckConstraint("length(name) > 0", name="dbsched_job_name_not_empty"),
 )
 # An enabled, unpaused job with a free slot. The due index holds only such jobs: claims and the idle tick's
@@ -250,6 +253,9 @@ Index(
 )
 Index("dbsched_job_run_job", run_table.c.job_name, run_table.c.id)
 Index("dbsched_job_run_end", run_table.c.end_time)
+# Added by revision 0007: the history filtered by a status (the runs page, `dbsched runs --status`), newest
+# first, without walking the id index past the runs of the other states.
+Index("dbsched_job_run_status", run_table.c.status, run_table.c.id)
 
 # Added by revision 0004: what a bulk sync last wrote, so that a beat starting with an unchanged
 # `beat_schedule` costs one read, not a comparison of every entry (celery_dbsched.beat_schedule).

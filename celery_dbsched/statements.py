@@ -825,10 +825,15 @@ def orphaned_jobs(grace: float) -> Select[Any]:
     )
 
 
-def last_runs() -> Select[Any]:
-    """Each job's latest run (through the runs-by-job index)."""
-    latest = select(func.max(r.c.id)).group_by(r.c.job_name).scalar_subquery()
-    return select(r).where(r.c.id.in_(latest))
+def last_runs(dialect: str) -> Select[Any]:
+    """Each job's latest run: per job, the newest entry of the runs-by-job index (a lateral LIMIT 1 on
+    PostgreSQL, a correlated subquery on SQLite), never a pass over the whole history."""
+    newest = select(r).where(r.c.job_name == j.c.name).order_by(r.c.id.desc()).limit(1)
+    if _is_postgres(dialect):
+        latest = newest.lateral("latest")
+        return select(*latest.c).select_from(j.join(latest, true()))
+    newest_id = newest.with_only_columns(r.c.id).scalar_subquery()
+    return select(r).where(r.c.id.in_(select(newest_id).select_from(j)))
 
 
 def mark_run_stopped(now: Now, run_id: int) -> Any:

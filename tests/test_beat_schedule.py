@@ -27,6 +27,7 @@ from celery_dbsched.beat_schedule import default_entries, definitions, sync_beat
 from celery_dbsched.binding import bind_repository
 from celery_dbsched.clock import TestClock
 from celery_dbsched.errors import DbschedError
+from celery_dbsched.policy import JobPolicy
 from celery_dbsched.protocol import RUN_ID_HEADER
 from celery_dbsched.repository import JobRepository
 from celery_dbsched.scheduler import Scheduler
@@ -244,6 +245,38 @@ def test_resync_of_an_unchanged_schedule_is_idempotent(database: Database) -> No
     clock.freeze(T0 + dt.timedelta(hours=5))
     sync_beat_schedule(app, repository)
     assert repository.list_jobs() == first
+
+
+def test_an_operators_edit_of_an_entry_holds_across_beat_starts_until_reverted(database: Database) -> None:
+    """A beat start with a changed beat_schedule keeps an edit of an entry (its fingerprint changed: every entry
+    is compared) and still applies the code's changes; "revert to code" brings the code's latest values back."""
+    entries = {"edited": {"task": "t.edited", "schedule": 600}, "other": {"task": "t.other", "schedule": 60}}
+    app = make_app(result_expires=None, beat_schedule=entries)
+    clock = TestClock(frozen_at=T0)
+    repository = database.migrated_repository(clock=clock)
+    sync_beat_schedule(app, repository)
+    edited = repository.edit_job("edited", schedule=IntervalSchedule(120.0), policy=JobPolicy(max_active=2))
+    assert edited.next_scheduled_run == T0 + seconds(120)  # the edited schedule's next slot
+
+    clock.freeze(T0 + seconds(30))
+    app.conf.beat_schedule = {**entries, "other": {"task": "t.other", "schedule": 90}}
+    sync_beat_schedule(app, repository)
+    assert repository.lookup_job("edited") == edited  # untouched, not even its update_time
+    assert repository.lookup_job("other").schedule == IntervalSchedule(90.0)
+
+    app.conf.beat_schedule = {**entries, "edited": {"task": "t.edited", "schedule": 900, "args": [1]}}
+    sync_beat_schedule(app, repository)
+    held = repository.lookup_job("edited")
+    assert held.schedule == IntervalSchedule(120.0) and held.policy.max_active == 2 and held.task_args == (1,)
+    assert held.next_scheduled_run == T0 + seconds(120)
+    assert held.edited_fields == ["max_active", "schedule"]
+
+    clock.freeze(T0 + seconds(60))
+    reverted = repository.revert_job("edited")
+    assert reverted.schedule == IntervalSchedule(900.0) and reverted.policy.max_active == 1
+    assert reverted.next_scheduled_run == T0 + seconds(60 + 900) and reverted.overrides == {}
+    sync_beat_schedule(app, repository)
+    assert repository.lookup_job("edited") == reverted
 
 
 # --- the beat scheduler, in this process ----------------------------------------------------------------

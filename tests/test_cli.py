@@ -189,6 +189,24 @@ def test_jobs_shows_each_jobs_last_outcome(database: Database) -> None:
     assert re.fullmatch(r"failed \d+(\.\d)? s ago", last_b), last_b
 
 
+def test_jobs_marks_a_job_edited_on_the_dashboard(database: Database) -> None:
+    repository = database.migrated_repository()
+    repository.upsert_job("edited", "edited on the dashboard", every=dt.timedelta(seconds=60))
+    repository.upsert_job("plain", "as the code says", every=dt.timedelta(seconds=60))
+    repository.edit_job("edited", every=dt.timedelta(seconds=300))
+    result = ok(dbsched(database.url, "jobs"))
+    lines = result.stdout.split("\n\n")[0].splitlines()[1:]
+    schedules = {row[0]: row[5] for row in (re.split(r"\s{2,}", line) for line in lines)}
+    assert schedules == {"edited": "every 5 min (edited)", "plain": "every 1 min"}
+    assert result.notes == [
+        "edited: edited: edited on the dashboard (overrides the code): every; "
+        'its page\'s "revert to code" drops the edit'
+    ]
+    listed = {job["name"]: job for job in json_of(dbsched(database.url, "jobs", "--json"))["jobs"]}
+    assert listed["edited"]["overrides"] == {"every": {"code": 60.0, "edited": 300.0}}
+    assert listed["plain"]["overrides"] == {}
+
+
 def test_jobs_flags_a_beat_schedule_entry_whose_task_the_app_does_not_know(database: Database) -> None:
     repository = database.migrated_repository()
     every = dt.timedelta(minutes=5)

@@ -188,6 +188,27 @@ def test_job_registrations_sync_in_statements_independent_of_their_number(databa
     assert large_first <= small_first + 10  # new: bounded chunks, not a statement (or two) per job
 
 
+@pytest.mark.slow
+def test_a_worker_start_keeps_operators_edits_in_one_read(database: Database) -> None:
+    """Jobs edited on the dashboard and an unchanged registry: a worker start's sync is still one read (the
+    edits are applied over the code's values before comparing), and the edits hold."""
+    repository = database.migrated_repository()
+    app = Celery(f"jobs_{uuid.uuid4().hex[:6]}", set_as_current=False)
+    for i in range(200):
+        job(app, name=f"job-{i:05d}", description="a job", every=60)(lambda ctx: None)
+    registry = registry_for(app)
+    registry.sync(repository)
+    edited = [f"job-{i:05d}" for i in range(0, 200, 2)]
+    for name in edited:
+        repository.edit_job(name, every=dt.timedelta(seconds=300))
+    with counted(repository.engine) as again:
+        registry.sync(repository)
+    assert len(again) <= 2  # one read (plus SQLite's BEGIN)
+    every = {record.name: record.every for record in repository.list_jobs()}
+    assert {every[name] for name in edited} == {dt.timedelta(seconds=300)}
+    assert set(every.values()) == {dt.timedelta(seconds=60), dt.timedelta(seconds=300)}
+
+
 # --- changes through the bulk path -----------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ escaping. The real browser tests are elsewhere (Playwright); `dbsched web` as a 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import logging
 import re
@@ -16,20 +17,29 @@ from urllib.parse import quote
 
 import pytest
 from helpers.apps import seconds
+from helpers.processes import REPO_DIR
 from helpers.repository import claim_one
+from helpers.services import Database
+from sqlalchemy import text
 from starlette.responses import PlainTextResponse
 from starlette.testclient import TestClient
 
 from celery_dbsched import repository as repository_module
+from celery_dbsched import statements as sql
 from celery_dbsched.cli import WEB_TOKEN_ENV, web_token
 from celery_dbsched.clock import TestClock
-from celery_dbsched.records import RunRecord
+from celery_dbsched.policy import JobPolicy
+from celery_dbsched.records import RunRecord, definition_of
 from celery_dbsched.repository import JobRepository
 from celery_dbsched.schedules import CrontabSchedule, IntervalSchedule
 from celery_dbsched.settings import Settings
-from celery_dbsched.states import RunState
+from celery_dbsched.states import ACTIVE, RunState
 from celery_dbsched.web import check_bind, create_app
 from celery_dbsched.web.auth import NO_TOKEN
+
+sys.path.insert(0, str(REPO_DIR))
+
+from bench import dashboard
 
 TOKEN = "test-token-0123456789"
 XSS = "<script>alert('x')</script>"
@@ -195,7 +205,7 @@ def test_api_shapes(populated: JobRepository, client: Client) -> None:
     assert set(steady) >= {
         "name", "description", "kind", "state", "schedule", "schedule_spec", "every", "next_run", "enabled",
         "paused", "active_runs", "failure_count", "queue", "interrupt_threshold", "policy", "last_run",
-        "success_rate", "durations",
+        "success_rate", "durations", "overrides",
     }  # fmt: skip
     assert steady["durations"] == [1.0, 3.0, 2.0] and steady["success_rate"] == 1.0
     assert steady["last_run"]["status"] == "completed"
@@ -293,22 +303,70 @@ def test_runs_page_by_keyset_and_filters(populated: JobRepository, client: Clien
 def test_a_filtered_history_page_scans_a_bounded_window(
     populated: JobRepository, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No index serves a status, worker or time filter: each page scans at most RUNS_SCAN_WINDOW run ids, and
-    a page that found nothing there still links to the older ones."""
+    """No index serves a worker or time filter: each page scans at most RUNS_SCAN_WINDOW run ids, and a page
+    that found nothing there still links to the older ones. A job or a status has its index: no window."""
     monkeypatch.setattr(repository_module, "RUNS_SCAN_WINDOW", 2)
     web = client()
     pages: list[list[str]] = []
     before: int | None = None
     while True:
-        page = web.get("/api/runs", params={"status": "completed", **({"before": before} if before else {})}).json()
+        params = {"status": "completed", "worker": "worker@host", **({"before": before} if before else {})}
+        page = web.get("/api/runs", params=params).json()
         pages.append([run["job"] for run in page["runs"]])
         before = page["next"]
         if before is None:
             break
     assert pages == [[], ["flaky", "steady"], ["steady", "steady"]]  # ids 6-5, 4-3, 2-1
-    empty = web.get("/runs?status=completed").text
+    empty = web.get("/runs?status=completed&worker=worker@host").text
     assert "No runs match among the latest runs searched" in empty and 'id="next-page"' in empty
     assert len(web.get("/api/runs?job=steady").json()["runs"]) == 3  # by job: the job's index, no window
+    completed = web.get("/api/runs?status=completed").json()  # by status: the status index, no window
+    assert [run["job"] for run in completed["runs"]] == ["flaky", "steady", "steady", "steady"]
+    assert completed["next"] is None
+
+
+ACTIVE_INDEXES = ("dbsched_job_run_active_update", "dbsched_job_run_active_slot")
+
+
+@pytest.mark.postgres
+def test_history_filters_and_last_runs_read_through_indexes_at_scale(postgres_database: Database) -> None:
+    """With 2,000 jobs and 200,000 runs analysed: a status filter walks the status index (a rare status no
+    longer walks the id index past the others), and `dbsched jobs`'s last run of each job is one probe of the
+    runs-by-job index per job, never a pass over the history."""
+    dashboard.fill(postgres_database.url, 2_000, 200_000, log=lambda line: None)
+    repository = postgres_database.repository()
+    last_runs = sql.last_runs(repository.dialect)
+    by_status = {
+        status: sql.runs_page(
+            job_name=None, status=status, worker=None, since=None, until=None, before=None, at_least=None, limit=51
+        )
+        for status in ("failed", "interrupted", "queued", "dispatched")
+    }
+    with repository.engine.connect() as conn:
+        plan = dashboard.plan(conn, last_runs)
+        assert "Seq Scan on dbsched_job_run" not in plan and "Index Scan" in plan, plan
+        assert "dbsched_job_run_job on dbsched_job_run" in plan and "Limit" in plan, plan
+        assert "HashAggregate" not in plan and "GroupAggregate" not in plan, plan
+        for status, statement in by_status.items():
+            plan = dashboard.plan(conn, statement)
+            assert "Seq Scan on dbsched_job_run" not in plan, f"{status}:\n{plan}"
+            # An active status may also come from a partial index of active runs: bounded by them, too.
+            served = ("dbsched_job_run_status",) + (ACTIVE_INDEXES if status in ACTIVE else ())
+            assert any(f"using {index} on dbsched_job_run" in plan for index in served), f"{status}:\n{plan}"
+    last = repository.last_runs()
+    assert len(last) == 2_000
+    page = repository.runs_page(status="interrupted", limit=50)
+    assert len(page.runs) == 50 and {run.status for run in page.runs} == {"interrupted"}
+
+
+def test_last_runs_probe_the_runs_by_job_index_per_job_on_sqlite(sqlite_database: Database) -> None:
+    repository = sqlite_database.migrated_repository()
+    with repository.engine.connect() as conn:
+        compiled = sql.last_runs(repository.dialect).compile(conn, compile_kwargs={"literal_binds": True})
+        plan = [row[3] for row in conn.execute(text(f"EXPLAIN QUERY PLAN {compiled}"))]
+    assert "CORRELATED SCALAR SUBQUERY 1" in plan, plan
+    assert "SEARCH dbsched_job_run USING COVERING INDEX dbsched_job_run_job (job_name=?)" in plan, plan
+    assert not any(step.startswith("SCAN dbsched_job_run") for step in plan), plan
 
 
 # --- authentication and actions ----------------------------------------------------------------------------
@@ -459,16 +517,46 @@ def test_edit_a_jobs_schedule_and_policies(populated: JobRepository, client: Cli
     assert job.schedule == IntervalSchedule(600.0) and job.policy.enabled is False
 
 
-def test_an_edit_holds_until_the_code_is_synced_again(populated: JobRepository, client: Client) -> None:
-    """What we chose (README, "Dashboard"): an edit is stored as a registration is, so the job's declaration
-    in code wins at the next sync of that job (a worker start for @job)."""
+def test_an_edit_holds_across_syncs_until_reverted_to_code(populated: JobRepository, client: Client) -> None:
+    """As django-celery-beat users expect of an admin edit: an edit overrides the code's value of the fields it
+    changes across the syncs of a worker start (`define_job` as `JobRegistry.add`, `sync_jobs` as
+    `JobRegistry.sync`), which still apply the code's other changes; "revert to code" drops it."""
     repository = populated
     declared = repository.lookup_job("steady")
+    code = definition_of(declared)
     api = client(TOKEN, authorization=f"Bearer {TOKEN}")
-    api.post("/api/jobs/edit", json={"name": "steady", "max_active": 3})
-    assert repository.lookup_job("steady").policy.max_active == 3
+    edited = api.post("/api/jobs/edit", json={"name": "steady", "max_active": 3, "schedule": "300"})
+    assert edited.json()["job"]["overrides"] == {
+        "every": {"code": 60.0, "edited": 300.0},
+        "max_active": {"code": 1, "edited": 3},
+    }
+    assert repository.sync_jobs([code]).unchanged  # the code as declared, under the edit: nothing to do
     repository.upsert_job("steady", declared.description, every=declared.every)  # a worker start's sync
-    assert repository.lookup_job("steady").policy.max_active == 1
+    held = repository.lookup_job("steady")
+    assert held.policy.max_active == 3 and held.every == seconds(300) and held.edited_fields == ["every", "max_active"]
+
+    # The code changes: its other fields are applied, the edited ones hold, and the record of the code follows.
+    changed = dataclasses.replace(code, description="the steady job, v2", policy=JobPolicy(max_active=2))
+    assert repository.sync_jobs([changed]).changed == ["steady"]
+    held = repository.lookup_job("steady")
+    assert held.description == "the steady job, v2" and held.policy.max_active == 3
+    assert held.overrides_by_field()["max_active"] == {"code": 2, "edited": 3}
+
+    web = _signed_in(client)
+    page = web.get("/job?name=steady").text
+    assert 'Edited on the dashboard (overrides the code): <span id="edited-fields">every, max_active</span>' in page
+    form = {"csrf": _csrf(page), "name": "steady", "next": "/job?name=steady"}
+    assert web.post("/api/jobs/revert", data=form).status_code == 303
+    reverted = repository.lookup_job("steady")
+    assert (reverted.policy.max_active, reverted.every, reverted.overrides) == (2, seconds(60), {})
+    assert "edited-fields" not in web.get("/job?name=steady").text
+    assert api.post("/api/jobs/revert", json={"name": "nope"}).status_code == 404
+    assert client(TOKEN).post("/api/jobs/revert", data={"name": "steady"}).status_code == 401
+
+    # An edit back to the code's value is no override.
+    api.post("/api/jobs/edit", json={"name": "steady", "max_active": 4})
+    api.post("/api/jobs/edit", json={"name": "steady", "max_active": 2})
+    assert repository.lookup_job("steady").overrides == {}
 
 
 def test_metrics_are_served_behind_the_token(repository: JobRepository, monkeypatch: pytest.MonkeyPatch) -> None:

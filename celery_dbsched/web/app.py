@@ -595,8 +595,11 @@ class Dashboard:
             message = (
                 f"edited {name}: schedule {display.schedule(job)}, next run {display.when(job.next_scheduled_run)} UTC"
             )
+        elif verb == "revert":
+            job = await self.read(lambda: self.repository.revert_job(name))
+            message = f"reverted {name} to the code's declaration"
         else:
-            raise Refused(404, f"no action {verb!r}; one of trigger, pause, resume, edit")
+            raise Refused(404, f"no action {verb!r}; one of trigger, pause, resume, edit, revert")
         now = await self.read(self.repository.database_now)
         return message, {"job": present.job_json(job, now, LATE_AFTER)}
 

@@ -106,6 +106,7 @@ def job_json(
             "retry_backoff": None if policy.retry_backoff is None else [seconds(d) for d in policy.retry_backoff],
             "expires": seconds(policy.expires),
         },
+        "overrides": job.overrides_by_field(),
     }
     if recent is not None:
         last = recent[0] if recent else None

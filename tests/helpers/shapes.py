@@ -12,4 +12,4 @@ RUN_KEYS += ["started", "updated", "ended", "duration", "claimed_by", "worker", 
 STATUS_KEYS = ["now", "healthy", "problems", "beats", "workers", "due", "active", "stalled", "failures_last_hour"]
 STATUS_KEYS += ["orphaned_jobs"]
 JOB_KEYS = ["name", "kind", "state", "description", "schedule", "next_run", "due", "queue", "task", "failure_count"]
-JOB_KEYS += ["active_runs", "max_active", "last_run"]
+JOB_KEYS += ["active_runs", "max_active", "last_run", "overrides"]

@@ -1,5 +1,6 @@
 """Server rows made useful for `dbsched status`: version, heartbeat interval, beats' claims and claim lag over
-the last minute, workers' runs in flight; an index on `last_seen` for pruning the rows of dead servers.
+the last minute, workers' runs in flight; an index on `last_seen` for pruning the rows of dead servers. Jobs:
+an operator's edits kept over the code's values (`overrides`). Runs: an index for the history by status.
 
 Revision ID: 0007
 Revises: 0006
@@ -30,9 +31,15 @@ def upgrade() -> None:
         for name, type_ in _COLUMNS:
             server.add_column(sa.Column(name, type_, nullable=True))
     op.create_index("dbsched_server_last_seen", "dbsched_server", ["last_seen"])
+    with op.batch_alter_table("dbsched_job", recreate="never") as job:
+        job.add_column(sa.Column("overrides", sa.Text(), nullable=True))
+    op.create_index("dbsched_job_run_status", "dbsched_job_run", ["status", "id"])
 
 
 def downgrade() -> None:
+    op.drop_index("dbsched_job_run_status", table_name="dbsched_job_run")
+    with op.batch_alter_table("dbsched_job", recreate="never") as job:
+        job.drop_column("overrides")
     op.drop_index("dbsched_server_last_seen", table_name="dbsched_server")
     with op.batch_alter_table("dbsched_server", recreate="never") as server:
         for name, _ in reversed(_COLUMNS):
