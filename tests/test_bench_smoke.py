@@ -163,8 +163,8 @@ def test_pages_bench_times_every_page_endpoint_and_status_read_at_a_tiny_size(
         assert timing["slowest_sql"].lstrip().upper().startswith(("SELECT", "WITH")), timing
         assert timing["plan"] and "Execution Time" in timing["plan"], timing
     assert len(results["statements"]) == len(dashboard.statements(300, dt.datetime.now(dt.timezone.utc)))
-    # A filtered runs page: the database's time, the run-id window it scans, the page, the active runs.
-    assert by_name["runs page, failed"]["statements"] == 4
+    # A worker-filtered runs page: the database's time, the run-id window it scans, the page, the active runs.
+    assert by_name["runs page, a worker"]["statements"] == 4
     report = out.read_text()
     assert "# Dashboard pages, API and status reads at 300 jobs / 3,000 runs (PostgreSQL)" in report
     assert "| jobs page, deep keyset (90 %) | `/jobs?after=` |" in report and "## dbsched watch (one frame)" in report
