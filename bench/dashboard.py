@@ -206,19 +206,27 @@ def plan(conn: Any, statement: Any, *, analyze: bool = False) -> str:
 
 
 @dataclass
-class Timing:
+class Sampled:
+    """What was measured (`name`, used by `path`), its samples in ms, p50 and max, and a plan."""
+
     name: str
     path: str
     p50_ms: float = 0.0
     max_ms: float = 0.0
-    wall_p50_ms: float = 0.0
-    rows: int = 0
     plan: str = ""
     samples_ms: list[float] = field(default_factory=list)
 
     @property
     def slow(self) -> bool:
         return self.max_ms > BUDGET_MS
+
+
+@dataclass
+class Timing(Sampled):
+    """A statement: also its wall time through SQLAlchemy and its rows."""
+
+    wall_p50_ms: float = 0.0
+    rows: int = 0
 
 
 def measure(url: str, jobs: int, repeat: int) -> list[Timing]:
@@ -280,17 +288,31 @@ def report(timings: list[Timing], jobs: int, runs: int, took: dict[str, float], 
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description: str | None, repeat_help: str) -> argparse.ArgumentParser:
+    """The options of the benchmarks on this fill (this one and bench/pages.py): its size, where, the report."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--runs", type=int, default=5_000_000)
-    parser.add_argument("--repeat", type=int, default=5, help="EXPLAIN ANALYZE samples per statement")
+    parser.add_argument("--repeat", type=int, default=5, help=repeat_help)
     parser.add_argument("--pg", default=Config.pg_admin, help="the server (any database on it)")
     parser.add_argument("--db-prefix", default=Config.db_prefix)
     parser.add_argument("--url", default=None, help="fill this database or schema instead (kept: its owner drops it)")
     parser.add_argument("--keep", action="store_true", help="keep the filled database")
     parser.add_argument("--note", default="", help="a line under the title (where and how it was measured)")
     parser.add_argument("--out", default=None, help="write the markdown here (and the numbers as .json beside it)")
+    return parser
+
+
+def write(path: str, text: str, numbers: dict[str, Any]) -> None:
+    """The report at `path` and its numbers as JSON beside it (`.json`)."""
+    with open(path, "w") as out:
+        out.write(text + "\n")
+    with open(os.path.splitext(path)[0] + ".json", "w") as out:
+        json.dump(numbers, out, indent=1, default=str)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arguments(__doc__, "EXPLAIN ANALYZE samples per statement")
     args = parser.parse_args(argv)
 
     cfg = Config(pg_admin=args.pg, db_prefix=args.db_prefix)
@@ -304,11 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     text = report(timings, args.jobs, args.runs, took, args.note)
     print(text)
     if args.out:
-        with open(args.out, "w") as out:
-            out.write(text + "\n")
         numbers = {"jobs": args.jobs, "runs": args.runs, "fill_seconds": took, "timings": [asdict(t) for t in timings]}
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as out:
-            json.dump(numbers, out, indent=1)
+        write(args.out, text, numbers)
     slow = [t.name for t in timings if t.slow]
     if slow:
         print(f"over {BUDGET_MS:g} ms server-side: {', '.join(slow)}", file=sys.stderr)

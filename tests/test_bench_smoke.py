@@ -18,7 +18,7 @@ from helpers.services import POSTGRES_URL, REDIS_URL, Database
 
 sys.path.insert(0, str(REPO_DIR))
 
-from bench import dashboard, history, run
+from bench import dashboard, history, pages, run
 from bench.common import Config
 from bench.systems import SYSTEMS
 
@@ -139,3 +139,32 @@ def test_dashboard_bench_times_every_read_statement_at_a_tiny_size(postgres_data
     assert by_name["watch: recent outcomes"]["rows"] == 15
     report = out.read_text()
     assert "# dbsched read paths at 300 jobs / 3,000 runs (PostgreSQL)" in report and "## watch: servers" in report
+
+
+def test_pages_bench_times_every_page_endpoint_and_status_read_at_a_tiny_size(
+    postgres_database: Database, tmp_path: Path
+) -> None:
+    """bench/pages.py end to end at 300 jobs / 3,000 runs, in the test's schema: every dashboard page and JSON
+    endpoint answered 200 through the app, and the status, jobs and watch reads ran, each with the statements it
+    issued and the slowest one's plan; the report and the numbers written."""
+    out = tmp_path / "pages.md"
+    status = pages.main(
+        ["--jobs", "300", "--runs", "3000", "--repeat", "1", "--url", postgres_database.url, "--out", str(out)]
+    )
+    assert status == 0
+    results = json.loads(out.with_suffix(".json").read_text())
+    by_name = {timing["name"]: timing for timing in results["timings"]}
+    paths = {timing["path"].split("?")[0] for timing in results["timings"]}
+    for path in ("/jobs", "/job", "/runs", "/fleet", "/api/jobs", "/api/job", "/api/runs", "/api/runs/active"):
+        assert path in paths, path
+    assert {"/api/status", "/metrics", "observe.status", "watch_frame + render"} <= paths
+    for timing in results["timings"]:
+        assert len(timing["samples_ms"]) == 1 and timing["statements"] >= 1, timing
+        assert timing["slowest_sql"].lstrip().upper().startswith(("SELECT", "WITH")), timing
+        assert timing["plan"] and "Execution Time" in timing["plan"], timing
+    assert len(results["statements"]) == len(dashboard.statements(300, dt.datetime.now(dt.timezone.utc)))
+    # A worker-filtered runs page: the database's time, the run-id window it scans, the page, the active runs.
+    assert by_name["runs page, a worker"]["statements"] == 4
+    report = out.read_text()
+    assert "# Dashboard pages, API and status reads at 300 jobs / 3,000 runs (PostgreSQL)" in report
+    assert "| jobs page, deep keyset (90 %) | `/jobs?after=` |" in report and "## dbsched watch (one frame)" in report
