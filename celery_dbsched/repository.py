@@ -1213,10 +1213,12 @@ class JobRepository:
         until: dt.datetime | None = None,
         before: int | None = None,
         limit: int = 50,
+        ended_only: bool = False,
     ) -> RunsPage:
         """One page of runs, newest first, older than run id `before` (`statements.runs_page`), and the `before`
         of the next page. Filtered by a worker or a time (no index serves those), a page scans at most
-        RUNS_SCAN_WINDOW run ids: it may hold fewer than `limit` runs, or none, and still have a next page."""
+        RUNS_SCAN_WINDOW run ids: it may hold fewer than `limit` runs, or none, and still have a next page.
+        `ended_only` leaves out the queued and running runs (a page that shows them live, apart)."""
         if status is not None and status not in set(RunState):
             raise ValueError(f"unknown run status {status!r}; one of {', '.join(RunState)}")
         floor: int | None = None
@@ -1234,6 +1236,7 @@ class JobRepository:
                 before=before,
                 at_least=floor,
                 limit=limit + 1,
+                ended_only=ended_only,
             )
             runs = [RunRecord.from_row(row) for row in conn.execute(statement).all()]
         if len(runs) > limit:

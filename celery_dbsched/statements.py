@@ -1070,10 +1070,14 @@ def runs_page(
     before: int | None,
     at_least: int | None,
     limit: int,
+    ended_only: bool = False,
 ) -> Select[Any]:
     """One page of runs, newest first, older than run id `before` (the keyset) and not older than run id
-    `at_least` (the window a filtered page scans at most), claimed within [since, until]."""
+    `at_least` (the window a filtered page scans at most), claimed within [since, until]; `ended_only`: not
+    the queued and running ones (a page that lists those apart)."""
     query = runs(job_name, status, limit, since)
+    if ended_only:
+        query = query.where(r.c.status.not_in(ACTIVE))
     if worker is not None:
         query = query.where(r.c.worker == worker)
     if until is not None:

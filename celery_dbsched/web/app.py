@@ -404,7 +404,8 @@ class Dashboard:
         return {
             "job": job,
             "active": self.repository.active_runs_of(name, ACTIVE_LIMIT),
-            "history": self.repository.runs_page(job_name=name, before=before, limit=limit),
+            # The active runs are listed live above it: the history is the ended ones.
+            "history": self.repository.runs_page(job_name=name, before=before, limit=limit, ended_only=True),
             "now": self.repository.database_now(),
         }
 
@@ -470,7 +471,8 @@ class Dashboard:
     def _read_runs(self, params: Mapping[str, Any], with_active: bool) -> dict[str, Any]:
         now = self.repository.database_now()
         query = self._runs_query(params, now)
-        page = self.repository.runs_page(**query)
+        # With the active runs listed live above it, the history holds the ended ones (unless a status is asked).
+        page = self.repository.runs_page(**query, ended_only=with_active and query["status"] is None)
         active = self.repository.active_runs_of(query["job_name"], ACTIVE_LIMIT) if with_active else []
         return {"runs": page.runs, "active": active, "now": now, "next": page.next_before}
 
