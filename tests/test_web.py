@@ -144,7 +144,7 @@ def test_every_page_answers_and_shows_the_data(populated: JobRepository, client:
     assert 'data-status="running"' not in runs.text.split('id="run-history"')[1]
     busy = web.get("/job?name=busy").text  # likewise on the job's page: live above, not again in its history
     assert 'data-status="running"' in busy.split('id="active-runs"')[1].split("</table>")[0]
-    assert busy.count('class="run-row') == 1 and "No runs yet." in busy  # its only run: running
+    assert busy.count('class="run-row') == 1 and "No ended runs yet." in busy  # its only run: running
 
     fleet = web.get("/fleet")
     assert fleet.status_code == 200
