@@ -14,17 +14,19 @@ from typing import Any
 import click
 from sqlalchemy.engine import make_url
 
-from . import display, observe
+from . import display, observe, schedule_input
 from .binding import repository_for
 from .controls import cancel_job, pause_job, remove_job, resume_job, trigger_job
-from .errors import DbschedError
+from .errors import DbschedError, FieldError, JobNotFound, NameTaken
 from .migrate import current_revision, head_revision, migrate
 from .observe import Server, Status
 from .records import JobRecord, RunRecord
+from .registry import app_timezone
 from .repository import JobRepository
-from .schedules import parse_timezone
+from .runtime import add_schedule, remove_schedule, update_schedule
+from .schedules import CrontabSchedule, parse_timezone
 from .settings import Settings, mask_database_url, parse_web_token, settings_for
-from .states import JobKind, RunState
+from .states import JobKind, Misfire, Origin, RunState
 
 _HISTORY_NOT_KEPT = "not kept: a run stores its latest progress only (completed/total above)"
 
@@ -594,16 +596,225 @@ def cancel(ctx: click.Context, name: str, wait: bool, timeout: float) -> None:
 @click.option("--purge", is_flag=True, help="delete the job and its run history instead of disabling it")
 @click.pass_context
 def remove(ctx: click.Context, name: str, purge: bool) -> None:
-    """Remove job NAME, no longer in the code: disable it (history kept), or --purge to delete it."""
+    """Remove job NAME: a run-time schedule (dbsched add), or a job no longer in the code or beat_schedule.
+    It is disabled (never claimed again, its history kept, the name stays taken), or with --purge deleted
+    with its history."""
     ctx.obj.app.loader.import_default_modules()  # the app's job modules, as a worker imports them: is NAME declared?
-    job: JobRecord = _control(ctx, lambda app, job_name: remove_job(app, job_name, purge=purge), name)
+    repository = _existing_repository(ctx)
+    runtime = _reading(lambda: _origin(repository, name)) == Origin.RUNTIME
+    action = remove_schedule if runtime else remove_job
+    job: JobRecord = _control(ctx, lambda app, job_name: action(app, job_name, purge=purge), name)
     if purge:
-        click.echo(f"purged {name} and its run history")
+        click.echo(f"purged {name} and its run history" + ("; the name is free again" if runtime else ""))
         return
-    runs = _reading(lambda: _repository(ctx).list_runs(job_name=name, limit=1))
+    runs = _reading(lambda: repository.list_runs(job_name=name, limit=1))
     kept = f"its history is kept (celery -A proj dbsched runs --job {name})" if runs else "it has no runs"
+    taken = f" The name stays taken: `dbsched edit {name} --enable` brings it back." if runtime else ""
     active = " Its active run goes on: celery -A proj dbsched cancel " + name + " stops it." if job.active_runs else ""
-    click.echo(f"removed {name}: disabled, never claimed again; {kept}; --purge deletes it.{active}")
+    click.echo(f"removed {name}: disabled, never claimed again; {kept}; --purge deletes it.{taken}{active}")
+
+
+def _origin(repository: JobRepository, name: str) -> Origin | None:
+    """Who owns job NAME (None: not stored)."""
+    try:
+        return repository.lookup_job(name).origin
+    except JobNotFound:
+        return None
+
+
+# -- run-time schedules ---------------------------------------------------------------------------------------
+
+_ISO = "an ISO time such as 2026-12-24T18:00, read in --tz unless it has an offset (+01:00, Z)"
+# The options of `add` and `edit` (`edit` changes only those given), by field of `schedule_input`.
+_SCHEDULE_OPTIONS = [
+    click.option(
+        "--task", metavar="TASK", help="the Celery task to send, by its registered name (e.g. proj.tasks.cleanup)"
+    ),
+    click.option("--every", metavar="SECONDS", help="run every SECONDS (or 90s, 5m, 1h, 2d); the first run is now"),
+    click.option(
+        "--crontab",
+        metavar="'M H DOM MON DOW'",
+        help="run on cron's five fields, quoted, in --tz: minute hour day-of-month month day-of-week, "
+        "e.g. '*/5 * * * *' (every 5 min) or '0 2 * * 1-5' (02:00 Monday to Friday)",
+    ),
+    click.option("--at", metavar="TIME", help=f"run once at TIME, {_ISO}; then the job is disabled (one-off)"),
+    click.option(
+        "--solar",
+        metavar="EVENT",
+        help="run at a solar event (sunrise, sunset, solar_noon, dawn_civil, ...) at --lat/--lon",
+    ),
+    click.option("--lat", metavar="DEGREES", help="the latitude of --solar (-90 to 90)"),
+    click.option("--lon", metavar="DEGREES", help="the longitude of --solar (-180 to 180)"),
+    click.option(
+        "--tz",
+        metavar="ZONE",
+        help="the IANA zone (e.g. Europe/Berlin) of --crontab, of --at and --start-time, and of the times printed "
+        "[default: the app's timezone; edit: the crontab's]",
+    ),
+    click.option("--args", metavar="JSON", help="the task's positional arguments, a JSON array: '[1, \"two\"]'"),
+    click.option("--kwargs", metavar="JSON", help="the task's keyword arguments, a JSON object: '{\"days\": 7}'"),
+    click.option("--queue", metavar="QUEUE", help="send to this queue (edit: '' for the task's default)"),
+    click.option("--routing-key", metavar="KEY", help="the message's routing key"),
+    click.option("--exchange", metavar="EXCHANGE", help="the message's exchange"),
+    click.option("--priority", metavar="0-255", help="the message's priority"),
+    click.option("--headers", metavar="JSON", help='the message\'s headers, a JSON object: \'{"tenant": "acme"}\''),
+    click.option(
+        "--expires",
+        metavar="SECONDS",
+        help="a run not started within SECONDS of its slot is dropped (the message's expires; or 90s, 5m, 1h)",
+    ),
+    click.option("--description", metavar="TEXT", help="what the job is for, shown in listings"),
+    click.option("--start-time", metavar="TIME", help=f"no run before TIME, {_ISO}"),
+    click.option(
+        "--expire-time",
+        metavar="TIME",
+        help=f"no run after TIME ({_ISO}): the job is disabled then (edit: '' for none)",
+    ),
+    click.option(
+        "--misfire",
+        type=click.Choice([m.value for m in Misfire]),
+        help="a slot missed by more than --misfire-grace (a beat was down): run it once late, or skip it",
+    ),
+    click.option("--misfire-grace", metavar="SECONDS", help="how late a slot may still run (or 90s, 5m, 1h)"),
+    click.option("--max-active", metavar="N", help="runs of this job at once, at most (1 to 1000; default 1)"),
+]
+
+
+def _schedule_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_SCHEDULE_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _field_error(exc: FieldError) -> click.BadParameter:
+    return click.BadParameter(exc.reason, param_hint=f"'{exc.option}'")
+
+
+def _stored(action: Callable[[], JobRecord]) -> JobRecord:
+    """Store a schedule: a value the API refuses is a usage error (2), a refusal by what is stored (a name
+    taken, a job not found) an error (1)."""
+    try:
+        return action()
+    except FieldError as exc:
+        raise _field_error(exc) from exc
+    except NameTaken as exc:
+        raise click.ClickException(str(exc)) from exc
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    except DbschedError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _print_zone(values: dict[str, Any], default: str) -> Any:
+    try:
+        return parse_timezone(schedule_input.zone_of(values, default))
+    except FieldError as exc:
+        raise _field_error(exc) from exc
+
+
+def _next_run(job: JobRecord, zone: Any, now: dt.datetime) -> str:
+    if not job.policy.enabled:
+        return f"none: disabled (celery -A proj dbsched edit {job.name} --enable)"
+    if job.paused:
+        return f"none: paused (celery -A proj dbsched resume {job.name})"
+    return (
+        f"{display.when(job.next_scheduled_run, zone)} {display.zone_name(zone)} "
+        f"({display.relative(job.next_scheduled_run, now)})"
+    )
+
+
+@dbsched.command()
+@click.argument("name")
+@_schedule_options
+@click.option("--disabled", is_flag=True, help="store it disabled: it runs once enabled (dbsched edit NAME --enable)")
+@click.option("--one-off", is_flag=True, help="run once, at the first slot, then disable it (as --at does)")
+@click.pass_context
+def add(ctx: click.Context, /, name: str, disabled: bool, one_off: bool, **values: Any) -> None:
+    """Add NAME, a schedule of a plain Celery task, stored in the database (no deploy, no beat restart):
+    --task and one of --every, --crontab, --at or --solar. Running beats see it at once on PostgreSQL,
+    within their run-jobs interval elsewhere.
+
+    \b
+    Examples:
+      celery -A proj dbsched add cleanup --task proj.tasks.cleanup --every 5m
+      celery -A proj dbsched add report --task proj.tasks.report --crontab '0 7 * * 1-5' --tz Europe/Berlin \\
+          --kwargs '{"format": "pdf"}' --queue reports
+      celery -A proj dbsched add launch --task proj.tasks.launch --at 2026-12-24T18:00
+    """
+    repository = _existing_repository(ctx)
+    app = ctx.obj.app
+    app.loader.import_default_modules()  # the app's own jobs and beat_schedule: their names are taken
+    default_zone = app_timezone(app)
+    values.update(enabled=False if disabled else None, one_off=True if one_off else None)
+    try:
+        keywords = schedule_input.for_add(schedule_input.read_fields(values, default_zone))
+    except FieldError as exc:
+        raise _field_error(exc) from exc
+    zone = _print_zone(values, default_zone)
+    job = _stored(lambda: add_schedule(app, name, **keywords))
+    now = _reading(repository.database_now)
+    click.echo(f"added {name}: {display.task_summary(job)}")
+    click.echo(f"next run: {_next_run(job, zone, now)}")
+    _warn_unknown_task(app, job)
+
+
+@dbsched.command()
+@click.argument("name")
+@_schedule_options
+@click.option(
+    "--enable/--disable", "enabled", default=None, help="claim it again from its next slot / stop claiming it"
+)
+@click.option("--one-off/--repeat", "one_off", default=None, help="disable it after its next run / keep it running")
+@click.pass_context
+def edit(ctx: click.Context, /, name: str, **values: Any) -> None:
+    """Change the run-time schedule NAME (made by dbsched add): only the options given change. A new schedule
+    (or --tz) moves the next run to the new schedule's first slot; other changes keep it. Jobs of the code or of
+    beat_schedule are changed there (or, their schedule and policies, on the dashboard).
+
+    \b
+    Examples:
+      celery -A proj dbsched edit cleanup --every 10m
+      celery -A proj dbsched edit report --kwargs '{"format": "csv"}' --queue ''
+      celery -A proj dbsched edit report --disable
+    """
+    repository = _existing_repository(ctx)
+    app = ctx.obj.app
+    if all(value is None for value in values.values()):
+        raise click.UsageError(f"nothing to change: give the options to change, e.g. dbsched edit {name} --every 60")
+    job = _reading(lambda: repository.lookup_job(name))
+    if job.origin != Origin.RUNTIME:
+        raise click.ClickException(
+            f"{name} comes from the app's {'code' if job.origin == Origin.CODE else 'beat_schedule'}, not from "
+            f"dbsched add: change it there (or pause it: celery -A proj dbsched pause {name}); the dashboard's "
+            "edit overrides its schedule and policies"
+        )
+    default_zone = app_timezone(app)
+    if isinstance(job.schedule, CrontabSchedule):
+        default_zone = job.schedule.timezone  # a new crontab keeps the zone of the one it replaces
+    try:
+        changes = schedule_input.changes_for(job, schedule_input.read_fields(values, default_zone))
+    except FieldError as exc:
+        raise _field_error(exc) from exc
+    zone = _print_zone(values, default_zone)
+    if changes:
+        job = _stored(lambda: update_schedule(app, name, **changes))
+    now = _reading(repository.database_now)
+    changed = ", ".join(sorted(changes)) if changes else "nothing (it already has these values)"
+    click.echo(f"edited {name}: changed {changed}; now {display.task_summary(job)}")
+    moved = "" if changes.keys() & {"schedule", "start_time"} else " (unchanged)"
+    click.echo(f"next run: {_next_run(job, zone, now)}{moved if changes and job.policy.enabled else ''}")
+    if "task" in changes:
+        _warn_unknown_task(app, job)
+
+
+def _warn_unknown_task(app: Any, job: JobRecord) -> None:
+    """A task this app does not know is stored (a worker may have it), with a note: a typo is sent and never runs."""
+    for task in _unknown_tasks(app, [job]).values():
+        click.echo(
+            f"note: this app does not know the task {task!r}: its runs are sent and never run unless the workers "
+            f"have it (check the name; fix it: celery -A proj dbsched edit {job.name} --task NAME)",
+            err=True,
+        )
 
 
 # -- the dashboard --------------------------------------------------------------------------------------------
@@ -637,7 +848,8 @@ def web(ctx: click.Context, host: str, port: int) -> None:
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     repository = _existing_repository(ctx)
-    app = create_app(repository, token=token)
+    ctx.obj.app.loader.import_default_modules()  # the names its code and beat_schedule own (run-time schedules)
+    app = create_app(repository, token=token, celery_app=ctx.obj.app)
     access = "actions need the token" if token else "read-only: no token (dbsched_web_token / DBSCHED_WEB_TOKEN)"
     click.echo(f"celery_dbsched dashboard on http://{host}:{port}/ ({access})")
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -77,6 +78,19 @@ def schedule(job: JobRecord) -> str:
     if spec["type"] == "clocked":
         return f"once at {when(job.schedule.first_slot(job.next_scheduled_run))}"
     return f"{spec['event']} at {spec['lat']:g},{spec['lon']:g}"
+
+
+def task_summary(job: JobRecord) -> str:
+    """What a plain-task job sends, and when: `proj.tasks.x ["a"] {"b": 1} every 5 min, queue q` (its message
+    options after the schedule)."""
+    parts = [str(job.task), *([json.dumps(list(job.task_args))] if job.task_args else [])]
+    if job.task_kwargs:
+        parts.append(json.dumps(job.task_kwargs))
+    extras = [f"{key.replace('_', ' ')} {json.dumps(value) if isinstance(value, (dict, list)) else value}"
+              for key, value in job.task_options.items() if value not in (None, "")]  # fmt: skip
+    if job.one_off and (job.schedule is None or job.schedule.spec()["type"] != "clocked"):
+        extras.append("once (one-off)")
+    return " ".join([*parts, schedule(job)]) + "".join(f", {extra}" for extra in extras)
 
 
 _DAYS = ("Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
@@ -170,9 +184,15 @@ def parse_since(text: str, now: dt.datetime, zone: dt.tzinfo = UTC) -> dt.dateti
     if ago is not None:
         return now - ago
     try:
-        parsed = dt.datetime.fromisoformat(text.strip())
+        return parse_time(text, zone)
     except ValueError:
         raise ValueError(
             f"--since: expected a duration such as 30m, 1h, 2d or an ISO time such as 2026-12-05T08:00, got {text!r}"
         ) from None
+
+
+def parse_time(text: str, zone: dt.tzinfo = UTC) -> dt.datetime:
+    """An ISO time (`2026-12-05`, `2026-12-05T08:00`, `2026-12-05 08:00:00+01:00`), with its offset or read in
+    `zone`; ValueError otherwise."""
+    parsed = dt.datetime.fromisoformat(text.strip())
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=zone)

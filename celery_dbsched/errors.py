@@ -108,6 +108,23 @@ class JobPaused(DbschedError):
     """The job is paused or disabled, so it cannot be triggered."""
 
 
+class FieldError(ValueError):
+    """A value typed for a run-time schedule (a `dbsched add|edit` option, a dashboard form field) that cannot be
+    read: `field` names it (the option is `--` and the name with dashes), `reason` says what to write instead."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+    @property
+    def option(self) -> str:
+        """The field as the command's option: `--routing-key`; the schedule as its four options."""
+        if self.field == "schedule":
+            return "--every / --crontab / --at / --solar"
+        return "--" + self.field.replace("_", "-")
+
+
 class NoCadenceWarning(UserWarning):
     """A `@job` function registered with neither `every` nor `schedule`: unless it returns the delay to its
     next run each time, it runs again only after the retry backoff's cap (an hour by default)."""

@@ -26,12 +26,14 @@ from helpers.services import Database
 from helpers.shapes import BEAT_KEYS, JOB_KEYS, RUN_KEYS, STATUS_KEYS, WORKER_KEYS
 from sqlalchemy import select
 
+from celery_dbsched import display
 from celery_dbsched.clock import TestClock
 from celery_dbsched.migrate import head_revision
 from celery_dbsched.records import ClaimStats
 from celery_dbsched.repository import JobRepository
+from celery_dbsched.schedules import ClockedSchedule, CrontabSchedule, IntervalSchedule
 from celery_dbsched.schema import job_table
-from celery_dbsched.states import JobKind
+from celery_dbsched.states import JobKind, Origin
 
 pytestmark = pytest.mark.processes  # every command runs `celery ... dbsched` as a subprocess
 
@@ -800,3 +802,315 @@ def test_web_serves_the_dashboard(sqlite_database: Database, processes: Processe
     assert set(body) >= {"beats", "workers", "due", "active", "stalled", "failures_last_hour"}
     assert _get(f"{base}/api/jobs")[0] == 401
     assert f"celery_dbsched dashboard on http://127.0.0.1:{port}/ (actions need the token)" in web.log()
+
+
+# --- run-time schedules: add, edit, remove (issue 13) --------------------------------------------------------
+
+
+def _runtime(repository: JobRepository, name: str) -> Any:
+    job = repository.lookup_job(name)
+    assert job.origin == Origin.RUNTIME and job.kind == JobKind.TASK
+    return job
+
+
+def _not_stored(repository: JobRepository, name: str) -> None:
+    assert name not in {job.name for job in repository.list_jobs()}
+
+
+def test_add_stores_a_schedule_and_prints_it_with_its_next_run(database: Database) -> None:
+    repository = database.migrated_repository()
+    added = ok(
+        dbsched(
+            database.url,
+            "add",
+            "cleanup",
+            "--task",
+            "proj.tasks.cleanup",
+            "--every",
+            "5m",
+            "--args",
+            '[7, "old"]',
+            "--kwargs",
+            '{"dry_run": false}',
+            "--queue",
+            "maintenance",
+            "--priority",
+            "3",
+            "--headers",
+            '{"tenant": "acme"}',
+            "--expires",
+            "60",
+            "--description",
+            "Deletes old files",
+        )
+    )
+    job = _runtime(repository, "cleanup")
+    assert job.task == "proj.tasks.cleanup" and job.schedule == IntervalSchedule(300.0)
+    assert job.task_args == (7, "old") and job.task_kwargs == {"dry_run": False}
+    assert job.task_options == {"queue": "maintenance", "priority": 3, "headers": {"tenant": "acme"}, "expires": 60.0}
+    assert job.description == "Deletes old files" and job.policy.enabled and not job.one_off
+    lines = added.stdout.splitlines()
+    assert lines[0] == (
+        'added cleanup: proj.tasks.cleanup [7, "old"] {"dry_run": false} every 5 min, queue maintenance, '
+        'priority 3, headers {"tenant": "acme"}, expires 60.0'
+    )
+    assert lines[1] == f"next run: {display.when(job.next_scheduled_run)} UTC (due)"  # an interval starts now
+    assert added.stderr == (  # cli_app has no such task: stored, with a note on the typo it may be
+        "note: this app does not know the task 'proj.tasks.cleanup': its runs are sent and never run unless the "
+        "workers have it (check the name; fix it: celery -A proj dbsched edit cleanup --task NAME)\n"
+    )
+    listed = ok(dbsched(database.url, "jobs"))
+    assert [row[:2] for row in listed.rows()] == [["cleanup", "unknown-task"]]
+    known = ok(dbsched(database.url, "add", "cleanup2", "--task", "celery.backend_cleanup", "--every", "60"))
+    assert known.stderr == ""
+
+
+def test_add_a_crontab_in_a_zone_prints_the_next_run_in_it(database: Database) -> None:
+    repository = database.migrated_repository()
+    added = ok(
+        dbsched(
+            database.url, "add", "report", "--task", "proj.report", "--crontab", "0 7 * * 1-5", "--tz", "Asia/Tokyo"
+        )
+    )
+    job = _runtime(repository, "report")
+    assert job.schedule == CrontabSchedule(minute="0", hour="7", day_of_week="1-5", timezone="Asia/Tokyo")
+    local = job.next_scheduled_run.astimezone(ZoneInfo("Asia/Tokyo"))
+    assert (local.hour, local.minute, local.weekday() < 5) == (7, 0, True)
+    assert added.stdout.splitlines()[1].startswith(f"next run: {local:%Y-%m-%d %H:%M:%S} Asia/Tokyo (in ")
+    # Without --tz: the app's timezone, for the crontab and for what is printed.
+    ok(dbsched(database.url, "add", "app-zone", "--task", "t.x", "--crontab", "30 2 * * *", settings=BERLIN))
+    assert _runtime(repository, "app-zone").schedule == CrontabSchedule("30", "2", timezone="Europe/Berlin")
+
+
+BERLIN = {"timezone": "Europe/Berlin"}
+
+
+def test_add_at_a_time_runs_once(database: Database) -> None:
+    repository = database.migrated_repository()
+    added = ok(
+        dbsched(
+            database.url, "add", "launch", "--task", "proj.launch", "--at", "2030-12-24T18:00", "--tz", "Europe/Berlin"
+        )
+    )
+    job = _runtime(repository, "launch")
+    at = dt.datetime(2030, 12, 24, 17, 0, tzinfo=dt.timezone.utc)
+    assert job.schedule == ClockedSchedule(at) and job.one_off and job.next_scheduled_run == at
+    assert added.stdout.splitlines() == [
+        "added launch: proj.launch once at 2030-12-24 17:00:00",
+        f"next run: 2030-12-24 18:00:00 Europe/Berlin (in {display.duration(at - repository.database_now())})",
+    ]
+
+
+def test_add_disabled_one_off_with_policies(database: Database) -> None:
+    repository = database.migrated_repository()
+    added = ok(
+        dbsched(
+            database.url,
+            "add",
+            "later",
+            "--task",
+            "t.later",
+            "--every",
+            "60",
+            "--disabled",
+            "--one-off",
+            "--misfire",
+            "skip",
+            "--misfire-grace",
+            "30",
+            "--max-active",
+            "2",
+            "--routing-key",
+            "rk",
+            "--exchange",
+            "ex",
+        )
+    )
+    job = _runtime(repository, "later")
+    assert not job.policy.enabled and job.one_off
+    assert (job.policy.misfire, job.policy.misfire_grace, job.policy.max_active) == (
+        "skip",
+        dt.timedelta(seconds=30),
+        2,
+    )
+    assert job.task_options == {"routing_key": "rk", "exchange": "ex"}
+    assert added.stdout.splitlines()[1] == "next run: none: disabled (celery -A proj dbsched edit later --enable)"
+
+
+# Newcomer mistakes: (arguments after NAME, the option the error names, words of its fix). Each is a usage
+# error (exit 2) naming the option, and stores nothing.
+MISTAKES = [
+    (["--every", "60"], "--task", "proj.tasks.cleanup"),
+    (["--task", "t.x"], "--every / --crontab / --at / --solar", "give one schedule"),
+    (
+        ["--task", "t.x", "--every", "60", "--crontab", "* * * * *"],
+        "--every / --crontab / --at / --solar",
+        "every and crontab given",
+    ),
+    (["--task", "t.x", "--every", "sixty"], "--every", "90s, 5m or 1h"),
+    (["--task", "t.x", "--every", "0"], "--every", "more than 0 seconds"),
+    (["--task", "t.x", "--crontab", "*/5 * * *"], "--crontab", "has 5 fields"),
+    (["--task", "t.x", "--crontab", "61 * * * *"], "--crontab", "each field as in cron"),
+    (["--task", "t.x", "--every", "60", "--tz", "Mars/Olympus"], "--tz", "IANA name such as Europe/Berlin"),
+    (["--task", "t.x", "--every", "60", "--args", "[1, 2"], "--args", "not JSON"),
+    (["--task", "t.x", "--every", "60", "--args", "1, 2"], "--args", "give a JSON array, such as"),
+    (["--task", "t.x", "--every", "60", "--args", '{"a": 1}'], "--args", "expected a JSON array"),
+    (["--task", "t.x", "--every", "60", "--kwargs", "days=7"], "--kwargs", "give a JSON object"),
+    (["--task", "t.x", "--every", "60", "--kwargs", "[7]"], "--kwargs", "expected a JSON object"),
+    (["--task", "t.x", "--every", "60", "--headers", "tenant: acme"], "--headers", "not JSON"),
+    (["--task", "t.x", "--every", "60", "--priority", "300"], "--priority", "from 0 to 255"),
+    (["--task", "t.x", "--every", "60", "--max-active", "0"], "--max-active", "from 1 to 1000"),
+    (["--task", "t.x", "--at", "tomorrow"], "--at", "ISO time such as 2026-12-24T18:00"),
+    (["--task", "t.x", "--solar", "sunrise"], "--solar", "needs lat and lon"),
+    (["--task", "t.x", "--solar", "noon", "--lat", "52", "--lon", "13"], "--solar", "unknown solar event"),
+    (["--task", "t.x", "--every", "60", "--lat", "52"], "--solar", "give the event too"),
+    (["--task", "t.x", "--every", "60", "--start-time", "soon"], "--start-time", "ISO time"),
+    (["--task", "t.x", "--every", "60", "--misfire", "later"], "--misfire", "'run_once', 'skip'"),
+]
+
+
+def test_add_mistakes_are_one_usage_error_naming_the_option_and_store_nothing(database: Database) -> None:
+    repository = database.migrated_repository()
+    for arguments, option, fix in MISTAKES:
+        result = clean_error(dbsched(database.url, "add", "oops", *arguments))
+        assert result.returncode == 2, (arguments, result)
+        assert f"'{option}'" in result.stderr and fix in result.stderr, (arguments, result.stderr)
+        assert len(result.stderr.strip().splitlines()[-1:]) == 1
+        _not_stored(repository, "oops")
+
+
+def test_add_refuses_a_task_name_celery_cannot_send(database: Database) -> None:
+    repository = database.migrated_repository()
+    result = clean_error(dbsched(database.url, "add", "oops", "--task", "not a task", "--every", "60"))
+    assert result.returncode == 2 and "task" in result.stderr, result
+    _not_stored(repository, "oops")
+
+
+def test_add_refuses_names_the_app_or_the_database_already_own(database: Database) -> None:
+    repository = database.migrated_repository()
+    entry = {"beat_schedule": {"nightly": {"task": "celery.ping", "schedule": 3600}}}
+    result = clean_error(dbsched(database.url, "add", "nightly", "--task", "t.x", "--every", "60", settings=entry))
+    assert result.returncode == 1 and "nightly" in result.stderr and "beat_schedule" in result.stderr, result
+    code = clean_error(
+        dbsched(
+            database.url, "add", "load.00", "--task", "t.x", "--every", "60", env={"DBSCHED_TEST_APP_LOAD_JOBS": "1"}
+        )
+    )
+    assert code.returncode == 1 and "load.00" in code.stderr, code
+    _not_stored(repository, "nightly")
+    _not_stored(repository, "load.00")
+    repository.upsert_job("stored.code", "registered by a worker", every=dt.timedelta(hours=1))
+    stored = clean_error(dbsched(database.url, "add", "stored.code", "--task", "t.x", "--every", "60"))
+    assert stored.returncode == 1 and "stored.code" in stored.stderr, stored
+    assert repository.lookup_job("stored.code").origin == Origin.CODE
+
+    ok(dbsched(database.url, "add", "mine", "--task", "t.x", "--every", "60"))
+    again = clean_error(dbsched(database.url, "add", "mine", "--task", "t.y", "--every", "90"))
+    assert again.returncode == 1 and "edit" in again.stderr and "--purge" in again.stderr, again
+    assert _runtime(repository, "mine").task == "t.x"  # the first one, unchanged
+
+
+def test_edit_changes_only_the_options_given(database: Database) -> None:
+    repository = database.migrated_repository()
+    ok(
+        dbsched(
+            database.url,
+            "add",
+            "report",
+            "--task",
+            "t.report",
+            "--crontab",
+            "0 7 * * *",
+            "--tz",
+            "Asia/Tokyo",
+            "--kwargs",
+            '{"format": "pdf"}',
+            "--queue",
+            "reports",
+            "--priority",
+            "5",
+        )
+    )
+    before = _runtime(repository, "report")
+
+    edited = ok(dbsched(database.url, "edit", "report", "--kwargs", '{"format": "csv"}', "--priority", ""))
+    job = _runtime(repository, "report")
+    assert job.task_kwargs == {"format": "csv"} and job.task_options == {"queue": "reports"}  # priority removed
+    assert job.next_scheduled_run == before.next_scheduled_run and job.schedule == before.schedule
+    assert edited.stdout.splitlines()[0].startswith("edited report: changed kwargs, options; now t.report")
+    assert edited.stdout.splitlines()[1].endswith("(unchanged)")
+
+    ok(dbsched(database.url, "edit", "report", "--crontab", "30 8 * * *"))  # keeps the crontab's zone
+    job = _runtime(repository, "report")
+    assert job.schedule == CrontabSchedule("30", "8", timezone="Asia/Tokyo")
+    local = job.next_scheduled_run.astimezone(ZoneInfo("Asia/Tokyo"))
+    assert (local.hour, local.minute) == (8, 30)
+
+    ok(dbsched(database.url, "edit", "report", "--tz", "America/New_York"))  # the zone alone: the same fields there
+    job = _runtime(repository, "report")
+    assert job.schedule == CrontabSchedule("30", "8", timezone="America/New_York")
+    assert job.next_scheduled_run.astimezone(ZoneInfo("America/New_York")).hour == 8
+
+    ok(dbsched(database.url, "edit", "report", "--every", "120"))
+    assert _runtime(repository, "report").schedule == IntervalSchedule(120.0)
+    same = ok(dbsched(database.url, "edit", "report", "--every", "2m"))
+    assert "changed nothing (it already has these values)" in same.stdout
+
+    disabled = ok(dbsched(database.url, "edit", "report", "--disable"))
+    assert not _runtime(repository, "report").policy.enabled and "none: disabled" in disabled.stdout
+    ok(dbsched(database.url, "edit", "report", "--enable", "--queue", ""))
+    job = _runtime(repository, "report")
+    assert job.policy.enabled and job.task_options == {} and job.task_kwargs == {"format": "csv"}
+
+
+def test_edit_mistakes_are_clear_and_change_nothing(database: Database) -> None:
+    repository = database.migrated_repository()
+    ok(dbsched(database.url, "add", "tick", "--task", "t.tick", "--every", "60", "--args", "[1]"))
+    before = _runtime(repository, "tick")
+    usage = [
+        ([], "nothing to change"),
+        (["--args", "[1"], "'--args'"),
+        (["--tz", "Europe/Berlin"], "has no zone"),
+        (["--every", "60", "--crontab", "* * * * *"], "every and crontab given"),
+        (["--crontab", "* * *"], "has 5 fields"),
+    ]
+    for arguments, words in usage:
+        result = clean_error(dbsched(database.url, "edit", "tick", *arguments))
+        assert result.returncode == 2 and words in result.stderr, (arguments, result)
+    assert _runtime(repository, "tick") == before
+
+    missing = clean_error(dbsched(database.url, "edit", "nope", "--every", "60"))
+    assert missing.returncode == 1 and "job 'nope' not found" in missing.stderr
+    repository.upsert_job("coded", "in the code", every=dt.timedelta(hours=1))
+    coded = clean_error(dbsched(database.url, "edit", "coded", "--every", "60"))
+    assert coded.returncode == 1 and "comes from the app's code" in coded.stderr
+    assert repository.lookup_job("coded").every == dt.timedelta(hours=1)
+
+
+def test_remove_a_runtime_schedule_keeps_its_name_until_purged(database: Database) -> None:
+    repository = database.migrated_repository()
+    ok(dbsched(database.url, "add", "tick", "--task", "t.tick", "--every", "60"))
+    removed = ok(dbsched(database.url, "remove", "tick"))
+    assert removed.stdout == (
+        "removed tick: disabled, never claimed again; it has no runs; --purge deletes it. The name stays taken: "
+        "`dbsched edit tick --enable` brings it back.\n"
+    )
+    assert not _runtime(repository, "tick").policy.enabled
+    taken = clean_error(dbsched(database.url, "add", "tick", "--task", "t.tick", "--every", "60"))
+    assert taken.returncode == 1 and "--purge" in taken.stderr
+    assert ok(dbsched(database.url, "remove", "tick", "--purge")).stdout == (
+        "purged tick and its run history; the name is free again\n"
+    )
+    _not_stored(repository, "tick")
+    ok(dbsched(database.url, "add", "tick", "--task", "t.other", "--every", "60"))
+    assert _runtime(repository, "tick").task == "t.other"
+
+
+def test_add_and_edit_help_explain_every_option(sqlite_database: Database) -> None:
+    for command in ("add", "edit"):
+        shown = ok(dbsched(sqlite_database.url, command, "--help")).stdout
+        assert "Examples:" in shown and f"celery -A proj dbsched {command} " in shown
+        for option in ("--task", "--every", "--crontab", "--at", "--solar", "--tz", "--args", "--kwargs", "--queue",
+                       "--headers", "--expires", "--start-time", "--misfire", "--max-active"):  # fmt: skip
+            assert re.search(rf"^\s+{option}\b.*\S", shown, re.MULTILINE), (command, option)
+    assert "'[1, \"two\"]'" in ok(dbsched(sqlite_database.url, "add", "--help")).stdout

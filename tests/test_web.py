@@ -7,16 +7,18 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime as dt
+import html
 import logging
 import re
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from urllib.parse import quote
 
 import pytest
-from helpers.apps import seconds
+from celery import Celery
+from helpers.apps import make_app, seconds
 from helpers.processes import REPO_DIR
 from helpers.repository import claim_one
 from helpers.services import Database
@@ -26,6 +28,7 @@ from starlette.testclient import TestClient
 
 from celery_dbsched import repository as repository_module
 from celery_dbsched import statements as sql
+from celery_dbsched.binding import bind_repository
 from celery_dbsched.cli import WEB_TOKEN_ENV, web_token
 from celery_dbsched.clock import TestClock
 from celery_dbsched.policy import JobPolicy
@@ -33,7 +36,7 @@ from celery_dbsched.records import ClaimStats, RunRecord, definition_of
 from celery_dbsched.repository import JobRepository
 from celery_dbsched.schedules import CrontabSchedule, IntervalSchedule
 from celery_dbsched.settings import Settings
-from celery_dbsched.states import ACTIVE, RunState
+from celery_dbsched.states import ACTIVE, Origin, RunState
 from celery_dbsched.web import check_bind, create_app
 from celery_dbsched.web.auth import NO_TOKEN
 
@@ -101,6 +104,13 @@ def populated(repository: JobRepository, clock: TestClock) -> JobRepository:
 
 def _csrf(page: str) -> str:
     match = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert match, page
+    return match.group(1)
+
+
+def _page_csrf(page: str) -> str:
+    """The session's CSRF token that every page carries for scripts (body data-csrf)."""
+    match = re.search(r'data-csrf="([^"]+)"', page)
     assert match, page
     return match.group(1)
 
@@ -642,3 +652,192 @@ def test_the_token_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
     assert web_token(settings) == TOKEN
     monkeypatch.setenv(WEB_TOKEN_ENV, "from-the-environment-0123")
     assert web_token(settings) == "from-the-environment-0123"  # the environment wins
+
+
+# --- run-time schedules (issue 13) ---------------------------------------------------------------------------
+
+ENTRY = {"config.entry": {"task": "proj.config", "schedule": 3600}}
+
+
+@pytest.fixture
+def celery_app(repository: JobRepository) -> Iterator[Celery]:
+    """An app bound to the test's repository, as `dbsched web` serves it: a beat_schedule entry, a zone."""
+    app = make_app("web-schedules", beat_schedule=ENTRY, timezone="Europe/Berlin")
+    bind_repository(app, repository)
+    yield app
+    bind_repository(app, None)
+
+
+@pytest.fixture
+def scheduling(repository: JobRepository, celery_app: Celery) -> Client:
+    def make(token: str | None = TOKEN, **headers: str) -> TestClient:
+        return TestClient(
+            create_app(repository, token=token, celery_app=celery_app), headers=headers, follow_redirects=False
+        )
+
+    return make
+
+
+def _form(page: str, form_id: str) -> dict[str, str]:
+    """A form's fields as the page fills them (inputs and selected options; a checkbox only when checked, as a
+    browser sends it, after its hidden "off")."""
+    form = page.split(f'<form id="{form_id}"')[1].split("</form>")[0]
+    fields: dict[str, str] = {}
+    for tag in re.findall(r"<input [^>]*>", form):
+        name = re.search(r'name="([^"]+)"', tag)
+        value = re.search(r'value="([^"]*)"', tag)
+        if name is None or ('type="checkbox"' in tag and "checked" not in tag):
+            continue
+        fields[name.group(1)] = html.unescape(value.group(1)) if value else ""
+    for name, options in re.findall(r'<select [^>]*name="([^"]+)"[^>]*>(.*?)</select>', form):
+        fields[name] = re.search(r'<option value="([^"]+)" selected', options).group(1)  # type: ignore[union-attr]
+    return fields
+
+
+def test_add_edit_and_remove_a_schedule_through_the_forms(
+    repository: JobRepository, scheduling: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="celery_dbsched.web")
+    web = _signed_in(scheduling)
+    assert 'id="new-schedule" href="/schedules/new"' in web.get("/jobs").text
+    blank = _form(web.get("/schedules/new").text, "schedule-form")
+    assert blank["tz"] == "Europe/Berlin" and blank["enabled"] == "on" and blank["misfire"] == "run_once"
+    typed = {
+        **blank,
+        **{"name": "reports.weekly", "task": "proj.tasks.report", "crontab": "0 7 * * 1", "args": '["weekly"]'},
+        **{"kwargs": '{"format": "pdf"}', "queue": "reports", "description": "weekly PDF"},
+    }
+    added = web.post("/api/schedules/add", data=typed)
+    assert added.status_code == 303 and added.headers["location"] == "/job?name=reports.weekly", added.text
+    job = repository.lookup_job("reports.weekly")
+    assert job.origin == Origin.RUNTIME and job.task == "proj.tasks.report" and job.task_args == ("weekly",)
+    assert job.schedule == CrontabSchedule("0", "7", day_of_week="1", timezone="Europe/Berlin")
+    assert job.task_kwargs == {"format": "pdf"} and job.task_options == {"queue": "reports"}
+    page = web.get("/job?name=reports.weekly").text
+    assert 'id="flash" role="status">added reports.weekly: proj.tasks.report' in page
+    assert 'data-origin="runtime"' in page and 'id="edit-runtime-schedule"' in page and 'id="remove-form"' in page
+    assert 'id="edit-form"' not in page  # not the code jobs' override form
+    listed = web.get("/jobs").text.split('data-job="reports.weekly"')[1].split("</tr>")[0]
+    assert 'class="job-origin" data-origin="runtime"' in listed
+
+    # The edit form holds the stored values; a change of args keeps the next run, one of the schedule moves it.
+    form = _form(web.get("/schedules/edit?name=reports.weekly").text, "schedule-form")
+    assert (form["crontab"], form["tz"], form["args"], form["queue"]) == (
+        "0 7 * * 1",
+        "Europe/Berlin",
+        '["weekly"]',
+        "reports",
+    )
+    before = job.next_scheduled_run
+    done = web.post("/api/schedules/edit", data={**form, "args": '["monthly"]'})
+    assert done.status_code == 303 and done.headers["location"] == "/job?name=reports.weekly"
+    job = repository.lookup_job("reports.weekly")
+    assert job.task_args == ("monthly",) and job.next_scheduled_run == before and job.task_kwargs == {"format": "pdf"}
+    assert "edited reports.weekly: changed args;" in web.get("/job?name=reports.weekly").text
+    web.post("/api/schedules/edit", data={**form, "crontab": "", "every": "90"})
+    job = repository.lookup_job("reports.weekly")
+    assert job.schedule == IntervalSchedule(90.0) and job.next_scheduled_run != before
+
+    # Remove: disabled with the name kept; purge: gone.
+    removed = web.post("/api/schedules/remove", data={"csrf": form["csrf"], "name": "reports.weekly", "next": "/x"})
+    assert removed.status_code == 303 and removed.headers["location"] == "/job?name=reports.weekly"
+    assert repository.lookup_job("reports.weekly").policy.enabled is False
+    purged = web.post("/api/schedules/remove", data={"csrf": form["csrf"], "name": "reports.weekly", "purge": "on"})
+    assert purged.headers["location"] == "/jobs"
+    assert "reports.weekly" not in {job.name for job in repository.list_jobs()}
+    lines = [record.getMessage() for record in caplog.records]
+    assert any(line.startswith("dashboard: added reports.weekly: ") and "by ann (cookie)" in line for line in lines)
+    assert "dashboard: purged reports.weekly and its run history by ann (cookie) from testclient" in lines
+
+
+def test_a_bad_form_shows_why_keeps_what_was_typed_and_stores_nothing(
+    repository: JobRepository, scheduling: Client
+) -> None:
+    web = _signed_in(scheduling)
+    blank = _form(web.get("/schedules/new").text, "schedule-form")
+    mistakes = [
+        ({"every": "60", "args": "[1, 2"}, "args: not JSON"),
+        ({"every": "60", "crontab": "* * * * *"}, "schedule: every and crontab given"),
+        ({}, "schedule: give one schedule"),
+        ({"crontab": "*/5 * *"}, "crontab: a crontab string has 5 fields"),
+        ({"every": "60", "tz": "Mars/Olympus"}, "tz: unknown time zone 'Mars/Olympus'"),
+        ({"every": "60", "kwargs": "[1]"}, "kwargs: expected a JSON object"),
+    ]
+    for fields, why in mistakes:
+        typed = {**blank, "name": "oops", "task": "proj.typed.task", **fields}
+        shown = web.post("/api/schedules/add", data=typed)
+        assert shown.status_code == 400, fields
+        error = re.search(r'<p id="form-error" class="error" role="alert">([^<]*)</p>', shown.text)
+        assert error and html.unescape(error.group(1)).startswith(f"schedule action failed: {why}"), (
+            fields,
+            shown.text,
+        )
+        again = _form(shown.text, "schedule-form")
+        assert again["task"] == "proj.typed.task" and again["name"] == "oops"  # nothing typed is lost
+        assert all(again[key] == value for key, value in fields.items())
+    assert "oops" not in {job.name for job in repository.list_jobs()}
+
+
+def test_schedule_api_with_the_token(repository: JobRepository, scheduling: Client) -> None:
+    api = scheduling(TOKEN, authorization=f"Bearer {TOKEN}")
+    added = api.post(
+        "/api/schedules/add",
+        json={"name": "tick", "task": "proj.tick", "every": 60, "args": [1, "two"], "kwargs": {"a": 1}},
+    )
+    assert added.status_code == 200, added.text
+    assert added.json()["job"]["name"] == "tick" and added.json()["message"].startswith("added tick: proj.tick")
+    assert repository.lookup_job("tick").task_args == (1, "two")
+    edited = api.post("/api/schedules/edit", json={"name": "tick", "queue": "fast"})
+    assert edited.status_code == 200 and edited.json()["message"].startswith("edited tick: changed options;")
+    tick = repository.lookup_job("tick")
+    assert tick.task_options == {"queue": "fast"} and tick.task_kwargs == {"a": 1}  # only what was given
+
+    bad = api.post("/api/schedules/add", json={"name": "bad", "task": "t", "every": 60, "headers": "x"})
+    assert bad.status_code == 400 and bad.json()["error"].startswith("headers: not JSON")
+    taken = api.post("/api/schedules/add", json={"name": "tick", "task": "t", "every": 60})
+    assert taken.status_code == 409 and "edit" in taken.json()["error"]
+    entry = api.post("/api/schedules/add", json={"name": "config.entry", "task": "t", "every": 60})
+    assert entry.status_code == 409 and "beat_schedule" in entry.json()["error"]
+    repository.upsert_job("coded", "in the code", every=seconds(60))
+    assert api.post("/api/schedules/edit", json={"name": "coded", "every": 5}).status_code == 409
+    assert api.post("/api/schedules/edit", json={"name": "nope", "every": 5}).status_code == 404
+    assert api.post("/api/schedules/fly", json={"name": "tick"}).status_code == 404
+    overridden = api.post("/api/jobs/edit", json={"name": "tick", "max_active": 2})
+    assert overridden.status_code == 409 and "/api/schedules/edit" in overridden.json()["error"]
+    assert repository.lookup_job("coded").every == seconds(60) and repository.lookup_job("tick").policy.max_active == 1
+    assert {"bad", "config.entry"}.isdisjoint(job.name for job in repository.list_jobs())
+
+    assert api.post("/api/schedules/remove", json={"name": "tick", "purge": True}).status_code == 200
+    assert "tick" not in {job.name for job in repository.list_jobs()}
+
+
+def test_schedule_actions_need_the_token_the_csrf_token_and_the_app(
+    repository: JobRepository, scheduling: Client, celery_app: Celery
+) -> None:
+    add = {"name": "sneaky", "task": "proj.tick", "every": "60"}
+    assert scheduling(None).post("/api/schedules/add", json=add).status_code == 403  # no token: read-only
+    assert 'id="schedule-read-only"' in scheduling(None).get("/schedules/new").text
+    assert scheduling(TOKEN).post("/api/schedules/add", json=add).status_code == 401
+    web = _signed_in(scheduling)
+    csrf = _csrf(web.get("/schedules/new").text)
+    assert web.post("/api/schedules/add", data=add).status_code == 403  # a form on another site cannot know it
+    forged = web.post("/api/schedules/add", data={**add, "csrf": csrf}, headers={"origin": "https://evil.example"})
+    assert forged.status_code == 403
+    assert "sneaky" not in {job.name for job in repository.list_jobs()}
+
+    without_app = _signed_in(lambda token=None: TestClient(create_app(repository, token=token), follow_redirects=False))
+    assert 'id="new-schedule"' not in without_app.get("/jobs").text
+    refused = without_app.post(
+        "/api/schedules/add", json=add, headers={"x-csrf-token": _page_csrf(without_app.get("/jobs").text)}
+    )
+    assert refused.status_code == 409 and refused.json()["error"].startswith("run-time schedules need the Celery app")
+
+
+def test_code_and_beat_schedule_jobs_keep_their_override_edit(repository: JobRepository, scheduling: Client) -> None:
+    repository.upsert_job("coded", "in the code", every=seconds(60))
+    web = _signed_in(scheduling)
+    page = web.get("/job?name=coded").text
+    assert 'id="job-origin" data-origin="code"' in page and 'id="edit-form"' in page
+    assert 'id="remove-form"' not in page and 'id="edit-runtime-schedule"' not in page
+    refused = web.get("/schedules/edit?name=coded")
+    assert refused.status_code == 409 and "its page&#39;s edit overrides its schedule" in refused.text

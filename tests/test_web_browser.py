@@ -274,6 +274,35 @@ def test_markup_in_a_job_name_and_an_error_is_shown_as_text(cluster: Cluster, br
     # And no alert() fired on any page: the `browser` fixture fails the test on a dialog.
 
 
+@on(PG_FS)
+def test_a_schedule_added_with_the_form_is_listed_and_sent_without_a_restart(
+    cluster: Cluster, browser: Browser
+) -> None:
+    """Issue 13: a run-time schedule of a plain Celery task (Celery's own backend_cleanup, which every worker
+    has), typed into the dashboard's form; the running embedded beat sends it (its first slot is now)."""
+    web = dashboard(cluster, [WITNESS])
+    page = signed_in(browser, web)
+    page.goto(web.url + "/jobs")
+    page.click("#new-schedule")
+    page.fill("#schedule-name", "web.runtime")
+    page.fill("#schedule-task", "celery.backend_cleanup")
+    page.fill("#schedule-every", "1h")
+    page.fill("#schedule-description", "added in the browser")
+    screenshot(page, "new-schedule")
+    page.click("#schedule-submit")
+    assert page.inner_text("#flash").startswith("added web.runtime: celery.backend_cleanup every 1 h; next run ")
+    assert page.inner_text("#job-name") == "web.runtime"
+    assert page.get_attribute("#job-origin", "data-origin") == "runtime"
+
+    page.goto(web.url + "/jobs")
+    row = page.locator('tr.job-row[data-job="web.runtime"]')
+    assert row.count() == 1
+    assert row.locator("td.job-origin").inner_text() == "runtime"
+    assert "added in the browser" in row.locator("td.job-name").inner_text()
+    run = cluster.wait_run("web.runtime", lambda run: True, timeout=60)  # claimed and sent by the running beat
+    assert run.job_name == "web.runtime" and cluster.repo.lookup_job("web.runtime").origin == "runtime"
+
+
 def test_the_browser_reports_console_errors_dialogs_and_requests_outside_the_app(browser: Browser) -> None:
     page_html = (
         "<!doctype html><title>t</title><script>console.error('broken widget'); alert('injected')</script>"

@@ -26,15 +26,17 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import display, observe
+from .. import display, observe, schedule_input
 from ..controls import trigger
-from ..errors import DatabaseError, DatabaseUnavailable, DbschedError, JobNotFound, RunNotFound
+from ..errors import DatabaseError, DatabaseUnavailable, DbschedError, JobNotFound, NameTaken, RunNotFound
 from ..records import JobRecord
+from ..registry import app_timezone
 from ..repository import JobRepository
+from ..runtime import add_schedule, remove_schedule, update_schedule
 from ..schedules import CrontabSchedule, IntervalSchedule
-from ..settings import parse_backoff, parse_duration
+from ..settings import parse_backoff, parse_bool, parse_duration
 from ..statements import JOB_FILTERS
-from ..states import JobKind, Misfire, RunState
+from ..states import JobKind, Misfire, Origin, RunState
 from . import present
 from .auth import CSRF_FIELD, CSRF_HEADER, NO_TOKEN, SESSION_COOKIE, SESSION_SECONDS, Auth, Identity, cross_site
 
@@ -57,6 +59,11 @@ SECURITY_HEADERS = {
 }
 
 Handler = Callable[[Request], Awaitable[Response]]
+FormError = Callable[[Request, dict[str, Any], str], Awaitable[Response]]
+NO_APP = (
+    "run-time schedules need the Celery app (its timezone, and the names its code and beat_schedule own): serve "
+    "the dashboard with `celery -A proj dbsched web`"
+)
 
 
 class BadRequest(ValueError):
@@ -230,9 +237,10 @@ def edit_changes(job: JobRecord, values: Mapping[str, Any]) -> dict[str, Any]:
 class Dashboard:
     """The handlers, over one repository."""
 
-    def __init__(self, repository: JobRepository, auth: Auth) -> None:
+    def __init__(self, repository: JobRepository, auth: Auth, app: Any = None) -> None:
         self.repository = repository
         self.auth = auth
+        self.app = app  # the Celery app: run-time schedules (add, edit, remove) need it
         self.env = _environment()
 
     # -- plumbing
@@ -250,6 +258,7 @@ class Dashboard:
             identity=identity,
             token_enabled=self.auth.enabled,
             can_act=identity is not None,
+            can_schedule=identity is not None and self.app is not None,
             csrf=self.auth.csrf_token(identity),
             csrf_field=CSRF_FIELD,
             flash=flash,
@@ -291,10 +300,14 @@ class Dashboard:
         return wrapped
 
     def action(
-        self, name: str, do: Callable[[Request, dict[str, Any], Identity], Awaitable[tuple[str, Any]]]
+        self,
+        name: str,
+        do: Callable[[Request, dict[str, Any], Identity], Awaitable[tuple[str, Any]]],
+        form_error: FormError | None = None,
     ) -> Handler:
         """An action: a token configured (else 403), credentials (else 401), not cross-site and with the
-        session's CSRF token (else 403); logged with who did it. From a page's form: back to the page."""
+        session's CSRF token (else 403); logged with who did it. From a page's form: back to the page (its
+        `next`), or on failure `form_error`'s page (the form again, as typed) when given."""
 
         async def wrapped(request: Request) -> Response:
             identity = request.state.identity = self.auth.identify(request)
@@ -324,6 +337,8 @@ class Dashboard:
                 return JSONResponse({"error": refused.message}, status_code=refused.status)
             except (ValueError, DbschedError) as exc:
                 logger.warning("dashboard: %s by %s from %s failed: %s", what, _who(identity), address, exc)
+                if from_form and form_error is not None:
+                    return await form_error(request, values, f"{what} failed: {exc}")
                 if from_form:
                     return self._back_with(values, f"{what} failed: {exc}")
                 return JSONResponse({"error": str(exc)}, status_code=_status_of(exc))
@@ -437,9 +452,11 @@ class Dashboard:
             now=data["now"],
             schedule_text=schedule_text,
             schedule_zone=zone,
-            editable_schedule=job.schedule is None or job.schedule.spec()["type"] != "solar",
+            editable_schedule=job.schedule is None or job.schedule.spec()["type"] not in ("solar", "clocked"),
             misfires=[m.value for m in Misfire],
             is_task=job.kind == JobKind.TASK,
+            is_runtime=job.origin == Origin.RUNTIME,
+            origin_words=present.ORIGIN_WORDS[job.origin],
             nav="jobs",
         )
 
@@ -573,7 +590,13 @@ class Dashboard:
         elif verb == "edit":
 
             def edit() -> JobRecord:
-                changes = edit_changes(self.repository.lookup_job(name), values)
+                stored = self.repository.lookup_job(name)
+                if stored.origin == Origin.RUNTIME:
+                    raise DbschedError(
+                        f"{name} is a run-time schedule: change it with its schedule form "
+                        f"(/schedules/edit?name={quote(name, safe='')}) or POST /api/schedules/edit"
+                    )
+                changes = edit_changes(stored, values)
                 return self.repository.edit_job(name, **changes) if changes else self.repository.lookup_job(name)
 
             job = await self.read(edit)
@@ -588,6 +611,101 @@ class Dashboard:
         now = await self.read(self.repository.database_now)
         return message, {"job": present.job_json(job, now, LATE_AFTER)}
 
+    # -- run-time schedules
+
+    def _runtime_app(self) -> Any:
+        if self.app is None:
+            raise DbschedError(NO_APP)
+        return self.app
+
+    def _schedule_zone(self, job: JobRecord | None = None) -> str:
+        """The zone a schedule's fields are read in when tz is not given: its crontab's, else the app's."""
+        if job is not None and isinstance(job.schedule, CrontabSchedule):
+            return job.schedule.timezone
+        return app_timezone(self._runtime_app())
+
+    def _schedule_form(
+        self,
+        request: Request,
+        mode: str,
+        values: Mapping[str, Any],
+        name: str = "",
+        error: str | None = None,
+        status: int = 200,
+    ) -> HTMLResponse:
+        return self.render(
+            request,
+            "schedule.html",
+            status=status,
+            mode=mode,
+            name=name,
+            values={key: str(values.get(key) or "") for key in schedule_input.FIELDS},
+            error=error,
+            misfires=[m.value for m in Misfire],
+            nav="jobs",
+        )
+
+    async def new_schedule_page(self, request: Request) -> Response:
+        zone = self._schedule_zone()
+        defaults = {"tz": zone, "enabled": "on", "misfire": Misfire.RUN_ONCE.value, "max_active": "1"}
+        return self._schedule_form(request, "add", defaults)
+
+    async def edit_schedule_page(self, request: Request) -> Response:
+        name = _text(request.query_params, "name")
+        if name is None:
+            raise BadRequest("name: which schedule? e.g. /schedules/edit?name=nightly-report")
+        self._runtime_app()
+        job = await self.read(lambda: self.repository.lookup_job(name))
+        if job.origin != Origin.RUNTIME:
+            raise DbschedError(
+                f"{name} comes from {present.ORIGIN_WORDS[job.origin]}, not from run time: change it there; its "
+                "page's edit overrides its schedule and policies"
+            )
+        return self._schedule_form(request, "edit", present.schedule_form(job, self._schedule_zone()), name=name)
+
+    async def schedule_form_error(self, request: Request, values: dict[str, Any], message: str) -> Response:
+        """A failed add or edit from the form: the form again with what was typed, and why (nothing stored)."""
+        verb = request.path_params.get("verb")
+        if verb not in ("add", "edit"):
+            return self._back_with(values, message)
+        name = _text(values, "name") or ""
+        return self._schedule_form(request, verb, values, name=name, error=message, status=400)
+
+    async def schedule_action(self, request: Request, values: dict[str, Any], identity: Identity) -> tuple[str, Any]:
+        """Add, edit or remove a run-time schedule (`runtime`), from the schedule form or JSON (an edit's JSON
+        changes the fields it gives; the form gives them all, and what equals the stored value is no change)."""
+        verb = request.path_params["verb"]
+        if verb not in ("add", "edit", "remove"):
+            raise Refused(404, f"no action {verb!r}; one of add, edit, remove")
+        app = self._runtime_app()
+        name = _text(values, "name")
+        if name is None:
+            raise BadRequest("name: which schedule?")
+        page = "/job?name=" + quote(name, safe="")
+        if verb == "add":
+            keywords = schedule_input.for_add(schedule_input.read_fields(values, self._schedule_zone()))
+            job = await self.read(lambda: add_schedule(app, name, **keywords))
+            message = f"added {name}: {display.task_summary(job)}; {_next_run(job)}"
+        elif verb == "edit":
+
+            def edit() -> tuple[JobRecord, dict[str, Any]]:
+                stored = self.repository.lookup_job(name)
+                fields = schedule_input.read_fields(values, self._schedule_zone(stored))
+                changes = schedule_input.changes_for(stored, fields)
+                return (update_schedule(app, name, **changes) if changes else stored), changes
+
+            job, changes = await self.read(edit)
+            changed = ", ".join(sorted(changes)) if changes else "nothing (the same values)"
+            message = f"edited {name}: changed {changed}; {_next_run(job)}"
+        else:
+            purge = parse_bool("purge", values.get("purge"), False)
+            job = await self.read(lambda: remove_schedule(app, name, purge=purge))
+            message = f"purged {name} and its run history" if purge else f"removed {name}: disabled, its history kept"
+            page = "/jobs" if purge else page
+        values["next"] = page  # a form goes on to the job's page (the list once purged)
+        now = await self.read(self.repository.database_now)
+        return message, {"job": present.job_json(job, now, LATE_AFTER)}
+
     async def cancel_run(self, request: Request, values: dict[str, Any], identity: Identity) -> tuple[str, Any]:
         try:
             run_id = int(request.path_params["run_id"])
@@ -599,9 +717,17 @@ class Dashboard:
         return f"cancelled run {run.id} of {run.job_name}", {"run": present.run_json(run, now)}
 
 
+def _next_run(job: JobRecord) -> str:
+    if not job.policy.enabled:
+        return "disabled: not run until enabled"
+    return f"next run {display.when(job.next_scheduled_run)} UTC"
+
+
 def _status_of(exc: Exception) -> int:
     """The HTTP status of an error: what was asked cannot be read (400), does not exist (404), is not possible
-    now (409), or the database is down (503)."""
+    now (409: a name taken too), or the database is down (503)."""
+    if isinstance(exc, NameTaken):
+        return 409
     if isinstance(exc, ValueError):
         return 400
     if isinstance(exc, (JobNotFound, RunNotFound)):
@@ -663,9 +789,10 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
-def create_app(repository: JobRepository, *, token: str | None = None) -> Starlette:
-    """The dashboard over `repository`. `token`: actions (and reads) need it; None: read-only, open reads."""
-    board = Dashboard(repository, Auth(token))
+def create_app(repository: JobRepository, *, token: str | None = None, celery_app: Any = None) -> Starlette:
+    """The dashboard over `repository`. `token`: actions (and reads) need it; None: read-only, open reads.
+    `celery_app`: the Celery app bound to `repository`, for the run-time schedules' actions (None: refused)."""
+    board = Dashboard(repository, Auth(token), celery_app)
 
     async def home(request: Request) -> Response:
         return RedirectResponse("/jobs", status_code=303)
@@ -676,6 +803,8 @@ def create_app(repository: JobRepository, *, token: str | None = None) -> Starle
         Route("/job", board.page(board.job_page)),
         Route("/runs", board.page(board.runs_page)),
         Route("/fleet", board.page(board.fleet_page)),
+        Route("/schedules/new", board.page(board.new_schedule_page)),
+        Route("/schedules/edit", board.page(board.edit_schedule_page)),
         Route("/login", board.login_page, methods=["GET"]),
         Route("/login", board.login, methods=["POST"]),
         Route("/logout", board.logout, methods=["POST"]),
@@ -686,6 +815,11 @@ def create_app(repository: JobRepository, *, token: str | None = None) -> Starle
         Route("/api/status", board.api(board.status_api)),
         Route("/api/jobs/{verb}", board.action("job action", board.job_action), methods=["POST"]),
         Route("/api/runs/{run_id}/cancel", board.action("cancel", board.cancel_run), methods=["POST"]),
+        Route(
+            "/api/schedules/{verb}",
+            board.action("schedule action", board.schedule_action, board.schedule_form_error),
+            methods=["POST"],
+        ),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
         *_metrics_routes(repository, board.auth),
     ]

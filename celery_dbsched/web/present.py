@@ -11,8 +11,8 @@ from typing import Any
 
 from .. import display
 from ..records import JobRecord, RunRecord, RunSummary
-from ..schedules import CrontabSchedule, IntervalSchedule
-from ..states import RunState
+from ..schedules import ClockedSchedule, CrontabSchedule, IntervalSchedule, SolarSchedule
+from ..states import Origin, RunState
 
 SPARK_WIDTH, SPARK_HEIGHT = 120, 24
 OUTCOMES = (RunState.COMPLETED, RunState.FAILED, RunState.INTERRUPTED)
@@ -73,6 +73,50 @@ def schedule_field(job: JobRecord) -> tuple[str, str]:
     if isinstance(job.schedule, IntervalSchedule):
         return f"{job.schedule.seconds:g}", "UTC"
     return ("" if job.every is None else f"{job.every.total_seconds():g}"), "UTC"
+
+
+ORIGIN_WORDS = {
+    Origin.CODE: "code (@job / register_job)",
+    Origin.BEAT_SCHEDULE: "the app's beat_schedule",
+    Origin.RUNTIME: "run time (dbsched add, the dashboard or an import)",
+}
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+def schedule_form(job: JobRecord, app_zone: str) -> dict[str, str]:
+    """A run-time job's values as the schedule form's fields (`schedule_input.FIELDS`), text as typed."""
+    schedule = job.schedule
+    zone = schedule.timezone if isinstance(schedule, CrontabSchedule) else app_zone
+    options = job.task_options
+    values = {
+        "task": job.task or "",
+        "tz": zone,
+        "args": json.dumps(list(job.task_args)) if job.task_args else "",
+        "kwargs": json.dumps(job.task_kwargs) if job.task_kwargs else "",
+        "description": job.description,
+        "enabled": "on" if job.policy.enabled else "",
+        "one_off": "on" if job.one_off else "",
+        "expire_time": "" if job.expire_time is None else job.expire_time.isoformat(),
+        "misfire": job.policy.misfire.value,
+        "misfire_grace": _number(seconds(job.policy.misfire_grace)),
+        "max_active": str(job.policy.max_active),
+        "headers": json.dumps(options["headers"]) if options.get("headers") else "",
+        **{key: str(options.get(key) or "") for key in ("queue", "routing_key", "exchange")},
+        "priority": "" if options.get("priority") is None else str(options["priority"]),
+        "expires": _number(options.get("expires")),
+    }
+    if isinstance(schedule, IntervalSchedule):
+        values["every"] = _number(schedule.seconds)
+    elif isinstance(schedule, CrontabSchedule):
+        values["crontab"] = schedule.expression
+    elif isinstance(schedule, ClockedSchedule):
+        values["at"] = schedule.at.isoformat()
+    elif isinstance(schedule, SolarSchedule):
+        values.update(solar=schedule.event, lat=_number(schedule.latitude), lon=_number(schedule.longitude))
+    return values
 
 
 def seconds(value: dt.timedelta | None) -> float | None:
