@@ -21,7 +21,6 @@ from typing import Any
 
 import click
 import pytest
-from celery_dbsched.runtime import list_schedules
 from helpers.apps import memory_app
 from helpers.polling import wait_for
 from helpers.processes import Processes
@@ -33,6 +32,7 @@ from test_stock_beat_migration import Project
 from celery_dbsched.binding import forget_repository
 from celery_dbsched.importers import Reading, Skipped, exit_status, plan_lines
 from celery_dbsched.records import JobRecord, PutResult
+from celery_dbsched.runtime import list_schedules
 from celery_dbsched.states import Origin
 from celery_dbsched.transport import filesystem_broker_settings
 
@@ -148,9 +148,12 @@ def test_import_carries_every_field(dcb_url: str, target: Database, created: dic
         assert options == {}, name
         assert job.expire_time == when(row["expires"]), name
         assert job.one_off == row["one_off"], name
-        ran_once = row["one_off"] and row["total_run_count"] > 0  # django-celery-beat disables it at its next check
-        assert job.policy.enabled == (row["enabled"] and not ran_once), name
-        assert job.description == (row["description"] or ""), name
+        # A one-off that ran, or one past its expires: django-celery-beat disables it at its next check.
+        ran_once = row["one_off"] and row["total_run_count"] > 0
+        expired = job.expire_time is not None and job.expire_time < job.create_time
+        assert job.policy.enabled == (row["enabled"] and not ran_once and not expired), name
+        if row["description"]:  # else the runtime API's default description
+            assert job.description == row["description"], name
         assert job.schedule is not None and job.schedule.spec() == expected_schedule(row), name
     assert imported["all-options"].task_options["priority"] == 7  # the one with every option set
     assert imported["crontab-berlin-weekdays"].schedule.spec()["timezone"] == "Europe/Berlin"  # type: ignore[union-attr]
@@ -172,10 +175,11 @@ def test_next_runs_are_django_celery_beats(dcb_url: str, target: Database, creat
             continue
         job, at = imported[name], when(state["at"])
         assert at is not None
-        if state["next"] >= NEVER_CHECK:  # django-celery-beat disables it now (ran one-off, or expired)
-            assert not job.policy.enabled or (job.expire_time is not None and job.expire_time <= at), name
-        elif state["due"]:
+        if state["due"]:  # (a clocked one says "due, never check again")
+            assert job.policy.enabled, name
             assert job.next_scheduled_run <= at + dt.timedelta(seconds=1), (name, state, job.next_scheduled_run)
+        elif state["next"] >= NEVER_CHECK:  # django-celery-beat disables it now (ran one-off, or expired)
+            assert not job.policy.enabled, name
         else:
             expected = at + dt.timedelta(seconds=state["next"])
             # django-celery-beat rounds a start_time's wait up to whole seconds; solar events differ by ephem's search.
