@@ -30,7 +30,7 @@ from test_cli import dbsched, ok
 from test_stock_beat_migration import Project
 
 from celery_dbsched.binding import forget_repository
-from celery_dbsched.importers import Reading, Skipped, exit_status, plan_lines
+from celery_dbsched.importers import PEERS, Reading, Skipped, exit_status, plan_lines
 from celery_dbsched.records import JobRecord, PutResult
 from celery_dbsched.runtime import list_schedules
 from celery_dbsched.states import Origin
@@ -231,26 +231,31 @@ def test_skipped_and_refused_entries_are_listed_and_exit_1_unless_allow_skip(
         conn.execute(
             text("UPDATE django_celery_beat_periodictask SET interval_id = NULL WHERE name = 'interval-minutes'")
         )
+        # The name of a @job of the app: refused (code owns it).
+        conn.execute(text("UPDATE django_celery_beat_periodictask SET name = 'load.00' WHERE name = 'disabled'"))
     engine.dispose()
-    # A name a beat_schedule entry of the app holds is refused: beat_schedule owns it.
-    settings = {"beat_schedule": {"disabled": {"task": "proj.tasks.other", "schedule": 60.0}}}
+    # An entry of the app's beat_schedule (django-celery-beat's beat copies them into its table): left out, not
+    # refused; celery_dbsched's beat syncs it from the config.
+    settings = {"beat_schedule": {"interval-seconds": {"task": "proj.tasks.work", "schedule": 30.0}}}
+    code_job = {"DBSCHED_TEST_APP_LOAD_JOBS": "1"}  # registers the @job load.00
 
-    failed = dbsched(target.url, *IMPORT, "--url", dcb_url, settings=settings)
+    failed = dbsched(target.url, *IMPORT, "--url", dcb_url, settings=settings, env=code_job)
     assert failed.returncode == 1, failed
     out = failed.stdout
-    assert "skipped 2:" in out and "refused 2:" in out, out
+    assert "skipped 2:" in out and "refused 2:" in out and "left out 2:" in out, out
     assert "    interval-days: args is not JSON" in out
     assert "    interval-minutes: no schedule: none of interval, crontab, solar or clocked is set" in out
     assert "    interval-hours: " in out and "kwargs" in out.split("    interval-hours: ")[1].splitlines()[0]
-    assert "    disabled: " in out and "beat_schedule" in out.split("    disabled: ")[1].splitlines()[0]
+    assert "    load.00: " in out and "code" in out.split("    load.00: ")[1].splitlines()[0]
+    assert "    interval-seconds: an entry of this app's beat_schedule" in out
     assert "4 entries not imported (above)" in out and "--allow-skip" in out
     imported = schedules(target)
-    assert len(imported) == len(created) - 5  # the rest is imported all the same
-    assert not {"interval-days", "interval-minutes", "interval-hours", "disabled"} & set(imported)
+    assert len(imported) == len(created) - 6  # the rest is imported all the same
+    assert not {"interval-days", "interval-minutes", "interval-hours", "load.00", "interval-seconds"} & set(imported)
 
-    allowed = dbsched(target.url, *IMPORT, "--url", dcb_url, "--allow-skip", settings=settings)
+    allowed = dbsched(target.url, *IMPORT, "--url", dcb_url, "--allow-skip", settings=settings, env=code_job)
     assert allowed.returncode == 0, allowed
-    assert "skipped 2:" in allowed.stdout and f"unchanged {len(created) - 5}" in allowed.stdout
+    assert "skipped 2:" in allowed.stdout and f"unchanged {len(created) - 6}" in allowed.stdout
 
 
 def test_a_wrong_url_is_one_clear_error(target: Database, tmp_path: Path) -> None:
@@ -324,10 +329,12 @@ def test_the_import_group_lists_its_peers() -> None:
     from celery_dbsched.importers import import_group
 
     ctx = click.Context(import_group)
-    assert import_group.list_commands(ctx) == ["django-celery-beat", "redbeat"]
+    listed = import_group.list_commands(ctx)
+    assert "django-celery-beat" in listed and set(listed) <= set(PEERS)
     assert import_group.get_command(ctx, "nope") is None
-    command = import_group.get_command(ctx, "django-celery-beat")
-    assert command is not None and command.name == "django-celery-beat"
+    for name in listed:
+        command = import_group.get_command(ctx, name)
+        assert command is not None and command.name == name
 
 
 # -- live: a real beat and worker after the switch ------------------------------------------------------------

@@ -9,6 +9,7 @@ or refused, unless --allow-skip). The commands are loaded lazily, when asked for
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,7 @@ class _PeerGroup(click.Group):
     """`import`: one subcommand per peer, each imported only when it is run (or its help is asked for)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(PEERS)
+        return sorted(name for name, module in PEERS.items() if importlib.util.find_spec(module) is not None)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         module = PEERS.get(cmd_name)

@@ -27,6 +27,8 @@ django-celery-beat's beat (its `ModelEntry`) would run:
                                                 is not used, as django-celery-beat does not use it)
   total_run_count, date_changed              -> not kept (the history starts empty); used only as said above
 
+Entries of the app's own beat_schedule, which django-celery-beat's beat copies into its table at each start, are
+left out (listed, not an error): celery_dbsched's beat syncs them from the config.
 Datetimes stored without a zone (SQLite, MySQL) are read in --naive-timezone: UTC, as Django stores them with
 USE_TZ = True (its default); Django's TIME_ZONE when the project runs with USE_TZ = False. Celery's own
 `celery.backend_cleanup` entry is left out: celery_dbsched's beat adds it itself (from `result_expires`).
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 import click
@@ -57,6 +59,12 @@ PERIODS = frozenset({"days", "hours", "minutes", "seconds", "microseconds"})  # 
 # A task with a start_time that never ran: django-celery-beat counts it from 30 years back, so that it runs as soon
 # as start_time has come (ModelEntry.__init__).
 _NEVER_RAN_WITH_START = dt.timedelta(days=365 * 30)
+
+_CELERY_OWN = "Celery's own entry: celery_dbsched's beat adds it itself when result_expires is set"
+_DECLARED = (
+    "an entry of this app's beat_schedule (django-celery-beat's beat copied it into its table): celery_dbsched's "
+    "beat syncs it from the config"
+)
 
 _meta = MetaData()
 
@@ -152,10 +160,17 @@ def _rows(engine: Engine) -> Iterator[RowMapping]:
 
 
 def read_django_celery_beat(
-    url: str, *, naive_timezone: str = "UTC", crontab_timezone: str | None = None, now: dt.datetime | None = None
+    url: str,
+    *,
+    naive_timezone: str = "UTC",
+    crontab_timezone: str | None = None,
+    declared: Collection[str] = (),
+    now: dt.datetime | None = None,
 ) -> Reading:
     """Every PeriodicTask at `url` as an entry for `put_schedules`, or skipped with the reason (module docstring).
-    `now` stands for a task that never ran and has no date_changed (tests)."""
+    `declared`: the names the app's beat_schedule declares, left out (django-celery-beat's beat copies its
+    app's beat_schedule into its table at each start; celery_dbsched's beat syncs them from the config). `now`
+    stands for a task that never ran and has no date_changed (tests)."""
     naive = parse_timezone(naive_timezone)
     if crontab_timezone is not None:
         crontab_timezone = parse_timezone(crontab_timezone).key
@@ -165,9 +180,10 @@ def read_django_celery_beat(
         for row in _rows(engine):
             name = str(row["name"])
             if name == BACKEND_CLEANUP and row["task"] == BACKEND_CLEANUP:
-                reading.left_out.append(
-                    Skipped(name, "Celery's own entry: celery_dbsched's beat adds it itself when result_expires is set")
-                )
+                reading.left_out.append(Skipped(name, _CELERY_OWN))
+                continue
+            if name in declared:
+                reading.left_out.append(Skipped(name, _DECLARED))
                 continue
             try:
                 reading.entries.append(entry_from_row(row, naive, crontab_timezone, now))
@@ -311,14 +327,17 @@ def command(
     ctx: click.Context, url: str, naive_timezone: str, crontab_timezone: str | None, dry_run: bool, allow_skip: bool
 ) -> None:
     """Import django-celery-beat's periodic tasks (from the Django project's database) as runtime schedules."""
-    source = f"django-celery-beat at {_masked(url)}"
-    run_import(
-        ctx,
-        source,
-        lambda: read_django_celery_beat(url, naive_timezone=naive_timezone, crontab_timezone=crontab_timezone),
-        dry_run=dry_run,
-        allow_skip=allow_skip,
-    )
+    from ..beat_schedule import entry_names
+
+    def read() -> Reading:
+        return read_django_celery_beat(
+            url,
+            naive_timezone=naive_timezone,
+            crontab_timezone=crontab_timezone,
+            declared=entry_names(ctx.obj.app),  # after run_import loaded the app's modules
+        )
+
+    run_import(ctx, f"django-celery-beat at {_masked(url)}", read, dry_run=dry_run, allow_skip=allow_skip)
 
 
 def _masked(url: str) -> str:
