@@ -10,6 +10,7 @@ entry at the same time. A live test switches a real beat and worker over and che
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import itertools
 import json
 import subprocess
@@ -31,6 +32,7 @@ from test_stock_beat_migration import Project
 
 from celery_dbsched.binding import forget_repository
 from celery_dbsched.importers import PEERS, Reading, Skipped, exit_status, plan_lines
+from celery_dbsched.importers.django_celery_beat import read_django_celery_beat
 from celery_dbsched.records import JobRecord, PutResult
 from celery_dbsched.runtime import list_schedules
 from celery_dbsched.states import Origin
@@ -284,12 +286,19 @@ def test_naive_times_are_read_in_the_given_zone(tmp_path: Path, sqlite_database:
     zone = {"DCB_USE_TZ": "0", "DCB_TIME_ZONE": "America/New_York"}
     rows = {row["name"]: row for row in json.loads(source("create", url, env=zone))}
     sqlite_database.migrated_repository()
+    before = hashlib.sha256((tmp_path / "django.sqlite3").read_bytes()).hexdigest()
     ok(dbsched(sqlite_database.url, *IMPORT, "--url", url, "--naive-timezone", "America/New_York"))
+    assert hashlib.sha256((tmp_path / "django.sqlite3").read_bytes()).hexdigest() == before  # only read
     job = schedules(sqlite_database)["clocked-future"]
     local = dt.datetime.fromisoformat(rows["clocked-future"]["schedule"]["at"])  # naive New York time
     from zoneinfo import ZoneInfo
 
     assert job.next_scheduled_run == local.replace(tzinfo=ZoneInfo("America/New_York"))
+
+    # DJANGO_CELERY_BEAT_TZ_AWARE = False: every crontab in Celery's zone instead of its own.
+    reading = read_django_celery_beat(url, crontab_timezone="Asia/Tokyo")
+    crontabs = [e["schedule"] for e in reading.entries if e["schedule"]["type"] == "crontab"]
+    assert len(crontabs) >= 18 and {spec["timezone"] for spec in crontabs} == {"Asia/Tokyo"}
 
 
 # -- the shared plan and exit status (unit) ---------------------------------------------------------------------

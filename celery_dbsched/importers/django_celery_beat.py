@@ -208,7 +208,7 @@ def entry_from_row(
             options[key] = str(row[key])
     if row["priority"] is not None:
         options["priority"] = int(row["priority"])
-    if row["expire_seconds"] is not None:
+    if row["expire_seconds"]:  # 0 sets nothing: django-celery-beat sends `expires or expire_seconds` only if true
         options["expires"] = int(row["expire_seconds"])
     args = _json(loads, row, "args", "[]")
     kwargs = _json(loads, row, "kwargs", "{}")
