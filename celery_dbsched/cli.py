@@ -18,6 +18,7 @@ from . import display, observe, schedule_input
 from .binding import repository_for
 from .controls import cancel_job, pause_job, remove_job, resume_job, trigger_job
 from .errors import DbschedError, FieldError, JobNotFound, NameTaken
+from .importers import import_group
 from .migrate import current_revision, head_revision, migrate
 from .observe import Server, Status
 from .records import JobRecord, RunRecord
@@ -108,6 +109,9 @@ def _echo_json(data: Any) -> None:
 @click.group(name="dbsched")
 def dbsched() -> None:
     """celery_dbsched: the database-backed scheduler (times in UTC unless --tz)."""
+
+
+dbsched.add_command(import_group)  # `import django-celery-beat ...`, `import redbeat ...` (celery_dbsched.importers)
 
 
 @dbsched.command()
