@@ -15,10 +15,12 @@ from .errors import (
     DatabaseUnavailable,
     DbschedError,
     InvalidRunState,
+    InvalidSchedule,
     JobInterrupted,
     JobNotFound,
     JobNotRegistered,
     JobPaused,
+    NameTaken,
     RunNotFound,
     SchemaMismatch,
 )
@@ -27,6 +29,7 @@ from .policy import JobPolicy
 from .records import JobRecord, RunRecord
 from .registration import job, register_job, update_job_next_run_in_at_least
 from .repository import JobRepository
+from .runtime import add_schedule, get_schedule, list_schedules, put_schedules, remove_schedule, update_schedule
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
@@ -38,6 +41,7 @@ __all__ = [
     "DatabaseUnavailable",
     "DbschedError",
     "InvalidRunState",
+    "InvalidSchedule",
     "Job",
     "JobContext",
     "JobInterrupted",
@@ -48,20 +52,27 @@ __all__ = [
     "JobRecord",
     "JobRepository",
     "JobStatus",
+    "NameTaken",
     "RunNotFound",
     "RunRecord",
     "Scheduler",
     "SchemaMismatch",
+    "add_schedule",
     "cancel_job",
     "cancel_run",
+    "get_schedule",
     "job",
+    "list_schedules",
     "pause_job",
     "progress",
+    "put_schedules",
     "register_job",
     "remove_job",
+    "remove_schedule",
     "resume_job",
     "trigger_job",
     "update_job_next_run_in_at_least",
+    "update_schedule",
 ]
 
 

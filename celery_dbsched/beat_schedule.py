@@ -27,7 +27,7 @@ from .registry import app_timezone
 from .repository import JobRepository
 from .schedules import Schedule, parse_timezone, schedule_from
 from .settings import parse_bool, parse_duration
-from .states import JobKind
+from .states import JobKind, Origin
 
 logger = logging.getLogger(__name__)
 
@@ -174,17 +174,24 @@ def sync_beat_schedule(app: Any, repository: JobRepository) -> list[str]:
     and writes for the differences only (see `JobRepository.sync_jobs`)."""
     digest = fingerprint(app)
     entries = _entries(app)
-    if digest is not None and repository.sync_is_current(SYNC_SOURCE, digest, JobKind.TASK):
+    if digest is not None and repository.sync_is_current(SYNC_SOURCE, digest, Origin.BEAT_SCHEDULE):
         return [name for name, entry in entries.items() if _enabled(name, entry)]
     found = definitions(app)
-    result = repository.sync_jobs(found, disable_missing=JobKind.TASK, source=SYNC_SOURCE, fingerprint=digest)
+    result = repository.sync_jobs(found, disable_missing=Origin.BEAT_SCHEDULE, source=SYNC_SOURCE, fingerprint=digest)
+    if result.refused:
+        # Left alone; no fingerprint is kept while any is (sync_jobs), so that every start looks again.
+        logger.error(
+            "celery_dbsched: beat_schedule entries not synced, a runtime schedule has their name: %s; rename the "
+            "entry, or remove the runtime schedule (dbsched remove NAME --purge)",
+            summarize_names(result.refused),
+        )
     if result.added or result.changed:
         logger.info(
             "celery_dbsched: beat_schedule synced: %d added, %d changed", len(result.added), len(result.changed)
         )
     if result.disabled:
         logger.warning("celery_dbsched: beat_schedule entries removed, disabled: %s", summarize_names(result.disabled))
-    return [d.name for d in found if d.policy.enabled]
+    return [d.name for d in found if d.policy.enabled and d.name not in result.refused]
 
 
 def summarize_names(names: list[str], shown: int = 20) -> str:

@@ -74,6 +74,8 @@ def schedule(job: JobRecord) -> str:
     if spec["type"] == "crontab":
         fields = " ".join(spec[k] for k in ("minute", "hour", "day_of_month", "month_of_year", "day_of_week"))
         return f"cron {fields} {spec['timezone']}"
+    if spec["type"] == "clocked":
+        return f"once at {when(job.schedule.first_slot(job.next_scheduled_run))}"
     return f"{spec['event']} at {spec['lat']:g},{spec['lon']:g}"
 
 

@@ -78,6 +78,32 @@ class DatabaseUnavailable(DatabaseError):
     conflict); the caller may retry later."""
 
 
+class InvalidSchedule(DbschedError, ValueError):
+    """A runtime schedule that cannot be stored as given (bad syntax, task name, JSON, timezone, keyword): the
+    message names the schedule, the wrong thing and the fix; nothing is stored."""
+
+
+class NameTaken(DbschedError, ValueError):
+    """A job name is owned by another origin: a runtime schedule cannot take the name of a code (`@job`) or
+    `beat_schedule` job, and those cannot take a runtime schedule's."""
+
+    def __init__(self, name: str, owner: str, wanted: str) -> None:
+        self.name, self.owner, self.wanted = name, owner, wanted
+        if wanted == "runtime":
+            fix = (
+                "use edit for it, or remove --purge it first"
+                if owner == "runtime"
+                else f"choose another name (the {owner} job keeps its own)"
+            )
+            message = f"job name {name!r} is taken by a {owner} job; {fix}"
+        else:
+            message = (
+                f"{wanted} job {name!r} is not stored: a runtime schedule has that name; rename the {wanted} job, "
+                f"or remove the runtime schedule (dbsched remove {name} --purge)"
+            )
+        super().__init__(message)
+
+
 class JobPaused(DbschedError):
     """The job is paused or disabled, so it cannot be triggered."""
 

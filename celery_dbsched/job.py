@@ -17,7 +17,7 @@ from .policy import POLICY_NAMES, JobPolicy
 from .schedules import Schedule
 from .schema import NAME_MAX_LENGTH, QUEUE_MAX_LENGTH
 from .settings import parse_duration
-from .states import InterruptReason, JobKind, Misfire
+from .states import InterruptReason, JobKind, Misfire, Origin
 
 
 @dataclass(frozen=True)
@@ -244,6 +244,10 @@ class JobDefinition:
     task_args: tuple[Any, ...] = ()
     task_kwargs: Mapping[str, Any] = field(default_factory=dict)
     task_options: Mapping[str, Any] = field(default_factory=dict)
+    # Who owns it (None: by its kind, code for "job", beat_schedule for "task"); runtime jobs say so.
+    origin: Origin | None = None
+    one_off: bool = False  # disabled once a run of it is claimed (django-celery-beat's one_off)
+    expire_time: dt.datetime | None = None  # no slot after it is claimed (django-celery-beat's `expires`)
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -252,6 +256,17 @@ class JobDefinition:
         if self.kind not in set(JobKind):
             raise ValueError(f"{label}: kind must be 'job' or 'task', got {self.kind!r}")
         object.__setattr__(self, "kind", JobKind(self.kind))  # as given (a str) or the member: stored as the member
+        if self.origin is None:
+            object.__setattr__(self, "origin", Origin.CODE if self.kind == JobKind.JOB else Origin.BEAT_SCHEDULE)
+        elif self.origin not in set(Origin):
+            raise ValueError(f"{label}: origin must be one of {', '.join(Origin)}, got {self.origin!r}")
+        object.__setattr__(self, "origin", Origin(self.origin))
+        if not isinstance(self.one_off, bool):
+            raise ValueError(f"{label}: one_off must be True or False, got {self.one_off!r}")
+        if self.expire_time is not None and (
+            not isinstance(self.expire_time, dt.datetime) or self.expire_time.utcoffset() is None
+        ):
+            raise ValueError(f"{label}: expire_time must be an aware datetime, got {self.expire_time!r}")
         if self.kind == JobKind.TASK and (not isinstance(self.task, str) or not self.task.strip()):
             raise ValueError(f"{label}: a beat_schedule entry needs a task name, got {self.task!r}")
         if self.schedule is not None and not isinstance(self.schedule, Schedule):

@@ -309,6 +309,7 @@ def job_json(job: JobRecord, state: str, last_run: RunRecord | None, now: dt.dat
     return {
         "name": job.name,
         "kind": str(job.kind),
+        "origin": str(job.origin),  # code, beat_schedule or runtime
         "state": state,
         "description": job.description,
         "schedule": schedule(job),
@@ -321,4 +322,6 @@ def job_json(job: JobRecord, state: str, last_run: RunRecord | None, now: dt.dat
         "max_active": job.policy.max_active,
         "last_run": None if last_run is None else run_json(last_run, now),
         "overrides": job.overrides_by_field(),  # an operator's edits on the dashboard ({}: none)
+        "one_off": job.one_off,
+        "expire_time": None if job.expire_time is None else _time(job.expire_time),
     }

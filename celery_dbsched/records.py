@@ -16,7 +16,7 @@ from . import timing
 from .job import JobDefinition, JobStatus
 from .policy import JobPolicy, backoff_of, delta_of, seconds_of
 from .schedules import Schedule, schedule_from_spec
-from .states import InterruptReason, JobKind, RunState
+from .states import InterruptReason, JobKind, Origin, RunState
 
 # A job's `every` (its interval when it has no schedule) is stored in this column, named for Boundary's
 # "default next run in"; these records are the one place that maps the two.
@@ -47,6 +47,9 @@ class JobRecord:
     paused: bool = False
     active_runs: int = 0  # queued or running runs holding a slot (kept by the database)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # an operator's edits, by column
+    origin: Origin = Origin.CODE  # who owns it: code, beat_schedule or runtime
+    one_off: bool = False  # disabled once a run of it is claimed
+    expire_time: dt.datetime | None = None  # no slot after it is claimed
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> JobRecord:
@@ -71,6 +74,9 @@ class JobRecord:
             paused=bool(m["paused"]),
             active_runs=m["active_runs"],
             overrides=overrides_of(m[OVERRIDES_COLUMN]),
+            origin=Origin(m["origin"]),
+            one_off=bool(m["one_off"]),
+            expire_time=m["expire_time"],
         )
 
     @property
@@ -90,6 +96,18 @@ class JobRecord:
     def cadence(self) -> Schedule | None:
         return timing.cadence(self.schedule, self.every)
 
+    @property
+    def message_options(self) -> dict[str, Any]:
+        """The options a plain task's message is sent with: its stored options, and its `expire_time` as the
+        message's `expires` (an absolute time, as django-celery-beat sends its `expires`)."""
+        if self.expire_time is None:
+            return self.task_options
+        return {**self.task_options, "expires": self.expire_time.isoformat()}
+
+    def passes_expiry(self, slot: dt.datetime) -> bool:
+        """A slot after the job's `expire_time`: the job is disabled rather than moved there."""
+        return self.expire_time is not None and slot > self.expire_time
+
     def next_slot(self, now: dt.datetime, anchor: dt.datetime | None) -> dt.datetime | None:
         """The job's next slot after `now` on its cadence (None when it has no schedule)."""
         return timing.next_slot(self.cadence, now, anchor)
@@ -108,6 +126,9 @@ def definition_values(definition: JobDefinition) -> dict[str, Any]:
         "task_args": json.dumps(list(definition.task_args)) if definition.kind == JobKind.TASK else None,
         "task_kwargs": json.dumps(dict(definition.task_kwargs)) if definition.kind == JobKind.TASK else None,
         "task_options": json.dumps(dict(definition.task_options)) if definition.kind == JobKind.TASK else None,
+        "origin": definition.origin,
+        "one_off": definition.one_off,
+        "expire_time": definition.expire_time,
     }
 
 
@@ -190,6 +211,76 @@ def changes(row: Row[Any], values: Mapping[str, Any], now: dt.datetime) -> dict[
 
 
 @dataclass(frozen=True)
+class RuntimeEntry:
+    """What a runtime schedule stores (`celery_dbsched.runtime`): its definition (origin runtime), and when it
+    may first run: not before `start_time`, and (an importer's) the first slot after `last_run_at`."""
+
+    definition: JobDefinition
+    start_time: dt.datetime | None = None
+    last_run_at: dt.datetime | None = None
+
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    def first_run(self, now: dt.datetime) -> dt.datetime:
+        """Its next run when it is created at `now` (`timing.runtime_first_run`)."""
+        assert self.definition.schedule is not None
+        return timing.runtime_first_run(
+            self.definition.schedule, now, start_time=self.start_time, last_run_at=self.last_run_at
+        )
+
+    def values(self, first: dt.datetime) -> dict[str, Any]:
+        """Its column values when created with first run `first`: disabled at once when that is past its
+        `expire_time` (django-celery-beat disables an expired task the same way)."""
+        values = definition_values(self.definition)
+        if self.definition.expire_time is not None and first > self.definition.expire_time:
+            values["enabled"] = False
+        return values
+
+
+def runtime_changes(row: Row[Any], entry: RuntimeEntry, now: dt.datetime, *, timing_given: bool) -> dict[str, Any]:
+    """What storing a runtime `entry` over its stored `row` changes (with `update_time`), or {}: its settings;
+    its next run only when its schedule changed (the new schedule's next slot, `timing.rescheduled`), when it is
+    enabled again (its next slot after now), or with `timing_given` when a `start_time` or `last_run_at` is given
+    (as when it is created); disabled when that next run is past its `expire_time`. Editing only args, kwargs,
+    options, description or policies leaves the next run alone."""
+    current = JobRecord.from_row(row)
+    definition = entry.definition
+    values = definition_values(definition)
+    updates = {**values, **changes(row, values, now)}
+    updates.pop("update_time", None)
+    schedule = definition.schedule
+    assert schedule is not None
+    nsr: dt.datetime = updates.get("next_scheduled_run", current.next_scheduled_run)
+    if timing_given and entry.last_run_at is not None:
+        nsr = entry.first_run(now)
+    elif schedule != current.schedule:
+        nsr = timing.rescheduled(schedule, now, entry.start_time)
+    elif timing_given and entry.start_time is not None and nsr < entry.start_time:
+        nsr = schedule.first_slot(entry.start_time)
+    updates["next_scheduled_run"] = nsr
+    if updates["enabled"] and definition.expire_time is not None and nsr > definition.expire_time:
+        updates["enabled"] = False
+    changed = {key: value for key, value in updates.items() if row._mapping[key] != value}
+    if changed:
+        changed["update_time"] = now
+    return changed
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What `put_schedules` did (or, with `dry_run`, would do), names in the order given: created, updated,
+    left as they were, and refused with the reason (a name owned by code or beat_schedule, a bad entry)."""
+
+    created: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
 class ClaimStats:
     """What a beat claimed over the last minute: how many runs, and their claim lag (claimed at minus the slot
     each was claimed for) in seconds, median and maximum (None: nothing claimed). Written with its heartbeat."""
@@ -207,31 +298,45 @@ class JobSync:
     changed: list[str] = field(default_factory=list)
     disabled: list[str] = field(default_factory=list)
     unchanged: bool = False
+    refused: list[str] = field(default_factory=list)  # declared names a runtime job owns: left alone
 
 
 @dataclass(frozen=True)
 class SyncPlan:
     new: list[str]
     candidates: list[str]  # stored, and differing in some setting
-    missing: list[str]  # enabled jobs of the synced kind that are no longer declared
+    missing: list[str]  # enabled jobs of the synced origin that are no longer declared
+    refused: list[str] = field(default_factory=list)  # declared, but the stored job is a runtime one
 
     @property
     def pending(self) -> bool:
         return bool(self.new or self.candidates or self.missing)
 
 
+def owned_by_runtime(row: Row[Any], definition: JobDefinition) -> bool:
+    """A declared job (code, beat_schedule) whose name a runtime job holds: a sync leaves that job alone."""
+    return bool(row._mapping["origin"] == Origin.RUNTIME and definition.origin != Origin.RUNTIME)
+
+
 def plan_sync(
     rows: Mapping[str, Row[Any]],
     wanted: Mapping[str, JobDefinition],
     values: Mapping[str, Mapping[str, Any]],
-    kind: JobKind | None,
+    origin: Origin | None,
 ) -> SyncPlan:
+    """What a sync of `wanted` does over the stored `rows`; `origin`: the jobs of that origin no longer declared
+    are disabled (a sync never disables, nor writes over, a job of another origin)."""
     new = [name for name in wanted if name not in rows]
+    refused = sorted(name for name, row in rows.items() if name in wanted and owned_by_runtime(row, wanted[name]))
     candidates = [
-        name for name, row in rows.items() if name in wanted and _differs(row, synced_values(row, values[name]))
+        name
+        for name, row in rows.items()
+        if name in wanted and name not in refused and _differs(row, synced_values(row, values[name]))
     ]
-    missing = [] if kind is None else [n for n, r in rows.items() if n not in wanted and r.kind == kind and r.enabled]
-    return SyncPlan(new, sorted(candidates), sorted(missing))
+    missing = (
+        [] if origin is None else [n for n, r in rows.items() if n not in wanted and r.origin == origin and r.enabled]
+    )
+    return SyncPlan(new, sorted(candidates), sorted(missing), refused)
 
 
 def _utc(when: dt.datetime) -> str:
@@ -359,6 +464,9 @@ def definition_of(job: JobRecord, **replaced: Any) -> JobDefinition:
         "task_args": job.task_args,
         "task_kwargs": job.task_kwargs,
         "task_options": job.task_options,
+        "origin": job.origin,
+        "one_off": job.one_off,
+        "expire_time": job.expire_time,
     }
     values.update(replaced)
     return JobDefinition(**values)

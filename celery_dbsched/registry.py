@@ -13,12 +13,14 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from .errors import NameTaken
 from .job import Job, JobDefinition, validate_name
 from .policy import POLICY_NAMES, JobPolicy
 from .records import JobRecord
 from .repository import JobRepository
 from .schedules import IntervalSchedule, parse_timezone, schedule_from
 from .settings import parse_duration
+from .states import Origin
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +71,9 @@ class JobRegistry:
             self._repository = repository
             jobs = list(self._jobs.values())
             first_run_in = dict(self._first_run_in)
-        repository.sync_jobs([self.definition(job) for job in jobs], first_run_in=first_run_in)
+        result = repository.sync_jobs([self.definition(job) for job in jobs], first_run_in=first_run_in)
+        for name in result.refused:
+            logger.error("celery_dbsched: %s", NameTaken(name, Origin.RUNTIME, Origin.CODE))
 
     def detach(self) -> None:
         with self._lock:

@@ -23,7 +23,7 @@ from . import statements as sql
 from . import timing
 from .clock import Clock, DatabaseClock
 from .engine import KeptConnections, make_engine
-from .errors import DbschedError, InvalidRunState, JobNotFound, RunNotFound, classify
+from .errors import DbschedError, InvalidRunState, JobNotFound, NameTaken, RunNotFound, classify
 from .job import JobDefinition, JobStatus
 from .policy import POLICY_NAMES, JobPolicy, delta_of
 from .records import (
@@ -31,9 +31,11 @@ from .records import (
     ClaimStats,
     JobRecord,
     JobSync,
+    PutResult,
     RunRecord,
     RunsPage,
     RunSummary,
+    RuntimeEntry,
     StartedRun,
     WatchFrame,
     WatchRun,
@@ -41,12 +43,14 @@ from .records import (
     definition_of,
     definition_values,
     edited_values,
+    owned_by_runtime,
     plan_sync,
     reverted_values,
+    runtime_changes,
     synced_values,
 )
 from .settings import DEFAULT_INTERRUPT_THRESHOLD, DEFAULT_RETRY_BACKOFF, Settings, mask_database_url
-from .states import ACTIVE, InterruptReason, JobKind, RunState
+from .states import ACTIVE, InterruptReason, JobKind, Origin, RunState
 
 # Rows per statement when a sync writes many: with ~25 columns a row, far below PostgreSQL's 65,535 and
 # SQLite's 32,766 bound parameters per statement.
@@ -260,6 +264,8 @@ class JobRepository:
                         continue  # registered concurrently by another process: update it instead
                     self._wake_if_soon(conn, definition.name, first, now)
                     return JobRecord.from_row(inserted)
+                if owned_by_runtime(row, definition):
+                    raise NameTaken(definition.name, Origin.RUNTIME, str(definition.origin))
                 return self._store_over(conn, row, synced_values(row, values), now)
 
     def _store_over(self, conn: Connection, row: Row[Any], values: Mapping[str, Any], now: dt.datetime) -> JobRecord:
@@ -274,7 +280,7 @@ class JobRepository:
         definitions: Sequence[JobDefinition],
         *,
         first_run_in: Mapping[str, dt.timedelta | None] | None = None,
-        disable_missing: JobKind | None = None,
+        disable_missing: Origin | None = None,
         source: str | None = None,
         fingerprint: str | None = None,
     ) -> JobSync:
@@ -283,7 +289,9 @@ class JobRepository:
 
         Each job is stored as `define_job` stores it (new: first due as there; changed: its next run only
         recomputed when its schedule changed or it is enabled again). `disable_missing`: also disable the
-        enabled jobs of that kind not among `definitions` (history kept). `source` + `fingerprint`: a digest of
+        enabled jobs of that origin not among `definitions` (history kept). A definition whose name a runtime job
+        holds is left alone (`JobSync.refused`): a sync never disables nor writes over a runtime job.
+        `source` + `fingerprint`: a digest of
         whatever the definitions were built from; when the database says the last sync of `source` stored the
         same one (`sync_is_current`, which callers ask first to skip building the definitions) nothing is written;
         the fingerprint is stored with the changes, in their transaction. Several processes syncing one source
@@ -307,7 +315,9 @@ class JobRepository:
             done = self._store_sync(conn, wanted, values, first_run_in or {}, disable_missing, now)
             if source is not None and fingerprint is not None:
                 count = self._count_kind(conn, disable_missing)
-                conn.execute(sql.store_fingerprint(source, fingerprint, count, now))
+                # A definition refused for a runtime job's name: no fingerprint, so that the next sync looks again.
+                kept = None if done.refused else fingerprint
+                conn.execute(sql.store_fingerprint(source, kept, count, now))
         return done
 
     def _store_sync(
@@ -316,26 +326,27 @@ class JobRepository:
         wanted: Mapping[str, JobDefinition],
         values: Mapping[str, Mapping[str, Any]],
         first_run_in: Mapping[str, dt.timedelta | None],
-        kind: JobKind | None,
+        origin: Origin | None,
         now: dt.datetime,
     ) -> JobSync:
         """The writes of `sync_jobs`, in its transaction: insert the new, update the changed, disable the missing."""
-        plan = plan_sync(self._rows_to_sync(conn, wanted, kind), wanted, values, kind)
+        plan = plan_sync(self._rows_to_sync(conn, wanted, origin), wanted, values, origin)
         added = self._insert_new(conn, [wanted[name] for name in plan.new], values, first_run_in, now)
         raced = sorted(set(plan.new) - set(added))  # inserted by another process meanwhile: compare them
-        changed = self._update_changed(conn, plan.candidates + raced, wanted, values, now)
-        disabled = self._disable(conn, plan.missing, kind, now) if kind else []
-        return JobSync(added=added, changed=changed, disabled=disabled)
+        refused = list(plan.refused)
+        changed = self._update_changed(conn, plan.candidates + raced, wanted, values, now, refused)
+        disabled = self._disable(conn, plan.missing, origin, now) if origin else []
+        return JobSync(added=added, changed=changed, disabled=disabled, refused=sorted(refused))
 
-    def sync_is_current(self, source: str, fingerprint: str, kind: JobKind | None) -> bool:
-        """One read: the last sync of `source` stored this fingerprint, and the jobs of `kind` are still as
+    def sync_is_current(self, source: str, fingerprint: str, origin: Origin | None) -> bool:
+        """One read: the last sync of `source` stored this fingerprint, and the jobs of `origin` are still as
         many as it left (none deleted or added behind its back). Then syncing the same again is a no-op."""
         with self._tx() as conn:
-            row = conn.execute(sql.sync_state(source, kind)).first()
+            row = conn.execute(sql.sync_state(source, origin)).first()
         return row is not None and row[0] == fingerprint and row[1] == row[2]
 
-    def _count_kind(self, conn: Connection, kind: JobKind | None) -> int:
-        return int(conn.execute(sql.count_jobs(kind)).scalar_one())
+    def _count_kind(self, conn: Connection, origin: Origin | None) -> int:
+        return int(conn.execute(sql.count_jobs(origin)).scalar_one())
 
     def _lock_source(self, conn: Connection, source: str) -> tuple[str | None, int] | None:
         """Hold the `source` row until commit (another process syncing the same source waits here)."""
@@ -344,10 +355,10 @@ class JobRepository:
         return None if row is None else (row[0], int(row[1]))
 
     def _rows_to_sync(
-        self, conn: Connection, wanted: Mapping[str, JobDefinition], kind: JobKind | None
+        self, conn: Connection, wanted: Mapping[str, JobDefinition], origin: Origin | None
     ) -> dict[str, Row[Any]]:
-        """The stored rows of the wanted jobs and (with `kind`) every enabled job of that kind: one statement."""
-        return {row.name: row for row in conn.execute(sql.jobs_to_sync(self.dialect, wanted, kind))}
+        """The stored rows of the wanted jobs and (with `origin`) every enabled job of that origin: one statement."""
+        return {row.name: row for row in conn.execute(sql.jobs_to_sync(self.dialect, wanted, origin))}
 
     def _insert_new(
         self,
@@ -356,15 +367,20 @@ class JobRepository:
         values: Mapping[str, Mapping[str, Any]],
         first_run_in: Mapping[str, dt.timedelta | None],
         now: dt.datetime,
+        firsts: Mapping[str, dt.datetime] | None = None,
     ) -> list[str]:
-        """Insert the new jobs in chunks; returns the names inserted (not those another process got to first)."""
+        """Insert the new jobs in chunks; returns the names inserted (not those another process got to first).
+        Each is first due as `define_job` says, or at its time in `firsts` when given."""
         added: list[str] = []
         soon = False
         chunk = SYNC_JSON_CHUNK if self._is_postgres else SYNC_CHUNK
         for start in range(0, len(definitions), chunk):
             rows = []
             for definition in definitions[start : start + chunk]:
-                first = timing.first_run(definition.schedule, first_run_in.get(definition.name), now)
+                if firsts is not None:
+                    first = firsts[definition.name]
+                else:
+                    first = timing.first_run(definition.schedule, first_run_in.get(definition.name), now)
                 soon = soon or self._is_soon(first, now)
                 row = {"name": definition.name, "next_scheduled_run": first, "create_time": now, "update_time": now}
                 rows.append({**row, **values[definition.name]})
@@ -382,13 +398,18 @@ class JobRepository:
         wanted: Mapping[str, JobDefinition],
         values: Mapping[str, Mapping[str, Any]],
         now: dt.datetime,
+        refused: list[str],
     ) -> list[str]:
         """Re-read the jobs that differ (locked on PostgreSQL, so that a claim that moves one meanwhile is not
-        undone) and write what changed, in chunks of one statement per set of changed columns."""
+        undone) and write what changed, in chunks of one statement per set of changed columns. A job a runtime
+        job's name holds is added to `refused` instead."""
         changed_names: list[str] = []
         for start in range(0, len(names), SYNC_CHUNK):
             groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
             for row in conn.execute(sql.locked_jobs(self.dialect, names[start : start + SYNC_CHUNK])):
+                if owned_by_runtime(row, wanted[row.name]):
+                    refused.append(row.name)
+                    continue
                 changed = changes(row, synced_values(row, values[row.name]), now)
                 if changed:
                     groups.setdefault(tuple(sorted(changed)), []).append({"b_name": row.name, **changed})
@@ -397,10 +418,10 @@ class JobRepository:
                 conn.execute(sql.update_jobs_by_name(), params)
         return sorted(changed_names)
 
-    def _disable(self, conn: Connection, names: Sequence[str], kind: JobKind, now: dt.datetime) -> list[str]:
+    def _disable(self, conn: Connection, names: Sequence[str], origin: Origin, now: dt.datetime) -> list[str]:
         if not names:
             return []
-        return sorted(row[0] for row in conn.execute(sql.disable_jobs(self.dialect, names, kind, now)).all())
+        return sorted(row[0] for row in conn.execute(sql.disable_jobs(self.dialect, names, origin, now)).all())
 
     def lookup_job(self, name: str) -> JobRecord:
         with self._tx() as conn:
@@ -417,10 +438,110 @@ class JobRepository:
             rows = conn.execute(sql.jobs(self.dialect, set(names))).all()
         return {row.name: JobRecord.from_row(row) for row in rows}
 
-    def list_jobs(self) -> list[JobRecord]:
+    def list_jobs(self, origin: Origin | None = None) -> list[JobRecord]:
+        """Every job (of `origin` when given), by name."""
         with self._tx() as conn:
-            rows = conn.execute(sql.all_jobs()).all()
+            rows = conn.execute(sql.all_jobs(origin)).all()
         return [JobRecord.from_row(row) for row in rows]
+
+    # -- runtime schedules (celery_dbsched.runtime) --------------------------------------------------------
+
+    def add_runtime_job(self, entry: RuntimeEntry) -> JobRecord:
+        """Store a new runtime schedule, first due at `entry.first_run` (disabled at once when that is past its
+        expire_time); NameTaken when a job of that name exists (whatever its origin). Wakes the beats if soon."""
+        name = entry.name
+        with self._tx() as conn:
+            now = self._db_now(conn)
+            row = conn.execute(sql.locked_job(self.dialect, name)).first()
+            if row is None:
+                first = entry.first_run(now)
+                row = conn.execute(sql.insert_job(self.dialect, name, first, now, entry.values(first))).first()
+                if row is not None:
+                    self._wake_if_soon(conn, name, first, now)
+                    return JobRecord.from_row(row)
+                row = conn.execute(sql.job(name)).one()  # inserted by another process meanwhile
+            raise NameTaken(name, row.origin, Origin.RUNTIME)
+
+    def _runtime_row(self, conn: Connection, name: str) -> Row[Any]:
+        """A runtime schedule's row, locked; JobNotFound, or DbschedError for a job of another origin."""
+        row = conn.execute(sql.locked_job(self.dialect, name)).first()
+        if row is None:
+            raise JobNotFound(name)
+        if row.origin != Origin.RUNTIME:
+            where = "the code that registers it (@job)" if row.origin == Origin.CODE else "the app's beat_schedule"
+            raise DbschedError(f"job {name!r} is a {row.origin} job, not a runtime schedule; change it in {where}")
+        return row
+
+    def update_runtime_job(
+        self, name: str, build: Callable[[JobRecord], RuntimeEntry], *, timing_given: bool = False
+    ) -> JobRecord:
+        """Store `build(current)` over a runtime schedule (`records.runtime_changes`: its next run moves only when
+        its schedule changed, it is enabled again, or `timing_given`). Wakes the beats if its next run is soon."""
+        with self._tx() as conn:
+            row = self._runtime_row(conn, name)
+            entry = build(JobRecord.from_row(row))
+            now = self._db_now(conn)
+            changed = runtime_changes(row, entry, now, timing_given=timing_given)
+            if not changed:
+                return JobRecord.from_row(row)
+            updated = JobRecord.from_row(conn.execute(sql.update_job(name, changed)).one())
+            if updated.policy.enabled and not updated.paused:
+                self._wake_if_soon(conn, name, updated.next_scheduled_run, now)
+            return updated
+
+    def remove_runtime_job(self, name: str, *, purge: bool = False) -> JobRecord:
+        """`remove_job` for a runtime schedule only (DbschedError for a job of another origin)."""
+        with self._tx() as conn:
+            self._runtime_row(conn, name)
+        return self.remove_job(name, purge=purge)
+
+    def put_runtime_jobs(self, entries: Sequence[RuntimeEntry], *, dry_run: bool = False) -> PutResult:
+        """Create the missing runtime schedules, update the changed (as `update_runtime_job`), leave the
+        identical alone, refuse names a code or beat_schedule job holds; in one transaction of bounded
+        statements (chunks of SYNC_CHUNK names: one locked read each, the names as one parameter, then one insert
+        and an executemany update per set of changed columns). `dry_run`: only the reads."""
+        created: list[str] = []
+        updated: list[str] = []
+        unchanged: list[str] = []
+        refused: list[tuple[str, str]] = []
+        with self._tx() as conn:
+            now = self._db_now(conn)
+            soon: str | None = None
+            for start in range(0, len(entries), SYNC_CHUNK):
+                part = entries[start : start + SYNC_CHUNK]
+                rows = {row.name: row for row in conn.execute(sql.locked_jobs(self.dialect, [e.name for e in part]))}
+                new: list[RuntimeEntry] = []
+                groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+                for entry in part:
+                    row = rows.get(entry.name)
+                    if row is None:
+                        new.append(entry)
+                    elif row.origin != Origin.RUNTIME:
+                        refused.append((entry.name, str(NameTaken(entry.name, row.origin, Origin.RUNTIME))))
+                    else:
+                        changed = runtime_changes(row, entry, now, timing_given=False)
+                        if not changed:
+                            unchanged.append(entry.name)
+                            continue
+                        updated.append(entry.name)
+                        groups.setdefault(tuple(sorted(changed)), []).append({"b_name": entry.name, **changed})
+                        when = changed.get("next_scheduled_run")
+                        if when is not None and self._is_soon(when, now):
+                            soon = entry.name
+                if dry_run:
+                    created.extend(entry.name for entry in new)
+                    continue
+                firsts = {entry.name: entry.first_run(now) for entry in new}
+                values = {entry.name: entry.values(firsts[entry.name]) for entry in new}
+                definitions = [entry.definition for entry in new]
+                added = set(self._insert_new(conn, definitions, values, {}, now, firsts))
+                created.extend(entry.name for entry in new if entry.name in added)
+                refused.extend((e.name, "created by another process meanwhile") for e in new if e.name not in added)
+                for params in groups.values():
+                    conn.execute(sql.update_jobs_by_name(), params)
+            if soon is not None and not dry_run:
+                conn.execute(sql.notify(soon))
+        return PutResult(created, updated, unchanged, refused, dry_run)
 
     def update_job_next_run_in_at_least(self, name: str, delta: dt.timedelta, *, run_now: bool = False) -> JobRecord:
         """`next_scheduled_run = least(now + delta, next_scheduled_run)`: only ever earlier. When the job has
@@ -492,12 +613,16 @@ class JobRepository:
             return
         now = self._db_now(conn)
         slots = []
+        ended: list[str] = []
         for row in rows:
             job = JobRecord.from_row(row)
             slot = timing.skip_misfired(job.cadence, job.next_scheduled_run, now)
-            if slot is not None:
+            if slot is not None and job.passes_expiry(slot):
+                ended.append(job.name)
+            elif slot is not None:
                 slots.append((job.name, slot))
         self._set_next_runs(conn, slots)
+        self._disable_ended(conn, ended)
 
     def _advance_claimed(self, conn: Connection, runs: Sequence[RunRecord]) -> dict[str, JobRecord]:
         """Plain tasks and overlapping jobs: the claim itself moves the job to its next slot (fixed cadence;
@@ -508,14 +633,24 @@ class JobRepository:
         rows = conn.execute(sql.claimed_jobs_advancing(self.dialect, self.clock.now, [run.id for run in runs])).all()
         jobs: dict[str, JobRecord] = {}
         slots: list[tuple[str, dt.datetime]] = []
+        ended: list[str] = []
         for row in rows:
             job = JobRecord.from_row(row)
             jobs[job.name] = job
             slot = job.next_slot(row.claimed_at, row.claimed_slot)
-            if slot is not None:
+            if job.one_off or (slot is not None and job.passes_expiry(slot)):
+                ended.append(job.name)  # its one run, or its last before expire_time: disabled, history kept
+            elif slot is not None:
                 slots.append((job.name, slot))
         self._set_next_runs(conn, slots)
+        self._disable_ended(conn, ended)
         return jobs
+
+    def _disable_ended(self, conn: Connection, names: Sequence[str]) -> None:
+        """Disable one-off jobs whose run was claimed and jobs past their `expire_time` (one statement, the names
+        as one parameter); their next run stays at the slot claimed, their history is kept."""
+        if names:
+            conn.execute(sql.disable_named(self.dialect, self.clock.now, names))
 
     # -- runs: transitions ----------------------------------------------------------------------------
 

@@ -421,7 +421,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             job.task,
             job.task_args,
             job.task_kwargs,
-            job.task_options,
+            job.message_options,
             run_headers(run.id),
             entry=job.name,
         )

@@ -235,14 +235,61 @@ class SolarSchedule(Schedule):
         return found.datetime().replace(tzinfo=UTC)  # type: ignore[no-any-return]
 
 
+# The slot of a clocked schedule after its one time: never (the job is disabled once its run is claimed).
+NEVER = dt.datetime(9999, 12, 30, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class ClockedSchedule(Schedule):
+    """One slot at an aware time `at` (django-celery-beat's ClockedSchedule): its first slot is `at` even when
+    that is past (it fires at once), and there is none after it. A job on it is one-off: disabled once its run
+    is claimed."""
+
+    at: dt.datetime
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.at, dt.datetime) or self.at.tzinfo is None or self.at.utcoffset() is None:
+            raise ValueError(f"a clocked schedule needs an aware datetime (with a UTC offset), got {self.at!r}")
+        object.__setattr__(self, "at", self.at.astimezone(UTC))
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "clocked", "at": self.at.isoformat()}
+
+    def next_after(self, after: dt.datetime, anchor: dt.datetime | None = None) -> dt.datetime:
+        return self.at if self.at > after else NEVER
+
+    def first_slot(self, now: dt.datetime) -> dt.datetime:
+        return self.at
+
+    def latest_at_or_before(self, now: dt.datetime, since: dt.datetime) -> dt.datetime | None:
+        return self.at if since < self.at <= now else None
+
+
+def crontab_from_text(text: str, timezone: str = "UTC") -> CrontabSchedule:
+    """A crontab from its five fields as cron writes them, "minute hour day-of-month month day-of-week"."""
+    fields = text.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"a crontab string has 5 fields, 'minute hour day-of-month month day-of-week' (e.g. '*/5 * * * *'), "
+            f"got {text!r}"
+        )
+    minute, hour, day_of_month, month_of_year, day_of_week = fields
+    return CrontabSchedule(minute, hour, day_of_week, day_of_month, month_of_year, parse_timezone(timezone).key)
+
+
 def schedule_from(value: object, *, timezone: str | None = None) -> Schedule:
-    """A Schedule from what users write: seconds, a timedelta, or Celery's schedule, crontab or solar."""
+    """A Schedule from what users write: seconds, a timedelta, Celery's schedule, crontab or solar, a crontab
+    string ("*/5 * * * *", in `timezone`), or an aware datetime (clocked: once at that time)."""
     from celery.schedules import crontab, schedule, solar
 
     if isinstance(value, Schedule):
         return value
     if isinstance(value, bool):
         raise ValueError(f"a schedule cannot be {value!r}")
+    if isinstance(value, str):
+        return crontab_from_text(value, timezone or "UTC")
+    if isinstance(value, dt.datetime):
+        return ClockedSchedule(value)
     if isinstance(value, (int, float)):
         return IntervalSchedule(float(value))
     if isinstance(value, dt.timedelta):
@@ -262,7 +309,8 @@ def schedule_from(value: object, *, timezone: str | None = None) -> Schedule:
     if isinstance(value, schedule):
         return IntervalSchedule(value.run_every.total_seconds())
     raise ValueError(
-        f"unsupported schedule {value!r}: use seconds, a timedelta, or celery.schedules crontab/solar/schedule"
+        f"unsupported schedule {value!r}: use seconds, a timedelta, a crontab string such as '*/5 * * * *', an "
+        "aware datetime (once), or celery.schedules crontab/solar/schedule"
     )
 
 
@@ -288,4 +336,6 @@ def schedule_from_spec(spec: Mapping[str, Any] | str) -> Schedule:
         )
     if kind == "solar":
         return SolarSchedule(data["event"], float(data["lat"]), float(data["lon"]))
+    if kind == "clocked":
+        return ClockedSchedule(dt.datetime.fromisoformat(data["at"]))
     raise ValueError(f"unknown schedule spec {spec!r}")

@@ -35,7 +35,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
-from .states import ACTIVE, InterruptReason, JobKind, Misfire, RunState
+from .states import ACTIVE, InterruptReason, JobKind, Misfire, Origin, RunState
 
 NAME_MAX_LENGTH = 128
 QUEUE_MAX_LENGTH = 255
@@ -182,6 +182,12 @@ job_table = Table(
     # Added by revision 0007: an operator's edits (the dashboard), JSON {"column": {"code": .., "edited": ..}};
     # a sync keeps them over the code's values (records.synced_values). NULL: none.
     Column("overrides", Text, nullable=True),
+    # Added by revision 0008 (issue 13, schedules at run time): who owns the job (states.Origin; backfilled from
+    # `kind`), django-celery-beat's `one_off` (disabled once a run of it is claimed) and absolute `expires` (no
+    # slot after it is claimed; disabled when its next slot would be past it).
+    Column("origin", String(16), nullable=False, server_default=Origin.CODE.value),
+    Column("one_off", Boolean, nullable=False, server_default=false()),
+    Column("expire_time", UTCDateTime, nullable=True),
     CheckConstraint("length(name) > 0", name="dbsched_job_name_not_empty"),
 )
 # An enabled, unpaused job with a free slot. The due index holds only such jobs: claims and the idle tick's

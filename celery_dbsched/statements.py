@@ -47,7 +47,7 @@ from sqlalchemy.types import TypeEngine
 
 from .schema import UTCDateTime, claimable, db_time_at, job_table, least, run_table, server_table, sync_table
 from .settings import DEFAULT_MISFIRE_GRACE
-from .states import ACTIVE, FINAL, InterruptReason, JobKind, Misfire, RunState
+from .states import ACTIVE, FINAL, InterruptReason, JobKind, Misfire, Origin, RunState
 
 WAKEUP_CHANNEL = "dbsched_wakeup"
 ERROR_TEXT_LIMIT = 10_000
@@ -168,8 +168,9 @@ def jobs(dialect: str, names: Iterable[str]) -> Select[Any]:
     return select(j).where(j.c.name.in_(values_of(dialect, names, j.c.name)))
 
 
-def all_jobs() -> Select[Any]:
-    return select(j).order_by(j.c.name)
+def all_jobs(origin: Origin | None = None) -> Select[Any]:
+    query = select(j).order_by(j.c.name)
+    return query if origin is None else query.where(j.c.origin == origin)
 
 
 def insert_job(dialect: str, name: str, first: dt.datetime, now: dt.datetime, values: Mapping[str, Any]) -> Any:
@@ -195,14 +196,14 @@ def notify(name: Any) -> Select[Any]:
     return select(func.pg_notify(wakeup_channel(), name))
 
 
-def count_jobs(kind: JobKind | None) -> Select[Any]:
+def count_jobs(origin: Origin | None) -> Select[Any]:
     count = select(func.count()).select_from(j)
-    return count if kind is None else count.where(j.c.kind == kind)
+    return count if origin is None else count.where(j.c.origin == origin)
 
 
-def sync_state(source: str, kind: JobKind | None) -> Select[Any]:
-    """The fingerprint and job count the last sync of `source` stored, and the jobs of `kind` now."""
-    return select(sync_table.c.fingerprint, sync_table.c.job_count, count_jobs(kind).scalar_subquery()).where(
+def sync_state(source: str, origin: Origin | None) -> Select[Any]:
+    """The fingerprint and job count the last sync of `source` stored, and the jobs of `origin` now."""
+    return select(sync_table.c.fingerprint, sync_table.c.job_count, count_jobs(origin).scalar_subquery()).where(
         sync_table.c.key == source
     )
 
@@ -219,7 +220,7 @@ def locked_source(dialect: str, source: str) -> Select[Any]:
     return _lock(dialect, select(sync_table.c.fingerprint, sync_table.c.job_count).where(sync_table.c.key == source))
 
 
-def store_fingerprint(source: str, fingerprint: str, job_count: int, now: dt.datetime) -> Any:
+def store_fingerprint(source: str, fingerprint: str | None, job_count: int, now: dt.datetime) -> Any:
     return (
         update(sync_table)
         .where(sync_table.c.key == source)
@@ -227,11 +228,11 @@ def store_fingerprint(source: str, fingerprint: str, job_count: int, now: dt.dat
     )
 
 
-def jobs_to_sync(dialect: str, names: Iterable[str], kind: JobKind | None) -> Select[Any]:
-    """The rows of the named jobs and (with `kind`) every enabled job of that kind."""
+def jobs_to_sync(dialect: str, names: Iterable[str], origin: Origin | None) -> Select[Any]:
+    """The rows of the named jobs and (with `origin`) every enabled job of that origin."""
     condition: ColumnElement[bool] = j.c.name.in_(values_of(dialect, names, j.c.name))
-    if kind is not None:
-        condition = or_(condition, and_(j.c.kind == kind, j.c.enabled))
+    if origin is not None:
+        condition = or_(condition, and_(j.c.origin == origin, j.c.enabled))
     return select(j).where(condition)
 
 
@@ -266,10 +267,10 @@ def update_jobs_by_name() -> Any:
     return update(j).where(j.c.name == bindparam("b_name"))
 
 
-def disable_jobs(dialect: str, names: Iterable[str], kind: JobKind, now: dt.datetime) -> Any:
+def disable_jobs(dialect: str, names: Iterable[str], origin: Origin, now: dt.datetime) -> Any:
     return (
         update(j)
-        .where(j.c.name.in_(values_of(dialect, names, j.c.name)), j.c.kind == kind, j.c.enabled)
+        .where(j.c.name.in_(values_of(dialect, names, j.c.name)), j.c.origin == origin, j.c.enabled)
         .values(enabled=False, update_time=now)
         .returning(j.c.name)
     )
@@ -278,10 +279,20 @@ def disable_jobs(dialect: str, names: Iterable[str], kind: JobKind, now: dt.date
 def disable_jobs_not_in(dialect: str, now: Now, kind: JobKind, names: Iterable[str]) -> Any:
     return (
         update(j)
-        .where(j.c.kind == kind, j.c.enabled, j.c.name.not_in(values_of(dialect, names, j.c.name)))
+        .where(
+            j.c.kind == kind,
+            j.c.origin != Origin.RUNTIME,
+            j.c.enabled,
+            j.c.name.not_in(values_of(dialect, names, j.c.name)),
+        )
         .values(enabled=False, update_time=now())
         .returning(j.c.name)
     )
+
+
+def disable_named(dialect: str, now: Now, names: Iterable[str]) -> Any:
+    """Disable the named jobs (the names as one parameter)."""
+    return update(j).where(j.c.name.in_(values_of(dialect, names, j.c.name))).values(enabled=False, update_time=now())
 
 
 def pull_in_job(name: str, wanted: ColumnElement[dt.datetime]) -> Any:
@@ -358,7 +369,12 @@ def claim(dialect: str, now: Now, server_id: str, limit: int) -> Any:
             _slot_to_take(),
             func.coalesce(j.c.retry_slot, j.c.next_scheduled_run),
         )
-        .where(j.c.next_scheduled_run <= at, claimable)
+        .where(
+            j.c.next_scheduled_run <= at,
+            claimable,
+            # No slot after a job's expire_time (the job is disabled when it gets there: _advance_claimed).
+            or_(j.c.expire_time.is_(None), j.c.next_scheduled_run <= j.c.expire_time),
+        )
         .order_by(j.c.next_scheduled_run, j.c.name)
         .limit(limit)
     )

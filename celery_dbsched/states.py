@@ -49,3 +49,13 @@ class Misfire(_Value):
 
     RUN_ONCE = "run_once"
     SKIP = "skip"
+
+
+class Origin(_Value):
+    """Who owns a job (its `origin`): code (`@job`/`register_job`), the app's `beat_schedule`, or the database
+    itself (created at run time through `celery_dbsched.runtime`, the CLI, the dashboard or an importer). A sync
+    of code or `beat_schedule` never touches a runtime job, and a runtime job never takes a declared name."""
+
+    CODE = "code"
+    BEAT_SCHEDULE = "beat_schedule"
+    RUNTIME = "runtime"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
-from .schedules import IntervalSchedule, Schedule
+from .schedules import ClockedSchedule, IntervalSchedule, Schedule
 from .settings import backoff_delay
 from .states import JobKind
 
@@ -54,6 +54,31 @@ def first_run(schedule: Schedule | None, first_run_in: dt.timedelta | None, now:
     if schedule is not None:
         return schedule.first_slot(now)
     return now
+
+
+def runtime_first_run(
+    schedule: Schedule,
+    now: dt.datetime,
+    *,
+    start_time: dt.datetime | None = None,
+    last_run_at: dt.datetime | None = None,
+) -> dt.datetime:
+    """A runtime schedule's first slot: the first one after `last_run_at` when given (an importer's: nothing
+    fires twice or is skipped at the switch; a slot that passed meanwhile runs once, at once), else its first slot
+    from now (a clocked one: its time, even past); never before `start_time`."""
+    slot = schedule.next_after(last_run_at, last_run_at) if last_run_at is not None else schedule.first_slot(now)
+    if start_time is not None and slot < start_time:
+        slot = schedule.first_slot(start_time)
+    return slot
+
+
+def rescheduled(schedule: Schedule, now: dt.datetime, start_time: dt.datetime | None = None) -> dt.datetime:
+    """The next run of a job whose schedule was edited at `now`: the new schedule's next slot after now (a
+    clocked one: its time, even past, as when it is added), never before `start_time`."""
+    slot = schedule.first_slot(now) if isinstance(schedule, ClockedSchedule) else schedule.next_after(now)
+    if start_time is not None and slot < start_time:
+        slot = schedule.first_slot(start_time)
+    return slot
 
 
 def next_run_after_completion(

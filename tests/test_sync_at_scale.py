@@ -247,7 +247,7 @@ def test_the_fingerprint_never_hides_a_change(database: Database) -> None:
     app.conf.beat_schedule = {**entries(50), "noon": {"task": "t.noon", "schedule": crontab(minute=0, hour=12)}}
     sync_beat_schedule(app, repository)
     digest = fingerprint(app)
-    assert digest is not None and repository.sync_is_current(SYNC_SOURCE, digest, "task")
+    assert digest is not None and repository.sync_is_current(SYNC_SOURCE, digest, "beat_schedule")
 
     # The app's timezone is part of what a crontab entry means.
     app.conf.timezone = "Asia/Tokyo"
@@ -258,7 +258,7 @@ def test_the_fingerprint_never_hides_a_change(database: Database) -> None:
     # Jobs deleted (or added) behind the sync's back: the count no longer matches, everything is compared.
     with repository.engine.begin() as conn:
         conn.execute(text("DELETE FROM dbsched_job WHERE name = 'entry-000003'"))
-    assert not repository.sync_is_current(SYNC_SOURCE, fingerprint(app) or "", "task")
+    assert not repository.sync_is_current(SYNC_SOURCE, fingerprint(app) or "", "beat_schedule")
     sync_beat_schedule(app, repository)
     assert repository.lookup_job("entry-000003").policy.enabled is True
 
@@ -305,7 +305,7 @@ def test_several_beats_syncing_one_schedule_at_once_agree(database: Database) ->
     again = scale_app(0)
     again.conf.beat_schedule = schedule
     digest = fingerprint(again)
-    assert digest is not None and repository.sync_is_current(SYNC_SOURCE, digest, "task")
+    assert digest is not None and repository.sync_is_current(SYNC_SOURCE, digest, "beat_schedule")
 
 
 # --- error classification --------------------------------------------------------------------------
