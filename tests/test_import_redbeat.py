@@ -7,10 +7,14 @@ Keys live under a prefix of the test's own on the shared Redis (`i13-redbeat-tes
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -18,6 +22,8 @@ import pytest
 from celery import Celery
 from celery.schedules import crontab, schedule, solar
 from helpers.apps import make_app
+from helpers.polling import wait_for
+from helpers.processes import Processes
 from helpers.services import REDIS_URL, Database, require_service
 from redbeat import RedBeatSchedulerEntry
 from redbeat.schedules import rrule
@@ -25,6 +31,7 @@ from test_cli import clean_error, ok
 from test_cli import dbsched as run_cli
 
 from celery_dbsched import put_schedules
+from celery_dbsched.beat_schedule import entry_names
 from celery_dbsched.binding import forget_repository, repository_for
 from celery_dbsched.errors import DbschedError
 from celery_dbsched.importers.redbeat import read_redbeat, redis_client
@@ -62,9 +69,7 @@ class RedBeat:
         return loaded
 
     def read(self) -> Any:
-        return read_redbeat(
-            self.client, key_prefix=self.prefix, timezone=ZONE, beat_schedule=list(self.app.conf.beat_schedule or {})
-        )
+        return read_redbeat(self.client, key_prefix=self.prefix, timezone=ZONE, declared=entry_names(self.app))
 
     def cli_args(self) -> list[str]:
         return ["import", "redbeat", "--redis-url", REDIS_URL, "--key-prefix", self.prefix]
@@ -342,3 +347,99 @@ def test_the_command_plans_imports_and_exits_1_on_a_skip_unless_allowed(redbeat:
     missing = clean_error(run_cli(database.url, "import", "redbeat", "--redis-url", REDIS_URL, "--key-prefix",
                                   redbeat.prefix + "typo:", settings=settings))  # fmt: skip
     assert "--key-prefix" in missing.stderr
+
+
+# -- a real switch: RedBeat's beat, the import, celery_dbsched's beat; one worker throughout ----------------
+
+
+def _ticks(log: Path) -> dict[str, list[float]]:
+    """When `redbeat_app.tick` ran, per entry (unix times, in order)."""
+    ticks: dict[str, list[float]] = {}
+    if log.exists():
+        for line in log.read_text().splitlines():
+            item = json.loads(line)
+            ticks.setdefault(item["name"], []).append(item["time"])
+    return ticks
+
+
+@pytest.mark.e2e
+@pytest.mark.postgres
+def test_a_real_switch_fires_each_entry_at_redbeats_next_slot_and_none_twice(
+    processes: Processes, postgres_database: Database, tmp_path: Path
+) -> None:
+    require_service("redis")
+    repo = postgres_database.migrated_repository()
+    tag = uuid.uuid4().hex[:10]
+    prefix, log = f"i13-redbeat-test:{tag}:", tmp_path / "ticks.jsonl"
+    env = {
+        "REDBEAT_APP_DB": postgres_database.url,
+        "REDBEAT_APP_BROKER": REDIS_URL,
+        "REDBEAT_APP_QUEUE": f"i13-redbeat-test-{tag}",
+        "REDBEAT_APP_PREFIX": prefix,
+        "REDBEAT_APP_LOG": str(log),
+    }
+    app = make_app(redbeat_redis_url=REDIS_URL, redbeat_key_prefix=prefix)
+    client = redis_client(REDIS_URL)
+    every = {"fast-2": 2.0, "fast-3": 3.0, "slow-20": 20.0}
+    try:
+        now = dt.datetime.now(UTC)
+        for name, seconds in every.items():  # each first due about 2 s after the beat starts
+            entry = RedBeatSchedulerEntry(name, "redbeat_app.tick", schedule(seconds), args=[name], app=app).save()
+            entry.reschedule(now - dt.timedelta(seconds=seconds - 4))
+        worker = processes.start_worker("redbeat_app", env=env, name="worker")
+        worker.wait_ready()
+        old_beat = processes.start_beat(
+            "redbeat_app",
+            env=env,
+            name="redbeat",
+            scheduler="redbeat.RedBeatScheduler",
+            extra_args=["--max-interval", "1"],
+        )
+
+        def ran(counts: dict[str, int]) -> bool:
+            ticks = _ticks(log)
+            return all(len(ticks.get(name, ())) >= count for name, count in counts.items())
+
+        wait_for(
+            lambda: ran({"fast-2": 3, "fast-3": 2, "slow-20": 1}),
+            90,
+            0.2,
+            lambda: f"{_ticks(log)}\n{old_beat.log_tail()}",
+        )
+        assert old_beat.stop() == 0
+        last = {n: RedBeatSchedulerEntry.from_key(prefix + n, app=app).last_run_at for n in every}
+        switched = dt.datetime.now(UTC)
+        before = {n: len(t) for n, t in _ticks(log).items()}
+
+        imported = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", "redbeat_app", "dbsched", "import", "redbeat",
+             "--redis-url", REDIS_URL, "--key-prefix", prefix],
+            env={**processes.env, **env}, cwd=processes.cwd, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert imported.returncode == 0 and "created 3" in imported.stdout, imported.stdout + imported.stderr
+        new_beat = processes.start_beat("redbeat_app", env=env, name="dbsched")
+        wanted = {name: before[name] + (1 if name == "slow-20" else 3) for name in every}
+        wait_for(lambda: ran(wanted), 120, 0.2, lambda: f"{_ticks(log)}\n{new_beat.log_tail()}")
+        processes.check_alive(worker, new_beat)
+    finally:
+        keys = list(client.scan_iter(match=prefix + "*"))
+        if keys:
+            client.delete(*keys)
+
+    ticks = _ticks(log)
+    for name, seconds in every.items():
+        times = ticks[name]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert min(gaps) >= seconds - 0.5, f"{name} ran twice for one slot: {times}"
+        first_new = times[before[name]]
+        assert first_new >= last[name].timestamp() + seconds - 0.05, f"{name} ran before RedBeat's next slot"
+        runs = sorted(repo.list_runs(job_name=name, limit=1000), key=lambda r: r.id)
+        assert runs, name
+        for run in runs:  # RedBeat's cadence goes on: every slot is last_run_at + k * every, k >= 1
+            assert run.scheduled_for is not None
+            k = (run.scheduled_for - last[name]).total_seconds() / seconds
+            assert k >= 1 - 1e-6 and abs(k - round(k)) < 1e-3, (name, run.scheduled_for, last[name])
+    # The long one was due after the switch: it ran at exactly RedBeat's next slot, no catch-up shift.
+    slow_first = sorted(repo.list_runs(job_name="slow-20", limit=10), key=lambda r: r.id)[0]
+    assert slow_first.scheduled_for == last["slow-20"] + dt.timedelta(seconds=20)
+    assert switched < slow_first.scheduled_for

@@ -17,15 +17,16 @@ turns each into the keywords of `put_schedules`:
                                    is_due() would fire next (nothing fires twice or is skipped at the switch)
     meta.total_run_count        -> not imported (the run history starts with the first run here)
 
-An entry of RedBeat's statics (`<prefix>:statics`: the RedBeat beat's `beat_schedule`) that this app declares
-in its own `beat_schedule` is left to it (its beat syncs it from there), listed, and not counted as skipped.
+An entry of RedBeat's statics (`<prefix>:statics`: the RedBeat beat's `beat_schedule`, with Celery's own
+`celery.backend_cleanup`) that this app declares in its own `beat_schedule` too is left to it (its beat syncs it
+from there): listed as left out, not counted as skipped. A dynamic entry named like one is refused (a conflict).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import click
@@ -60,17 +61,14 @@ __all__ = ["DEFAULT_KEY_PREFIX", "command", "read_redbeat", "redis_client"]
 def command(ctx: click.Context, redis_url: str, key_prefix: str, dry_run: bool, allow_skip: bool) -> None:
     """Import RedBeat's entries (its Redis keys) as runtime schedules; crontabs in the app's timezone, and each
     next run the first slot after RedBeat's last_run_at. Running it again changes only what changed in Redis."""
+    from ..beat_schedule import entry_names
     from ..registry import app_timezone
 
     app = ctx.obj.app
 
     def read() -> Reading:
-        return read_redbeat(
-            redis_client(redis_url),
-            key_prefix=key_prefix,
-            timezone=app_timezone(app),
-            beat_schedule=list(app.conf.beat_schedule or {}),
-        )
+        client = redis_client(redis_url)
+        return read_redbeat(client, key_prefix=key_prefix, timezone=app_timezone(app), declared=entry_names(app))
 
     run_import(
         ctx, f"RedBeat at {_masked(redis_url)} (prefix {key_prefix!r})", read, dry_run=dry_run, allow_skip=allow_skip
@@ -104,11 +102,12 @@ def read_redbeat(
     *,
     key_prefix: str = DEFAULT_KEY_PREFIX,
     timezone: str = "UTC",
-    beat_schedule: Sequence[str] | Mapping[str, Any] = (),
+    declared: Collection[str] = (),
 ) -> Reading:
     """Every entry of RedBeat's sorted set under `key_prefix`, read in chunks. `timezone`: the zone RedBeat's
-    crontabs followed (its app's `timezone`); `beat_schedule`: this app's entry names (statics among them are
-    left to it). DbschedError when the prefix holds no RedBeat schedule (a wrong --key-prefix)."""
+    crontabs followed (its app's `timezone`); `declared`: the names this app's beat_schedule declares (with
+    Celery's own `celery.backend_cleanup`): RedBeat's statics among them are left to it. DbschedError when the
+    prefix holds no RedBeat schedule (a wrong --key-prefix)."""
     zone = parse_timezone(timezone).key
     schedule_key = key_prefix + ":schedule"
     if not client.exists(schedule_key):
@@ -117,7 +116,6 @@ def read_redbeat(
             f"{DEFAULT_KEY_PREFIX!r} by default) and --redis-url"
         )
     statics = set(client.smembers(key_prefix + ":statics"))
-    declared = set(beat_schedule)
     reading = Reading()
     for key, definition, meta in _hashes(client, client.zrange(schedule_key, 0, -1)):
         fallback = key[len(key_prefix) :] if key.startswith(key_prefix) else key
