@@ -17,9 +17,10 @@ turns each into the keywords of `put_schedules`:
                                    is_due() would fire next (nothing fires twice or is skipped at the switch)
     meta.total_run_count        -> not imported (the run history starts with the first run here)
 
-An entry of RedBeat's statics (`<prefix>:statics`: the RedBeat beat's `beat_schedule`, with Celery's own
-`celery.backend_cleanup`) that this app declares in its own `beat_schedule` too is left to it (its beat syncs it
-from there): listed as left out, not counted as skipped. A dynamic entry named like one is refused (a conflict).
+An entry of RedBeat's statics (`<prefix>:statics`: the RedBeat beat's `beat_schedule`), or Celery's own
+`celery.backend_cleanup` (which RedBeat's beat stores at each start), that this app's `beat_schedule` declares
+too is left to it (celery_dbsched's beat syncs it from there): listed as left out, not counted as skipped. Any
+other entry named like a beat_schedule entry is refused by `put_schedules` (a real conflict).
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ DEFAULT_KEY_PREFIX = "redbeat:"
 CHUNK = 500  # hashes read per Redis round trip
 _DATETIME_FIELDS = ("year", "month", "day", "hour", "minute", "second", "microsecond")
 _RESOLUTIONS = ((86_400, "day"), (3_600, "hour"), (60, "minute"))
+# Entries every beat installs by itself (stock beat's install_default_entries; RedBeat stores it as a dynamic entry).
+CELERY_OWN_ENTRIES = frozenset({"celery.backend_cleanup"})
 _LEFT_TO_BEAT_SCHEDULE = (
-    "a static entry (RedBeat's beat_schedule) that this app declares in its beat_schedule too: the beat syncs it "
+    "RedBeat's copy of an entry of this app's beat_schedule (or of Celery's own): celery_dbsched's beat syncs it "
     "from there"
 )
 
@@ -106,8 +109,8 @@ def read_redbeat(
 ) -> Reading:
     """Every entry of RedBeat's sorted set under `key_prefix`, read in chunks. `timezone`: the zone RedBeat's
     crontabs followed (its app's `timezone`); `declared`: the names this app's beat_schedule declares (with
-    Celery's own `celery.backend_cleanup`): RedBeat's statics among them are left to it. DbschedError when the
-    prefix holds no RedBeat schedule (a wrong --key-prefix)."""
+    Celery's own `celery.backend_cleanup`): RedBeat's statics and Celery's own among them are left to it.
+    DbschedError when the prefix holds no RedBeat schedule (a wrong --key-prefix)."""
     zone = parse_timezone(timezone).key
     schedule_key = key_prefix + ":schedule"
     if not client.exists(schedule_key):
@@ -125,7 +128,7 @@ def read_redbeat(
             reading.skipped.append(Skipped(fallback, str(exc)))
             continue
         name = entry["name"]
-        if name in statics and name in declared:
+        if name in declared and (name in statics or name in CELERY_OWN_ENTRIES):
             reading.left_out.append(Skipped(name, _LEFT_TO_BEAT_SCHEDULE))
             continue
         reading.entries.append(entry)
