@@ -278,6 +278,7 @@ def test_damaged_and_unrepresentable_entries_are_skipped_with_their_reason(redbe
     _raw(redbeat, "bad-zone", {"name": "bad-zone", "task": "t.t", "schedule": interval},
          {"last_run_at": _datetime(timezone="Mars/Olympus")})  # fmt: skip
     # RedBeat before 2.0 wrote naive datetimes (UTC); an offset is stored in seconds.
+    _raw(redbeat, "no-meta", {"name": "no-meta", "task": "t.t", "schedule": interval})  # never run: due at once
     _raw(redbeat, "naive", {"name": "naive", "task": "t.t", "schedule": interval}, {"last_run_at": _datetime()})
     _raw(redbeat, "offset", {"name": "offset", "task": "t.t", "schedule": interval},
          {"last_run_at": _datetime(timezone=-18_000.0)})  # fmt: skip
@@ -294,6 +295,7 @@ def test_damaged_and_unrepresentable_entries_are_skipped_with_their_reason(redbe
     assert reasons == {}
     last = {e["name"]: e["last_run_at"] for e in reading.entries}
     assert last == {
+        "no-meta": None,
         "naive": dt.datetime(2026, 3, 4, 5, 6, 7, 8, tzinfo=UTC),
         "offset": dt.datetime(2026, 3, 4, 10, 6, 7, 8, tzinfo=UTC),
     }
@@ -321,6 +323,10 @@ def test_statics_this_app_declares_are_left_to_beat_schedule_and_the_others_impo
 def test_a_wrong_prefix_or_an_unreachable_redis_is_one_clear_error(redbeat: RedBeat) -> None:
     with pytest.raises(DbschedError, match=r"no RedBeat schedule at key 'nope:schedule'.*--key-prefix"):
         read_redbeat(redbeat.client, key_prefix="nope")
+    redbeat.save("one", "proj.tasks.t", schedule(60))
+    without_colon = redbeat.prefix.rstrip(":")
+    with pytest.raises(DbschedError, match=rf"there is one under --key-prefix '{without_colon}:'"):
+        read_redbeat(redbeat.client, key_prefix=without_colon)
     with pytest.raises(DbschedError, match=r"cannot read Redis at redis://127\.0\.0\.1:1/0.*--redis-url"):
         redis_client("redis://127.0.0.1:1/0")
     with pytest.raises(DbschedError, match=r"--redis-url 'http://x' is not a Redis URL"):
@@ -343,7 +349,8 @@ def test_the_command_plans_imports_and_exits_1_on_a_skip_unless_allowed(redbeat:
 
     planned = cli("--dry-run")
     assert planned.returncode == 1, planned
-    assert "dry run: nothing stored" in planned.stdout and "would create 3: cmd-0, cmd-1, cmd-2" in planned.stdout
+    assert f"crontabs in {ZONE}" in planned.stdout and "dry run: nothing stored" in planned.stdout
+    assert "would create 3: cmd-0, cmd-1, cmd-2" in planned.stdout
     assert "cmd-rrule: an rrule schedule" in planned.stdout and "--allow-skip" in planned.stdout
     assert _jobs(redbeat) == {}
 

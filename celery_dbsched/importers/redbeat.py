@@ -73,9 +73,8 @@ def command(ctx: click.Context, redis_url: str, key_prefix: str, dry_run: bool, 
         client = redis_client(redis_url)
         return read_redbeat(client, key_prefix=key_prefix, timezone=app_timezone(app), declared=entry_names(app))
 
-    run_import(
-        ctx, f"RedBeat at {_masked(redis_url)} (prefix {key_prefix!r})", read, dry_run=dry_run, allow_skip=allow_skip
-    )
+    source = f"RedBeat at {_masked(redis_url)} (prefix {key_prefix!r}; crontabs in {app_timezone(app)})"
+    run_import(ctx, source, read, dry_run=dry_run, allow_skip=allow_skip)
 
 
 class _Skip(Exception):
@@ -114,8 +113,11 @@ def read_redbeat(
     zone = parse_timezone(timezone).key
     schedule_key = key_prefix + ":schedule"
     if not client.exists(schedule_key):
+        hint = ""
+        if not key_prefix.endswith(":") and client.exists(key_prefix + "::schedule"):
+            hint = f" (there is one under --key-prefix {key_prefix + ':'!r})"
         raise DbschedError(
-            f"no RedBeat schedule at key {schedule_key!r}: check --key-prefix (RedBeat's redbeat_key_prefix, "
+            f"no RedBeat schedule at key {schedule_key!r}{hint}: check --key-prefix (RedBeat's redbeat_key_prefix, "
             f"{DEFAULT_KEY_PREFIX!r} by default) and --redis-url"
         )
     statics = set(client.smembers(key_prefix + ":statics"))
