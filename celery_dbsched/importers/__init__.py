@@ -9,11 +9,14 @@ or refused, unless --allow-skip). The commands are loaded lazily, when asked for
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import click
+
+from ..records import PutResult
 
 __all__ = ["PEERS", "Reading", "Skipped", "allow_skip_option", "dry_run_option", "import_group", "run_import"]
 
@@ -48,7 +51,7 @@ class _PeerGroup(click.Group):
     """`import`: one subcommand per peer, each imported only when it is run (or its help is asked for)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(PEERS)
+        return sorted(name for name, module in PEERS.items() if importlib.util.find_spec(module) is not None)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         module = PEERS.get(cmd_name)
@@ -75,15 +78,15 @@ def _names(names: list[str]) -> str:
     return f"{', '.join(names[:_SHOWN])} and {len(names) - _SHOWN:,} more"
 
 
-def plan_lines(source: str, reading: Reading, result: Any) -> list[str]:
+def plan_lines(source: str, reading: Reading, result: PutResult) -> list[str]:
     """The plan: what was (or, in a dry run, would be) created, updated, left unchanged, refused and skipped."""
-    dry = bool(result.dry_run)
+    dry = result.dry_run
     read = len(reading.entries) + len(reading.skipped) + len(reading.left_out)
     lines = [f"{source}: {read:,} entries read" + (" (dry run: nothing stored)" if dry else "")]
     verbs = ("would create", "would update") if dry else ("created", "updated")
     for verb, names in ((verbs[0], result.created), (verbs[1], result.updated)):
         if names:
-            lines.append(f"  {verb} {len(names):,}: {_names(list(names))}")
+            lines.append(f"  {verb} {len(names):,}: {_names(names)}")
     if result.unchanged:
         lines.append(f"  unchanged {len(result.unchanged):,} (already imported as they are)")
     for heading, items in (
@@ -103,7 +106,7 @@ def plan_lines(source: str, reading: Reading, result: Any) -> list[str]:
     return lines
 
 
-def exit_status(reading: Reading, result: Any, allow_skip: bool) -> int:
+def exit_status(reading: Reading, result: PutResult, allow_skip: bool) -> int:
     """1 when an entry was skipped or refused, unless `allow_skip`; else 0."""
     return 1 if (reading.skipped or result.refused) and not allow_skip else 0
 
@@ -114,8 +117,8 @@ def run_import(
     """Read the peer, store (or with `dry_run`, only plan) its entries, print the plan, and exit with
     `exit_status`. A reader's errors (DbschedError, ValueError) and the store's become one click error."""
     from ..errors import DbschedError
+    from ..runtime import put_schedules
 
-    put_schedules = importlib.import_module("celery_dbsched.runtime").put_schedules  # issue 13's runtime API
     app = ctx.obj.app
     app.loader.import_default_modules()  # the app's beat_schedule and @job modules: whose names are taken?
     try:
