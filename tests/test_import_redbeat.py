@@ -273,6 +273,7 @@ def test_damaged_and_unrepresentable_entries_are_skipped_with_their_reason(redbe
     redbeat.client.zadd(redbeat.prefix + ":schedule", {redbeat.prefix + "no-hash": 1})
     _raw(redbeat, "eta", {"name": "eta", "task": "t.t", "schedule": interval, "options": {"eta": _datetime()}})
     _raw(redbeat, "unknown", {"name": "unknown", "task": "t.t", "schedule": {"__type__": "solar", "event": "dawn"}})
+    _raw(redbeat, "list-options", {"name": "list-options", "task": "t.t", "schedule": interval, "options": [1]})
     _raw(redbeat, "zero", {"name": "zero", "task": "t.t", "schedule": {"__type__": "interval", "every": 0}})
     _raw(redbeat, "bad-cron", {"name": "bad-cron", "task": "t.t", "schedule": {"__type__": "crontab", "minute": "99"}})
     _raw(redbeat, "bad-zone", {"name": "bad-zone", "task": "t.t", "schedule": interval},
@@ -290,6 +291,7 @@ def test_damaged_and_unrepresentable_entries_are_skipped_with_their_reason(redbe
     assert "option 'eta' is a fixed time" in reasons.pop("eta")
     assert "none RedBeat writes" in reasons.pop("unknown")
     assert "positive number of seconds" in reasons.pop("zero")
+    assert "not a JSON object" in reasons.pop("list-options")
     assert "crontab" in reasons.pop("bad-cron")
     assert "Mars/Olympus" in reasons.pop("bad-zone")
     assert reasons == {}
@@ -329,7 +331,7 @@ def test_a_wrong_prefix_or_an_unreachable_redis_is_one_clear_error(redbeat: RedB
         read_redbeat(redbeat.client, key_prefix=without_colon)
     with pytest.raises(DbschedError, match=r"cannot read Redis at redis://127\.0\.0\.1:1/0.*--redis-url"):
         redis_client("redis://127.0.0.1:1/0")
-    with pytest.raises(DbschedError, match=r"--redis-url 'http://x' is not a Redis URL"):
+    with pytest.raises(DbschedError, match=r"--redis-url http://x is not a Redis URL"):
         redis_client("http://x")
 
 
@@ -363,6 +365,8 @@ def test_the_command_plans_imports_and_exits_1_on_a_skip_unless_allowed(redbeat:
     missing = clean_error(run_cli(database.url, "import", "redbeat", "--redis-url", REDIS_URL, "--key-prefix",
                                   redbeat.prefix + "typo:", settings=settings))  # fmt: skip
     assert "--key-prefix" in missing.stderr
+    zone = clean_error(run_cli(database.url, *redbeat.cli_args(), settings={"timezone": "Mars/Olympus"}))
+    assert "timezone" in zone.stderr and "Mars/Olympus" in zone.stderr
 
 
 # -- a real switch: RedBeat's beat, the import, celery_dbsched's beat; one worker throughout ----------------

@@ -68,12 +68,16 @@ def command(ctx: click.Context, redis_url: str, key_prefix: str, dry_run: bool, 
     from ..registry import app_timezone
 
     app = ctx.obj.app
+    try:
+        zone = app_timezone(app)
+    except ValueError as exc:
+        raise click.ClickException(f"the app's timezone setting: {exc}") from None
 
     def read() -> Reading:
         client = redis_client(redis_url)
-        return read_redbeat(client, key_prefix=key_prefix, timezone=app_timezone(app), declared=entry_names(app))
+        return read_redbeat(client, key_prefix=key_prefix, timezone=zone, declared=entry_names(app))
 
-    source = f"RedBeat at {_masked(redis_url)} (prefix {key_prefix!r}; crontabs in {app_timezone(app)})"
+    source = f"RedBeat at {_masked(redis_url)} (prefix {key_prefix!r}; crontabs in {zone})"
     run_import(ctx, source, read, dry_run=dry_run, allow_skip=allow_skip)
 
 
@@ -93,7 +97,7 @@ def redis_client(url: str) -> Any:
         client = redis.Redis.from_url(url, decode_responses=True)
         client.ping()
     except ValueError as exc:
-        raise DbschedError(f"--redis-url {url!r} is not a Redis URL ({exc}); use redis://HOST:PORT/DB") from None
+        raise DbschedError(f"--redis-url {_masked(url)} is not a Redis URL ({exc}); use redis://HOST:PORT/DB") from None
     except redis.RedisError as exc:
         raise DbschedError(f"cannot read Redis at {_masked(url)}: {exc}; check --redis-url") from None
     return client
@@ -159,7 +163,10 @@ def _entry(key: str, definition_text: str | None, meta_text: str | None, zone: s
     if last_run_at is not None and not isinstance(last_run_at, dt.datetime):
         raise _Skip(f"meta.last_run_at is not a RedBeat datetime: {last_run_at!r}")
     schedule, last_run_at = _schedule(definition.get("schedule"), last_run_at, zone)
-    options = dict(definition.get("options") or {})
+    options = definition.get("options") or {}
+    if not isinstance(options, dict):
+        raise _Skip(f"options {options!r} are not a JSON object")
+    options = dict(options)
     expire_time = None
     if isinstance(options.get("expires"), dt.datetime):
         expire_time = options.pop("expires")
