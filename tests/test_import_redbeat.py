@@ -9,8 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -387,11 +385,11 @@ def _ticks(log: Path) -> dict[str, list[float]]:
 def test_a_real_switch_fires_each_entry_at_redbeats_next_slot_none_twice_none_skipped(
     processes: Processes, postgres_database: Database, tmp_path: Path
 ) -> None:
-    """RedBeat's beat runs three entries once; it is stopped, the command imports them, celery_dbsched's beat
-    starts: each next run is RedBeat's next slot (last_run_at + every, exactly), then every `every`, each slot
-    sent once (one worker execution per run, spaced by `every`), none skipped. The intervals are longer than a
-    switch takes on a loaded machine, so that no slot falls in it (a slot missed while no beat runs is the
-    misfire policy's, not the import's)."""
+    """RedBeat's beat runs three entries once, celery_dbsched's beat idling beside it; RedBeat's is stopped and
+    the entries imported: each next run is RedBeat's next slot (last_run_at + every, exactly), then every
+    `every`, each slot sent once (one worker execution per run, spaced by `every`), none skipped. The intervals
+    are longer than the switch takes on a loaded machine, so that no slot falls in it (a slot missed while no
+    beat runs is the misfire policy's, not the import's)."""
     require_service("redis")
     repo = postgres_database.migrated_repository()
     tag = uuid.uuid4().hex[:10]
@@ -425,22 +423,20 @@ def test_a_real_switch_fires_each_entry_at_redbeats_next_slot_none_twice_none_sk
             scheduler="redbeat.RedBeatScheduler",
             extra_args=["--max-interval", "1"],
         )
+        new_beat = processes.start_beat("redbeat_app", env=env, name="dbsched")  # idle: no job yet
+        new_beat.wait_for_log("beat: Starting", 60)
         wait_for(lambda: ran(dict.fromkeys(every, 1)), 90, 0.1, lambda: f"{_ticks(log)}\n{old_beat.log_tail()}")
         assert old_beat.stop() == 0
         last = {name: RedBeatSchedulerEntry.from_key(prefix + name, app=app).last_run_at for name in every}
         assert all(len(times) == 1 for times in _ticks(log).values()), _ticks(log)
 
-        imported = subprocess.run(
-            [sys.executable, "-m", "celery", "-A", "redbeat_app", "dbsched", "import", "redbeat",
-             "--redis-url", REDIS_URL, "--key-prefix", prefix],
-            env={**processes.env, **env}, cwd=processes.cwd, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert imported.returncode == 0 and "created 3" in imported.stdout, imported.stdout + imported.stderr
-        assert "celery.backend_cleanup" in imported.stdout  # left out: celery_dbsched's beat has its own
-        new_beat = processes.start_beat("redbeat_app", env=env, name="dbsched")
-        new_beat.wait_for_log("beat: Starting", 60)
-        started = dt.datetime.now(UTC)
-        assert all(started < last[name] + dt.timedelta(seconds=s) for name, s in every.items()), "the switch was slow"
+        # The import, in this process (the command itself is tested above): PostgreSQL's NOTIFY wakes the beat.
+        app.conf.dbsched_database_url = postgres_database.url
+        reading = read_redbeat(client, key_prefix=prefix, timezone="UTC", declared=entry_names(app))
+        assert sorted(put_schedules(app, reading.entries).created) == sorted(every)
+        assert [item.name for item in reading.left_out] == ["celery.backend_cleanup"]  # ours has its own
+        imported = dt.datetime.now(UTC)
+        assert all(imported < last[name] + dt.timedelta(seconds=s) for name, s in every.items()), "the switch was slow"
         wait_for(lambda: ran({"every-15": 3, "every-18": 3, "every-24": 2}), 120, 0.2, lambda: new_beat.log_tail())
         processes.check_alive(worker, new_beat)
         assert new_beat.stop() == 0
@@ -454,6 +450,10 @@ def test_a_real_switch_fires_each_entry_at_redbeats_next_slot_none_twice_none_sk
         keys = list(client.scan_iter(match=prefix + "*"))
         if keys:
             client.delete(*keys)
+        queue_keys = list(client.scan_iter(match=f"*{env['REDBEAT_APP_QUEUE']}*"))  # the queue, kombu's bindings
+        if queue_keys:
+            client.delete(*queue_keys)
+        forget_repository(app)
 
     ticks = _ticks(log)
     for name, seconds in every.items():
