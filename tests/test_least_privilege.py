@@ -215,8 +215,9 @@ def test_beats_workers_listings_and_operators_run_under_the_runtime_role_and_mig
         repository.close()
     for process in (worker, *beats):  # nothing was refused, and nothing failed, under the runtime role
         assert lines(process, "ERROR|CRITICAL|Traceback|permission denied") == [], process.log_tail()
-    # (The beats' exit codes are not asserted: a beat's SIGTERM can land in its wake-up LISTEN and log one
-    # ERROR, "can't change 'autocommit' now", then miss its exit; seen on main's code too, not about roles.)
+    # (The beats' exit codes are not asserted: once in two runs a beat's SIGTERM logged one ERROR, "can't change
+    # 'autocommit' now: connection in transaction status ACTIVE" from its wake-up LISTEN, and the beat did not
+    # exit within 30 s. Nothing there depends on the role: reported to the integrator as a shutdown bug.)
     assert worker.stop() == 0
 
 
