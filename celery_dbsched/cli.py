@@ -13,11 +13,12 @@ from typing import Any
 
 import click
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from . import display, observe, schedule_input
 from .binding import repository_for
 from .controls import cancel_job, pause_job, remove_job, resume_job, trigger_job
-from .errors import DbschedError, FieldError, JobNotFound, NameTaken
+from .errors import DbschedError, FieldError, JobNotFound, NameTaken, classify
 from .importers import import_group
 from .migrate import current_revision, head_revision, migrate
 from .observe import Server, Status
@@ -124,6 +125,8 @@ def migrate_command(ctx: click.Context) -> None:
         before = migrate(repository.engine)
     except DbschedError as exc:
         raise click.ClickException(str(exc)) from exc
+    except DBAPIError as exc:
+        raise click.ClickException(f"could not migrate {url}: {classify(exc)}") from exc
     except Exception as exc:
         raise click.ClickException(f"could not migrate {url}: {exc}") from exc
     after = current_revision(repository.engine)

@@ -278,6 +278,9 @@ def _refused_connection(error: BaseException | None) -> bool:
 _UNDEFINED_TABLE = "42P01"
 _UNDEFINED_COLUMN = "42703"
 _INVALID_SCHEMA_NAME = "3F000"  # the search_path names no schema that exists ("no schema has been selected")
+_INSUFFICIENT_PRIVILEGE = "42501"  # permission denied for a schema or table; must be owner of a table
+# Where the privileges of the migration and runtime roles are listed.
+GRANTS_DOC = "docs/deployment.md, Least privilege"
 
 
 def _sqlstate(error: BaseException | None) -> str | None:
@@ -333,6 +336,11 @@ def classify(exc: DBAPIError) -> DbschedError:
         )
     if exc.connection_invalidated or is_outage(exc.orig if exc.orig is not None else exc):
         return DatabaseUnavailable(f"database unavailable: {reason}")
+    if is_insufficient_privilege(exc):
+        return DatabaseError(
+            f"the database role of dbsched_database_url lacks a privilege ({reason}): not an outage, so waiting "
+            f"will not fix it; grant that role the runtime privileges on the celery_dbsched tables ({GRANTS_DOC})"
+        )
     if _sqlstate(exc.orig) == _INVALID_SCHEMA_NAME:
         return DatabaseError(
             f"the database has no schema to use ({reason}): create the schema named by the search_path of "
@@ -342,4 +350,19 @@ def classify(exc: DBAPIError) -> DbschedError:
         f"database error (not an outage: retrying the same statement will fail the same way): {reason}; if the "
         "schema was changed by hand run `celery -A proj dbsched migrate`, else report this line as a "
         "celery_dbsched bug"
+    )
+
+
+def is_insufficient_privilege(exc: DBAPIError) -> bool:
+    """PostgreSQL refused a statement for the role's privileges (a missing grant, or DDL by a non-owner)."""
+    return _sqlstate(exc.orig) == _INSUFFICIENT_PRIVILEGE
+
+
+def migration_not_permitted(exc: DBAPIError, role: str | None) -> DatabaseError:
+    """The one error of a migration that the connected role may not make (the runtime role, say)."""
+    who = f"the database role {role!r}" if role else "the database role of dbsched_database_url"
+    return DatabaseError(
+        f"the schema needs migrating and {who} may not change it ({_reason(exc.orig)}): run `celery -A proj "
+        "dbsched migrate` with dbsched_database_url naming the migration role (the owner of the celery_dbsched "
+        f"tables, with CREATE on their schema; {GRANTS_DOC})"
     )

@@ -12,7 +12,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
-from .errors import SchemaMismatch, classify
+from .errors import SchemaMismatch, classify, is_insufficient_privilege, migration_not_permitted
 
 VERSION_TABLE = "dbsched_alembic_version"
 _LOCK_KEY = zlib.crc32(b"celery_dbsched.migrate")
@@ -39,7 +39,9 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def migrate(engine: Engine) -> str | None:
-    """Upgrade to the newest revision; returns the revision found before (None: fresh database)."""
+    """Upgrade to the newest revision; returns the revision found before (None: fresh database). A role that
+    may read the schema but not change it (the runtime role) migrates a current schema, which changes nothing;
+    when there is something to change, it gets one DatabaseError naming the privilege and the migration role."""
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
@@ -47,7 +49,12 @@ def migrate(engine: Engine) -> str | None:
         before = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
         _refuse_unknown(before)
         if before != head_revision():
-            command.upgrade(_config(conn), "head")
+            try:
+                command.upgrade(_config(conn), "head")
+            except DBAPIError as exc:
+                if is_insufficient_privilege(exc):
+                    raise migration_not_permitted(exc, engine.url.username) from exc
+                raise
     return before
 
 

@@ -308,6 +308,13 @@ def _observed(observer: RunObserver | None, run: RunRecord | None) -> RunRecord 
     return run
 
 
+# Why a broker delivers a run's message again while its run is running or over (said where it is refused).
+REDELIVERED_HINT = (
+    " (a redelivered message: the broker delivered it again, e.g. on Redis once the run outlasted "
+    "broker_transport_options['visibility_timeout']; raise that timeout above the longest run)"
+)
+
+
 def execute_run(
     repository: JobRepository,
     jobs: Callable[[str], Job | None],
@@ -318,18 +325,22 @@ def execute_run(
     monitor_interval: float = 30.0,
     raise_failure: bool = False,
     observer: RunObserver | None = None,
+    redelivered: bool = False,
 ) -> RunRecord | None:
     """Start, run and finish one run. Returns the final run, or None when the message was dropped because
     the run was not `queued` (a duplicate delivery, an expired or unknown run: design §3).
 
     A failed run is logged with its traceback at ERROR; with `raise_failure` (the worker's task) it is raised
     instead, once recorded: the job's own exception, or `JobNotRegistered`, so that Celery reports the task
-    failed (and logs the traceback). An interrupted run is not raised: it is no failure of the job."""
+    failed (and logs the traceback). An interrupted run is not raised: it is no failure of the job.
+
+    `redelivered`: the broker says it delivered this message before; a refused start then says why that
+    happens (the one line logged for the dropped message)."""
     outage = repository.interrupt_threshold.total_seconds()
     try:
         run = _retrying(f"starting run {run_id}", lambda: repository.start_run(run_id, worker, task_id), outage)
     except (RunNotFound, InvalidRunState) as exc:
-        logger.warning("dropping the message for run %s: %s", run_id, exc)
+        logger.warning("dropping the message for run %s: %s%s", run_id, exc, REDELIVERED_HINT if redelivered else "")
         return None
     if observer is not None:
         observer.started(run)

@@ -20,9 +20,10 @@ from typing import Any
 from celery import current_task, signals
 
 from .binding import repository_for
-from .errors import DbschedError, JobNotRegistered
+from .errors import DbschedError, InvalidRunState, JobNotRegistered, RunNotFound
 from .job import JobStatus
 from .protocol import JSON_CONTENT_TYPE, RUN_TASK_NAME, header_run_id, valid_run_id
+from .runner import REDELIVERED_HINT
 from .settings import settings_for
 from .worker import start_heartbeat, stop_heartbeats
 
@@ -33,6 +34,11 @@ def _run_id(task: Any) -> int | None:
     return header_run_id(getattr(task, "request", None))
 
 
+# Set on the request of an execution whose run was not `dispatched` (or `queued`) when it began: a second
+# delivery of its message (a broker redelivery), whose end must not end the run of the first.
+_NOT_OURS = "dbsched_not_tracked"
+
+
 def _on_task_prerun(sender: Any = None, task_id: str | None = None, task: Any = None, **kwargs: Any) -> None:
     run_id = _run_id(task)
     if run_id is None:
@@ -40,6 +46,18 @@ def _on_task_prerun(sender: Any = None, task_id: str | None = None, task: Any = 
     try:
         repository_for(task.app, settings_for(task.app)).track_start(
             run_id, task.request.hostname or socket.gethostname(), task_id
+        )
+    except (InvalidRunState, RunNotFound) as exc:
+        # Celery runs it anyway (a signal cannot stop a task): say so once, and leave the run to its first start.
+        setattr(task.request, _NOT_OURS, True)
+        redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
+        logger.warning(
+            "run %s of task %r: %s; this execution is not tracked (a plain task is not guarded against a second "
+            "delivery of its message: Celery runs it again)%s",
+            run_id,
+            task.name,
+            exc,
+            REDELIVERED_HINT if redelivered else "",
         )
     except DbschedError as exc:
         logger.warning("run %s of task %r not tracked: %s", run_id, task.name, exc)
@@ -56,7 +74,7 @@ def _on_task_failure(sender: Any = None, exception: BaseException | None = None,
 
 def _end(task: Any, error: str | None) -> None:
     run_id = _run_id(task)
-    if run_id is None:
+    if run_id is None or getattr(task.request, _NOT_OURS, False):
         return
     try:
         repository_for(task.app, settings_for(task.app)).track_end(run_id, error)

@@ -97,6 +97,7 @@ def _run_job(task: Any, run_id: object, job_name: object = None) -> str | None:
         monitor_interval=settings.monitor_interval.total_seconds(),
         raise_failure=True,
         observer=_observers.get(app),
+        redelivered=bool((task.request.delivery_info or {}).get("redelivered")),
     )
     return None if result is None else result.status
 
