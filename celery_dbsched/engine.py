@@ -57,9 +57,18 @@ def _sqlite_on_begin(connection: Connection) -> None:
 POSTGRES_INSTALL = 'pip install "celery-dbsched[postgres]" (from a checkout: pip install -e ".[postgres]")'
 MYSQL_INSTALL = 'pip install "celery-dbsched[mysql]" (from a checkout: pip install -e ".[mysql]")'
 MYSQL_BACKENDS = ("mysql", "mariadb")
-# Names are compared byte for byte, as on PostgreSQL: `Job` and `job` are two jobs, `é` and `e` too.
+# Names are compared byte for byte, as on PostgreSQL: `Job` and `job` are two jobs, `é` and `e` too, and `job `
+# (a trailing space) a third: a binary collation without PAD SPACE, named differently by MariaDB and MySQL 8.
 MYSQL_CHARSET = "utf8mb4"
-MYSQL_COLLATION = "utf8mb4_bin"
+MARIADB_COLLATION = "utf8mb4_nopad_bin"
+MYSQL_COLLATION = "utf8mb4_0900_bin"
+
+
+def mysql_collation(dialect: Any) -> str:
+    """The collation of celery_dbsched's tables on this server (MariaDB or MySQL)."""
+    return MARIADB_COLLATION if getattr(dialect, "is_mariadb", False) else MYSQL_COLLATION
+
+
 # The claim's isolation: READ COMMITTED. InnoDB's default REPEATABLE READ takes gap and next-key locks on the
 # ranges a locking read scans (the claimable index, the unique index of active runs), so beats claiming at
 # once would lock each other's ranges and deadlock; READ COMMITTED locks the rows read only, and each
@@ -77,7 +86,7 @@ def _mysql_on_connect(dbapi_connection: Any, _record: Any) -> None:
     # DATETIME(6) holds no zone, so the session's must not shift what is written or compared.
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute(f"SET time_zone = '+00:00', NAMES {MYSQL_CHARSET} COLLATE {MYSQL_COLLATION}")
+        cursor.execute(f"SET time_zone = '+00:00', NAMES {MYSQL_CHARSET}")
     finally:
         cursor.close()
 

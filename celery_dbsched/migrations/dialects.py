@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-from celery_dbsched.engine import MYSQL_BACKENDS, MYSQL_CHARSET, MYSQL_COLLATION, is_mysql
+from celery_dbsched.engine import MYSQL_BACKENDS, MYSQL_CHARSET, is_mysql, mysql_collation
 
 RUN_TABLE = "dbsched_job_run"
 ACTIVE_STATES = "status in ('queued', 'running')"
@@ -28,15 +28,19 @@ ACTIVE = sa.text(ACTIVE_STATES)
 # The generated column behind the active-run unique index on MySQL/MariaDB (revision 0001).
 ACTIVE_JOB = "active_job"
 
-TABLE_OPTIONS: dict[str, Any] = {
-    f"{backend}_{option}": value
-    for backend in MYSQL_BACKENDS
-    for option, value in (("engine", "InnoDB"), ("charset", MYSQL_CHARSET), ("collate", MYSQL_COLLATION))
-}
-
 
 def on_mysql() -> bool:
     return is_mysql(op.get_bind().dialect.name)
+
+
+def table_options() -> dict[str, Any]:
+    """`op.create_table` options: on MySQL/MariaDB InnoDB, utf8mb4 and the server's binary no-pad collation
+    (`engine.mysql_collation`); nothing elsewhere."""
+    if not on_mysql():
+        return {}
+    collation = mysql_collation(op.get_bind().dialect)
+    options = (("engine", "InnoDB"), ("charset", MYSQL_CHARSET), ("collate", collation))
+    return {f"{backend}_{option}": value for backend in MYSQL_BACKENDS for option, value in options}
 
 
 def create_partial_index(

@@ -11,10 +11,10 @@ from alembic import op
 
 from celery_dbsched.migrations.dialects import (
     ACTIVE,
-    TABLE_OPTIONS,
     add_active_job_column,
     create_active_unique_index,
     create_partial_index,
+    table_options,
 )
 from celery_dbsched.schema import Seconds, UTCDateTime
 
@@ -38,7 +38,7 @@ def upgrade() -> None:
         sa.Column("create_time", UTCDateTime, nullable=False),
         sa.Column("update_time", UTCDateTime, nullable=False),
         sa.CheckConstraint("length(name) > 0", name="dbsched_job_name_not_empty"),
-        **TABLE_OPTIONS,
+        **table_options(),
     )
     op.create_index("dbsched_job_due", "dbsched_job", ["next_scheduled_run"])
     op.create_table(
@@ -72,7 +72,7 @@ def upgrade() -> None:
         ),
         # Run ids are never reused after pruning (a late message must never name a newer run).
         sqlite_autoincrement=True,
-        **TABLE_OPTIONS,
+        **table_options(),
     )
     add_active_job_column()
     create_active_unique_index("dbsched_job_run_one_active", ["job_name"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from celery_dbsched.migrations.dialects import TABLE_OPTIONS, create_active_unique_index
+from celery_dbsched.migrations.dialects import create_active_unique_index, table_options
 from celery_dbsched.schema import Seconds, UTCDateTime
 
 revision = "0002"
@@ -48,7 +48,7 @@ def upgrade() -> None:
         sa.Column("pid", sa.Integer, nullable=False),
         sa.Column("start_time", UTCDateTime, nullable=False),
         sa.Column("last_seen", UTCDateTime, nullable=False),
-        **TABLE_OPTIONS,
+        **table_options(),
     )
 
 
