@@ -1,5 +1,6 @@
-"""The engine: `make_engine` for PostgreSQL (psycopg 3) and SQLite, the SQLite connection hooks, and the
-PostgreSQL connections the worker-side statements keep checked out (`KeptConnections`)."""
+"""The engine: `make_engine` for PostgreSQL (psycopg 3), MySQL/MariaDB (PyMySQL) and SQLite, the SQLite and
+MySQL connection hooks, and the PostgreSQL connections the worker-side statements keep checked out
+(`KeptConnections`)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,40 @@ def _sqlite_on_begin(connection: Connection) -> None:
 
 # The install line for the driver each supported URL needs (the extra is in pyproject.toml).
 POSTGRES_INSTALL = 'pip install "celery-dbsched[postgres]" (from a checkout: pip install -e ".[postgres]")'
+MYSQL_INSTALL = 'pip install "celery-dbsched[mysql]" (from a checkout: pip install -e ".[mysql]")'
+MYSQL_BACKENDS = ("mysql", "mariadb")
+# Names are compared byte for byte, as on PostgreSQL: `Job` and `job` are two jobs, `é` and `e` too, and `job `
+# (a trailing space) a third: a binary collation without PAD SPACE, named differently by MariaDB and MySQL 8.
+MYSQL_CHARSET = "utf8mb4"
+MARIADB_COLLATION = "utf8mb4_nopad_bin"
+MYSQL_COLLATION = "utf8mb4_0900_bin"
+
+
+def mysql_collation(dialect: Any) -> str:
+    """The collation of celery_dbsched's tables on this server (MariaDB or MySQL)."""
+    return MARIADB_COLLATION if getattr(dialect, "is_mariadb", False) else MYSQL_COLLATION
+
+
+# The claim's isolation: READ COMMITTED. InnoDB's default REPEATABLE READ takes gap and next-key locks on the
+# ranges a locking read scans (the claimable index, the unique index of active runs), so beats claiming at
+# once would lock each other's ranges and deadlock; READ COMMITTED locks the rows read only, and each
+# statement reads the latest commits, as on PostgreSQL. The one active run per job (slot) is the unique index's.
+MYSQL_ISOLATION = "READ COMMITTED"
+
+
+def is_mysql(dialect: str) -> bool:
+    """MySQL or MariaDB (SQLAlchemy names a `mariadb://` URL's dialect `mariadb`, a `mysql://` one `mysql`)."""
+    return dialect in MYSQL_BACKENDS
+
+
+def _mysql_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Every time the server computes (NOW(6)) or stores is UTC, whatever the server's global time zone:
+    # DATETIME(6) holds no zone, so the session's must not shift what is written or compared.
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"SET time_zone = '+00:00', NAMES {MYSQL_CHARSET}")
+    finally:
+        cursor.close()
 
 
 def make_engine(url: str, engine_options: Mapping[str, Any] | None = None) -> Engine:
@@ -65,7 +100,7 @@ def make_engine(url: str, engine_options: Mapping[str, Any] | None = None) -> En
     except NoSuchModuleError:
         raise ValueError(
             f"dbsched_database_url: SQLAlchemy has no database driver {parsed.drivername!r}; use "
-            f"postgresql+psycopg:// ({POSTGRES_INSTALL}) or sqlite:///"
+            f"postgresql+psycopg:// ({POSTGRES_INSTALL}), mysql+pymysql:// ({MYSQL_INSTALL}) or sqlite:///"
         ) from None
     except ImportError as exc:  # the driver's module (SQLAlchemy imports it in create_engine) is missing
         raise ValueError(f"dbsched_database_url: {_missing_driver(parsed, exc)}") from None
@@ -78,6 +113,8 @@ def _missing_driver(parsed: URL, exc: ImportError) -> str:
     driver = parsed.get_driver_name()
     if parsed.get_backend_name() == "postgresql" and driver == "psycopg":
         return f"the PostgreSQL driver psycopg is not installed (no module {missing!r}): {POSTGRES_INSTALL}"
+    if parsed.get_backend_name() in MYSQL_BACKENDS and driver == "pymysql":
+        return f"the MySQL driver PyMySQL is not installed (no module {missing!r}): {MYSQL_INSTALL}"
     return (
         f"the database driver {driver!r} is not installed (no module {missing!r}): install it, or use "
         f"postgresql+psycopg:// ({POSTGRES_INSTALL})"
@@ -88,6 +125,8 @@ def _make_engine(parsed: URL, engine_options: Mapping[str, Any] | None) -> Engin
     options = dict(engine_options or {})
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername in MYSQL_BACKENDS:  # SQLAlchemy's default would be mysqlclient (MySQLdb)
+        parsed = parsed.set(drivername=f"{parsed.drivername}+pymysql")
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         if parsed.database in (None, "", ":memory:") or "mode=memory" in str(parsed):
@@ -107,10 +146,26 @@ def _make_engine(parsed: URL, engine_options: Mapping[str, Any] | None) -> Engin
         event.listen(engine, "connect", _sqlite_on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
+    if backend in MYSQL_BACKENDS:
+        return _make_mysql_engine(parsed, options)
     if backend != "postgresql":
-        raise ValueError(f"dbsched_database_url: {backend!r} is not supported; use postgresql+psycopg:// or sqlite:///")
+        raise ValueError(
+            f"dbsched_database_url: {backend!r} is not supported; use postgresql+psycopg://, mysql+pymysql:// "
+            "or sqlite:///"
+        )
     options.setdefault("pool_pre_ping", True)
     return create_engine(parsed, **options)
+
+
+def _make_mysql_engine(parsed: URL, options: dict[str, Any]) -> Engine:
+    query = dict(parsed.query)
+    query.setdefault("charset", MYSQL_CHARSET)
+    options.setdefault("pool_pre_ping", True)
+    options.setdefault("isolation_level", MYSQL_ISOLATION)
+    options.setdefault("pool_recycle", 3600)  # under the server's wait_timeout (8 hours by default)
+    engine = create_engine(parsed.set(query=query), **options)
+    event.listen(engine, "connect", _mysql_on_connect)
+    return engine
 
 
 class KeptConnections:

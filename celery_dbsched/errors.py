@@ -243,11 +243,37 @@ _REFUSED_CONNECTION_MESSAGES = (
 _OUTAGE_MESSAGES = ("locked", "busy", "disk i/o", "unable to open", "connection", "server closed", "timeout")
 
 
+# MySQL/MariaDB server error numbers (PyMySQL's `args[0]`) of an outage or a transient conflict: lock wait
+# timeout, deadlock, too many connections, server gone/lost, cannot connect, read-only (a failover), shutdown.
+_MYSQL_OUTAGE_CODES = {1205, 1213, 1040, 1053, 1290, 1836, 2002, 2003, 2006, 2013, 2055}
+_MYSQL_DEADLOCK = 1213
+_MYSQL_REFUSED_CODES = {1044, 1045, 1049, 1698}  # access denied (user, password, database), unknown database
+_MYSQL_NO_TABLE = 1146
+_MYSQL_NO_COLUMN = 1054
+
+
+def _mysql_code(error: BaseException | None) -> int | None:
+    """The server's error number of a PyMySQL (or mysqlclient) error, else None."""
+    if error is None or not type(error).__module__.startswith(("pymysql", "MySQLdb")):
+        return None
+    code = error.args[0] if error.args else None
+    return code if isinstance(code, int) else None
+
+
+def is_deadlock(error: BaseException | None) -> bool:
+    """A deadlock (PostgreSQL 40P01, MySQL 1213): the transaction was rolled back, and may simply be retried."""
+    error = getattr(error, "orig", error)
+    return _mysql_code(error) == _MYSQL_DEADLOCK or _sqlstate(error) == "40P01"
+
+
 def is_outage(error: BaseException) -> bool:
     """Whether a DBAPI error (psycopg or sqlite3) says the database is unreachable or busy, so that retrying
     later may work, rather than that the statement itself was refused (a bad statement, too many parameters,
     a schema or data problem), which retrying cannot fix. Decided by the driver's SQLSTATE or result code and
     exception class; the message only where the driver gives neither."""
+    mysql_code = _mysql_code(error)
+    if mysql_code is not None:
+        return mysql_code in _MYSQL_OUTAGE_CODES
     sqlstate = _sqlstate(error)
     if sqlstate is not None:
         return sqlstate[:2] in _OUTAGE_SQLSTATE_CLASSES or sqlstate in _OUTAGE_SQLSTATES
@@ -270,6 +296,8 @@ def is_outage(error: BaseException) -> bool:
 def _refused_connection(error: BaseException | None) -> bool:
     """The server answered a connection attempt with a refusal that recurs (FATAL: role "x" does not exist,
     password authentication failed, ...), rather than not answering: a misconfiguration, not an outage."""
+    if _mysql_code(error) in _MYSQL_REFUSED_CODES:
+        return True
     message = str(error).lower()
     return "fatal:" in message and any(text in message for text in _REFUSED_CONNECTION_MESSAGES)
 
@@ -284,6 +312,8 @@ GRANTS_DOC = "docs/deployment.md, Least privilege"
 
 
 def _sqlstate(error: BaseException | None) -> str | None:
+    if _mysql_code(error) is not None:  # PyMySQL's errors carry no SQLSTATE to go by
+        return None
     sqlstate = getattr(error, "sqlstate", None)
     return sqlstate if isinstance(sqlstate, str) and len(sqlstate) == 5 else None
 
@@ -296,6 +326,9 @@ def _sqlite_message(error: BaseException | None) -> str | None:
 
 def _is_missing(error: BaseException | None, sqlstate: str, sqlite_text: str) -> bool:
     """A table or column this code needs is not there: the schema is older than the code (not an outage)."""
+    mysql_code = _mysql_code(error)
+    if mysql_code is not None:
+        return mysql_code == {_UNDEFINED_TABLE: _MYSQL_NO_TABLE, _UNDEFINED_COLUMN: _MYSQL_NO_COLUMN}.get(sqlstate)
     found = _sqlstate(error)
     if found is not None:
         return found == sqlstate

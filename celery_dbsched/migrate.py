@@ -12,10 +12,13 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
+from .engine import is_mysql
 from .errors import SchemaMismatch, classify, is_insufficient_privilege, migration_not_permitted
 
 VERSION_TABLE = "dbsched_alembic_version"
-_LOCK_KEY = zlib.crc32(b"celery_dbsched.migrate")
+_LOCK_NAME = "celery_dbsched.migrate"
+_LOCK_KEY = zlib.crc32(_LOCK_NAME.encode())
+MYSQL_LOCK_TIMEOUT = 600  # seconds another process's migration is waited for (GET_LOCK)
 
 
 def _config(connection: Connection | None = None) -> Config:
@@ -42,20 +45,49 @@ def migrate(engine: Engine) -> str | None:
     """Upgrade to the newest revision; returns the revision found before (None: fresh database). A role that
     may read the schema but not change it (the runtime role) migrates a current schema, which changes nothing;
     when there is something to change, it gets one DatabaseError naming the privilege and the migration role."""
+    if is_mysql(engine.dialect.name):
+        return _migrate_mysql(engine)
     with engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
         # SQLite: the engine's BEGIN IMMEDIATE already holds the database's write lock.
-        before = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
-        _refuse_unknown(before)
-        if before != head_revision():
-            try:
-                command.upgrade(_config(conn), "head")
-            except DBAPIError as exc:
-                if is_insufficient_privilege(exc):
-                    raise migration_not_permitted(exc, engine.url.username) from exc
-                raise
+        return _upgrade(conn)
+
+
+def _upgrade(conn: Connection) -> str | None:
+    before = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+    _refuse_unknown(before)
+    if before != head_revision():
+        try:
+            command.upgrade(_config(conn), "head")
+        except DBAPIError as exc:
+            if is_insufficient_privilege(exc):
+                raise migration_not_permitted(exc, conn.engine.url.username) from exc
+            raise
     return before
+
+
+def _migrate_mysql(engine: Engine) -> str | None:
+    """MySQL/MariaDB: DDL commits as it goes (no transactional DDL), so the lock is a named lock of the
+    session (GET_LOCK, the advisory lock's counterpart), held across the revisions' implicit commits and
+    released at the end (or when the session ends)."""
+    # The lock's name is per database: deployments in two databases of one server migrate independently.
+    with engine.connect() as conn:
+        database = conn.execute(text("SELECT DATABASE()")).scalar_one()
+        name = f"{_LOCK_NAME}.{database}"[:64]
+        got = conn.execute(text("SELECT GET_LOCK(:name, :timeout)"), {"name": name, "timeout": MYSQL_LOCK_TIMEOUT})
+        if got.scalar_one() != 1:
+            raise SchemaMismatch(
+                f"another process held the migration lock {name!r} for {MYSQL_LOCK_TIMEOUT}s: is a migration "
+                "stuck? (SELECT * FROM information_schema.METADATA_LOCK_INFO)"
+            )
+        try:
+            conn.commit()
+            with conn.begin():
+                return _upgrade(conn)
+        finally:
+            conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": name})
+            conn.commit()
 
 
 def _refuse_unknown(revision: str | None) -> None:

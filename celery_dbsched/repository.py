@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Row
+from sqlalchemy import Connection, Engine, Result, Row, Update, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.base import Executable
 
 from . import statements as sql
 from . import timing
 from .clock import Clock, DatabaseClock
-from .engine import KeptConnections, make_engine
-from .errors import DbschedError, InvalidRunState, JobNotFound, NameTaken, RunNotFound, classify
+from .engine import KeptConnections, is_mysql, make_engine
+from .errors import DbschedError, InvalidRunState, JobNotFound, NameTaken, RunNotFound, classify, is_deadlock
 from .job import JobDefinition, JobStatus
 from .policy import POLICY_NAMES, JobPolicy, delta_of
 from .records import (
@@ -49,6 +50,7 @@ from .records import (
     runtime_changes,
     synced_values,
 )
+from .schema import job_table, run_table
 from .settings import DEFAULT_INTERRUPT_THRESHOLD, DEFAULT_RETRY_BACKOFF, Settings, mask_database_url
 from .states import ACTIVE, InterruptReason, JobKind, Origin, RunState
 
@@ -67,11 +69,47 @@ SERVER_LIMIT = 1_000  # server rows read at most (dead ones are pruned after dbs
 # filter, so a page is bounded by the ids it looks at rather than by the runs it finds (a job or a status alone
 # is served by its index, dbsched_job_run_job or dbsched_job_run_status: no window).
 RUNS_SCAN_WINDOW = 100_000
+_log = logging.getLogger(__name__)
 _STARTED_KEPT = 10_000  # runs started and not finished yet by this repository, remembered for their finish
 
 
 class _Recheck(Exception):
     """The one-statement finish did nothing because a fact it was computed from no longer holds."""
+
+
+class _MySQLConnection:
+    """A connection in a transaction on MySQL/MariaDB, which have no UPDATE ... RETURNING (MariaDB has INSERT
+    and DELETE ... RETURNING): an UPDATE that returns rows runs as a locking read of the matching rows' keys,
+    the update of those rows by key, and a read of them as updated; in the transaction, so what is returned is
+    what was written. Its WHERE clause is evaluated in the read: the update itself reads no other table (so
+    an update of the runs never reads the job table that the runs' triggers write: MySQL error 1442). An update
+    of runs locks their jobs first (the order the claim takes them in)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def execute(self, statement: Any, parameters: Any = None, **kw: Any) -> Result[Any]:
+        if not (isinstance(statement, Update) and statement._returning):
+            return self._conn.execute(statement, parameters, **kw)
+        table: Any = statement.table
+        (key,) = table.primary_key.columns
+        where: Any = statement.whereclause
+        if table is run_table:
+            # The jobs first, in name order, as the claim locks them: the runs' trigger would lock them after
+            # the runs, and a claim holding a job while it waits on a run of the unique index would deadlock.
+            jobs = select(job_table.c.name).where(job_table.c.name.in_(select(run_table.c.job_name).where(where)))
+            self._conn.execute(jobs.order_by(job_table.c.name).with_for_update(), parameters)
+        found = select(key).where(where).with_for_update()
+        keys = list(self._conn.execute(found, parameters).scalars())
+        if keys:
+            write = statement._clone()
+            write._where_criteria = (key.in_(keys),)
+            write._returning = ()
+            self._conn.execute(write, parameters)
+        return self._conn.execute(select(*statement._returning).where(key.in_(keys)).order_by(key))
 
 
 class JobRepository:
@@ -101,6 +139,7 @@ class JobRepository:
         self.retry_backoff = retry_backoff
         self.wake_within = wake_within
         self._is_postgres = self.engine.dialect.name == "postgresql"
+        self._is_mysql = is_mysql(self.engine.dialect.name)
         # The worker side (start, progress, finish, tracking): one statement each, built once.
         self._kept = KeptConnections(self.engine) if self._is_postgres else None
         self._statements: dict[tuple[Any, ...], Executable] = {}
@@ -145,7 +184,7 @@ class JobRepository:
         and will be on every retry: a bug or a schema problem, not an outage)."""
         try:
             with self.engine.begin() as conn:
-                yield conn
+                yield cast(Connection, _MySQLConnection(conn)) if self._is_mysql else conn
         except DBAPIError as exc:
             raise classify(exc) from exc
 
@@ -587,6 +626,8 @@ class JobRepository:
         read keyed on the claim saw them: what a plain task's message is built from."""
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
+        if self._is_mysql:
+            return self._claim_runs_mysql(server_id, limit)
         with self._tx() as conn:
             self._skip_misfired(conn, limit)
             rows = conn.execute(sql.claim(self.dialect, self.clock.now, server_id, limit)).all()
@@ -595,6 +636,26 @@ class JobRepository:
                 runs = self._drop_stale_claims(conn, runs)
             jobs = self._advance_claimed(conn, runs)
         return Claim(runs, jobs)
+
+    def _claim_runs_mysql(self, server_id: str, limit: int) -> Claim:
+        """MySQL/MariaDB: the due jobs read locked (SKIP LOCKED, last committed: no stale read to drop
+        afterwards), then their runs inserted (INSERT IGNORE ... RETURNING): two statements, as a statement that
+        inserts runs may not read the job table there (the trigger of active runs writes it). A deadlock (a beat
+        and a worker's finish locking a job and its run in opposite orders) rolls the whole claim back, so no
+        slot was taken: it is logged once and the claim made once more."""
+        for attempt in (1, 2):
+            try:
+                with self._tx() as conn:
+                    self._skip_misfired(conn, limit)
+                    due = conn.execute(sql.claim_due(self.clock.now, server_id, limit)).all()
+                    rows = conn.execute(sql.insert_claims(self.dialect, due)).all() if due else []
+                    runs = sorted((RunRecord.from_row(row) for row in rows), key=lambda run: run.id)
+                    return Claim(runs, self._advance_claimed(conn, runs))
+            except DbschedError as exc:
+                if attempt == 2 or not is_deadlock(exc.__cause__):
+                    raise
+                _log.warning("celery_dbsched: claim by %s hit a deadlock, claiming again: %s", server_id, exc)
+        raise AssertionError("unreachable")
 
     def _drop_stale_claims(self, conn: Connection, runs: list[RunRecord]) -> list[RunRecord]:
         """PostgreSQL (READ COMMITTED): the claim statement read the jobs as they were when it began. When it

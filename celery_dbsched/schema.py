@@ -1,8 +1,9 @@
-"""Table definitions and the two SQL constructs that keep PostgreSQL and SQLite in step.
+"""Table definitions and the SQL constructs that keep PostgreSQL, MySQL/MariaDB and SQLite in step.
 
 Every persisted time comes from the database clock (design §1), so time arithmetic is done in SQL through
 `db_now(offset)`; SQLite has no timestamp type, so times are stored there as fixed-width UTC text that sorts
-like the time it names.
+like the time it names. MySQL/MariaDB store them as DATETIME(6) in UTC (the engine sets the session time
+zone to UTC), and have no partial index: revisions 0001 onward build its stand-ins (`dialects`).
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ from sqlalchemy import (
     false,
     true,
 )
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
+from .engine import MYSQL_BACKENDS, is_mysql
 from .states import ACTIVE, InterruptReason, JobKind, Misfire, Origin, RunState
 
 NAME_MAX_LENGTH = 128
@@ -48,18 +51,28 @@ def _one_of(column: str, values: type[enum.Enum]) -> str:
     return f"{column} in ({', '.join(repr(str(member.value)) for member in values)})"
 
 
+# Seconds (thresholds, delays, backoffs): a double everywhere. MySQL's FLOAT is single precision.
+Seconds = Float().with_variant(mysql.DOUBLE(asdecimal=False), *MYSQL_BACKENDS)
+
+
 class UTCDateTime(TypeDecorator[dt.datetime]):
-    """An aware UTC datetime: `timestamptz` on PostgreSQL, sortable naive-UTC text on SQLite."""
+    """An aware UTC datetime: `timestamptz` on PostgreSQL, DATETIME(6) in UTC on MySQL/MariaDB, sortable
+    naive-UTC text on SQLite."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> Any:
+        if is_mysql(dialect.name):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(self.impl)
 
     def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
         if value is None:
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetimes are not stored; pass an aware datetime")
-        if dialect.name == "sqlite":
+        if dialect.name == "sqlite" or is_mysql(dialect.name):
             return value.astimezone(UTC).replace(tzinfo=None)
         return value
 
@@ -102,6 +115,21 @@ def _db_now_sqlite(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
     return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', printf('%+.3f seconds', {offset}))"
 
 
+def _mysql_plus_seconds(base: str, offset: str) -> str:
+    # Whole microseconds: INTERVAL n SECOND would round a fraction to a whole second on MySQL.
+    return f"({base} + INTERVAL ROUND(({offset}) * 1000000) MICROSECOND)"
+
+
+@compiles(db_now, "mysql")
+@compiles(db_now, "mariadb")
+def _db_now_mysql(element: db_now, compiler: SQLCompiler, **kw: Any) -> str:
+    # NOW(6): the statement's start, with microseconds, in the session's time zone (UTC: engine.py).
+    clauses = list(element.clauses)
+    if not clauses:
+        return "NOW(6)"
+    return _mysql_plus_seconds("NOW(6)", compiler.process(clauses[0], **kw))
+
+
 class db_time_at(FunctionElement[dt.datetime]):
     """A given time plus an offset in seconds, computed like `db_now` (used when a test freezes the clock)."""
 
@@ -122,6 +150,13 @@ def _db_time_at_sqlite(element: db_time_at, compiler: SQLCompiler, **kw: Any) ->
     return f"strftime('%Y-%m-%d %H:%M:%f000', {base}, printf('%+.3f seconds', {offset}))"
 
 
+@compiles(db_time_at, "mysql")
+@compiles(db_time_at, "mariadb")
+def _db_time_at_mysql(element: db_time_at, compiler: SQLCompiler, **kw: Any) -> str:
+    base, offset = (compiler.process(clause, **kw) for clause in element.clauses)
+    return _mysql_plus_seconds(f"CAST({base} AS DATETIME(6))", offset)
+
+
 class least(FunctionElement[dt.datetime]):
     """The earlier of two times (`least` on PostgreSQL, scalar `min` on SQLite)."""
 
@@ -132,6 +167,13 @@ class least(FunctionElement[dt.datetime]):
 
 @compiles(least, "postgresql")
 def _least_postgresql(element: least, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"least({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(least, "mysql")
+@compiles(least, "mariadb")
+def _least_mysql(element: least, compiler: SQLCompiler, **kw: Any) -> str:
+    # NULL when any is NULL, as SQLite's min(); statements coalesce where a NULL may come.
     return f"least({compiler.process(element.clauses, **kw)})"
 
 
@@ -149,9 +191,9 @@ job_table = Table(
     Column("description", Text, nullable=False),
     Column("next_scheduled_run", UTCDateTime, nullable=False),
     # Seconds; the delay used when the job gives none (decorator `every`, class attribute `every`).
-    Column("default_next_run_in", Float, nullable=True),
+    Column("default_next_run_in", Seconds, nullable=True),
     Column("queue", String(QUEUE_MAX_LENGTH), nullable=True),
-    Column("interrupt_threshold", Float, nullable=True),  # seconds; NULL: the global setting
+    Column("interrupt_threshold", Seconds, nullable=True),  # seconds; NULL: the global setting
     Column("failure_count", Integer, nullable=False, server_default="0"),
     Column("enabled", Boolean, nullable=False, server_default=true()),
     Column("create_time", UTCDateTime, nullable=False),
@@ -164,11 +206,11 @@ job_table = Table(
     Column("task_kwargs", Text, nullable=True),  # JSON
     Column("task_options", Text, nullable=True),  # JSON: queue, routing_key, priority, expires, headers
     Column("misfire", String(16), nullable=False, server_default=Misfire.RUN_ONCE.value),
-    Column("misfire_grace", Float, nullable=True),  # seconds
+    Column("misfire_grace", Seconds, nullable=True),  # seconds
     Column("max_active", Integer, nullable=False, server_default="1"),
-    Column("retry_backoff_base", Float, nullable=True),  # seconds; NULL: the global setting
-    Column("retry_backoff_cap", Float, nullable=True),
-    Column("expires", Float, nullable=True),  # seconds after its slot a queued run may still start
+    Column("retry_backoff_base", Seconds, nullable=True),  # seconds; NULL: the global setting
+    Column("retry_backoff_cap", Seconds, nullable=True),
+    Column("expires", Seconds, nullable=True),  # seconds after its slot a queued run may still start
     Column("paused", Boolean, nullable=False, server_default=false()),
     # The slot a failed run was for, while it is retried: retries are late runs of that slot, so the job's
     # cadence stays on its grid (NULL when not retrying).
@@ -286,13 +328,13 @@ server_table = Table(
     # Added by revision 0007 (what `dbsched status` shows; celery_dbsched.observe reads them):
     Column("version", String(64), nullable=True),  # the celery_dbsched version the process runs
     # Seconds between two heartbeats of this process at most: it is silent once 3 of them were missed.
-    Column("heartbeat_interval", Float, nullable=True),
+    Column("heartbeat_interval", Seconds, nullable=True),
     # Beats, over the minute before the heartbeat: runs claimed, and the claim lag (claimed at minus the slot
     # the run was claimed for) in seconds, median and maximum (NULL: nothing claimed). Kept by the beat in
     # memory from the runs it claimed, written with its heartbeat: no statement per claim, no read of runs.
     Column("claims_last_minute", Integer, nullable=True),
-    Column("claim_lag_p50", Float, nullable=True),
-    Column("claim_lag_max", Float, nullable=True),
+    Column("claim_lag_p50", Seconds, nullable=True),
+    Column("claim_lag_max", Seconds, nullable=True),
     # Workers: their runs `running` when the heartbeat was written (counted over the active runs only).
     Column("runs_in_flight", Integer, nullable=True),
 )

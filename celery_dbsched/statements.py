@@ -2,7 +2,10 @@
 
 A function takes what the statement needs (the dialect's name, `now`: the clock expression builder of the
 repository, and the values) and returns a SQLAlchemy statement; nothing here connects or executes. A
-difference between dialects (PostgreSQL, SQLite) is decided in the one function that builds the statement.
+difference between dialects (PostgreSQL, MySQL/MariaDB, SQLite) is decided in the one function that builds the
+statement. MySQL/MariaDB have no UPDATE ... RETURNING: the repository runs those as a locking read, the
+update, and a read (`JobRepository._tx`); and a statement that writes the runs table must not read the job
+table there (the active-run triggers write it: MySQL error 1442), so the claim is two statements on MySQL.
 Times are computed by the database (`now`), never by this host.
 """
 
@@ -20,6 +23,7 @@ from sqlalchemy import (
     Float,
     Integer,
     Interval,
+    Row,
     String,
     Text,
     and_,
@@ -39,12 +43,13 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeEngine
 
+from .engine import is_mysql
 from .schema import UTCDateTime, claimable, db_time_at, job_table, least, run_table, server_table, sync_table
 from .settings import DEFAULT_MISFIRE_GRACE
 from .states import ACTIVE, FINAL, InterruptReason, JobKind, Misfire, Origin, RunState
@@ -72,8 +77,18 @@ def _is_postgres(dialect: str) -> bool:
 
 
 def insert(dialect: str, table: Any) -> Any:
-    """An INSERT of the dialect (for ON CONFLICT)."""
+    """An INSERT of the dialect (for ON CONFLICT / ON DUPLICATE KEY)."""
+    if is_mysql(dialect):
+        return mysql.insert(table)
     return (postgresql.insert if _is_postgres(dialect) else sqlite.insert)(table)
+
+
+def insert_ignoring_conflicts(dialect: str, table: Any) -> Any:
+    """An INSERT that skips the rows a unique index refuses (ON CONFLICT DO NOTHING; INSERT IGNORE on MySQL,
+    whose RETURNING then returns the rows inserted only)."""
+    if is_mysql(dialect):
+        return mysql.insert(table).prefix_with("IGNORE")
+    return insert(dialect, table).on_conflict_do_nothing()
 
 
 def error_text(error: str) -> str:
@@ -95,17 +110,20 @@ def _status_is(states: Sequence[RunState]) -> ColumnElement[bool]:
 
 
 def _lock(dialect: str, query: Select[Any]) -> Select[Any]:
-    """`FOR UPDATE` on PostgreSQL; SQLite transactions hold the database's write lock from their start."""
-    return query.with_for_update() if _is_postgres(dialect) else query
+    """`FOR UPDATE` on PostgreSQL and MySQL; SQLite transactions hold the database's write lock from their start."""
+    return query if dialect == "sqlite" else query.with_for_update()
 
 
 # -- lists as one bound parameter ----------------------------------------------------------------------------
 # A list of bound parameters would grow with N, and PostgreSQL refuses more than 65,535 a statement (SQLite
-# 32,766): a list travels as ONE parameter, an array on PostgreSQL, a JSON text on SQLite.
+# 32,766): a list travels as ONE parameter, an array on PostgreSQL, a JSON text on SQLite. PyMySQL binds on
+# the client (no server-side parameters, no such bound): on MySQL a list is an expanding IN.
 
 
-def values_of(dialect: str, values: Iterable[Any], of: Any) -> Select[Any]:
+def values_of(dialect: str, values: Iterable[Any], of: Any) -> Any:
     """`SELECT value` over `values` (one JSON array parameter), for `of.in_(...)` / `not_in(...)`."""
+    if is_mysql(dialect):
+        return bindparam(None, list(values), expanding=True, type_=of.type)
     payload = literal(json.dumps(list(values)), String)
     if _is_postgres(dialect):
         elements = func.json_array_elements_text(cast(payload, JSON)).table_valued("value")
@@ -115,7 +133,9 @@ def values_of(dialect: str, values: Iterable[Any], of: Any) -> Select[Any]:
 
 
 def in_ids(dialect: str, of: Any, ids: Sequence[int]) -> ColumnElement[bool]:
-    """`of IN (ids)`: `= ANY(array)` on PostgreSQL, a JSON list on SQLite."""
+    """`of IN (ids)`: `= ANY(array)` on PostgreSQL, a JSON list on SQLite, an expanding IN on MySQL."""
+    if is_mysql(dialect):
+        return of.in_(values_of(dialect, ids, of))  # type: ignore[no-any-return]
     if _is_postgres(dialect):
         result: ColumnElement[bool] = of == any_(literal(list(ids), postgresql.ARRAY(BigInteger)))
         return result
@@ -176,7 +196,7 @@ def all_jobs(origin: Origin | None = None) -> Select[Any]:
 def insert_job(dialect: str, name: str, first: dt.datetime, now: dt.datetime, values: Mapping[str, Any]) -> Any:
     """A new job (nothing when another process inserted it meanwhile); returns its row."""
     row = {"name": name, "next_scheduled_run": first, "create_time": now, "update_time": now, **values}
-    return insert(dialect, j).values(**row).on_conflict_do_nothing().returning(*j.c)
+    return insert_ignoring_conflicts(dialect, j).values(**row).returning(*j.c)
 
 
 def update_job(name: str, changed: Mapping[str, Any]) -> Any:
@@ -209,10 +229,8 @@ def sync_state(source: str, origin: Origin | None) -> Select[Any]:
 
 
 def add_source(dialect: str, now: Now, source: str) -> Any:
-    return (
-        insert(dialect, sync_table)
-        .values(key=source, fingerprint=None, job_count=0, update_time=now())
-        .on_conflict_do_nothing()
+    return insert_ignoring_conflicts(dialect, sync_table).values(
+        key=source, fingerprint=None, job_count=0, update_time=now()
     )
 
 
@@ -246,8 +264,10 @@ def insert_jobs(dialect: str, rows: Sequence[Mapping[str, Any]]) -> tuple[Any, l
     """New jobs, skipping those another process inserted first: the statement and its executemany rows (None:
     the rows are in the statement, which returns the names it inserted)."""
     if not _is_postgres(dialect):
-        # Under SQLite's write lock nobody else inserts meanwhile; executemany binds ~25 values a row.
-        return insert(dialect, j).on_conflict_do_nothing(), list(rows)
+        # Under SQLite's write lock nobody else inserts meanwhile; executemany binds ~25 values a row. MySQL:
+        # INSERT IGNORE, executemany (PyMySQL sends it as one multi-row INSERT); a row another process inserted
+        # first is skipped, and found again as a candidate by the caller's compare.
+        return insert_ignoring_conflicts(dialect, j), list(rows)
     # One JSON parameter per chunk: libpq would otherwise parse a statement of ~25 placeholders a row.
     columns = list(rows[0])
     records = func.json_to_recordset(cast(literal(json.dumps(rows, default=_json_time), String), JSON))
@@ -324,6 +344,13 @@ def set_next_runs(dialect: str, slots: Sequence[tuple[str, dt.datetime]]) -> Any
     """`next_scheduled_run` of many jobs in one statement, with the (name, time) pairs as one parameter."""
     if len(slots) == 1:
         return update(j).where(j.c.name == slots[0][0]).values(next_scheduled_run=slots[0][1])
+    if is_mysql(dialect):
+        by_name = case({name: literal(when, UTCDateTime()) for name, when in slots}, value=j.c.name)
+        return (
+            update(j)
+            .where(j.c.name.in_(values_of(dialect, [name for name, _ in slots], j.c.name)))
+            .values(next_scheduled_run=by_name)
+        )
     name, slot = pairs(dialect, slots, (String(), postgresql.TIMESTAMP(timezone=True)))
     return update(j).where(j.c.name == name).values(next_scheduled_run=slot)
 
@@ -352,12 +379,15 @@ def _slot_to_take() -> ColumnElement[int]:
     return case((j.c.max_active == 1, 0), (~slot_taken, 0), else_=next_free)
 
 
-def claim(dialect: str, now: Now, server_id: str, limit: int) -> Any:
-    """A `queued` run for each of up to `limit` due jobs, earliest due first, then by name; returns the runs.
-    On PostgreSQL the due jobs are read `FOR UPDATE SKIP LOCKED`: beats claiming at the same time take
-    disjoint sets of jobs instead of waiting for each other's claim and then finding nothing left."""
+_CLAIM_COLUMNS = (
+    "job_name", "status", "queue", "claimed_by", "create_time", "update_time", "kind", "slot", "scheduled_for",
+)  # fmt: skip
+
+
+def _due_to_claim(now: Now, server_id: str, limit: int) -> Select[Any]:
+    """The values of a `queued` run (`_CLAIM_COLUMNS`) for each of up to `limit` due jobs, earliest due first."""
     at = now()
-    due = (
+    return (
         select(
             j.c.name,
             literal(RunState.QUEUED, String),
@@ -378,12 +408,31 @@ def claim(dialect: str, now: Now, server_id: str, limit: int) -> Any:
         .order_by(j.c.next_scheduled_run, j.c.name)
         .limit(limit)
     )
+
+
+def claim(dialect: str, now: Now, server_id: str, limit: int) -> Any:
+    """A `queued` run for each of up to `limit` due jobs, earliest due first, then by name; returns the runs.
+    On PostgreSQL the due jobs are read `FOR UPDATE SKIP LOCKED`: beats claiming at the same time take
+    disjoint sets of jobs instead of waiting for each other's claim and then finding nothing left. (MySQL:
+    `claim_due` then `insert_claims`.)"""
+    due = _due_to_claim(now, server_id, limit)
     if _is_postgres(dialect):
         due = due.with_for_update(skip_locked=True, of=j)
-    columns = [
-        "job_name", "status", "queue", "claimed_by", "create_time", "update_time", "kind", "slot", "scheduled_for",
-    ]  # fmt: skip
-    return insert(dialect, r).from_select(columns, due).on_conflict_do_nothing().returning(*r.c)
+    return insert_ignoring_conflicts(dialect, r).from_select(_CLAIM_COLUMNS, due).returning(*r.c)
+
+
+def claim_due(now: Now, server_id: str, limit: int) -> Select[Any]:
+    """MySQL/MariaDB, the claim's first statement: the due jobs' new runs as values, the jobs' rows locked
+    (`FOR UPDATE SKIP LOCKED`, read as last committed: a job another beat is claiming is left to it). One
+    statement cannot read the jobs and insert the runs there: the active-run trigger writes the job table."""
+    return _due_to_claim(now, server_id, limit).with_for_update(skip_locked=True)
+
+
+def insert_claims(dialect: str, due: Sequence[Row[Any]]) -> Any:
+    """MySQL/MariaDB, the claim's second statement: the runs of `claim_due`'s rows, INSERT IGNORE ... RETURNING:
+    a run the unique index of active runs refuses (another beat's) is skipped, never returned."""
+    rows = [dict(zip(_CLAIM_COLUMNS, row, strict=True)) for row in due]
+    return insert_ignoring_conflicts(dialect, r).values(rows).returning(*r.c)
 
 
 def drop_stale_claims(dialect: str, ids: Sequence[int]) -> Any:
@@ -641,7 +690,9 @@ def interrupt_stalled(now: Now, default_threshold: float, reason: InterruptReaso
         (r.c.status == RunState.QUEUED, f"{reason}: no worker started it within the interrupt threshold"),
         else_=f"{reason}: no progress within the interrupt threshold",
     )
-    return update(r).where(condition).values(**interrupted(now, reason, error)).returning(*r.c)
+    # The error first: MySQL assigns left to right, and the CASE must see the status before it changes.
+    values = {"error": error, **interrupted(now, reason, error)}
+    return update(r).where(condition).ordered_values(*values.items()).returning(*r.c)
 
 
 def interrupt_left_behind(now: Now, server_id: str, threshold: dt.timedelta | None, reason: InterruptReason) -> Any:
@@ -697,12 +748,20 @@ def dispatch_many(dialect: str, now: Now, sent: Sequence[tuple[int, str | None]]
     """`queued -> dispatched` for (run id, task id) pairs (one parameter), and their jobs' failure counts
     reset: one statement on PostgreSQL (the mark as a data-modifying CTE of the reset), two on SQLite."""
     ids = [run_id for run_id, _ in sent]
-    run_id, task_id = pairs(dialect, sent, (BigInteger(), String()))
-    mark = (
-        update(r)
-        .where(r.c.id == run_id, r.c.status == RunState.QUEUED)
-        .values(status=RunState.DISPATCHED, end_time=now(), task_id=func.coalesce(task_id, r.c.task_id))
-    )
+    if is_mysql(dialect):
+        by_id = case({run_id: literal(task_id, String()) for run_id, task_id in sent}, value=r.c.id)
+        mark = (
+            update(r)
+            .where(in_ids(dialect, r.c.id, ids), r.c.status == RunState.QUEUED)
+            .values(status=RunState.DISPATCHED, end_time=now(), task_id=func.coalesce(by_id, r.c.task_id))
+        )
+    else:
+        run_id, task_id = pairs(dialect, sent, (BigInteger(), String()))
+        mark = (
+            update(r)
+            .where(r.c.id == run_id, r.c.status == RunState.QUEUED)
+            .values(status=RunState.DISPATCHED, end_time=now(), task_id=func.coalesce(task_id, r.c.task_id))
+        )
     reset = (
         update(j)
         .where(
@@ -791,10 +850,15 @@ def heartbeat(dialect: str, now: Now, role: str) -> Executable:
     else:
         values["runs_in_flight"] = runs_in_flight(bindparam("s_id")).scalar_subquery()
     stmt = insert(dialect, s).values(**values)
-    new_process = or_(s.c.pid != stmt.excluded.pid, s.c.hostname != stmt.excluded.hostname)
-    updated = {name: stmt.excluded[name] for name in values if name not in ("id", "start_time")}
-    updated["start_time"] = case((new_process, stmt.excluded.start_time), else_=s.c.start_time)
-    upsert: Executable = stmt.on_conflict_do_update(index_elements=[s.c.id], set_=updated)
+    new = stmt.inserted if is_mysql(dialect) else stmt.excluded
+    new_process = or_(s.c.pid != new.pid, s.c.hostname != new.hostname)
+    updated = {name: new[name] for name in values if name not in ("id", "start_time")}
+    # MySQL assigns left to right, each SET seeing the ones before: start_time first, while pid is the old one.
+    start_time = case((new_process, new.start_time), else_=s.c.start_time)
+    if is_mysql(dialect):
+        upsert: Executable = stmt.on_duplicate_key_update([("start_time", start_time), *updated.items()])
+    else:
+        upsert = stmt.on_conflict_do_update(index_elements=[s.c.id], set_={**updated, "start_time": start_time})
     return upsert
 
 
@@ -892,6 +956,8 @@ def prune_batch(dialect: str, now: Now, retention: dt.timedelta, size: int) -> A
     )
     if _is_postgres(dialect):
         oldest = oldest.with_for_update(skip_locked=True)
+    if is_mysql(dialect):  # MySQL reads no LIMIT in an IN subquery, nor the table it deletes from: one more level
+        return delete(r).where(r.c.id.in_(select(oldest.subquery().c.id)))
     return delete(r).where(r.c.id.in_(oldest.scalar_subquery()))
 
 

@@ -34,7 +34,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.cluster import LATENESS, PG_RABBITMQ, PG_REDIS, SQLITE_FS, Cluster, RunSampler, on, seconds_between
+from helpers.cluster import (
+    LATENESS,
+    MARIADB_RABBITMQ,
+    PG_RABBITMQ,
+    PG_REDIS,
+    SQLITE_FS,
+    Cluster,
+    RunSampler,
+    on,
+    seconds_between,
+)
 from helpers.processes import CeleryProcess
 from sqlalchemy import bindparam, select, update
 
@@ -306,7 +316,7 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return round(ordered[min(len(ordered) - 1, max(0, int(len(ordered) * fraction + 0.5) - 1))], 3)
 
 
-@on(PG_RABBITMQ)
+@on(PG_RABBITMQ, MARIADB_RABBITMQ)
 def test_three_beats_200_jobs_every_second_dispatch_every_slot_once(cluster: Cluster) -> None:
     run_load(cluster, name="beats-load-pg-200", jobs=200, every=1.0, duration=30.0, workers=3)
 

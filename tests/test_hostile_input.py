@@ -278,7 +278,14 @@ def _check_name_and_description(repository: JobRepository, tally: Tally, name: s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize(
+    "db",
+    [
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ],
+)
 def test_hypothesis_names_and_descriptions_round_trip_or_are_rejected(request: pytest.FixtureRequest, db: str) -> None:
     database: Database = request.getfixturevalue(f"{db}_database")
     repository = database.migrated_repository()

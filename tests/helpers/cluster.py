@@ -53,7 +53,11 @@ PG_RABBITMQ = pytest.param(
 )
 PG_REDIS = pytest.param("redis", "postgres", id="redis-postgres", marks=[pytest.mark.redis, pytest.mark.postgres])
 PG_FS = pytest.param("filesystem", "postgres", id="filesystem-postgres", marks=pytest.mark.postgres)
-ALL_COMBINATIONS = [SQLITE_FS, PG_RABBITMQ, PG_REDIS, PG_FS]
+MARIADB_RABBITMQ = pytest.param(
+    "rabbitmq", "mariadb", id="rabbitmq-mariadb", marks=[pytest.mark.rabbitmq, pytest.mark.mariadb]
+)
+MARIADB_FS = pytest.param("filesystem", "mariadb", id="filesystem-mariadb", marks=pytest.mark.mariadb)
+ALL_COMBINATIONS = [SQLITE_FS, PG_RABBITMQ, PG_REDIS, PG_FS, MARIADB_RABBITMQ, MARIADB_FS]
 
 
 def on(*combinations: Any) -> pytest.MarkDecorator:

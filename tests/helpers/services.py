@@ -1,7 +1,7 @@
 """The databases and brokers the suites run against, and whether each service answers.
 
-PostgreSQL, RabbitMQ and Redis are used for real. On a machine without them their tests are skipped with
-the reason printed; with DBSCHED_REQUIRE_SERVICES=1 (CI) a missing service fails those tests instead.
+PostgreSQL, MariaDB (or MySQL), RabbitMQ and Redis are used for real. On a machine without them their tests are
+skipped with the reason printed; with DBSCHED_REQUIRE_SERVICES=1 (CI) a missing service fails those tests instead.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from urllib.parse import quote, urlsplit
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 from celery_dbsched.clock import Clock
 from celery_dbsched.migrate import migrate
@@ -26,10 +26,13 @@ from celery_dbsched.settings import Settings
 POSTGRES_URL = os.environ.get("DBSCHED_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 RABBITMQ_URL = os.environ.get("DBSCHED_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_URL = os.environ.get("DBSCHED_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# A server where the tests may create and drop databases of their own (one per test).
+MARIADB_URL = os.environ.get("DBSCHED_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 REQUIRE_SERVICES = os.environ.get("DBSCHED_REQUIRE_SERVICES", "").lower() in ("1", "true", "yes")
 SOAK = os.environ.get("DBSCHED_SOAK", "").lower() in ("1", "true", "yes")
 
-SERVICE_URLS = {"postgres": POSTGRES_URL, "rabbitmq": RABBITMQ_URL, "redis": REDIS_URL}
+SERVICE_URLS = {"postgres": POSTGRES_URL, "mariadb": MARIADB_URL, "rabbitmq": RABBITMQ_URL, "redis": REDIS_URL}
+_DEFAULT_PORTS = {"postgres": 5432, "mariadb": 3306, "rabbitmq": 5672, "redis": 6379}
 _reachable: dict[str, str | None] = {}
 
 
@@ -38,14 +41,13 @@ def probe(name: str) -> str | None:
     if name in _reachable:
         return _reachable[name]
     url = SERVICE_URLS[name]
-    parts = urlsplit(url.replace("postgresql+psycopg", "postgresql"))
-    default_port = {"postgres": 5432, "rabbitmq": 5672, "redis": 6379}[name]
-    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
+    parts = urlsplit(url.replace("postgresql+psycopg", "postgresql").replace("mysql+pymysql", "mysql"))
+    host, port = parts.hostname or "127.0.0.1", parts.port or _DEFAULT_PORTS[name]
     reason: str | None = None
     try:
         with socket.create_connection((host, port), timeout=2):
             pass
-        if name == "postgres":
+        if name in ("postgres", "mariadb"):
             engine = create_engine(url)
             try:
                 with engine.connect() as conn:
@@ -73,7 +75,8 @@ def require_service(name: str) -> None:
 
 @dataclass
 class Database:
-    """A database to test against: SQLite in a temporary folder, or a fresh schema in PostgreSQL."""
+    """A database to test against: SQLite in a temporary folder, a fresh schema in PostgreSQL, or a fresh
+    database on the MariaDB server (`schema`: its name there)."""
 
     kind: str
     url: str
@@ -115,9 +118,25 @@ def make_postgres_database() -> Database:
     return Database("postgres", url, schema)
 
 
+def make_mariadb_database() -> Database:
+    require_service("mariadb")
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    engine = create_engine(MARIADB_URL)
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE DATABASE `{name}`"))
+    engine.dispose()
+    return Database("mariadb", str(make_url(MARIADB_URL).set(database=name).render_as_string(False)), name)
+
+
 def drop_database(database: Database) -> None:
     for repository in database.repositories:
         repository.close()
+    if database.kind == "mariadb" and database.schema is not None:
+        engine = create_engine(MARIADB_URL)
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS `{database.schema}`"))
+        engine.dispose()
+        return
     if database.schema is not None:
         engine = create_engine(POSTGRES_URL)
         with engine.begin() as conn:

@@ -9,14 +9,19 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from celery_dbsched.schema import UTCDateTime
+from celery_dbsched.migrations.dialects import (
+    ACTIVE,
+    add_active_job_column,
+    create_active_unique_index,
+    create_partial_index,
+    table_options,
+)
+from celery_dbsched.schema import Seconds, UTCDateTime
 
 revision = "0001"
 down_revision = None
 branch_labels = None
 depends_on = None
-
-ACTIVE = sa.text("status in ('queued', 'running')")
 
 
 def upgrade() -> None:
@@ -25,14 +30,15 @@ def upgrade() -> None:
         sa.Column("name", sa.String(128), primary_key=True),
         sa.Column("description", sa.Text, nullable=False),
         sa.Column("next_scheduled_run", UTCDateTime, nullable=False),
-        sa.Column("default_next_run_in", sa.Float, nullable=True),
+        sa.Column("default_next_run_in", Seconds, nullable=True),
         sa.Column("queue", sa.String(255), nullable=True),
-        sa.Column("interrupt_threshold", sa.Float, nullable=True),
+        sa.Column("interrupt_threshold", Seconds, nullable=True),
         sa.Column("failure_count", sa.Integer, nullable=False, server_default="0"),
         sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.true()),
         sa.Column("create_time", UTCDateTime, nullable=False),
         sa.Column("update_time", UTCDateTime, nullable=False),
         sa.CheckConstraint("length(name) > 0", name="dbsched_job_name_not_empty"),
+        **table_options(),
     )
     op.create_index("dbsched_job_due", "dbsched_job", ["next_scheduled_run"])
     op.create_table(
@@ -66,21 +72,16 @@ def upgrade() -> None:
         ),
         # Run ids are never reused after pruning (a late message must never name a newer run).
         sqlite_autoincrement=True,
+        **table_options(),
     )
-    op.create_index(
-        "dbsched_job_run_one_active",
-        "dbsched_job_run",
-        ["job_name"],
-        unique=True,
-        postgresql_where=ACTIVE,
-        sqlite_where=ACTIVE,
-    )
-    op.create_index(
+    add_active_job_column()
+    create_active_unique_index("dbsched_job_run_one_active", ["job_name"])
+    create_partial_index(
         "dbsched_job_run_active_update",
         "dbsched_job_run",
         ["update_time"],
-        postgresql_where=ACTIVE,
-        sqlite_where=ACTIVE,
+        ACTIVE,
+        mysql_columns=["status", "update_time"],
     )
     op.create_index("dbsched_job_run_job", "dbsched_job_run", ["job_name", "id"])
     op.create_index("dbsched_job_run_end", "dbsched_job_run", ["end_time"])

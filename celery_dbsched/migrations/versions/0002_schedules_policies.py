@@ -9,14 +9,13 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from celery_dbsched.schema import UTCDateTime
+from celery_dbsched.migrations.dialects import create_active_unique_index, table_options
+from celery_dbsched.schema import Seconds, UTCDateTime
 
 revision = "0002"
 down_revision = "0001"
 branch_labels = None
 depends_on = None
-
-ACTIVE = sa.text("status in ('queued', 'running')")
 
 
 def upgrade() -> None:
@@ -28,11 +27,11 @@ def upgrade() -> None:
         job.add_column(sa.Column("task_kwargs", sa.Text, nullable=True))
         job.add_column(sa.Column("task_options", sa.Text, nullable=True))
         job.add_column(sa.Column("misfire", sa.String(16), nullable=False, server_default="run_once"))
-        job.add_column(sa.Column("misfire_grace", sa.Float, nullable=True))
+        job.add_column(sa.Column("misfire_grace", Seconds, nullable=True))
         job.add_column(sa.Column("max_active", sa.Integer, nullable=False, server_default="1"))
-        job.add_column(sa.Column("retry_backoff_base", sa.Float, nullable=True))
-        job.add_column(sa.Column("retry_backoff_cap", sa.Float, nullable=True))
-        job.add_column(sa.Column("expires", sa.Float, nullable=True))
+        job.add_column(sa.Column("retry_backoff_base", Seconds, nullable=True))
+        job.add_column(sa.Column("retry_backoff_cap", Seconds, nullable=True))
+        job.add_column(sa.Column("expires", Seconds, nullable=True))
         job.add_column(sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()))
         job.add_column(sa.Column("retry_slot", UTCDateTime, nullable=True))
     op.drop_index("dbsched_job_run_one_active", table_name="dbsched_job_run")
@@ -40,14 +39,7 @@ def upgrade() -> None:
         run.add_column(sa.Column("kind", sa.String(16), nullable=False, server_default="job"))
         run.add_column(sa.Column("slot", sa.Integer, nullable=False, server_default="0"))
         run.add_column(sa.Column("scheduled_for", UTCDateTime, nullable=True))
-    op.create_index(
-        "dbsched_job_run_active_slot",
-        "dbsched_job_run",
-        ["job_name", "slot"],
-        unique=True,
-        postgresql_where=ACTIVE,
-        sqlite_where=ACTIVE,
-    )
+    create_active_unique_index("dbsched_job_run_active_slot", ["job_name", "slot"])
     op.create_table(
         "dbsched_server",
         sa.Column("id", sa.String(255), primary_key=True),
@@ -56,6 +48,7 @@ def upgrade() -> None:
         sa.Column("pid", sa.Integer, nullable=False),
         sa.Column("start_time", UTCDateTime, nullable=False),
         sa.Column("last_seen", UTCDateTime, nullable=False),
+        **table_options(),
     )
 
 
@@ -66,14 +59,7 @@ def downgrade() -> None:
         run.drop_column("scheduled_for")
         run.drop_column("slot")
         run.drop_column("kind")
-    op.create_index(
-        "dbsched_job_run_one_active",
-        "dbsched_job_run",
-        ["job_name"],
-        unique=True,
-        postgresql_where=ACTIVE,
-        sqlite_where=ACTIVE,
-    )
+    create_active_unique_index("dbsched_job_run_one_active", ["job_name"])
     with op.batch_alter_table("dbsched_job") as job:
         for column in (
             "retry_slot", "paused", "expires", "retry_backoff_cap", "retry_backoff_base", "max_active", "misfire_grace",

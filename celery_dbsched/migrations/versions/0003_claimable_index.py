@@ -14,6 +14,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from celery_dbsched.migrations.dialects import create_partial_index, on_mysql
+
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
@@ -62,6 +64,23 @@ SQLITE_TRIGGERS = {
 }
 
 
+# MySQL/MariaDB: one trigger per event (a MySQL trigger has no WHEN and no UPDATE OF). A statement that writes
+# the runs table must not read the job table (MySQL error 1442: a trigger may not write a table its statement
+# uses): statements.py keeps those apart on MySQL.
+MYSQL_TRIGGERS = {
+    "dbsched_job_run_counts_insert": f"AFTER INSERT ON dbsched_job_run FOR EACH ROW IF {_NEW} THEN {_INC} END IF",
+    "dbsched_job_run_counts_delete": f"AFTER DELETE ON dbsched_job_run FOR EACH ROW IF {_OLD} THEN {_DEC} END IF",
+    "dbsched_job_run_counts_update": (
+        f"AFTER UPDATE ON dbsched_job_run FOR EACH ROW IF ({_OLD}) AND NOT ({_NEW}) THEN {_DEC} "
+        f"ELSEIF ({_NEW}) AND NOT ({_OLD}) THEN {_INC} END IF"
+    ),
+}
+
+
+def _triggers() -> dict[str, str]:
+    return MYSQL_TRIGGERS if on_mysql() else SQLITE_TRIGGERS
+
+
 def upgrade() -> None:
     bind = op.get_bind()
     # A plain ADD COLUMN on SQLite too (never a batch copy of the job table: its drop would cascade to the runs).
@@ -74,19 +93,23 @@ def upgrade() -> None:
         op.execute(POSTGRES_FUNCTION)
         op.execute(POSTGRES_TRIGGER)
     else:
-        for name, body in SQLITE_TRIGGERS.items():
+        for name, body in _triggers().items():
             op.execute(f"CREATE TRIGGER {name} {body}")
     op.drop_index("dbsched_job_due", table_name="dbsched_job")
-    op.create_index(
+    create_partial_index(
         "dbsched_job_claimable",
         "dbsched_job",
         ["next_scheduled_run", "name"],
-        postgresql_where=CLAIMABLE,
+        CLAIMABLE,
         sqlite_where=SQLITE_CLAIMABLE,
+        mysql_columns=["enabled", "paused", "next_scheduled_run", "name"],
     )
-    skip = sa.text("misfire = 'skip'")
-    op.create_index(
-        "dbsched_job_misfire_skip", "dbsched_job", ["next_scheduled_run"], postgresql_where=skip, sqlite_where=skip
+    create_partial_index(
+        "dbsched_job_misfire_skip",
+        "dbsched_job",
+        ["next_scheduled_run"],
+        sa.text("misfire = 'skip'"),
+        mysql_columns=["misfire", "next_scheduled_run"],
     )
 
 
@@ -98,6 +121,9 @@ def downgrade() -> None:
     if bind.dialect.name == "postgresql":
         op.execute("DROP TRIGGER dbsched_job_run_counts ON dbsched_job_run")
         op.execute("DROP FUNCTION dbsched_count_active_runs()")
+    elif on_mysql():
+        for name in MYSQL_TRIGGERS:
+            op.execute(f"DROP TRIGGER {name}")
     else:
         for name in SQLITE_TRIGGERS:
             op.execute(f"DROP TRIGGER {name}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from celery_dbsched.migrations.dialects import table_options
 from celery_dbsched.schema import UTCDateTime
 
 revision = "0004"
@@ -28,6 +29,7 @@ def upgrade() -> None:
         sa.Column("fingerprint", sa.String(64), nullable=True),
         sa.Column("job_count", sa.Integer, nullable=False, server_default="0"),
         sa.Column("update_time", UTCDateTime, nullable=False),
+        **table_options(),
     )
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from celery_dbsched.migrations.dialects import on_mysql
+
 revision = "0005"
 down_revision = "0004"
 branch_labels = None
@@ -25,12 +27,21 @@ CHECK_NAME = "dbsched_job_run_interrupt_reason_valid"
 
 
 def upgrade() -> None:
+    if on_mysql():  # MySQL/MariaDB take no named CHECK inside ADD COLUMN: the constraint is added apart
+        op.add_column("dbsched_job_run", sa.Column("interrupt_reason", sa.String(16), nullable=True))
+        op.create_check_constraint(CHECK_NAME, "dbsched_job_run", CHECK)
+        _backfill()
+        return
     # On SQLite the batch adds the column in place (ALTER TABLE ADD COLUMN, its CHECK on the column), never by
     # copying the runs table: a copy would drop the active-run triggers of revision 0003 with the old table.
     with op.batch_alter_table("dbsched_job_run", recreate="never") as run:
         run.add_column(
             sa.Column("interrupt_reason", sa.String(16), sa.CheckConstraint(CHECK, name=CHECK_NAME), nullable=True)
         )
+    _backfill()
+
+
+def _backfill() -> None:
     for reason in REASONS:
         op.execute(
             sa.text(
@@ -41,5 +52,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    if on_mysql():
+        op.drop_constraint(CHECK_NAME, "dbsched_job_run", type_="check")
     with op.batch_alter_table("dbsched_job_run", recreate="never") as run:
         run.drop_column("interrupt_reason")

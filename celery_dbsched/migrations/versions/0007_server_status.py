@@ -11,6 +11,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from celery_dbsched.schema import Seconds
+
 revision = "0007"
 down_revision = "0006"
 branch_labels = None
@@ -18,10 +20,10 @@ depends_on = None
 
 _COLUMNS = (
     ("version", sa.String(64)),
-    ("heartbeat_interval", sa.Float()),
+    ("heartbeat_interval", Seconds),
     ("claims_last_minute", sa.Integer()),
-    ("claim_lag_p50", sa.Float()),
-    ("claim_lag_max", sa.Float()),
+    ("claim_lag_p50", Seconds),
+    ("claim_lag_max", Seconds),
     ("runs_in_flight", sa.Integer()),
 )
 

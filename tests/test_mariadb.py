@@ -1,0 +1,177 @@
+"""What MySQL/MariaDB need beyond the shared suites (issue 14): the database itself refuses a second active run
+of a job (a unique index over a generated column stands in for the partial index), the session time zone never
+shifts a time, names compare byte for byte, and a deadlock in a claim is retried once, logged once, costing no
+slot. The shared suites run on MariaDB through the `database` fixture (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from collections.abc import Iterator
+
+import pytest
+from helpers.services import Database
+from sqlalchemy import create_engine, insert, select, text, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from celery_dbsched import JobRepository
+from celery_dbsched.errors import DatabaseUnavailable, is_deadlock
+from celery_dbsched.migrate import migrate
+from celery_dbsched.schema import job_table, run_table
+from celery_dbsched.states import RunState
+
+pytestmark = pytest.mark.mariadb
+UTC = dt.timezone.utc
+
+
+@pytest.fixture
+def repository(mariadb_database: Database) -> JobRepository:
+    return mariadb_database.migrated_repository()
+
+
+def _run(job: str, slot: int = 0, status: str = RunState.QUEUED) -> dict[str, object]:
+    now = dt.datetime.now(UTC)
+    return {
+        "job_name": job,
+        "status": status,
+        "claimed_by": "test",
+        "slot": slot,
+        "create_time": now,
+        "update_time": now,
+    }
+
+
+def test_the_database_itself_refuses_a_second_active_run_of_a_job(repository: JobRepository) -> None:
+    repository.upsert_job("j", "d", every=dt.timedelta(hours=1))
+    with repository.engine.begin() as conn:
+        first = conn.execute(insert(run_table).values(_run("j"))).inserted_primary_key[0]
+    for status in (RunState.QUEUED, RunState.RUNNING):
+        with pytest.raises(IntegrityError, match="dbsched_job_run_active_slot"), repository.engine.begin() as conn:
+            conn.execute(insert(run_table).values(_run("j", status=status)))
+    with repository.engine.begin() as conn:  # another slot, another job, and ended runs are not refused
+        conn.execute(insert(run_table).values(_run("j", slot=1)))
+        conn.execute(insert(run_table).values(_run("j", status=RunState.COMPLETED)))
+        conn.execute(update(run_table).where(run_table.c.id == first).values(status=RunState.COMPLETED))
+        conn.execute(insert(run_table).values(_run("j")))  # slot 0 is free again once its run ended
+        active = conn.execute(select(job_table.c.active_runs).where(job_table.c.name == "j")).scalar_one()
+    assert active == 2  # the triggers of revision 0003 counted slot 1 and the new slot 0
+
+
+def test_the_session_time_zone_is_utc_whatever_the_connection_started_with(mariadb_database: Database) -> None:
+    # The driver's init_command runs before the engine's on-connect hook: a session at +05:00, as a server whose
+    # global time_zone is +05:00 would give (the shared server's globals are not ours to change).
+    repository = mariadb_database.migrated_repository(
+        engine_options={"connect_args": {"init_command": "SET time_zone = '+05:00'"}}
+    )
+    with repository.engine.connect() as conn:
+        assert conn.execute(text("SELECT @@session.time_zone")).scalar_one() == "+00:00"
+    before = dt.datetime.now(UTC)
+    job = repository.upsert_job("j", "d", every=dt.timedelta(hours=1), first_run_in=dt.timedelta(0))
+    after = dt.datetime.now(UTC)
+    assert before - dt.timedelta(seconds=5) <= job.next_scheduled_run <= after + dt.timedelta(seconds=5)
+    assert abs(repository.database_now() - after) < dt.timedelta(seconds=5)
+    # What is stored is UTC: a session left at +05:00 reads the same wall time, 5 hours behind its own NOW().
+    raw = create_engine(mariadb_database.url, connect_args={"init_command": "SET time_zone = '+05:00'"})
+    try:
+        with raw.connect() as conn:
+            stored, local_now = conn.execute(text("SELECT next_scheduled_run, NOW(6) FROM dbsched_job")).one()
+    finally:
+        raw.dispose()
+    assert stored == job.next_scheduled_run.replace(tzinfo=None)
+    assert dt.timedelta(hours=4, minutes=59) < local_now - stored < dt.timedelta(hours=5, minutes=1)
+
+
+def test_names_differing_in_case_or_accent_are_two_jobs(repository: JobRepository) -> None:
+    for name in ("Job", "job", "jöb", "job "):
+        repository.upsert_job(name, f"the {name!r}", every=dt.timedelta(hours=1))
+    jobs = {job.name: job.description for job in repository.list_jobs()}
+    assert jobs == {name: f"the {name!r}" for name in ("Job", "job", "jöb", "job ")}
+
+
+def _real_deadlock(url: str) -> DBAPIError:
+    """A deadlock the server reports (1213): two transactions locking two rows in opposite orders."""
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE deadlock_probe (id INT PRIMARY KEY)"))
+        conn.execute(text("INSERT INTO deadlock_probe VALUES (1), (2)"))
+    caught: list[DBAPIError] = []
+    second_locked = threading.Event()
+
+    def other() -> None:
+        with engine.connect() as conn, conn.begin():
+            conn.execute(text("SELECT id FROM deadlock_probe WHERE id = 2 FOR UPDATE"))
+            second_locked.set()
+            try:
+                conn.execute(text("SELECT id FROM deadlock_probe WHERE id = 1 FOR UPDATE"))
+            except DBAPIError as exc:
+                caught.append(exc)
+
+    try:
+        with engine.connect() as conn, conn.begin():
+            conn.execute(text("SELECT id FROM deadlock_probe WHERE id = 1 FOR UPDATE"))
+            thread = threading.Thread(target=other)
+            thread.start()
+            assert second_locked.wait(20)
+            try:  # whichever of the two waits second closes the cycle: the server rolls one back
+                conn.execute(text("SELECT id FROM deadlock_probe WHERE id = 2 FOR UPDATE"))
+            except DBAPIError as exc:
+                caught.append(exc)
+        thread.join(20)
+    finally:
+        engine.dispose()
+    [deadlock] = caught
+    return deadlock
+
+
+@pytest.fixture
+def deadlock(mariadb_database: Database) -> Iterator[DBAPIError]:
+    yield _real_deadlock(mariadb_database.url)
+
+
+def test_a_deadlock_is_an_outage_worth_retrying(deadlock: DBAPIError) -> None:
+    from celery_dbsched.errors import classify
+
+    assert is_deadlock(deadlock.orig) and is_deadlock(deadlock)
+    assert isinstance(classify(deadlock), DatabaseUnavailable)
+
+
+def test_a_claim_that_deadlocks_is_made_again_once_logged_once_and_costs_no_slot(
+    repository: JobRepository, deadlock: DBAPIError, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repository.upsert_job("j", "d", every=dt.timedelta(hours=1), first_run_in=dt.timedelta(0))
+    original = JobRepository._skip_misfired
+    calls = []
+
+    def deadlocked_once(self: JobRepository, conn: object, limit: int) -> None:
+        calls.append(limit)
+        original(self, conn, limit)  # type: ignore[arg-type]
+        if len(calls) == 1:
+            raise deadlock
+
+    monkeypatch.setattr(JobRepository, "_skip_misfired", deadlocked_once)
+    with caplog.at_level(logging.WARNING, logger="celery_dbsched.repository"):
+        claim = repository.claim_runs("beat-1", 10)
+    assert [run.job_name for run in claim.runs] == ["j"] and len(calls) == 2
+    assert [record.message for record in caplog.records if "deadlock" in record.message] == [
+        f"celery_dbsched: claim by beat-1 hit a deadlock, claiming again: {classify_text(deadlock)}"
+    ]
+    assert [run.job_name for run in repository.list_runs()] == ["j"]
+    # Twice in a row is not retried again: the error comes out, as any outage does.
+    calls.clear()
+    monkeypatch.setattr(JobRepository, "_skip_misfired", lambda self, conn, limit: (_ for _ in ()).throw(deadlock))
+    with pytest.raises(DatabaseUnavailable, match="Deadlock"):
+        repository.claim_runs("beat-1", 10)
+
+
+def classify_text(exc: DBAPIError) -> str:
+    from celery_dbsched.errors import classify
+
+    return str(classify(exc))
+
+
+def test_migrations_run_on_an_empty_database_and_again(repository: JobRepository) -> None:
+    # The fixture migrated an empty database; once more finds it current and changes nothing.
+    from celery_dbsched.migrate import head_revision
+
+    assert migrate(repository.engine) == head_revision()
