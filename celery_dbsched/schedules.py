@@ -298,7 +298,10 @@ def schedule_from(value: object, *, timezone: str | None = None) -> Schedule:
     if isinstance(value, bool):
         raise ValueError(f"a schedule cannot be {value!r}")
     if isinstance(value, str):
-        return crontab_from_text(value, timezone or "UTC")
+        try:
+            return crontab_from_text(value, timezone or "UTC")
+        except ValueError as exc:
+            raise ValueError(f"schedule {value!r} is not a crontab string: {exc}") from None
     if isinstance(value, dt.datetime):
         return ClockedSchedule(value)
     if isinstance(value, (int, float)):
