@@ -236,10 +236,9 @@ def for_add(keywords: Mapping[str, Any]) -> dict[str, Any]:
     if not keywords.get("task"):
         raise FieldError("task", "which Celery task to send? its registered name, such as proj.tasks.cleanup")
     if "schedule" not in keywords:
-        if "timezone" in keywords:
-            raise FieldError("schedule", f"tz is the zone of a schedule; {SCHEDULE_HELP}")
         raise FieldError("schedule", SCHEDULE_HELP)
     added = dict(keywords)
+    added.pop("timezone", None)  # a zone without a schedule (the form always has one): nothing to apply it to
     if "options" in added:
         added["options"] = merge_options({}, added["options"])
     if not added.get("description"):

@@ -136,7 +136,7 @@ def test_for_add_needs_a_task_and_a_schedule() -> None:
         schedule_input.for_add(read(every="60"))
     with pytest.raises(FieldError, match=r"^schedule: give one schedule"):
         schedule_input.for_add(read(task="t"))
-    with pytest.raises(FieldError, match=r"^schedule: tz is the zone of a schedule"):
+    with pytest.raises(FieldError, match=r"^schedule: give one schedule"):
         schedule_input.for_add(read(task="t", tz="UTC"))
     added = schedule_input.for_add(read(task="t", every="60", queue="", priority="1", description=""))
     assert added == {"task": "t", "schedule": IntervalSchedule(60.0), "options": {"priority": 1}}

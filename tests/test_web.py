@@ -768,7 +768,7 @@ def test_a_bad_form_shows_why_keeps_what_was_typed_and_stores_nothing(
         shown = web.post("/api/schedules/add", data=typed)
         assert shown.status_code == 400, fields
         error = re.search(r'<p id="form-error" class="error" role="alert">([^<]*)</p>', shown.text)
-        assert error and html.unescape(error.group(1)).startswith(f"schedule action failed: {why}"), (
+        assert error and html.unescape(error.group(1)).startswith(f"add failed: {why}"), (
             fields,
             shown.text,
         )
