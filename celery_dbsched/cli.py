@@ -166,8 +166,8 @@ def _last(run: RunRecord | None, now: dt.datetime) -> str:
 @_json_option
 @click.pass_context
 def jobs(ctx: click.Context, zone: Any, as_json: bool) -> None:
-    """List the jobs: state, next run, last outcome, schedule. Flags jobs that look removed from the code
-    (orphaned) and beat_schedule entries whose task this app does not know."""
+    """List the jobs: state, origin (code, beat_schedule, runtime), next run, last outcome, schedule. Flags jobs
+    that look removed from the code (orphaned) and plain-task entries whose task this app does not know."""
     repository = _existing_repository(ctx)
     records, now, last, orphaned = _reading(
         lambda: (repository.list_jobs(), repository.database_now(), repository.last_runs(), repository.orphaned_jobs())
@@ -185,6 +185,7 @@ def jobs(ctx: click.Context, zone: Any, as_json: bool) -> None:
         [
             job.name,
             states[job.name],
+            job.origin,
             display.when(job.next_scheduled_run, zone),
             states[job.name] if not job.policy.enabled or job.paused else display.relative(job.next_scheduled_run, now),
             _last(last.get(job.name), now),
@@ -195,8 +196,8 @@ def jobs(ctx: click.Context, zone: Any, as_json: bool) -> None:
         ]
         for job in records
     ]
-    headers = ["NAME", "STATE", f"NEXT RUN ({display.zone_name(zone)})", "DUE", "LAST RUN", "SCHEDULE", "QUEUE"]
-    click.echo(display.table([*headers, "FAILURES", "DESCRIPTION"], rows))
+    headers = ["NAME", "STATE", "ORIGIN", f"NEXT RUN ({display.zone_name(zone)})", "DUE", "LAST RUN", "SCHEDULE"]
+    click.echo(display.table([*headers, "QUEUE", "FAILURES", "DESCRIPTION"], rows))
     notes = [_orphaned_note(name, orphaned[name], zone) for name in sorted(orphaned) if states.get(name) == "orphaned"]
     notes += [
         f"unknown-task: {name}: this app does not know the task {task!r}: its runs are sent and never run "

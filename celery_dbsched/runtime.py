@@ -149,6 +149,7 @@ def put_schedules(app: Any, entries: Sequence[Mapping[str, Any]], *, dry_run: bo
     `start_time` place a created schedule's first run (they do not move an existing one's). In one transaction
     of bounded statements; `dry_run` writes nothing and says what it would do."""
     declared = _declared(app)
+    zone = app_timezone(app)
     valid: list[RuntimeEntry] = []
     refused: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -161,7 +162,7 @@ def put_schedules(app: Any, entries: Sequence[Mapping[str, Any]], *, dry_run: bo
             fields = {key: value for key, value in given.items() if key != "name"}
             if name in seen:
                 raise InvalidSchedule(f"runtime schedule {name!r} is given more than once")
-            entry = runtime_entry(app, name, fields)
+            entry = runtime_entry(app, name, fields, zone=zone)
             if entry.name in declared:
                 raise NameTaken(entry.name, declared[entry.name], Origin.RUNTIME)
         except (InvalidSchedule, NameTaken) as exc:
@@ -176,9 +177,12 @@ def put_schedules(app: Any, entries: Sequence[Mapping[str, Any]], *, dry_run: bo
 # -- validation at the door -------------------------------------------------------------------------------
 
 
-def runtime_entry(app: Any, name: object, given: Mapping[str, Any], current: JobRecord | None = None) -> RuntimeEntry:
+def runtime_entry(
+    app: Any, name: object, given: Mapping[str, Any], current: JobRecord | None = None, *, zone: str | None = None
+) -> RuntimeEntry:
     """The schedule `given` describes (`add_schedule`'s keywords), over the stored `current` one for an update
-    (only the given keywords change); InvalidSchedule naming the schedule and the wrong thing."""
+    (only the given keywords change); InvalidSchedule naming the schedule and the wrong thing. `zone`: the
+    app's timezone when the caller already read it (crontabs without a `timezone` follow it)."""
     try:
         checked_name = validate_name(name)
     except ValueError as exc:
@@ -186,7 +190,7 @@ def runtime_entry(app: Any, name: object, given: Mapping[str, Any], current: Job
     label = f"runtime schedule {checked_name!r}"
     _check_keywords(label, given)
     try:
-        return _entry(app, checked_name, label, given, current)
+        return _entry(zone or app_timezone(app), checked_name, label, given, current)
     except InvalidSchedule:
         raise
     except (ValueError, TypeError) as exc:
@@ -200,7 +204,7 @@ def _check_keywords(label: str, given: Mapping[str, Any]) -> None:
         raise InvalidSchedule(f"{label}: unknown keyword(s) {', '.join(unknown)}; known: {', '.join(sorted(KEYWORDS))}")
 
 
-def _entry(app: Any, name: str, label: str, given: Mapping[str, Any], current: JobRecord | None) -> RuntimeEntry:
+def _entry(app_zone: str, name: str, label: str, given: Mapping[str, Any], current: JobRecord | None) -> RuntimeEntry:
     def value(key: str, default: Any) -> Any:
         return given.get(key, default)
 
@@ -211,7 +215,7 @@ def _entry(app: Any, name: str, label: str, given: Mapping[str, Any], current: J
     zone = given.get("timezone")
     if zone is not None:
         zone = parse_timezone(zone).key
-    schedule = _schedule(label, given, current, zone or app_timezone(app))
+    schedule = _schedule(label, given, current, zone or app_zone)
     task = _task_name(label, value("task", current.task if current else None))
     args = _json_list(label, value("args", current.task_args if current else ()))
     kwargs = _json_dict(label, "kwargs", value("kwargs", current.task_kwargs if current else None))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import datetime as dt
+import functools
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
@@ -108,6 +109,25 @@ def _field(value: object) -> str:
     raise ValueError(f"crontab field must be text, a number or numbers, got {value!r}")
 
 
+@functools.lru_cache(maxsize=4096)
+def _crontab_sets(
+    minute: str, hour: str, day_of_week: str, day_of_month: str, month_of_year: str
+) -> tuple[frozenset[int], frozenset[int], frozenset[int], frozenset[int], frozenset[int]]:
+    """The minutes, hours, weekdays, days and months a crontab matches, parsed by Celery once per expression
+    (a schedule is read back from its spec at every claim and sync: parsing it each time dominated a bulk put)."""
+    from celery.schedules import crontab
+
+    try:
+        cron = crontab(
+            minute=minute, hour=hour, day_of_week=day_of_week, day_of_month=day_of_month, month_of_year=month_of_year
+        )
+    except Exception as exc:
+        expression = f"{minute} {hour} {day_of_month} {month_of_year} {day_of_week}"
+        raise ValueError(f"invalid crontab {expression!r}: {exc}") from None
+    sets = (cron.minute, cron.hour, cron.day_of_week, cron.day_of_month, cron.month_of_year)
+    return tuple(frozenset(values) for values in sets)  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class CrontabSchedule(Schedule):
     minute: str = "*"
@@ -121,20 +141,8 @@ class CrontabSchedule(Schedule):
         parse_timezone(self.timezone)
         self._sets()  # validates the fields
 
-    def _sets(self) -> tuple[set[int], set[int], set[int], set[int], set[int]]:
-        from celery.schedules import crontab
-
-        try:
-            cron = crontab(
-                minute=self.minute,
-                hour=self.hour,
-                day_of_week=self.day_of_week,
-                day_of_month=self.day_of_month,
-                month_of_year=self.month_of_year,
-            )
-        except Exception as exc:
-            raise ValueError(f"invalid crontab {self.expression!r}: {exc}") from None
-        return cron.minute, cron.hour, cron.day_of_week, cron.day_of_month, cron.month_of_year
+    def _sets(self) -> tuple[frozenset[int], frozenset[int], frozenset[int], frozenset[int], frozenset[int]]:
+        return _crontab_sets(self.minute, self.hour, self.day_of_week, self.day_of_month, self.month_of_year)
 
     @property
     def expression(self) -> str:
@@ -151,18 +159,23 @@ class CrontabSchedule(Schedule):
             "timezone": self.timezone,
         }
 
-    def _wall_times(self, start: dt.date) -> Iterator[dt.datetime]:
-        """Matching wall-clock times in order, from the start of `start` (Celery's rule: day of month AND
+    def _wall_times(self, start: dt.datetime) -> Iterator[dt.datetime]:
+        """Matching wall-clock times in order, from `start` on (naive, local; Celery's rule: day of month AND
         day of week must both match)."""
         minutes, hours, weekdays, days, months = self._sets()
         hours_sorted, minutes_sorted = sorted(hours), sorted(minutes)
+        first_day = start.date()
         for offset in range(_MAX_SEARCH_DAYS):
-            day = start + dt.timedelta(days=offset)
+            day = first_day + dt.timedelta(days=offset)
             if day.month not in months or day.day not in days or (day.weekday() + 1) % 7 not in weekdays:
                 continue
             for hour in hours_sorted:
+                if offset == 0 and hour < start.hour:
+                    continue
                 for minute in minutes_sorted:
-                    yield dt.datetime(day.year, day.month, day.day, hour, minute)
+                    wall = dt.datetime(day.year, day.month, day.day, hour, minute)
+                    if wall >= start:
+                        yield wall
 
     def next_after(self, after: dt.datetime, anchor: dt.datetime | None = None) -> dt.datetime:
         zone = parse_timezone(self.timezone)
@@ -170,9 +183,7 @@ class CrontabSchedule(Schedule):
         every_hour = len(self._sets()[1]) == 24
         best: dt.datetime | None = None
         best_wall: dt.datetime | None = None
-        for wall in self._wall_times(local_after.date() - dt.timedelta(days=1)):
-            if wall < local_after - dt.timedelta(hours=3):
-                continue
+        for wall in self._wall_times(local_after - dt.timedelta(hours=3)):
             if best_wall is not None and wall > best_wall + dt.timedelta(hours=3):
                 return best  # type: ignore[return-value]
             # fold=0: a wall time the spring jump skips maps past the gap, a repeated autumn one to its first
@@ -270,8 +281,8 @@ def crontab_from_text(text: str, timezone: str = "UTC") -> CrontabSchedule:
     fields = text.split()
     if len(fields) != 5:
         raise ValueError(
-            f"a crontab string has 5 fields, 'minute hour day-of-month month day-of-week' (e.g. '*/5 * * * *'), "
-            f"got {text!r}"
+            f"a schedule given as text is a crontab string of 5 fields, 'minute hour day-of-month month "
+            f"day-of-week' (e.g. '*/5 * * * *'), got {text!r}"
         )
     minute, hour, day_of_month, month_of_year, day_of_week = fields
     return CrontabSchedule(minute, hour, day_of_week, day_of_month, month_of_year, parse_timezone(timezone).key)

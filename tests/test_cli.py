@@ -145,7 +145,7 @@ def test_jobs_lists_names_next_runs_and_descriptions(database: Database) -> None
     result = ok(dbsched(database.url, "jobs"))
     lines = result.stdout.strip().splitlines()
     assert re.split(r"\s{2,}", lines[0]) == [
-        "NAME", "STATE", "NEXT RUN (UTC)", "DUE", "LAST RUN", "SCHEDULE", "QUEUE", "FAILURES", "DESCRIPTION"
+        "NAME", "STATE", "ORIGIN", "NEXT RUN (UTC)", "DUE", "LAST RUN", "SCHEDULE", "QUEUE", "FAILURES", "DESCRIPTION"
     ]  # fmt: skip
     assert [line.split()[0] for line in lines[1:]] == ["cleanup", "off.job", "paused.job", "reports.daily"]
 
@@ -154,13 +154,13 @@ def test_jobs_lists_names_next_runs_and_descriptions(database: Database) -> None
         return when.astimezone(ZoneInfo(zone)).strftime("%Y-%m-%d %H:%M:%S")
 
     cleanup, off, paused, daily = (re.split(r"\s{2,}", line) for line in lines[1:])
-    assert cleanup[:5] == ["cleanup", "enabled", next_run("cleanup"), "due", "-"]
-    assert cleanup[5:] == ["every 1 min", "-", "0", "Deletes old files"]
-    assert off[:4] == ["off.job", "disabled", next_run("off.job"), "disabled"]
-    assert paused[:4] == ["paused.job", "paused", next_run("paused.job"), "paused"]  # not "due"
-    assert daily[:3] == ["reports.daily", "enabled", next_run("reports.daily")]
-    assert daily[3] in ("in 13 h 54 min", "in 13 h 55 min"), daily  # as people read it, not "in 50085s"
-    assert daily[5:] == ["every 1 d", "reports", "0", "Builds the daily report"]
+    assert cleanup[:6] == ["cleanup", "enabled", "code", next_run("cleanup"), "due", "-"]
+    assert cleanup[6:] == ["every 1 min", "-", "0", "Deletes old files"]
+    assert off[:5] == ["off.job", "disabled", "code", next_run("off.job"), "disabled"]
+    assert paused[:5] == ["paused.job", "paused", "code", next_run("paused.job"), "paused"]  # not "due"
+    assert daily[:4] == ["reports.daily", "enabled", "code", next_run("reports.daily")]
+    assert daily[4] in ("in 13 h 54 min", "in 13 h 55 min"), daily  # as people read it, not "in 50085s"
+    assert daily[6:] == ["every 1 d", "reports", "0", "Builds the daily report"]
 
     berlin = ok(dbsched(database.url, "jobs", "--tz", "Europe/Berlin")).stdout.splitlines()
     assert "NEXT RUN (Europe/Berlin)" in berlin[0]
@@ -180,14 +180,14 @@ def test_jobs_shows_each_jobs_last_outcome(database: Database) -> None:
     _history(repository)
     repository.upsert_job("c", "job c", first_run_in=dt.timedelta(hours=1))
     result = ok(dbsched(database.url, "jobs"))
-    last = {line.split()[0]: re.split(r"\s{2,}", line)[4] for line in result.stdout.splitlines()[1:]}
+    last = {line.split()[0]: re.split(r"\s{2,}", line)[5] for line in result.stdout.splitlines()[1:]}
     assert re.fullmatch(r"queued for \d+(\.\d)? s", last["a"]), last  # its newest run; still active
     assert re.fullmatch(r"queued for \d+(\.\d)? s", last["b"]), last
     assert last["c"] == "-"
     [run] = repository.list_runs(job_name="b", limit=1)
     repository.start_run(run.id, "worker-3")
     repository.fail_run(run.id, "boom")
-    last_b = re.split(r"\s{2,}", ok(dbsched(database.url, "jobs")).stdout.splitlines()[2])[4]
+    last_b = re.split(r"\s{2,}", ok(dbsched(database.url, "jobs")).stdout.splitlines()[2])[5]
     assert re.fullmatch(r"failed \d+(\.\d)? s ago", last_b), last_b
 
 
@@ -198,7 +198,7 @@ def test_jobs_marks_a_job_edited_on_the_dashboard(database: Database) -> None:
     repository.edit_job("edited", every=dt.timedelta(seconds=300))
     result = ok(dbsched(database.url, "jobs"))
     lines = result.stdout.split("\n\n")[0].splitlines()[1:]
-    schedules = {row[0]: row[5] for row in (re.split(r"\s{2,}", line) for line in lines)}
+    schedules = {row[0]: row[6] for row in (re.split(r"\s{2,}", line) for line in lines)}
     assert schedules == {"edited": "every 5 min (edited)", "plain": "every 1 min"}
     assert result.notes == [
         "edited: edited: edited on the dashboard (overrides the code): every; "

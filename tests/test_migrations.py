@@ -257,3 +257,68 @@ def test_0006_adds_the_registration_and_stop_stamps_in_place(database: Any) -> N
     finally:
         repository.close()
         engine.dispose()
+
+
+def test_0008_adds_the_owner_one_off_and_expire_time_backfilled_from_kind(database: Any) -> None:
+    """0008 adds `dbsched_job.origin` (a job of kind "job" came from code, a plain task from beat_schedule),
+    `one_off` (false) and `expire_time` (NULL) in place; a downgrade drops them and keeps the jobs."""
+    from alembic import command
+
+    from celery_dbsched.migrate import _config
+    from celery_dbsched.states import Origin
+
+    engine = make_engine(database.url)
+    repository = JobRepository(engine)
+    insert = text(
+        "INSERT INTO dbsched_job (name, description, kind, task, next_scheduled_run, create_time, update_time) "
+        "VALUES (:name, 'old', :kind, :task, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+    )
+    try:
+        with engine.begin() as conn:
+            command.upgrade(_config(conn), "0007")
+            conn.execute(insert, {"name": "code-job", "kind": "job", "task": None})
+            conn.execute(insert, {"name": "entry", "kind": "task", "task": "proj.tasks.entry"})
+        assert migrate(engine) == "0007"
+        jobs = {job.name: job for job in repository.list_jobs()}
+        assert {name: job.origin for name, job in jobs.items()} == {
+            "code-job": Origin.CODE,
+            "entry": Origin.BEAT_SCHEDULE,
+        }
+        assert not any(job.one_off or job.expire_time for job in jobs.values())
+        columns = {column["name"]: column for column in inspect(engine).get_columns("dbsched_job")}
+        assert not columns["origin"]["nullable"] and not columns["one_off"]["nullable"]
+        assert columns["expire_time"]["nullable"]
+        with pytest.raises(Exception, match=r"(?i)null"), engine.begin() as conn:
+            conn.execute(text("UPDATE dbsched_job SET origin = NULL"))
+
+        with engine.begin() as conn:
+            command.downgrade(_config(conn), "0007")
+        assert not {"origin", "one_off", "expire_time"} & {
+            c["name"] for c in inspect(engine).get_columns("dbsched_job")
+        }
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM dbsched_job")).scalar_one() == 2
+        assert migrate(engine) == "0007"
+        assert {job.name: job.origin for job in repository.list_jobs()} == {
+            "code-job": Origin.CODE,
+            "entry": Origin.BEAT_SCHEDULE,
+        }
+    finally:
+        repository.close()
+        engine.dispose()
+
+
+def test_0008_on_an_empty_database_stores_runtime_jobs(database: Any) -> None:
+    from celery_dbsched.job import JobDefinition
+    from celery_dbsched.records import RuntimeEntry
+    from celery_dbsched.schedules import IntervalSchedule
+    from celery_dbsched.states import Origin
+
+    repository = database.repository()
+    assert migrate(repository.engine) is None
+    assert current_revision(repository.engine) == head_revision() == "0008"
+    definition = JobDefinition(
+        "rt", "runtime", kind="task", task="t", schedule=IntervalSchedule(60), origin=Origin.RUNTIME, one_off=True
+    )
+    record = repository.add_runtime_job(RuntimeEntry(definition))
+    assert record.origin == Origin.RUNTIME and record.one_off and record.expire_time is None

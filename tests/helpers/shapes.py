@@ -11,5 +11,5 @@ RUN_KEYS = ["id", "job", "kind", "status", "interrupt_reason", "completed", "tot
 RUN_KEYS += ["started", "updated", "ended", "duration", "claimed_by", "worker", "queue", "task_id", "slot", "error"]
 STATUS_KEYS = ["now", "healthy", "problems", "beats", "workers", "due", "active", "stalled", "failures_last_hour"]
 STATUS_KEYS += ["orphaned_jobs"]
-JOB_KEYS = ["name", "kind", "state", "description", "schedule", "next_run", "due", "queue", "task", "failure_count"]
-JOB_KEYS += ["active_runs", "max_active", "last_run", "overrides"]
+JOB_KEYS = ["name", "kind", "origin", "state", "description", "schedule", "next_run", "due", "queue", "task"]
+JOB_KEYS += ["failure_count", "active_runs", "max_active", "last_run", "overrides", "one_off", "expire_time"]
