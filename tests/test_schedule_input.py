@@ -69,7 +69,7 @@ def test_each_schedule_field_reads_into_our_schedule() -> None:
         ({"every": "60", "crontab": "* * * * *"}, "schedule", "every and crontab given; give one schedule"),
         ({"every": "-5"}, "every", "90s, 5m or 1h"),
         ({"every": "0s"}, "every", "more than 0 seconds"),
-        ({"crontab": "* * * * * *"}, "crontab", "has 5 fields"),
+        ({"crontab": "* * * * * *"}, "crontab", "got 6 in"),
         ({"crontab": "* 25 * * *"}, "crontab", "each field as in cron"),
         ({"at": "24/12/2026"}, "at", "ISO time"),
         ({"solar": "sunrise", "lat": "52"}, "solar", "needs lat and lon"),

@@ -760,7 +760,7 @@ def test_a_bad_form_shows_why_keeps_what_was_typed_and_stores_nothing(
         ({"every": "60", "args": "[1, 2"}, "args: not JSON"),
         ({"every": "60", "crontab": "* * * * *"}, "schedule: every and crontab given"),
         ({}, "schedule: give one schedule"),
-        ({"crontab": "*/5 * *"}, "crontab: a crontab string has 5 fields"),
+        ({"crontab": "*/5 * *"}, "crontab: expected five fields"),
         ({"every": "60", "tz": "Mars/Olympus"}, "tz: unknown time zone 'Mars/Olympus'"),
         ({"every": "60", "kwargs": "[1]"}, "kwargs: expected a JSON object"),
     ]
