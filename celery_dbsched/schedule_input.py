@@ -143,11 +143,17 @@ def read_schedule(values: Mapping[str, object], zone: str) -> Schedule | None:
             raise FieldError("every", f"an interval must be more than 0 seconds, got {text!r}")
         return IntervalSchedule(every.total_seconds())
     if key == "crontab":
+        count = len(text.split())
+        if count != 5:
+            raise FieldError(
+                "crontab",
+                "expected five fields, minute hour day-of-month month day-of-week, such as '*/5 * * * *' (every 5 "
+                f"min), got {count} in {text!r}",
+            )
         try:
             return crontab_from_text(text, zone)
         except ValueError as exc:
-            hint = "; each field as in cron: *, 5, 1-5, */15, 1,15" if len(text.split()) == 5 else ""
-            raise FieldError("crontab", f"{exc}{hint}") from None
+            raise FieldError("crontab", f"{exc}; each field as in cron: *, 5, 1-5, */15, 1,15") from None
     if key == "at":
         return ClockedSchedule(_time("at", text, parse_timezone(zone)))
     lat, lon = _text(values, "lat"), _text(values, "lon")
@@ -236,10 +242,9 @@ def for_add(keywords: Mapping[str, Any]) -> dict[str, Any]:
     if not keywords.get("task"):
         raise FieldError("task", "which Celery task to send? its registered name, such as proj.tasks.cleanup")
     if "schedule" not in keywords:
-        if "timezone" in keywords:
-            raise FieldError("schedule", f"tz is the zone of a schedule; {SCHEDULE_HELP}")
         raise FieldError("schedule", SCHEDULE_HELP)
     added = dict(keywords)
+    added.pop("timezone", None)  # a zone without a schedule (the form always has one): nothing to apply it to
     if "options" in added:
         added["options"] = merge_options({}, added["options"])
     if not added.get("description"):

@@ -949,7 +949,7 @@ MISTAKES = [
     ),
     (["--task", "t.x", "--every", "sixty"], "--every", "90s, 5m or 1h"),
     (["--task", "t.x", "--every", "0"], "--every", "more than 0 seconds"),
-    (["--task", "t.x", "--crontab", "*/5 * * *"], "--crontab", "has 5 fields"),
+    (["--task", "t.x", "--crontab", "*/5 * * *"], "--crontab", "expected five fields"),
     (["--task", "t.x", "--crontab", "61 * * * *"], "--crontab", "each field as in cron"),
     (["--task", "t.x", "--every", "60", "--tz", "Mars/Olympus"], "--tz", "IANA name such as Europe/Berlin"),
     (["--task", "t.x", "--every", "60", "--args", "[1, 2"], "--args", "not JSON"),
@@ -1072,7 +1072,7 @@ def test_edit_mistakes_are_clear_and_change_nothing(database: Database) -> None:
         (["--args", "[1"], "'--args'"),
         (["--tz", "Europe/Berlin"], "has no zone"),
         (["--every", "60", "--crontab", "* * * * *"], "every and crontab given"),
-        (["--crontab", "* * *"], "has 5 fields"),
+        (["--crontab", "* * *"], "expected five fields"),
     ]
     for arguments, words in usage:
         result = clean_error(dbsched(database.url, "edit", "tick", *arguments))

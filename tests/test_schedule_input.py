@@ -69,7 +69,7 @@ def test_each_schedule_field_reads_into_our_schedule() -> None:
         ({"every": "60", "crontab": "* * * * *"}, "schedule", "every and crontab given; give one schedule"),
         ({"every": "-5"}, "every", "90s, 5m or 1h"),
         ({"every": "0s"}, "every", "more than 0 seconds"),
-        ({"crontab": "* * * * * *"}, "crontab", "has 5 fields"),
+        ({"crontab": "* * * * * *"}, "crontab", "got 6 in"),
         ({"crontab": "* 25 * * *"}, "crontab", "each field as in cron"),
         ({"at": "24/12/2026"}, "at", "ISO time"),
         ({"solar": "sunrise", "lat": "52"}, "solar", "needs lat and lon"),
@@ -136,7 +136,7 @@ def test_for_add_needs_a_task_and_a_schedule() -> None:
         schedule_input.for_add(read(every="60"))
     with pytest.raises(FieldError, match=r"^schedule: give one schedule"):
         schedule_input.for_add(read(task="t"))
-    with pytest.raises(FieldError, match=r"^schedule: tz is the zone of a schedule"):
+    with pytest.raises(FieldError, match=r"^schedule: give one schedule"):
         schedule_input.for_add(read(task="t", tz="UTC"))
     added = schedule_input.for_add(read(task="t", every="60", queue="", priority="1", description=""))
     assert added == {"task": "t", "schedule": IntervalSchedule(60.0), "options": {"priority": 1}}

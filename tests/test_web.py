@@ -255,8 +255,9 @@ def test_api_shapes(populated: JobRepository, client: Client) -> None:
     assert set(steady) >= {
         "name", "description", "kind", "state", "schedule", "schedule_spec", "every", "next_run", "enabled",
         "paused", "active_runs", "failure_count", "queue", "interrupt_threshold", "policy", "last_run",
-        "success_rate", "durations", "overrides",
+        "success_rate", "durations", "overrides", "origin", "task", "one_off", "expire_time",
     }  # fmt: skip
+    assert (steady["origin"], steady["task"], steady["one_off"], steady["expire_time"]) == ("code", None, False, None)
     assert steady["durations"] == [1.0, 3.0, 2.0] and steady["success_rate"] == 1.0
     assert steady["last_run"]["status"] == "completed"
     assert set(steady["policy"]) == {"misfire", "misfire_grace", "max_active", "retry_backoff", "expires"}
@@ -759,7 +760,7 @@ def test_a_bad_form_shows_why_keeps_what_was_typed_and_stores_nothing(
         ({"every": "60", "args": "[1, 2"}, "args: not JSON"),
         ({"every": "60", "crontab": "* * * * *"}, "schedule: every and crontab given"),
         ({}, "schedule: give one schedule"),
-        ({"crontab": "*/5 * *"}, "crontab: a crontab string has 5 fields"),
+        ({"crontab": "*/5 * *"}, "crontab: expected five fields"),
         ({"every": "60", "tz": "Mars/Olympus"}, "tz: unknown time zone 'Mars/Olympus'"),
         ({"every": "60", "kwargs": "[1]"}, "kwargs: expected a JSON object"),
     ]
@@ -768,7 +769,7 @@ def test_a_bad_form_shows_why_keeps_what_was_typed_and_stores_nothing(
         shown = web.post("/api/schedules/add", data=typed)
         assert shown.status_code == 400, fields
         error = re.search(r'<p id="form-error" class="error" role="alert">([^<]*)</p>', shown.text)
-        assert error and html.unescape(error.group(1)).startswith(f"schedule action failed: {why}"), (
+        assert error and html.unescape(error.group(1)).startswith(f"add failed: {why}"), (
             fields,
             shown.text,
         )
@@ -786,6 +787,7 @@ def test_schedule_api_with_the_token(repository: JobRepository, scheduling: Clie
     )
     assert added.status_code == 200, added.text
     assert added.json()["job"]["name"] == "tick" and added.json()["message"].startswith("added tick: proj.tick")
+    assert (added.json()["job"]["origin"], added.json()["job"]["task"]) == ("runtime", "proj.tick")
     assert repository.lookup_job("tick").task_args == (1, "two")
     edited = api.post("/api/schedules/edit", json={"name": "tick", "queue": "fast"})
     assert edited.status_code == 200 and edited.json()["message"].startswith("edited tick: changed options;")

@@ -131,6 +131,10 @@ def job_json(
         "name": job.name,
         "description": job.description,
         "kind": job.kind.value,
+        "origin": job.origin.value,  # code, beat_schedule or runtime
+        "task": job.task,
+        "one_off": job.one_off,
+        "expire_time": iso(job.expire_time),
         "state": job_state(job, now, late_after),
         "schedule": display.schedule(job),
         "schedule_words": display.schedule_words(job),
