@@ -281,8 +281,8 @@ def crontab_from_text(text: str, timezone: str = "UTC") -> CrontabSchedule:
     fields = text.split()
     if len(fields) != 5:
         raise ValueError(
-            f"a crontab string has 5 fields, 'minute hour day-of-month month day-of-week' (e.g. '*/5 * * * *'), "
-            f"got {text!r}"
+            f"a schedule given as text is a crontab string of 5 fields, 'minute hour day-of-month month "
+            f"day-of-week' (e.g. '*/5 * * * *'), got {text!r}"
         )
     minute, hour, day_of_month, month_of_year, day_of_week = fields
     return CrontabSchedule(minute, hour, day_of_week, day_of_month, month_of_year, parse_timezone(timezone).key)

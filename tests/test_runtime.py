@@ -115,9 +115,9 @@ def test_list_holds_only_runtime_jobs(app: Celery, repository: JobRepository) ->
 @pytest.mark.parametrize(
     ("keywords", "message"),
     [
-        ({"schedule": "*/5 * * *"}, r"a crontab string has 5 fields"),
+        ({"schedule": "*/5 * * *"}, r"a crontab string of 5 fields"),
         ({"schedule": "*/5 * * * mo-fry"}, r"invalid crontab"),
-        ({"schedule": "every day"}, r"5 fields"),
+        ({"schedule": "every day"}, r"crontab string of 5 fields"),
         ({"schedule": object()}, r"unsupported schedule"),
         ({"schedule": {"type": "weekly"}}, r"unknown schedule spec"),
         ({"schedule": dt.datetime(2026, 3, 2, 10, 0)}, r"aware datetime"),
