@@ -277,7 +277,7 @@ def test_damaged_and_unrepresentable_entries_are_skipped_with_their_reason(redbe
     _raw(redbeat, "bad-zone", {"name": "bad-zone", "task": "t.t", "schedule": interval},
          {"last_run_at": _datetime(timezone="Mars/Olympus")})  # fmt: skip
     # RedBeat before 2.0 wrote naive datetimes (UTC); an offset is stored in seconds.
-    _raw(redbeat, "no-meta", {"name": "no-meta", "task": "t.t", "schedule": interval})  # never run: due at once
+    _raw(redbeat, "no-meta", {"task": "t.t", "schedule": interval})  # never run (due at once); named by its key
     _raw(redbeat, "naive", {"name": "naive", "task": "t.t", "schedule": interval}, {"last_run_at": _datetime()})
     _raw(redbeat, "offset", {"name": "offset", "task": "t.t", "schedule": interval},
          {"last_run_at": _datetime(timezone=-18_000.0)})  # fmt: skip

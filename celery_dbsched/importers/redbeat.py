@@ -129,7 +129,7 @@ def read_redbeat(
     for key, definition, meta in _hashes(client, client.zrange(schedule_key, 0, -1)):
         fallback = key[len(key_prefix) :] if key.startswith(key_prefix) else key
         try:
-            entry = _entry(key, definition, meta, zone)
+            entry = _entry(key, fallback, definition, meta, zone)
         except _Skip as exc:
             reading.skipped.append(Skipped(fallback, str(exc)))
             continue
@@ -152,7 +152,8 @@ def _hashes(client: Any, keys: Sequence[str]) -> Iterator[tuple[str, str | None,
             yield key, definition, meta
 
 
-def _entry(key: str, definition_text: str | None, meta_text: str | None, zone: str) -> dict[str, Any]:
+def _entry(key: str, fallback: str, definition_text: str | None, meta_text: str | None, zone: str) -> dict[str, Any]:
+    """The put_schedules entry of one hash; its name is the definition's (as RedBeat's, made text), else the key's."""
     if not definition_text:
         raise _Skip(f"key {key!r} has no 'definition' (RedBeat itself drops such a key from its schedule)")
     definition = _decoded(key, "definition", definition_text)
@@ -175,7 +176,7 @@ def _entry(key: str, definition_text: str | None, meta_text: str | None, zone: s
             raise _Skip(f"option {option!r} is a fixed time ({value.isoformat()}); a periodic schedule cannot carry it")
     enabled = definition.get("enabled", True)
     return {
-        "name": definition.get("name"),
+        "name": str(definition.get("name") or fallback),
         "task": definition.get("task"),
         "schedule": schedule,
         "args": definition.get("args") or (),
