@@ -156,7 +156,7 @@ def test_beats_workers_listings_and_operators_run_under_the_runtime_role_and_mig
     broker = {**filesystem_broker_settings(tmp_path / "broker"), "task_default_queue": "lp"}
     jobs = [
         quick("e2e.lp_quick", 1),
-        {"kind": "long", "name": "e2e.lp_long", "seconds": 120, "every": 3600},
+        {"kind": "long", "name": "e2e.lp_long", "seconds": 600, "every": 3600},
         {"kind": "quick", "name": "e2e.lp_spare", "every": 3600, "next_run_in": 3600},
     ]
     runtime_env = env(roles, roles.runtime, broker, jobs, tmp_path / "events")
@@ -281,3 +281,10 @@ def test_an_older_schema_is_not_migrated_by_the_runtime_role_and_a_missing_grant
     message = str(missing.value)
     assert "permission denied for table dbsched_job" in message and "not an outage" in message, message
     assert "runtime privileges" in message and "docs/deployment.md" in message, message
+    # The same from `migrate`, which reads the revision first.
+    roles.run(roles.migrate, ["REVOKE SELECT ON dbsched_alembic_version FROM dbsched_runtime"])
+    refused = dbsched(roles.url(roles.runtime), "migrate")
+    assert refused.returncode == 1, refused
+    line = one_line_error(refused.stderr)
+    assert "lacks a privilege (permission denied for table dbsched_alembic_version)" in line, line
+    assert "runtime privileges" in line, line
