@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import time
 from typing import TYPE_CHECKING, NoReturn
@@ -336,12 +337,19 @@ def _is_missing(error: BaseException | None, sqlstate: str, sqlite_text: str) ->
     return message is not None and sqlite_text in message
 
 
+def _missing_what(error: BaseException | None) -> str:
+    """The driver's line naming what is missing: MySQL's message without the clause it was in ("in 'SELECT'")."""
+    if _mysql_code(error) is not None and error is not None and len(error.args) > 1:
+        return re.sub(r" in '[^']*'$", "", str(error.args[1]))
+    return str(error).strip().splitlines()[0]
+
+
 def _schema_error(error: BaseException | None) -> SchemaMismatch | None:
     if _is_missing(error, _UNDEFINED_TABLE, "no such table"):
         return SchemaMismatch("the celery_dbsched tables are missing: run `celery -A proj dbsched migrate`")
     if _is_missing(error, _UNDEFINED_COLUMN, "no such column"):
         return SchemaMismatch(
-            f"the database schema is older than this celery_dbsched ({str(error).strip().splitlines()[0]}): "
+            f"the database schema is older than this celery_dbsched ({_missing_what(error)}): "
             "run `celery -A proj dbsched migrate`"
         )
     return None
