@@ -298,10 +298,7 @@ def schedule_from(value: object, *, timezone: str | None = None) -> Schedule:
     if isinstance(value, bool):
         raise ValueError(f"a schedule cannot be {value!r}")
     if isinstance(value, str):
-        try:
-            return crontab_from_text(value, timezone or "UTC")
-        except ValueError as exc:
-            raise ValueError(f"schedule {value!r} is not a crontab string: {exc}") from None
+        return crontab_from_text(value, timezone or "UTC")
     if isinstance(value, dt.datetime):
         return ClockedSchedule(value)
     if isinstance(value, (int, float)):
