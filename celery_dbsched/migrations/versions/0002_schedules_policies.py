@@ -19,7 +19,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("dbsched_job") as job:
+    # In place (ALTER TABLE ADD COLUMN) on SQLite: a `false()` default would make batch mode copy the table, and
+    # dropping the old jobs table deletes every run through the runs' ON DELETE CASCADE (foreign keys are on).
+    with op.batch_alter_table("dbsched_job", recreate="never") as job:
         job.add_column(sa.Column("kind", sa.String(16), nullable=False, server_default="job"))
         job.add_column(sa.Column("schedule", sa.Text, nullable=True))
         job.add_column(sa.Column("task", sa.String(255), nullable=True))
@@ -35,7 +37,7 @@ def upgrade() -> None:
         job.add_column(sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()))
         job.add_column(sa.Column("retry_slot", UTCDateTime, nullable=True))
     op.drop_index("dbsched_job_run_one_active", table_name="dbsched_job_run")
-    with op.batch_alter_table("dbsched_job_run") as run:
+    with op.batch_alter_table("dbsched_job_run", recreate="never") as run:
         run.add_column(sa.Column("kind", sa.String(16), nullable=False, server_default="job"))
         run.add_column(sa.Column("slot", sa.Integer, nullable=False, server_default="0"))
         run.add_column(sa.Column("scheduled_for", UTCDateTime, nullable=True))
