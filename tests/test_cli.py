@@ -969,7 +969,9 @@ MISTAKES = [
 ]
 
 
-def test_add_mistakes_are_one_usage_error_naming_the_option_and_store_nothing(database: Database) -> None:
+def test_add_mistakes_are_one_usage_error_naming_the_option_and_store_nothing(sqlite_database: Database) -> None:
+    # On SQLite only: the options are read before any database is opened (22 CLI processes per database).
+    database = sqlite_database
     repository = database.migrated_repository()
     for arguments, option, fix in MISTAKES:
         result = clean_error(dbsched(database.url, "add", "oops", *arguments))

@@ -317,13 +317,14 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 
 # MariaDB: not yet green (issue 14). Under this load the finishes and heartbeats hit deadlocks (retried and done)
-# and the beats fall behind: slots are lost, none doubled. Kept running, expected to fail, until fixed.
+# and the beats fall behind: slots are lost, none doubled. Expected to fail until fixed; behind --soak.
 MARIADB_UNDER_LOAD = pytest.param(
     *MARIADB_RABBITMQ.values,
     id=MARIADB_RABBITMQ.id,
     marks=[
         *MARIADB_RABBITMQ.marks,
         pytest.mark.xfail(reason="MariaDB under three beats' load loses slots", strict=False),
+        pytest.mark.soak,  # a known failure costs CI a minute and proves nothing until fixed: --soak runs it
     ],
 )
 
