@@ -693,8 +693,8 @@ def test_bad_settings_are_a_clear_error_naming_the_key(
 
 
 def test_unsupported_database_url_is_a_clear_error(tmp_path: Path) -> None:
-    result = clean_error(dbsched("mysql://root@127.0.0.1/app", "migrate"))
-    assert "dbsched_database_url: 'mysql' is not supported" in result.stderr
+    result = clean_error(dbsched("oracle://root@127.0.0.1/app", "migrate"))
+    assert "dbsched_database_url: 'oracle' is not supported" in result.stderr
 
 
 def test_unreachable_database_is_a_clear_error() -> None:
