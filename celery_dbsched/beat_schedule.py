@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import __version__
-from .job import JobDefinition
+from .job import MESSAGE_OPTIONS, JobDefinition
 from .policy import POLICY_NAMES, JobPolicy
 from .registry import app_timezone
 from .repository import JobRepository
@@ -36,10 +36,6 @@ logger = logging.getLogger(__name__)
 # `expires` policy is its message option options["expires"], not a key of its own.
 _CELERY_KEYS = {"task", "schedule", "args", "kwargs", "options", "relative"}
 _POLICY_KEYS = (set(POLICY_NAMES) - {"expires"}) | {"timezone", "description"}
-_MESSAGE_OPTIONS = {
-    "queue", "routing_key", "exchange", "priority", "expires", "headers", "serializer", "compression",
-    "countdown", "eta", "time_limit", "soft_time_limit", "ignore_result", "shadow", "exchange_type",
-}  # fmt: skip
 
 
 def default_entries(app: Any) -> dict[str, dict[str, Any]]:
@@ -111,7 +107,7 @@ def definition_from_entry(name: str, entry: object, timezone: str) -> JobDefinit
     options = dict(entry.get("options") or {})
     options.pop("dbsched", None)
     policies = _policies(entry)
-    unknown_options = set(options) - _MESSAGE_OPTIONS
+    unknown_options = set(options) - MESSAGE_OPTIONS
     if unknown_options:
         logger.warning("%s: options %s are passed to send_task as they are", label, sorted(unknown_options))
     zone = policies.get("timezone") or timezone

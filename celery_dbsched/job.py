@@ -19,6 +19,13 @@ from .schema import NAME_MAX_LENGTH, QUEUE_MAX_LENGTH
 from .settings import parse_duration
 from .states import InterruptReason, JobKind, Misfire, Origin
 
+# The message options a plain task's job sends with its task (a beat_schedule entry's `options`, a runtime
+# schedule's): send_task's keywords that a schedule may fix.
+MESSAGE_OPTIONS = frozenset({
+    "queue", "routing_key", "exchange", "priority", "expires", "headers", "serializer", "compression",
+    "countdown", "eta", "time_limit", "soft_time_limit", "ignore_result", "shadow", "exchange_type",
+})  # fmt: skip
+
 
 @dataclass(frozen=True)
 class JobStatus:

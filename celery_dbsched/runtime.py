@@ -23,7 +23,7 @@ from typing import Any
 
 from .binding import repository_for
 from .errors import InvalidSchedule, NameTaken
-from .job import JobDefinition, validate_name
+from .job import MESSAGE_OPTIONS, JobDefinition, validate_name
 from .policy import POLICY_NAMES, JobPolicy
 from .records import JobRecord, PutResult, RuntimeEntry
 from .registry import app_timezone, existing_registry
@@ -32,11 +32,6 @@ from .settings import parse_bool
 from .states import JobKind, Origin
 
 TASK_NAME_MAX_LENGTH = 255
-# The message options a runtime schedule takes: those of a beat_schedule entry's `options`.
-MESSAGE_OPTIONS = frozenset({
-    "queue", "routing_key", "exchange", "priority", "expires", "headers", "serializer", "compression",
-    "countdown", "eta", "time_limit", "soft_time_limit", "ignore_result", "shadow", "exchange_type",
-})  # fmt: skip
 _TIMES = ("start_time", "expire_time", "last_run_at")
 KEYWORDS = frozenset(
     {"task", "schedule", "args", "kwargs", "options", "timezone", "description", "one_off", *_TIMES, *POLICY_NAMES}
