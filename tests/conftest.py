@@ -8,6 +8,9 @@ tests instead.
 from __future__ import annotations
 
 import functools
+import sys
+import threading
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -174,6 +177,34 @@ def mariadb_database() -> Iterator[Database]:
         yield db
     finally:
         drop_database(db)
+
+
+_stuck_seen: set[threading.Thread] = set()
+
+
+@pytest.fixture(autouse=True)
+def worker_state_undone() -> Iterator[None]:
+    """Celery's `start_worker` asks its thread to stop with `state.should_terminate = 0` and puts it back only
+    when the thread has exited: a worker thread that outlives its timeout would leave every later in-process
+    worker and run believing the process is shutting down (one stuck test then failed 21 others in CI). After
+    each test the flags are back as a fresh process has them, and a worker thread still alive fails the test's
+    teardown with the thread's stack, so that the hang shows where it is."""
+    from celery.worker import state
+
+    yield
+    if state.should_terminate is None and state.should_stop is None:
+        return
+    state.should_terminate = state.should_stop = None
+    stuck = []
+    for thread in threading.enumerate():
+        owner = getattr(getattr(thread, "_target", None), "__self__", None)
+        if thread.is_alive() and type(owner).__name__.endswith("WorkController") and thread not in _stuck_seen:
+            _stuck_seen.add(thread)
+            frame = sys._current_frames().get(thread.ident or 0)
+            stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)"
+            stuck.append(f"embedded worker thread {thread.name} still alive after the test, at:\n{stack}")
+    if stuck:
+        pytest.fail("\n".join(stuck), pytrace=False)
 
 
 @pytest.fixture
