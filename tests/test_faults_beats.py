@@ -316,22 +316,9 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return round(ordered[min(len(ordered) - 1, max(0, int(len(ordered) * fraction + 0.5) - 1))], 3)
 
 
-# MariaDB: not yet green (issue 14). Under this load the finishes and heartbeats hit deadlocks (retried and done)
-# and the beats fall behind: slots are lost, none doubled. Expected to fail until fixed; behind --soak.
-MARIADB_UNDER_LOAD = pytest.param(
-    *MARIADB_RABBITMQ.values,
-    id=MARIADB_RABBITMQ.id,
-    marks=[
-        *MARIADB_RABBITMQ.marks,
-        pytest.mark.xfail(reason="MariaDB under three beats' load loses slots", strict=False),
-        pytest.mark.soak,  # a known failure costs CI a minute and proves nothing until fixed: --soak runs it
-    ],
-)
-
-
-@on(PG_RABBITMQ, MARIADB_UNDER_LOAD)
-def test_three_beats_200_jobs_every_second_dispatch_every_slot_once(cluster: Cluster) -> None:
-    run_load(cluster, name="beats-load-pg-200", jobs=200, every=1.0, duration=30.0, workers=3)
+@on(PG_RABBITMQ, MARIADB_RABBITMQ)
+def test_three_beats_200_jobs_every_second_dispatch_every_slot_once(cluster: Cluster, db_kind: str) -> None:
+    run_load(cluster, name=f"beats-load-{db_kind}-200", jobs=200, every=1.0, duration=30.0, workers=3)
 
 
 @on(PG_RABBITMQ)

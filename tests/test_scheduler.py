@@ -833,3 +833,23 @@ def test_on_sqlite_tick_returns_the_sleep_for_celery(
     began = time.monotonic()
     assert scheduler.tick() == pytest.approx(3, abs=0.1)
     assert time.monotonic() - began < 2  # nothing to listen on: Celery's loop sleeps
+
+
+@pytest.mark.mariadb
+def test_on_mariadb_a_beat_polls_at_its_interval_and_honours_run_now_at_the_next_tick(
+    mariadb_database: Database, make_scheduler: SchedulerFactory
+) -> None:
+    """MariaDB has no LISTEN/NOTIFY: the beat asks Celery to wake it within its run-jobs interval (not an hour
+    later, when the job is due), and a `run_now` made meanwhile is claimed at that next tick."""
+    scheduler = make_scheduler(mariadb_database.url, dbsched_run_jobs_interval=3, dbsched_listen=True)
+    repository = mariadb_database.migrated_repository()
+    repository.upsert_job("later", "due in an hour", first_run_in=HOUR)
+    began = time.monotonic()
+    assert scheduler.tick() == pytest.approx(3, abs=0.1)
+    assert time.monotonic() - began < 2  # nothing to listen on: Celery's loop sleeps the interval
+    assert repository.list_runs() == []
+
+    repository.update_job_next_run_in_at_least("later", dt.timedelta(0), run_now=True)
+    scheduler.tick()
+    assert [(run.job_name, run.status) for run in repository.list_runs()] == [("later", "queued")]
+    assert [m.args[1] for m in drain(scheduler.app, default_queue(scheduler), 1)] == ["later"]
