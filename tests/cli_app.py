@@ -19,11 +19,12 @@ import os
 import time
 
 from celery import Celery
+from helpers.prompt_stop import stop_promptly
 
 from celery_dbsched import JobContext, job
 from celery_dbsched.transport import filesystem_broker_settings
 
-app = Celery("cli_app")
+app = stop_promptly(Celery("cli_app"))  # workers stop within 0.1 s (helpers/prompt_stop.py)
 
 app.conf.update(
     dbsched_database_url=os.environ["DBSCHED_TEST_APP_DB"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
+from helpers.prompt_stop import stop_promptly
 
-app = Celery("controls_app")
+app = stop_promptly(Celery("controls_app"))  # workers stop within 0.1 s (helpers/prompt_stop.py)
 app.conf.dbsched_database_url = os.environ["CONTROLS_DATABASE_URL"]

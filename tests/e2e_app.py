@@ -40,13 +40,14 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from helpers.prompt_stop import stop_promptly
 
 from celery_dbsched import Job, JobContext, JobStatus, job, register_job
 
 EVENTS_DIR = Path(os.environ.get("E2E_EVENTS_DIR", "e2e-events"))
 PROCESS_NAME = os.environ.get("E2E_PROCESS_NAME", "unknown")
 
-app = Celery("e2e_app")
+app = stop_promptly(Celery("e2e_app"))  # workers stop within 0.1 s (helpers/prompt_stop.py)
 app.conf.update(
     task_serializer="json",
     accept_content=["json"],

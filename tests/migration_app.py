@@ -20,8 +20,9 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.schedules import crontab, solar
+from helpers.prompt_stop import stop_promptly
 
-app = Celery("migration_app")
+app = stop_promptly(Celery("migration_app"))  # workers stop within 0.1 s (helpers/prompt_stop.py)
 app.conf.update(
     task_serializer="json",
     accept_content=["json"],

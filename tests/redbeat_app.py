@@ -15,8 +15,9 @@ import os
 import time
 
 from celery import Celery
+from helpers.prompt_stop import stop_promptly
 
-app = Celery("redbeat_app")
+app = stop_promptly(Celery("redbeat_app"))  # workers stop within 0.1 s (helpers/prompt_stop.py)
 app.conf.update(
     dbsched_database_url=os.environ["REDBEAT_APP_DB"],
     broker_url=os.environ["REDBEAT_APP_BROKER"],

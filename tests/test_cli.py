@@ -37,6 +37,12 @@ from celery_dbsched.states import JobKind, Origin
 
 pytestmark = pytest.mark.processes  # every command runs `celery ... dbsched` as a subprocess
 
+# The commands are a thin layer over the repository, whose suite runs on every database; each call here is a
+# `celery` subprocess. Most tests therefore run on SQLite only (this overrides the `database` fixture's
+# params); those where the database shows through (migrate, status with real processes, JSON and a run's every
+# field, cancel with a worker) run on PostgreSQL too. It keeps about a minute of subprocesses out of CI.
+ON_SQLITE = pytest.mark.parametrize("database", ["sqlite"], indirect=True)
+
 
 @dataclass
 class Result:
@@ -129,6 +135,7 @@ def test_listing_before_migrate_says_to_migrate(sqlite_database: Database) -> No
 # --- jobs ---------------------------------------------------------------------------------------------------
 
 
+@ON_SQLITE
 def test_jobs_lists_names_next_runs_and_descriptions(database: Database) -> None:
     repository = database.migrated_repository()
     repository.upsert_job(
@@ -175,6 +182,7 @@ def test_jobs_with_an_unknown_zone_is_a_usage_error(sqlite_database: Database) -
     assert "Traceback" not in result.output
 
 
+@ON_SQLITE
 def test_jobs_shows_each_jobs_last_outcome(database: Database) -> None:
     repository = database.migrated_repository()
     _history(repository)
@@ -191,6 +199,7 @@ def test_jobs_shows_each_jobs_last_outcome(database: Database) -> None:
     assert re.fullmatch(r"failed \d+(\.\d)? s ago", last_b), last_b
 
 
+@ON_SQLITE
 def test_jobs_marks_a_job_edited_on_the_dashboard(database: Database) -> None:
     repository = database.migrated_repository()
     repository.upsert_job("edited", "edited on the dashboard", every=dt.timedelta(seconds=60))
@@ -209,6 +218,7 @@ def test_jobs_marks_a_job_edited_on_the_dashboard(database: Database) -> None:
     assert listed["plain"]["overrides"] == {}
 
 
+@ON_SQLITE
 def test_jobs_flags_a_beat_schedule_entry_whose_task_the_app_does_not_know(database: Database) -> None:
     repository = database.migrated_repository()
     every = dt.timedelta(minutes=5)
@@ -227,6 +237,7 @@ def test_jobs_flags_a_beat_schedule_entry_whose_task_the_app_does_not_know(datab
     ]
 
 
+@ON_SQLITE
 def test_jobs_flags_a_job_no_worker_registered_since_the_latest_worker_start(database: Database) -> None:
     repository = database.migrated_repository()
     for name in ("kept", "gone", "before"):
@@ -280,6 +291,7 @@ def _history(repository: JobRepository) -> dict[str, int]:
     return ids
 
 
+@ON_SQLITE
 def test_runs_lists_and_filters(database: Database) -> None:
     repository = database.migrated_repository()
     ids = _history(repository)
@@ -320,6 +332,7 @@ def test_runs_with_an_invalid_status_is_a_usage_error(sqlite_database: Database)
     assert "Traceback" not in result.output
 
 
+@ON_SQLITE
 def test_runs_show_durations_and_filter_by_since(database: Database) -> None:
     repository = database.migrated_repository()
     ids = _history(repository)
@@ -392,6 +405,7 @@ def _utc(value: dt.datetime | None) -> str:
     return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
+@ON_SQLITE
 def test_run_of_an_unknown_id_is_an_error(database: Database) -> None:
     database.migrated_repository()
     assert "Error: run 424242 not found" in clean_error(dbsched(database.url, "run", "424242")).stderr
@@ -411,6 +425,7 @@ def test_read_only_commands_never_create_the_database(tmp_path: Path) -> None:
 # --- remove and cancel --------------------------------------------------------------------------------------
 
 
+@ON_SQLITE
 def test_remove_disables_a_job_keeping_its_history_and_purge_deletes_it(database: Database) -> None:
     repository = database.migrated_repository()
     ids = _history(repository)
@@ -436,6 +451,7 @@ def test_remove_disables_a_job_keeping_its_history_and_purge_deletes_it(database
     assert "job 'nope' not found" in clean_error(dbsched(database.url, "remove", "nope")).stderr
 
 
+@ON_SQLITE
 def test_remove_refuses_what_the_app_still_declares(database: Database) -> None:
     repository = database.migrated_repository()
     repository.upsert_job("load.00", "in the code", every=dt.timedelta(hours=1))
@@ -455,6 +471,7 @@ def test_remove_refuses_what_the_app_still_declares(database: Database) -> None:
     assert repository.lookup_job("load.00").policy.enabled and repository.lookup_job("nightly").policy.enabled
 
 
+@ON_SQLITE
 def test_cancel_says_what_happens_to_each_run(database: Database) -> None:
     repository = database.migrated_repository()
     ids = _history(repository)
@@ -469,6 +486,7 @@ def test_cancel_says_what_happens_to_each_run(database: Database) -> None:
     assert ok(dbsched(database.url, "cancel", "b")).stdout == "b has no active run\n"
 
 
+@ON_SQLITE
 def test_cancel_wait_gives_up_after_its_timeout_when_no_worker_stops_the_run(database: Database) -> None:
     repository = database.migrated_repository()
     ids = _history(repository)
@@ -529,6 +547,7 @@ def json_of(result: Result) -> Any:
     return json.loads(result.stdout)
 
 
+@ON_SQLITE
 def test_status_without_any_beat_is_unhealthy(database: Database) -> None:
     database.migrated_repository()
     result = unhealthy(dbsched(database.url, "status"))
@@ -539,6 +558,7 @@ def test_status_without_any_beat_is_unhealthy(database: Database) -> None:
     assert result.stdout.splitlines()[-1] == "unhealthy: 1 problem(s)"
 
 
+@ON_SQLITE
 def test_status_with_a_job_waiting_past_max_lag_is_unhealthy(database: Database) -> None:
     repository = database.migrated_repository()
     # A job due ten minutes ago (the repository's clock ten minutes back), and a beat that just wrote its row.
@@ -570,6 +590,7 @@ def test_status_max_lag_that_is_no_duration_is_a_usage_error(sqlite_database: Da
     )
 
 
+@ON_SQLITE
 def test_status_json_has_the_documented_shape(database: Database) -> None:
     repository = database.migrated_repository()
     ids = _history(repository)
@@ -586,6 +607,7 @@ def test_status_json_has_the_documented_shape(database: Database) -> None:
     assert all(list(run) == RUN_KEYS for run in data["active"]["runs"])
 
 
+@ON_SQLITE
 def test_status_json_when_unhealthy_still_prints_the_json(database: Database) -> None:
     database.migrated_repository()
     result = unhealthy(dbsched(database.url, "status", "--json"))
@@ -817,6 +839,7 @@ def _not_stored(repository: JobRepository, name: str) -> None:
     assert name not in {job.name for job in repository.list_jobs()}
 
 
+@ON_SQLITE
 def test_add_stores_a_schedule_and_prints_it_with_its_next_run(database: Database) -> None:
     repository = database.migrated_repository()
     added = ok(
@@ -865,6 +888,7 @@ def test_add_stores_a_schedule_and_prints_it_with_its_next_run(database: Databas
     assert known.stderr == ""
 
 
+@ON_SQLITE
 def test_add_a_crontab_in_a_zone_prints_the_next_run_in_it(database: Database) -> None:
     repository = database.migrated_repository()
     added = ok(
@@ -885,6 +909,7 @@ def test_add_a_crontab_in_a_zone_prints_the_next_run_in_it(database: Database) -
 BERLIN = {"timezone": "Europe/Berlin"}
 
 
+@ON_SQLITE
 def test_add_at_a_time_runs_once(database: Database) -> None:
     repository = database.migrated_repository()
     added = ok(
@@ -901,6 +926,7 @@ def test_add_at_a_time_runs_once(database: Database) -> None:
     ]
 
 
+@ON_SQLITE
 def test_add_disabled_one_off_with_policies(database: Database) -> None:
     repository = database.migrated_repository()
     added = ok(
@@ -981,6 +1007,7 @@ def test_add_mistakes_are_one_usage_error_naming_the_option_and_store_nothing(sq
         _not_stored(repository, "oops")
 
 
+@ON_SQLITE
 def test_add_refuses_a_task_name_celery_cannot_send(database: Database) -> None:
     repository = database.migrated_repository()
     result = clean_error(dbsched(database.url, "add", "oops", "--task", "not a task", "--every", "60"))
@@ -988,6 +1015,7 @@ def test_add_refuses_a_task_name_celery_cannot_send(database: Database) -> None:
     _not_stored(repository, "oops")
 
 
+@ON_SQLITE
 def test_add_refuses_names_the_app_or_the_database_already_own(database: Database) -> None:
     repository = database.migrated_repository()
     entry = {"beat_schedule": {"nightly": {"task": "celery.ping", "schedule": 3600}}}
@@ -1012,6 +1040,7 @@ def test_add_refuses_names_the_app_or_the_database_already_own(database: Databas
     assert _runtime(repository, "mine").task == "t.x"  # the first one, unchanged
 
 
+@ON_SQLITE
 def test_edit_changes_only_the_options_given(database: Database) -> None:
     repository = database.migrated_repository()
     ok(
@@ -1065,6 +1094,7 @@ def test_edit_changes_only_the_options_given(database: Database) -> None:
     assert job.policy.enabled and job.task_options == {} and job.task_kwargs == {"format": "csv"}
 
 
+@ON_SQLITE
 def test_edit_mistakes_are_clear_and_change_nothing(database: Database) -> None:
     repository = database.migrated_repository()
     ok(dbsched(database.url, "add", "tick", "--task", "t.tick", "--every", "60", "--args", "[1]"))
@@ -1089,6 +1119,7 @@ def test_edit_mistakes_are_clear_and_change_nothing(database: Database) -> None:
     assert repository.lookup_job("coded").every == dt.timedelta(hours=1)
 
 
+@ON_SQLITE
 def test_remove_a_runtime_schedule_keeps_its_name_until_purged(database: Database) -> None:
     repository = database.migrated_repository()
     ok(dbsched(database.url, "add", "tick", "--task", "t.tick", "--every", "60"))

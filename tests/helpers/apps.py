@@ -7,9 +7,11 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from celery import Celery, bootsteps
+from celery import Celery
 
 from celery_dbsched import JobContext
+
+from .prompt_stop import stop_promptly
 
 if TYPE_CHECKING:  # imported here, celery_dbsched.testing would be loaded before pytest loads it as a plugin
     from celery_dbsched.testing import TestScheduler
@@ -27,26 +29,12 @@ def noop(ctx: JobContext) -> None:
     return None
 
 
-class _PromptStop(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Wakes an embedded worker's event loop (RabbitMQ, Redis) every 0.1 s. `start_worker` asks its thread to
-    stop with a flag, which the loop reads between two polls, and an idle loop polls for up to 10 s: the stop
-    then raced `start_worker`'s 10 s timeout (1 in ~10 lost it in CI, and the others took ~10 s each)."""
-
-    def start(self, consumer: Any) -> None:
-        if getattr(consumer, "hub", None) is not None:
-            consumer.hub.call_repeatedly(0.1, _nothing)
-
-
-def _nothing() -> None:
-    return None
-
-
 def make_app(main: str = "dbsched-tests", **conf: Any) -> Celery:
     """A fresh app (never the current one) with a name of its own, on the in-process `memory://` broker unless
-    `conf` says otherwise. Its embedded workers stop within 0.1 s of being asked (`_PromptStop`) and have no
+    `conf` says otherwise. Its embedded workers stop within 0.1 s of being asked (helpers/prompt_stop.py) and have no
     remote control, which no test uses."""
     app = Celery(f"{main}-{uuid.uuid4().hex[:8]}", set_as_current=False)
-    app.steps["consumer"].add(_PromptStop)
+    stop_promptly(app)
     app.conf.update({"broker_url": "memory://", "worker_enable_remote_control": False, **conf})
     return app
 
