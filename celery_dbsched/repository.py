@@ -79,11 +79,15 @@ class _Recheck(Exception):
 
 class _MySQLConnection:
     """A connection in a transaction on MySQL/MariaDB, which have no UPDATE ... RETURNING (MariaDB has INSERT
-    and DELETE ... RETURNING): an UPDATE that returns rows runs as a locking read of the matching rows' keys,
-    the update of those rows by key, and a read of them as updated; in the transaction, so what is returned is
-    what was written. Its WHERE clause is evaluated in the read: the update itself reads no other table (so
-    an update of the runs never reads the job table that the runs' triggers write: MySQL error 1442). An update
-    of runs locks their jobs first (the order the claim takes them in)."""
+    and DELETE ... RETURNING): an UPDATE that returns rows runs as a plain read of the matching rows' keys, a
+    locking read of those rows by key that checks the WHERE clause again, the update of the rows it kept, and a
+    read of them as updated; in the transaction, so what is returned is what was written.
+
+    The first read takes no lock: a locking read that scanned an index (the monitor's, over every running run)
+    waited on each row it met, finishes included, while those finishes waited on the index entries it held: a
+    deadlock under load. By key, it locks only the rows it updates, in key order. The update itself reads no
+    other table (an update of the runs never reads the job table that the runs' triggers write: MySQL error
+    1442). An update of runs locks their jobs first (the order the claim takes them in)."""
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
@@ -97,13 +101,17 @@ class _MySQLConnection:
         table: Any = statement.table
         (key,) = table.primary_key.columns
         where: Any = statement.whereclause
-        if table is run_table:
+        keys = list(self._conn.execute(select(key).where(where).order_by(key), parameters).scalars())
+        if keys and table is run_table:
             # The jobs first, in name order, as the claim locks them: the runs' trigger would lock them after
             # the runs, and a claim holding a job while it waits on a run of the unique index would deadlock.
-            jobs = select(job_table.c.name).where(job_table.c.name.in_(select(run_table.c.job_name).where(where)))
-            self._conn.execute(jobs.order_by(job_table.c.name).with_for_update(), parameters)
-        found = select(key).where(where).with_for_update()
-        keys = list(self._conn.execute(found, parameters).scalars())
+            jobs = select(job_table.c.name).where(
+                job_table.c.name.in_(select(run_table.c.job_name).where(run_table.c.id.in_(keys)))
+            )
+            self._conn.execute(jobs.order_by(job_table.c.name).with_for_update())
+        if keys:
+            found = select(key).where(key.in_(keys), where).order_by(key).with_for_update()
+            keys = list(self._conn.execute(found, parameters).scalars())
         if keys:
             write = statement._clone()
             write._where_criteria = (key.in_(keys),)
@@ -1125,7 +1133,7 @@ class JobRepository:
     ) -> None:
         """Record that a worker (or beat) is alive now: one statement. `interval`: the longest it goes between
         two heartbeats; `claims` (beats): what it claimed over the last minute. A worker's runs in flight are
-        counted by the statement."""
+        counted by the statement (on MySQL/MariaDB, by a read just before it)."""
         role = "beat" if kind == "beat" else "worker"
         params: dict[str, Any] = {
             "s_id": server_id,
@@ -1138,9 +1146,16 @@ class JobRepository:
         if role == "beat":
             stats = claims or ClaimStats()
             params.update(s_claims=stats.count, s_lag_p50=stats.lag_p50, s_lag_max=stats.lag_max)
-        self._one(
-            self._prepared(f"heartbeat-{role}", lambda: sql.heartbeat(self.dialect, self.clock.now, role)), params
-        )
+        statement = self._prepared(f"heartbeat-{role}", lambda: sql.heartbeat(self.dialect, self.clock.now, role))
+        if self._is_mysql and role == "worker":
+            # InnoDB reads a subquery of an INSERT with shared row locks, even under READ COMMITTED: counting
+            # the runs there locked the running runs against their own finishes (deadlocks under load). The
+            # count is a plain read (no lock) before the upsert.
+            with self._tx() as conn:
+                params["s_flight"] = conn.execute(sql.runs_in_flight(server_id)).scalar_one()
+                conn.execute(statement, params)
+            return
+        self._one(statement, params)
 
     def interrupt_orphaned(self, threshold: dt.timedelta | None = None) -> list[RunRecord]:
         """Tracked plain tasks whose worker has not been seen for the threshold end `interrupted`."""

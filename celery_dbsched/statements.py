@@ -847,6 +847,8 @@ def heartbeat(dialect: str, now: Now, role: str) -> Executable:
         values["claims_last_minute"] = bindparam("s_claims", type_=Integer)
         values["claim_lag_p50"] = bindparam("s_lag_p50", type_=Float)
         values["claim_lag_max"] = bindparam("s_lag_max", type_=Float)
+    elif is_mysql(dialect):  # counted before, without locks (JobRepository.heartbeat)
+        values["runs_in_flight"] = bindparam("s_flight", type_=Integer)
     else:
         values["runs_in_flight"] = runs_in_flight(bindparam("s_id")).scalar_subquery()
     stmt = insert(dialect, s).values(**values)
