@@ -31,6 +31,7 @@ class Config:
     """Everything a measurement subprocess needs; passed as JSON on its command line."""
 
     pg_admin: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    mariadb_admin: str = "mysql+pymysql://root@127.0.0.1:3306/"  # the MariaDB server of the MariaDB columns
     db_prefix: str = "bench_"
     dbsched_url: str | None = None  # a given database (e.g. a test schema) instead of <prefix>dbsched
     redis_url: str = "redis://127.0.0.1:6379/9"
@@ -54,6 +55,13 @@ class Config:
         from sqlalchemy.engine import make_url
 
         return make_url(self.pg_admin).set(database=f"{self.db_prefix}{name}").render_as_string(hide_password=False)
+
+    def mariadb_url(self, name: str) -> str:
+        """The URL of database `<prefix><name>` on the MariaDB server."""
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.mariadb_admin).set(database=f"{self.db_prefix}{name}")
+        return url.render_as_string(hide_password=False)
 
     @property
     def loop_bound(self) -> float:
@@ -94,6 +102,60 @@ def drop_database(cfg: Config, name: str) -> None:
         engine.dispose()
 
 
+def _mariadb_admin_engine(cfg: Config) -> Any:
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    url = make_url(cfg.mariadb_admin).set(database=None)
+    return create_engine(url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+
+
+def mariadb_unavailable(cfg: Config) -> str | None:
+    """None when the MariaDB server answers, else why not (the MariaDB columns are then skipped)."""
+    from sqlalchemy import text
+
+    try:
+        engine = _mariadb_admin_engine(cfg)
+    except Exception as exc:
+        return f"MariaDB not usable at {cfg.mariadb_admin} ({type(exc).__name__}: {exc})"
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return None
+    except Exception as exc:
+        return f"MariaDB not reachable at {cfg.mariadb_admin} ({type(exc).__name__}: {str(exc)[:200]})"
+    finally:
+        engine.dispose()
+
+
+def ensure_mariadb_database(cfg: Config, name: str, *, recreate: bool = False) -> str:
+    """Create database `<prefix><name>` on the MariaDB server if missing (or drop and create it), in utf8mb4 as
+    tests/helpers/services.py does (celery_dbsched's tables set their own binary collation); returns its URL."""
+    from sqlalchemy import text
+
+    db = f"{cfg.db_prefix}{name}"
+    engine = _mariadb_admin_engine(cfg)
+    try:
+        with engine.connect() as conn:
+            if recreate:
+                conn.execute(text(f"DROP DATABASE IF EXISTS `{db}`"))
+            conn.execute(text(f"CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4"))
+    finally:
+        engine.dispose()
+    return cfg.mariadb_url(name)
+
+
+def drop_mariadb_database(cfg: Config, name: str) -> None:
+    from sqlalchemy import text
+
+    engine = _mariadb_admin_engine(cfg)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS `{cfg.db_prefix}{name}`"))
+    finally:
+        engine.dispose()
+
+
 def fresh_schema(url: str) -> None:
     """Drop whatever tables the database (or schema) at `url` has, so that a schema change on a branch needs
     no edit here, and migrate it to the package's head."""
@@ -113,13 +175,15 @@ def fresh_schema(url: str) -> None:
 
 
 def template_columns(engine: Any, varied: tuple[str, ...]) -> tuple[str, str]:
-    """The columns of `dbsched_job` but `varied`, for copying a template job N times with INSERT ... SELECT
-    generate_series: as a quoted list (`"a", "b"`) and as picked from the template `t` (`t."a", t."b"`)."""
+    """The columns of `dbsched_job` but `varied` (and any generated column), for copying a template job N times
+    with INSERT ... SELECT over a series: as a quoted list (`"a", "b"`; MariaDB: backquotes) and as picked from
+    the template `t` (`t."a", t."b"`)."""
     from sqlalchemy import MetaData, Table
 
     job = Table("dbsched_job", MetaData(), autoload_with=engine)
-    columns = [c.name for c in job.columns if c.name not in varied]
-    return ", ".join(f'"{c}"' for c in columns), ", ".join(f't."{c}"' for c in columns)
+    quote = engine.dialect.identifier_preparer.quote_identifier
+    columns = [quote(c.name) for c in job.columns if c.name not in varied and c.computed is None]
+    return ", ".join(columns), ", ".join(f"t.{c}" for c in columns)
 
 
 # -- the publish counter ---------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from .common import (
     percentile,
     run_beat_until,
 )
-from .systems import SYSTEMS, System, is_dbsched
+from .systems import SYSTEMS, System, is_dbsched, is_mariadb
 
 PREFIX = "bench.e"
 
@@ -220,7 +220,7 @@ def beat(system: System, n: int, cfg: Config) -> dict[str, Any]:
             scheduler.tick()
             backlog.append(time.perf_counter() - t)
         result["backlog_tick_s"] = median(backlog)
-        result["dispatch_sql"] = [s for s, _ in first_sql]
+        result["dispatch_sql"] = [clip_sql(s) for s, _ in first_sql]
         result["dispatch_explain"] = explain_claims(system, first_sql)
         # the other statements of a claiming tick (explained after the dispatch: all N runs queued)
         result["dispatch_select_explain"] = explain(system, first_sql)
@@ -231,23 +231,52 @@ def beat(system: System, n: int, cfg: Config) -> dict[str, Any]:
     return result
 
 
+SQL_KEPT = 2000
+
+
+def clip_sql(statement: str) -> str:
+    """A statement as kept in the results: whole up to SQL_KEPT characters. MariaDB's claim is an INSERT IGNORE
+    ... VALUES of the whole batch (about 340,000 characters of placeholders), which would bloat the JSON."""
+    if len(statement) <= SQL_KEPT:
+        return statement
+    return f"{statement[:SQL_KEPT]} ... ({len(statement):,} characters in all)"
+
+
 def _selects(statements: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return [(s, p) for s, p in statements if s.lstrip().upper().startswith(("SELECT", "WITH"))]
 
 
-def explain(system: System, statements: list[tuple[str, Any]]) -> list[dict[str, Any]]:
-    """EXPLAIN (ANALYZE, BUFFERS) each SELECT the tick issued, with the parameters it used."""
+def _explain_engine(system: System) -> tuple[Any, str]:
+    """An engine on the system's database and the prefix that explains a statement there, running it:
+    PostgreSQL `EXPLAIN (ANALYZE, BUFFERS)`; MariaDB `ANALYZE FORMAT=JSON` (its EXPLAIN ANALYZE), on the
+    package's engine so that the session's time zone is UTC as the beat's."""
     from sqlalchemy import create_engine
 
+    from celery_dbsched.engine import make_engine
+
+    url = system.url  # type: ignore[attr-defined]
+    if is_mariadb(system.key):
+        return make_engine(url), "ANALYZE FORMAT=JSON "
+    return create_engine(url), "EXPLAIN (ANALYZE, BUFFERS) "
+
+
+def _plan(rows: list[Any]) -> list[str]:
+    """The plan's lines: a row each on PostgreSQL, one JSON document on MariaDB."""
+    return [line for row in rows for line in str(row[0]).splitlines()]
+
+
+def explain(system: System, statements: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """EXPLAIN (ANALYZE, BUFFERS) each SELECT the tick issued, with the parameters it used (MariaDB: ANALYZE
+    FORMAT=JSON)."""
     out = []
-    engine = create_engine(system.url)  # type: ignore[attr-defined]
+    engine, prefix = _explain_engine(system)
     try:
         raw = engine.raw_connection()
         try:
             cursor = raw.cursor()
             for statement, parameters in _selects(statements):
-                cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement, parameters or None)
-                out.append({"sql": statement, "plan": [row[0] for row in cursor.fetchall()]})
+                cursor.execute(prefix + statement, parameters or None)
+                out.append({"sql": clip_sql(statement), "plan": _plan(cursor.fetchall())})
             raw.rollback()
         finally:
             raw.close()
@@ -260,15 +289,14 @@ def explain(system: System, statements: list[tuple[str, Any]]) -> list[dict[str,
 
 def explain_claims(system: System, statements: list[tuple[str, Any]]) -> list[dict[str, Any]]:
     """EXPLAIN ANALYZE the claim statement (the INSERT ... SELECT) in two states, inside a transaction that is
-    rolled back: nothing claimed yet (the first batch) and all but the last batch claimed (the last batch)."""
-    from sqlalchemy import create_engine
-
+    rolled back: nothing claimed yet (the first batch) and all but the last batch claimed (the last batch).
+    MariaDB: ANALYZE FORMAT=JSON, which runs the statement too (rolled back the same way)."""
     claims = [(s, p) for s, p in statements if s.lstrip().upper().startswith("INSERT")]
     out: list[dict[str, Any]] = []
     if not claims:
         return out
     statement, parameters = claims[0]
-    engine = create_engine(system.url)  # type: ignore[attr-defined]
+    engine, prefix = _explain_engine(system)
     try:
         raw = engine.raw_connection()
         try:
@@ -285,8 +313,8 @@ def explain_claims(system: System, statements: list[tuple[str, Any]]) -> list[di
                 ),
             ):
                 cursor.execute(reset)
-                cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + statement, parameters or None)
-                out.append({"state": state, "sql": statement, "plan": [row[0] for row in cursor.fetchall()]})
+                cursor.execute(prefix + statement, parameters or None)
+                out.append({"state": state, "sql": clip_sql(statement), "plan": _plan(cursor.fetchall())})
                 raw.rollback()
         finally:
             raw.rollback()
