@@ -211,6 +211,8 @@ def _make_engine(parsed: URL, engine_options: Mapping[str, Any] | None, client_t
             "or sqlite:///"
         )
     options.setdefault("pool_pre_ping", True)
+    if parsed.get_driver_name() != "psycopg":  # another driver (psycopg2, pg8000): left as SQLAlchemy makes it
+        return create_engine(parsed, **options)
     connect_args = postgres_connect_args(parsed, options.pop("connect_args", {}))
     engine = create_engine(parsed, connect_args=connect_args, **options)
     if "creator" not in options:  # a creator of the user's own makes the connections: left as it is

@@ -284,3 +284,16 @@ def test_the_listening_connection_notices_a_black_hole_by_its_round_trip(
         assert listener._connection is not None
     finally:
         listener.close()
+
+
+@pytest.mark.postgres
+def test_a_creator_of_ones_own_is_left_alone(postgres_database: Database) -> None:
+    import psycopg
+
+    dsn = make_url(postgres_database.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    engine = make_engine(postgres_database.url, {"creator": lambda: psycopg.connect(dsn.split("?")[0])})
+    try:
+        with engine.connect() as conn:
+            assert not hasattr(conn.connection.driver_connection, "dbsched_client_timeout")
+    finally:
+        engine.dispose()
