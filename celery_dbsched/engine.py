@@ -1,6 +1,7 @@
 """The engine: `make_engine` for PostgreSQL (psycopg 3), MySQL/MariaDB (PyMySQL) and SQLite, the SQLite and
-MySQL connection hooks, and the PostgreSQL connections the worker-side statements keep checked out
-(`KeptConnections`)."""
+MySQL connection hooks, PostgreSQL's connection defaults against a silent server (connect timeout, TCP
+keepalives, the statement watchdog of `watchdog.py`), and the PostgreSQL connections the worker-side statements
+keep checked out (`KeptConnections`)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
+
+from .settings import DEFAULT_CLIENT_TIMEOUT as _DEFAULT_CLIENT_TIMEOUT
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -91,12 +95,65 @@ def _mysql_on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
-def make_engine(url: str, engine_options: Mapping[str, Any] | None = None) -> Engine:
-    """An engine for PostgreSQL (psycopg 3) or SQLite (WAL, busy timeout, immediate transactions). A driver
-    that is not installed, or that SQLAlchemy does not know, is a ValueError naming the install line."""
+# libpq connection parameters a PostgreSQL engine gets unless the URL's query, `connect_args` (in
+# dbsched_engine_options) or the parameter's environment variable sets them. A server that stops answering
+# without refusing (packets dropped) is noticed: a connection attempt within connect_timeout seconds; a dead
+# peer by keepalive probes after 10 s of silence (10 + 3 x 5 s) and by unacknowledged data after 20 s
+# (tcp_user_timeout, ms). Neither catches a middlebox that keeps the TCP connection alive but forwards
+# nothing: the statement watchdog (dbsched_client_timeout, watchdog.py) does. Unix sockets ignore the TCP ones.
+POSTGRES_CONNECT_DEFAULTS: dict[str, int] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 20000,
+}
+_POSTGRES_ENVIRONMENT = {"connect_timeout": "PGCONNECT_TIMEOUT"}  # libpq reads these when the URL is silent
+DEFAULT_CLIENT_TIMEOUT = _DEFAULT_CLIENT_TIMEOUT.total_seconds()  # dbsched_client_timeout's default, in seconds
+
+
+def postgres_connect_args(
+    parsed: URL, connect_args: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """`connect_args` with POSTGRES_CONNECT_DEFAULTS added where neither they, the URL's query nor the
+    environment variable libpq reads for that parameter say otherwise."""
+    environ = os.environ if environ is None else environ
+    args = dict(connect_args)
+    for key, value in POSTGRES_CONNECT_DEFAULTS.items():
+        variable = _POSTGRES_ENVIRONMENT.get(key)
+        if key in args or key in parsed.query or (variable is not None and variable in environ):
+            continue
+        args[key] = value
+    return args
+
+
+@contextmanager
+def set_client_timeout(driver_connection: Any, seconds: float | None) -> Iterator[None]:
+    """Within: the statement watchdog of this driver (DBAPI) connection set to `seconds` (None: off), for work
+    whose bound is not the usual one (a migration may legitimately take long). Nothing on a connection without
+    the watchdog (SQLite, MySQL, or a PostgreSQL engine given a `creator` of its own)."""
+    if not hasattr(driver_connection, "dbsched_client_timeout"):
+        yield
+        return
+    before = driver_connection.dbsched_client_timeout
+    driver_connection.dbsched_client_timeout = seconds
+    try:
+        yield
+    finally:
+        driver_connection.dbsched_client_timeout = before
+
+
+def make_engine(
+    url: str, engine_options: Mapping[str, Any] | None = None, *, client_timeout: float | None = DEFAULT_CLIENT_TIMEOUT
+) -> Engine:
+    """An engine for PostgreSQL (psycopg 3), MySQL/MariaDB or SQLite (WAL, busy timeout, immediate
+    transactions). On PostgreSQL each statement waits at most `client_timeout` seconds for the server (None:
+    without end) and the connections get POSTGRES_CONNECT_DEFAULTS. A driver that is not installed, or that
+    SQLAlchemy does not know, is a ValueError naming the install line."""
     parsed = make_url(url)
     try:
-        return _make_engine(parsed, engine_options)
+        return _make_engine(parsed, engine_options, client_timeout)
     except NoSuchModuleError:
         raise ValueError(
             f"dbsched_database_url: SQLAlchemy has no database driver {parsed.drivername!r}; use "
@@ -121,7 +178,7 @@ def _missing_driver(parsed: URL, exc: ImportError) -> str:
     )
 
 
-def _make_engine(parsed: URL, engine_options: Mapping[str, Any] | None) -> Engine:
+def _make_engine(parsed: URL, engine_options: Mapping[str, Any] | None, client_timeout: float | None) -> Engine:
     options = dict(engine_options or {})
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -154,7 +211,18 @@ def _make_engine(parsed: URL, engine_options: Mapping[str, Any] | None) -> Engin
             "or sqlite:///"
         )
     options.setdefault("pool_pre_ping", True)
-    return create_engine(parsed, **options)
+    if parsed.get_driver_name() != "psycopg":  # another driver (psycopg2, pg8000): left as SQLAlchemy makes it
+        return create_engine(parsed, **options)
+    connect_args = postgres_connect_args(parsed, options.pop("connect_args", {}))
+    engine = create_engine(parsed, connect_args=connect_args, **options)
+    if "creator" not in options:  # a creator of the user's own makes the connections: left as it is
+        from . import watchdog
+
+        def connect(_dialect: Any, _record: Any, cargs: list[Any], cparams: dict[str, Any]) -> Any:
+            return watchdog.connect(cargs, cparams, client_timeout)
+
+        event.listen(engine, "do_connect", connect)
+    return engine
 
 
 def _make_mysql_engine(parsed: URL, options: dict[str, Any]) -> Engine:

@@ -267,11 +267,19 @@ def is_deadlock(error: BaseException | None) -> bool:
     return _mysql_code(error) == _MYSQL_DEADLOCK or _sqlstate(error) == "40P01"
 
 
+def is_client_timeout(error: BaseException | None) -> bool:
+    """The statement watchdog (dbsched_client_timeout, watchdog.ClientTimeout) gave up waiting for the server:
+    an outage, and the statement may or may not have run."""
+    return getattr(error, "dbsched_client_timeout", False) is True
+
+
 def is_outage(error: BaseException) -> bool:
     """Whether a DBAPI error (psycopg or sqlite3) says the database is unreachable or busy, so that retrying
     later may work, rather than that the statement itself was refused (a bad statement, too many parameters,
     a schema or data problem), which retrying cannot fix. Decided by the driver's SQLSTATE or result code and
     exception class; the message only where the driver gives neither."""
+    if is_client_timeout(error):
+        return True
     mysql_code = _mysql_code(error)
     if mysql_code is not None:
         return mysql_code in _MYSQL_OUTAGE_CODES

@@ -12,7 +12,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
-from .engine import is_mysql
+from .engine import is_mysql, set_client_timeout
 from .errors import SchemaMismatch, classify, is_insufficient_privilege, migration_not_permitted
 
 VERSION_TABLE = "dbsched_alembic_version"
@@ -47,7 +47,9 @@ def migrate(engine: Engine) -> str | None:
     when there is something to change, it gets one DatabaseError naming the privilege and the migration role."""
     if is_mysql(engine.dialect.name):
         return _migrate_mysql(engine)
-    with engine.begin() as conn:
+    # Without the statement watchdog (dbsched_client_timeout): a migration may take long, and so may the wait
+    # for another process's.
+    with engine.begin() as conn, set_client_timeout(conn.connection.driver_connection, None):
         if conn.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
         # SQLite: the engine's BEGIN IMMEDIATE already holds the database's write lock.

@@ -23,8 +23,17 @@ from sqlalchemy.sql.base import Executable
 from . import statements as sql
 from . import timing
 from .clock import Clock, DatabaseClock
-from .engine import KeptConnections, is_mysql, make_engine
-from .errors import DbschedError, InvalidRunState, JobNotFound, NameTaken, RunNotFound, classify, is_deadlock
+from .engine import DEFAULT_CLIENT_TIMEOUT, KeptConnections, is_mysql, make_engine
+from .errors import (
+    DbschedError,
+    InvalidRunState,
+    JobNotFound,
+    NameTaken,
+    RunNotFound,
+    classify,
+    is_client_timeout,
+    is_deadlock,
+)
 from .job import JobDefinition, JobStatus
 from .policy import POLICY_NAMES, JobPolicy, delta_of
 from .records import (
@@ -132,15 +141,17 @@ class JobRepository:
         interrupt_threshold: dt.timedelta = DEFAULT_INTERRUPT_THRESHOLD,
         retry_backoff: tuple[dt.timedelta, dt.timedelta] = DEFAULT_RETRY_BACKOFF,
         wake_within: dt.timedelta | None = None,
+        client_timeout: float | None = DEFAULT_CLIENT_TIMEOUT,
     ) -> None:
         """`clock`: what times are computed with (`DatabaseClock` by default; tests give a `TestClock`).
         `wake_within` (PostgreSQL): a job whose next run is set within this of now wakes the sleeping beats
-        (NOTIFY); beats sleep at most their run-jobs interval anyway, so later ones need no wake-up."""
+        (NOTIFY); beats sleep at most their run-jobs interval anyway, so later ones need no wake-up.
+        `client_timeout` (PostgreSQL): seconds a statement waits for the server (None: no end; `make_engine`)."""
         if isinstance(url_or_engine, Engine):
             self.engine = url_or_engine
             self._owns_engine = False
         else:
-            self.engine = make_engine(url_or_engine, engine_options)
+            self.engine = make_engine(url_or_engine, engine_options, client_timeout=client_timeout)
             self._owns_engine = True
         self.clock = clock if clock is not None else DatabaseClock()
         self.interrupt_threshold = interrupt_threshold
@@ -168,6 +179,7 @@ class JobRepository:
             interrupt_threshold=settings.interrupt_threshold,
             retry_backoff=settings.retry_backoff,
             wake_within=settings.run_jobs_interval if settings.listen else None,
+            client_timeout=settings.client_timeout_seconds(),
         )
 
     def __repr__(self) -> str:
@@ -216,8 +228,10 @@ class JobRepository:
                     conn.close()
                     raise
             except DBAPIError as exc:
-                if attempt == 1 and reused and exc.connection_invalidated:
-                    continue  # dropped while kept: the statement did not run; once more on a pinged connection
+                if attempt == 1 and reused and exc.connection_invalidated and not is_client_timeout(exc.orig):
+                    # Dropped while kept: the statement did not run; once more on a pinged connection. Not after
+                    # the watchdog cut it (the server may have run it): the caller decides whether to retry.
+                    continue
                 if sql.RECHECK in str(exc.orig):
                     raise _Recheck() from exc
                 raise classify(exc) from exc

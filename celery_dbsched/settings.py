@@ -28,6 +28,10 @@ DEFAULT_RUN_RETENTION = dt.timedelta(days=7)
 DEFAULT_SERVER_RETENTION = dt.timedelta(days=1)
 # A slot that is later than this counts as missed for the `skip` misfire policy (per job: misfire_grace).
 DEFAULT_MISFIRE_GRACE = dt.timedelta(minutes=1)
+# PostgreSQL: how long a statement waits for the server's answer before its connection is given up (a server
+# black-holed behind a dropped network); 0 turns the watchdog off. Migrations are exempt.
+DEFAULT_CLIENT_TIMEOUT = dt.timedelta(seconds=20)
+MIN_CLIENT_TIMEOUT = dt.timedelta(seconds=1)
 
 MAX_DURATION = dt.timedelta(days=36500)
 MAX_RUN_JOBS_LIMIT = 100_000
@@ -118,6 +122,19 @@ def parse_backoff(key: str, value: object) -> tuple[dt.timedelta, dt.timedelta]:
     if base > cap:
         raise ValueError(f"{key}: base {base} is larger than cap {cap}")
     return base, cap
+
+
+def parse_client_timeout(key: str, value: object) -> dt.timedelta:
+    """Seconds or a timedelta; unset: the default; 0: off (timedelta(0)); else at least MIN_CLIENT_TIMEOUT, so
+    that an ordinary statement on a busy server is not taken for a silent one."""
+    parsed = parse_duration(key, value, DEFAULT_CLIENT_TIMEOUT, zero_is_default=False)
+    assert parsed is not None
+    if parsed and parsed < MIN_CLIENT_TIMEOUT:
+        raise ValueError(
+            f"{key}: at least {MIN_CLIENT_TIMEOUT.total_seconds():g} second(s), or 0 to turn the watchdog off, "
+            f"got {value!r}; it bounds how long a statement waits for the database's answer"
+        )
+    return parsed
 
 
 def parse_bool(key: str, value: object, default: bool) -> bool:
@@ -220,6 +237,8 @@ class Settings:
     metrics_port: int | None = None  # a beat or worker serves Prometheus metrics on it (celery_dbsched.metrics)
     metrics_address: str = DEFAULT_METRICS_ADDRESS
     metrics_job_labels: int = DEFAULT_METRICS_JOB_LABELS
+    # PostgreSQL: the statement watchdog (engine.make_engine); timedelta(0): off.
+    client_timeout: dt.timedelta = DEFAULT_CLIENT_TIMEOUT
     # The dashboard's (`dbsched web`) token: actions need it; None: read-only (env DBSCHED_WEB_TOKEN also sets it).
     web_token: str | None = None
 
@@ -283,6 +302,7 @@ class Settings:
                 MAX_METRICS_JOB_LABELS,
             ),
             web_token=parse_web_token("dbsched_web_token", get("dbsched_web_token")),
+            client_timeout=parse_client_timeout("dbsched_client_timeout", get("dbsched_client_timeout")),
         )
 
     def __repr__(self) -> str:
@@ -291,6 +311,10 @@ class Settings:
         values["database_url"] = mask_database_url(self.database_url)
         values["web_token"] = None if self.web_token is None else "***"
         return f"Settings({', '.join(f'{name}={value!r}' for name, value in values.items())})"
+
+    def client_timeout_seconds(self) -> float | None:
+        """The watchdog's bound as `make_engine` takes it: seconds, or None when it is off."""
+        return self.client_timeout.total_seconds() or None
 
     def beat_server_id(self) -> str:
         return self.server_id or default_server_id()

@@ -3,6 +3,10 @@ the schema>`, `statements.wakeup_channel`), so a trigger, a newly registered due
 its next run due sooner wakes it at once instead of at the end of its run-jobs interval (without polling
 faster), and a deployment in another schema of the same database never does. Elsewhere (SQLite) the beat
 just sleeps.
+
+A listening connection only reads, so a server that went silent (its packets dropped) would leave it waiting
+for ever: it makes a round trip (`SELECT 1`) at least every PING_EVERY seconds, which must come back within
+PING_TIMEOUT (whatever dbsched_client_timeout), else the connection is dropped and listened again later.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
+from .engine import set_client_timeout
 from .statements import wakeup_channel
 
 logger = logging.getLogger(__name__)
 
 RECONNECT_AFTER = 5.0  # seconds to wait before listening again after the listening connection failed
+PING_EVERY = 30.0  # seconds between two round trips on the listening connection, at most
+PING_TIMEOUT = 5.0  # seconds a round trip on it may take
 
 
 class Wakeup:
@@ -31,6 +38,7 @@ class Wakeup:
         self._connection: Any = None  # the pool's proxy, kept checked out while listening
         self.channel: str | None = None  # the channel listened on, once listening (for log lines)
         self._retry_at = 0.0
+        self._answered_at = 0.0  # when the listening connection last answered a round trip (monotonic)
 
     def wait(self, seconds: float) -> bool | None:
         """Block up to `seconds` or until notified. True: notified; False: the time passed; None: not
@@ -40,10 +48,17 @@ class Wakeup:
         driver = self._listen()
         if driver is None:
             return None
+        deadline = time.monotonic() + seconds
         try:
-            for _notify in driver.notifies(timeout=seconds, stop_after=1):
-                return True
-            return False
+            while True:
+                if time.monotonic() - self._answered_at >= PING_EVERY:
+                    self._ping(driver)
+                now = time.monotonic()
+                if now >= deadline:
+                    return False
+                step = min(deadline, self._answered_at + PING_EVERY) - now
+                for _notify in driver.notifies(timeout=step, stop_after=1):
+                    return True
         except Exception as exc:  # the database went away: sleep normally, listen again later
             logger.warning("celery_dbsched: stopped listening for wake-ups (%s); retrying", exc)
             self._drop()
@@ -62,6 +77,7 @@ class Wakeup:
             if not re.fullmatch(r"[a-z0-9_]+", channel):
                 raise ValueError(f"unexpected wake-up channel {channel!r}")
             driver.execute(f"LISTEN {channel}")
+            self._answered_at = time.monotonic()
             self.channel = channel
         except Exception as exc:
             logger.debug("celery_dbsched: cannot listen for wake-ups yet: %s", exc)
@@ -69,6 +85,12 @@ class Wakeup:
             return None
         self._connection = connection
         return driver
+
+    def _ping(self, driver: Any) -> None:
+        """One round trip, within PING_TIMEOUT (the statement watchdog's bound, lowered for it)."""
+        with set_client_timeout(driver, PING_TIMEOUT):
+            driver.execute("SELECT 1")
+        self._answered_at = time.monotonic()
 
     def _channel_query(self) -> str:
         compiled = select(wakeup_channel()).compile(dialect=self.engine.dialect, compile_kwargs={"literal_binds": True})

@@ -7,6 +7,8 @@ that other test runs use are never touched:
 - PostgreSQL: a cluster of our own (`pg_createcluster`, as root), restarted with `pg_ctlcluster restart` and
   stopped for 30 s with `pg_ctlcluster stop` / `start`, dropped at the end of the session.
 - Redis: a `redis-server` subprocess on a free port (no persistence), stopped and started again.
+- PostgreSQL black-holed (issue 15): the shared server behind a `TcpProxy` that stops forwarding; only the
+  processes that connect through the proxy see it.
 
 Each test prints one line `FAULTS <name>: key=value ...` with what it counted, and appends it as JSON to the
 file named by DBSCHED_FAULT_REPORT when that is set.
@@ -34,7 +36,8 @@ import pytest
 from helpers.cluster import APP, LATENESS, Cluster, quick, seconds_between
 from helpers.polling import wait_for
 from helpers.processes import CeleryProcess, Processes
-from helpers.services import RABBITMQ_URL, Broker, Database, cleanup_queue, require_service, unavailable
+from helpers.proxy import TcpProxy, host_port, with_port
+from helpers.services import POSTGRES_URL, RABBITMQ_URL, Broker, Database, cleanup_queue, require_service, unavailable
 from sqlalchemy import create_engine, text
 
 from celery_dbsched import RunRecord, update_job_next_run_in_at_least
@@ -530,8 +533,6 @@ def outage_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ou
         yield OutageBroker("redis", redis.url, redis.stop, redis.start, "redis (private, killed)")
         return
     require_service("rabbitmq")
-    from helpers.proxy import TcpProxy
-
     real = urlsplit(RABBITMQ_URL)
     proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 5672))
     netloc = real.netloc.rsplit(":", 1)[0] if real.port else real.netloc
@@ -643,3 +644,144 @@ def test_broker_down_during_dispatch(outage_broker: OutageBroker, broker_cluster
     assert "publishing works again" in beat_log
     # Celery's worker reconnects with its own backoff (2, 4, 6, ... s): the jobs run within it.
     assert all_run <= 60, f"a job ran only {all_run:.1f}s after the broker came back"
+
+
+# -- issue 15, item 1: the database black-holed ---------------------------------------------------------------
+
+BLACKHOLE = 25.0  # seconds the database stays silent
+# A process notices within dbsched_client_timeout (20 s: a statement on a connection it holds) plus, for a
+# connection taken from the pool, the connect timeout (10 s: the pre-ping is cut, and the pool tries one new
+# connection before it gives up): 30 s. The slack is for the tick that notices and 2 shared cores.
+NOTICE_BOUND = 30.0
+NOTICE_SLACK = 3.0
+# Claims resume within the client timeout of the database's return (a statement sent into the black hole just
+# before it ended waits that long for an answer that never comes), plus RESUME_BOUND's slack.
+BLACKHOLE_RESUME_BOUND = 20.0 + RESUME_BOUND
+_LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): ")
+
+
+class ProxiedCluster(Cluster):
+    """A cluster whose celery processes reach the database through `url` (a proxy); the test's own reads
+    (the sampler, the waits) go to the database directly."""
+
+    def __init__(self, url: str, *args: Any) -> None:
+        super().__init__(*args)
+        self.process_url = url
+
+    def env(self, name: str, jobs: Sequence[dict[str, Any]], settings: dict[str, Any] | None) -> dict[str, str]:
+        return {**super().env(name, jobs, settings), "E2E_DATABASE_URL": self.process_url}
+
+
+@pytest.fixture
+def pg_proxy() -> Iterator[TcpProxy]:
+    """A proxy in front of the shared PostgreSQL (black-holing it affects only who connects through it)."""
+    proxy = TcpProxy(host_port(POSTGRES_URL, 5432))
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def blackhole_cluster(
+    postgres_database: Database, pg_proxy: TcpProxy, rabbitmq_broker: Broker, processes: Processes, tmp_path: Path
+) -> Iterator[ProxiedCluster]:
+    url = with_port(postgres_database.url, pg_proxy.port)
+    cluster = ProxiedCluster(url, postgres_database, rabbitmq_broker, processes, tmp_path)
+    try:
+        yield cluster
+    finally:
+        pg_proxy.restore()
+        cluster.close()
+
+
+def first_line_time(process: CeleryProcess, since: int, text: str) -> dt.datetime | None:
+    """The time stamp of the first log line after byte offset `since` that contains `text`."""
+    with open(process.log_path, "rb") as f:
+        f.seek(since)
+        for line in f.read().decode(errors="replace").splitlines():
+            found = _LOG_TIME.match(line)
+            if found and text in line:
+                return dt.datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f")
+    return None
+
+
+@pytest.mark.postgres
+@pytest.mark.rabbitmq
+def test_database_black_holed_while_a_beat_and_a_worker_run(
+    pg_proxy: TcpProxy, blackhole_cluster: ProxiedCluster
+) -> None:
+    """The database stops answering without refusing (every packet dropped, the TCP connections up) for 25 s
+    while a beat claims four jobs every second and a worker runs them: each process notices within the bound
+    and keeps running, claims resume once the database answers again, no slot is run twice, and no run is lost
+    but those claimed at the black hole's edge."""
+    cluster = blackhole_cluster
+    worker = cluster.worker([quick(job, 1.0) for job in QUICK_JOBS], concurrency=4)
+    beat = cluster.beat()
+    worker.wait_ready()
+    sampler = cluster.sampler()
+    for job in QUICK_JOBS:
+        cluster.wait_runs(job, 2, done, timeout=90)
+    before = {process.name: error_lines(process) for process in cluster.live}
+    assert not any(before.values()), f"error lines before the black hole: {before}"
+    offsets = {process.name: log_size(process) for process in cluster.live}
+
+    went = cluster.repo.database_now()
+    silent_from = dt.datetime.now()  # the processes' log time stamps are local
+    pg_proxy.blackhole()
+    hold(cluster, BLACKHOLE)
+    pg_proxy.restore()
+    back = cluster.repo.database_now()
+
+    resumed = first_claims_after(cluster, QUICK_JOBS, back, timeout=BLACKHOLE_RESUME_BOUND + 30)
+    resume_first = min(seconds_between(back, run.create_time) for run in resumed)
+    resume_all = max(seconds_between(back, run.create_time) for run in resumed)
+
+    def noticed() -> dict[str, float] | None:
+        times = {p.name: first_line_time(p, offsets[p.name], "database unavailable") for p in (beat, worker)}
+        if any(moment is None for moment in times.values()):
+            return None
+        return {name: (moment - silent_from).total_seconds() for name, moment in times.items() if moment}
+
+    notice = cluster.wait(noticed, NOTICE_BOUND + NOTICE_SLACK + 10, "the beat and the worker to log the outage")
+    for job in QUICK_JOBS:
+        cluster.wait_runs(job, 2, lambda run: done(run) and run.create_time > back, timeout=60)
+    # Runs claimed before the black hole end (their finish waited it out), or were claimed at its edge.
+    cluster.wait(
+        lambda: all(run.end_time is not None for run in cluster.runs() if run.create_time < went),
+        60,
+        "every run claimed before the black hole to end",
+    )
+    sampler.stop()
+    sampler.check()
+
+    runs = cluster.runs()
+    edge_from, edge_to = went - dt.timedelta(seconds=1), back + dt.timedelta(seconds=1)
+    in_window = [run for run in runs if edge_from <= run.create_time <= edge_to]
+    outside = [run for run in runs if not edge_from <= run.create_time <= edge_to]
+    lost = lost_runs(outside, cluster.repo.database_now(), lambda run: False)
+    lost_in_window = lost_runs(in_window, cluster.repo.database_now(), lambda run: False)
+    cluster.assert_started_once(runs)
+    cluster.processes.check_alive(worker, beat)
+    errors = {process.name: error_lines(process, offsets[process.name]) for process in cluster.live}
+    report(
+        "pg-blackhole-25s",
+        silent=round(seconds_between(went, back), 1),
+        beat_noticed_after=round(notice["beat"], 1),
+        worker_noticed_after=round(notice["worker"], 1),
+        claims_resumed_after=round(resume_first, 2),
+        all_jobs_resumed_after=round(resume_all, 2),
+        runs=len(runs),
+        lost=len(lost),
+        lost_in_window=len(lost_in_window),
+        doubled=len(sampler.double_active),
+        failed=sum(run.status == "failed" for run in runs),
+        bytes_dropped=pg_proxy.dropped,
+        error_lines_by_process={name: len(lines) for name, lines in errors.items()},
+    )
+    assert not lost, f"runs lost or falsely ended outside the black hole: {describe(lost)}"
+    for name, seconds in notice.items():
+        assert seconds <= NOTICE_BOUND + NOTICE_SLACK, f"{name} noticed the black hole after {seconds:.1f}s"
+    assert resume_all <= BLACKHOLE_RESUME_BOUND, f"claiming resumed {resume_all:.1f}s after the database came back"
+    for process_name, lines in errors.items():
+        assert not [line for line in lines if line.startswith("Traceback")], f"{process_name}: {lines}"

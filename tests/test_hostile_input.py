@@ -45,6 +45,7 @@ from celery_dbsched.repository import JobRepository
 from celery_dbsched.scheduler import Scheduler
 from celery_dbsched.schema import NAME_MAX_LENGTH, job_table, run_table
 from celery_dbsched.settings import (
+    DEFAULT_CLIENT_TIMEOUT,
     DEFAULT_INTERRUPT_THRESHOLD,
     DEFAULT_METRICS_ADDRESS,
     DEFAULT_METRICS_JOB_LABELS,
@@ -575,6 +576,8 @@ EXPECTED: dict[str, tuple[str, dict[str, Any]]] = {
     "dbsched_metrics_job_labels": ("metrics_job_labels", _durations(DEFAULT_METRICS_JOB_LABELS)),
     # The dashboard's token: a string of at least 16 characters ("soon" is too short).
     "dbsched_web_token": ("web_token", _strings(None)),
+    # The statement watchdog: 0 turns it off (timedelta(0)) rather than meaning the default.
+    "dbsched_client_timeout": ("client_timeout", {**_durations(DEFAULT_CLIENT_TIMEOUT), "zero": dt.timedelta(0)}),
 }
 
 # Per key, the largest accepted value and what it becomes.
@@ -591,6 +594,7 @@ LARGEST: dict[str, tuple[Any, Any]] = {
     "dbsched_metrics_port": (65535, 65535),
     "dbsched_metrics_job_labels": (MAX_METRICS_JOB_LABELS, MAX_METRICS_JOB_LABELS),
     "dbsched_web_token": ("t" * 10_000, "t" * 10_000),
+    "dbsched_client_timeout": (MAX_SECONDS, MAX_DURATION),
 }
 
 SETTING_CASES = [

@@ -41,6 +41,39 @@ def test_defaults() -> None:
     assert settings.retry_backoff == (dt.timedelta(seconds=10), dt.timedelta(hours=1))
     assert settings.run_retention == dt.timedelta(days=7)
     assert settings.auto_migrate is True
+    assert settings.client_timeout == dt.timedelta(seconds=20)
+    assert settings.client_timeout_seconds() == 20.0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, 20.0),
+        (0, None),  # off
+        ("0", None),
+        (dt.timedelta(0), None),
+        (1, 1.0),
+        ("2.5", 2.5),
+        (dt.timedelta(minutes=2), 120.0),
+    ],
+)
+def test_client_timeout(value: Any, expected: float | None) -> None:
+    assert Settings.from_mapping({"dbsched_client_timeout": value}).client_timeout_seconds() == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        (0.5, "at least 1 second(s), or 0 to turn the watchdog off, got 0.5"),
+        (-1, "must not be negative"),
+        ("soon", "expected seconds or a timedelta"),
+        (True, "expected seconds or a timedelta"),
+        (10**12, "at most 36500 days"),
+    ],
+)
+def test_a_bad_client_timeout_is_a_value_error_naming_the_key_and_the_fix(value: Any, why: str) -> None:
+    with pytest.raises(ValueError, match=f"^dbsched_client_timeout: {re.escape(why)}"):
+        Settings.from_mapping({"dbsched_client_timeout": value})
 
 
 def test_unrelated_keys_are_ignored() -> None:

@@ -1,5 +1,5 @@
-"""A TCP proxy that stands in for a server going down and coming back (`TcpProxy`), and URL helpers to point a
-client at it or at a port nobody listens on."""
+"""A TCP proxy that stands in for a server going down and coming back, or going silent (`TcpProxy`), and URL
+helpers to point a client at it or at a port nobody listens on."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from urllib.parse import urlsplit, urlunsplit
 class TcpProxy:
     """127.0.0.1:<port> forwarded to a real server. `down()` closes the port and cuts every open connection,
     as a crashed server does; `up()` listens on the same port again. `accepted` counts the connections it
-    took; with a `target` nobody listens on, it closes each at once (a server that is down, tries counted)."""
+    took; with a `target` nobody listens on, it closes each at once (a server that is down, tries counted).
+
+    `blackhole()` stands in for a network that drops every packet: connections stay open, the port still accepts
+    new ones, but no byte is forwarded either way. What is sent meanwhile is dropped (as by the network: the
+    server never sees a query sent into the black hole, the client never sees an answer sent back), and a side
+    that closes its end is told to the other only after `restore()`, which forwards again."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -21,6 +26,9 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self.port = 0
         self.accepted = 0
+        self.dropped = 0  # bytes dropped while black-holed
+        self._flowing = threading.Event()
+        self._flowing.set()
         self.up()
 
     def up(self) -> None:
@@ -31,7 +39,19 @@ class TcpProxy:
         self._listener = listener
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
+    def blackhole(self) -> None:
+        self._flowing.clear()
+
+    def restore(self) -> None:
+        self._flowing.set()
+
+    @property
+    def blackholed(self) -> bool:
+        return not self._flowing.is_set()
+
     def down(self) -> None:
+        """Also ends a black hole: the connections are cut, not silent."""
+        self._flowing.set()
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.close()
@@ -68,7 +88,15 @@ class TcpProxy:
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
-            while data := src.recv(65536):
+            while True:
+                data = src.recv(65536)
+                if not self._flowing.is_set():
+                    if data:
+                        self.dropped += len(data)
+                        continue
+                    self._flowing.wait()  # an end closed in the black hole: said once it is over
+                if not data:
+                    break
                 dst.sendall(data)
         except OSError:
             pass
