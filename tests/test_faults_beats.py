@@ -326,6 +326,7 @@ def test_three_beats_200_jobs_every_second_dispatch_every_slot_once(cluster: Clu
     run_load(cluster, name=f"beats-load-{db_kind}-200", jobs=200, every=1.0, duration=30.0, workers=3)
 
 
+@pytest.mark.soak  # CI time (52 s): the 200-job scenario runs in CI, this and its 60 s soak with --soak
 @on(PG_RABBITMQ)
 def test_2000_jobs_on_postgresql_three_beats_dispatch_every_slot_once(cluster: Cluster) -> None:
     # The same rate as above (200 runs/s; 2,000 runs/s is beyond two shared cores), ten times the jobs: claims
