@@ -502,6 +502,7 @@ def test_a_beat_killed_mid_claim_20_times_loses_and_doubles_nothing_new_server_i
     run_kills(cluster, name="beats-kill-new-id", same_id=False)
 
 
+@pytest.mark.soak  # CI time (51 s): the new-id variant runs in CI; this one and 100 kills of each with --soak
 @on(PG_RABBITMQ)
 def test_a_beat_killed_mid_claim_20_times_loses_and_doubles_nothing_same_server_id(cluster: Cluster) -> None:
     run_kills(cluster, name="beats-kill-same-id", same_id=True)
