@@ -22,8 +22,10 @@ from helpers.apps import TestSchedulerFactory, make_app, memory_app
 from helpers.browser import Browser, launched
 from helpers.cluster import Cluster
 from helpers.processes import PROCESSES_KEY, Processes
+from helpers.proxy import TcpProxy, host_port
 from helpers.repository import bind_clock
 from helpers.services import (
+    POSTGRES_URL,
     REQUIRE_SERVICES,
     SERVICE_URLS,
     SOAK,
@@ -161,6 +163,16 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
         yield db
     finally:
         drop_database(db)
+
+
+@pytest.fixture
+def pg_proxy() -> Iterator[TcpProxy]:
+    """A proxy in front of the shared PostgreSQL (black-holing it affects only who connects through it)."""
+    proxy = TcpProxy(host_port(POSTGRES_URL, 5432))
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 @pytest.fixture

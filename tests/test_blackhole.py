@@ -8,12 +8,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from helpers.proxy import TcpProxy, host_port, with_port
-from helpers.services import POSTGRES_URL, Database
+from helpers.proxy import TcpProxy, with_port
+from helpers.services import Database
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
@@ -131,15 +130,6 @@ def test_idle_in_transaction_timeout_of_the_server_or_the_url_is_kept(postgres_d
 
 
 # -- the statement watchdog ----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def pg_proxy() -> Iterator[TcpProxy]:
-    proxy = TcpProxy(host_port(POSTGRES_URL, 5432))
-    try:
-        yield proxy
-    finally:
-        proxy.close()
 
 
 def _repository(database: Database, proxy: TcpProxy, client_timeout: float | None) -> JobRepository:

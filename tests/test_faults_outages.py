@@ -36,8 +36,8 @@ import pytest
 from helpers.cluster import APP, LATENESS, Cluster, quick, seconds_between
 from helpers.polling import wait_for
 from helpers.processes import CeleryProcess, Processes
-from helpers.proxy import TcpProxy, host_port, with_port
-from helpers.services import POSTGRES_URL, RABBITMQ_URL, Broker, Database, cleanup_queue, require_service, unavailable
+from helpers.proxy import TcpProxy, with_port
+from helpers.services import RABBITMQ_URL, Broker, Database, cleanup_queue, require_service, unavailable
 from sqlalchemy import create_engine, text
 
 from celery_dbsched import RunRecord, update_job_next_run_in_at_least
@@ -670,16 +670,6 @@ class ProxiedCluster(Cluster):
 
     def env(self, name: str, jobs: Sequence[dict[str, Any]], settings: dict[str, Any] | None) -> dict[str, str]:
         return {**super().env(name, jobs, settings), "E2E_DATABASE_URL": self.process_url}
-
-
-@pytest.fixture
-def pg_proxy() -> Iterator[TcpProxy]:
-    """A proxy in front of the shared PostgreSQL (black-holing it affects only who connects through it)."""
-    proxy = TcpProxy(host_port(POSTGRES_URL, 5432))
-    try:
-        yield proxy
-    finally:
-        proxy.close()
 
 
 @pytest.fixture
