@@ -6,6 +6,7 @@ keep checked out (`KeptConnections`)."""
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -18,6 +19,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
+from .errors import UnsupportedDatabase
 from .settings import DEFAULT_CLIENT_TIMEOUT as _DEFAULT_CLIENT_TIMEOUT
 
 
@@ -85,7 +87,35 @@ def is_mysql(dialect: str) -> bool:
     return dialect in MYSQL_BACKENDS
 
 
+# The oldest MariaDB the statements need: INSERT ... RETURNING (10.5) and the claim's locking read with
+# SKIP LOCKED (10.6).
+MARIADB_MINIMUM = (10, 6)
+
+
+def check_mysql_server(server_info: str) -> None:
+    """Raise UnsupportedDatabase unless `server_info` (the version the server announces, e.g.
+    `10.11.6-MariaDB-0+deb12u1`) is MariaDB 10.6 or later. MySQL has no INSERT ... RETURNING, which the claim and
+    every run transition use: it would fail later, statement by statement, in the middle of a claim."""
+    server_info = server_info.removeprefix("5.5.5-")  # how MariaDB announces itself to old clients
+    match = re.match(r"(\d+)\.(\d+)", server_info)
+    version = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    if "mariadb" not in server_info.lower():
+        raise UnsupportedDatabase(
+            f"dbsched_database_url: the server is MySQL {server_info}, which celery_dbsched does not support (it "
+            "has no INSERT ... RETURNING, which claiming runs needs); point dbsched_database_url at MariaDB "
+            f"{MARIADB_MINIMUM[0]}.{MARIADB_MINIMUM[1]} or later, or PostgreSQL"
+        )
+    if version < MARIADB_MINIMUM:
+        raise UnsupportedDatabase(
+            f"dbsched_database_url: the server is MariaDB {server_info}; celery_dbsched needs MariaDB "
+            f"{MARIADB_MINIMUM[0]}.{MARIADB_MINIMUM[1]} or later (INSERT ... RETURNING and SKIP LOCKED): upgrade "
+            "the server, or use PostgreSQL"
+        )
+
+
 def _mysql_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Before anything else runs on the connection (SQLAlchemy's own first-connect queries included).
+    check_mysql_server(dbapi_connection.get_server_info())
     # Every time the server computes (NOW(6)) or stores is UTC, whatever the server's global time zone:
     # DATETIME(6) holds no zone, so the session's must not shift what is written or compared.
     cursor = dbapi_connection.cursor()
@@ -232,7 +262,7 @@ def _make_mysql_engine(parsed: URL, options: dict[str, Any]) -> Engine:
     options.setdefault("isolation_level", MYSQL_ISOLATION)
     options.setdefault("pool_recycle", 3600)  # under the server's wait_timeout (8 hours by default)
     engine = create_engine(parsed.set(query=query), **options)
-    event.listen(engine, "connect", _mysql_on_connect)
+    event.listen(engine, "connect", _mysql_on_connect, insert=True)  # before SQLAlchemy's first-connect queries
     return engine
 
 

@@ -74,6 +74,10 @@ class DatabaseError(DbschedError):
     problem): it is not an outage."""
 
 
+class UnsupportedDatabase(DatabaseError):
+    """The server is not one celery_dbsched supports (MySQL 8, MariaDB before 10.6): not an outage."""
+
+
 class DatabaseUnavailable(DatabaseError):
     """The database could not be reached or was too busy (down, restarting, network, lock or serialization
     conflict); the caller may retry later."""
