@@ -46,6 +46,7 @@ from helpers.cluster import (
     on,
     seconds_between,
 )
+from helpers.pgbouncer import DEFAULT_POOL_SIZE, PoolSampler
 from helpers.processes import CeleryProcess
 from sqlalchemy import bindparam, select, update
 
@@ -332,11 +333,33 @@ LOAD_WINDOW = {"postgres": 30.0, "pgbouncer": 15.0, "mariadb": 30.0}
 
 
 @on(PG_RABBITMQ, PGBOUNCER_RABBITMQ, MARIADB_RABBITMQ)
-def test_three_beats_under_load_dispatch_every_slot_once(cluster: Cluster, db_kind: str) -> None:
+def test_three_beats_under_load_dispatch_every_slot_once(
+    cluster: Cluster, db_kind: str, request: pytest.FixtureRequest
+) -> None:
     jobs = LOAD_JOBS[db_kind]
+    if db_kind == "pgbouncer":  # how many connections the processes used, through the pooler
+        pools = PoolSampler(request.getfixturevalue("pgbouncer"), str(cluster.database.own_database))
+        pools.start()
+        request.addfinalizer(pools.stop)
     run_load(
         cluster, name=f"beats-load-{db_kind}-{jobs}", jobs=jobs, every=1.0, duration=LOAD_WINDOW[db_kind], workers=3
     )
+    if db_kind == "pgbouncer":
+        pools.stop()
+        report(
+            f"beats-load-{db_kind}-{jobs}-pools",
+            pool_size=DEFAULT_POOL_SIZE,
+            samples=pools.samples,
+            max_clients=pools.most["clients"],
+            max_waiting=pools.most["waiting"],
+            max_server_active=pools.most["server_active"],
+            max_wait_s=round(pools.max_wait, 3),
+        )
+        assert pools.samples >= 5, pools.errors[-3:]
+        # The beats and workers connected through the pooler: more clients than the test process's own pool
+        # (cluster.repo and the samplers: SQLAlchemy's 5 + 10 overflow at most) could make.
+        assert pools.most["clients"] > 15
+        assert pools.most["server_active"] <= DEFAULT_POOL_SIZE
 
 
 @pytest.mark.soak  # CI time (52 s): the 200-job scenario runs in CI, this and its 60 s soak with --soak

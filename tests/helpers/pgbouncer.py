@@ -16,12 +16,14 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import create_engine, make_url, text
 
 from helpers.polling import wait_for
@@ -64,6 +66,7 @@ class PgBouncer:
             f"default_pool_size = {DEFAULT_POOL_SIZE}",
             "max_client_conn = 1000",
             "ignore_startup_parameters = extra_float_digits",
+            f"admin_users = {server.username or 'postgres'}",  # SHOW POOLS (`pools`)
         ]
         if _version(binary) >= (1, 21):
             settings.append("max_prepared_statements = 0")
@@ -90,6 +93,10 @@ class PgBouncer:
         through = server.set(host="127.0.0.1", port=self.port, database=database, query={})
         return through.render_as_string(hide_password=False)
 
+    def admin_dsn(self) -> str:
+        """PgBouncer's admin console (SHOW POOLS, SHOW CLIENTS, ...)."""
+        return f"host=127.0.0.1 port={self.port} user={make_url(POSTGRES_URL).username or 'postgres'} dbname=pgbouncer"
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -98,6 +105,55 @@ class PgBouncer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+
+
+class PoolSampler(threading.Thread):
+    """Reads PgBouncer's `SHOW POOLS` for one database every `interval` while a test runs: the most client
+    connections seen at once (`cl_active` + `cl_waiting`), waiting for a server connection (`cl_waiting`), server
+    connections running a transaction (`sv_active`), and the longest wait (`maxwait`, s)."""
+
+    def __init__(self, bouncer: PgBouncer, database: str, interval: float = 0.2) -> None:
+        super().__init__(name="pgbouncer-pools", daemon=True)
+        self.bouncer, self.database, self.interval = bouncer, database, interval
+        self.samples = 0
+        self.most = {"clients": 0, "waiting": 0, "server_active": 0}
+        self.max_wait = 0.0
+        self.errors: list[BaseException] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            conn = psycopg.connect(self.bouncer.admin_dsn(), autocommit=True)
+        except Exception as exc:
+            self.errors.append(exc)
+            return
+        with conn:
+            while not self._halt.is_set():
+                try:
+                    self._sample(conn)
+                except Exception as exc:
+                    self.errors.append(exc)
+                self._halt.wait(self.interval)
+
+    def _sample(self, conn: psycopg.Connection[Any]) -> None:
+        cursor = conn.execute("SHOW POOLS", prepare=False)  # the admin console prepares nothing
+        names = [column.name for column in cursor.description or ()]
+        for values in cursor.fetchall():
+            row = dict(zip(names, values, strict=True))
+            if row["database"] != self.database:
+                continue
+            seen = {
+                "clients": row["cl_active"] + row["cl_waiting"],
+                "waiting": row["cl_waiting"],
+                "server_active": row["sv_active"],
+            }
+            self.most = {key: max(self.most[key], seen[key]) for key in seen}
+            self.max_wait = max(self.max_wait, row["maxwait"] + row["maxwait_us"] / 1e6)
+        self.samples += 1
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=30)
 
 
 @contextmanager
