@@ -49,6 +49,7 @@ class Wakeup:
         self.channel: str | None = None  # the channel listened on, once listening (for log lines)
         self._retry_at = 0.0
         self._answered_at = 0.0  # when the listening connection last answered a round trip (monotonic)
+        self._woken = False  # a wake-up came while the probe waited: the next wait returns at once
 
     def wait(self, seconds: float) -> bool | None:
         """Block up to `seconds` or until notified. True: notified; False: the time passed; None: not
@@ -58,6 +59,9 @@ class Wakeup:
         driver = self._listen()
         if driver is None:
             return None
+        if self._woken:
+            self._woken = False
+            return True
         deadline = time.monotonic() + seconds
         try:
             while True:
@@ -110,13 +114,17 @@ class Wakeup:
                 POOLER_FIX,
             )
             self.enabled = False
+            # Best effort: PgBouncer most likely hands back the server connection that ran LISTEN (it reuses the
+            # last one freed); left subscribed, it would pass notifications to whichever client it serves next.
+            with contextlib.suppress(Exception):
+                driver.execute("UNLISTEN *")
             self._drop()
             return None
         return driver
 
     def _probe(self, driver: Any, channel: str) -> bool:
         """Whether a NOTIFY sent on another connection reaches the listening one within PING_TIMEOUT. A wake-up
-        that comes meanwhile is not lost: the beat only claims a little later, within its interval."""
+        that comes meanwhile is kept for the next `wait`."""
         payload = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
         with self.engine.begin() as conn, set_client_timeout(conn.connection.driver_connection, PING_TIMEOUT):
             conn.execute(text("SELECT pg_notify(:channel, :payload)"), {"channel": channel, "payload": payload})
@@ -126,6 +134,7 @@ class Wakeup:
                 if notify.payload == payload:
                     self._answered_at = time.monotonic()
                     return True
+                self._woken = self._woken or not notify.payload.startswith(PROBE_PREFIX)
         self._ping(driver)  # raises when the connection itself no longer answers
         return False
 
