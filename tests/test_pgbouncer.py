@@ -1,6 +1,7 @@
 """PostgreSQL through PgBouncer in transaction pooling mode (issue 15 item 3): with `dbsched_pooler` the
 repository, migrations and beats work through it; without it, what cannot work through it fails with one clear
-error instead of a hang (LISTEN) or an obscure one (server-side prepared statements).
+error instead of a hang (LISTEN) or an obscure one (server-side prepared statements). The setting's
+validation is in test_settings.py.
 
 A private PgBouncer per module (tests/conftest.py `pgbouncer`, helpers/pgbouncer.py) shares 5 server
 connections between all its clients, so consecutive transactions of one client run on different ones. The
@@ -31,10 +32,9 @@ from celery_dbsched.errors import DatabaseError, classify
 from celery_dbsched.migrate import current_revision, head_revision, migrate
 from celery_dbsched.records import RunRecord
 from celery_dbsched.scheduler import Scheduler
-from celery_dbsched.settings import Settings
 from celery_dbsched.wakeup import PING_TIMEOUT, Wakeup
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.processes]  # a pgbouncer of its own
 
 HOUR = dt.timedelta(hours=1)
 
@@ -48,23 +48,6 @@ def bare_database(pgbouncer: PgBouncer) -> Iterator[Database]:
         yield db
     finally:
         drop_database(db)
-
-
-# -- the setting -----------------------------------------------------------------------------------------------
-
-
-def test_the_pooler_setting_accepts_pgbouncer_or_transaction_and_turns_listen_off() -> None:
-    assert Settings.from_mapping({}).pooler is None
-    assert Settings.from_mapping({}).listen is True
-    for value in ("pgbouncer", "PgBouncer", " transaction "):
-        settings = Settings.from_mapping({"dbsched_pooler": value})
-        assert settings.pooler == "transaction" and settings.listen is False
-    assert Settings.from_mapping({"dbsched_pooler": "pgbouncer", "dbsched_listen": False}).listen is False
-    for bad in ("session", "pgpool", 1, True):
-        with pytest.raises(ValueError, match="dbsched_pooler: expected 'pgbouncer', 'transaction' or None"):
-            Settings.from_mapping({"dbsched_pooler": bad})
-    with pytest.raises(ValueError, match="dbsched_listen: LISTEN does not work through a transaction-mode pooler"):
-        Settings.from_mapping({"dbsched_pooler": "pgbouncer", "dbsched_listen": True})
 
 
 # -- with the setting: everything through the pooler -------------------------------------------------------------
