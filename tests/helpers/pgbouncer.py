@@ -12,9 +12,11 @@ A missing `pgbouncer` binary skips the tests that need one, or fails them under 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 import uuid
@@ -30,6 +32,7 @@ from helpers.polling import wait_for
 from helpers.services import POSTGRES_URL, Database, free_port, port_open, require_service, unavailable
 
 DEFAULT_POOL_SIZE = 5
+CONFIG_PREFIX = "dbsched-pgbouncer-"  # + the pid of the pytest that started it + ".ini"
 # The Celery setting a deployment behind PgBouncer needs (README, docs/deployment.md).
 POOLER_SETTINGS: dict[str, Any] = {"pooler": "pgbouncer"}
 
@@ -70,7 +73,7 @@ class PgBouncer:
         ]
         if _version(binary) >= (1, 21):
             settings.append("max_prepared_statements = 0")
-        config = folder / "pgbouncer.ini"
+        config = folder / f"{CONFIG_PREFIX}{os.getpid()}.ini"  # the pid: `_stop_stale` finds it
         config.write_text(
             f"[databases]\n* = host={server.host or '127.0.0.1'} port={server.port or 5432}\n\n"
             "[pgbouncer]\n" + "\n".join(settings) + "\n"
@@ -156,6 +159,20 @@ class PoolSampler(threading.Thread):
         self.join(timeout=30)
 
 
+def _stop_stale() -> None:
+    """PgBouncers a killed pytest left running (their fixture never stopped them): their config names that
+    pytest's pid, which is gone."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        found = re.search(rf"{CONFIG_PREFIX}(\d+)\.ini$", args[-2].decode(errors="replace")) if len(args) > 1 else None
+        if found and "pgbouncer" in args[0].decode(errors="replace") and not Path(f"/proc/{found[1]}").exists():
+            with contextlib.suppress(OSError):
+                os.kill(int(cmdline.parent.name), signal.SIGTERM)
+
+
 @contextmanager
 def running_pgbouncer(folder: Path) -> Iterator[PgBouncer]:
     require_service("postgres")
@@ -165,6 +182,7 @@ def running_pgbouncer(folder: Path) -> Iterator[PgBouncer]:
     assert binary is not None
     if os.geteuid() != 0:
         unavailable("a private PgBouncer runs as postgres (`-u postgres`), which needs root")
+    _stop_stale()
     bouncer = PgBouncer(binary, folder)
     try:
         yield bouncer
