@@ -158,6 +158,16 @@ def postgres_connect_args(
     return args
 
 
+def postgres_pooler_args(connect_args: Mapping[str, Any]) -> dict[str, Any]:
+    """`connect_args` for a transaction-mode pooler (dbsched_pooler): psycopg prepares no statement on the
+    server (`prepare_threshold` None; a statement prepared on one server connection is unknown to, or clashes
+    with one of the same name on, the next connection the pooler hands out). Unless `connect_args` says
+    otherwise (PgBouncer >= 1.21 with max_prepared_statements > 0 tracks them itself)."""
+    args = dict(connect_args)
+    args.setdefault("prepare_threshold", None)
+    return args
+
+
 @contextmanager
 def set_client_timeout(driver_connection: Any, seconds: float | None) -> Iterator[None]:
     """Within: the statement watchdog of this driver (DBAPI) connection set to `seconds` (None: off), for work
@@ -175,15 +185,20 @@ def set_client_timeout(driver_connection: Any, seconds: float | None) -> Iterato
 
 
 def make_engine(
-    url: str, engine_options: Mapping[str, Any] | None = None, *, client_timeout: float | None = DEFAULT_CLIENT_TIMEOUT
+    url: str,
+    engine_options: Mapping[str, Any] | None = None,
+    *,
+    client_timeout: float | None = DEFAULT_CLIENT_TIMEOUT,
+    pooler: str | None = None,
 ) -> Engine:
     """An engine for PostgreSQL (psycopg 3), MySQL/MariaDB or SQLite (WAL, busy timeout, immediate
     transactions). On PostgreSQL each statement waits at most `client_timeout` seconds for the server (None:
-    without end) and the connections get POSTGRES_CONNECT_DEFAULTS. A driver that is not installed, or that
-    SQLAlchemy does not know, is a ValueError naming the install line."""
+    without end) and the connections get POSTGRES_CONNECT_DEFAULTS; with `pooler` ("transaction":
+    dbsched_pooler) they keep no state of the session (`postgres_pooler_args`). A driver that is not installed,
+    or that SQLAlchemy does not know, is a ValueError naming the install line."""
     parsed = make_url(url)
     try:
-        return _make_engine(parsed, engine_options, client_timeout)
+        return _make_engine(parsed, engine_options, client_timeout, pooler)
     except NoSuchModuleError:
         raise ValueError(
             f"dbsched_database_url: SQLAlchemy has no database driver {parsed.drivername!r}; use "
@@ -208,7 +223,9 @@ def _missing_driver(parsed: URL, exc: ImportError) -> str:
     )
 
 
-def _make_engine(parsed: URL, engine_options: Mapping[str, Any] | None, client_timeout: float | None) -> Engine:
+def _make_engine(
+    parsed: URL, engine_options: Mapping[str, Any] | None, client_timeout: float | None, pooler: str | None
+) -> Engine:
     options = dict(engine_options or {})
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -244,12 +261,14 @@ def _make_engine(parsed: URL, engine_options: Mapping[str, Any] | None, client_t
     if parsed.get_driver_name() != "psycopg":  # another driver (psycopg2, pg8000): left as SQLAlchemy makes it
         return create_engine(parsed, **options)
     connect_args = postgres_connect_args(parsed, options.pop("connect_args", {}))
+    if pooler is not None:
+        connect_args = postgres_pooler_args(connect_args)
     engine = create_engine(parsed, connect_args=connect_args, **options)
     if "creator" not in options:  # a creator of the user's own makes the connections: left as it is
         from . import watchdog
 
         def connect(_dialect: Any, _record: Any, cargs: list[Any], cparams: dict[str, Any]) -> Any:
-            return watchdog.connect(cargs, cparams, client_timeout)
+            return watchdog.connect(cargs, cparams, client_timeout, session_settings=pooler is None)
 
         event.listen(engine, "do_connect", connect)
     return engine
