@@ -327,9 +327,8 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 # (CI: 99.9/s at 200 jobs, 3,003 of 6,000 slots overrun, none lost or doubled), so it runs at 100: the scenario
 # is about the beats' claims, and the overrun bound below is about the workers' pace.
 LOAD_JOBS = {"postgres": 200, "pgbouncer": 200, "mariadb": 100}
-# The window, in seconds. Through PgBouncer (transaction mode, 5 server connections, dbsched_pooler) CI runs
-# 15 s of it (the 30 s window took 51 s); its 60 s soak is with --soak.
-# CI time: 20 s windows (15 s through PgBouncer); the 60 s soaks below run the same at length.
+# The window, in seconds (CI time): 20 s, and 15 s through PgBouncer (transaction mode, 5 server connections,
+# dbsched_pooler; its 30 s window took 51 s). The 60 s soaks below run the same at length with --soak.
 LOAD_WINDOW = {"postgres": 20.0, "pgbouncer": 15.0, "mariadb": 20.0}
 
 
