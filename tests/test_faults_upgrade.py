@@ -1,0 +1,337 @@
+"""Fault suite, rolling upgrade (issue 15, item 7): beats and workers of an earlier release keep running beside
+the new ones while the new code's `migrate` changes the schema under them.
+
+The earlier releases are commits of this repository (there are no tags, and tags may not reach a CI clone):
+
+- OLD_SCHEMA_RELEASE, 5583563: schema head 0005, so migrations 0006, 0007 and 0008 run under its processes;
+- CODE_ONLY_RELEASE, 4aa3eb0: schema head 0008, the same as now (a code-only upgrade; behind `soak`).
+
+Their `celery_dbsched` and tests/e2e_app.py come out of the clone's history (`git archive`) into a folder that
+the old processes get as PYTHONPATH (the same interpreter and dependencies: the old release needed nothing
+else). A small wrapper app prints which `celery_dbsched` it imported, and the test checks that it is the
+extracted one: an editable install of the new code must not win over PYTHONPATH.
+
+The scenario, on PostgreSQL with the filesystem transport (the broker is not the subject):
+
+1. the old release's `migrate`; an old worker and an old beat run jobs every second (one of them long, so a
+   run started before the migration ends after it);
+2. a new worker and a new beat start (`dbsched_auto_migrate = False`): they stop at once, each with the one
+   line that says the schema is older and to run `migrate`;
+3. the new code's `dbsched migrate` runs while the old processes work; then a new worker and a new beat
+   start and run beside the old ones;
+4. an old worker started now (a restart during the rollout) stops with the one line that says the schema is
+   newer than it knows;
+5. the old beat and worker are stopped (SIGTERM, exit 0) and the new ones carry on.
+
+Asserted: no traceback in any log; no run started twice, no slot run twice, never two active runs of a job
+(sampled throughout); every slot of every job dispatched on its cadence (no gap longer than the usual
+lateness); the old beat claimed and the old worker finished runs on the new schema, among them the run that
+began before the migration. One line `FAULTS ...` with the figures (DBSCHED_FAULT_REPORT as elsewhere).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+from helpers.cluster import LATENESS, PG_FS, SETTINGS, assert_runs_spaced, on
+from helpers.polling import wait_for
+from helpers.processes import REPO_DIR, CeleryProcess, Processes
+from helpers.services import Broker, Database, unavailable
+from sqlalchemy import select
+from test_faults_beats import ActiveRunSampler, all_runs, doubles, report, start_events
+
+from celery_dbsched.migrate import current_revision, head_revision
+from celery_dbsched.repository import JobRepository
+from celery_dbsched.schema import run_table
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e]
+
+# Releases are the commits that landed (no tags). 5583563: "Merge i10-clock", schema head 0005.
+OLD_SCHEMA_RELEASE = "5583563"
+# 4aa3eb0: the release before this one, schema head 0008 as now: a code-only upgrade.
+CODE_ONLY_RELEASE = "4aa3eb0"
+
+OLD_APP = "upgrade_old_app"
+NEW_APP = "e2e_app"
+# The wrapper the old processes run: the old release's own tests/e2e_app.py, and a line naming the
+# celery_dbsched it imported (checked: PYTHONPATH, not the installed new code).
+OLD_APP_SOURCE = """\
+import celery_dbsched
+from e2e_app import app  # the old release's app module
+
+print(f"UPGRADE celery_dbsched from {celery_dbsched.__file__}", flush=True)
+"""
+
+SLOW_JOB = "up.long"
+JOB_EVERY = 1.0
+SLOW_SECONDS = 5.0  # the long job: a run that began before the migration ends after it
+
+
+def extract_release(commit: str, folder: Path) -> Path:
+    """The release's `celery_dbsched` and tests/e2e_app.py (and the wrapper app) in `folder`, from git."""
+    git = ["git", "-C", str(REPO_DIR)]
+    found = subprocess.run([*git, "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True, check=False)
+    if found.returncode != 0:
+        unavailable(f"release commit {commit} is not in this clone's history (a shallow clone?): fetch it")
+    folder.mkdir(parents=True)
+    archive = subprocess.run(
+        [*git, "archive", commit, "celery_dbsched", "tests/e2e_app.py"], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    (folder / "tests" / f"{OLD_APP}.py").write_text(OLD_APP_SOURCE)
+    return folder
+
+
+def process_env(
+    database: Database,
+    broker: Broker,
+    events: Path,
+    name: str,
+    jobs: Sequence[dict[str, Any]],
+    settings: dict[str, Any],
+) -> dict[str, str]:
+    return {
+        "E2E_DATABASE_URL": database.url,
+        "E2E_BROKER": json.dumps(broker.conf()),
+        "E2E_SETTINGS": json.dumps({**SETTINGS, **settings}),
+        "E2E_JOBS": json.dumps(list(jobs)),
+        "E2E_EVENTS_DIR": str(events),
+        "E2E_PROCESS_NAME": name,
+    }
+
+
+class Run(NamedTuple):
+    id: int
+    job_name: str
+    status: str
+    claimed_by: str
+    worker: str | None
+    create_time: dt.datetime
+    end_time: dt.datetime | None
+
+
+def runs_now(repository: JobRepository) -> list[Run]:
+    """Every run, oldest first, through the columns every schema revision has (the test reads the database
+    before and after the migration; the repository's own reads need the current schema)."""
+    r = run_table
+    columns = [r.c.id, r.c.job_name, r.c.status, r.c.claimed_by, r.c.worker, r.c.create_time, r.c.end_time]
+    with repository.engine.connect() as conn:
+        return [Run(*row) for row in conn.execute(select(*columns).order_by(r.c.id)).all()]
+
+
+def wait_exit(process: CeleryProcess, timeout: float) -> int:
+    try:
+        return process.popen.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{process.describe()} did not exit within {timeout} s:\n{process.log_tail()}") from None
+
+
+def tracebacks(processes: Processes) -> list[str]:
+    """Logs with a traceback, but for the old worker restarted on the new schema (assert_one_clear_stop)."""
+    return [
+        f"{p.name}:\n{p.log_tail(60)}"
+        for p in processes.started
+        if "Traceback" in p.log() and p.name != "old-worker-late"
+    ]
+
+
+def upgrade_scenario(
+    release: str,
+    database: Database,
+    broker: Broker,
+    processes: Processes,
+    tmp_path: Path,
+    *,
+    name: str,
+    schema_changes: bool,
+) -> None:
+    """The scenario of the module docstring; `schema_changes`: the release's schema is older than the head
+    (steps 2 and 4 refuse), else `migrate` has nothing to do and an old process may start at any time."""
+    began = time.monotonic()
+    old_tree = extract_release(release, tmp_path / "old")
+    old_path = {"PYTHONPATH": f"{old_tree / 'tests'}:{old_tree}"}
+    old_code = f"UPGRADE celery_dbsched from {old_tree / 'celery_dbsched' / '__init__.py'}"
+    setup_s = time.monotonic() - began
+    events = tmp_path / "events"
+    jobs = [{"kind": "instant", "name": f"up.{n}", "every": JOB_EVERY} for n in range(4)]
+    jobs.append({"kind": "long", "name": SLOW_JOB, "every": JOB_EVERY, "seconds": SLOW_SECONDS, "step": 0.5})
+    names = [spec["name"] for spec in jobs]
+
+    def old(kind: str) -> dict[str, str]:
+        # The old release's defaults, as deployed: dbsched_auto_migrate on (it migrates to its own head).
+        return {**process_env(database, broker, events, kind, jobs if "worker" in kind else [], {}), **old_path}
+
+    def new(kind: str) -> dict[str, str]:
+        settings = {"dbsched_auto_migrate": False}
+        return process_env(database, broker, events, kind, jobs if "worker" in kind else [], settings)
+
+    # 1. The old release migrates at its start and runs.
+    old_worker = processes.start_worker(OLD_APP, env=old("old-worker"), name="old-worker", node="old@%h")
+    old_worker.wait_ready()
+    old_beat = processes.start_beat(OLD_APP, env=old("old-beat"), name="old-beat")
+    repo = database.repository()
+    old_revision = current_revision(repo.engine)
+    assert old_revision is not None and (old_revision < head_revision()) == schema_changes, old_revision
+    sampler = ActiveRunSampler(repo, interval=0.1)
+    sampler.start()
+    try:
+        # 2. New processes on the older schema: one clear line each, and they stop.
+        early = (
+            [
+                processes.start_worker(NEW_APP, env=new("new-worker-early"), name="new-worker-early"),
+                processes.start_beat(NEW_APP, env=new("new-beat-early"), name="new-beat-early"),
+            ]
+            if schema_changes
+            else []
+        )
+        for process in (old_worker, old_beat):
+            process.wait_for_log(old_code)  # the old release's code, not the installed one
+
+        def ended_once() -> bool:
+            processes.check_alive(old_worker, old_beat)
+            ended = {run.job_name for run in runs_now(repo) if run.end_time}
+            return ended >= set(names) - {SLOW_JOB}
+
+        wait_for(ended_once, 60, message="a run of each job by the old worker")
+        for process in early:
+            assert wait_exit(process, 60) != 0, process.log_tail()
+            log = process.log()
+            assert f"schema revision '{old_revision}', this celery_dbsched needs '{head_revision()}'" in log, log
+            assert "dbsched migrate" in log, process.log_tail()
+
+        # 3. The new code's migrate under the running old processes; then the new processes beside them.
+        slow_before = [run.id for run in runs_now(repo) if run.job_name == SLOW_JOB and run.status == "running"]
+        migrate_began = time.monotonic()
+        new_migrate = processes.start_celery(["-A", NEW_APP, "dbsched", "migrate"], new("new-migrate"), "new-migrate")
+        assert wait_exit(new_migrate, 60) == 0, new_migrate.log_tail()
+        migrate_s = time.monotonic() - migrate_began
+        migrated_at = repo.database_now()
+        assert current_revision(repo.engine) == head_revision()
+        new_worker = processes.start_worker(NEW_APP, env=new("new-worker"), name="new-worker", node="new@%h")
+        new_beat = processes.start_beat(NEW_APP, env=new("new-beat"), name="new-beat")
+        # 4. An old worker (re)started now, during the rollout.
+        old_restart = processes.start_worker(OLD_APP, env=old("old-worker-late"), name="old-worker-late")
+        new_worker.wait_ready()
+        if schema_changes:
+            assert wait_exit(old_restart, 60) != 0, old_restart.log_tail()
+            assert_one_clear_stop(old_restart, "newer than this celery_dbsched knows")
+        else:
+            old_restart.wait_ready()
+
+        # Old and new side by side: the old beat claims and the old worker finishes on the new schema.
+        old_beat_id = f"{socket.gethostname()}:{old_beat.pid}"
+
+        def old_kept_working() -> bool:
+            processes.check_alive(old_worker, old_beat, new_worker, new_beat)
+            runs = [run for run in runs_now(repo) if run.create_time > migrated_at]
+            return any(run.claimed_by == old_beat_id for run in runs) and any(
+                run.worker == new_worker.node and run.end_time for run in runs
+            )
+
+        wait_for(old_kept_working, 30, message="claims by the old beat and runs by the new worker after migrate")
+
+        # What an operator looks at, with the new code, while both releases write: the server rows of
+        # the old processes (their 0007 columns NULL), their runs and the jobs they registered.
+        status = processes.start_celery(["-A", NEW_APP, "dbsched", "status"], new("new-status"), "new-status")
+        assert wait_exit(status, 60) == 0, status.log_tail()
+        assert "healthy" in status.log(), status.log_tail()
+
+        # 5. The old processes go; the new ones carry on.
+        for process in (old_beat, old_worker, *([] if schema_changes else [old_restart])):
+            assert process.stop(signal.SIGTERM, 30) == 0, process.log_tail()
+        stopped_at = repo.database_now()
+
+        def new_runs_after_stop() -> bool:
+            processes.check_alive(new_worker, new_beat)
+            ended = {run.job_name for run in runs_now(repo) if run.create_time > stopped_at and run.end_time}
+            return ended >= set(names) - {SLOW_JOB}
+
+        wait_for(new_runs_after_stop, 30, message="runs claimed by the new beat after the old ones stopped")
+    finally:
+        sampler.stop()
+    assert new_beat.stop(signal.SIGTERM, 30) == 0, new_beat.log_tail()
+    assert new_worker.stop(signal.SIGTERM, 30) == 0, new_worker.log_tail()
+
+    starts = start_events(events)
+    runs = all_runs(repo)
+    # A worker's warm shutdown interrupts the runs in its hands and their slot is run again at once (the
+    # documented stop, not the upgrade's doing): those runs are counted, and left out of the double count.
+    stopped = [run for run in runs if run.status == "interrupted"]
+    doubled = doubles([run for run in runs if run.status != "interrupted"], starts)
+    doubled += [
+        f"run {run_id} started {n} times" for run_id, n in starts.items() if n > 1 and run_id in {r.id for r in stopped}
+    ]
+    old_claims = [run for run in runs if run.claimed_by == old_beat_id and migrated_at < run.create_time]
+    old_finished = [
+        run
+        for run in runs
+        if run.worker == old_worker.node and run.end_time and migrated_at < run.end_time < stopped_at
+    ]
+    slow_across = [run.id for run in runs if run.id in slow_before and run.status == "completed"]
+    report(
+        name,
+        release=release,
+        schema=f"{old_revision}->{head_revision()}",
+        setup_s=round(setup_s, 2),
+        migrate_s=round(migrate_s, 2),
+        runs=len(runs),
+        old_beat_claims_after_migrate=len(old_claims),
+        old_worker_ends_after_migrate=len(old_finished),
+        slow_run_across_migrate=len(slow_across),
+        interrupted_at_stops=len(stopped),
+        doubled=len(doubled),
+        double_active=len(sampler.double_active),
+        samples=sampler.samples,
+        elapsed_s=round(time.monotonic() - began, 1),
+    )
+    assert not doubled, doubled
+    sampler.check()
+    assert not tracebacks(processes), tracebacks(processes)
+    assert old_claims, "the old beat claimed nothing on the new schema"
+    assert old_finished, "the old worker finished nothing on the new schema"
+    assert slow_across == slow_before, f"runs begun before the migration that did not complete: {slow_before}"
+    assert all(run.interrupt_reason == "shutdown" for run in stopped), [(r.id, r.error) for r in stopped]
+    # Every slot dispatched on its cadence: an interrupted run's slot is run again (left out here), and the
+    # run that replaces it may come a whole long run after its slot (the shutdown came that late).
+    for job in names:
+        done = [run for run in runs if run.job_name == job and run.status != "interrupted"]
+        assert_runs_spaced(done, JOB_EVERY, lateness=LATENESS + (SLOW_SECONDS if job == SLOW_JOB else 0))
+
+
+def assert_one_clear_stop(process: CeleryProcess, message: str) -> None:
+    """The old release stops a worker on an unknown schema with Celery's "Unrecoverable error" and its
+    traceback (its code, not ours to change): the error is the one SchemaMismatch line saying what to do."""
+    log = process.log()
+    assert message in log and "upgrade celery_dbsched" in log, process.log_tail()
+    errors = [line for line in log.splitlines() if line.startswith("celery_dbsched.errors.")]
+    assert len(errors) == 1 and "SchemaMismatch" in errors[0], process.log_tail()
+
+
+@on(PG_FS)
+def test_old_processes_beside_the_new_during_and_after_migrate(
+    e2e_database: Database, broker: Broker, processes: Processes, tmp_path: Path
+) -> None:
+    """Release 0005 -> head: migrations 0006-0008 under the running old processes."""
+    upgrade_scenario(
+        OLD_SCHEMA_RELEASE, e2e_database, broker, processes, tmp_path, name="upgrade_0005_to_head", schema_changes=True
+    )
+
+
+@pytest.mark.soak
+@on(PG_FS)
+def test_old_processes_beside_the_new_code_only(
+    e2e_database: Database, broker: Broker, processes: Processes, tmp_path: Path
+) -> None:
+    """The previous release, same schema head: `migrate` does nothing, old and new run side by side."""
+    upgrade_scenario(
+        CODE_ONLY_RELEASE, e2e_database, broker, processes, tmp_path, name="upgrade_code_only", schema_changes=False
+    )
