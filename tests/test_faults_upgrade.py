@@ -6,27 +6,31 @@ The earlier releases are commits of this repository (there are no tags, and tags
 - OLD_SCHEMA_RELEASE, 5583563: schema head 0005, so migrations 0006, 0007 and 0008 run under its processes;
 - CODE_ONLY_RELEASE, 4aa3eb0: schema head 0008, the same as now (a code-only upgrade; behind `soak`).
 
-Their `celery_dbsched` and tests/e2e_app.py come out of the clone's history (`git archive`) into a folder that
-the old processes get as PYTHONPATH (the same interpreter and dependencies: the old release needed nothing
-else). A small wrapper app prints which `celery_dbsched` it imported, and the test checks that it is the
-extracted one: an editable install of the new code must not win over PYTHONPATH.
+Their `celery_dbsched` and tests/e2e_app.py (with tests/helpers) come out of the clone's history (`git
+archive`) into a folder that the old processes get as PYTHONPATH (the same interpreter and dependencies: the
+old release needed nothing else). A small wrapper app prints which `celery_dbsched` it imported, and the test
+checks that it is the extracted one: an editable install of the new code must not win over PYTHONPATH.
 
 The scenario, on PostgreSQL with the filesystem transport (the broker is not the subject):
 
-1. the old release's `migrate`; an old worker and an old beat run jobs every second (one of them long, so a
-   run started before the migration ends after it);
+1. an old worker and an old beat start with the old release's defaults (so they migrate to its head) and
+   run jobs every second (one of them long, so that a run started before the migration ends after it);
 2. a new worker and a new beat start (`dbsched_auto_migrate = False`): they stop at once, each with the one
    line that says the schema is older and to run `migrate`;
 3. the new code's `dbsched migrate` runs while the old processes work; then a new worker and a new beat
    start and run beside the old ones;
 4. an old worker started now (a restart during the rollout) stops with the one line that says the schema is
-   newer than it knows;
+   newer than it knows (after Celery's "Unrecoverable error" traceback: the old release's code); a new
+   `dbsched status` meanwhile reads the old processes' rows and reports healthy;
 5. the old beat and worker are stopped (SIGTERM, exit 0) and the new ones carry on.
 
-Asserted: no traceback in any log; no run started twice, no slot run twice, never two active runs of a job
+Asserted: no traceback in any other log; no run started twice, no slot run twice, never two active runs of a job
 (sampled throughout); every slot of every job dispatched on its cadence (no gap longer than the usual
 lateness); the old beat claimed and the old worker finished runs on the new schema, among them the run that
-began before the migration. One line `FAULTS ...` with the figures (DBSCHED_FAULT_REPORT as elsewhere).
+began before the migration; each release's worker ran runs the other release's beat claimed (so the order
+of the roll is free). Runs a worker's warm shutdown interrupted are run again for the same slot, as at any
+stop: they are counted apart, not as doubles. One line `FAULTS ...` with the figures (DBSCHED_FAULT_REPORT
+as elsewhere).
 """
 
 from __future__ import annotations
@@ -77,14 +81,17 @@ SLOW_SECONDS = 5.0  # the long job: a run that began before the migration ends a
 
 
 def extract_release(commit: str, folder: Path) -> Path:
-    """The release's `celery_dbsched` and tests/e2e_app.py (and the wrapper app) in `folder`, from git."""
+    """The release's `celery_dbsched`, tests/e2e_app.py and the helpers it imports (and the wrapper app) in
+    `folder`, from git."""
     git = ["git", "-C", str(REPO_DIR)]
     found = subprocess.run([*git, "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True, check=False)
     if found.returncode != 0:
         unavailable(f"release commit {commit} is not in this clone's history (a shallow clone?): fetch it")
     folder.mkdir(parents=True)
     archive = subprocess.run(
-        [*git, "archive", commit, "celery_dbsched", "tests/e2e_app.py"], capture_output=True, check=True
+        [*git, "archive", commit, "celery_dbsched", "tests/e2e_app.py", "tests/helpers"],
+        capture_output=True,
+        check=True,
     )
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
     (folder / "tests" / f"{OLD_APP}.py").write_text(OLD_APP_SOURCE)
@@ -276,6 +283,10 @@ def upgrade_scenario(
         for run in runs
         if run.worker == old_worker.node and run.end_time and migrated_at < run.end_time < stopped_at
     ]
+    # Each release's worker ran what the other release's beat sent (one queue): the order of the roll is free.
+    new_beat_id = f"{socket.gethostname()}:{new_beat.pid}"
+    old_ran_new = [run for run in runs if run.claimed_by == new_beat_id and run.worker == old_worker.node]
+    new_ran_old = [run for run in runs if run.claimed_by == old_beat_id and run.worker == new_worker.node]
     slow_across = [run.id for run in runs if run.id in slow_before and run.status == "completed"]
     report(
         name,
@@ -287,6 +298,8 @@ def upgrade_scenario(
         old_beat_claims_after_migrate=len(old_claims),
         old_worker_ends_after_migrate=len(old_finished),
         slow_run_across_migrate=len(slow_across),
+        old_worker_ran_new_beats=len(old_ran_new),
+        new_worker_ran_old_beats=len(new_ran_old),
         interrupted_at_stops=len(stopped),
         doubled=len(doubled),
         double_active=len(sampler.double_active),
@@ -298,6 +311,7 @@ def upgrade_scenario(
     assert not tracebacks(processes), tracebacks(processes)
     assert old_claims, "the old beat claimed nothing on the new schema"
     assert old_finished, "the old worker finished nothing on the new schema"
+    assert old_ran_new and new_ran_old, "a worker ran nothing the other release's beat claimed"
     assert slow_across == slow_before, f"runs begun before the migration that did not complete: {slow_before}"
     assert all(run.interrupt_reason == "shutdown" for run in stopped), [(r.id, r.error) for r in stopped]
     # Every slot dispatched on its cadence: an interrupted run's slot is run again (left out here), and the
