@@ -22,15 +22,19 @@ The scenario, on PostgreSQL with the filesystem transport (the broker is not the
 4. an old worker started now (a restart during the rollout) stops with the one line that says the schema is
    newer than it knows (after Celery's "Unrecoverable error" traceback: the old release's code); a new
    `dbsched status` meanwhile reads the old processes' rows and reports healthy;
-5. the old beat and worker are stopped (SIGTERM, exit 0) and the new ones carry on.
+5. the old worker is stopped (SIGTERM, exit 0);
+6. (0005 only) with the new beat stopped, a clocked schedule (one-off, new with schema 0008) is added: the old
+   beat claims it, cannot read it and exits with a traceback (`unknown schedule spec`), its claim rolled back;
+   a new beat started then runs it. Hence the documented order: no such schedules until every beat is new;
+7. the new processes carry on alone.
 
-Asserted: no traceback in any other log; no run started twice, no slot run twice, never two active runs of a job
-(sampled throughout); every slot of every job dispatched on its cadence (no gap longer than the usual
-lateness); the old beat claimed and the old worker finished runs on the new schema, among them the run that
-began before the migration; each release's worker ran runs the other release's beat claimed (so the order
-of the roll is free). Runs a worker's warm shutdown interrupted are run again for the same slot, as at any
-stop: they are counted apart, not as doubles. One line `FAULTS ...` with the figures (DBSCHED_FAULT_REPORT
-as elsewhere).
+Asserted: no traceback in any other log (those of steps 4 and 6 are the old release's code); no run started
+twice, no slot run twice, never two active runs of a job (sampled throughout); every slot of every job
+dispatched on its cadence (no gap longer than the usual lateness, plus the time step 6 left without a beat);
+the old beat claimed and the old worker finished runs on the new schema, among them the run that began before
+the migration; each release's worker ran runs the other release's beat claimed (so the order of the roll is
+free). Runs a worker's warm shutdown interrupted are run again for the same slot, as at any stop: they are
+counted apart, not as doubles. One line `FAULTS ...` with the figures (DBSCHED_FAULT_REPORT as elsewhere).
 """
 
 from __future__ import annotations
@@ -41,11 +45,13 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from celery import Celery
 from helpers.cluster import LATENESS, PG_FS, SETTINGS, assert_runs_spaced, on
 from helpers.polling import wait_for
 from helpers.processes import REPO_DIR, CeleryProcess, Processes
@@ -53,8 +59,10 @@ from helpers.services import Broker, Database, unavailable
 from sqlalchemy import select
 from test_faults_beats import ActiveRunSampler, all_runs, doubles, report, start_events
 
+from celery_dbsched.binding import forget_repository
 from celery_dbsched.migrate import current_revision, head_revision
 from celery_dbsched.repository import JobRepository
+from celery_dbsched.runtime import add_schedule
 from celery_dbsched.schema import run_table
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
@@ -126,6 +134,13 @@ class Run(NamedTuple):
     end_time: dt.datetime | None
 
 
+def new_app(database: Database) -> Celery:
+    """An app of the new code in the test process, on `database` (to call the public API)."""
+    app = Celery("upgrade-test", set_as_current=False)
+    app.conf.dbsched_database_url = database.url
+    return app
+
+
 def runs_now(repository: JobRepository) -> list[Run]:
     """Every run, oldest first, through the columns every schema revision has (the test reads the database
     before and after the migration; the repository's own reads need the current schema)."""
@@ -142,12 +157,13 @@ def wait_exit(process: CeleryProcess, timeout: float) -> int:
         raise AssertionError(f"{process.describe()} did not exit within {timeout} s:\n{process.log_tail()}") from None
 
 
-def tracebacks(processes: Processes) -> list[str]:
-    """Logs with a traceback, but for the old worker restarted on the new schema (assert_one_clear_stop)."""
+def tracebacks(processes: Processes, *, clocked_ok: bool) -> list[str]:
+    """Logs with a traceback, but for the old worker restarted on the new schema (assert_one_clear_stop) and,
+    with `clocked_ok`, the old beat stopped by a clocked schedule (step 6)."""
     return [
         f"{p.name}:\n{p.log_tail(60)}"
         for p in processes.started
-        if "Traceback" in p.log() and p.name != "old-worker-late"
+        if "Traceback" in p.log() and p.name != "old-worker-late" and not (p.name == "old-beat" and clocked_ok)
     ]
 
 
@@ -181,6 +197,7 @@ def upgrade_scenario(
         settings = {"dbsched_auto_migrate": False}
         return process_env(database, broker, events, kind, jobs if "worker" in kind else [], settings)
 
+    no_beat_s = 0.0  # step 6: how long no beat ran
     # 1. The old release migrates at its start and runs.
     old_worker = processes.start_worker(OLD_APP, env=old("old-worker"), name="old-worker", node="old@%h")
     old_worker.wait_ready()
@@ -236,15 +253,17 @@ def upgrade_scenario(
 
         # Old and new side by side: the old beat claims and the old worker finishes on the new schema.
         old_beat_id = f"{socket.gethostname()}:{old_beat.pid}"
+        new_beat_id = f"{socket.gethostname()}:{new_beat.pid}"
 
         def old_kept_working() -> bool:
             processes.check_alive(old_worker, old_beat, new_worker, new_beat)
-            runs = [run for run in runs_now(repo) if run.create_time > migrated_at]
-            return any(run.claimed_by == old_beat_id for run in runs) and any(
-                run.worker == new_worker.node and run.end_time for run in runs
+            runs = [run for run in runs_now(repo) if run.create_time > migrated_at and run.end_time]
+            return any(run.claimed_by == old_beat_id for run in runs) and all(
+                any(run.claimed_by == beat and run.worker == worker for run in runs)
+                for beat, worker in ((old_beat_id, new_worker.node), (new_beat_id, old_worker.node))
             )
 
-        wait_for(old_kept_working, 30, message="claims by the old beat and runs by the new worker after migrate")
+        wait_for(old_kept_working, 30, message="each release's worker running runs the other's beat claimed")
 
         # What an operator looks at, with the new code, while both releases write: the server rows of
         # the old processes (their 0007 columns NULL), their runs and the jobs they registered.
@@ -253,8 +272,34 @@ def upgrade_scenario(
         assert "healthy" in status.log(), status.log_tail()
 
         # 5. The old processes go; the new ones carry on.
-        for process in (old_beat, old_worker, *([] if schema_changes else [old_restart])):
-            assert process.stop(signal.SIGTERM, 30) == 0, process.log_tail()
+        assert old_worker.stop(signal.SIGTERM, 30) == 0, old_worker.log_tail()
+        if schema_changes:
+            # 6. A schedule the old release cannot read (clocked: added with schema 0008) stops its beat with
+            # a traceback when that beat is the one to claim it (the only beat here): the documented order
+            # keeps such schedules out until every beat runs the new release.
+            assert new_beat.stop(signal.SIGTERM, 30) == 0, new_beat.log_tail()
+            no_beat_from = repo.database_now()
+            clocked = f"up.clocked-{uuid.uuid4().hex[:6]}"
+            app = new_app(database)
+            try:
+                add_schedule(app, clocked, task="celery.backend_cleanup", schedule=repo.database_now())
+            finally:
+                forget_repository(app)
+            assert wait_exit(old_beat, 30) != 0, old_beat.log_tail()
+            assert "unknown schedule spec" in old_beat.log() and '"type": "clocked"' in old_beat.log()
+            new_beat = processes.start_beat(NEW_APP, env=new("new-beat-2"), name="new-beat-2")
+            # The old beat's claim was rolled back (no run left queued): the new beat claims the schedule.
+            claimed = wait_for(
+                lambda: [run for run in runs_now(repo) if run.job_name == clocked and run.end_time], 30, message=clocked
+            )
+            new_beat_2_id = f"{socket.gethostname()}:{new_beat.pid}"
+            assert [run.claimed_by for run in claimed] == [new_beat_2_id], claimed
+            # No beat ran from the new beat's stop to the second one's first claim: slots wait that long.
+            first_claim = min(run.create_time for run in runs_now(repo) if run.claimed_by == new_beat_2_id)
+            no_beat_s = (first_claim - no_beat_from).total_seconds()
+        else:
+            for process in (old_beat, old_restart):
+                assert process.stop(signal.SIGTERM, 30) == 0, process.log_tail()
         stopped_at = repo.database_now()
 
         def new_runs_after_stop() -> bool:
@@ -284,7 +329,6 @@ def upgrade_scenario(
         if run.worker == old_worker.node and run.end_time and migrated_at < run.end_time < stopped_at
     ]
     # Each release's worker ran what the other release's beat sent (one queue): the order of the roll is free.
-    new_beat_id = f"{socket.gethostname()}:{new_beat.pid}"
     old_ran_new = [run for run in runs if run.claimed_by == new_beat_id and run.worker == old_worker.node]
     new_ran_old = [run for run in runs if run.claimed_by == old_beat_id and run.worker == new_worker.node]
     slow_across = [run.id for run in runs if run.id in slow_before and run.status == "completed"]
@@ -301,6 +345,7 @@ def upgrade_scenario(
         old_worker_ran_new_beats=len(old_ran_new),
         new_worker_ran_old_beats=len(new_ran_old),
         interrupted_at_stops=len(stopped),
+        no_beat_s=round(no_beat_s, 1),
         doubled=len(doubled),
         double_active=len(sampler.double_active),
         samples=sampler.samples,
@@ -308,17 +353,19 @@ def upgrade_scenario(
     )
     assert not doubled, doubled
     sampler.check()
-    assert not tracebacks(processes), tracebacks(processes)
+    assert not tracebacks(processes, clocked_ok=schema_changes), tracebacks(processes, clocked_ok=schema_changes)
     assert old_claims, "the old beat claimed nothing on the new schema"
     assert old_finished, "the old worker finished nothing on the new schema"
     assert old_ran_new and new_ran_old, "a worker ran nothing the other release's beat claimed"
     assert slow_across == slow_before, f"runs begun before the migration that did not complete: {slow_before}"
     assert all(run.interrupt_reason == "shutdown" for run in stopped), [(r.id, r.error) for r in stopped]
     # Every slot dispatched on its cadence: an interrupted run's slot is run again (left out here), and the
-    # run that replaces it may come a whole long run after its slot (the shutdown came that late).
+    # run that replaces it may come a whole long run after its slot (the shutdown came that late); in step 6
+    # no beat ran for no_beat_s.
     for job in names:
         done = [run for run in runs if run.job_name == job and run.status != "interrupted"]
-        assert_runs_spaced(done, JOB_EVERY, lateness=LATENESS + (SLOW_SECONDS if job == SLOW_JOB else 0))
+        slack = no_beat_s + (SLOW_SECONDS if job == SLOW_JOB else 0)
+        assert_runs_spaced(done, JOB_EVERY, lateness=LATENESS + slack)
 
 
 def assert_one_clear_stop(process: CeleryProcess, message: str) -> None:
