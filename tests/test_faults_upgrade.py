@@ -40,24 +40,23 @@ counted apart, not as doubles. One line `FAULTS ...` with the figures (DBSCHED_F
 from __future__ import annotations
 
 import datetime as dt
-import json
 import signal
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import pytest
 from celery import Celery
-from helpers.cluster import LATENESS, PG_FS, SETTINGS, assert_runs_spaced, on
+from helpers.cluster import LATENESS, PG_FS, assert_runs_spaced, e2e_env, on
 from helpers.polling import wait_for
 from helpers.processes import REPO_DIR, CeleryProcess, Processes
 from helpers.services import Broker, Database, unavailable
 from sqlalchemy import select
 from test_faults_beats import ActiveRunSampler, all_runs, doubles, report, start_events
+from test_startup_errors import exit_code
 
 from celery_dbsched.binding import forget_repository
 from celery_dbsched.migrate import current_revision, head_revision
@@ -106,24 +105,6 @@ def extract_release(commit: str, folder: Path) -> Path:
     return folder
 
 
-def process_env(
-    database: Database,
-    broker: Broker,
-    events: Path,
-    name: str,
-    jobs: Sequence[dict[str, Any]],
-    settings: dict[str, Any],
-) -> dict[str, str]:
-    return {
-        "E2E_DATABASE_URL": database.url,
-        "E2E_BROKER": json.dumps(broker.conf()),
-        "E2E_SETTINGS": json.dumps({**SETTINGS, **settings}),
-        "E2E_JOBS": json.dumps(list(jobs)),
-        "E2E_EVENTS_DIR": str(events),
-        "E2E_PROCESS_NAME": name,
-    }
-
-
 class Run(NamedTuple):
     id: int
     job_name: str
@@ -148,13 +129,6 @@ def runs_now(repository: JobRepository) -> list[Run]:
     columns = [r.c.id, r.c.job_name, r.c.status, r.c.claimed_by, r.c.worker, r.c.create_time, r.c.end_time]
     with repository.engine.connect() as conn:
         return [Run(*row) for row in conn.execute(select(*columns).order_by(r.c.id)).all()]
-
-
-def wait_exit(process: CeleryProcess, timeout: float) -> int:
-    try:
-        return process.popen.wait(timeout)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"{process.describe()} did not exit within {timeout} s:\n{process.log_tail()}") from None
 
 
 def tracebacks(processes: Processes, *, clocked_ok: bool) -> list[str]:
@@ -191,11 +165,11 @@ def upgrade_scenario(
 
     def old(kind: str) -> dict[str, str]:
         # The old release's defaults, as deployed: dbsched_auto_migrate on (it migrates to its own head).
-        return {**process_env(database, broker, events, kind, jobs if "worker" in kind else [], {}), **old_path}
+        return {**e2e_env(database, broker, events, kind, jobs if "worker" in kind else [], {}), **old_path}
 
     def new(kind: str) -> dict[str, str]:
         settings = {"dbsched_auto_migrate": False}
-        return process_env(database, broker, events, kind, jobs if "worker" in kind else [], settings)
+        return e2e_env(database, broker, events, kind, jobs if "worker" in kind else [], settings)
 
     no_beat_s = 0.0  # step 6: how long no beat ran
     # 1. The old release migrates at its start and runs.
@@ -227,7 +201,7 @@ def upgrade_scenario(
 
         wait_for(ended_once, 60, message="a run of each job by the old worker")
         for process in early:
-            assert wait_exit(process, 60) != 0, process.log_tail()
+            assert exit_code(process, 60) != 0, process.log_tail()
             log = process.log()
             assert f"schema revision '{old_revision}', this celery_dbsched needs '{head_revision()}'" in log, log
             assert "dbsched migrate" in log, process.log_tail()
@@ -236,7 +210,7 @@ def upgrade_scenario(
         slow_before = [run.id for run in runs_now(repo) if run.job_name == SLOW_JOB and run.status == "running"]
         migrate_began = time.monotonic()
         new_migrate = processes.start_celery(["-A", NEW_APP, "dbsched", "migrate"], new("new-migrate"), "new-migrate")
-        assert wait_exit(new_migrate, 60) == 0, new_migrate.log_tail()
+        assert exit_code(new_migrate, 60) == 0, new_migrate.log_tail()
         migrate_s = time.monotonic() - migrate_began
         migrated_at = repo.database_now()
         assert current_revision(repo.engine) == head_revision()
@@ -246,7 +220,7 @@ def upgrade_scenario(
         old_restart = processes.start_worker(OLD_APP, env=old("old-worker-late"), name="old-worker-late")
         new_worker.wait_ready()
         if schema_changes:
-            assert wait_exit(old_restart, 60) != 0, old_restart.log_tail()
+            assert exit_code(old_restart, 60) != 0, old_restart.log_tail()
             assert_one_clear_stop(old_restart, "newer than this celery_dbsched knows")
         else:
             old_restart.wait_ready()
@@ -268,7 +242,7 @@ def upgrade_scenario(
         # What an operator looks at, with the new code, while both releases write: the server rows of
         # the old processes (their 0007 columns NULL), their runs and the jobs they registered.
         status = processes.start_celery(["-A", NEW_APP, "dbsched", "status"], new("new-status"), "new-status")
-        assert wait_exit(status, 60) == 0, status.log_tail()
+        assert exit_code(status, 60) == 0, status.log_tail()
         assert "healthy" in status.log(), status.log_tail()
 
         # 5. The old processes go; the new ones carry on.
@@ -285,7 +259,7 @@ def upgrade_scenario(
                 add_schedule(app, clocked, task="celery.backend_cleanup", schedule=repo.database_now())
             finally:
                 forget_repository(app)
-            assert wait_exit(old_beat, 30) != 0, old_beat.log_tail()
+            assert exit_code(old_beat, 30) != 0, old_beat.log_tail()
             assert "unknown schedule spec" in old_beat.log() and '"type": "clocked"' in old_beat.log()
             new_beat = processes.start_beat(NEW_APP, env=new("new-beat-2"), name="new-beat-2")
             # The old beat's claim was rolled back (no run left queued): the new beat claims the schedule.
