@@ -56,7 +56,7 @@ from helpers.processes import REPO_DIR, CeleryProcess, Processes
 from helpers.services import Broker, Database, unavailable
 from sqlalchemy import select
 from test_faults_beats import ActiveRunSampler, all_runs, doubles, report, start_events
-from test_startup_errors import exit_code
+from test_startup_errors import exit_code, problem_lines
 
 from celery_dbsched.binding import forget_repository
 from celery_dbsched.migrate import current_revision, head_revision
@@ -202,9 +202,11 @@ def upgrade_scenario(
         wait_for(ended_once, 60, message="a run of each job by the old worker")
         for process in early:
             assert exit_code(process, 60) != 0, process.log_tail()
-            log = process.log()
-            assert f"schema revision '{old_revision}', this celery_dbsched needs '{head_revision()}'" in log, log
-            assert "dbsched migrate" in log, process.log_tail()
+            # One line, the test_startup_errors way: the schema's revision, the code's, and what to run.
+            problems = problem_lines(process)
+            expected = f"schema revision '{old_revision}', this celery_dbsched needs '{head_revision()}'"
+            assert len(problems) == 1 and expected in problems[0], process.log_tail()
+            assert "dbsched migrate" in problems[0], process.log_tail()
 
         # 3. The new code's migrate under the running old processes; then the new processes beside them.
         slow_before = [run.id for run in runs_now(repo) if run.job_name == SLOW_JOB and run.status == "running"]
