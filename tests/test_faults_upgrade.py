@@ -40,6 +40,7 @@ counted apart, not as doubles. One line `FAULTS ...` with the figures (DBSCHED_F
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import signal
 import socket
 import subprocess
@@ -90,10 +91,12 @@ SLOW_SECONDS = 5.0  # the long job: a run that began before the migration ends a
 def extract_release(commit: str, folder: Path) -> Path:
     """The release's `celery_dbsched`, tests/e2e_app.py and the helpers it imports (and the wrapper app) in
     `folder`, from git."""
+    if shutil.which("git") is None:
+        unavailable("git is needed to take an earlier release out of this clone's history")
     git = ["git", "-C", str(REPO_DIR)]
     found = subprocess.run([*git, "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True, check=False)
     if found.returncode != 0:
-        unavailable(f"release commit {commit} is not in this clone's history (a shallow clone?): fetch it")
+        unavailable(f"release commit {commit} is not in the git history of {REPO_DIR} (a shallow clone?): fetch it")
     folder.mkdir(parents=True)
     archive = subprocess.run(
         [*git, "archive", commit, "celery_dbsched", "tests/e2e_app.py", "tests/helpers"],
