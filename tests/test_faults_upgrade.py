@@ -244,8 +244,9 @@ def upgrade_scenario(
 
         wait_for(old_kept_working, 30, message="each release's worker running runs the other's beat claimed")
 
-        # What an operator looks at, with the new code, while both releases write: the server rows of
-        # the old processes (their 0007 columns NULL), their runs and the jobs they registered.
+        # What an operator looks at, with the new code, while both releases write: it reads the jobs the old
+        # worker registered and the runs of both, and reports healthy (the 0005 release's processes leave no
+        # server rows it shows: it lists the new ones only).
         status = processes.start_celery(["-A", NEW_APP, "dbsched", "status"], new("new-status"), "new-status")
         assert exit_code(status, 60) == 0, status.log_tail()
         assert "healthy" in status.log(), status.log_tail()
