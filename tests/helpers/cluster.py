@@ -73,6 +73,26 @@ def on(*combinations: Any) -> pytest.MarkDecorator:
 # -- the cluster under test -------------------------------------------------------------------------------
 
 
+def e2e_env(
+    database: Database,
+    broker: Broker,
+    events_dir: Path,
+    name: str,
+    jobs: Sequence[dict[str, Any]],
+    settings: dict[str, Any] | None,
+) -> dict[str, str]:
+    """The environment of an e2e_app process (tests/e2e_app.py): its database, broker, settings over SETTINGS,
+    jobs, events folder and name."""
+    return {
+        "E2E_DATABASE_URL": database.url,
+        "E2E_BROKER": json.dumps(broker.conf()),
+        "E2E_SETTINGS": json.dumps({**SETTINGS, **database.extra_conf(), **(settings or {})}),
+        "E2E_JOBS": json.dumps(list(jobs)),
+        "E2E_EVENTS_DIR": str(events_dir),
+        "E2E_PROCESS_NAME": name,
+    }
+
+
 class RunSampler(threading.Thread):
     """Reads the runs table every `interval` while the test runs: every state and progress value seen, and
     every moment a job had more than one active run (which the database must make impossible)."""
@@ -132,14 +152,7 @@ class Cluster:
     # processes
 
     def env(self, name: str, jobs: Sequence[dict[str, Any]], settings: dict[str, Any] | None) -> dict[str, str]:
-        return {
-            "E2E_DATABASE_URL": self.database.url,
-            "E2E_BROKER": json.dumps(self.broker.conf()),
-            "E2E_SETTINGS": json.dumps({**SETTINGS, **self.database.extra_conf(), **(settings or {})}),
-            "E2E_JOBS": json.dumps(list(jobs)),
-            "E2E_EVENTS_DIR": str(self.events_dir),
-            "E2E_PROCESS_NAME": name,
-        }
+        return e2e_env(self.database, self.broker, self.events_dir, name, jobs, settings)
 
     def worker(
         self,
