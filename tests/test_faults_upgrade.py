@@ -6,10 +6,11 @@ The earlier releases are commits of this repository (there are no tags, and tags
 - OLD_SCHEMA_RELEASE, 5583563: schema head 0005, so migrations 0006, 0007 and 0008 run under its processes;
 - CODE_ONLY_RELEASE, 4aa3eb0: schema head 0008, the same as now (a code-only upgrade; behind `soak`).
 
-Their `celery_dbsched` and tests/e2e_app.py (with tests/helpers) come out of the clone's history (`git
-archive`) into a folder that the old processes get as PYTHONPATH (the same interpreter and dependencies: the
-old release needed nothing else). A small wrapper app prints which `celery_dbsched` it imported, and the test
-checks that it is the extracted one: an editable install of the new code must not win over PYTHONPATH.
+Their `celery_dbsched` and tests/e2e_app.py (with tests/helpers) come out of tests/releases/<commit>.tar.gz
+(5583563, so that CI does not depend on the clone's history) or the clone's history (`git archive`) into a
+folder that the old processes get as PYTHONPATH (the same interpreter and dependencies: the old release needed
+nothing else). A small wrapper app prints which `celery_dbsched` it imported, and the test checks that it is
+the extracted one: an editable install of the new code must not win over PYTHONPATH.
 
 The scenario, on PostgreSQL with the filesystem transport (the broker is not the subject):
 
@@ -88,9 +89,20 @@ JOB_EVERY = 1.0
 SLOW_SECONDS = 5.0  # the long job: a run that began before the migration ends after it
 
 
+# Releases kept as archives (`git archive --format=tar.gz <commit> celery_dbsched tests/e2e_app.py tests/helpers`)
+# so that the CI scenario does not depend on the clone's history (a shallow clone has none).
+RELEASES_DIR = Path(__file__).parent / "releases"
+
+
 def extract_release(commit: str, folder: Path) -> Path:
     """The release's `celery_dbsched`, tests/e2e_app.py and the helpers it imports (and the wrapper app) in
-    `folder`, from git."""
+    `folder`: from tests/releases/<commit>.tar.gz if it is there, else from git."""
+    kept = RELEASES_DIR / f"{commit}.tar.gz"
+    if kept.exists():
+        folder.mkdir(parents=True)
+        subprocess.run(["tar", "-xzf", str(kept), "-C", str(folder)], check=True)
+        (folder / "tests" / f"{OLD_APP}.py").write_text(OLD_APP_SOURCE)
+        return folder
     if shutil.which("git") is None:
         unavailable("git is needed to take an earlier release out of this clone's history")
     git = ["git", "-C", str(REPO_DIR)]
