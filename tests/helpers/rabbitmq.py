@@ -16,24 +16,19 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
 from .polling import wait_for
+from .proxy import closed_port
 
-RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")  # Debian's scripts; /usr/sbin's wrappers `su rabbitmq` and log
-NODE_PREFIX = "dbsched_"  # the shared node's startup_log under /var/log/rabbitmq
+# Debian's scripts, called directly: the wrappers in /usr/sbin `su rabbitmq` and write the shared node's
+# startup_log under /var/log/rabbitmq.
+RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+NODE_PREFIX = "dbsched_"
 START_TIMEOUT = 90.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def rabbitmq_missing() -> str | None:
@@ -92,8 +87,8 @@ class PrivateRabbitMQ:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.port = _free_port()
-        self.dist_port = _free_port()
+        self.port = closed_port()
+        self.dist_port = closed_port()
         self.node = f"{NODE_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:6]}@localhost"
         (folder / "home").mkdir(parents=True, exist_ok=True)
         (folder / "enabled_plugins").write_text("[].\n")
