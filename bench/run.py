@@ -262,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             attempt(per_n, "populate_idle", lambda: run_step(["populate", key, str(n), "idle"], cfg))  # noqa: B023
             attempt(per_n, "beat", lambda: run_step(["beat", key, str(n)], cfg))  # noqa: B023
             # One beat beside two for celery_dbsched ("no slower than one"); a quick (smoke) run keeps only the
-            # two-beat run of the MariaDB columns, whose target is its duplicates (issue 14), to stay short.
-            counts = [1, 2] if is_dbsched(key) and not (cfg.quick and is_mariadb(key)) else [2]
+            # two-beat run, whose target is its duplicates, to stay short (CI time).
+            counts = [1, 2] if is_dbsched(key) and not cfg.quick else [2]
             for k in counts:
 
                 def run_multi(k: int = k) -> dict[str, Any]:

@@ -6,6 +6,7 @@ keep checked out (`KeptConnections`)."""
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -18,6 +19,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
+from .errors import UnsupportedDatabase
 from .settings import DEFAULT_CLIENT_TIMEOUT as _DEFAULT_CLIENT_TIMEOUT
 
 
@@ -85,7 +87,35 @@ def is_mysql(dialect: str) -> bool:
     return dialect in MYSQL_BACKENDS
 
 
+# The oldest MariaDB the statements need: INSERT ... RETURNING (10.5) and the claim's locking read with
+# SKIP LOCKED (10.6).
+MARIADB_MINIMUM = (10, 6)
+
+
+def check_mysql_server(server_info: str) -> None:
+    """Raise UnsupportedDatabase unless `server_info` (the version the server announces, e.g.
+    `10.11.6-MariaDB-0+deb12u1`) is MariaDB 10.6 or later. MySQL has no INSERT ... RETURNING, which the claim and
+    every run transition use: it would fail later, statement by statement, in the middle of a claim."""
+    server_info = server_info.removeprefix("5.5.5-")  # how MariaDB announces itself to old clients
+    match = re.match(r"(\d+)\.(\d+)", server_info)
+    version = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    if "mariadb" not in server_info.lower():
+        raise UnsupportedDatabase(
+            f"dbsched_database_url: the server is MySQL {server_info}, which celery_dbsched does not support (it "
+            "has no INSERT ... RETURNING, which claiming runs needs); point dbsched_database_url at MariaDB "
+            f"{MARIADB_MINIMUM[0]}.{MARIADB_MINIMUM[1]} or later, or PostgreSQL"
+        )
+    if version < MARIADB_MINIMUM:
+        raise UnsupportedDatabase(
+            f"dbsched_database_url: the server is MariaDB {server_info}; celery_dbsched needs MariaDB "
+            f"{MARIADB_MINIMUM[0]}.{MARIADB_MINIMUM[1]} or later (INSERT ... RETURNING and SKIP LOCKED): upgrade "
+            "the server, or use PostgreSQL"
+        )
+
+
 def _mysql_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Before anything else runs on the connection (SQLAlchemy's own first-connect queries included).
+    check_mysql_server(dbapi_connection.get_server_info())
     # Every time the server computes (NOW(6)) or stores is UTC, whatever the server's global time zone:
     # DATETIME(6) holds no zone, so the session's must not shift what is written or compared.
     cursor = dbapi_connection.cursor()
@@ -128,6 +158,16 @@ def postgres_connect_args(
     return args
 
 
+def postgres_pooler_args(connect_args: Mapping[str, Any]) -> dict[str, Any]:
+    """`connect_args` for a transaction-mode pooler (dbsched_pooler): psycopg prepares no statement on the
+    server (`prepare_threshold` None; a statement prepared on one server connection is unknown to, or clashes
+    with one of the same name on, the next connection the pooler hands out). Unless `connect_args` says
+    otherwise (PgBouncer >= 1.21 with max_prepared_statements > 0 tracks them itself)."""
+    args = dict(connect_args)
+    args.setdefault("prepare_threshold", None)
+    return args
+
+
 @contextmanager
 def set_client_timeout(driver_connection: Any, seconds: float | None) -> Iterator[None]:
     """Within: the statement watchdog of this driver (DBAPI) connection set to `seconds` (None: off), for work
@@ -145,15 +185,20 @@ def set_client_timeout(driver_connection: Any, seconds: float | None) -> Iterato
 
 
 def make_engine(
-    url: str, engine_options: Mapping[str, Any] | None = None, *, client_timeout: float | None = DEFAULT_CLIENT_TIMEOUT
+    url: str,
+    engine_options: Mapping[str, Any] | None = None,
+    *,
+    client_timeout: float | None = DEFAULT_CLIENT_TIMEOUT,
+    pooler: str | None = None,
 ) -> Engine:
     """An engine for PostgreSQL (psycopg 3), MySQL/MariaDB or SQLite (WAL, busy timeout, immediate
     transactions). On PostgreSQL each statement waits at most `client_timeout` seconds for the server (None:
-    without end) and the connections get POSTGRES_CONNECT_DEFAULTS. A driver that is not installed, or that
-    SQLAlchemy does not know, is a ValueError naming the install line."""
+    without end) and the connections get POSTGRES_CONNECT_DEFAULTS; with `pooler` ("transaction":
+    dbsched_pooler) they keep no state of the session (`postgres_pooler_args`). A driver that is not installed,
+    or that SQLAlchemy does not know, is a ValueError naming the install line."""
     parsed = make_url(url)
     try:
-        return _make_engine(parsed, engine_options, client_timeout)
+        return _make_engine(parsed, engine_options, client_timeout, pooler)
     except NoSuchModuleError:
         raise ValueError(
             f"dbsched_database_url: SQLAlchemy has no database driver {parsed.drivername!r}; use "
@@ -178,7 +223,9 @@ def _missing_driver(parsed: URL, exc: ImportError) -> str:
     )
 
 
-def _make_engine(parsed: URL, engine_options: Mapping[str, Any] | None, client_timeout: float | None) -> Engine:
+def _make_engine(
+    parsed: URL, engine_options: Mapping[str, Any] | None, client_timeout: float | None, pooler: str | None
+) -> Engine:
     options = dict(engine_options or {})
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -214,12 +261,14 @@ def _make_engine(parsed: URL, engine_options: Mapping[str, Any] | None, client_t
     if parsed.get_driver_name() != "psycopg":  # another driver (psycopg2, pg8000): left as SQLAlchemy makes it
         return create_engine(parsed, **options)
     connect_args = postgres_connect_args(parsed, options.pop("connect_args", {}))
+    if pooler is not None:
+        connect_args = postgres_pooler_args(connect_args)
     engine = create_engine(parsed, connect_args=connect_args, **options)
     if "creator" not in options:  # a creator of the user's own makes the connections: left as it is
         from . import watchdog
 
         def connect(_dialect: Any, _record: Any, cargs: list[Any], cparams: dict[str, Any]) -> Any:
-            return watchdog.connect(cargs, cparams, client_timeout)
+            return watchdog.connect(cargs, cparams, client_timeout, session_settings=pooler is None)
 
         event.listen(engine, "do_connect", connect)
     return engine
@@ -232,7 +281,7 @@ def _make_mysql_engine(parsed: URL, options: dict[str, Any]) -> Engine:
     options.setdefault("isolation_level", MYSQL_ISOLATION)
     options.setdefault("pool_recycle", 3600)  # under the server's wait_timeout (8 hours by default)
     engine = create_engine(parsed.set(query=query), **options)
-    event.listen(engine, "connect", _mysql_on_connect)
+    event.listen(engine, "connect", _mysql_on_connect, insert=True)  # before SQLAlchemy's first-connect queries
     return engine
 
 

@@ -74,6 +74,10 @@ class DatabaseError(DbschedError):
     problem): it is not an outage."""
 
 
+class UnsupportedDatabase(DatabaseError):
+    """The server is not one celery_dbsched supports (MySQL 8, MariaDB before 10.6): not an outage."""
+
+
 class DatabaseUnavailable(DatabaseError):
     """The database could not be reached or was too busy (down, restarting, network, lock or serialization
     conflict); the caller may retry later."""
@@ -390,6 +394,11 @@ def classify(exc: DBAPIError) -> DbschedError:
             f"the database role of dbsched_database_url lacks a privilege ({reason}): not an outage, so waiting "
             f"will not fix it; grant that role the runtime privileges on the celery_dbsched tables ({GRANTS_DOC})"
         )
+    if _sqlstate(exc.orig) in _PREPARED_STATEMENT_LOST:
+        return DatabaseError(
+            f"a server-side prepared statement went missing or clashed ({reason}): dbsched_database_url likely goes "
+            f"through a transaction-mode pooler such as PgBouncer (pool_mode = transaction); {POOLER_FIX}"
+        )
     if _sqlstate(exc.orig) == _INVALID_SCHEMA_NAME:
         return DatabaseError(
             f"the database has no schema to use ({reason}): create the schema named by the search_path of "
@@ -400,6 +409,16 @@ def classify(exc: DBAPIError) -> DbschedError:
         "schema was changed by hand run `celery -A proj dbsched migrate`, else report this line as a "
         "celery_dbsched bug"
     )
+
+
+# psycopg prepares a statement on the server once it ran a few times on a connection; through a transaction-mode
+# pooler the next transaction may run on another server connection: the statement is not there (26000), or one
+# of the same name, prepared by another client, is (42P05).
+_PREPARED_STATEMENT_LOST = ("26000", "42P05")
+POOLER_FIX = (
+    'set dbsched_pooler = "pgbouncer" (no server-side prepared statements, no LISTEN: beats poll at '
+    "dbsched_run_jobs_interval; docs/deployment.md, Behind PgBouncer)"
+)
 
 
 def is_insufficient_privilege(exc: DBAPIError) -> bool:

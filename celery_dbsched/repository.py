@@ -142,16 +142,18 @@ class JobRepository:
         retry_backoff: tuple[dt.timedelta, dt.timedelta] = DEFAULT_RETRY_BACKOFF,
         wake_within: dt.timedelta | None = None,
         client_timeout: float | None = DEFAULT_CLIENT_TIMEOUT,
+        pooler: str | None = None,
     ) -> None:
         """`clock`: what times are computed with (`DatabaseClock` by default; tests give a `TestClock`).
         `wake_within` (PostgreSQL): a job whose next run is set within this of now wakes the sleeping beats
         (NOTIFY); beats sleep at most their run-jobs interval anyway, so later ones need no wake-up.
-        `client_timeout` (PostgreSQL): seconds a statement waits for the server (None: no end; `make_engine`)."""
+        `client_timeout` (PostgreSQL): seconds a statement waits for the server (None: no end; `make_engine`).
+        `pooler` (PostgreSQL): "transaction" through a transaction-mode pooler (dbsched_pooler; `make_engine`)."""
         if isinstance(url_or_engine, Engine):
             self.engine = url_or_engine
             self._owns_engine = False
         else:
-            self.engine = make_engine(url_or_engine, engine_options, client_timeout=client_timeout)
+            self.engine = make_engine(url_or_engine, engine_options, client_timeout=client_timeout, pooler=pooler)
             self._owns_engine = True
         self.clock = clock if clock is not None else DatabaseClock()
         self.interrupt_threshold = interrupt_threshold
@@ -180,6 +182,7 @@ class JobRepository:
             retry_backoff=settings.retry_backoff,
             wake_within=settings.run_jobs_interval if settings.listen else None,
             client_timeout=settings.client_timeout_seconds(),
+            pooler=settings.pooler,
         )
 
     def __repr__(self) -> str:

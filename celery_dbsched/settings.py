@@ -161,6 +161,25 @@ def parse_bool(key: str, value: object, default: bool) -> bool:
 WEB_TOKEN_MIN_LENGTH = 16
 
 
+# dbsched_pooler: the values accepted (lower case) and the pooling mode each means. Only transaction pooling
+# (PgBouncer's `pool_mode = transaction`, the way most large deployments run it) needs anything turned off; a
+# session-mode pooler behaves as a direct connection and needs no setting.
+POOLERS = {"pgbouncer": "transaction", "transaction": "transaction"}
+
+
+def parse_pooler(key: str, value: object) -> str | None:
+    """None (a direct connection, or a session-mode pooler) or "transaction" (a transaction-mode pooler)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str) and value.strip().lower() in POOLERS:
+        return POOLERS[value.strip().lower()]
+    accepted = ", ".join(repr(name) for name in POOLERS)
+    raise ValueError(
+        f"{key}: expected {accepted} or None, got {value!r}; set it when dbsched_database_url goes through a "
+        "transaction-mode pooler such as PgBouncer with pool_mode = transaction, leave it unset otherwise"
+    )
+
+
 def parse_web_token(key: str, value: object) -> str | None:
     """The dashboard's token: None, or a string of at least 16 characters (it guards the actions); the error
     never repeats the value."""
@@ -241,6 +260,10 @@ class Settings:
     client_timeout: dt.timedelta = DEFAULT_CLIENT_TIMEOUT
     # The dashboard's (`dbsched web`) token: actions need it; None: read-only (env DBSCHED_WEB_TOKEN also sets it).
     web_token: str | None = None
+    # PostgreSQL through a transaction-mode pooler (dbsched_pooler): "transaction", or None (a direct
+    # connection). It turns off what cannot work through one: server-side prepared statements, session SETs
+    # and LISTEN (the beat polls at its run-jobs interval, as on MariaDB).
+    pooler: str | None = None
 
     @classmethod
     def from_mapping(cls, conf: Mapping[str, Any]) -> Settings:
@@ -261,6 +284,14 @@ class Settings:
             raise ValueError(f"dbsched_server_id: expected a non-empty string, got {server_id!r}")
         if server_id is not None and len(server_id) > 255:
             raise ValueError("dbsched_server_id: at most 255 characters")
+        pooler = parse_pooler("dbsched_pooler", get("dbsched_pooler"))
+        listen = parse_bool("dbsched_listen", get("dbsched_listen"), pooler is None)
+        if pooler is not None and listen:
+            raise ValueError(
+                "dbsched_listen: LISTEN does not work through a transaction-mode pooler (dbsched_pooler is set): "
+                "notifications never arrive; leave dbsched_listen unset (it is off with dbsched_pooler), and the "
+                "beats poll at dbsched_run_jobs_interval"
+            )
         metrics_address = get("dbsched_metrics_address")
         if metrics_address is not None and (not isinstance(metrics_address, str) or not metrics_address.strip()):
             raise ValueError(f"dbsched_metrics_address: expected a host name or IP address, got {metrics_address!r}")
@@ -291,7 +322,8 @@ class Settings:
                 "dbsched_server_retention", get("dbsched_server_retention"), DEFAULT_SERVER_RETENTION
             ),
             auto_migrate=parse_bool("dbsched_auto_migrate", get("dbsched_auto_migrate"), True),
-            listen=parse_bool("dbsched_listen", get("dbsched_listen"), True),
+            listen=listen,
+            pooler=pooler,
             # 0 or unset: no exporter.
             metrics_port=parse_positive_int("dbsched_metrics_port", get("dbsched_metrics_port"), 0, 65535) or None,
             metrics_address=(metrics_address or DEFAULT_METRICS_ADDRESS).strip(),

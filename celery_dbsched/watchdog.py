@@ -86,11 +86,18 @@ class WatchedConnection(psycopg.Connection[Any]):
             raise
 
 
-def connect(cargs: Sequence[Any], cparams: Mapping[str, Any], client_timeout: float | None) -> WatchedConnection:
+def connect(
+    cargs: Sequence[Any], cparams: Mapping[str, Any], client_timeout: float | None, *, session_settings: bool = True
+) -> WatchedConnection:
     """A new connection (SQLAlchemy's arguments for psycopg.connect) under the watchdog, with the server's
-    idle-in-transaction session timeout set to IDLE_IN_TRANSACTION_TIMEOUT if it is off (0)."""
+    idle-in-transaction session timeout set to IDLE_IN_TRANSACTION_TIMEOUT if it is off (0). Not with
+    `session_settings` False (a transaction-mode pooler, dbsched_pooler): there the SET would change whichever
+    server connection the pooler picked, shared with other clients, and not this connection's next ones; set it
+    for the role instead (ALTER ROLE ... SET idle_in_transaction_session_timeout, docs/deployment.md)."""
     conn = WatchedConnection.connect(*cargs, **cparams)
     conn.dbsched_client_timeout = client_timeout
+    if not session_settings:
+        return conn
     try:
         # Autocommit, so that the SET is not undone by a rollback (changing it on an idle connection sends
         # nothing to the server); SQLAlchemy expects a new connection out of autocommit.

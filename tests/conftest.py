@@ -21,6 +21,7 @@ from celery import Celery
 from helpers.apps import TestSchedulerFactory, make_app, memory_app
 from helpers.browser import Browser, launched
 from helpers.cluster import Cluster
+from helpers.pgbouncer import PgBouncer, make_pgbouncer_database, running_pgbouncer
 from helpers.processes import PROCESSES_KEY, Processes
 from helpers.proxy import TcpProxy, host_port
 from helpers.rabbitmq import PrivateRabbitMQ, kill_stale_nodes, rabbitmq_missing
@@ -213,6 +214,24 @@ def postgres_database() -> Iterator[Database]:
 @pytest.fixture
 def mariadb_database() -> Iterator[Database]:
     db = make_mariadb_database()
+    try:
+        yield db
+    finally:
+        drop_database(db)
+
+
+@pytest.fixture(scope="module")
+def pgbouncer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgBouncer]:
+    """A private PgBouncer in transaction pooling mode in front of the shared PostgreSQL, for the test module
+    (helpers/pgbouncer.py); stopped when the module's tests are done, also when they fail."""
+    with running_pgbouncer(tmp_path_factory.mktemp("pgbouncer")) as bouncer:
+        yield bouncer
+
+
+@pytest.fixture
+def pgbouncer_database(pgbouncer: PgBouncer) -> Iterator[Database]:
+    """A fresh PostgreSQL database reached through `pgbouncer`, with `dbsched_pooler` set."""
+    db = make_pgbouncer_database(pgbouncer)
     try:
         yield db
     finally:

@@ -68,13 +68,14 @@ def test_harness_runs_end_to_end(postgres_database: Database, tmp_path: Path) ->
     assert status == 0
     results = json.loads(out.with_suffix(".json").read_text())
     ours = results["systems"]["dbsched"]["by_n"]["100"]
-    for step in ("populate_idle", "beat", "instances_1", "instances_2"):
+    for step in ("populate_idle", "beat", "instances_2"):  # a quick run has no one-beat run (CI time)
         assert "error" not in ours[step], ours[step].get("trace")
+    assert "instances_1" not in ours
     beat = ours["beat"]
     assert beat["dispatch_sent"] == 100 and not beat["dispatch_capped"]
     # The beat_schedule column: 100 plain-task entries synced by the scheduler itself, dispatched, two beats.
     tasks = results["systems"]["dbsched_bs"]["by_n"]["100"]
-    for step in ("populate_idle", "beat", "instances_1", "instances_2"):
+    for step in ("populate_idle", "beat", "instances_2"):
         assert "error" not in tasks[step], tasks[step].get("trace")
     assert tasks["populate_idle"]["first_start_s"] > 0
     assert tasks["beat"]["dispatch_sent"] == 100 and not tasks["beat"]["dispatch_capped"]
@@ -123,18 +124,18 @@ def test_harness_runs_end_to_end(postgres_database: Database, tmp_path: Path) ->
         unavailable(f"the benchmark's MariaDB columns: {no_mariadb}")  # CI: a failure (elsewhere: printed above)
 
 
-def test_history_runs_for_20_seconds(postgres_database: Database, tmp_path: Path) -> None:
+def test_history_runs_for_10_seconds(postgres_database: Database, tmp_path: Path) -> None:
     """bench/history.py end to end, short: jobs claimed by the real beat, completed by the simulated worker
     pool, pruned with a 5 s retention; the report, its plot and the raw samples are written."""
     out = tmp_path / "history.md"
     status = history.main(
         [
-            "--minutes", str(20 / 60),
+            "--minutes", str(10 / 60),
             "--jobs", "200",
             "--every", "2",
             "--retention", "5",
             "--monitor-interval", "1",
-            "--sample", "2",
+            "--sample", "1",
             "--worker-procs", "1",
             "--worker-threads", "2",
             "--url", postgres_database.url,
@@ -144,7 +145,7 @@ def test_history_runs_for_20_seconds(postgres_database: Database, tmp_path: Path
     assert status == 0
     results = json.loads(out.with_suffix(".json").read_text())
     samples = results["samples"]
-    assert len(samples) >= 8
+    assert len(samples) >= 6
     # Not timed (the machine may be busy): every job was claimed at least once, runs were completed and pruned.
     assert sum(s["claimed"] for s in samples) >= 200
     assert results["completed_total"] > 0 and results["worker_errors"] == 0

@@ -26,6 +26,7 @@ from helpers.cluster import (
     LATENESS,
     PG_RABBITMQ,
     PG_REDIS,
+    PGBOUNCER_RABBITMQ,
     SQLITE_FS,
     Cluster,
     assert_runs_spaced,
@@ -163,7 +164,7 @@ def test_a_failing_job_is_retried_with_backoff_and_keeps_its_final_status(cluste
     assert cluster.repo.lookup_job("e2e.steady").failure_count == 0
 
 
-@on(PG_RABBITMQ)
+@on(PG_RABBITMQ, PGBOUNCER_RABBITMQ)
 def test_a_pull_in_runs_a_job_again_promptly(cluster: Cluster) -> None:
     cluster.worker([quick("e2e.idle", 300), quick("e2e.busy", 300, steps=10, step=0.5)])
     cluster.beat()

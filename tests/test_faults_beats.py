@@ -39,12 +39,14 @@ from helpers.cluster import (
     MARIADB_RABBITMQ,
     PG_RABBITMQ,
     PG_REDIS,
+    PGBOUNCER_RABBITMQ,
     SQLITE_FS,
     Cluster,
     RunSampler,
     on,
     seconds_between,
 )
+from helpers.pgbouncer import DEFAULT_POOL_SIZE, PoolSampler
 from helpers.processes import CeleryProcess
 from sqlalchemy import bindparam, select, update
 
@@ -324,13 +326,40 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 # Jobs due every second per database: on MariaDB the three workers keep 100-136 runs/s on two shared cores
 # (CI: 99.9/s at 200 jobs, 3,003 of 6,000 slots overrun, none lost or doubled), so it runs at 100: the scenario
 # is about the beats' claims, and the overrun bound below is about the workers' pace.
-LOAD_JOBS = {"postgres": 200, "mariadb": 100}
+LOAD_JOBS = {"postgres": 200, "pgbouncer": 200, "mariadb": 100}
+# The window, in seconds (CI time): 20 s, and 15 s through PgBouncer (transaction mode, 5 server connections,
+# dbsched_pooler; its 30 s window took 51 s). The 60 s soaks below run the same at length with --soak.
+LOAD_WINDOW = {"postgres": 20.0, "pgbouncer": 15.0, "mariadb": 20.0}
 
 
-@on(PG_RABBITMQ, MARIADB_RABBITMQ)
-def test_three_beats_under_load_dispatch_every_slot_once(cluster: Cluster, db_kind: str) -> None:
+@on(PG_RABBITMQ, PGBOUNCER_RABBITMQ, MARIADB_RABBITMQ)
+def test_three_beats_under_load_dispatch_every_slot_once(
+    cluster: Cluster, db_kind: str, request: pytest.FixtureRequest
+) -> None:
     jobs = LOAD_JOBS[db_kind]
-    run_load(cluster, name=f"beats-load-{db_kind}-{jobs}", jobs=jobs, every=1.0, duration=30.0, workers=3)
+    if db_kind == "pgbouncer":  # how many connections the processes used, through the pooler
+        pools = PoolSampler(request.getfixturevalue("pgbouncer"), str(cluster.database.own_database))
+        pools.start()
+        request.addfinalizer(pools.stop)
+    run_load(
+        cluster, name=f"beats-load-{db_kind}-{jobs}", jobs=jobs, every=1.0, duration=LOAD_WINDOW[db_kind], workers=3
+    )
+    if db_kind == "pgbouncer":
+        pools.stop()
+        report(
+            f"beats-load-{db_kind}-{jobs}-pools",
+            pool_size=DEFAULT_POOL_SIZE,
+            samples=pools.samples,
+            max_clients=pools.most["clients"],
+            max_waiting=pools.most["waiting"],
+            max_server_active=pools.most["server_active"],
+            max_wait_s=round(pools.max_wait, 3),
+        )
+        assert pools.samples >= 5, pools.errors[-3:]
+        # The beats and workers connected through the pooler: more clients than the test process's own pool
+        # (cluster.repo and the samplers: SQLAlchemy's 5 + 10 overflow at most) could make.
+        assert pools.most["clients"] > 15
+        assert pools.most["server_active"] <= DEFAULT_POOL_SIZE
 
 
 @pytest.mark.soak  # CI time (52 s): the 200-job scenario runs in CI, this and its 60 s soak with --soak
@@ -512,7 +541,7 @@ def test_a_beat_killed_mid_claim_20_times_loses_and_doubles_nothing_same_server_
 
 
 @pytest.mark.soak
-@on(PG_RABBITMQ, PG_REDIS, SQLITE_FS)
+@on(PG_RABBITMQ, PG_REDIS, PGBOUNCER_RABBITMQ, SQLITE_FS)
 def test_soak_three_beats_200_jobs_every_second_for_60_seconds(cluster: Cluster, broker: Any, db_kind: str) -> None:
     run_load(
         cluster,

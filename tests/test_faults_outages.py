@@ -37,9 +37,17 @@ import pytest
 from helpers.cluster import APP, LATENESS, Cluster, quick, seconds_between
 from helpers.polling import wait_for
 from helpers.processes import CeleryProcess, Processes
-from helpers.proxy import TcpProxy, closed_port, with_port
+from helpers.proxy import TcpProxy, with_port
 from helpers.rabbitmq import PrivateRabbitMQ
-from helpers.services import RABBITMQ_URL, Broker, Database, cleanup_queue, require_service, unavailable
+from helpers.services import (
+    RABBITMQ_URL,
+    Broker,
+    Database,
+    cleanup_queue,
+    free_port,
+    require_service,
+    unavailable,
+)
 from sqlalchemy import create_engine, text
 
 from celery_dbsched import RunRecord, update_job_next_run_in_at_least
@@ -56,14 +64,6 @@ RESUME_BOUND = 10.0
 # would be ~100 for 30 s at a 0.3 s tick).
 ERROR_LINES_BOUND = 3
 CLUSTER_PREFIX = "dbschedfaults"
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 # -- a private PostgreSQL cluster ----------------------------------------------------------------------------
@@ -150,7 +150,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
     if os.geteuid() != 0:
         unavailable("a private PostgreSQL cluster needs root (pg_createcluster creates it as postgres)")
     _drop_stale_clusters(version)
-    pg = PrivatePostgres(version, f"{CLUSTER_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:6]}", closed_port())
+    pg = PrivatePostgres(version, f"{CLUSTER_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:6]}", free_port())
     settings = ["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
     created = _run(
         [
@@ -203,7 +203,7 @@ class PrivateRedis:
     """`redis-server` on a port of its own, without persistence: stopping it loses what it held."""
 
     def __init__(self, folder: Path) -> None:
-        self.port = closed_port()
+        self.port = free_port()
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.popen: subprocess.Popen[bytes] | None = None

@@ -578,6 +578,8 @@ EXPECTED: dict[str, tuple[str, dict[str, Any]]] = {
     "dbsched_web_token": ("web_token", _strings(None)),
     # The statement watchdog: 0 turns it off (timedelta(0)) rather than meaning the default.
     "dbsched_client_timeout": ("client_timeout", {**_durations(DEFAULT_CLIENT_TIMEOUT), "zero": dt.timedelta(0)}),
+    # "pgbouncer" or "transaction" (test_pgbouncer.py), else a ValueError naming the accepted values.
+    "dbsched_pooler": ("pooler", _strings(None)),
 }
 
 # Per key, the largest accepted value and what it becomes.

@@ -361,7 +361,7 @@ def test_imported_entries_fire_at_their_slots_and_never_twice_across_the_switch(
     project = Project(processes, broker, f"sqlite:///{tmp_path / 'dbsched.sqlite3'}")
     dbsched_settings = {"beat_scheduler": "celery_dbsched.Scheduler", "dbsched_run_jobs_interval": 0.3}
     worker = project.worker(dbsched_settings)
-    source("live", url)  # live-a ran at T0 (every 15 s), live-b at T0 - 5 s (every 20 s), live-once at T0 + 18 s
+    source("live", url)  # live-a ran at T0 (every 8 s), live-b at T0 - 3 s (every 10 s), live-once at T0 + 12 s
     migrated = Database("sqlite", project.database_url).migrated_repository()
     migrated.close()
     imported = ok(dbsched(project.database_url, *IMPORT, "--url", url))
@@ -378,7 +378,7 @@ def test_imported_entries_fire_at_their_slots_and_never_twice_across_the_switch(
     processes.check_alive(worker, beat)
     beat.stop()
     wait_for(lambda: len(project.events()) >= sum(len(project.runs(n)) for n in firsts), 60, interval=0.2)
-    for name, every in (("live-a", 15.0), ("live-b", 20.0)):
+    for name, every in (("live-a", 8.0), ("live-b", 10.0)):
         runs = project.runs(name)
         slots = [run.scheduled_for for run in runs]
         assert all(slot is not None for slot in slots)

@@ -7,22 +7,35 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
+import pymysql
 import pytest
-from helpers.services import Database
+from helpers.polling import wait_for
+from helpers.processes import Processes
+from helpers.proxy import closed_port
+from helpers.services import Database, unavailable
 from sqlalchemy import create_engine, insert, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from test_startup_errors import assert_one_line, exit_code, start
 
 from celery_dbsched import JobRepository
-from celery_dbsched.errors import DatabaseUnavailable, is_deadlock
+from celery_dbsched.engine import check_mysql_server
+from celery_dbsched.errors import DatabaseUnavailable, UnsupportedDatabase, is_deadlock
 from celery_dbsched.migrate import migrate
 from celery_dbsched.schema import job_table, run_table
 from celery_dbsched.states import RunState
 
 pytestmark = pytest.mark.mariadb
 UTC = dt.timezone.utc
+MARIADBD = "/usr/sbin/mariadbd"
 
 
 @pytest.fixture
@@ -175,3 +188,121 @@ def test_migrations_run_on_an_empty_database_and_again(repository: JobRepository
     from celery_dbsched.migrate import head_revision
 
     assert migrate(repository.engine) == head_revision()
+
+
+# -- servers celery_dbsched does not support: one clear error, before any statement -------------------------
+
+
+@pytest.mark.parametrize(
+    ("announced", "supported"),
+    [
+        ("8.0.36", False),  # MySQL 8: no INSERT ... RETURNING
+        ("8.4.3-commercial", False),
+        ("5.7.44-log", False),
+        ("5.5.5-10.5.23-MariaDB", False),  # MariaDB before 10.6: no SKIP LOCKED
+        ("10.5.2-MariaDB-1:10.5.2+maria~focal", False),
+        ("10.6.0-MariaDB", True),
+        ("5.5.5-10.11.19-MariaDB-0+deb12u1", True),  # what 10.11 announces to PyMySQL
+        ("11.4.2-MariaDB", True),
+    ],
+)
+def test_only_mariadb_10_6_or_later_is_accepted(announced: str, supported: bool) -> None:
+    if supported:
+        check_mysql_server(announced)
+        return
+    with pytest.raises(UnsupportedDatabase, match=r"^dbsched_database_url: the server is (MySQL|MariaDB) ") as info:
+        check_mysql_server(announced)
+    assert "5.5.5-" not in str(info.value)
+    assert "MariaDB 10.6 or later" in str(info.value) and "PostgreSQL" in str(info.value)
+
+
+class LookalikeServer:
+    """A private MariaDB server that announces itself as MySQL 8 (`--version=8.0.36`): what a beat, a worker
+    and the CLI meet when pointed at MySQL 8, which cannot be installed here."""
+
+    def __init__(self, version: str) -> None:
+        # Not under pytest's tmp_path: its folders are private to root, and the server runs as mysql.
+        self.folder = Path(tempfile.mkdtemp(prefix="dbsched-mysql-"))
+        self.version = version
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = closed_port()
+        self.url = f"mysql+pymysql://root@127.0.0.1:{self.port}/mysql"
+
+    def start(self) -> None:
+        data = self.folder / "data"
+        shutil.chown(self.folder, "mysql", "mysql")
+        installed = subprocess.run(
+            ["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=mysql", "--skip-test-db"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        self.process = process = subprocess.Popen(
+            [
+                "runuser", "-u", "mysql", "--", MARIADBD, "--no-defaults", f"--datadir={data}",
+                f"--port={self.port}", "--bind-address=127.0.0.1", f"--socket={self.folder / 'mysqld.sock'}",
+                f"--pid-file={self.folder / 'mysqld.pid'}", "--skip-grant-tables", "--skip-log-bin",
+                f"--version={self.version}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(self.folder / "server.log").open("wb"),
+        )  # fmt: skip
+
+        def answers() -> bool:
+            try:
+                pymysql.connect(host="127.0.0.1", port=self.port, user="root", connect_timeout=1).close()
+                return True
+            except pymysql.Error:
+                assert process.poll() is None, (self.folder / "server.log").read_text()
+                return False
+
+        wait_for(answers, 60, interval=0.1, message="the private MariaDB server to answer")
+
+    def stop(self) -> None:
+        process = self.process
+        if process is not None and process.poll() is None:
+            pid_file = self.folder / "mysqld.pid"
+            if pid_file.exists():  # runuser's child, the server itself
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mysql_8() -> Iterator[LookalikeServer]:
+    missing = [tool for tool in ("mariadb-install-db", "runuser") if not shutil.which(tool)]
+    if missing or not os.path.exists(MARIADBD) or os.geteuid() != 0:
+        unavailable(f"a private MariaDB server needs root, {MARIADBD} and {', '.join(missing) or 'runuser'}")
+    server = LookalikeServer("8.0.36")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_mysql_8_is_refused_in_one_error_before_any_statement(mysql_8: LookalikeServer) -> None:
+    repository = JobRepository(mysql_8.url)
+    try:
+        with pytest.raises(UnsupportedDatabase, match=r"the server is MySQL 8\.0\.36, which celery_dbsched does not"):
+            migrate(repository.engine)
+        with pytest.raises(UnsupportedDatabase):
+            repository.list_jobs()
+    finally:
+        repository.close()
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("command", ["beat", "worker", "cli"])
+def test_a_beat_a_worker_and_the_cli_on_mysql_8_exit_1_in_one_line(
+    mysql_8: LookalikeServer, processes: Processes, command: str
+) -> None:
+    process = start(processes, command, mysql_8.url)
+    assert exit_code(process) == 1
+    assert_one_line(process, "the server is MySQL 8.0.36, which celery_dbsched does not support", command)

@@ -357,3 +357,17 @@ def test_listen_defaults_on_and_takes_booleans() -> None:
     assert Settings.from_mapping({"dbsched_listen": "off"}).listen is False
     with pytest.raises(ValueError, match="dbsched_listen"):
         Settings.from_mapping({"dbsched_listen": "sometimes"})
+
+
+def test_the_pooler_setting_accepts_pgbouncer_or_transaction_and_turns_listen_off() -> None:
+    assert Settings.from_mapping({}).pooler is None
+    assert Settings.from_mapping({}).listen is True
+    for value in ("pgbouncer", "PgBouncer", " transaction "):
+        settings = Settings.from_mapping({"dbsched_pooler": value})
+        assert settings.pooler == "transaction" and settings.listen is False
+    assert Settings.from_mapping({"dbsched_pooler": "pgbouncer", "dbsched_listen": False}).listen is False
+    for bad in ("session", "pgpool", 1, True):
+        with pytest.raises(ValueError, match="dbsched_pooler: expected 'pgbouncer', 'transaction' or None"):
+            Settings.from_mapping({"dbsched_pooler": bad})
+    with pytest.raises(ValueError, match="dbsched_listen: LISTEN does not work through a transaction-mode pooler"):
+        Settings.from_mapping({"dbsched_pooler": "pgbouncer", "dbsched_listen": True})

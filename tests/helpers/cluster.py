@@ -53,6 +53,10 @@ PG_RABBITMQ = pytest.param(
 )
 PG_REDIS = pytest.param("redis", "postgres", id="redis-postgres", marks=[pytest.mark.redis, pytest.mark.postgres])
 PG_FS = pytest.param("filesystem", "postgres", id="filesystem-postgres", marks=pytest.mark.postgres)
+# PostgreSQL through a private PgBouncer in transaction pooling mode, with dbsched_pooler (helpers/pgbouncer.py).
+PGBOUNCER_RABBITMQ = pytest.param(
+    "rabbitmq", "pgbouncer", id="rabbitmq-pgbouncer", marks=[pytest.mark.rabbitmq, pytest.mark.postgres]
+)
 MARIADB_RABBITMQ = pytest.param(
     "rabbitmq", "mariadb", id="rabbitmq-mariadb", marks=[pytest.mark.rabbitmq, pytest.mark.mariadb]
 )
@@ -131,7 +135,7 @@ class Cluster:
         return {
             "E2E_DATABASE_URL": self.database.url,
             "E2E_BROKER": json.dumps(self.broker.conf()),
-            "E2E_SETTINGS": json.dumps({**SETTINGS, **(settings or {})}),
+            "E2E_SETTINGS": json.dumps({**SETTINGS, **self.database.extra_conf(), **(settings or {})}),
             "E2E_JOBS": json.dumps(list(jobs)),
             "E2E_EVENTS_DIR": str(self.events_dir),
             "E2E_PROCESS_NAME": name,
@@ -183,7 +187,7 @@ class Cluster:
     def app(self) -> Celery:
         """A Celery app in the test process, on the same database (to call the public API)."""
         app = Celery("e2e-test", set_as_current=False)
-        app.conf.dbsched_database_url = self.database.url
+        app.conf.update(self.database.conf())
         self.apps.append(app)
         return app
 

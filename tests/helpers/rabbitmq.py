@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 from .polling import wait_for
-from .proxy import closed_port
+from .services import free_port
 
 # Debian's scripts, called directly: the wrappers in /usr/sbin `su rabbitmq` and write the shared node's
 # startup_log under /var/log/rabbitmq.
@@ -87,8 +87,8 @@ class PrivateRabbitMQ:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.port = closed_port()
-        self.dist_port = closed_port()
+        self.port = free_port()
+        self.dist_port = free_port()
         self.node = f"{NODE_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:6]}@localhost"
         (folder / "home").mkdir(parents=True, exist_ok=True)
         (folder / "enabled_plugins").write_text("[].\n")

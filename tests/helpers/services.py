@@ -73,20 +73,40 @@ def require_service(name: str) -> None:
         unavailable(f"{reason}; set DBSCHED_TEST_{name.upper()}_URL or start it to run these tests")
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nobody listened on a moment ago (for a private server of a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 @dataclass
 class Database:
     """A database to test against: SQLite in a temporary folder, a fresh schema in PostgreSQL, or a fresh
-    database on the MariaDB server (`schema`: its name there)."""
+    database on the MariaDB server (`schema`: its name there). `own_database`: a fresh PostgreSQL database
+    instead of a schema (dropped with it); `settings`: `Settings` fields every client of it needs (e.g. the
+    pooler of a URL through PgBouncer, helpers/pgbouncer.py)."""
 
     kind: str
     url: str
     schema: str | None = None
     repositories: list[JobRepository] = field(default_factory=list)
+    own_database: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def repository(self, *, clock: Clock | None = None, **settings: Any) -> JobRepository:
         """A repository on this database, built as the beat and the worker build theirs (`from_settings`):
         `settings` are `Settings` fields (`listen` off unless given); `clock` a `TestClock` to move time."""
-        resolved = dataclasses.replace(Settings(database_url=self.url, listen=False), **settings)
+        resolved = dataclasses.replace(Settings(database_url=self.url, listen=False), **{**self.settings, **settings})
         repository = JobRepository.from_settings(resolved, clock=clock)
         self.repositories.append(repository)
         return repository
@@ -98,7 +118,11 @@ class Database:
 
     def conf(self) -> dict[str, Any]:
         """Celery settings that point an app at this database."""
-        return {"dbsched_database_url": self.url}
+        return {"dbsched_database_url": self.url, **self.extra_conf()}
+
+    def extra_conf(self) -> dict[str, Any]:
+        """The Celery settings of `settings` (all but the URL)."""
+        return {f"dbsched_{name}": value for name, value in self.settings.items()}
 
 
 def sqlite_database(folder: Path) -> Database:
@@ -135,6 +159,12 @@ def drop_database(database: Database) -> None:
         engine = create_engine(MARIADB_URL)
         with engine.begin() as conn:
             conn.execute(text(f"DROP DATABASE IF EXISTS `{database.schema}`"))
+        engine.dispose()
+        return
+    if database.own_database is not None:
+        engine = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:  # FORCE: a pooler may still hold server connections to it
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{database.own_database}" WITH (FORCE)'))
         engine.dispose()
         return
     if database.schema is not None:
