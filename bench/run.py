@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
 
 from bench.common import REPO_ROOT, Config, log
 from bench.measure import run_step, subprocess_env
-from bench.systems import SYSTEMS, is_dbsched, is_mariadb
+from bench.systems import SYSTEMS, is_dbsched
 
 PREFIX = "bench.e"
 
