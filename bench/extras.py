@@ -1,7 +1,9 @@
 """The measures only celery_dbsched gets, each in a fresh subprocess started by bench/run.py:
 
 python -m bench.extras raw-kombu N BROKER CONFIG   raw kombu publish rate of N run messages
-python -m bench.extras dispatch N BROKER CONFIG    dbsched dispatch of N due jobs on BROKER (store made due)
+python -m bench.extras dispatch N BROKER [SYSTEM [confirm]] CONFIG
+                                                   dbsched dispatch of N due jobs on BROKER (store made due);
+                                                   `confirm`: with publisher confirms (confirm_publish)
 python -m bench.extras wakeup N CONFIG             trigger (run_now) latency while a beat sleeps
 python -m bench.extras worker CONFIG               real worker + beat over RabbitMQ: e2e latency, runs/s
 python -m bench.extras profile N CONFIG            pyinstrument of the dispatch of N due jobs
@@ -100,14 +102,16 @@ def raw_kombu(n: int, broker: str) -> dict[str, Any]:
     return {"n": n, "broker": broker.split(":")[0], "raw_s": elapsed, "raw_rate": n / elapsed}
 
 
-def dispatch(n: int, broker: str, cfg: Config, system_key: str = "dbsched") -> dict[str, Any]:
+def dispatch(n: int, broker: str, cfg: Config, system_key: str = "dbsched", confirm: str = "") -> dict[str, Any]:
     """celery_dbsched's dispatch of N due jobs (the store was made due by the caller) to BROKER, on the `@job`
-    path (`dbsched`) or the `beat_schedule` path (`dbsched_bs`: N plain-task entries in the app)."""
+    path (`dbsched`) or the `beat_schedule` path (`dbsched_bs`: N plain-task entries in the app); with
+    `confirm`, each message waits for the broker's publisher confirm (`confirm_publish`)."""
     system = SYSTEMS[system_key](cfg)
     system.n = n
     queue = f"bench-dispatch-{uuid.uuid4().hex[:8]}"
     sent = Sent().connect()
-    app = system.app(broker, task_default_queue=queue)
+    options = {"confirm_publish": True} if confirm == "confirm" else {}
+    app = system.app(broker, task_default_queue=queue, broker_transport_options=options)
     scheduler = system.build(app)
     start = time.perf_counter()
     _elapsed, capped, _ticks = run_beat_until(scheduler, lambda: sent.distinct >= n, cfg.cap * 10)
@@ -117,6 +121,7 @@ def dispatch(n: int, broker: str, cfg: Config, system_key: str = "dbsched") -> d
     return {
         "n": n,
         "broker": broker.split(":")[0],
+        "confirm_publish": bool(options),
         "dispatch_s": end - start,
         "dispatch_rate": sent.distinct / (end - start),
         "dispatch_capped": capped,

@@ -351,9 +351,9 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
     add("")
     add(
         "| N | dispatch, memory:// | raw kombu, memory:// | ratio | dispatch, RabbitMQ | raw kombu, RabbitMQ | ratio "
-        "| beat_schedule dispatch, RabbitMQ | ratio |"
+        "| beat_schedule dispatch, RabbitMQ | ratio | dispatch, RabbitMQ with confirms | with / without |"
     )
-    add("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    add("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in ns:
         br = _get(extras, "brokers", str(n)) or {}
         dm = beat("dbsched", n).get("dispatch_rate")
@@ -361,14 +361,17 @@ def write_report(results: dict[str, Any], out: Path, plot: Path) -> None:
         da = _get(br, "dispatch_amqp", "dispatch_rate")
         ra = _get(br, "raw_amqp", "raw_rate")
         dt_ = _get(br, "dispatch_amqp_bs", "dispatch_rate")
+        dc = _get(br, "dispatch_amqp_confirm", "dispatch_rate")
         add(
             f"| {n:,} | {rate(dm)} | {rate(rm)} | {fx(ratio(dm, rm), 2)} | {rate(da)} | {rate(ra)} | {fx(ratio(da, ra), 2)} "  # noqa: E501
-            f"| {rate(dt_)} | {fx(ratio(dt_, ra), 2)} |"
+            f"| {rate(dt_)} | {fx(ratio(dt_, ra), 2)} | {rate(dc)} | {fx(ratio(dc, da), 2)} |"
         )
     add("")
     add(
         "Raw kombu: the same number of messages shaped like a run message (Celery protocol 2 headers, JSON body), "
-        "one `Producer.publish` each on one connection. RabbitMQ without publisher confirms (Celery's default)."
+        "one `Producer.publish` each on one connection. RabbitMQ without publisher confirms (Celery's default), "
+        "except the column with confirms (`broker_transport_options={'confirm_publish': True}`: py-amqp waits for "
+        "each message's ack before the next is sent)."
         + (f" RabbitMQ skipped: {extras['amqp_missing']}." if extras.get("amqp_missing") else "")
     )
     add("")

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
 
 from bench.common import REPO_ROOT, Config, log
 from bench.measure import run_step, subprocess_env
-from bench.systems import SYSTEMS, is_dbsched, is_mariadb
+from bench.systems import SYSTEMS, is_dbsched
 
 PREFIX = "bench.e"
 
@@ -292,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
                     return run_step(["bench.extras", "dispatch", str(n), cfg.amqp_url], cfg)  # noqa: B023
 
                 attempt(per_n, "dispatch_amqp", dispatch_amqp)
+
+                def dispatch_amqp_confirm() -> dict[str, Any]:
+                    run_step(["populate", "dbsched", str(n), "due"], cfg)  # noqa: B023
+                    return run_step(["bench.extras", "dispatch", str(n), cfg.amqp_url, "dbsched", "confirm"], cfg)  # noqa: B023
+
+                attempt(per_n, "dispatch_amqp_confirm", dispatch_amqp_confirm)
                 if "dbsched_bs" in args.systems:
 
                     def dispatch_amqp_tasks() -> dict[str, Any]:

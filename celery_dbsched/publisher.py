@@ -19,6 +19,12 @@ link_error, chain, group_id, stamped_headers, retry ...), and a countdown or eta
 (Celery's native delayed delivery). Unlike send_task, the result backend's `on_task_call` is not called: it
 readies the caller to receive the result (a redis subscription, an rpc reply queue), and the beat never
 reads results (the message is the same).
+
+With publisher confirms (`broker_transport_options={"confirm_publish": True}`, py-amqp), each publish waits for
+the broker's ack. A message the broker nacked (py-amqp raises `MessageNacked`: a full queue with
+`x-overflow: reject-publish`, a broker that could not store it) or whose confirm never came (the connection was
+lost first) raises `NotConfirmed`: the beat ends its run `failed` ("not published: the broker did not confirm
+it"), never `queued` or `dispatched` as if it had been sent.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from amqp.exceptions import MessageNacked  # type: ignore[import-untyped]
 from celery import signals
 from celery.app.routes import MapRoute
 from celery.utils.nodenames import anon_nodename
@@ -96,12 +103,32 @@ class _TaskPlan:
     kwargsrepr: str
 
 
+class NotConfirmed(Exception):
+    """With publisher confirms on, the broker did not confirm the message: it nacked it, or the connection was
+    lost (or never made) before its confirm. The message is not known to be queued."""
+
+    def __init__(self, cause: BaseException) -> None:
+        reason = "it nacked the message" if isinstance(cause, MessageNacked) else repr(cause)
+        super().__init__(f"the broker did not confirm it ({reason})")
+
+
+def unpublished_error(exc: BaseException) -> str:
+    """The error text of a run whose message could not be published."""
+    return f"not published: {exc}" if isinstance(exc, NotConfirmed) else f"not published: {exc!r}"
+
+
+def confirms_publish(app: Any) -> bool:
+    """Whether the app's broker connections wait for publisher confirms (py-amqp's `confirm_publish`)."""
+    return bool((app.conf.broker_transport_options or {}).get("confirm_publish"))
+
+
 class RunPublisher:
     """Publishes one message per claimed run, as `app.send_task(RUN_TASK_NAME, ...)` would."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
         conf = app.conf
+        self.confirms = confirms_publish(app)
         self.direct = int(conf.task_protocol or 2) == 2 and not conf.task_send_sent_event
         self._origin = anon_nodename()
         self._retry = bool(conf.task_publish_retry)
@@ -123,7 +150,16 @@ class RunPublisher:
         self._declared.clear()
 
     def publish(self, producer: Any, run_id: int, job_name: str, queue: str | None) -> str:
-        """Publish the message of one run on `producer`; returns its task id."""
+        """Publish the message of one run on `producer`; returns its task id. With confirms on, raises
+        `NotConfirmed` for a message the broker did not confirm."""
+        if not self.confirms:
+            return self._publish(producer, run_id, job_name, queue)
+        try:
+            return self._publish(producer, run_id, job_name, queue)
+        except Exception as exc:
+            raise NotConfirmed(exc) from exc
+
+    def _publish(self, producer: Any, run_id: int, job_name: str, queue: str | None) -> str:
         if not self.direct:
             return self._send_task(producer, run_id, job_name, queue)
         route = self._route(queue)
@@ -180,6 +216,8 @@ class RunPublisher:
             # any failure publish as send_task would, through kombu's retrying publish: it revives the channel,
             # reconnects and retries connection errors under the publish retry policy, and raises the rest.
             producer.publish(body, retry=False, **publish_kwargs)
+        except MessageNacked:
+            raise  # the broker's answer, not a connection error: kombu's retrying publish would not retry it
         except Exception:
             if not self._retry:
                 raise
@@ -269,7 +307,25 @@ class RunPublisher:
     ) -> str:
         """Publish a plain task as `app.send_task(name, args, kwargs, **options)` would, with `headers` added
         to the entry's own; returns its task id. What send_task decides for these values is cached by `entry`
-        (the job's name; else by task) and made again when any of them changed."""
+        (the job's name; else by task) and made again when any of them changed. With confirms on, raises
+        `NotConfirmed` for a message the broker did not confirm."""
+        if not self.confirms:
+            return self._publish_task(producer, name, args, kwargs, options, headers, entry)
+        try:
+            return self._publish_task(producer, name, args, kwargs, options, headers, entry)
+        except Exception as exc:
+            raise NotConfirmed(exc) from exc
+
+    def _publish_task(
+        self,
+        producer: Any,
+        name: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        options: Mapping[str, Any],
+        headers: Mapping[str, Any],
+        entry: str | None,
+    ) -> str:
         plan = self._cached_plan(name, args, kwargs, options, entry if entry is not None else name)
         if plan is None or not self.direct:
             return self._send_plain_task(producer, name, args, kwargs, options, headers)

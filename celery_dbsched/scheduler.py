@@ -32,7 +32,7 @@ from .errors import (
 )
 from .migrate import prepare_schema
 from .protocol import run_headers
-from .publisher import RunPublisher
+from .publisher import RunPublisher, unpublished_error
 from .records import Claim, ClaimStats, JobRecord, RunRecord
 from .registry import existing_registry
 from .repository import JobRepository
@@ -367,7 +367,7 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
             self._unpublished += 1
             unpublished += 1
             try:
-                self.repository.fail_run(run.id, f"not published: {broker_error!r}")
+                self.repository.fail_run(run.id, unpublished_error(broker_error))
             except DatabaseError as exc:
                 logger.error("celery_dbsched: could not end unpublished %s (%s); the monitor will", run.label(), exc)
         if dispatched:

@@ -24,6 +24,7 @@ from helpers.cluster import Cluster
 from helpers.pgbouncer import PgBouncer, make_pgbouncer_database, running_pgbouncer
 from helpers.processes import PROCESSES_KEY, Processes
 from helpers.proxy import TcpProxy, host_port
+from helpers.rabbitmq import PrivateRabbitMQ, kill_stale_nodes, rabbitmq_missing
 from helpers.repository import bind_clock
 from helpers.services import (
     POSTGRES_URL,
@@ -38,6 +39,7 @@ from helpers.services import (
     make_postgres_database,
     probe,
     require_service,
+    unavailable,
 )
 from helpers.services import (
     sqlite_database as new_sqlite_database,
@@ -174,6 +176,23 @@ def pg_proxy() -> Iterator[TcpProxy]:
         yield proxy
     finally:
         proxy.close()
+
+
+@pytest.fixture
+def private_rabbitmq(tmp_path: Path) -> Iterator[PrivateRabbitMQ]:
+    """A RabbitMQ node of the test's own (never the shared one), started; shut down and removed at the end,
+    also when the test fails."""
+    missing = rabbitmq_missing()
+    if missing:
+        unavailable(missing)
+    kill_stale_nodes()
+    node = PrivateRabbitMQ(tmp_path / "rabbitmq")
+    try:
+        seconds = node.start()
+        print(f"\nprivate RabbitMQ {node.node} on 127.0.0.1:{node.port}, started in {seconds:.1f}s")
+        yield node
+    finally:
+        node.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ the batch, the next batch is claimed while this one is published, and two beats 
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
 import time
 import uuid
@@ -16,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from helpers.repository import add_due_tasks
 from helpers.services import Database
 from sqlalchemy import event, text
 
@@ -35,23 +35,6 @@ def make_scheduler(make_scheduler: Factory) -> Factory:
         return make_scheduler(database_url, **{"dbsched_server_id": f"beat-{uuid.uuid4().hex[:8]}", **conf})
 
     return factory
-
-
-def add_due_tasks(repository: JobRepository, count: int, *, options: str = "{}") -> None:
-    """`count` plain tasks (as beat_schedule entries become), every hour, all due now: one statement."""
-    values = ", ".join(
-        f"('t{n:06d}', 'bulk', 'task', 'tasks.noop', '[{n}]', '{{}}', '{options}', 3600, :due, :now, :now)"
-        for n in range(count)
-    )
-    now = repository.database_now()
-    with repository.engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO dbsched_job (name, description, kind, task, task_args, task_kwargs, task_options, "
-                f"default_next_run_in, next_scheduled_run, create_time, update_time) VALUES {values}"
-            ),
-            {"due": now - dt.timedelta(seconds=1), "now": now},
-        )
 
 
 def enable_all(repository: JobRepository) -> None:

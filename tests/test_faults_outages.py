@@ -7,6 +7,8 @@ that other test runs use are never touched:
 - PostgreSQL: a cluster of our own (`pg_createcluster`, as root), restarted with `pg_ctlcluster restart` and
   stopped for 30 s with `pg_ctlcluster stop` / `start`, dropped at the end of the session.
 - Redis: a `redis-server` subprocess on a free port (no persistence), stopped and started again.
+- RabbitMQ (issue 15): a node of our own on free ports (`private_rabbitmq`, tests/helpers/rabbitmq.py), stopped
+  with `rabbitmqctl stop` and started again with `rabbitmq-server -detached`.
 - PostgreSQL black-holed (issue 15): the shared server behind a `TcpProxy` that stops forwarding; only the
   processes that connect through the proxy see it.
 
@@ -30,13 +32,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from helpers.cluster import APP, LATENESS, Cluster, quick, seconds_between
 from helpers.polling import wait_for
 from helpers.processes import CeleryProcess, Processes
 from helpers.proxy import TcpProxy, with_port
+from helpers.rabbitmq import PrivateRabbitMQ
 from helpers.services import (
     RABBITMQ_URL,
     Broker,
@@ -505,35 +507,33 @@ class OutageBroker:
 
     kind: str
     url: str
-    stop: Callable[[], None]
-    start: Callable[[], None]
+    stop: Callable[[], float | None]  # how long the stop / the start took, when measured
+    start: Callable[[], float | None]
     description: str
 
 
 @pytest.fixture(
     params=[
         pytest.param("redis", marks=pytest.mark.redis),
-        pytest.param("rabbitmq-proxy", marks=pytest.mark.rabbitmq),
+        pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
     ]
 )
 def outage_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OutageBroker]:
     """Redis: a private redis-server, killed (what it held is lost) and started again on the same port.
-    RabbitMQ: the shared server cannot be stopped, so the beat and the worker reach it through a TCP proxy
-    that is cut (the port closed, every connection dropped, as when the server dies) and restored; what the
-    server holds survives, as with a durable RabbitMQ restarted."""
+    RabbitMQ: a private node (tests/helpers/rabbitmq.py), stopped with `rabbitmqctl stop` and started again on
+    the same port; its durable queues keep their persistent messages across the stop, as in production."""
     if request.param == "redis":
         redis: PrivateRedis = request.getfixturevalue("private_redis")
         yield OutageBroker("redis", redis.url, redis.stop, redis.start, "redis (private, killed)")
         return
-    require_service("rabbitmq")
-    real = urlsplit(RABBITMQ_URL)
-    proxy = TcpProxy((real.hostname or "127.0.0.1", real.port or 5672))
-    netloc = real.netloc.rsplit(":", 1)[0] if real.port else real.netloc
-    url = urlunsplit(real._replace(netloc=f"{netloc}:{proxy.port}"))
-    try:
-        yield OutageBroker("rabbitmq", url, proxy.down, proxy.up, "rabbitmq (shared, behind a cut TCP proxy)")
-    finally:
-        proxy.close()
+    node: PrivateRabbitMQ = request.getfixturevalue("private_rabbitmq")
+    yield OutageBroker(
+        "rabbitmq",
+        node.url,
+        node.stop,
+        node.start,
+        "rabbitmq (private node, rabbitmqctl stop / rabbitmq-server -detached)",
+    )
 
 
 @pytest.fixture
@@ -546,8 +546,6 @@ def broker_cluster(
         yield cluster
     finally:
         cluster.close()
-        if outage_broker.kind == "rabbitmq":
-            cleanup_queue(Broker("rabbitmq", {"broker_url": RABBITMQ_URL}, broker.queue))
 
 
 def _not_published(run: RunRecord) -> bool:
@@ -572,11 +570,11 @@ def test_broker_down_during_dispatch(outage_broker: OutageBroker, broker_cluster
     offsets = {process.name: log_size(process) for process in cluster.live}
 
     went_down = cluster.repo.database_now()
-    outage_broker.stop()
+    stop_s = outage_broker.stop()
     # The beat goes on claiming; what it cannot publish it ends `failed` ("not published") and retries.
     cluster.wait_run(QUICK_JOBS[0], _not_published, timeout=OUTAGE, message="a run that could not be published")
     hold(cluster, OUTAGE - seconds_between(went_down, cluster.repo.database_now()))
-    outage_broker.start()
+    start_s = outage_broker.start()
     came_back = cluster.repo.database_now()
 
     resumed = []
@@ -604,6 +602,8 @@ def test_broker_down_during_dispatch(outage_broker: OutageBroker, broker_cluster
     runs = cluster.runs()
     not_published = [run for run in runs if _not_published(run)]
     unstarted = [run for run in runs if _unstarted_interrupted(run)]
+    # Sent before the stop, started after the start: the message waited out the stop in a durable queue.
+    kept = [run for run in runs if run.create_time < went_down and run.start_time and run.start_time > came_back]
     lost = lost_runs(runs, cluster.repo.database_now(), lambda run: _not_published(run) or _unstarted_interrupted(run))
     cluster.assert_started_once(runs)
     cluster.processes.check_alive(worker, beat)
@@ -614,8 +614,11 @@ def test_broker_down_during_dispatch(outage_broker: OutageBroker, broker_cluster
         f"broker-down-30s-{outage_broker.kind}",
         broker=outage_broker.description,
         down=round(seconds_between(went_down, came_back), 1),
+        broker_stop_s=round(stop_s, 1) if stop_s is not None else None,
+        broker_start_s=round(start_s, 1) if start_s is not None else None,
         not_published=len(not_published),
         unstarted_interrupted=len(unstarted),
+        kept_across_stop=len(kept),
         first_run_after=round(first_run, 1),
         all_jobs_ran_after=round(all_run, 1),
         runs=len(runs),

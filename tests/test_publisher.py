@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from amqp.exceptions import MessageNacked
 from celery import Celery, signals
 from helpers.apps import make_app
 from kombu import Exchange, Queue
@@ -19,7 +20,7 @@ from kombu.transport import memory
 
 from celery_dbsched import publisher as publisher_module
 from celery_dbsched.protocol import RUN_TASK_NAME
-from celery_dbsched.publisher import RunPublisher
+from celery_dbsched.publisher import NotConfirmed, RunPublisher, unpublished_error
 
 PER_MESSAGE = {"id", "root_id", "correlation_id"}
 
@@ -220,6 +221,29 @@ def test_without_publish_retries_the_first_error_is_raised() -> None:
     with pytest.raises(ConnectionError):
         RunPublisher(json_app(task_publish_retry=False)).publish(producer, 1, "j", None)
     assert producer.calls == [False]
+
+
+def test_with_confirms_a_nack_is_not_published_again_and_says_the_broker_did_not_confirm_it() -> None:
+    """py-amqp raises MessageNacked when the broker nacks: its answer, not a connection error (tested against
+    RabbitMQ in tests/test_publisher_confirms.py)."""
+    producer = FlakyProducer(MessageNacked(), failures=2)
+    publisher = RunPublisher(json_app(broker_transport_options={"confirm_publish": True}))
+    with pytest.raises(NotConfirmed) as raised:
+        publisher.publish(producer, 1, "j", None)
+    assert producer.calls == [False]
+    assert unpublished_error(raised.value) == "not published: the broker did not confirm it (it nacked the message)"
+
+
+def test_with_confirms_a_connection_lost_before_the_confirm_says_the_broker_did_not_confirm_it() -> None:
+    producer = FlakyProducer(ConnectionError("reset"), failures=2)
+    publisher = RunPublisher(json_app(broker_transport_options={"confirm_publish": True}))
+    with pytest.raises(NotConfirmed) as raised:
+        publisher.publish(producer, 1, "j", None)
+    assert producer.calls == [False, True]
+    assert unpublished_error(raised.value) == (
+        "not published: the broker did not confirm it (ConnectionError('reset'))"
+    )
+    assert unpublished_error(ConnectionError("reset")) == "not published: ConnectionError('reset')"
 
 
 # -- plain tasks (beat_schedule entries): publish_task sends what send_task sends ------------------------

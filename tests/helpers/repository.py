@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from sqlalchemy import text
+
 from celery_dbsched.binding import bind_repository
 from celery_dbsched.clock import Clock
 from celery_dbsched.records import RunRecord
@@ -55,3 +57,20 @@ def bind_clock(app: Any, clock: Clock) -> JobRepository:
     repository = JobRepository.from_settings(Settings.from_mapping(app.conf), clock=clock)
     bind_repository(app, repository)
     return repository
+
+
+def add_due_tasks(repository: JobRepository, count: int, *, options: str = "{}") -> None:
+    """`count` plain tasks (as beat_schedule entries become), every hour, all due now: one statement."""
+    values = ", ".join(
+        f"('t{n:06d}', 'bulk', 'task', 'tasks.noop', '[{n}]', '{{}}', '{options}', 3600, :due, :now, :now)"
+        for n in range(count)
+    )
+    now = repository.database_now()
+    with repository.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO dbsched_job (name, description, kind, task, task_args, task_kwargs, task_options, "
+                f"default_next_run_in, next_scheduled_run, create_time, update_time) VALUES {values}"
+            ),
+            {"due": now - dt.timedelta(seconds=1), "now": now},
+        )
