@@ -177,26 +177,13 @@ def standby_of(primary: PrivatePostgres, prefix: str) -> Iterator[PrivatePostgre
     try:
         data = standby.data_directory
         for entry in data.iterdir():  # pg_basebackup fills an empty directory (its parent is root's)
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
         conninfo = f"host=127.0.0.1 port={primary.port} user=postgres application_name={standby.name}"
-        backup = run(
-            [
-                "runuser",
-                "-u",
-                "postgres",
-                "--",
-                "pg_basebackup",
-                "-d",
-                conninfo,
-                "-D",
-                str(data),
-                "-R",
-                "-X",
-                "stream",
-                "-c",
-                "fast",
-            ]
-        )
+        backup_args = ["pg_basebackup", "-d", conninfo, "-D", str(data), "-R", "-X", "stream", "-c", "fast"]
+        backup = run(["runuser", "-u", "postgres", "--", *backup_args])
         assert backup.returncode == 0, f"pg_basebackup: {backup.stdout}{backup.stderr}"
         standby.ctl("start")
         wait_for(standby.accepting, 60, 0.2, f"the standby {standby.name} on port {standby.port}")
