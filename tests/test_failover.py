@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from helpers.cluster import Cluster, quick, seconds_between
 from helpers.polling import wait_for
 from helpers.postgres import FAST_SETTINGS, PrivatePostgres, multi_host_url, private_cluster, standby_of
 from helpers.processes import Processes
-from helpers.services import Broker, Database
+from helpers.services import RABBITMQ_URL, Broker, Database, cleanup_queue, require_service
 from sqlalchemy import text
 from test_faults_outages import (
     describe,
@@ -77,13 +78,14 @@ class Pair:
 
 
 @contextmanager
-def standby_pair(*, synchronous: bool) -> Iterator[Pair]:
+def standby_pair(*, synchronous: bool, local_commit: str = "on") -> Iterator[Pair]:
     """A primary and a hot standby streaming from it: asynchronously, or synchronously (the primary commits
     once the standby has flushed the commit: synchronous_commit = on, the standby in synchronous_standby_names)."""
-    # synchronous_commit = on in both (PostgreSQL's default): a commit is flushed on the primary before it is
-    # acknowledged, and with a synchronous standby on the standby too. (Off, the primary acknowledges before
-    # its own flush and a crash loses up to 3 x wal_writer_delay of commits: more doubled slots.)
-    settings = [s for s in FAST_SETTINGS if not s.startswith("synchronous_commit")] + ["synchronous_commit=on"]
+    # synchronous_commit = `local_commit`, on by default (as PostgreSQL's): a commit is flushed on the primary
+    # before it is acknowledged, and with a synchronous standby on the standby too. Off, the primary acknowledges
+    # before its own flush, and a crash loses up to 3 x wal_writer_delay of commits: more doubled slots.
+    settings = [s for s in FAST_SETTINGS if not s.startswith("synchronous_commit")]
+    settings.append(f"synchronous_commit={local_commit}")
     with private_cluster(PREFIX, settings) as primary, standby_of(primary, PREFIX) as standby:
         if synchronous:
             primary.admin(f"ALTER SYSTEM SET synchronous_standby_names = '\"{standby.name}\"'")
@@ -191,7 +193,49 @@ def _events(cluster: Cluster) -> list[dict[str, Any]]:
 @pytest.mark.e2e
 @pytest.mark.rabbitmq
 def test_failover_to_a_standby_while_beats_and_a_worker_run(pair: Pair, failover_cluster: Cluster) -> None:
-    cluster = failover_cluster
+    _failover(pair, failover_cluster, f"pg-failover-{'sync' if pair.synchronous else 'async'}")
+
+
+# How often asynchronous replication loses what a failover needs: behind `soak` (a pair and a failover take
+# ~20 s each), with the primary's local commits flushed (synchronous_commit = on, the default) or not (off).
+SOAK_FAILOVERS = 10
+
+
+@pytest.mark.soak
+@pytest.mark.e2e
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("local_commit", ["on", "off"])
+def test_failover_soak_counts_what_asynchronous_replication_loses(
+    local_commit: str, processes: Processes, tmp_path: Path
+) -> None:
+    require_service("rabbitmq")
+    totals: Counter[str] = Counter()
+    worst: Counter[str] = Counter()
+    for n in range(SOAK_FAILOVERS):
+        broker = Broker("rabbitmq", {"broker_url": RABBITMQ_URL}, f"dbsched-faults-{uuid.uuid4().hex[:12]}")
+        with standby_pair(synchronous=False, local_commit=local_commit) as pair:
+            database = Database("postgres", pair.url(new_database(pair)))
+            cluster = Cluster(database, broker, processes, tmp_path / f"failover{n}")
+            try:
+                figures = _failover(pair, cluster, f"pg-failover-async-commit-{local_commit}-{n}")
+            finally:
+                cluster.close()
+                for repository in database.repositories:
+                    repository.close()
+                cleanup_queue(broker)
+        for key in ("slots_doubled", "started_twice", "starts_lost", "finishes_lost"):
+            totals[key] += figures[key]
+            worst[key] = max(worst[key], figures[key])
+    report(
+        f"pg-failover-async-soak-commit-{local_commit}",
+        failovers=SOAK_FAILOVERS,
+        **{f"{key}_total": value for key, value in totals.items()},
+        **{f"{key}_worst": value for key, value in worst.items()},
+    )
+
+
+def _failover(pair: Pair, cluster: Cluster, name: str) -> dict[str, Any]:
+    """Beats and a worker run, the primary dies, the standby is promoted: the figures (reported as `name`)."""
     mode = "sync" if pair.synchronous else "async"
     settings = {"dbsched_retry_backoff": [0.5, 30]}
     jobs = [quick(job, EVERY, interrupt_threshold=THRESHOLD, steps=2, step=0.05) for job in JOBS]
@@ -252,8 +296,7 @@ def test_failover_to_a_standby_while_beats_and_a_worker_run(pair: Pair, failover
     window = [run for run in runs.values() if 0 <= seconds_between(run.create_time, promoted) <= 2]  # all ended
     errors = {process.name: error_lines(process, offsets[process.name]) for process in cluster.live}
     cluster.processes.check_alive(worker, *beats)
-    report(
-        f"pg-failover-{mode}",
+    figures: dict[str, Any] = dict(
         replication=mode,
         claims_resumed_after=round(resume_first, 2),
         all_jobs_resumed_after=round(resume_all, 2),
@@ -266,8 +309,9 @@ def test_failover_to_a_standby_while_beats_and_a_worker_run(pair: Pair, failover
         not_completed_of_those=sum(run.status != "completed" for run in window),
         doubled_active=len(sampler.double_active),
         beats_listening_again_after=round(relisten, 1),
-        error_lines_by_process={name: len(lines) for name, lines in errors.items()},
+        error_lines_by_process={process: len(lines) for process, lines in errors.items()},
     )
+    report(name, **figures)
     assert resume_all <= FAILOVER_RESUME_BOUND, f"claiming resumed {resume_all:.1f}s after the promotion"
     for process_name, lines in errors.items():
         assert not [line for line in lines if line.startswith("Traceback")], f"{process_name}: {lines[:10]}"
@@ -277,3 +321,4 @@ def test_failover_to_a_standby_while_beats_and_a_worker_run(pair: Pair, failover
         bad = lost_runs(list(runs.values()), cluster.repo.database_now(), lambda run: False)
         assert not bad, f"runs lost or falsely ended with synchronous replication: {describe(bad)}"
         cluster.assert_started_once(list(runs.values()))
+    return figures

@@ -173,6 +173,8 @@ def standby_of(primary: PrivatePostgres, prefix: str) -> Iterator[PrivatePostgre
     """A hot standby streaming from `primary` (asynchronously unless the primary's synchronous_standby_names
     names it: its application_name is its cluster's name), its data directory a `pg_basebackup -R` of the
     primary's; dropped on exit."""
+    if not shutil.which("pg_basebackup") or not shutil.which("runuser"):
+        unavailable("a standby needs pg_basebackup (Debian's postgresql-client) and runuser (util-linux)")
     standby = _create(prefix, FAST_SETTINGS)
     try:
         data = standby.data_directory
