@@ -15,12 +15,13 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, ExceptionContext, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from .errors import UnsupportedDatabase
 from .settings import DEFAULT_CLIENT_TIMEOUT as _DEFAULT_CLIENT_TIMEOUT
+from .settings import parse_database_url
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -184,6 +185,20 @@ def set_client_timeout(driver_connection: Any, seconds: float | None) -> Iterato
         driver_connection.dbsched_client_timeout = before
 
 
+# SQLSTATEs after which a PostgreSQL connection is discarded (and the pool's older ones with it), though psycopg
+# still thinks it open: the server it reaches is read-only (25006: a standby, or a primary demoted in a
+# failover; the pool's pre-ping, a SELECT, passes there), or is shutting down or in recovery (57P01 admin
+# shutdown, 57P02 crash shutdown, 57P03 cannot connect now). A new connection then goes through the URL's
+# hosts again, and with target_session_attrs=read-write reaches the new primary (docs/deployment.md, Failover).
+FAILOVER_SQLSTATES = frozenset({"25006", "57P01", "57P02", "57P03"})
+
+
+def _discard_on_failover(context: ExceptionContext) -> None:
+    """SQLAlchemy's handle_error hook: a FAILOVER_SQLSTATES error invalidates the connection (and the pool)."""
+    if getattr(context.original_exception, "sqlstate", None) in FAILOVER_SQLSTATES:
+        context.is_disconnect = True
+
+
 def make_engine(
     url: str,
     engine_options: Mapping[str, Any] | None = None,
@@ -196,6 +211,7 @@ def make_engine(
     without end) and the connections get POSTGRES_CONNECT_DEFAULTS; with `pooler` ("transaction":
     dbsched_pooler) they keep no state of the session (`postgres_pooler_args`). A driver that is not installed,
     or that SQLAlchemy does not know, is a ValueError naming the install line."""
+    parse_database_url("dbsched_database_url", url)  # one clear error for a URL SQLAlchemy cannot parse
     parsed = make_url(url)
     try:
         return _make_engine(parsed, engine_options, client_timeout, pooler)
@@ -264,6 +280,7 @@ def _make_engine(
     if pooler is not None:
         connect_args = postgres_pooler_args(connect_args)
     engine = create_engine(parsed, connect_args=connect_args, **options)
+    event.listen(engine, "handle_error", _discard_on_failover)
     if "creator" not in options:  # a creator of the user's own makes the connections: left as it is
         from . import watchdog
 

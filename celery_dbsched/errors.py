@@ -320,6 +320,7 @@ _UNDEFINED_TABLE = "42P01"
 _UNDEFINED_COLUMN = "42703"
 _INVALID_SCHEMA_NAME = "3F000"  # the search_path names no schema that exists ("no schema has been selected")
 _INSUFFICIENT_PRIVILEGE = "42501"  # permission denied for a schema or table; must be owner of a table
+_READ_ONLY_TRANSACTION = "25006"  # a write (or LISTEN, NOTIFY) on a standby or a read-only server
 # Where the privileges of the migration and runtime roles are listed.
 GRANTS_DOC = "docs/deployment.md, Least privilege"
 
@@ -386,6 +387,12 @@ def classify(exc: DBAPIError) -> DbschedError:
         return DatabaseError(
             f"the database refused the connection ({reason}): not an outage, so waiting will not fix it; fix the "
             "user, password or database name in dbsched_database_url, or create that role or database"
+        )
+    if _sqlstate(exc.orig) == _READ_ONLY_TRANSACTION:
+        return DatabaseUnavailable(
+            f"database unavailable: {reason} (the server is read-only: a standby, or a primary being failed over; "
+            "the connection is discarded and a new one made; with several hosts in dbsched_database_url add "
+            "target_session_attrs=read-write to its query so that only the primary is used)"
         )
     if exc.connection_invalidated or is_outage(exc.orig if exc.orig is not None else exc):
         return DatabaseUnavailable(f"database unavailable: {reason}")

@@ -10,6 +10,7 @@ import datetime as dt
 import difflib
 import math
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -212,6 +213,11 @@ def parse_database_url(key: str, value: object) -> str | None:
     try:
         make_url(value)
     except (ArgumentError, ValueError):
+        if re.match(r"[^:/]+://[^/?]*,", value):  # host1:5432,host2:5432 in the netloc: SQLAlchemy takes one host
+            raise ValueError(
+                f"{key}: several hosts must go in the URL's query, not before the database name; e.g. "
+                "postgresql+psycopg://user:password@/db?host=host1:5432&host=host2:5432&target_session_attrs=read-write"
+            ) from None
         raise ValueError(
             f"{key}: not a database URL; expected e.g. postgresql+psycopg://user:password@host/db or "
             "sqlite:///path/to/file.sqlite3"

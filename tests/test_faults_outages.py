@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 from helpers.cluster import APP, LATENESS, Cluster, quick, seconds_between
 from helpers.polling import wait_for
+from helpers.postgres import PrivatePostgres, private_cluster
 from helpers.processes import CeleryProcess, Processes
 from helpers.proxy import TcpProxy, with_port
 from helpers.rabbitmq import PrivateRabbitMQ
@@ -48,7 +49,6 @@ from helpers.services import (
     require_service,
     unavailable,
 )
-from sqlalchemy import create_engine, text
 
 from celery_dbsched import RunRecord, update_job_next_run_in_at_least
 from celery_dbsched.wakeup import RECONNECT_AFTER
@@ -69,114 +69,13 @@ CLUSTER_PREFIX = "dbschedfaults"
 # -- a private PostgreSQL cluster ----------------------------------------------------------------------------
 
 
-def _pg_version() -> str | None:
-    root = Path("/usr/lib/postgresql")
-    versions = sorted(
-        (p.name for p in root.glob("*") if (p / "bin" / "initdb").exists()), key=lambda v: float(v), reverse=True
-    )
-    return versions[0] if versions else None
-
-
-def _run(args: Sequence[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=False)
-
-
-@dataclass
-class PrivatePostgres:
-    version: str
-    name: str
-    port: int
-
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
-
-    def ctl(self, action: str) -> float:
-        """`pg_ctlcluster <version> <name> <action>`; returns how long it took."""
-        started = time.monotonic()
-        result = _run(["pg_ctlcluster", "--skip-systemctl-redirect", self.version, self.name, action])
-        assert result.returncode == 0, f"pg_ctlcluster {action}: {result.stdout}{result.stderr}"
-        return time.monotonic() - started
-
-    def accepting(self) -> bool:
-        engine = create_engine(self.url(), connect_args={"connect_timeout": 2})
-        try:
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            return True
-        except Exception:
-            return False
-        finally:
-            engine.dispose()
-
-    def admin(self, sql: str) -> None:
-        engine = create_engine(self.url(), isolation_level="AUTOCOMMIT")
-        try:
-            with engine.connect() as conn:
-                conn.execute(text(sql))
-        finally:
-            engine.dispose()
-
-    def scalar(self, sql: str, database: str) -> Any:
-        engine = create_engine(self.url(database))
-        try:
-            with engine.connect() as conn:
-                return conn.execute(text(sql)).scalar()
-        finally:
-            engine.dispose()
-
-
-def _drop_stale_clusters(version: str) -> None:
-    """Clusters a previous run of this module left behind (its pytest process is gone)."""
-    listing = _run(["pg_lsclusters", "-h"]).stdout
-    for line in listing.splitlines():
-        fields = line.split()
-        if len(fields) < 2 or fields[0] != version or not fields[1].startswith(CLUSTER_PREFIX):
-            continue
-        pid = fields[1][len(CLUSTER_PREFIX) :].split("_")[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            _run(["pg_dropcluster", "--stop", version, fields[1]])
-
-
 @pytest.fixture(scope="module")
 def private_postgres() -> Iterator[PrivatePostgres]:
     """A PostgreSQL cluster of this module's own, on a free port (trust, localhost only, no fsync), created
     once for the module's tests and dropped as soon as they are done (also when they fail), not at the end
     of a whole CI session. A cluster left by a killed run is dropped by the next run."""
-    missing = [tool for tool in ("pg_createcluster", "pg_ctlcluster", "pg_dropcluster") if not shutil.which(tool)]
-    version = _pg_version()
-    if missing or version is None:
-        unavailable(f"a private PostgreSQL cluster needs {', '.join(missing) or 'initdb'} (Debian's postgresql-common)")
-    assert version is not None
-    if os.geteuid() != 0:
-        unavailable("a private PostgreSQL cluster needs root (pg_createcluster creates it as postgres)")
-    _drop_stale_clusters(version)
-    pg = PrivatePostgres(version, f"{CLUSTER_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:6]}", free_port())
-    settings = ["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
-    created = _run(
-        [
-            "pg_createcluster",
-            version,
-            pg.name,
-            "-p",
-            str(pg.port),
-            "--start-conf",
-            "manual",
-            *[arg for setting in settings for arg in ("-o", setting)],
-            "--",
-            "--auth=trust",
-        ]
-    )
-    try:
-        if created.returncode != 0:
-            unavailable(f"pg_createcluster failed: {created.stdout}{created.stderr}")
-        pg.ctl("start")
-        wait_for(pg.accepting, 60, 0.2, f"the private PostgreSQL cluster {pg.name} on port {pg.port}")
-        print(f"\nprivate PostgreSQL {version}/{pg.name} on 127.0.0.1:{pg.port}")
+    with private_cluster(CLUSTER_PREFIX) as pg:
         yield pg
-    finally:
-        dropped = _run(["pg_dropcluster", "--stop", version, pg.name])
-        if dropped.returncode != 0 and "does not exist" not in dropped.stderr:
-            print(f"pg_dropcluster {pg.name}: {dropped.stdout}{dropped.stderr}")
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from celery_dbsched.settings import (
     backoff_delay,
     default_database_url,
     default_server_id,
+    mask_database_url,
 )
 
 S = dt.timedelta(seconds=1)
@@ -313,6 +314,24 @@ def test_an_empty_database_url_is_a_value_error_naming_the_key(value: str) -> No
 def test_database_url_is_kept() -> None:
     url = "postgresql+psycopg://u@db/prod"
     assert Settings.from_mapping({"dbsched_database_url": url}).database_url == url
+
+
+def test_a_multi_host_url_is_kept_and_masked() -> None:
+    """Failover (docs/deployment.md): several hosts in the query, libpq keeps the one that accepts writes."""
+    url = "postgresql+psycopg://u:secret@/prod?host=a:5432&host=b:5433&target_session_attrs=read-write"
+    assert Settings.from_mapping({"dbsched_database_url": url}).database_url == url
+    masked = mask_database_url(url)
+    assert "secret" not in masked and "a%3A5432" in masked and "b%3A5433" in masked, masked
+
+
+def test_several_hosts_before_the_database_name_is_one_clear_error() -> None:
+    with pytest.raises(ValueError) as error:
+        Settings.from_mapping({"dbsched_database_url": "postgresql+psycopg://u:secret@a:5432,b:5432/prod"})
+    message = str(error.value)
+    assert (
+        message.startswith("dbsched_database_url: several hosts must go in the URL's query") and "secret" not in message
+    )
+    assert "?host=host1:5432&host=host2:5432&target_session_attrs=read-write" in message
 
 
 def test_a_sqlalchemy_url_object_is_accepted() -> None:
