@@ -403,7 +403,7 @@ def test_a_real_switch_fires_each_entry_at_redbeats_next_slot_none_twice_none_sk
     }
     app = make_app(redbeat_redis_url=REDIS_URL, redbeat_key_prefix=prefix)
     client = redis_client(REDIS_URL)
-    every = {"every-15": 15.0, "every-18": 18.0, "every-24": 24.0}
+    every = {"every-9": 9.0, "every-10": 10.0, "every-12": 12.0}  # short (CI time), longer than the switch
 
     def ran(counts: dict[str, int]) -> bool:
         ticks = _ticks(log)
@@ -437,7 +437,7 @@ def test_a_real_switch_fires_each_entry_at_redbeats_next_slot_none_twice_none_sk
         assert [item.name for item in reading.left_out] == ["celery.backend_cleanup"]  # ours has its own
         imported = dt.datetime.now(UTC)
         assert all(imported < last[name] + dt.timedelta(seconds=s) for name, s in every.items()), "the switch was slow"
-        wait_for(lambda: ran({"every-15": 3, "every-18": 3, "every-24": 2}), 120, 0.2, lambda: new_beat.log_tail())
+        wait_for(lambda: ran({"every-9": 3, "every-10": 3, "every-12": 2}), 120, 0.2, lambda: new_beat.log_tail())
         processes.check_alive(worker, new_beat)
         assert new_beat.stop() == 0
 
