@@ -33,7 +33,7 @@ import datetime as dt
 import numbers
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,13 @@ DIRECT_OPTIONS = frozenset(
 # The entries whose send_task decisions are kept (about 4 KB each). Beyond that the cache starts over, so
 # that a beat's memory stays flat in the number of entries: 100,000 entries kept every plan, 0.5 GB.
 TASK_PLANS_KEPT = 10_000
+# The beat's publishing connection (`publish_transport_options`): a broker that stops answering without refusing
+# (a network black hole) fails a publish after this many seconds instead of freezing the beat's tick. Redis:
+# `socket_timeout` (kombu's default is none: an LPUSH waits forever). RabbitMQ: py-amqp's `read_timeout` and
+# `write_timeout` (a publish without confirms does not wait for the broker, but a declaration, a confirm and a
+# send buffer that fills up do). Each is set only where the user's broker_transport_options do not set it.
+PUBLISH_TIMEOUT = 5.0
+_TIMEOUT_OPTIONS = {"redis": ("socket_timeout",), "amqp": ("read_timeout", "write_timeout")}
 SEND_TASK_FALLBACK = (
     "options other than DIRECT_OPTIONS (link, link_error, chain, chord, group_id, stamped_headers, retry, ...); "
     "countdown/eta with a quorum queue; task_protocol 1; task_send_sent_event"
@@ -122,6 +129,19 @@ def confirms_publish(app: Any) -> bool:
     return bool((app.conf.broker_transport_options or {}).get("confirm_publish"))
 
 
+def publish_transport_options(app: Any) -> dict[str, float]:
+    """The transport options the beat adds to its publishing connection (`connection_for_write`): the
+    timeouts of PUBLISH_TIMEOUT that the broker's transport knows (by its driver type) and that the user's
+    `broker_transport_options` leave unset. Opens nothing: kombu connects at the first use."""
+    connection = app.connection_for_write()
+    try:
+        driver = connection.transport.driver_type
+    finally:
+        connection.release()
+    user = app.conf.broker_transport_options or {}
+    return {key: PUBLISH_TIMEOUT for key in _TIMEOUT_OPTIONS.get(driver, ()) if key not in user}
+
+
 class RunPublisher:
     """Publishes one message per claimed run, as `app.send_task(RUN_TASK_NAME, ...)` would."""
 
@@ -144,6 +164,8 @@ class RunPublisher:
         self._shared_routes = True
         self._quorum: bool | None = None
         self._ids: list[str] = []
+        # Called with the error when a plain publish fails, before it is tried again under the retry policy.
+        self.on_retry: Callable[[Exception], None] = _ignore
 
     def new_batch(self) -> None:
         """A batch of messages begins: each queue is declared again at its first message."""
@@ -218,9 +240,13 @@ class RunPublisher:
             producer.publish(body, retry=False, **publish_kwargs)
         except MessageNacked:
             raise  # the broker's answer, not a connection error: kombu's retrying publish would not retry it
-        except Exception:
-            if not self._retry:
+        except Exception as exc:
+            if not self._retry or timed_out(exc):
+                # A broker that did not answer within the publish timeout is silent (a black hole): each retry
+                # would hold the beat's tick for another timeout. The run ends `failed` (not published) and is
+                # retried with the backoff, and the beat's database work goes on.
                 raise
+            self.on_retry(exc)
             producer.publish(body, retry=True, **publish_kwargs)
         self._declared.add(declare_key)
         if after:
@@ -513,6 +539,15 @@ class RunPublisher:
             **options,
         )
         return str(result.id)
+
+
+def timed_out(exc: BaseException) -> bool:
+    """A socket timeout, as the standard library (py-amqp) or redis-py (its own TimeoutError) raises it."""
+    return any(cls.__name__ == "TimeoutError" for cls in type(exc).__mro__)
+
+
+def _ignore(exc: Exception) -> None:
+    return None
 
 
 def _message_headers(

@@ -15,6 +15,7 @@ import statistics
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from celery import beat
@@ -32,7 +33,7 @@ from .errors import (
 )
 from .migrate import prepare_schema
 from .protocol import run_headers
-from .publisher import RunPublisher, unpublished_error
+from .publisher import RunPublisher, publish_transport_options, unpublished_error
 from .records import Claim, ClaimStats, JobRecord, RunRecord
 from .registry import existing_registry
 from .repository import JobRepository
@@ -117,9 +118,11 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         self._outage = Outage(logger, "the beat keeps trying, backing off up to the run-jobs interval")
         self._fatal: CannotStart | None = None  # a start-up that failed for good on a tick: the beat exits 1
         self._db_refused_since: float | None = None
-        self._broker_failing_since: float | None = None
+        self._broker_failing_since: float | None = None  # the first publish that failed in this outage
+        self._broker_down_logged = False
         self._unpublished = 0
         self._publisher = RunPublisher(app)
+        self._publisher.on_retry = self._publish_retrying
         # The next batch, claimed on a thread of its own (its own connection) while this one is published.
         self._claimer: ThreadPoolExecutor | None = None
         self._next_claim: Future[Claim] | None = None
@@ -375,13 +378,16 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         if self._metrics is not None and runs:
             self._metrics.published(runs, sent, unpublished)
         if broker_error is None and runs and self._broker_failing_since is not None:
-            logger.warning(
+            # WARNING after an outage that was logged at ERROR; INFO after one the publish retries got over.
+            logger.log(
+                logging.WARNING if self._broker_down_logged else logging.INFO,
                 "celery_dbsched: publishing works again after %.1fs; %d run(s) were not published meanwhile "
                 "(ended `failed`, retried with the backoff)",
                 time.monotonic() - self._broker_failing_since,
                 self._unpublished,
             )
             self._broker_failing_since = None
+            self._broker_down_logged = False
             self._unpublished = 0
 
     def _mark_dispatched(self, sent: list[tuple[int, str | None]]) -> None:
@@ -393,10 +399,26 @@ class Scheduler(beat.Scheduler):  # type: ignore[misc]
         else:
             self.repository.dispatch_runs(sent)
 
-    def _broker_down(self, run: RunRecord, exc: Exception) -> None:
-        """Said once per outage, not once per tick: every run due meanwhile fails the same way."""
+    @cached_property
+    def connection(self) -> Any:
+        """The beat's publishing connection (Celery's `connection_for_write`), with the timeouts that bound a
+        publish to a silent broker (`publish_transport_options`) where the user's options set none."""
+        return self.app.connection_for_write(transport_options=publish_transport_options(self.app))
+
+    def _publish_retrying(self, exc: Exception) -> None:
+        """A plain publish failed and is tried again under the retry policy (a broker that does not answer
+        fails each try after the publish timeout): said once per outage, when it is first noticed, at INFO (the
+        ERROR line follows if the retries fail too; a blip that one retry gets over needs no more)."""
         if self._broker_failing_since is None:
             self._broker_failing_since = time.monotonic()
+            logger.info("celery_dbsched: a publish failed (%r); trying again under task_publish_retry_policy", exc)
+
+    def _broker_down(self, run: RunRecord, exc: Exception) -> None:
+        """Said once per outage, not once per tick: every run due meanwhile fails the same way."""
+        if not self._broker_down_logged:
+            self._broker_down_logged = True
+            if self._broker_failing_since is None:
+                self._broker_failing_since = time.monotonic()
             logger.error(
                 "celery_dbsched: could not publish %s: %s; until publishing works again, runs that cannot be "
                 "published end `failed` (not published) and are retried with the backoff",

@@ -11,6 +11,7 @@ that other test runs use are never touched:
   with `rabbitmqctl stop` and started again with `rabbitmq-server -detached`.
 - PostgreSQL black-holed (issue 15): the shared server behind a `TcpProxy` that stops forwarding; only the
   processes that connect through the proxy see it.
+- RabbitMQ or Redis black-holed (issue 15): the shared server behind a `TcpProxy` of the test's own.
 
 Each test prints one line `FAULTS <name>: key=value ...` with what it counted, and appends it as JSON to the
 file named by DBSCHED_FAULT_REPORT when that is set.
@@ -38,10 +39,11 @@ from helpers.cluster import APP, LATENESS, Cluster, quick, seconds_between
 from helpers.polling import wait_for
 from helpers.postgres import PrivatePostgres, private_cluster
 from helpers.processes import CeleryProcess, Processes
-from helpers.proxy import TcpProxy, with_port
+from helpers.proxy import TcpProxy, host_port, with_port
 from helpers.rabbitmq import PrivateRabbitMQ
 from helpers.services import (
     RABBITMQ_URL,
+    REDIS_URL,
     Broker,
     Database,
     cleanup_queue,
@@ -51,6 +53,7 @@ from helpers.services import (
 )
 
 from celery_dbsched import RunRecord, update_job_next_run_in_at_least
+from celery_dbsched.publisher import PUBLISH_TIMEOUT
 from celery_dbsched.wakeup import RECONNECT_AFTER
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
@@ -435,16 +438,29 @@ def outage_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ou
     )
 
 
-@pytest.fixture
-def broker_cluster(
-    postgres_database: Database, outage_broker: OutageBroker, processes: Processes, tmp_path: Path
+@contextlib.contextmanager
+def cluster_on_broker(
+    database: Database, kind: str, url: str, real_url: str, processes: Processes, tmp_path: Path
 ) -> Iterator[Cluster]:
-    broker = Broker(outage_broker.kind, {"broker_url": outage_broker.url}, f"dbsched-faults-{uuid.uuid4().hex[:12]}")
-    cluster = Cluster(postgres_database, broker, processes, tmp_path)
+    """A cluster whose processes reach the broker at `url` (a proxy, or a private server); its queue is deleted
+    at the end through `real_url` (the shared server's; "" for a private server that dies with the test)."""
+    broker = Broker(kind, {"broker_url": url}, f"dbsched-faults-{uuid.uuid4().hex[:12]}")
+    cluster = Cluster(database, broker, processes, tmp_path)
     try:
         yield cluster
     finally:
         cluster.close()
+        if real_url:
+            cleanup_queue(Broker(kind, {"broker_url": real_url}, broker.queue))
+
+
+@pytest.fixture
+def broker_cluster(
+    postgres_database: Database, outage_broker: OutageBroker, processes: Processes, tmp_path: Path
+) -> Iterator[Cluster]:
+    # Both brokers are private servers that die with the test: no queue to delete on a shared one.
+    with cluster_on_broker(postgres_database, outage_broker.kind, outage_broker.url, "", processes, tmp_path) as c:
+        yield c
 
 
 def _not_published(run: RunRecord) -> bool:
@@ -670,3 +686,198 @@ def test_database_black_holed_while_a_beat_and_a_worker_run(
     assert resume_all <= BLACKHOLE_RESUME_BOUND, f"claiming resumed {resume_all:.1f}s after the database came back"
     for process_name, lines in errors.items():
         assert not [line for line in lines if line.startswith("Traceback")], f"{process_name}: {lines}"
+
+
+# -- issue 15, item 1: the broker black-holed -----------------------------------------------------------------
+
+BROKER_HOLE = 15.0  # seconds the broker stays silent
+# What the workers here are given, as docs/deployment.md recommends (shorter, for CI time): RabbitMQ heartbeats
+# (Celery's worker checks them at broker_heartbeat_checkrate, 2 a heartbeat; py-amqp gives up after two missed),
+# and for Redis a socket timeout and kombu's health checks (a BRPOP without its reply for brpop_timeout, 1 s,
+# plus health_check_interval is dropped, checked every health_check_interval).
+HOLE_HEARTBEAT = 4
+HOLE_HEALTH_CHECK = 4
+WORKER_HOLE_SETTINGS: dict[str, dict[str, Any]] = {
+    "rabbitmq": {"broker_heartbeat": HOLE_HEARTBEAT},
+    "redis": {"broker_transport_options": {"socket_timeout": 5, "health_check_interval": HOLE_HEALTH_CHECK}},
+}
+WORKER_HOLE_BOUND = {"rabbitmq": 2.5 * HOLE_HEARTBEAT, "redis": 1 + 2 * HOLE_HEALTH_CHECK}
+# The beat's publishing connection has celery_dbsched's default publish timeout (PUBLISH_TIMEOUT, 5 s): on
+# Redis its first publish into the hole fails then, and it says so. On RabbitMQ a publish (without confirms)
+# does not wait for the broker: it goes into the hole and the beat cannot notice; the run is recovered by its
+# threshold (ended `interrupted`, stalled, and run again).
+BEAT_HOLE_BOUND = {"redis": PUBLISH_TIMEOUT + 1.0}
+WORKER_NOTICE = ("Connection to broker lost", "dropping stale connection", "heartbeats missed")
+BEAT_NOTICE = ("a publish failed", "could not publish")
+
+
+@dataclass
+class HoleBroker:
+    kind: str
+    real_url: str
+    proxy: TcpProxy
+
+    @property
+    def url(self) -> str:
+        return with_port(self.real_url, self.proxy.port)
+
+
+@pytest.fixture(
+    params=[pytest.param("rabbitmq", marks=pytest.mark.rabbitmq), pytest.param("redis", marks=pytest.mark.redis)]
+)
+def hole_broker(request: pytest.FixtureRequest) -> Iterator[HoleBroker]:
+    """The shared RabbitMQ or Redis behind a TcpProxy of the test's own, which the test black-holes."""
+    kind: str = request.param
+    require_service(kind)
+    real_url = RABBITMQ_URL if kind == "rabbitmq" else REDIS_URL
+    proxy = TcpProxy(host_port(real_url, 5672 if kind == "rabbitmq" else 6379))
+    try:
+        yield HoleBroker(kind, real_url, proxy)
+    finally:
+        proxy.close()
+
+
+@pytest.fixture
+def hole_cluster(
+    postgres_database: Database, hole_broker: HoleBroker, processes: Processes, tmp_path: Path
+) -> Iterator[Cluster]:
+    with cluster_on_broker(
+        postgres_database, hole_broker.kind, hole_broker.url, hole_broker.real_url, processes, tmp_path
+    ) as c:
+        try:
+            yield c
+        finally:
+            hole_broker.proxy.restore()
+
+
+def first_notice(
+    process: CeleryProcess, since: int, texts: Sequence[str], start: dt.datetime
+) -> tuple[float | None, str]:
+    """Seconds from `start` (local time) to the first log line after `since` containing any of `texts`, and
+    which text it was."""
+    moments = [(moment, text) for text in texts if (moment := first_line_time(process, since, text)) is not None]
+    if not moments:
+        return None, ""
+    moment, text = min(moments)
+    return round((moment - start).total_seconds(), 1), text
+
+
+@pytest.mark.postgres
+def test_broker_black_holed_while_a_beat_and_a_worker_run(hole_broker: HoleBroker, hole_cluster: Cluster) -> None:
+    """The broker stops answering without refusing for 15 s while a beat claims four jobs every second and a
+    worker (with the recommended settings, shortened) runs them: each process that can notice does within its
+    bound, nobody exits, the jobs run again after the broker is back, no slot runs twice, and a run whose
+    message went into the hole is ended by its threshold (stalled) and run again."""
+    kind = hole_broker.kind
+    _broker_hole(hole_broker, hole_cluster, "", WORKER_HOLE_SETTINGS[kind], BROKER_HOLE, WORKER_HOLE_BOUND[kind])
+
+
+# Celery's and kombu's defaults: RabbitMQ heartbeats of 120 s asked (the server's 60 s is the one negotiated when
+# lower; py-amqp gives up after two missed), kombu's Redis health checks every 25 s (a BRPOP overdue by 1 + 25 s
+# is dropped). Measured: 139 s (RabbitMQ's default 60 s), 49 s.
+DEFAULT_WORKER_BOUND = {"rabbitmq": 2.5 * 120, "redis": 1 + 2 * 25}
+
+
+@pytest.mark.soak  # the worker's bound with Celery's defaults: 51 s (Redis), 300 s (RabbitMQ)
+@pytest.mark.postgres
+@pytest.mark.timeout(900)
+def test_soak_broker_black_holed_with_the_workers_defaults(
+    request: pytest.FixtureRequest, hole_broker: HoleBroker, hole_cluster: Cluster
+) -> None:
+    """Why docs/deployment.md asks for these settings: the same black hole, the worker left at the defaults."""
+    kind = hole_broker.kind
+    if kind == "redis":
+        # Measured: the worker dropped its BRPOP connection after 49 s, then never consumed again (still not 120 s
+        # after the return): without a socket_timeout a command sent into the hole waits forever for its answer.
+        reason = "kombu's defaults (no socket_timeout): the worker does not come back after a Redis black hole"
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+    bound = DEFAULT_WORKER_BOUND[kind]
+    _broker_hole(hole_broker, hole_cluster, "-defaults", {}, bound + 10, bound)
+
+
+def _broker_hole(
+    hole_broker: HoleBroker,
+    cluster: Cluster,
+    variant: str,
+    worker_settings: dict[str, Any],
+    silent: float,
+    worker_bound: float,
+) -> None:
+    kind = hole_broker.kind
+    settings = {"dbsched_retry_backoff": [0.5, 4]}
+    jobs = [quick(job, 1.0, interrupt_threshold=BROKER_THRESHOLD) for job in QUICK_JOBS]
+    worker = cluster.worker(jobs, settings={**settings, **worker_settings}, concurrency=4)
+    beat = cluster.beat(settings=settings)
+    worker.wait_ready()
+    sampler = cluster.sampler()
+    for job in QUICK_JOBS:
+        cluster.wait_runs(job, 2, done, timeout=90)
+    offsets = {process.name: log_size(process) for process in cluster.live}
+
+    went = cluster.repo.database_now()
+    silent_from = dt.datetime.now()  # the processes' log time stamps are local
+    hole_broker.proxy.blackhole()
+    hold(cluster, silent)
+    hole_broker.proxy.restore()
+    back = cluster.repo.database_now()
+
+    resumed = [
+        cluster.wait_run(
+            job,
+            lambda run: done(run) and run.start_time is not None and run.start_time > back,
+            timeout=120,
+            message=f"a run of {job} started after the broker came back",
+        )
+        for job in QUICK_JOBS
+    ]
+    first_run = min(seconds_between(back, run.start_time) for run in resumed)  # type: ignore[arg-type]
+    all_run = max(seconds_between(back, run.start_time) for run in resumed)  # type: ignore[arg-type]
+    cluster.wait(
+        lambda: all(run.end_time is not None for run in cluster.runs() if run.create_time < back),
+        BROKER_THRESHOLD + 30,
+        "every run claimed before the broker came back to end",
+    )
+    sampler.stop()
+    sampler.check()
+
+    runs = cluster.runs()
+    not_published = [run for run in runs if _not_published(run)]
+    unstarted = [run for run in runs if _unstarted_interrupted(run)]
+    lost = lost_runs(runs, cluster.repo.database_now(), lambda run: _not_published(run) or _unstarted_interrupted(run))
+    cluster.assert_started_once(runs)
+    cluster.processes.check_alive(worker, beat)
+    worker_notice, worker_said = first_notice(worker, offsets[worker.name], WORKER_NOTICE, silent_from)
+    beat_notice, beat_said = first_notice(beat, offsets[beat.name], BEAT_NOTICE, silent_from)
+    beat_errors = error_lines(beat, offsets[beat.name])
+    report(
+        f"broker-blackhole-{kind}{variant}",
+        silent=round(seconds_between(went, back), 1),
+        worker_noticed_after=worker_notice,
+        worker_said=repr(worker_said),
+        beat_noticed_after=beat_notice,
+        beat_said=repr(beat_said),
+        not_published=len(not_published),
+        recovered_after_threshold=len(unstarted),
+        first_run_after=round(first_run, 1),
+        all_jobs_ran_after=round(all_run, 1),
+        runs=len(runs),
+        lost=len(lost),
+        doubled=len(sampler.double_active),
+        beat_error_lines=len(beat_errors),
+        worker_error_lines=len(error_lines(worker, offsets[worker.name])),
+        duplicate_deliveries_dropped=worker.log().count("dropping the message for run"),
+        bytes_dropped=hole_broker.proxy.dropped,
+    )
+    assert not lost, f"runs lost or falsely ended: {describe(lost)}"
+    assert worker_notice is not None, "the worker never said the broker was silent"
+    assert worker_notice <= worker_bound + NOTICE_SLACK, f"the worker noticed after {worker_notice:.1f}s"
+    if kind in BEAT_HOLE_BOUND:
+        assert beat_notice is not None, "the beat never said it could not publish"
+        assert beat_notice <= BEAT_HOLE_BOUND[kind] + NOTICE_SLACK, f"the beat noticed after {beat_notice:.1f}s"
+    for run in unstarted:  # the beat's monitor runs between publishes, each held at most PUBLISH_TIMEOUT
+        assert run.end_time is not None
+        bound = BROKER_THRESHOLD + 0.3 + PUBLISH_TIMEOUT + LATENESS
+        assert seconds_between(run.create_time, run.end_time) <= bound, describe([run])
+    assert len(beat_errors) <= ERROR_LINES_BOUND, beat_errors[:20]
+    assert not [line for line in beat_errors if line.startswith("Traceback")], beat_errors[:10]
+    assert all_run <= 60, f"a job ran only {all_run:.1f}s after the broker came back"

@@ -20,7 +20,13 @@ from kombu.transport import memory
 
 from celery_dbsched import publisher as publisher_module
 from celery_dbsched.protocol import RUN_TASK_NAME
-from celery_dbsched.publisher import NotConfirmed, RunPublisher, unpublished_error
+from celery_dbsched.publisher import (
+    PUBLISH_TIMEOUT,
+    NotConfirmed,
+    RunPublisher,
+    publish_transport_options,
+    unpublished_error,
+)
 
 PER_MESSAGE = {"id", "root_id", "correlation_id"}
 
@@ -244,6 +250,34 @@ def test_with_confirms_a_connection_lost_before_the_confirm_says_the_broker_did_
         "not published: the broker did not confirm it (ConnectionError('reset'))"
     )
     assert unpublished_error(ConnectionError("reset")) == "not published: ConnectionError('reset')"
+
+
+def test_a_publish_that_timed_out_is_not_retried_at_once() -> None:
+    """A broker silent for the publish timeout (a black hole) would hold the beat's tick for one more timeout
+    per retry: the error is raised (the run is retried with the backoff)."""
+    import redis.exceptions
+
+    for error in (TimeoutError("timed out"), redis.exceptions.TimeoutError("Timeout reading from socket")):
+        producer = FlakyProducer(error)
+        with pytest.raises(type(error)):
+            RunPublisher(json_app()).publish(producer, 1, "j", None)
+        assert producer.calls == [False]
+
+
+@pytest.mark.parametrize(
+    ("url", "user", "added"),
+    [
+        ("redis://127.0.0.1:6379/0", {}, {"socket_timeout": PUBLISH_TIMEOUT}),
+        ("redis://127.0.0.1:6379/0", {"socket_timeout": 30, "visibility_timeout": 9}, {}),
+        ("amqp://guest@127.0.0.1//", {}, {"read_timeout": PUBLISH_TIMEOUT, "write_timeout": PUBLISH_TIMEOUT}),
+        ("amqp://guest@127.0.0.1//", {"write_timeout": None}, {"read_timeout": PUBLISH_TIMEOUT}),
+        ("memory://", {}, {}),
+    ],
+)
+def test_the_beats_publishing_connection_gets_timeouts_the_user_did_not_set(
+    url: str, user: dict[str, Any], added: dict[str, float]
+) -> None:
+    assert publish_transport_options(make_app(broker_url=url, broker_transport_options=user)) == added
 
 
 # -- plain tasks (beat_schedule entries): publish_task sends what send_task sends ------------------------

@@ -40,6 +40,7 @@ from kombu.utils.imports import symbol_by_name
 from celery_dbsched.clock import TestClock
 from celery_dbsched.errors import CannotStart, DatabaseUnavailable
 from celery_dbsched.protocol import RUN_TASK_NAME
+from celery_dbsched.publisher import PUBLISH_TIMEOUT
 from celery_dbsched.records import RunRecord
 from celery_dbsched.registry import existing_registry
 from celery_dbsched.scheduler import Scheduler
@@ -508,6 +509,20 @@ def test_a_broker_outage_is_logged_once_not_once_per_tick(
     [back] = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert "publishing works again" in back and "8 run(s) were not published" in back
     assert [m.args[1] for m in drain(scheduler.app, default_queue(scheduler), 1)] == ["a"]
+
+
+def test_the_beats_publishing_connection_has_the_publish_timeouts(
+    sqlite_database: Database, make_scheduler: SchedulerFactory
+) -> None:
+    """Issue 15, item 1: a publish to a silent broker fails within PUBLISH_TIMEOUT; the user's options win."""
+    scheduler = make_scheduler(
+        sqlite_database.url, broker_url="redis://127.0.0.1:1/0", broker_transport_options={"visibility_timeout": 9}
+    )
+    assert scheduler.connection.transport_options == {"visibility_timeout": 9, "socket_timeout": PUBLISH_TIMEOUT}
+    mine = make_scheduler(
+        sqlite_database.url, broker_url="redis://127.0.0.1:1/0", broker_transport_options={"socket_timeout": 1}
+    )
+    assert mine.connection.transport_options == {"socket_timeout": 1}
 
 
 @pytest.mark.parametrize(
