@@ -174,10 +174,15 @@ class RunPublisher:
     def publish(self, producer: Any, run_id: int, job_name: str, queue: str | None) -> str:
         """Publish the message of one run on `producer`; returns its task id. With confirms on, raises
         `NotConfirmed` for a message the broker did not confirm."""
+        return self._confirmed(self._publish, producer, run_id, job_name, queue)
+
+    def _confirmed(self, publish: Callable[..., str], *args: Any) -> str:
+        """`publish(*args)`; with confirms on, any error of it is NotConfirmed (the message is not known to be
+        queued)."""
         if not self.confirms:
-            return self._publish(producer, run_id, job_name, queue)
+            return publish(*args)
         try:
-            return self._publish(producer, run_id, job_name, queue)
+            return publish(*args)
         except Exception as exc:
             raise NotConfirmed(exc) from exc
 
@@ -335,12 +340,7 @@ class RunPublisher:
         to the entry's own; returns its task id. What send_task decides for these values is cached by `entry`
         (the job's name; else by task) and made again when any of them changed. With confirms on, raises
         `NotConfirmed` for a message the broker did not confirm."""
-        if not self.confirms:
-            return self._publish_task(producer, name, args, kwargs, options, headers, entry)
-        try:
-            return self._publish_task(producer, name, args, kwargs, options, headers, entry)
-        except Exception as exc:
-            raise NotConfirmed(exc) from exc
+        return self._confirmed(self._publish_task, producer, name, args, kwargs, options, headers, entry)
 
     def _publish_task(
         self,

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.cluster import APP, LATENESS, Cluster, quick, seconds_between
+from helpers.cluster import APP, LATENESS, Cluster, RunSampler, quick, seconds_between
 from helpers.polling import wait_for
 from helpers.postgres import PrivatePostgres, private_cluster
 from helpers.processes import CeleryProcess, Processes
@@ -472,6 +472,51 @@ def _unstarted_interrupted(run: RunRecord) -> bool:
     return run.status == "interrupted" and (run.error or "").startswith("stalled") and run.start_time is None
 
 
+@dataclass
+class BrokerReturn:
+    """What a broker scenario finds once the broker answers again."""
+
+    runs: list[RunRecord]
+    not_published: list[RunRecord]  # ended `failed`: the beat could not publish them
+    unstarted: list[RunRecord]  # sent, not started within the threshold: ended `interrupted` by a monitor
+    lost: list[RunRecord]  # anything else that did not complete
+    first_run: float  # seconds from the return to the first job's run starting
+    all_run: float  # ... to every job's
+
+
+def after_the_broker_returns(cluster: Cluster, sampler: RunSampler, back: dt.datetime) -> BrokerReturn:
+    """Each quick job runs again after `back` (the database clock), every run claimed before it ends
+    (completed, not published, or not started within the threshold and interrupted), no job had two active
+    runs and no run started twice."""
+    resumed = [
+        cluster.wait_run(
+            job,
+            lambda run: done(run) and run.start_time is not None and run.start_time > back,
+            timeout=120,
+            message=f"a run of {job} started after the broker came back",
+        )
+        for job in QUICK_JOBS
+    ]
+    cluster.wait(
+        lambda: all(run.end_time is not None for run in cluster.runs() if run.create_time < back),
+        BROKER_THRESHOLD + 30,
+        "every run claimed before the broker came back to end",
+    )
+    sampler.stop()
+    sampler.check()
+    runs = cluster.runs()
+    cluster.assert_started_once(runs)
+    expected = lambda run: _not_published(run) or _unstarted_interrupted(run)  # noqa: E731
+    return BrokerReturn(
+        runs=runs,
+        not_published=[run for run in runs if _not_published(run)],
+        unstarted=[run for run in runs if _unstarted_interrupted(run)],
+        lost=lost_runs(runs, cluster.repo.database_now(), expected),
+        first_run=min(seconds_between(back, run.start_time) for run in resumed),  # type: ignore[arg-type]
+        all_run=max(seconds_between(back, run.start_time) for run in resumed),  # type: ignore[arg-type]
+    )
+
+
 def test_broker_down_during_dispatch(outage_broker: OutageBroker, broker_cluster: Cluster) -> None:
     cluster = broker_cluster
     settings = {"dbsched_retry_backoff": [0.5, 4]}
@@ -492,35 +537,11 @@ def test_broker_down_during_dispatch(outage_broker: OutageBroker, broker_cluster
     start_s = outage_broker.start()
     came_back = cluster.repo.database_now()
 
-    resumed = []
-    for job in QUICK_JOBS:
-        resumed.append(
-            cluster.wait_run(
-                job,
-                lambda run: done(run) and run.start_time is not None and run.start_time > came_back,
-                timeout=120,
-                message=f"a run of {job} started after the broker came back",
-            )
-        )
-    first_run = min(seconds_between(came_back, run.start_time) for run in resumed)  # type: ignore[arg-type]
-    all_run = max(seconds_between(came_back, run.start_time) for run in resumed)  # type: ignore[arg-type]
-    # Runs claimed before the broker came back are all ended (completed, not published, or not started
-    # within the threshold and interrupted).
-    cluster.wait(
-        lambda: all(run.end_time is not None for run in cluster.runs() if run.create_time < came_back),
-        BROKER_THRESHOLD + 30,
-        "every run claimed while the broker was down to end",
-    )
-    sampler.stop()
-    sampler.check()
-
-    runs = cluster.runs()
-    not_published = [run for run in runs if _not_published(run)]
-    unstarted = [run for run in runs if _unstarted_interrupted(run)]
+    after = after_the_broker_returns(cluster, sampler, came_back)
+    runs, not_published, unstarted, lost = after.runs, after.not_published, after.unstarted, after.lost
+    first_run, all_run = after.first_run, after.all_run
     # Sent before the stop, started after the start: the message waited out the stop in a durable queue.
     kept = [run for run in runs if run.create_time < went_down and run.start_time and run.start_time > came_back]
-    lost = lost_runs(runs, cluster.repo.database_now(), lambda run: _not_published(run) or _unstarted_interrupted(run))
-    cluster.assert_started_once(runs)
     cluster.processes.check_alive(worker, beat)
     beat_errors = error_lines(beat, offsets[beat.name])
     worker_errors = error_lines(worker, offsets[worker.name])
@@ -821,30 +842,9 @@ def _broker_hole(
     hole_broker.proxy.restore()
     back = cluster.repo.database_now()
 
-    resumed = [
-        cluster.wait_run(
-            job,
-            lambda run: done(run) and run.start_time is not None and run.start_time > back,
-            timeout=120,
-            message=f"a run of {job} started after the broker came back",
-        )
-        for job in QUICK_JOBS
-    ]
-    first_run = min(seconds_between(back, run.start_time) for run in resumed)  # type: ignore[arg-type]
-    all_run = max(seconds_between(back, run.start_time) for run in resumed)  # type: ignore[arg-type]
-    cluster.wait(
-        lambda: all(run.end_time is not None for run in cluster.runs() if run.create_time < back),
-        BROKER_THRESHOLD + 30,
-        "every run claimed before the broker came back to end",
-    )
-    sampler.stop()
-    sampler.check()
-
-    runs = cluster.runs()
-    not_published = [run for run in runs if _not_published(run)]
-    unstarted = [run for run in runs if _unstarted_interrupted(run)]
-    lost = lost_runs(runs, cluster.repo.database_now(), lambda run: _not_published(run) or _unstarted_interrupted(run))
-    cluster.assert_started_once(runs)
+    after = after_the_broker_returns(cluster, sampler, back)
+    runs, not_published, unstarted, lost = after.runs, after.not_published, after.unstarted, after.lost
+    first_run, all_run = after.first_run, after.all_run
     cluster.processes.check_alive(worker, beat)
     worker_notice, worker_said = first_notice(worker, offsets[worker.name], WORKER_NOTICE, silent_from)
     beat_notice, beat_said = first_notice(beat, offsets[beat.name], BEAT_NOTICE, silent_from)
