@@ -5,7 +5,7 @@ The services that go down are private to this module, so that the shared Postgre
 that other test runs use are never touched:
 
 - PostgreSQL: a cluster of our own (`pg_createcluster`, as root), restarted with `pg_ctlcluster restart` and
-  stopped for 30 s with `pg_ctlcluster stop` / `start`, dropped at the end of the session.
+  stopped for 20 s with `pg_ctlcluster stop` / `start`, dropped at the end of the session.
 - Redis: a `redis-server` subprocess on a free port (no persistence), stopped and started again.
 - RabbitMQ (issue 15): a node of our own on free ports (`private_rabbitmq`, tests/helpers/rabbitmq.py), stopped
   with `rabbitmqctl stop` and started again with `rabbitmq-server -detached`.
@@ -59,7 +59,7 @@ from celery_dbsched.wakeup import RECONNECT_AFTER
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
 
 
-OUTAGE = 30.0  # seconds the database (and the broker) stay away
+OUTAGE = 20.0  # seconds the database (and the broker) stay away (30 until stop 21; CI time)
 # A beat backs off at most its run-jobs interval (0.3 s here) while the database is down; claiming must
 # resume within this many seconds of the database accepting connections again (slack for 2 shared cores).
 RESUME_BOUND = 10.0
@@ -236,7 +236,7 @@ def describe(runs: Sequence[RunRecord]) -> str:
     return "; ".join(f"run {r.id} {r.job_name} {r.status} error={(r.error or '')[:160]!r}" for r in runs)
 
 
-# -- scenario 5: PostgreSQL restarted, and away for 30 s ----------------------------------------------------
+# -- scenario 5: PostgreSQL restarted, and away for 20 s ----------------------------------------------------
 
 QUICK_JOBS = [f"e2e.q{n}" for n in range(4)]
 
@@ -383,7 +383,7 @@ def test_postgres_restart_while_beats_and_workers_run(private_postgres: PrivateP
     _database_outage("pg-restart", private_postgres, pg_cluster, restart, solo_worker=False, across=15)
 
 
-def test_postgres_away_for_30s_while_beats_and_workers_run(
+def test_postgres_away_for_20s_while_beats_and_workers_run(
     private_postgres: PrivatePostgres, pg_cluster: Cluster
 ) -> None:
     def away() -> float:
@@ -393,7 +393,7 @@ def test_postgres_away_for_30s_while_beats_and_workers_run(
         private_postgres.ctl("start")
         return time.monotonic() - started
 
-    _database_outage("pg-down-30s", private_postgres, pg_cluster, away, solo_worker=True, across=OUTAGE + 12)
+    _database_outage("pg-down-20s", private_postgres, pg_cluster, away, solo_worker=True, across=OUTAGE + 12)
 
 
 # -- scenario 6: the broker goes down during dispatch --------------------------------------------------------
@@ -547,7 +547,7 @@ def test_broker_down_during_dispatch(outage_broker: OutageBroker, broker_cluster
     worker_errors = error_lines(worker, offsets[worker.name])
     beat_log = beat.log()
     report(
-        f"broker-down-30s-{outage_broker.kind}",
+        f"broker-down-20s-{outage_broker.kind}",
         broker=outage_broker.description,
         down=round(seconds_between(went_down, came_back), 1),
         broker_stop_s=round(stop_s, 1) if stop_s is not None else None,
