@@ -482,6 +482,18 @@ class BrokerReturn:
     lost: list[RunRecord]  # anything else that did not complete
     first_run: float  # seconds from the return to the first job's run starting
     all_run: float  # ... to every job's
+    doubled: int  # samples of a job with two active runs
+
+    def figures(self) -> dict[str, Any]:
+        """The counts both broker scenarios report."""
+        return {
+            "not_published": len(self.not_published),
+            "first_run_after": round(self.first_run, 1),
+            "all_jobs_ran_after": round(self.all_run, 1),
+            "runs": len(self.runs),
+            "lost": len(self.lost),
+            "doubled": self.doubled,
+        }
 
 
 def after_the_broker_returns(cluster: Cluster, sampler: RunSampler, back: dt.datetime) -> BrokerReturn:
@@ -514,6 +526,7 @@ def after_the_broker_returns(cluster: Cluster, sampler: RunSampler, back: dt.dat
         lost=lost_runs(runs, cluster.repo.database_now(), expected),
         first_run=min(seconds_between(back, run.start_time) for run in resumed),  # type: ignore[arg-type]
         all_run=max(seconds_between(back, run.start_time) for run in resumed),  # type: ignore[arg-type]
+        doubled=len(sampler.double_active),
     )
 
 
@@ -538,10 +551,9 @@ def test_broker_down_during_dispatch(outage_broker: OutageBroker, broker_cluster
     came_back = cluster.repo.database_now()
 
     after = after_the_broker_returns(cluster, sampler, came_back)
-    runs, not_published, unstarted, lost = after.runs, after.not_published, after.unstarted, after.lost
-    first_run, all_run = after.first_run, after.all_run
+    unstarted, lost, all_run = after.unstarted, after.lost, after.all_run
     # Sent before the stop, started after the start: the message waited out the stop in a durable queue.
-    kept = [run for run in runs if run.create_time < went_down and run.start_time and run.start_time > came_back]
+    kept = [run for run in after.runs if run.create_time < went_down and run.start_time and run.start_time > came_back]
     cluster.processes.check_alive(worker, beat)
     beat_errors = error_lines(beat, offsets[beat.name])
     worker_errors = error_lines(worker, offsets[worker.name])
@@ -552,20 +564,15 @@ def test_broker_down_during_dispatch(outage_broker: OutageBroker, broker_cluster
         down=round(seconds_between(went_down, came_back), 1),
         broker_stop_s=round(stop_s, 1) if stop_s is not None else None,
         broker_start_s=round(start_s, 1) if start_s is not None else None,
-        not_published=len(not_published),
+        **after.figures(),
         unstarted_interrupted=len(unstarted),
         kept_across_stop=len(kept),
-        first_run_after=round(first_run, 1),
-        all_jobs_ran_after=round(all_run, 1),
-        runs=len(runs),
-        lost=len(lost),
-        doubled=len(sampler.double_active),
         beat_error_lines=len(beat_errors),
         worker_error_lines=len(worker_errors),
         duplicate_deliveries_dropped=worker.log().count("dropping the message for run"),
     )
     assert not lost, f"runs lost or falsely ended: {describe(lost)}"
-    assert not_published, "no run was refused by the broker: the outage was not during dispatch"
+    assert after.not_published, "no run was refused by the broker: the outage was not during dispatch"
     for run in unstarted:
         # Ended by a beat's monitor once older than the job's threshold: threshold + monitor interval + slack.
         assert run.end_time is not None
@@ -843,8 +850,7 @@ def _broker_hole(
     back = cluster.repo.database_now()
 
     after = after_the_broker_returns(cluster, sampler, back)
-    runs, not_published, unstarted, lost = after.runs, after.not_published, after.unstarted, after.lost
-    first_run, all_run = after.first_run, after.all_run
+    unstarted, lost, all_run = after.unstarted, after.lost, after.all_run
     cluster.processes.check_alive(worker, beat)
     worker_notice, worker_said = first_notice(worker, offsets[worker.name], WORKER_NOTICE, silent_from)
     beat_notice, beat_said = first_notice(beat, offsets[beat.name], BEAT_NOTICE, silent_from)
@@ -856,13 +862,8 @@ def _broker_hole(
         worker_said=repr(worker_said),
         beat_noticed_after=beat_notice,
         beat_said=repr(beat_said),
-        not_published=len(not_published),
+        **after.figures(),
         recovered_after_threshold=len(unstarted),
-        first_run_after=round(first_run, 1),
-        all_jobs_ran_after=round(all_run, 1),
-        runs=len(runs),
-        lost=len(lost),
-        doubled=len(sampler.double_active),
         beat_error_lines=len(beat_errors),
         worker_error_lines=len(error_lines(worker, offsets[worker.name])),
         duplicate_deliveries_dropped=worker.log().count("dropping the message for run"),
