@@ -86,6 +86,7 @@ MARIADB_SUITES = frozenset(
         "test_migrations",
         "test_repository",
         "test_scheduler",
+        "test_templates",
     }
 )
 

@@ -22,6 +22,7 @@ from celery_dbsched.clock import Clock
 from celery_dbsched.migrate import migrate
 from celery_dbsched.repository import JobRepository
 from celery_dbsched.settings import Settings
+from helpers.templates import admin_engine, clone_migrated
 
 POSTGRES_URL = os.environ.get("DBSCHED_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 RABBITMQ_URL = os.environ.get("DBSCHED_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -112,8 +113,14 @@ class Database:
         return repository
 
     def migrated_repository(self, *, clock: Clock | None = None, **settings: Any) -> JobRepository:
+        """A repository on this database, migrated: a fresh database is a copy of one migrated once per session
+        (helpers/templates.py), or migrated when it cannot be."""
+        fresh = not self.repositories
+        admin = {"postgres": POSTGRES_URL, "mariadb": MARIADB_URL}.get(self.kind, "")
+        copied = fresh and clone_migrated(self, admin)
         repository = self.repository(clock=clock, **settings)
-        migrate(repository.engine)
+        if not copied:
+            migrate(repository.engine)
         return repository
 
     def conf(self) -> dict[str, Any]:
@@ -133,10 +140,8 @@ def sqlite_database(folder: Path) -> Database:
 def make_postgres_database() -> Database:
     require_service("postgres")
     schema = f"t_{uuid.uuid4().hex[:16]}"
-    engine = create_engine(POSTGRES_URL)
-    with engine.begin() as conn:
+    with admin_engine(POSTGRES_URL).begin() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    engine.dispose()
     separator = "&" if "?" in POSTGRES_URL else "?"
     url = f"{POSTGRES_URL}{separator}options={quote(f'-csearch_path={schema}')}"
     return Database("postgres", url, schema)
@@ -145,10 +150,8 @@ def make_postgres_database() -> Database:
 def make_mariadb_database() -> Database:
     require_service("mariadb")
     name = f"t_{uuid.uuid4().hex[:16]}"
-    engine = create_engine(MARIADB_URL)
-    with engine.begin() as conn:
+    with admin_engine(MARIADB_URL).begin() as conn:
         conn.execute(text(f"CREATE DATABASE `{name}`"))
-    engine.dispose()
     return Database("mariadb", str(make_url(MARIADB_URL).set(database=name).render_as_string(False)), name)
 
 
@@ -156,10 +159,8 @@ def drop_database(database: Database) -> None:
     for repository in database.repositories:
         repository.close()
     if database.kind == "mariadb" and database.schema is not None:
-        engine = create_engine(MARIADB_URL)
-        with engine.begin() as conn:
+        with admin_engine(MARIADB_URL).begin() as conn:
             conn.execute(text(f"DROP DATABASE IF EXISTS `{database.schema}`"))
-        engine.dispose()
         return
     if database.own_database is not None:
         engine = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
@@ -168,10 +169,8 @@ def drop_database(database: Database) -> None:
         engine.dispose()
         return
     if database.schema is not None:
-        engine = create_engine(POSTGRES_URL)
-        with engine.begin() as conn:
+        with admin_engine(POSTGRES_URL).begin() as conn:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{database.schema}" CASCADE'))
-        engine.dispose()
 
 
 @dataclass
