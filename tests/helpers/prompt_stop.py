@@ -17,8 +17,11 @@ class _PromptStop(bootsteps.StartStopStep):  # type: ignore[misc]
     """Wakes the worker's event loop (RabbitMQ, Redis) every 0.1 s."""
 
     def start(self, consumer: Any) -> None:
-        if getattr(consumer, "hub", None) is not None:
-            consumer.hub.call_repeatedly(0.1, _nothing)
+        # The consumer's steps start again at each reconnect; the hub is the worker's: one timer is enough.
+        hub = getattr(consumer, "hub", None)
+        if hub is not None and not getattr(hub, "_dbsched_prompt_stop", False):
+            hub._dbsched_prompt_stop = True
+            hub.call_repeatedly(0.1, _nothing)
 
 
 def _nothing() -> None:
