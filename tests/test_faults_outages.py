@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import re
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.cluster import APP, LATENESS, Cluster, RunSampler, quick, seconds_between
+from helpers.cluster import APP, LATENESS, Cluster, RunSampler, assert_runs_spaced, quick, seconds_between
 from helpers.polling import wait_for
 from helpers.postgres import PrivatePostgres, private_cluster
 from helpers.processes import CeleryProcess, Processes
@@ -606,9 +607,11 @@ class ProxiedCluster(Cluster):
     def __init__(self, url: str, *args: Any) -> None:
         super().__init__(*args)
         self.process_url = url
+        self.direct: set[str] = set()  # names of the processes that reach the database directly instead
 
     def env(self, name: str, jobs: Sequence[dict[str, Any]], settings: dict[str, Any] | None) -> dict[str, str]:
-        return {**super().env(name, jobs, settings), "E2E_DATABASE_URL": self.process_url}
+        env = super().env(name, jobs, settings)
+        return env if name in self.direct else {**env, "E2E_DATABASE_URL": self.process_url}
 
 
 @pytest.fixture
@@ -714,6 +717,253 @@ def test_database_black_holed_while_a_beat_and_a_worker_run(
     assert resume_all <= BLACKHOLE_RESUME_BOUND, f"claiming resumed {resume_all:.1f}s after the database came back"
     for process_name, lines in errors.items():
         assert not [line for line in lines if line.startswith("Traceback")], f"{process_name}: {lines}"
+
+
+# -- issue 15, item 1: the black hole at an exact point, mid-claim and mid-finish -------------------------------
+
+# The processes of these scenarios: a client timeout of 5 s (20 s by default; shortened for CI time) and a connect
+# timeout of 5 s (10 s by default: a connection attempted into the hole just before it ends waits that long), and
+# no prepared statements (`prepare_threshold` None, as dbsched_pooler sets it): psycopg then sends each statement's
+# SQL text every time, so the trigger sees the claim or the finish whenever it is armed, not only before the 5th
+# execution (past it, a prepared statement travels by name only).
+POINT_CLIENT_TIMEOUT = 5.0
+POINT_SETTINGS: dict[str, Any] = {
+    "dbsched_client_timeout": POINT_CLIENT_TIMEOUT,
+    "dbsched_engine_options": {"connect_args": {"prepare_threshold": None, "connect_timeout": 5}},
+}
+# The SQL text on the wire (PostgreSQL): the claim (statements.claim) and the one-statement finish
+# (statements.finish); the commit of the claim's transaction.
+CLAIM_SQL = b"INSERT INTO dbsched_job_run (job_name, status, queue, claimed_by"
+FINISH_SQL = b"WITH ended AS"
+COMMIT_SQL = b"COMMIT"
+POINT_JOB = "e2e.point"
+# The claim scenarios' job: a run claimed but never published is stalled this long after its claim.
+POINT_THRESHOLD = 3.0
+POINT_NOTICE_SLACK = 3.0  # the tick that notices, 2 shared cores
+
+
+@pytest.mark.postgres
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("reaches_server", [False, True], ids=["request-dropped", "answer-dropped"])
+@pytest.mark.parametrize("phase", ["claim", "finish"])
+def test_database_black_holed_mid_claim_and_mid_finish(
+    pg_proxy: TcpProxy, blackhole_cluster: ProxiedCluster, phase: str, reaches_server: bool
+) -> None:
+    """The database goes silent at an exact point: when the beat sends its claim, or the worker its finish (the
+    proxy's trigger on the statement's SQL text; prepared statements off, see POINT_SETTINGS). Either the request
+    is dropped (the server never sees it) or it is delivered and the hole starts before the answer (for the claim:
+    at its transaction's COMMIT, so the claim is committed; for the finish, one statement in autocommit: the
+    finish is committed), the client never learning the outcome.
+
+    The process sending it notices within the client timeout (5 s here) + slack, says so without a traceback, and
+    keeps running; once the database answers again (the hole is ended as soon as it noticed):
+    - claim, dropped: nothing was committed; the slot is claimed again and run once (completed);
+    - claim, answer dropped: the run claimed (queued) was never published; it ends `interrupted` (stalled) once
+      older than the job's threshold (3 s), and the job runs again;
+    - finish, dropped: the worker's retry ends the run `completed` after the return;
+    - finish, answer dropped: the run was `completed` by the first attempt; the retry finds it so and says the
+      finish had been committed, the run stays as it was (same end time), and the job runs again.
+    Always: no job has two active runs, no run starts twice."""
+    cluster = blackhole_cluster
+    spec = quick(POINT_JOB, 1.0, interrupt_threshold=POINT_THRESHOLD if phase == "claim" else None)
+    worker = cluster.worker([spec], settings=POINT_SETTINGS, concurrency=2)
+    beat = cluster.beat(settings=POINT_SETTINGS)
+    worker.wait_ready()
+    sampler = cluster.sampler()
+    cluster.wait_runs(POINT_JOB, 1, done, timeout=60)
+    noticer = beat if phase == "claim" else worker
+    offsets = {process.name: log_size(process) for process in cluster.live}
+
+    before = {run.id for run in cluster.runs(POINT_JOB)}
+    if phase == "claim":
+        then = COMMIT_SQL if reaches_server else None
+        pg_proxy.blackhole_on(CLAIM_SQL, forward_trigger=reaches_server, then=then)
+    else:
+        pg_proxy.blackhole_on(FINISH_SQL, forward_trigger=reaches_server)
+    cluster.wait(pg_proxy.hole_started.is_set, 10, "the beat to claim, or the worker to finish, a run")
+    silent_from = pg_proxy.hole_started_at
+    assert silent_from is not None
+    went = cluster.repo.database_now()
+
+    def noticed() -> float | None:
+        moment = first_line_time(noticer, offsets[noticer.name], "database unavailable")
+        return None if moment is None else (moment - silent_from).total_seconds()
+
+    bound = POINT_CLIENT_TIMEOUT + POINT_NOTICE_SLACK
+    notice: float = cluster.wait(noticed, bound + 10, f"the {noticer.name} to log the black hole")
+    # What the database has now, before the return: the run the statement was about. A run claimed (and
+    # published) between the read of `before` and the arming is started, and ended before the job's next claim.
+    fresh = [run for run in cluster.runs(POINT_JOB) if run.id not in before and run.start_time is None]
+    affected = cluster.runs(POINT_JOB)[-1]
+    pg_proxy.restore()
+    back = cluster.repo.database_now()
+
+    if phase == "claim" and not reaches_server:
+        assert not fresh, f"a claim that never reached the server took a run: {describe(fresh)}"
+        final = cluster.wait_run(POINT_JOB, lambda run: run.create_time > back and done(run), 30)
+        expected = "no run; the slot claimed again after the return, completed"
+    elif phase == "claim":
+        assert [run.status for run in fresh] == ["queued"], f"the claim committed one run: {describe(fresh)}"
+        affected = fresh[0]
+        final = cluster.wait_run(POINT_JOB, lambda run: run.id == affected.id and run.end_time is not None, 30)
+        assert final.status == "interrupted" and final.interrupt_reason == "stalled", describe([final])
+        assert final.start_time is None, describe([final])
+        cluster.wait_run(POINT_JOB, lambda run: run.id > affected.id and done(run), 30)
+        expected = "the claimed run interrupted (stalled, never started), the job run again"
+    else:
+        assert not fresh and affected.start_time is not None, f"the run being finished: {describe([affected])}"
+        if reaches_server:
+            assert affected.status == "completed", f"the finish committed: {describe([affected])}"
+        else:
+            assert affected.status == "running", f"the finish never reached the server: {describe([affected])}"
+        retried = "had been committed" if reaches_server else "done after"
+
+        def retry_logged() -> bool:
+            return first_line_time(worker, offsets[worker.name], retried) is not None
+
+        cluster.wait(retry_logged, 30, f"the worker to log {retried!r} for its finish")
+        final = cluster.wait_run(POINT_JOB, lambda run: run.id == affected.id and run.end_time is not None, 30)
+        assert final.status == "completed", describe([final])
+        if reaches_server:
+            assert final.end_time == affected.end_time, "the retried finish wrote the run again"
+        else:
+            assert final.end_time is not None and final.end_time >= back, describe([final])
+        cluster.wait_run(POINT_JOB, lambda run: run.id > affected.id and done(run), 30)
+        expected = "completed by the first attempt, kept" if reaches_server else "completed by the retry"
+    sampler.stop()
+    sampler.check()
+    runs = cluster.runs()
+    cluster.assert_started_once(runs)
+    cluster.processes.check_alive(worker, beat)
+    unexpected = [run for run in runs if run.status != "completed" and run.id != affected.id]
+    lost = lost_runs([run for run in runs if run.id != affected.id], cluster.repo.database_now(), lambda run: False)
+    errors = {process.name: error_lines(process, offsets[process.name]) for process in cluster.live}
+    notices = {
+        process.name: sum("database unavailable" in line for line in _log_lines(process, offsets[process.name]))
+        for process in cluster.live
+    }
+    report(
+        f"pg-blackhole-mid-{phase}-{'answer' if reaches_server else 'request'}-dropped",
+        database="postgresql (shared, through a TcpProxy)",
+        broker="rabbitmq",
+        client_timeout=POINT_CLIENT_TIMEOUT,
+        noticed_after=round(notice, 1),
+        silent=round(seconds_between(went, back), 1),
+        affected_run=final.status if phase != "claim" or reaches_server else "none",
+        expected=expected,
+        runs=len(runs),
+        lost=len(lost),
+        doubled=len(sampler.double_active),
+        notice_lines_by_process=notices,
+        error_lines_by_process={name: len(lines) for name, lines in errors.items()},
+    )
+    assert notice <= bound, f"the {noticer.name} noticed the black hole after {notice:.1f}s"
+    assert not unexpected, f"runs other than the affected one did not complete: {describe(unexpected)}"
+    assert not lost, describe(lost)
+    assert notices[noticer.name] <= ERROR_LINES_BOUND, f"the {noticer.name} said it {notices[noticer.name]} times"
+    for name, lines in errors.items():
+        assert len(lines) <= ERROR_LINES_BOUND, f"{name}: {lines}"
+        assert not [line for line in lines if line.startswith("Traceback")], f"{name}: {lines}"
+
+
+TWO_BEATS_HOLE = 8.0  # seconds the held beat stays in the black hole (more than POINT_CLIENT_TIMEOUT)
+
+
+def server_id(process: CeleryProcess) -> str:
+    """A beat's server id, as its claims record it (`claimed_by`)."""
+    return f"{socket.gethostname()}:{process.pid}"
+
+
+@pytest.mark.postgres
+@pytest.mark.rabbitmq
+def test_two_beats_one_black_holed_mid_claim(pg_proxy: TcpProxy, blackhole_cluster: ProxiedCluster) -> None:
+    """Two beats claim four jobs every second; one reaches the database through the proxy, the other (and the
+    worker) directly. The held beat's claim is dropped into the black hole (trigger on the claim's SQL text, as
+    in the test above; nothing of it reaches the server, so it holds no lock there) and the hole lasts 8 s: the
+    held beat notices within the client timeout and keeps running, the direct beat claims every job on time
+    meanwhile (every run within LATENESS of its slot, all of them its own), and once the hole ends the held beat
+    claims again; no job has two active runs, no run starts twice, none is lost."""
+    cluster = blackhole_cluster
+    cluster.direct.update({"worker", "direct"})
+    worker = cluster.worker([quick(job, 1.0) for job in QUICK_JOBS], settings=POINT_SETTINGS, concurrency=4)
+    held = cluster.beat(name="held", settings=POINT_SETTINGS)
+    direct = cluster.beat(name="direct", settings=POINT_SETTINGS)
+    worker.wait_ready()
+    sampler = cluster.sampler()
+    held_id, direct_id = server_id(held), server_id(direct)
+    cluster.wait(lambda: {held_id, direct_id} <= {r.claimed_by for r in cluster.runs()}, 60, "a claim by each beat")
+    offsets = {process.name: log_size(process) for process in cluster.live}
+
+    pg_proxy.blackhole_on(CLAIM_SQL, forward_trigger=False)
+    cluster.wait(pg_proxy.hole_started.is_set, 10, "the held beat to claim")
+    silent_from = pg_proxy.hole_started_at
+    assert silent_from is not None
+    went = cluster.repo.database_now()
+
+    def noticed() -> float | None:
+        moment = first_line_time(held, offsets[held.name], "database unavailable")
+        return None if moment is None else (moment - silent_from).total_seconds()
+
+    bound = POINT_CLIENT_TIMEOUT + POINT_NOTICE_SLACK
+    notice: float = cluster.wait(noticed, bound + 10, "the held beat to log the black hole")
+    hold(cluster, max(0.0, TWO_BEATS_HOLE - (dt.datetime.now() - silent_from).total_seconds()))
+    pg_proxy.restore()
+    back = cluster.repo.database_now()
+    held_again: RunRecord = cluster.wait(
+        lambda: next((r for r in cluster.runs() if r.claimed_by == held_id and r.create_time > back), None),
+        30,
+        "the held beat to claim again after the return",
+    )
+    for job in QUICK_JOBS:
+        cluster.wait_runs(job, 1, lambda run: done(run) and run.create_time > held_again.create_time, timeout=30)
+    sampler.stop()
+    sampler.check()
+
+    runs = cluster.runs()
+    in_hole = [run for run in runs if went <= run.create_time <= back]
+    lateness: list[float] = []
+    for job in QUICK_JOBS:
+        ended = [run for run in cluster.runs(job) if run.end_time is not None]
+        assert_runs_spaced(ended, 1.0)
+        for previous, run in itertools.pairwise(ended):
+            if went <= run.create_time <= back and run.scheduled_for is not None and previous.end_time is not None:
+                lateness.append(seconds_between(max(run.scheduled_for, previous.end_time), run.create_time))
+    lost = lost_runs(runs, cluster.repo.database_now(), lambda run: False)
+    cluster.assert_started_once(runs)
+    cluster.processes.check_alive(worker, held, direct)
+    errors = {process.name: error_lines(process, offsets[process.name]) for process in cluster.live}
+    report(
+        "pg-blackhole-two-beats-one-held",
+        database="postgresql (shared; one beat through a TcpProxy)",
+        broker="rabbitmq",
+        client_timeout=POINT_CLIENT_TIMEOUT,
+        silent=round(seconds_between(went, back), 1),
+        held_noticed_after=round(notice, 1),
+        held_claimed_again_after=round(seconds_between(back, held_again.create_time), 2),
+        claims_in_hole=len(in_hole),
+        claims_in_hole_by_held=sum(run.claimed_by == held_id for run in in_hole),
+        max_lateness_in_hole=round(max(lateness), 2) if lateness else None,
+        runs=len(runs),
+        lost=len(lost),
+        doubled=len(sampler.double_active),
+        error_lines_by_process={name: len(lines) for name, lines in errors.items()},
+    )
+    assert notice <= bound, f"the held beat noticed the black hole after {notice:.1f}s"
+    assert all(run.claimed_by == direct_id for run in in_hole), describe(in_hole)
+    # Each job claimed about once a second while the held beat was silent (its first and last second aside).
+    for job in QUICK_JOBS:
+        claims = sum(run.job_name == job for run in in_hole)
+        assert claims >= TWO_BEATS_HOLE / 2, f"{job} claimed {claims} times in an {TWO_BEATS_HOLE:g} s hole"
+    assert not lost, describe(lost)
+    for name, lines in errors.items():
+        assert len(lines) <= ERROR_LINES_BOUND, f"{name}: {lines}"
+        assert not [line for line in lines if line.startswith("Traceback")], f"{name}: {lines}"
+
+
+def _log_lines(process: CeleryProcess, since: int) -> list[str]:
+    with open(process.log_path, "rb") as f:
+        f.seek(since)
+        return f.read().decode(errors="replace").splitlines()
 
 
 # -- issue 15, item 1: the broker black-holed -----------------------------------------------------------------
