@@ -17,7 +17,13 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from celery_dbsched import wakeup
-from celery_dbsched.engine import POSTGRES_CONNECT_DEFAULTS, make_engine, postgres_connect_args, set_client_timeout
+from celery_dbsched.engine import (
+    POSTGRES_CONNECT_DEFAULTS,
+    make_engine,
+    mysql_connect_args,
+    postgres_connect_args,
+    set_client_timeout,
+)
 from celery_dbsched.errors import DatabaseUnavailable, is_client_timeout
 from celery_dbsched.migrate import migrate
 from celery_dbsched.repository import JobRepository
@@ -287,3 +293,22 @@ def test_a_creator_of_ones_own_is_left_alone(postgres_database: Database) -> Non
             assert not hasattr(conn.connection.driver_connection, "dbsched_client_timeout")
     finally:
         engine.dispose()
+
+
+# -- MySQL/MariaDB (PyMySQL): the connect arguments (the black hole itself: tests/test_mariadb.py) ---------------
+
+MYSQL_URL = make_url("mysql+pymysql://u@db.example/app")
+
+
+def test_the_mysql_connection_defaults() -> None:
+    defaults = {"connect_timeout": 10, "read_timeout": 20.0, "write_timeout": 20.0}
+    assert mysql_connect_args(MYSQL_URL, {}, 20.0) == defaults
+    # dbsched_client_timeout off (0): no read or write timeout, as before.
+    assert mysql_connect_args(MYSQL_URL, {}, None) == {"connect_timeout": 10}
+
+
+def test_the_mysql_url_query_and_connect_args_win_over_the_defaults() -> None:
+    url = make_url("mysql+pymysql://u@db.example/app?read_timeout=60&connect_timeout=3")
+    assert mysql_connect_args(url, {}, 20.0) == {"write_timeout": 20.0}  # PyMySQL reads the others from the URL
+    args = mysql_connect_args(MYSQL_URL, {"write_timeout": 90, "ssl": {"ca": "x"}}, 20.0)
+    assert args == {"connect_timeout": 10, "read_timeout": 20.0, "write_timeout": 90, "ssl": {"ca": "x"}}

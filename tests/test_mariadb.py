@@ -13,6 +13,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,14 +21,15 @@ import pymysql
 import pytest
 from helpers.polling import wait_for
 from helpers.processes import Processes
-from helpers.proxy import closed_port
-from helpers.services import Database, unavailable
+from helpers.proxy import TcpProxy, closed_port, host_port, with_port
+from helpers.services import MARIADB_URL, Database, unavailable
 from sqlalchemy import create_engine, insert, select, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from test_startup_errors import assert_one_line, exit_code, start
 
 from celery_dbsched import JobRepository
-from celery_dbsched.engine import check_mysql_server
+from celery_dbsched.engine import check_mysql_server, set_client_timeout
 from celery_dbsched.errors import DatabaseUnavailable, UnsupportedDatabase, is_deadlock
 from celery_dbsched.migrate import migrate
 from celery_dbsched.schema import job_table, run_table
@@ -306,3 +308,115 @@ def test_a_beat_a_worker_and_the_cli_on_mysql_8_exit_1_in_one_line(
     process = start(processes, command, mysql_8.url)
     assert exit_code(process) == 1
     assert_one_line(process, "the server is MySQL 8.0.36, which celery_dbsched does not support", command)
+
+
+# -- issue 15, item 1: MariaDB behind a network black hole --------------------------------------------------
+
+BLACKHOLE_MARGIN = 1.5  # how late past its bound a timeout may fire on a loaded machine
+
+
+@pytest.fixture
+def mariadb_proxy() -> Iterator[TcpProxy]:
+    """A proxy in front of the shared MariaDB (black-holing it affects only who connects through it)."""
+    proxy = TcpProxy(host_port(MARIADB_URL, 3306))
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def _proxied(
+    database: Database, proxy: TcpProxy | None, query: dict[str, str] | None = None, **options: object
+) -> JobRepository:
+    url = make_url(with_port(database.url, proxy.port) if proxy else database.url).update_query_dict(query or {})
+    repository = JobRepository(url.render_as_string(False), client_timeout=2.0, engine_options=options or None)
+    database.repositories.append(repository)
+    return repository
+
+
+def _timeouts(repository: JobRepository) -> tuple[object, object, object]:
+    with repository.engine.connect() as conn:
+        driver = conn.connection.driver_connection
+        return driver.connect_timeout, driver._read_timeout, driver._write_timeout  # type: ignore[union-attr]
+
+
+def _silent_heartbeat(repository: JobRepository, proxy: TcpProxy) -> float:
+    """How long a heartbeat (a transaction on a pooled, pre-pinged connection) takes to fail once the proxy
+    black-holes; it must fail as an outage."""
+    repository.heartbeat("w1", "worker", "host", 1)
+    proxy.blackhole()
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailable) as excinfo:
+        repository.heartbeat("w1", "worker", "host", 1)
+    took = time.monotonic() - started
+    assert "2013" in str(excinfo.value.__cause__) or "timed out" in str(excinfo.value), repr(excinfo.value)
+    assert proxy.dropped > 0
+    proxy.restore()
+    repository.heartbeat("w1", "worker", "host", 1)  # a new connection: the timed-out one was discarded
+    return took
+
+
+@pytest.mark.slow
+def test_a_statement_into_a_black_hole_is_an_outage_within_the_client_timeout(
+    mariadb_database: Database, mariadb_proxy: TcpProxy
+) -> None:
+    """dbsched_client_timeout (2 s here) is PyMySQL's read and write timeout: the pre-ping of the pooled connection
+    times out after 2 s, the pool's new connection waits as long for the server's greeting (its read timeout
+    too), then the outage is raised: 2 x 2 s."""
+    mariadb_database.migrated_repository()
+    repository = _proxied(mariadb_database, mariadb_proxy)
+    assert _timeouts(repository) == (10, 2.0, 2.0)
+    took = _silent_heartbeat(repository, mariadb_proxy)
+    print(f"\nMariaDB black hole: a heartbeat failed after {took:.2f}s (client timeout 2 s)")
+    assert 2.0 <= took <= 2 * 2.0 + BLACKHOLE_MARGIN, took
+
+
+@pytest.mark.slow
+def test_a_transaction_into_a_black_hole_is_an_outage_within_the_client_timeout(
+    mariadb_database: Database, mariadb_proxy: TcpProxy
+) -> None:
+    """On a connection already checked out (inside a transaction, no pre-ping): the read timeout alone."""
+    repository = _proxied(mariadb_database, mariadb_proxy)
+    with repository.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        mariadb_proxy.blackhole()
+        started = time.monotonic()
+        with pytest.raises(DBAPIError) as excinfo:
+            conn.execute(text("SELECT 2"))
+        took = time.monotonic() - started
+        assert conn.invalidated
+    assert 2.0 <= took <= 2.0 + BLACKHOLE_MARGIN, took
+    assert isinstance(excinfo.value.orig, pymysql.err.OperationalError) and excinfo.value.orig.args[0] == 2013
+    mariadb_proxy.restore()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["url", "connect_args"])
+def test_the_url_or_connect_args_override_the_read_timeout(
+    mariadb_database: Database, mariadb_proxy: TcpProxy, where: str
+) -> None:
+    mariadb_database.migrated_repository()
+    if where == "url":
+        repository = _proxied(mariadb_database, mariadb_proxy, {"read_timeout": "1", "connect_timeout": "4"})
+    else:
+        args = {"read_timeout": 1, "connect_timeout": 4}
+        repository = _proxied(mariadb_database, mariadb_proxy, connect_args=args)
+    assert _timeouts(repository) == (4, 1, 2.0)
+    took = _silent_heartbeat(repository, mariadb_proxy)
+    assert 1.0 <= took <= 2 * 1.0 + BLACKHOLE_MARGIN, took
+
+
+def test_without_the_client_timeout_pymysql_keeps_no_read_timeout(mariadb_database: Database) -> None:
+    repository = JobRepository(mariadb_database.url, client_timeout=None)
+    mariadb_database.repositories.append(repository)
+    assert _timeouts(repository) == (10, None, None)
+
+
+def test_migrations_run_without_the_read_timeout(mariadb_database: Database) -> None:
+    """As on PostgreSQL (the watchdog off): a migration may legitimately take long. Restored afterwards."""
+    repository = _proxied(mariadb_database, None)
+    with repository.engine.connect() as conn:
+        driver = conn.connection.driver_connection
+        with set_client_timeout(driver, None):
+            assert (driver._read_timeout, driver._write_timeout) == (None, None)  # type: ignore[union-attr]
+        assert (driver._read_timeout, driver._write_timeout) == (2.0, 2.0)  # type: ignore[union-attr]
