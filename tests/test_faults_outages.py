@@ -732,10 +732,11 @@ POINT_SETTINGS: dict[str, Any] = {
     "dbsched_client_timeout": POINT_CLIENT_TIMEOUT,
     "dbsched_engine_options": {"connect_args": {"prepare_threshold": None, "connect_timeout": 5}},
 }
-# The SQL text on the wire (PostgreSQL): the claim (statements.claim) and the one-statement finish
-# (statements.finish); the commit of the claim's transaction.
+# The SQL text on the wire (PostgreSQL): the claim (statements.claim), the one-statement start (statements.start)
+# and finish (statements.finish); the commit of the claim's transaction.
 CLAIM_SQL = b"INSERT INTO dbsched_job_run (job_name, status, queue, claimed_by"
 FINISH_SQL = b"WITH ended AS"
+START_SQL = b"start_time=statement_timestamp()"  # statements.start (the worker's gate), nothing else here
 COMMIT_SQL = b"COMMIT"
 POINT_JOB = "e2e.point"
 # The claim scenarios' job: a run claimed but never published is stalled this long after its claim.
@@ -746,27 +747,34 @@ POINT_NOTICE_SLACK = 3.0  # the tick that notices, 2 shared cores
 @pytest.mark.postgres
 @pytest.mark.rabbitmq
 @pytest.mark.parametrize("reaches_server", [False, True], ids=["request-dropped", "answer-dropped"])
-@pytest.mark.parametrize("phase", ["claim", "finish"])
-def test_database_black_holed_mid_claim_and_mid_finish(
+@pytest.mark.parametrize("phase", ["claim", "start", "finish"])
+def test_database_black_holed_mid_claim_start_or_finish(
     pg_proxy: TcpProxy, blackhole_cluster: ProxiedCluster, phase: str, reaches_server: bool
 ) -> None:
-    """The database goes silent at an exact point: when the beat sends its claim, or the worker its finish (the
-    proxy's trigger on the statement's SQL text; prepared statements off, see POINT_SETTINGS). Either the request
-    is dropped (the server never sees it) or it is delivered and the hole starts before the answer (for the claim:
-    at its transaction's COMMIT, so the claim is committed; for the finish, one statement in autocommit: the
-    finish is committed), the client never learning the outcome.
+    """The database goes silent at an exact point: when the beat sends its claim, or the worker its start or its
+    finish (the proxy's trigger on the statement's SQL text; prepared statements off, see POINT_SETTINGS). Either
+    the request is dropped (the server never sees it) or it is delivered and the hole starts before the answer
+    (for the claim: at its transaction's COMMIT, so the claim is committed; the start and the finish are one
+    statement each in autocommit: committed), the client never learning the outcome.
 
     The process sending it notices within the client timeout (5 s here) + slack, says so without a traceback, and
     keeps running; once the database answers again (the hole is ended as soon as it noticed):
     - claim, dropped: nothing was committed; the slot is claimed again and run once (completed);
     - claim, answer dropped: the run claimed (queued) was never published; it ends `interrupted` (stalled) once
       older than the job's threshold (3 s), and the job runs again;
+    - start, dropped: the worker's retry starts the run after the return; it completes;
+    - start, answer dropped: the run is `running` but its job never ran: the worker's retry finds it so and drops
+      the message (it cannot tell its own committed start from another's); the run ends `interrupted` (stalled)
+      once older than the job's threshold (3 s), never having run its job, and the job runs again;
     - finish, dropped: the worker's retry ends the run `completed` after the return;
     - finish, answer dropped: the run was `completed` by the first attempt; the retry finds it so and says the
       finish had been committed, the run stays as it was (same end time), and the job runs again.
-    Always: no job has two active runs, no run starts twice."""
+    Always: no job has two active runs, no job runs twice for one run."""
     cluster = blackhole_cluster
-    spec = quick(POINT_JOB, 1.0, interrupt_threshold=POINT_THRESHOLD if phase == "claim" else None)
+    # A short threshold where the run is to be recovered by it; else the default (60 s), so that a queued or
+    # running run waiting out the hole is not ended by it meanwhile.
+    stranded = phase == "claim" or (phase == "start" and reaches_server)
+    spec = quick(POINT_JOB, 1.0, interrupt_threshold=POINT_THRESHOLD if stranded else None)
     worker = cluster.worker([spec], settings=POINT_SETTINGS, concurrency=2)
     beat = cluster.beat(settings=POINT_SETTINGS)
     worker.wait_ready()
@@ -780,8 +788,8 @@ def test_database_black_holed_mid_claim_and_mid_finish(
         then = COMMIT_SQL if reaches_server else None
         pg_proxy.blackhole_on(CLAIM_SQL, forward_trigger=reaches_server, then=then)
     else:
-        pg_proxy.blackhole_on(FINISH_SQL, forward_trigger=reaches_server)
-    cluster.wait(pg_proxy.hole_started.is_set, 10, "the beat to claim, or the worker to finish, a run")
+        pg_proxy.blackhole_on(START_SQL if phase == "start" else FINISH_SQL, forward_trigger=reaches_server)
+    cluster.wait(pg_proxy.hole_started.is_set, 10, f"the {noticer.name} to {phase} a run")
     silent_from = pg_proxy.hole_started_at
     assert silent_from is not None
     went = cluster.repo.database_now()
@@ -811,6 +819,25 @@ def test_database_black_holed_mid_claim_and_mid_finish(
         assert final.start_time is None, describe([final])
         cluster.wait_run(POINT_JOB, lambda run: run.id > affected.id and done(run), 30)
         expected = "the claimed run interrupted (stalled, never started), the job run again"
+    elif phase == "start":
+        assert affected.id not in before, f"the run being started: {describe([affected])}"
+        if not reaches_server:
+            assert affected.status == "queued", f"the start never reached the server: {describe([affected])}"
+            final = cluster.wait_run(POINT_JOB, lambda run: run.id == affected.id and run.end_time is not None, 30)
+            assert final.status == "completed", describe([final])
+            expected = "started by the retry, completed"
+        else:
+            assert affected.status == "running", f"the start committed: {describe([affected])}"
+            cluster.wait(
+                lambda: first_line_time(worker, offsets[worker.name], f"dropping the message for run {affected.id}"),
+                30,
+                "the worker to drop the message of the run it had started",
+            )
+            final = cluster.wait_run(POINT_JOB, lambda run: run.id == affected.id and run.end_time is not None, 30)
+            assert final.status == "interrupted" and final.interrupt_reason == "stalled", describe([final])
+            assert not [e for e in cluster.events(affected.id) if e["event"] == "start"], "its job ran"
+            expected = "running but never run: interrupted (stalled), the job run again"
+        cluster.wait_run(POINT_JOB, lambda run: run.id > affected.id and done(run), 30)
     else:
         assert not fresh and affected.start_time is not None, f"the run being finished: {describe([affected])}"
         if reaches_server:
@@ -834,7 +861,8 @@ def test_database_black_holed_mid_claim_and_mid_finish(
     sampler.stop()
     sampler.check()
     runs = cluster.runs()
-    cluster.assert_started_once(runs)
+    # A run whose start was committed unanswered is `running` once without its job ever running: left out.
+    cluster.assert_started_once([run for run in runs if not (phase == "start" and run.id == affected.id)])
     cluster.processes.check_alive(worker, beat)
     unexpected = [run for run in runs if run.status != "completed" and run.id != affected.id]
     lost = lost_runs([run for run in runs if run.id != affected.id], cluster.repo.database_now(), lambda run: False)
@@ -851,6 +879,7 @@ def test_database_black_holed_mid_claim_and_mid_finish(
         noticed_after=round(notice, 1),
         silent=round(seconds_between(went, back), 1),
         affected_run=final.status if phase != "claim" or reaches_server else "none",
+        job_ran_for_it=len([e for e in cluster.events(final.id) if e["event"] == "start"]),
         expected=expected,
         runs=len(runs),
         lost=len(lost),
