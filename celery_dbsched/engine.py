@@ -1,7 +1,7 @@
 """The engine: `make_engine` for PostgreSQL (psycopg 3), MySQL/MariaDB (PyMySQL) and SQLite, the SQLite and
-MySQL connection hooks, PostgreSQL's connection defaults against a silent server (connect timeout, TCP
-keepalives, the statement watchdog of `watchdog.py`), and the PostgreSQL connections the worker-side statements
-keep checked out (`KeptConnections`)."""
+MySQL connection hooks, the connection defaults against a silent server (PostgreSQL: connect timeout, TCP
+keepalives, the statement watchdog of `watchdog.py`; PyMySQL: connect, read and write timeouts), and the
+PostgreSQL connections the worker-side statements keep checked out (`KeptConnections`)."""
 
 from __future__ import annotations
 
@@ -159,6 +159,30 @@ def postgres_connect_args(
     return args
 
 
+# PyMySQL's connection parameters a MySQL/MariaDB engine (mysql+pymysql://, mariadb+pymysql://) gets unless the
+# URL's query or `connect_args` (in dbsched_engine_options) set them. PyMySQL has no read or write timeout by
+# default: a statement sent to a server that stopped answering without refusing (packets dropped, a middlebox that
+# forwards nothing) waits for its answer without end. With these, a connection attempt fails after connect_timeout
+# seconds, and a statement whose answer (or whose sending) is silent for dbsched_client_timeout seconds fails with
+# error 2013 (an outage: DatabaseUnavailable), PyMySQL closing the connection. No read or write timeout when
+# dbsched_client_timeout is off (0).
+MYSQL_CONNECT_TIMEOUT = 10
+MYSQL_TIMEOUT_ARGS = ("read_timeout", "write_timeout")
+
+
+def mysql_connect_args(parsed: URL, connect_args: Mapping[str, Any], client_timeout: float | None) -> dict[str, Any]:
+    """`connect_args` with PyMySQL's connect timeout (MYSQL_CONNECT_TIMEOUT) and read and write timeouts
+    (`client_timeout` seconds; none when it is None) added where neither they nor the URL's query say otherwise."""
+    defaults: dict[str, float] = {"connect_timeout": MYSQL_CONNECT_TIMEOUT}
+    if client_timeout:
+        defaults.update(dict.fromkeys(MYSQL_TIMEOUT_ARGS, client_timeout))
+    args = dict(connect_args)
+    for key, value in defaults.items():
+        if key not in args and key not in parsed.query:
+            args[key] = value
+    return args
+
+
 def postgres_pooler_args(connect_args: Mapping[str, Any]) -> dict[str, Any]:
     """`connect_args` for a transaction-mode pooler (dbsched_pooler): psycopg prepares no statement on the
     server (`prepare_threshold` None; a statement prepared on one server connection is unknown to, or clashes
@@ -172,8 +196,14 @@ def postgres_pooler_args(connect_args: Mapping[str, Any]) -> dict[str, Any]:
 @contextmanager
 def set_client_timeout(driver_connection: Any, seconds: float | None) -> Iterator[None]:
     """Within: the statement watchdog of this driver (DBAPI) connection set to `seconds` (None: off), for work
-    whose bound is not the usual one (a migration may legitimately take long). Nothing on a connection without
-    the watchdog (SQLite, MySQL, or a PostgreSQL engine given a `creator` of its own)."""
+    whose bound is not the usual one (a migration may legitimately take long). On a PyMySQL connection: its read
+    and write timeouts (PyMySQL reads them from the connection at each socket read and write: `_read_timeout`,
+    `_write_timeout`, PyMySQL 1.0 to 2.2 at least). Nothing on a connection without either (SQLite, or a
+    PostgreSQL engine given a `creator` of its own)."""
+    if _is_pymysql(driver_connection):
+        with _pymysql_timeouts(driver_connection, seconds):
+            yield
+        return
     if not hasattr(driver_connection, "dbsched_client_timeout"):
         yield
         return
@@ -183,6 +213,24 @@ def set_client_timeout(driver_connection: Any, seconds: float | None) -> Iterato
         yield
     finally:
         driver_connection.dbsched_client_timeout = before
+
+
+def _is_pymysql(driver_connection: Any) -> bool:
+    return type(driver_connection).__module__.startswith("pymysql") and all(
+        hasattr(driver_connection, f"_{name}") for name in MYSQL_TIMEOUT_ARGS
+    )
+
+
+@contextmanager
+def _pymysql_timeouts(driver_connection: Any, seconds: float | None) -> Iterator[None]:
+    before = [getattr(driver_connection, f"_{name}") for name in MYSQL_TIMEOUT_ARGS]
+    for name in MYSQL_TIMEOUT_ARGS:
+        setattr(driver_connection, f"_{name}", seconds)
+    try:
+        yield
+    finally:
+        for name, value in zip(MYSQL_TIMEOUT_ARGS, before, strict=True):
+            setattr(driver_connection, f"_{name}", value)
 
 
 # SQLSTATEs after which a PostgreSQL connection is discarded (and the pool's older ones with it), though psycopg
@@ -208,9 +256,10 @@ def make_engine(
 ) -> Engine:
     """An engine for PostgreSQL (psycopg 3), MySQL/MariaDB or SQLite (WAL, busy timeout, immediate
     transactions). On PostgreSQL each statement waits at most `client_timeout` seconds for the server (None:
-    without end) and the connections get POSTGRES_CONNECT_DEFAULTS; with `pooler` ("transaction":
-    dbsched_pooler) they keep no state of the session (`postgres_pooler_args`). A driver that is not installed,
-    or that SQLAlchemy does not know, is a ValueError naming the install line."""
+    without end) and the connections get POSTGRES_CONNECT_DEFAULTS; on MySQL/MariaDB (PyMySQL) the connections
+    get `mysql_connect_args` (a connect timeout, and `client_timeout` as the read and write timeouts); with
+    `pooler` ("transaction": dbsched_pooler) they keep no state of the session (`postgres_pooler_args`). A
+    driver that is not installed, or that SQLAlchemy does not know, is a ValueError naming the install line."""
     parse_database_url("dbsched_database_url", url)  # one clear error for a URL SQLAlchemy cannot parse
     parsed = make_url(url)
     try:
@@ -267,7 +316,7 @@ def _make_engine(
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
     if backend in MYSQL_BACKENDS:
-        return _make_mysql_engine(parsed, options)
+        return _make_mysql_engine(parsed, options, client_timeout)
     if backend != "postgresql":
         raise ValueError(
             f"dbsched_database_url: {backend!r} is not supported; use postgresql+psycopg://, mysql+pymysql:// "
@@ -291,7 +340,9 @@ def _make_engine(
     return engine
 
 
-def _make_mysql_engine(parsed: URL, options: dict[str, Any]) -> Engine:
+def _make_mysql_engine(parsed: URL, options: dict[str, Any], client_timeout: float | None) -> Engine:
+    if parsed.get_driver_name() == "pymysql":
+        options["connect_args"] = mysql_connect_args(parsed, options.pop("connect_args", {}), client_timeout)
     query = dict(parsed.query)
     query.setdefault("charset", MYSQL_CHARSET)
     options.setdefault("pool_pre_ping", True)

@@ -147,7 +147,8 @@ class JobRepository:
         """`clock`: what times are computed with (`DatabaseClock` by default; tests give a `TestClock`).
         `wake_within` (PostgreSQL): a job whose next run is set within this of now wakes the sleeping beats
         (NOTIFY); beats sleep at most their run-jobs interval anyway, so later ones need no wake-up.
-        `client_timeout` (PostgreSQL): seconds a statement waits for the server (None: no end; `make_engine`).
+        `client_timeout`: seconds a statement waits for the server (None: no end; `make_engine`: PostgreSQL
+        and PyMySQL).
         `pooler` (PostgreSQL): "transaction" through a transaction-mode pooler (dbsched_pooler; `make_engine`)."""
         if isinstance(url_or_engine, Engine):
             self.engine = url_or_engine

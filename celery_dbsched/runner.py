@@ -378,6 +378,7 @@ def execute_run(
                 label,
                 lambda: repository.fail_run(run.id, error, progress=status_of(job, ctx, label)),
                 outage,
+                RunState.FAILED,
             )
             if ended is None:  # interrupted meanwhile: that stands
                 logger.warning("%s: the job raised after its run ended: %r", label, exc)
@@ -398,6 +399,7 @@ def execute_run(
             label,
             lambda: repository.complete_run(run.id, delay, progress=status_of(job, ctx, label)),
             outage,
+            RunState.COMPLETED,
         )
         return _observed(observer, completed)
     finally:
@@ -422,10 +424,25 @@ def _finish(
     label: str,
     action: Callable[[], RunRecord],
     outage: float,
+    ends: RunState,
 ) -> RunRecord | None:
+    """`action` (the finish that ends the run `ends`), retried through an outage. A retry that finds the run
+    already `ends` follows an attempt that was committed but whose answer was lost (the connection cut by the
+    client timeout, a network black hole: issue 15): that finish is the run's outcome, returned as such. Only
+    this worker ends its run `completed` or `failed` (the start gate made it the one running it)."""
+    attempts = 0
+
+    def attempt() -> RunRecord:
+        nonlocal attempts
+        attempts += 1
+        return action()
+
     try:
-        return _retrying(what, action, outage)
+        return _retrying(what, attempt, outage)
     except (InvalidRunState, RunNotFound) as exc:
+        if attempts > 1 and isinstance(exc, InvalidRunState) and exc.status == ends:
+            logger.warning("%s: the finish had been committed (its answer lost in the outage): %s", label, exc)
+            return _retrying(f"reading {label}", lambda: repository.lookup_run(run_id), outage)
         # Interrupted (or its job deleted) while the job was finishing: that stands, the result is discarded.
         logger.warning("%s ended before the job did: %s", label, exc)
         _stopped(repository, run_id)

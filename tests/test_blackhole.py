@@ -6,18 +6,26 @@ is in test_faults_outages.py."""
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from typing import Any
 
 import pytest
+from helpers.polling import wait_for
 from helpers.proxy import TcpProxy, with_port
 from helpers.services import Database
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from celery_dbsched import wakeup
-from celery_dbsched.engine import POSTGRES_CONNECT_DEFAULTS, make_engine, postgres_connect_args, set_client_timeout
+from celery_dbsched.engine import (
+    POSTGRES_CONNECT_DEFAULTS,
+    make_engine,
+    mysql_connect_args,
+    postgres_connect_args,
+    set_client_timeout,
+)
 from celery_dbsched.errors import DatabaseUnavailable, is_client_timeout
 from celery_dbsched.migrate import migrate
 from celery_dbsched.repository import JobRepository
@@ -287,3 +295,88 @@ def test_a_creator_of_ones_own_is_left_alone(postgres_database: Database) -> Non
             assert not hasattr(conn.connection.driver_connection, "dbsched_client_timeout")
     finally:
         engine.dispose()
+
+
+# -- MySQL/MariaDB (PyMySQL): the connect arguments (the black hole itself: tests/test_mariadb.py) ---------------
+
+MYSQL_URL = make_url("mysql+pymysql://u@db.example/app")
+
+
+def test_the_mysql_connection_defaults() -> None:
+    defaults = {"connect_timeout": 10, "read_timeout": 20.0, "write_timeout": 20.0}
+    assert mysql_connect_args(MYSQL_URL, {}, 20.0) == defaults
+    # dbsched_client_timeout off (0): no read or write timeout, as before.
+    assert mysql_connect_args(MYSQL_URL, {}, None) == {"connect_timeout": 10}
+
+
+def test_the_mysql_url_query_and_connect_args_win_over_the_defaults() -> None:
+    url = make_url("mysql+pymysql://u@db.example/app?read_timeout=60&connect_timeout=3")
+    assert mysql_connect_args(url, {}, 20.0) == {"write_timeout": 20.0}  # PyMySQL reads the others from the URL
+    args = mysql_connect_args(MYSQL_URL, {"write_timeout": 90, "ssl": {"ca": "x"}}, 20.0)
+    assert args == {"connect_timeout": 10, "read_timeout": 20.0, "write_timeout": 90, "ssl": {"ca": "x"}}
+
+
+# -- the test proxy's trigger (helpers/proxy.py), against a local echo server -------------------------------------
+
+
+class _Echo:
+    """A TCP server on 127.0.0.1 that records what it receives and sends it back."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            while data := conn.recv(65536):
+                self.received += data
+                conn.sendall(data)
+
+
+def _exchange(client: socket.socket, data: bytes) -> bytes | None:
+    client.sendall(data)
+    try:
+        return client.recv(65536)
+    except TimeoutError:
+        return None
+
+
+@pytest.mark.parametrize("forward", [False, True])
+def test_the_proxy_black_holes_at_the_chunk_that_carries_the_pattern(forward: bool) -> None:
+    echo = _Echo()
+    proxy = TcpProxy(("127.0.0.1", echo.port))
+    try:
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=0.5)
+        proxy.blackhole_on(b"CLAIM", forward_trigger=forward)
+        assert _exchange(client, b"hello") == b"hello"
+        assert not proxy.hole_started.is_set()
+        assert _exchange(client, b"a CLAIM b") is None  # the answer never comes, either way
+        assert proxy.hole_started.is_set() and proxy.blackholed
+        wait_for(lambda: echo.received.endswith(b"CLAIM b") if forward else True, 5)
+        assert echo.received == (b"helloa CLAIM b" if forward else b"hello")
+        proxy.restore()
+        assert _exchange(client, b"after") == b"after"
+    finally:
+        proxy.close()
+
+
+def test_the_proxy_trigger_with_then_to_the_client_and_split_across_chunks() -> None:
+    echo = _Echo()
+    proxy = TcpProxy(("127.0.0.1", echo.port))
+    try:
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=0.5)
+        proxy.blackhole_on(b"INSERT", direction="to_client", forward_trigger=True, then=b"COMMIT")
+        assert _exchange(client, b"COMMIT") == b"COMMIT"  # before the pattern: nothing
+        assert _exchange(client, b"..INS") == b"..INS"
+        assert _exchange(client, b"ERT ..") == b"ERT .."  # the pattern, split across two answers: armed
+        assert not proxy.hole_started.is_set()
+        assert _exchange(client, b"COMMIT") == b"COMMIT"  # `then`, forwarded: the hole starts after it
+        assert proxy.hole_started.is_set()
+        assert _exchange(client, b"more") is None
+        with pytest.raises(ValueError, match="direction"):
+            proxy.blackhole_on(b"x", direction="sideways", forward_trigger=True)
+    finally:
+        proxy.close()

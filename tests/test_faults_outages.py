@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.cluster import APP, LATENESS, Cluster, RunSampler, quick, seconds_between
+from helpers.cluster import APP, LATENESS, Cluster, RunSampler, assert_runs_spaced, quick, seconds_between
 from helpers.polling import wait_for
 from helpers.postgres import PrivatePostgres, private_cluster
 from helpers.processes import CeleryProcess, Processes
@@ -606,9 +608,11 @@ class ProxiedCluster(Cluster):
     def __init__(self, url: str, *args: Any) -> None:
         super().__init__(*args)
         self.process_url = url
+        self.direct: set[str] = set()  # names of the processes that reach the database directly instead
 
     def env(self, name: str, jobs: Sequence[dict[str, Any]], settings: dict[str, Any] | None) -> dict[str, str]:
-        return {**super().env(name, jobs, settings), "E2E_DATABASE_URL": self.process_url}
+        env = super().env(name, jobs, settings)
+        return env if name in self.direct else {**env, "E2E_DATABASE_URL": self.process_url}
 
 
 @pytest.fixture
@@ -714,6 +718,316 @@ def test_database_black_holed_while_a_beat_and_a_worker_run(
     assert resume_all <= BLACKHOLE_RESUME_BOUND, f"claiming resumed {resume_all:.1f}s after the database came back"
     for process_name, lines in errors.items():
         assert not [line for line in lines if line.startswith("Traceback")], f"{process_name}: {lines}"
+
+
+# -- issue 15, item 1: the black hole at an exact point, mid-claim and mid-finish -------------------------------
+
+# The processes of these scenarios: a client timeout of 5 s (20 s by default; shortened for CI time) and a connect
+# timeout of 5 s (10 s by default: a connection attempted into the hole just before it ends waits that long), and
+# no prepared statements (`prepare_threshold` None, as dbsched_pooler sets it): psycopg then sends each statement's
+# SQL text every time, so the trigger sees the claim or the finish whenever it is armed, not only before the 5th
+# execution (past it, a prepared statement travels by name only).
+POINT_CLIENT_TIMEOUT = 5.0
+POINT_SETTINGS: dict[str, Any] = {
+    "dbsched_client_timeout": POINT_CLIENT_TIMEOUT,
+    "dbsched_engine_options": {"connect_args": {"prepare_threshold": None, "connect_timeout": 5}},
+}
+# The SQL text on the wire (PostgreSQL): the claim (statements.claim), the one-statement start (statements.start)
+# and finish (statements.finish); the commit of the claim's transaction.
+CLAIM_SQL = b"INSERT INTO dbsched_job_run (job_name, status, queue, claimed_by"
+FINISH_SQL = b"WITH ended AS"
+START_SQL = b"start_time=statement_timestamp()"  # statements.start (the worker's gate), nothing else here
+COMMIT_SQL = b"COMMIT"
+POINT_JOB = "e2e.point"
+# The claim scenarios' job: a run claimed but never published is stalled this long after its claim.
+POINT_THRESHOLD = 3.0
+POINT_NOTICE_SLACK = 3.0  # the tick that notices, 2 shared cores
+
+
+@pytest.mark.postgres
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("reaches_server", [False, True], ids=["request-dropped", "answer-dropped"])
+@pytest.mark.parametrize("phase", ["claim", "start", "finish"])
+def test_database_black_holed_mid_claim_start_or_finish(
+    pg_proxy: TcpProxy, blackhole_cluster: ProxiedCluster, phase: str, reaches_server: bool
+) -> None:
+    """The database goes silent at an exact point: when the beat sends its claim, or the worker its start or its
+    finish (the proxy's trigger on the statement's SQL text; prepared statements off, see POINT_SETTINGS). Either
+    the request is dropped (the server never sees it) or it is delivered and the hole starts before the answer
+    (for the claim: at its transaction's COMMIT, so the claim is committed; the start and the finish are one
+    statement each in autocommit: committed), the client never learning the outcome.
+
+    The process sending it notices within the client timeout (5 s here) + slack, says so without a traceback, and
+    keeps running; once the database answers again (the hole is ended as soon as it noticed):
+    - claim, dropped: nothing was committed; the slot is claimed again and run once (completed);
+    - claim, answer dropped: the run claimed (queued) was never published; it ends `interrupted` (stalled) once
+      older than the job's threshold (3 s), and the job runs again;
+    - start, dropped: the worker's retry starts the run after the return; it completes;
+    - start, answer dropped: the run is `running` but its job never ran: the worker's retry finds it so and drops
+      the message (it cannot tell its own committed start from another's); the run ends `interrupted` (stalled)
+      once older than the job's threshold (3 s), never having run its job, and the job runs again;
+    - finish, dropped: the worker's retry ends the run `completed` after the return;
+    - finish, answer dropped: the run was `completed` by the first attempt; the retry finds it so and says the
+      finish had been committed, the run stays as it was (same end time), and the job runs again.
+    Always: no job has two active runs, no job runs twice for one run."""
+    cluster = blackhole_cluster
+    # A short threshold where the run is to be recovered by it; else the default (60 s), so that a queued or
+    # running run waiting out the hole is not ended by it meanwhile.
+    stranded = phase == "claim" or (phase == "start" and reaches_server)
+    spec = quick(POINT_JOB, 1.0, interrupt_threshold=POINT_THRESHOLD if stranded else None)
+    worker = cluster.worker([spec], settings=POINT_SETTINGS, concurrency=2)
+    beat = cluster.beat(settings=POINT_SETTINGS)
+    worker.wait_ready()
+    sampler = cluster.sampler()
+    cluster.wait_runs(POINT_JOB, 1, done, timeout=60)
+    noticer = beat if phase == "claim" else worker
+    offsets = {process.name: log_size(process) for process in cluster.live}
+
+    before = {run.id for run in cluster.runs(POINT_JOB)}
+    if phase == "claim":
+        then = COMMIT_SQL if reaches_server else None
+        pg_proxy.blackhole_on(CLAIM_SQL, forward_trigger=reaches_server, then=then)
+    else:
+        pg_proxy.blackhole_on(START_SQL if phase == "start" else FINISH_SQL, forward_trigger=reaches_server)
+    cluster.wait(pg_proxy.hole_started.is_set, 10, f"the {noticer.name} to {phase} a run")
+    silent_from = pg_proxy.hole_started_at
+    assert silent_from is not None
+    went = cluster.repo.database_now()
+
+    def noticed() -> float | None:
+        moment = first_line_time(noticer, offsets[noticer.name], "database unavailable")
+        return None if moment is None else (moment - silent_from).total_seconds()
+
+    bound = POINT_CLIENT_TIMEOUT + POINT_NOTICE_SLACK
+    notice: float = cluster.wait(noticed, bound + 10, f"the {noticer.name} to log the black hole")
+    # What the database has now, before the return: the run the statement was about. A run claimed (and
+    # published) between the read of `before` and the arming is started, and ended before the job's next claim.
+    fresh = [run for run in cluster.runs(POINT_JOB) if run.id not in before and run.start_time is None]
+    affected = cluster.runs(POINT_JOB)[-1]
+    pg_proxy.restore()
+    back = cluster.repo.database_now()
+
+    if phase == "claim" and not reaches_server:
+        assert not fresh, f"a claim that never reached the server took a run: {describe(fresh)}"
+        final = cluster.wait_run(POINT_JOB, lambda run: run.create_time > back and done(run), 30)
+        expected = "no run; the slot claimed again after the return, completed"
+    elif phase == "claim":
+        assert [run.status for run in fresh] == ["queued"], f"the claim committed one run: {describe(fresh)}"
+        affected = fresh[0]
+        final = cluster.wait_run(POINT_JOB, lambda run: run.id == affected.id and run.end_time is not None, 30)
+        assert final.status == "interrupted" and final.interrupt_reason == "stalled", describe([final])
+        assert final.start_time is None, describe([final])
+        cluster.wait_run(POINT_JOB, lambda run: run.id > affected.id and done(run), 30)
+        expected = "the claimed run interrupted (stalled, never started), the job run again"
+    elif phase == "start":
+        assert affected.id not in before, f"the run being started: {describe([affected])}"
+        if not reaches_server:
+            assert affected.status == "queued", f"the start never reached the server: {describe([affected])}"
+            final = cluster.wait_run(POINT_JOB, lambda run: run.id == affected.id and run.end_time is not None, 30)
+            assert final.status == "completed", describe([final])
+            expected = "started by the retry, completed"
+        else:
+            assert affected.status == "running", f"the start committed: {describe([affected])}"
+            cluster.wait(
+                lambda: first_line_time(worker, offsets[worker.name], f"dropping the message for run {affected.id}"),
+                30,
+                "the worker to drop the message of the run it had started",
+            )
+            final = cluster.wait_run(POINT_JOB, lambda run: run.id == affected.id and run.end_time is not None, 30)
+            assert final.status == "interrupted" and final.interrupt_reason == "stalled", describe([final])
+            assert not [e for e in cluster.events(affected.id) if e["event"] == "start"], "its job ran"
+            expected = "running but never run: interrupted (stalled), the job run again"
+        cluster.wait_run(POINT_JOB, lambda run: run.id > affected.id and done(run), 30)
+    else:
+        assert not fresh and affected.start_time is not None, f"the run being finished: {describe([affected])}"
+        if reaches_server:
+            assert affected.status == "completed", f"the finish committed: {describe([affected])}"
+        else:
+            assert affected.status == "running", f"the finish never reached the server: {describe([affected])}"
+        retried = "had been committed" if reaches_server else "done after"
+
+        def retry_logged() -> bool:
+            return first_line_time(worker, offsets[worker.name], retried) is not None
+
+        cluster.wait(retry_logged, 30, f"the worker to log {retried!r} for its finish")
+        final = cluster.wait_run(POINT_JOB, lambda run: run.id == affected.id and run.end_time is not None, 30)
+        assert final.status == "completed", describe([final])
+        if reaches_server:
+            assert final.end_time == affected.end_time, "the retried finish wrote the run again"
+        else:
+            assert final.end_time is not None and final.end_time >= back, describe([final])
+        cluster.wait_run(POINT_JOB, lambda run: run.id > affected.id and done(run), 30)
+        expected = "completed by the first attempt, kept" if reaches_server else "completed by the retry"
+    sampler.stop()
+    sampler.check()
+    runs = cluster.runs()
+    # A run whose start was committed unanswered is `running` once without its job ever running: left out.
+    cluster.assert_started_once([run for run in runs if not (phase == "start" and run.id == affected.id)])
+    cluster.processes.check_alive(worker, beat)
+    unexpected = [run for run in runs if run.status != "completed" and run.id != affected.id]
+    lost = lost_runs([run for run in runs if run.id != affected.id], cluster.repo.database_now(), lambda run: False)
+    errors = {process.name: error_lines(process, offsets[process.name]) for process in cluster.live}
+    notices = {
+        process.name: sum("database unavailable" in line for line in _log_lines(process, offsets[process.name]))
+        for process in cluster.live
+    }
+    report(
+        f"pg-blackhole-mid-{phase}-{'answer' if reaches_server else 'request'}-dropped",
+        database="postgresql (shared, through a TcpProxy)",
+        broker="rabbitmq",
+        client_timeout=POINT_CLIENT_TIMEOUT,
+        noticed_after=round(notice, 1),
+        silent=round(seconds_between(went, back), 1),
+        affected_run=final.status if phase != "claim" or reaches_server else "none",
+        job_ran_for_it=len([e for e in cluster.events(final.id) if e["event"] == "start"]),
+        expected=expected,
+        runs=len(runs),
+        lost=len(lost),
+        doubled=len(sampler.double_active),
+        notice_lines_by_process=notices,
+        error_lines_by_process={name: len(lines) for name, lines in errors.items()},
+    )
+    assert notice <= bound, f"the {noticer.name} noticed the black hole after {notice:.1f}s"
+    assert not unexpected, f"runs other than the affected one did not complete: {describe(unexpected)}"
+    assert not lost, describe(lost)
+    assert notices[noticer.name] <= ERROR_LINES_BOUND, f"the {noticer.name} said it {notices[noticer.name]} times"
+    for name, lines in errors.items():
+        assert len(lines) <= ERROR_LINES_BOUND, f"{name}: {lines}"
+        assert not [line for line in lines if line.startswith("Traceback")], f"{name}: {lines}"
+
+
+TWO_BEATS_HOLE = 8.0  # seconds the held beat stays in the black hole (more than POINT_CLIENT_TIMEOUT)
+
+
+def server_id(process: CeleryProcess) -> str:
+    """A beat's server id, as its claims record it (`claimed_by`)."""
+    return f"{socket.gethostname()}:{process.pid}"
+
+
+@pytest.mark.postgres
+@pytest.mark.rabbitmq
+@pytest.mark.parametrize("held_claim", ["dropped", "open"])
+def test_two_beats_one_black_holed_mid_claim(
+    pg_proxy: TcpProxy, blackhole_cluster: ProxiedCluster, held_claim: str
+) -> None:
+    """Two beats claim four jobs every second; one reaches the database through the proxy, the other (and the
+    worker) directly. The hole starts when the held beat sends its claim (trigger on the claim's SQL text, as in
+    the test above) and lasts 8 s; the held beat notices within the client timeout and keeps running, every run
+    claimed meanwhile is the direct beat's, and once the hole ends the held beat claims again; no job has two
+    active runs, no run starts twice, none is lost.
+
+    - `dropped`: the claim never reaches the server (it holds no lock there): the direct beat claims every job
+      on time throughout (every run within LATENESS of its slot).
+    - `open`: the claim reaches the server, which runs it (its due jobs locked, their runs inserted) and waits for
+      the rest of the transaction, which never comes: those jobs are not claimed by anyone until the server ends
+      that session (here when the hole ends and the held beat's closed socket reaches it; at most
+      idle_in_transaction_session_timeout, 60 s, set on connect), then at once (within LATENESS of the return);
+      the other jobs stay on time. The claim is rolled back: no run of it is ever seen."""
+    cluster = blackhole_cluster
+    cluster.direct.update({"worker", "direct"})
+    worker = cluster.worker([quick(job, 1.0) for job in QUICK_JOBS], settings=POINT_SETTINGS, concurrency=4)
+    held = cluster.beat(name="held", settings=POINT_SETTINGS)
+    direct = cluster.beat(name="direct", settings=POINT_SETTINGS)
+    worker.wait_ready()
+    sampler = cluster.sampler()
+    held_id, direct_id = server_id(held), server_id(direct)
+    cluster.wait(lambda: {held_id, direct_id} <= {r.claimed_by for r in cluster.runs()}, 60, "a claim by each beat")
+    offsets = {process.name: log_size(process) for process in cluster.live}
+
+    # The direct beat paused while the trigger is armed, so that the held beat's next claim takes every job due
+    # then (the direct one, closer to the database, wins most races): what an open claim holds is not left to luck.
+    os.kill(direct.pid, signal.SIGSTOP)
+    try:
+        pg_proxy.blackhole_on(CLAIM_SQL, forward_trigger=held_claim == "open")
+        cluster.wait(pg_proxy.hole_started.is_set, 10, "the held beat to claim")
+    finally:
+        os.kill(direct.pid, signal.SIGCONT)
+    silent_from = pg_proxy.hole_started_at
+    assert silent_from is not None
+    went = cluster.repo.database_now()
+
+    def noticed() -> float | None:
+        moment = first_line_time(held, offsets[held.name], "database unavailable")
+        return None if moment is None else (moment - silent_from).total_seconds()
+
+    bound = POINT_CLIENT_TIMEOUT + POINT_NOTICE_SLACK
+    notice: float = cluster.wait(noticed, bound + 10, "the held beat to log the black hole")
+    hold(cluster, max(0.0, TWO_BEATS_HOLE - (dt.datetime.now() - silent_from).total_seconds()))
+    pg_proxy.restore()
+    back = cluster.repo.database_now()
+    held_again: RunRecord = cluster.wait(
+        lambda: next((r for r in cluster.runs() if r.claimed_by == held_id and r.create_time > back), None),
+        30,
+        "the held beat to claim again after the return",
+    )
+    for job in QUICK_JOBS:
+        cluster.wait_runs(job, 1, lambda run: done(run) and run.create_time > held_again.create_time, timeout=30)
+    sampler.stop()
+    sampler.check()
+
+    runs = cluster.runs()
+    in_hole = [run for run in runs if went <= run.create_time <= back]
+    # The jobs the held beat's open claim took: nobody claimed them in the hole.
+    held_jobs = {job for job in QUICK_JOBS if not any(run.job_name == job for run in in_hole)}
+    lateness: dict[str, float] = {}
+    for job in QUICK_JOBS:
+        ended = [run for run in cluster.runs(job) if run.end_time is not None]
+        assert_runs_spaced(ended, 1.0, lateness=TWO_BEATS_HOLE + LATENESS if job in held_jobs else LATENESS)
+        for previous, run in itertools.pairwise(ended):
+            assert run.scheduled_for is not None and previous.end_time is not None
+            if run.create_time >= went:
+                late = seconds_between(max(run.scheduled_for, previous.end_time), run.create_time)
+                lateness[job] = max(lateness.get(job, 0.0), late)
+    held_claimed_after = {
+        job: seconds_between(back, next(run for run in cluster.runs(job) if run.create_time > back).create_time)
+        for job in held_jobs
+    }
+    lost = lost_runs(runs, cluster.repo.database_now(), lambda run: False)
+    cluster.assert_started_once(runs)
+    cluster.processes.check_alive(worker, held, direct)
+    errors = {process.name: error_lines(process, offsets[process.name]) for process in cluster.live}
+    report(
+        f"pg-blackhole-two-beats-held-claim-{held_claim}",
+        database="postgresql (shared; one beat through a TcpProxy)",
+        broker="rabbitmq",
+        client_timeout=POINT_CLIENT_TIMEOUT,
+        silent=round(seconds_between(went, back), 1),
+        held_noticed_after=round(notice, 1),
+        held_claimed_again_after=round(seconds_between(back, held_again.create_time), 2),
+        claims_in_hole=len(in_hole),
+        claims_in_hole_by_held=sum(run.claimed_by == held_id for run in in_hole),
+        jobs_held_by_the_open_claim=len(held_jobs),
+        held_jobs_claimed_after_return_ms=sorted(round(1000 * v) for v in held_claimed_after.values()),
+        max_lateness_of_the_others_ms=max(
+            (round(1000 * late) for job, late in lateness.items() if job not in held_jobs), default=None
+        ),
+        runs=len(runs),
+        lost=len(lost),
+        doubled=len(sampler.double_active),
+        error_lines_by_process={name: len(lines) for name, lines in errors.items()},
+    )
+    assert notice <= bound, f"the held beat noticed the black hole after {notice:.1f}s"
+    assert all(run.claimed_by == direct_id for run in in_hole), describe(in_hole)
+    if held_claim == "dropped":
+        assert not held_jobs, f"jobs not claimed while the held beat's claim was dropped: {held_jobs}"
+    else:
+        assert held_jobs, "the held beat's open claim held no job"
+        for job, seconds in held_claimed_after.items():
+            assert seconds <= LATENESS, f"{job}, held by the open claim, claimed {seconds:.1f}s after the return"
+    # Each other job claimed about once a second while the held beat was silent (its first and last second aside).
+    for job in set(QUICK_JOBS) - held_jobs:
+        claims = sum(run.job_name == job for run in in_hole)
+        assert claims >= TWO_BEATS_HOLE / 2, f"{job} claimed {claims} times in an {TWO_BEATS_HOLE:g} s hole"
+    assert not lost, describe(lost)
+    for name, lines in errors.items():
+        assert len(lines) <= ERROR_LINES_BOUND, f"{name}: {lines}"
+        assert not [line for line in lines if line.startswith("Traceback")], f"{name}: {lines}"
+
+
+def _log_lines(process: CeleryProcess, since: int) -> list[str]:
+    with open(process.log_path, "rb") as f:
+        f.seek(since)
+        return f.read().decode(errors="replace").splitlines()
 
 
 # -- issue 15, item 1: the broker black-holed -----------------------------------------------------------------

@@ -13,21 +13,40 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pymysql
 import pytest
+from helpers.cluster import quick, seconds_between
 from helpers.polling import wait_for
 from helpers.processes import Processes
-from helpers.proxy import closed_port
-from helpers.services import Database, unavailable
+from helpers.proxy import TcpProxy, closed_port, host_port, with_port
+from helpers.services import MARIADB_URL, Broker, Database, unavailable
 from sqlalchemy import create_engine, insert, select, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from test_faults_outages import (  # the database black-hole scenario's helpers, and its RabbitMQ fixture
+    ERROR_LINES_BOUND,
+    QUICK_JOBS,
+    RESUME_BOUND,
+    ProxiedCluster,
+    describe,
+    done,
+    error_lines,
+    first_claims_after,
+    first_line_time,
+    hold,
+    log_size,
+    lost_runs,
+    rabbitmq_broker,  # noqa: F401 (a fixture)
+    report,
+)
 from test_startup_errors import assert_one_line, exit_code, start
 
 from celery_dbsched import JobRepository
-from celery_dbsched.engine import check_mysql_server
+from celery_dbsched.engine import check_mysql_server, set_client_timeout
 from celery_dbsched.errors import DatabaseUnavailable, UnsupportedDatabase, is_deadlock
 from celery_dbsched.migrate import migrate
 from celery_dbsched.schema import job_table, run_table
@@ -306,3 +325,214 @@ def test_a_beat_a_worker_and_the_cli_on_mysql_8_exit_1_in_one_line(
     process = start(processes, command, mysql_8.url)
     assert exit_code(process) == 1
     assert_one_line(process, "the server is MySQL 8.0.36, which celery_dbsched does not support", command)
+
+
+# -- issue 15, item 1: MariaDB behind a network black hole --------------------------------------------------
+
+BLACKHOLE_MARGIN = 1.5  # how late past its bound a timeout may fire on a loaded machine
+
+
+@pytest.fixture
+def mariadb_proxy() -> Iterator[TcpProxy]:
+    """A proxy in front of the shared MariaDB (black-holing it affects only who connects through it)."""
+    proxy = TcpProxy(host_port(MARIADB_URL, 3306))
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def _proxied(
+    database: Database, proxy: TcpProxy | None, query: dict[str, str] | None = None, **options: object
+) -> JobRepository:
+    url = make_url(with_port(database.url, proxy.port) if proxy else database.url).update_query_dict(query or {})
+    repository = JobRepository(url.render_as_string(False), client_timeout=2.0, engine_options=options or None)
+    database.repositories.append(repository)
+    return repository
+
+
+def _timeouts(repository: JobRepository) -> tuple[object, object, object]:
+    with repository.engine.connect() as conn:
+        driver = conn.connection.driver_connection
+        return driver.connect_timeout, driver._read_timeout, driver._write_timeout  # type: ignore[union-attr]
+
+
+def _silent_heartbeat(repository: JobRepository, proxy: TcpProxy) -> float:
+    """How long a heartbeat (a transaction on a pooled, pre-pinged connection) takes to fail once the proxy
+    black-holes; it must fail as an outage."""
+    repository.heartbeat("w1", "worker", "host", 1)
+    proxy.blackhole()
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnavailable) as excinfo:
+        repository.heartbeat("w1", "worker", "host", 1)
+    took = time.monotonic() - started
+    assert "2013" in str(excinfo.value.__cause__) or "timed out" in str(excinfo.value), repr(excinfo.value)
+    assert proxy.dropped > 0
+    proxy.restore()
+    repository.heartbeat("w1", "worker", "host", 1)  # a new connection: the timed-out one was discarded
+    return took
+
+
+@pytest.mark.slow
+def test_a_statement_into_a_black_hole_is_an_outage_within_the_client_timeout(
+    mariadb_database: Database, mariadb_proxy: TcpProxy
+) -> None:
+    """dbsched_client_timeout (2 s here) is PyMySQL's read and write timeout: the pre-ping of the pooled connection
+    times out after 2 s, the pool's new connection waits as long for the server's greeting (its read timeout
+    too), then the outage is raised: 2 x 2 s."""
+    mariadb_database.migrated_repository()
+    repository = _proxied(mariadb_database, mariadb_proxy)
+    assert _timeouts(repository) == (10, 2.0, 2.0)
+    took = _silent_heartbeat(repository, mariadb_proxy)
+    print(f"\nMariaDB black hole: a heartbeat failed after {took:.2f}s (client timeout 2 s)")
+    assert 2.0 <= took <= 2 * 2.0 + BLACKHOLE_MARGIN, took
+
+
+@pytest.mark.slow
+def test_a_transaction_into_a_black_hole_is_an_outage_within_the_client_timeout(
+    mariadb_database: Database, mariadb_proxy: TcpProxy
+) -> None:
+    """On a connection already checked out (inside a transaction, no pre-ping): the read timeout alone."""
+    repository = _proxied(mariadb_database, mariadb_proxy)
+    with repository.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        mariadb_proxy.blackhole()
+        started = time.monotonic()
+        with pytest.raises(DBAPIError) as excinfo:
+            conn.execute(text("SELECT 2"))
+        took = time.monotonic() - started
+        assert conn.invalidated
+    assert 2.0 <= took <= 2.0 + BLACKHOLE_MARGIN, took
+    assert isinstance(excinfo.value.orig, pymysql.err.OperationalError) and excinfo.value.orig.args[0] == 2013
+    mariadb_proxy.restore()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["url", "connect_args"])
+def test_the_url_or_connect_args_override_the_read_timeout(
+    mariadb_database: Database, mariadb_proxy: TcpProxy, where: str
+) -> None:
+    mariadb_database.migrated_repository()
+    if where == "url":
+        repository = _proxied(mariadb_database, mariadb_proxy, {"read_timeout": "1", "connect_timeout": "4"})
+    else:
+        args = {"read_timeout": 1, "connect_timeout": 4}
+        repository = _proxied(mariadb_database, mariadb_proxy, connect_args=args)
+    assert _timeouts(repository) == (4, 1, 2.0)
+    took = _silent_heartbeat(repository, mariadb_proxy)
+    assert 1.0 <= took <= 2 * 1.0 + BLACKHOLE_MARGIN, took
+
+
+def test_without_the_client_timeout_pymysql_keeps_no_read_timeout(mariadb_database: Database) -> None:
+    repository = JobRepository(mariadb_database.url, client_timeout=None)
+    mariadb_database.repositories.append(repository)
+    assert _timeouts(repository) == (10, None, None)
+
+
+def test_migrations_run_without_the_read_timeout(mariadb_database: Database) -> None:
+    """As on PostgreSQL (the watchdog off): a migration may legitimately take long. Restored afterwards."""
+    repository = _proxied(mariadb_database, None)
+    with repository.engine.connect() as conn:
+        driver = conn.connection.driver_connection
+        with set_client_timeout(driver, None):
+            assert (driver._read_timeout, driver._write_timeout) == (None, None)  # type: ignore[union-attr]
+        assert (driver._read_timeout, driver._write_timeout) == (2.0, 2.0)  # type: ignore[union-attr]
+
+
+MARIADB_HOLE = 14.0  # seconds MariaDB stays silent in the process test (more than its notice bound)
+MARIADB_HOLE_TIMEOUT = 5.0  # the processes' dbsched_client_timeout there (20 s by default; CI time)
+# A process notices within twice its client timeout (a statement through the pool: the pre-ping, then the new
+# connection's greeting, each bounded by PyMySQL's read timeout), plus a tick and 2 shared cores.
+MARIADB_NOTICE_BOUND = 2 * MARIADB_HOLE_TIMEOUT + 3.0
+
+
+@pytest.fixture
+def mariadb_hole_cluster(
+    mariadb_database: Database,
+    mariadb_proxy: TcpProxy,
+    rabbitmq_broker: Broker,  # noqa: F811 (the fixture imported above)
+    processes: Processes,
+    tmp_path: Path,
+) -> Iterator[ProxiedCluster]:
+    url = with_port(mariadb_database.url, mariadb_proxy.port)
+    cluster = ProxiedCluster(url, mariadb_database, rabbitmq_broker, processes, tmp_path)
+    try:
+        yield cluster
+    finally:
+        mariadb_proxy.restore()
+        cluster.close()
+
+
+@pytest.mark.rabbitmq
+def test_mariadb_black_holed_while_a_beat_and_a_worker_run(
+    mariadb_proxy: TcpProxy, mariadb_hole_cluster: ProxiedCluster
+) -> None:
+    """MariaDB stops answering without refusing for 14 s while a beat claims four jobs every second and a worker
+    runs them (both through the proxy, client timeout 5 s): the beat notices within twice its client timeout
+    (PyMySQL's read timeout, the default now), logs it once, keeps running; claims resume after the return; no job
+    has two active runs, no run starts twice, none is lost but those at the hole's edge (counted)."""
+    cluster = mariadb_hole_cluster
+    settings = {"dbsched_client_timeout": MARIADB_HOLE_TIMEOUT}
+    worker = cluster.worker([quick(job, 1.0) for job in QUICK_JOBS], settings=settings, concurrency=4)
+    beat = cluster.beat(settings=settings)
+    worker.wait_ready()
+    sampler = cluster.sampler()
+    for job in QUICK_JOBS:
+        cluster.wait_runs(job, 2, done, timeout=90)
+    offsets = {process.name: log_size(process) for process in cluster.live}
+
+    went = cluster.repo.database_now()
+    silent_from = dt.datetime.now()  # the processes' log time stamps are local
+    mariadb_proxy.blackhole()
+
+    def noticed() -> float | None:
+        moment = first_line_time(beat, offsets[beat.name], "database unavailable")
+        return None if moment is None else (moment - silent_from).total_seconds()
+
+    notice: float = cluster.wait(noticed, MARIADB_NOTICE_BOUND + 10, "the beat to log the black hole")
+    hold(cluster, max(0.0, MARIADB_HOLE - (dt.datetime.now() - silent_from).total_seconds()))
+    mariadb_proxy.restore()
+    back = cluster.repo.database_now()
+    resumed = first_claims_after(cluster, QUICK_JOBS, back, timeout=60)
+    resume_all = max(seconds_between(back, run.create_time) for run in resumed)
+    for job in QUICK_JOBS:
+        cluster.wait_runs(job, 2, lambda run: done(run) and run.create_time > back, timeout=60)
+    cluster.wait(
+        lambda: all(run.end_time is not None for run in cluster.runs() if run.create_time < went),
+        60,
+        "every run claimed before the black hole to end",
+    )
+    sampler.stop()
+    sampler.check()
+
+    runs = cluster.runs()
+    edge_from, edge_to = went - dt.timedelta(seconds=1), back + dt.timedelta(seconds=1)
+    outside = [run for run in runs if not edge_from <= run.create_time <= edge_to]
+    in_window = [run for run in runs if edge_from <= run.create_time <= edge_to]
+    lost = lost_runs(outside, cluster.repo.database_now(), lambda run: False)
+    cluster.assert_started_once(runs)
+    cluster.processes.check_alive(worker, beat)
+    errors = {process.name: error_lines(process, offsets[process.name]) for process in cluster.live}
+    worker_notice = first_line_time(worker, offsets[worker.name], "database unavailable")
+    report(
+        "mariadb-blackhole-14s",
+        database="mariadb 10.11 (shared, through a TcpProxy)",
+        broker="rabbitmq",
+        client_timeout=MARIADB_HOLE_TIMEOUT,
+        silent=round(seconds_between(went, back), 1),
+        beat_noticed_after=round(notice, 1),
+        worker_noticed_after=round((worker_notice - silent_from).total_seconds(), 1) if worker_notice else None,
+        all_jobs_resumed_after=round(resume_all, 2),
+        runs=len(runs),
+        lost=len(lost),
+        lost_in_window=len(lost_runs(in_window, cluster.repo.database_now(), lambda run: False)),
+        doubled=len(sampler.double_active),
+        bytes_dropped=mariadb_proxy.dropped,
+        error_lines_by_process={name: len(lines) for name, lines in errors.items()},
+    )
+    assert notice <= MARIADB_NOTICE_BOUND, f"the beat noticed the black hole after {notice:.1f}s"
+    assert not lost, describe(lost)
+    assert resume_all <= 2 * MARIADB_HOLE_TIMEOUT + RESUME_BOUND, f"claims resumed {resume_all:.1f}s after the return"
+    for name, lines in errors.items():
+        assert len(lines) <= ERROR_LINES_BOUND, f"{name}: {lines}"
+        assert not [line for line in lines if line.startswith("Traceback")], f"{name}: {lines}"

@@ -377,6 +377,56 @@ def test_finishing_survives_a_short_database_outage(repository: JobRepository, m
     assert sleeps == [0.5, 1.0]
 
 
+def _answer_lost(action: Callable[..., RunRecord]) -> Callable[..., RunRecord]:
+    """`action` whose first call is committed but its answer lost (the connection cut before the reply: a network
+    black hole, issue 15): it raises DatabaseUnavailable after the write; later calls are the real thing."""
+    calls = [0]
+
+    def lost(*args: Any, **kwargs: Any) -> RunRecord:
+        calls[0] += 1
+        result = action(*args, **kwargs)
+        if calls[0] == 1:
+            raise DatabaseUnavailable("database unavailable: no answer from the database server for 5s")
+        return result
+
+    return lost
+
+
+def test_a_finish_committed_but_unanswered_is_the_runs_outcome(
+    repository: JobRepository, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The retry finds the run completed by its first attempt: that is the outcome (returned, the run kept as it
+    was), not a run "ended before the job did" whose result is discarded."""
+    monkeypatch.setattr(runner.time, "sleep", lambda seconds: None)  # type: ignore[attr-defined]
+    monkeypatch.setattr(repository, "complete_run", _answer_lost(repository.complete_run))
+    job = Recorder()
+    run = register_and_claim(repository, job)
+    caplog.set_level(logging.INFO, logger="celery_dbsched")
+    done = execute(repository, {job.name: job}, run.id, monitor_interval=60)
+    assert done is not None and done.status == "completed"
+    assert done == repository.lookup_run(run.id)
+    assert "the finish had been committed" in caplog.text and "ended before the job did" not in caplog.text
+    assert repository.run_stopped_time(run.id) is None  # not a run ended under its code
+
+
+def test_a_failure_committed_but_unanswered_still_fails_the_task(
+    repository: JobRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner.time, "sleep", lambda seconds: None)  # type: ignore[attr-defined]
+    monkeypatch.setattr(repository, "fail_run", _answer_lost(repository.fail_run))
+
+    def explode(job: Recorder, ctx: JobContext) -> None:
+        raise KeyError("item 3")
+
+    job = Recorder(body=explode)
+    run = register_and_claim(repository, job)
+    with pytest.raises(KeyError, match="item 3"):
+        execute(repository, {job.name: job}, run.id, raise_failure=True, monitor_interval=60)
+    recorded = repository.lookup_run(run.id)
+    assert recorded.status == "failed" and "KeyError: 'item 3'" in (recorded.error or "")
+    assert repository.lookup_job(job.name).failure_count == 1
+
+
 def _down_for(count: int, action: Callable[..., RunRecord]) -> Callable[..., RunRecord]:
     failures = iter([DatabaseUnavailable("database unavailable: connection refused")] * count)
 

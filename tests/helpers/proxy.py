@@ -4,8 +4,11 @@ helpers to point a client at it or at a port nobody listens on."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import socket
 import threading
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -17,7 +20,11 @@ class TcpProxy:
     `blackhole()` stands in for a network that drops every packet: connections stay open, the port still accepts
     new ones, but no byte is forwarded either way. What is sent meanwhile is dropped (as by the network: the
     server never sees a query sent into the black hole, the client never sees an answer sent back), and a side
-    that closes its end is told to the other only after `restore()`, which forwards again."""
+    that closes its end is told to the other only after `restore()`, which forwards again.
+
+    `blackhole_on(pattern)` starts the black hole at an exact point of a conversation instead: when the bytes
+    sent one way on one connection contain `pattern` (e.g. the SQL text of a statement), optionally followed by
+    `then` later on that connection (the COMMIT of the transaction it is in)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -29,6 +36,9 @@ class TcpProxy:
         self.dropped = 0  # bytes dropped while black-holed
         self._flowing = threading.Event()
         self._flowing.set()
+        self._trigger: _Trigger | None = None
+        self.hole_started = threading.Event()  # set when a `blackhole_on` trigger fired
+        self.hole_started_at: datetime.datetime | None = None  # local time, to compare with processes' logs
         self.up()
 
     def up(self) -> None:
@@ -41,6 +51,26 @@ class TcpProxy:
 
     def blackhole(self) -> None:
         self._flowing.clear()
+
+    def blackhole_on(
+        self,
+        pattern: bytes,
+        *,
+        direction: str = "to_server",
+        forward_trigger: bool,
+        then: bytes | None = None,
+    ) -> None:
+        """Black-hole at the first chunk sent `direction` ("to_server": client to target, or "to_client") that
+        contains `pattern` (or, with `then`, at the first chunk after it on the same connection and direction
+        that contains `then`). `forward_trigger`: that chunk is still delivered (the server runs the request,
+        its answer is lost) or dropped with everything after it (the server never sees the request). Fires once;
+        `hole_started` is set then. A pattern split across two chunks is seen (the previous chunk's tail is
+        kept)."""
+        if direction not in ("to_server", "to_client"):
+            raise ValueError(f"direction: 'to_server' or 'to_client', not {direction!r}")
+        self.hole_started.clear()
+        self.hole_started_at = None
+        self._trigger = _Trigger(pattern, direction == "to_server", forward_trigger, then)
 
     def restore(self) -> None:
         self._flowing.set()
@@ -83,13 +113,46 @@ class TcpProxy:
             client.settimeout(None)
             with self._lock:
                 self._connections.update((client, upstream))
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            for src, dst, to_server in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(src, dst, to_server), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _fires(self, data: bytes, to_server: bool, seen: dict[str, Any]) -> bool | None:
+        """Whether this chunk starts the black hole: None (no), or whether the chunk itself is forwarded."""
+        trigger = self._trigger
+        if trigger is None or trigger.to_server != to_server or not data:
+            return None
+        if seen.get("trigger") is not trigger:  # a new trigger: this connection's state starts again
+            seen.clear()
+            seen["trigger"] = trigger
+        window = seen.get("tail", b"") + data
+        wanted = trigger.then if seen.get("armed") else trigger.pattern
+        if wanted is None or wanted not in window:
+            seen["tail"] = window[-64:]
+            return None
+        if trigger.then is not None and not seen.get("armed"):
+            seen["armed"] = True
+            after = window[window.index(trigger.pattern) + len(trigger.pattern) :]
+            seen["tail"] = after[-64:]
+            if trigger.then not in after:
+                return None
+        with self._lock:
+            if self._trigger is not trigger:  # another connection fired it first
+                return None
+            self._trigger = None
+        self._flowing.clear()
+        self.hole_started_at = datetime.datetime.now()
+        self.hole_started.set()
+        return trigger.forward
+
+    def _pump(self, src: socket.socket, dst: socket.socket, to_server: bool) -> None:
+        seen: dict[str, Any] = {}
         try:
             while True:
                 data = src.recv(65536)
+                fired = self._fires(data, to_server, seen)
+                if fired:
+                    dst.sendall(data)  # the request reaches the server; what follows (its answer too) does not
+                    continue
                 if not self._flowing.is_set():
                     if data:
                         self.dropped += len(data)
@@ -104,6 +167,14 @@ class TcpProxy:
             for sock in (src, dst):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+
+@dataclass(frozen=True)
+class _Trigger:
+    pattern: bytes
+    to_server: bool
+    forward: bool
+    then: bytes | None
 
 
 def host_port(url: str, default_port: int) -> tuple[str, int]:
