@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Connection, Engine, Result, Row, Update, select
 from sqlalchemy.exc import DBAPIError
@@ -79,6 +79,7 @@ SERVER_LIMIT = 1_000  # server rows read at most (dead ones are pruned after dbs
 # is served by its index, dbsched_job_run_job or dbsched_job_run_status: no window).
 RUNS_SCAN_WINDOW = 100_000
 _log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 _STARTED_KEPT = 10_000  # runs started and not finished yet by this repository, remembered for their finish
 
 
@@ -200,6 +201,19 @@ class JobRepository:
             self.engine.dispose()
 
     # -- plumbing -------------------------------------------------------------------------------------
+
+    def _again_on_deadlock(self, what: str, attempt: Callable[[], _T]) -> _T:
+        """`attempt` (one transaction), made once more when the database broke a deadlock by rolling it back
+        (MySQL/MariaDB 1213, PostgreSQL 40P01): nothing of it happened, so a second try is safe, and it is
+        logged once (a WARNING) rather than taken for an outage. A second deadlock is raised as one
+        (`DatabaseUnavailable`: the caller's outage handling retries it later)."""
+        try:
+            return attempt()
+        except DbschedError as exc:
+            if not is_deadlock(exc.__cause__):
+                raise
+            _log.warning("celery_dbsched: %s hit a deadlock, trying again: %s", what, exc)
+        return attempt()
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
@@ -669,19 +683,16 @@ class JobRepository:
         inserts runs may not read the job table there (the trigger of active runs writes it). A deadlock (a beat
         and a worker's finish locking a job and its run in opposite orders) rolls the whole claim back, so no
         slot was taken: it is logged once and the claim made once more."""
-        for attempt in (1, 2):
-            try:
-                with self._tx() as conn:
-                    self._skip_misfired(conn, limit)
-                    due = conn.execute(sql.claim_due(self.clock.now, server_id, limit)).all()
-                    rows = conn.execute(sql.insert_claims(self.dialect, due)).all() if due else []
-                    runs = sorted((RunRecord.from_row(row) for row in rows), key=lambda run: run.id)
-                    return Claim(runs, self._advance_claimed(conn, runs))
-            except DbschedError as exc:
-                if attempt == 2 or not is_deadlock(exc.__cause__):
-                    raise
-                _log.warning("celery_dbsched: claim by %s hit a deadlock, claiming again: %s", server_id, exc)
-        raise AssertionError("unreachable")
+
+        def claim() -> Claim:
+            with self._tx() as conn:
+                self._skip_misfired(conn, limit)
+                due = conn.execute(sql.claim_due(self.clock.now, server_id, limit)).all()
+                rows = conn.execute(sql.insert_claims(self.dialect, due)).all() if due else []
+                runs = sorted((RunRecord.from_row(row) for row in rows), key=lambda run: run.id)
+                return Claim(runs, self._advance_claimed(conn, runs))
+
+        return self._again_on_deadlock(f"claim by {server_id}", claim)
 
     def _drop_stale_claims(self, conn: Connection, runs: list[RunRecord]) -> list[RunRecord]:
         """PostgreSQL (READ COMMITTED): the claim statement read the jobs as they were when it began. When it
@@ -872,7 +883,9 @@ class JobRepository:
             if run is not None:
                 return run
         self._forget_start(run_id)
-        return self._complete_in_tx(run_id, next_run_in, progress)
+        return self._again_on_deadlock(
+            f"completing run {run_id}", lambda: self._complete_in_tx(run_id, next_run_in, progress)
+        )
 
     def _complete_in_tx(self, run_id: int, next_run_in: dt.timedelta | None, progress: JobStatus | None) -> RunRecord:
         with self._tx() as conn:
@@ -923,10 +936,14 @@ class JobRepository:
             if run is not None:
                 return run
         self._forget_start(run_id)
-        with self._tx() as conn:
-            run = self._end_run(conn, run_id, RunState.FAILED, ACTIVE, error=error or "failed", progress=progress)
-            self._retry(conn, run)
-        return run
+
+        def fail() -> RunRecord:
+            with self._tx() as conn:
+                run = self._end_run(conn, run_id, RunState.FAILED, ACTIVE, error=error or "failed", progress=progress)
+                self._retry(conn, run)
+            return run
+
+        return self._again_on_deadlock(f"failing run {run_id}", fail)
 
     def refuse_run(self, run_id: int, worker: str, error: str) -> RunRecord:
         """`queued -> failed`: a worker refused the run's message without starting it (it does not have the run

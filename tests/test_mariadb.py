@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pymysql
 import pytest
@@ -186,7 +187,7 @@ def test_a_claim_that_deadlocks_is_made_again_once_logged_once_and_costs_no_slot
         claim = repository.claim_runs("beat-1", 10)
     assert [run.job_name for run in claim.runs] == ["j"] and len(calls) == 2
     assert [record.message for record in caplog.records if "deadlock" in record.message] == [
-        f"celery_dbsched: claim by beat-1 hit a deadlock, claiming again: {classify_text(deadlock)}"
+        f"celery_dbsched: claim by beat-1 hit a deadlock, trying again: {classify_text(deadlock)}"
     ]
     assert [run.job_name for run in repository.list_runs()] == ["j"]
     # Twice in a row is not retried again: the error comes out, as any outage does.
@@ -194,6 +195,42 @@ def test_a_claim_that_deadlocks_is_made_again_once_logged_once_and_costs_no_slot
     monkeypatch.setattr(JobRepository, "_skip_misfired", lambda self, conn, limit: (_ for _ in ()).throw(deadlock))
     with pytest.raises(DatabaseUnavailable, match="Deadlock"):
         repository.claim_runs("beat-1", 10)
+
+
+@pytest.mark.parametrize("ending", ["complete", "fail"])
+def test_a_finish_that_deadlocks_is_made_again_once_and_logged_once(
+    repository: JobRepository,
+    deadlock: DBAPIError,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    ending: str,
+) -> None:
+    """A worker's finish and a beat's claim lock a job and its run in opposite orders: MariaDB breaks the
+    deadlock by rolling one back. The finish is made again (seen under load in
+    test_repository.py::test_concurrent_claimers_never_run_a_job_twice_at_once, where it was an outage)."""
+    repository.upsert_job("j", "d", every=dt.timedelta(hours=1), first_run_in=dt.timedelta(0))
+    [run] = repository.claim_runs("beat-1", 10).runs
+    repository.start_run(run.id, "w1")
+    original = JobRepository._end_run
+    calls = []
+
+    def deadlocked_once(self: JobRepository, *args: Any, **kwargs: Any) -> Any:
+        calls.append(args)
+        ended = original(self, *args, **kwargs)
+        if len(calls) == 1:
+            raise deadlock  # after the run's update: the rollback undoes it
+        return ended
+
+    monkeypatch.setattr(JobRepository, "_end_run", deadlocked_once)
+    with caplog.at_level(logging.WARNING, logger="celery_dbsched.repository"):
+        ended = repository.complete_run(run.id) if ending == "complete" else repository.fail_run(run.id, "boom")
+    assert ended.status == ("completed" if ending == "complete" else "failed") and len(calls) == 2
+    verb = "completing" if ending == "complete" else "failing"
+    assert [record.message for record in caplog.records if "deadlock" in record.message] == [
+        f"celery_dbsched: {verb} run {run.id} hit a deadlock, trying again: {classify_text(deadlock)}"
+    ]
+    [stored] = repository.list_runs()
+    assert stored.status == ended.status and stored.end_time == ended.end_time
 
 
 def classify_text(exc: DBAPIError) -> str:
