@@ -677,26 +677,8 @@ def test_database_black_holed_while_a_beat_and_a_worker_run(
         return {name: (moment - silent_from).total_seconds() for name, moment in times.items() if moment}
 
     notice = cluster.wait(noticed, NOTICE_BOUND + NOTICE_SLACK + 10, "the beat and the worker to log the outage")
-    for job in QUICK_JOBS:
-        cluster.wait_runs(job, 2, lambda run: done(run) and run.create_time > back, timeout=60)
-    # Runs claimed before the black hole end (their finish waited it out), or were claimed at its edge.
-    cluster.wait(
-        lambda: all(run.end_time is not None for run in cluster.runs() if run.create_time < went),
-        60,
-        "every run claimed before the black hole to end",
-    )
-    sampler.stop()
-    sampler.check()
-
-    runs = cluster.runs()
-    edge_from, edge_to = went - dt.timedelta(seconds=1), back + dt.timedelta(seconds=1)
-    in_window = [run for run in runs if edge_from <= run.create_time <= edge_to]
-    outside = [run for run in runs if not edge_from <= run.create_time <= edge_to]
-    lost = lost_runs(outside, cluster.repo.database_now(), lambda run: False)
-    lost_in_window = lost_runs(in_window, cluster.repo.database_now(), lambda run: False)
-    cluster.assert_started_once(runs)
+    after = after_the_database_returns(cluster, sampler, went, back, offsets)
     cluster.processes.check_alive(worker, beat)
-    errors = {process.name: error_lines(process, offsets[process.name]) for process in cluster.live}
     report(
         "pg-blackhole-25s",
         silent=round(seconds_between(went, back), 1),
@@ -704,20 +686,64 @@ def test_database_black_holed_while_a_beat_and_a_worker_run(
         worker_noticed_after=round(notice["worker"], 1),
         claims_resumed_after=round(resume_first, 2),
         all_jobs_resumed_after=round(resume_all, 2),
-        runs=len(runs),
-        lost=len(lost),
-        lost_in_window=len(lost_in_window),
-        doubled=len(sampler.double_active),
-        failed=sum(run.status == "failed" for run in runs),
+        **after.figures(),
+        failed=sum(run.status == "failed" for run in after.runs),
         bytes_dropped=pg_proxy.dropped,
-        error_lines_by_process={name: len(lines) for name, lines in errors.items()},
     )
-    assert not lost, f"runs lost or falsely ended outside the black hole: {describe(lost)}"
+    assert not after.lost, f"runs lost or falsely ended outside the black hole: {describe(after.lost)}"
     for name, seconds in notice.items():
         assert seconds <= NOTICE_BOUND + NOTICE_SLACK, f"{name} noticed the black hole after {seconds:.1f}s"
     assert resume_all <= BLACKHOLE_RESUME_BOUND, f"claiming resumed {resume_all:.1f}s after the database came back"
-    for process_name, lines in errors.items():
+    for process_name, lines in after.errors.items():
         assert not [line for line in lines if line.startswith("Traceback")], f"{process_name}: {lines}"
+
+
+@dataclass
+class DatabaseReturn:
+    """What a database black-hole scenario finds once the database answers again."""
+
+    runs: list[RunRecord]
+    lost: list[RunRecord]  # claimed away from the hole's edges and not ended as they should
+    lost_in_window: list[RunRecord]  # the same, claimed within a second of the hole's start or end (counted)
+    doubled: int  # samples of a job with two active runs
+    errors: dict[str, list[str]]  # each live process's error lines since `offsets`
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            "runs": len(self.runs),
+            "lost": len(self.lost),
+            "lost_in_window": len(self.lost_in_window),
+            "doubled": self.doubled,
+            "error_lines_by_process": {name: len(lines) for name, lines in self.errors.items()},
+        }
+
+
+def after_the_database_returns(
+    cluster: Cluster, sampler: RunSampler, went: dt.datetime, back: dt.datetime, offsets: dict[str, int]
+) -> DatabaseReturn:
+    """Each quick job runs again after `back`, every run claimed before `went` ends (its finish waited the hole
+    out), and no run started twice; the runs counted lost apart for those claimed at the hole's edges."""
+    for job in QUICK_JOBS:
+        cluster.wait_runs(job, 2, lambda run: done(run) and run.create_time > back, timeout=60)
+    cluster.wait(
+        lambda: all(run.end_time is not None for run in cluster.runs() if run.create_time < went),
+        60,
+        "every run claimed before the black hole to end",
+    )
+    sampler.stop()
+    sampler.check()
+    runs = cluster.runs()
+    cluster.assert_started_once(runs)
+    edge_from, edge_to = went - dt.timedelta(seconds=1), back + dt.timedelta(seconds=1)
+    at_edge = lambda run: edge_from <= run.create_time <= edge_to  # noqa: E731
+    now = cluster.repo.database_now()
+    return DatabaseReturn(
+        runs=runs,
+        lost=lost_runs([run for run in runs if not at_edge(run)], now, lambda run: False),
+        lost_in_window=lost_runs([run for run in runs if at_edge(run)], now, lambda run: False),
+        doubled=len(sampler.double_active),
+        errors={process.name: error_lines(process, offsets[process.name]) for process in cluster.live},
+    )
 
 
 # -- issue 15, item 1: the black hole at an exact point, mid-claim and mid-finish -------------------------------

@@ -33,14 +33,13 @@ from test_faults_outages import (  # the database black-hole scenario's helpers,
     QUICK_JOBS,
     RESUME_BOUND,
     ProxiedCluster,
+    after_the_database_returns,
     describe,
     done,
-    error_lines,
     first_claims_after,
     first_line_time,
     hold,
     log_size,
-    lost_runs,
     rabbitmq_broker,  # noqa: F401 (a fixture)
     report,
 )
@@ -532,24 +531,8 @@ def test_mariadb_black_holed_while_a_beat_and_a_worker_run(
     back = cluster.repo.database_now()
     resumed = first_claims_after(cluster, QUICK_JOBS, back, timeout=60)
     resume_all = max(seconds_between(back, run.create_time) for run in resumed)
-    for job in QUICK_JOBS:
-        cluster.wait_runs(job, 2, lambda run: done(run) and run.create_time > back, timeout=60)
-    cluster.wait(
-        lambda: all(run.end_time is not None for run in cluster.runs() if run.create_time < went),
-        60,
-        "every run claimed before the black hole to end",
-    )
-    sampler.stop()
-    sampler.check()
-
-    runs = cluster.runs()
-    edge_from, edge_to = went - dt.timedelta(seconds=1), back + dt.timedelta(seconds=1)
-    outside = [run for run in runs if not edge_from <= run.create_time <= edge_to]
-    in_window = [run for run in runs if edge_from <= run.create_time <= edge_to]
-    lost = lost_runs(outside, cluster.repo.database_now(), lambda run: False)
-    cluster.assert_started_once(runs)
+    after = after_the_database_returns(cluster, sampler, went, back, offsets)
     cluster.processes.check_alive(worker, beat)
-    errors = {process.name: error_lines(process, offsets[process.name]) for process in cluster.live}
     worker_notice = first_line_time(worker, offsets[worker.name], "database unavailable")
     report(
         "mariadb-blackhole-14s",
@@ -560,16 +543,12 @@ def test_mariadb_black_holed_while_a_beat_and_a_worker_run(
         beat_noticed_after=round(notice, 1),
         worker_noticed_after=round((worker_notice - silent_from).total_seconds(), 1) if worker_notice else None,
         all_jobs_resumed_after=round(resume_all, 2),
-        runs=len(runs),
-        lost=len(lost),
-        lost_in_window=len(lost_runs(in_window, cluster.repo.database_now(), lambda run: False)),
-        doubled=len(sampler.double_active),
+        **after.figures(),
         bytes_dropped=mariadb_proxy.dropped,
-        error_lines_by_process={name: len(lines) for name, lines in errors.items()},
     )
     assert notice <= MARIADB_NOTICE_BOUND, f"the beat noticed the black hole after {notice:.1f}s"
-    assert not lost, describe(lost)
+    assert not after.lost, describe(after.lost)
     assert resume_all <= 2 * MARIADB_HOLE_TIMEOUT + RESUME_BOUND, f"claims resumed {resume_all:.1f}s after the return"
-    for name, lines in errors.items():
+    for name, lines in after.errors.items():
         assert len(lines) <= ERROR_LINES_BOUND, f"{name}: {lines}"
         assert not [line for line in lines if line.startswith("Traceback")], f"{name}: {lines}"
