@@ -13,6 +13,8 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,13 @@ def dbsched(
         timeout=120,
     )
     return Result(args, completed.returncode, completed.stdout, completed.stderr)
+
+
+def in_parallel(calls: list[Callable[[], Result]]) -> list[Result]:
+    """Independent CLI processes, four at a time (each spends most of its second importing: CI time), their
+    results in the order of `calls`."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda call: call(), calls))
 
 
 def cli_env(
@@ -751,14 +760,18 @@ def test_database_password_never_appears_in_output(postgres_database: Database) 
         dbsched(url, "jobs"),  # before migrate: the missing-tables error
         dbsched(url, "migrate"),
         dbsched(url, "migrate"),
-        dbsched(url, "jobs"),
-        dbsched(url, "runs"),
-        dbsched(url, "runs", "--job", "nope"),
-        dbsched(url, "runs", "--status", "bogus"),
-        dbsched(url, "jobs", settings={"dbsched_run_jobs_limit": -1}),
-        dbsched(down, "migrate"),
-        dbsched(down, "jobs"),
-        dbsched(down, "runs"),
+        *in_parallel(
+            [
+                lambda: dbsched(url, "jobs"),
+                lambda: dbsched(url, "runs"),
+                lambda: dbsched(url, "runs", "--job", "nope"),
+                lambda: dbsched(url, "runs", "--status", "bogus"),
+                lambda: dbsched(url, "jobs", settings={"dbsched_run_jobs_limit": -1}),
+                lambda: dbsched(down, "migrate"),
+                lambda: dbsched(down, "jobs"),
+                lambda: dbsched(down, "runs"),
+            ]
+        ),
     ]
     for result in results:
         assert PASSWORD not in result.output and encoded not in result.output, result
@@ -999,8 +1012,11 @@ def test_add_mistakes_are_one_usage_error_naming_the_option_and_store_nothing(sq
     # On SQLite only: the options are read before any database is opened (22 CLI processes per database).
     database = sqlite_database
     repository = database.migrated_repository()
-    for arguments, option, fix in MISTAKES:
-        result = clean_error(dbsched(database.url, "add", "oops", *arguments))
+    results = in_parallel(
+        [lambda arguments=arguments: dbsched(database.url, "add", "oops", *arguments) for arguments, _, _ in MISTAKES]
+    )
+    for (arguments, option, fix), raw in zip(MISTAKES, results, strict=True):
+        result = clean_error(raw)
         assert result.returncode == 2, (arguments, result)
         assert f"'{option}'" in result.stderr and fix in result.stderr, (arguments, result.stderr)
         assert len(result.stderr.strip().splitlines()[-1:]) == 1
