@@ -639,6 +639,21 @@ def first_line_time(process: CeleryProcess, since: int, text: str) -> dt.datetim
     return None
 
 
+def wait_notice(
+    cluster: Cluster, process: CeleryProcess, since: int, start: dt.datetime, timeout: float, what: str
+) -> float:
+    """Seconds from `start` (local time: the processes' log time stamps are local) to `process`'s first
+    "database unavailable" line after byte offset `since`, waited for at most `timeout` (`what`: for the
+    message)."""
+
+    def noticed() -> float | None:
+        moment = first_line_time(process, since, "database unavailable")
+        return None if moment is None else (moment - start).total_seconds()
+
+    seconds: float = cluster.wait(noticed, timeout, what)
+    return seconds
+
+
 @pytest.mark.postgres
 @pytest.mark.rabbitmq
 def test_database_black_holed_while_a_beat_and_a_worker_run(
@@ -826,12 +841,10 @@ def test_database_black_holed_mid_claim_start_or_finish(
     assert silent_from is not None
     went = cluster.repo.database_now()
 
-    def noticed() -> float | None:
-        moment = first_line_time(noticer, offsets[noticer.name], "database unavailable")
-        return None if moment is None else (moment - silent_from).total_seconds()
-
     bound = POINT_CLIENT_TIMEOUT + POINT_NOTICE_SLACK
-    notice: float = cluster.wait(noticed, bound + 10, f"the {noticer.name} to log the black hole")
+    notice = wait_notice(
+        cluster, noticer, offsets[noticer.name], silent_from, bound + 10, f"the {noticer.name} to log the black hole"
+    )
     # What the database has now, before the return: the run the statement was about. A run claimed (and
     # published) between the read of `before` and the arming is started, and ended before the job's next claim.
     fresh = [run for run in cluster.runs(POINT_JOB) if run.id not in before and run.start_time is None]
@@ -980,12 +993,10 @@ def test_two_beats_one_black_holed_mid_claim(
     assert silent_from is not None
     went = cluster.repo.database_now()
 
-    def noticed() -> float | None:
-        moment = first_line_time(held, offsets[held.name], "database unavailable")
-        return None if moment is None else (moment - silent_from).total_seconds()
-
     bound = POINT_CLIENT_TIMEOUT + POINT_NOTICE_SLACK
-    notice: float = cluster.wait(noticed, bound + 10, "the held beat to log the black hole")
+    notice = wait_notice(
+        cluster, held, offsets[held.name], silent_from, bound + 10, "the held beat to log the black hole"
+    )
     hold(cluster, max(0.0, TWO_BEATS_HOLE - (dt.datetime.now() - silent_from).total_seconds()))
     pg_proxy.restore()
     back = cluster.repo.database_now()

@@ -42,6 +42,7 @@ from test_faults_outages import (  # the database black-hole scenario's helpers,
     log_size,
     rabbitmq_broker,  # noqa: F401 (a fixture)
     report,
+    wait_notice,
 )
 from test_startup_errors import assert_one_line, exit_code, start
 
@@ -521,11 +522,9 @@ def test_mariadb_black_holed_while_a_beat_and_a_worker_run(
     silent_from = dt.datetime.now()  # the processes' log time stamps are local
     mariadb_proxy.blackhole()
 
-    def noticed() -> float | None:
-        moment = first_line_time(beat, offsets[beat.name], "database unavailable")
-        return None if moment is None else (moment - silent_from).total_seconds()
-
-    notice: float = cluster.wait(noticed, MARIADB_NOTICE_BOUND + 10, "the beat to log the black hole")
+    notice = wait_notice(
+        cluster, beat, offsets[beat.name], silent_from, MARIADB_NOTICE_BOUND + 10, "the beat to log the black hole"
+    )
     hold(cluster, max(0.0, MARIADB_HOLE - (dt.datetime.now() - silent_from).total_seconds()))
     mariadb_proxy.restore()
     back = cluster.repo.database_now()

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, make_url, text
 
@@ -29,15 +31,27 @@ from celery_dbsched.migrate import migrate
 if TYPE_CHECKING:
     from helpers.services import Database
 
-_scripts: dict[str, object] = {}  # kind -> its template (a path, a script, statements), or None: cannot
-_engines: dict[str, Engine] = {}
+_T = TypeVar("_T")
 
 
+@functools.cache
 def admin_engine(url: str) -> Engine:
     """One engine per admin URL for the session (creating one per test costs a connection each time)."""
-    if url not in _engines:
-        _engines[url] = create_engine(url, pool_size=1, max_overflow=2)
-    return _engines[url]
+    return create_engine(url, pool_size=1, max_overflow=2)
+
+
+def _once(make: Callable[[str], _T]) -> Callable[[str], _T | None]:
+    """`make(admin_url)`, made once per session; None when it failed (each test database then migrates)."""
+
+    @functools.cache
+    def made(admin_url: str) -> _T | None:
+        try:
+            return make(admin_url)
+        except Exception as exc:
+            print(f"\ncelery_dbsched tests: no migrated template ({make.__name__}: {exc}); each test database migrates")
+            return None
+
+    return made
 
 
 def clone_migrated(database: Database, admin_url: str) -> bool:
@@ -56,20 +70,11 @@ def clone_migrated(database: Database, admin_url: str) -> bool:
     return False
 
 
-def _template(kind: str, make: object) -> object:
-    if kind not in _scripts:
-        try:
-            _scripts[kind] = make()  # type: ignore[operator]
-        except Exception as exc:
-            print(f"\ncelery_dbsched tests: no migrated {kind} template ({exc}); each test database migrates")
-            _scripts[kind] = None
-    return _scripts[kind]
-
-
 # -- SQLite -----------------------------------------------------------------------------------------------------
 
 
-def _sqlite_template() -> Path:
+@_once
+def _sqlite_template(_: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix="dbsched-template-"))
     atexit.register(shutil.rmtree, folder, True)
     path = folder / "template.sqlite3"
@@ -85,11 +90,10 @@ def _sqlite_template() -> Path:
 
 
 def _clone_sqlite(database: Database) -> bool:
-    template = _template("sqlite", _sqlite_template)
+    template = _sqlite_template("")
     path = Path(make_url(database.url).database or "")
     if template is None or path.exists():
         return False
-    assert isinstance(template, Path)
     shutil.copyfile(template, path)
     return True
 
@@ -97,6 +101,7 @@ def _clone_sqlite(database: Database) -> bool:
 # -- PostgreSQL -------------------------------------------------------------------------------------------------
 
 
+@_once
 def _postgres_template(admin_url: str) -> list[tuple[str, Any]]:
     """The statements `migrate` sends to a fresh schema, but its reads (the catalog, the advisory lock)."""
     schema = f"t_{uuid.uuid4().hex[:16]}"
@@ -122,10 +127,10 @@ def _postgres_template(admin_url: str) -> list[tuple[str, Any]]:
 
 
 def _clone_postgres(database: Database, admin_url: str) -> bool:
-    template = _template("postgres", lambda: _postgres_template(admin_url))
+    template = _postgres_template(admin_url)
     if template is None:
         return False
-    assert isinstance(template, list) and database.schema
+    assert database.schema
     with admin_engine(admin_url).begin() as conn:
         conn.exec_driver_sql(f'SET LOCAL search_path TO "{database.schema}"')
         for statement, parameters in template:
@@ -136,6 +141,7 @@ def _clone_postgres(database: Database, admin_url: str) -> bool:
 # -- MariaDB ----------------------------------------------------------------------------------------------------
 
 
+@_once
 def _mariadb_template(admin_url: str) -> list[str]:
     """The statements that make a migrated database in the current one."""
     name = f"t_{uuid.uuid4().hex[:16]}"
@@ -172,10 +178,10 @@ def _mariadb_template(admin_url: str) -> list[str]:
 
 
 def _clone_mariadb(database: Database, admin_url: str) -> bool:
-    template = _template("mariadb", lambda: _mariadb_template(admin_url))
+    template = _mariadb_template(admin_url)
     if template is None:
         return False
-    assert isinstance(template, list) and database.schema
+    assert database.schema
     engine = admin_engine(admin_url)
     with engine.connect() as conn:
         tables = "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = :name"
