@@ -172,7 +172,16 @@ MYSQL_TIMEOUT_ARGS = ("read_timeout", "write_timeout")
 
 def mysql_connect_args(parsed: URL, connect_args: Mapping[str, Any], client_timeout: float | None) -> dict[str, Any]:
     """`connect_args` with PyMySQL's connect timeout (MYSQL_CONNECT_TIMEOUT) and read and write timeouts
-    (`client_timeout` seconds; none when it is None) added where neither they nor the URL's query say otherwise."""
+    (`client_timeout` seconds; none when it is None) added where neither they nor the URL's query say otherwise.
+    A timeout in the URL's query that is not a whole number of seconds is a ValueError naming it."""
+    for key in ("connect_timeout", *MYSQL_TIMEOUT_ARGS):
+        given = parsed.query.get(key)
+        if given is not None and not (isinstance(given, str) and given.isdigit() and int(given) > 0):
+            # SQLAlchemy turns these into int() for PyMySQL: its own error would not name the setting.
+            raise ValueError(
+                f"dbsched_database_url: {key}={given!r} in the URL is not a whole number of seconds above 0; "
+                f"write it as e.g. ?{key}=30"
+            )
     defaults: dict[str, float] = {"connect_timeout": MYSQL_CONNECT_TIMEOUT}
     if client_timeout:
         defaults.update(dict.fromkeys(MYSQL_TIMEOUT_ARGS, client_timeout))

@@ -316,6 +316,16 @@ def test_the_mysql_url_query_and_connect_args_win_over_the_defaults() -> None:
     assert args == {"connect_timeout": 10, "read_timeout": 20.0, "write_timeout": 90, "ssl": {"ca": "x"}}
 
 
+@pytest.mark.parametrize("query", ["read_timeout=abc", "connect_timeout=0", "write_timeout=1.5"])
+def test_a_mysql_timeout_in_the_url_that_is_not_whole_seconds_is_one_clear_error(query: str) -> None:
+    key, value = query.split("=")
+    with pytest.raises(ValueError) as excinfo:
+        JobRepository(f"mysql+pymysql://u:secret@db.example/app?{query}")
+    message = str(excinfo.value)
+    assert message.startswith(f"dbsched_database_url: {key}={value!r} in the URL") and f"?{key}=30" in message
+    assert "secret" not in message
+
+
 # -- the test proxy's trigger (helpers/proxy.py), against a local echo server -------------------------------------
 
 
