@@ -501,6 +501,7 @@ def mariadb_hole_cluster(
 
 
 @pytest.mark.rabbitmq
+@pytest.mark.e2e  # real beat and worker, bounds in seconds: one at a time under xdist
 def test_mariadb_black_holed_while_a_beat_and_a_worker_run(
     mariadb_proxy: TcpProxy, mariadb_hole_cluster: ProxiedCluster
 ) -> None:
