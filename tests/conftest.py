@@ -52,7 +52,9 @@ from celery_dbsched.repository import JobRepository
 from celery_dbsched.scheduler import Scheduler
 from celery_dbsched.transport import filesystem_broker_settings
 
-pytest_plugins = ["celery_dbsched.testing"]  # dbsched_scheduler_factory, dbsched_scheduler
+# celery_dbsched.testing: dbsched_scheduler_factory, dbsched_scheduler; helpers.xdist_groups: the e2e tests one
+# at a time under pytest-xdist, the rest spread.
+pytest_plugins = ["celery_dbsched.testing", "helpers.xdist_groups"]
 
 
 # -- hooks ----------------------------------------------------------------------------------------------------

@@ -26,7 +26,12 @@ from helpers.templates import admin_engine, clone_migrated
 
 POSTGRES_URL = os.environ.get("DBSCHED_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 RABBITMQ_URL = os.environ.get("DBSCHED_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
-REDIS_URL = os.environ.get("DBSCHED_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+# Under pytest-xdist each worker process (gw0, gw1, ...) takes a Redis database of its own (1, 2, ...): kombu's
+# Redis transport keeps one `unacked` hash per database, and a worker restoring messages past a test's short
+# visibility timeout would otherwise hand another test's in-flight messages back to their queue.
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_REDIS_DB = 1 + int(_XDIST_WORKER[2:]) % 8 if _XDIST_WORKER.startswith("gw") else 0
+REDIS_URL = os.environ.get("DBSCHED_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{_REDIS_DB}")
 # A server where the tests may create and drop databases of their own (one per test).
 MARIADB_URL = os.environ.get("DBSCHED_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 REQUIRE_SERVICES = os.environ.get("DBSCHED_REQUIRE_SERVICES", "").lower() in ("1", "true", "yes")
