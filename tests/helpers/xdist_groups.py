@@ -124,6 +124,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     write_grouped(session)
 
 
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if not config.getoption("numprocesses", None):
+        return None
+    return "celery_dbsched: e2e tests one at a time on one xdist worker, the rest spread (-n 0: all in one process)"
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if CONTROLLER in config.stash:
         config.stash[CONTROLLER].close()
