@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 E2E_GROUP = "e2e-one-at-a-time"
-MAX_XDIST_WORKERS = 4  # more would run more beats and workers at once than the e2e bounds were measured with
+MAX_XDIST_WORKERS = 4  # more would put more CLI and browser processes beside the e2e test than its bounds allow for
 _FOLDER_KEY = "dbsched_e2e_folder"
 
 
