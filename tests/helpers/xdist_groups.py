@@ -38,36 +38,22 @@ def auto_workers() -> int:
     return max(1, min(os.cpu_count() or 1, MAX_XDIST_WORKERS))
 
 
-class Controller:
-    """The controller's side: the folder the workers write to, and the scheduler that reads it."""
+def e2e_scheduler(folder: Path, config: pytest.Config, log: Any) -> Any:
+    """xdist's loadgroup, with the `e2e` tests the workers listed in `folder` as one work unit (the largest, so
+    it starts first)."""
+    from xdist.scheduler import LoadGroupScheduling
 
-    def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="dbsched-xdist-"))
+    class E2EOneAtATime(LoadGroupScheduling):  # type: ignore[misc]
+        grouped: set[str] | None = None
 
-    def configure_node(self, node: Any) -> None:
-        node.workerinput[_FOLDER_KEY] = str(self.folder)
+        def _split_scope(self, nodeid: str) -> str:
+            if self.grouped is None:
+                self.grouped = read_grouped(folder, len(self.nodes))
+            if nodeid in self.grouped:
+                return E2E_GROUP
+            return str(super()._split_scope(nodeid))
 
-    def make_scheduler(self, config: pytest.Config, log: Any) -> Any:
-        from xdist.scheduler import LoadGroupScheduling
-
-        folder = self.folder
-
-        class E2EOneAtATime(LoadGroupScheduling):  # type: ignore[misc]
-            """loadgroup, with the `e2e` tests the workers listed as one work unit (the largest, so first)."""
-
-            grouped: set[str] | None = None
-
-            def _split_scope(self, nodeid: str) -> str:
-                if self.grouped is None:
-                    self.grouped = read_grouped(folder, len(self.nodes))
-                if nodeid in self.grouped:
-                    return E2E_GROUP
-                return str(super()._split_scope(nodeid))
-
-        return E2EOneAtATime(config, log)
-
-    def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+    return E2EOneAtATime(config, log)
 
 
 def read_grouped(folder: Path, workers: int) -> set[str]:
@@ -96,7 +82,7 @@ def write_grouped(session: pytest.Session) -> None:
 
 # -- the hooks ---------------------------------------------------------------------------------------------------
 
-CONTROLLER = pytest.StashKey[Controller]()
+FOLDER = pytest.StashKey[Path]()  # the controller's: where the workers list their e2e tests
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -107,16 +93,16 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
     config: pytest.Config = node.config
-    if CONTROLLER not in config.stash:
-        config.stash[CONTROLLER] = Controller()
-    config.stash[CONTROLLER].configure_node(node)
+    if FOLDER not in config.stash:
+        config.stash[FOLDER] = Path(tempfile.mkdtemp(prefix="dbsched-xdist-"))
+    node.workerinput[_FOLDER_KEY] = str(config.stash[FOLDER])
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)  # before xdist's own, for `--dist loadgroup`
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    if config.getvalue("dist") != "loadgroup" or CONTROLLER not in config.stash:
+    if config.getvalue("dist") != "loadgroup" or FOLDER not in config.stash:
         return None
-    return config.stash[CONTROLLER].make_scheduler(config, log)
+    return e2e_scheduler(config.stash[FOLDER], config, log)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker reports the collection
@@ -131,5 +117,5 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if CONTROLLER in config.stash:
-        config.stash[CONTROLLER].close()
+    if FOLDER in config.stash:
+        shutil.rmtree(config.stash[FOLDER], ignore_errors=True)
