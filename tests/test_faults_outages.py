@@ -56,6 +56,7 @@ from helpers.services import (
 
 from celery_dbsched import RunRecord, update_job_next_run_in_at_least
 from celery_dbsched.publisher import PUBLISH_TIMEOUT
+from celery_dbsched.states import RunState
 from celery_dbsched.wakeup import RECONNECT_AFTER
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e]
@@ -952,6 +953,27 @@ def server_id(process: CeleryProcess) -> str:
     return f"{socket.gethostname()}:{process.pid}"
 
 
+def stop_between_claims(cluster: Cluster, beat: CeleryProcess, beat_id: str) -> None:
+    """SIGSTOP `beat` at a moment when it has sent every run it claimed. Stopped between a claim's commit and its
+    publishing, it would leave those runs `queued` and unsent: their jobs busy, no other beat claims them until the
+    threshold. The idle worker starts a sent run within milliseconds, so a run of this beat still `queued` 2 s
+    after the stop was caught unsent: the beat goes on until that run has started, and is stopped again."""
+
+    def unsent() -> set[int]:
+        return {run.id for run in cluster.runs() if run.claimed_by == beat_id and run.status == RunState.QUEUED}
+
+    for _ in range(5):
+        os.kill(beat.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: not unsent(), 2, 0.05, f"the runs claimed by {beat.name} to start")
+            return
+        except AssertionError:
+            caught = unsent()
+            os.kill(beat.pid, signal.SIGCONT)
+            wait_for(lambda c=caught: not c & unsent(), 30, 0.05, f"runs {sorted(caught)} to start after the stop")
+    raise AssertionError(f"{beat.name} was caught with unsent runs at each of 5 stops")
+
+
 @pytest.mark.postgres
 @pytest.mark.rabbitmq
 # CI time: the held claim left open (27 s) runs with --soak; its lock on four jobs for the whole hole is in
@@ -986,7 +1008,7 @@ def test_two_beats_one_black_holed_mid_claim(
 
     # The direct beat paused while the trigger is armed, so that the held beat's next claim takes every job due
     # then (the direct one, closer to the database, wins most races): what an open claim holds is not left to luck.
-    os.kill(direct.pid, signal.SIGSTOP)
+    stop_between_claims(cluster, direct, direct_id)
     try:
         pg_proxy.blackhole_on(CLAIM_SQL, forward_trigger=held_claim == "open")
         cluster.wait(pg_proxy.hole_started.is_set, 10, "the held beat to claim")

@@ -219,7 +219,7 @@ class Cluster:
 
     def describe_runs(self, job: str | None = None) -> str:
         return "\n".join(
-            f"  run {r.id} {r.job_name} {r.status} {r.completed}/{r.total} worker={r.worker} "
+            f"  run {r.id} {r.job_name} {r.status} {r.completed}/{r.total} claimed_by={r.claimed_by} worker={r.worker} "
             f"created={r.create_time:%H:%M:%S.%f} ended={r.end_time and f'{r.end_time:%H:%M:%S.%f}'} "
             f"error={(r.error or '')[-120:]!r}"
             for r in self.runs(job)
