@@ -960,7 +960,7 @@ def stop_between_claims(cluster: Cluster, beat: CeleryProcess, beat_id: str) -> 
     after the stop was caught unsent: the beat goes on until that run has started, and is stopped again."""
 
     def unsent() -> set[int]:
-        return {run.id for run in cluster.runs() if run.claimed_by == beat_id and run.status == RunState.QUEUED}
+        return {run.id for run in cluster.repo.list_runs(status=RunState.QUEUED) if run.claimed_by == beat_id}
 
     for _ in range(5):
         os.kill(beat.pid, signal.SIGSTOP)
